@@ -1,0 +1,41 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+# The CPU wheel of torch goes in first: a bare `torch` requirement would pull a multi-GB CUDA build.
+TORCH   ?= torch==2.13.0
+STAMP   := $(VENV)/.installed
+TSTAMP  := $(VENV)/.installed-test
+
+.PHONY: demo test install fetch bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(TSTAMP): $(STAMP)
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+install: $(STAMP)
+
+fetch: $(STAMP)
+	$(BIN)/loralab fetch
+
+demo: $(STAMP)
+	$(BIN)/loralab fetch
+	$(BIN)/loralab train configs/demo.yaml
+
+test: $(TSTAMP)
+	$(BIN)/python -m pytest
+
+bench: $(TSTAMP)
+	$(BIN)/python benchmarks/throughput.py
+
+clean:
+	rm -rf $(VENV) runs build src/*.egg-info
