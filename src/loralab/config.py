@@ -1,0 +1,273 @@
+"""The run configuration: plain dataclasses, YAML loading, `key.sub=value` overrides, validation.
+
+This module is the single source of truth for every default (r, alpha = 2r, targets, lr...).
+Validation happens here, at the edge: everything below receives a checked `RunConfig`.
+Errors are one line naming the key (with close matches for typos), raised as UserError.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .errors import UserError
+
+ARITHMETIC_DEFAULT = ["2da", "2ds"]
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m"        # bundled name, HF folder, .gguf file, or hub id in the local cache
+    quant: str = "none"               # none | nf4: how frozen base linears are stored (nf4 = QLoRA)
+    quant_all_linear: bool = False    # with nf4: also quantize frozen linears LoRA does not wrap
+    trust_remote_code: bool = False
+
+
+@dataclass
+class LoRAConfig:
+    r: int = 8
+    alpha: Optional[float] = None     # None means 2 * r (the article's rule of thumb)
+    dropout: float = 0.05
+    targets: Any = "all-linear"       # preset (qv, attn, mlp, all-linear, all-linear+head) or a list of names
+
+
+@dataclass
+class DataConfig:
+    path: Optional[str] = None        # a data file (alpaca json/jsonl, chat jsonl, prompt/response jsonl, txt)
+    tasks: list = field(default_factory=lambda: list(ARITHMETIC_DEFAULT))  # synthetic tasks when no path
+    n_train: int = 2000               # training examples per synthetic task
+    val_fraction: float = 0.05        # held-out share of the training data for validation loss
+    max_seq_len: int = 512
+    template: str = "auto"            # auto | chat | alpaca | raw
+    system_prompt: Optional[str] = "default"  # default | none | any text
+    seed: int = 1234                  # data generation and splits; fixed so every run sees the same test set
+
+
+@dataclass
+class TrainConfig:
+    method: str = "lora"              # lora | full
+    optimizer: str = "adamw"          # adamw | sgd
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    momentum: float = 0.9             # sgd only
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    scheduler: str = "cosine"         # cosine | linear | constant (after linear warmup)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0         # cosine/linear decay floor, as a fraction of lr
+    batch_size: int = 8               # micro batch
+    grad_accum: int = 1               # micro batches per optimizer step
+    epochs: float = 1.0
+    max_steps: Optional[int] = None   # overrides epochs when set
+    max_grad_norm: Optional[float] = 1.0
+    seed: int = 42
+    precision: str = "auto"           # auto | bf16 | fp32 (bf16: frozen weights stored in bf16)
+    gradient_checkpointing: bool = False
+    log_every: int = 10
+    eval_every: int = 0               # validation loss every N steps (0: only at the end)
+    threads: Optional[int] = None     # torch CPU threads (None: torch's default)
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    tasks: Optional[list] = None      # exact-match tasks; None: the data's synthetic tasks
+    n: int = 100                      # held-out questions per task
+    before: bool = True               # also evaluate the base model before training
+    batch_size: int = 50
+    max_new_tokens: int = 8
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output_dir: str = "runs/default"
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.lora.alpha) if self.lora.alpha is not None else 2.0 * self.lora.r
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["lora"]["alpha"] = self.lora_alpha  # the resolved config states the value used
+        return d
+
+
+CHOICES = {
+    "model.quant": ("none", "nf4"),
+    "train.method": ("lora", "full"),
+    "train.optimizer": ("adamw", "sgd"),
+    "train.scheduler": ("cosine", "linear", "constant"),
+    "train.precision": ("auto", "bf16", "fp32"),
+    "data.template": ("auto", "chat", "alpaca", "raw"),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a config from nested dicts, with one-line errors
+
+def _unknown_key(key: str, known: list[str]) -> UserError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=3, cutoff=0.6)
+    hint = f" (did you mean {', '.join(close)}?)" if close else f" (known: {', '.join(known)})"
+    return UserError(f"unknown config key '{key}'{hint}")
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check one leaf value against its annotation; ints are accepted where floats are expected."""
+    ann = annotation
+    origin = typing.get_origin(ann)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(ann) if a is not type(None)]
+        if value is None:
+            return None
+        ann = args[0]
+        origin = typing.get_origin(ann)
+    if ann is Any:
+        return value
+    if ann is bool:
+        if isinstance(value, bool):
+            return value
+    elif ann is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif ann is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif ann is str:
+        if isinstance(value, str):
+            return value
+    elif ann is list or origin is list:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list):
+            return value
+    name = getattr(ann, "__name__", str(ann))
+    raise UserError(f"config key '{key}' must be {name}, got {value!r}")
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise UserError(f"config section '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)  # resolves the string annotations of `from __future__`
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            raise _unknown_key(full, list(fields))
+        if dataclasses.is_dataclass(hints[key]):
+            kwargs[key] = _build(hints[key], value or {}, f"{full}.")
+        else:
+            kwargs[key] = _coerce(full, value, hints[key])
+    return cls(**kwargs)
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            close = difflib.get_close_matches(str(value), allowed, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise UserError(f"config key '{key}' must be one of {', '.join(allowed)}, got {value!r}{hint}")
+    checks = [
+        ("lora.r", cfg.lora.r > 0, "must be > 0"),
+        ("lora.alpha", cfg.lora.alpha is None or cfg.lora.alpha > 0, "must be > 0"),
+        ("lora.dropout", 0 <= cfg.lora.dropout < 1, "must be in [0, 1)"),
+        ("train.lr", cfg.train.lr > 0, "must be > 0"),
+        ("train.batch_size", cfg.train.batch_size > 0, "must be > 0"),
+        ("train.grad_accum", cfg.train.grad_accum > 0, "must be > 0"),
+        ("train.epochs", cfg.train.epochs > 0, "must be > 0"),
+        ("train.max_steps", cfg.train.max_steps is None or cfg.train.max_steps > 0, "must be > 0"),
+        ("train.warmup_steps", cfg.train.warmup_steps >= 0, "must be >= 0"),
+        ("train.weight_decay", cfg.train.weight_decay >= 0, "must be >= 0"),
+        ("train.log_every", cfg.train.log_every > 0, "must be > 0"),
+        ("train.eval_every", cfg.train.eval_every >= 0, "must be >= 0"),
+        ("data.max_seq_len", cfg.data.max_seq_len > 0, "must be > 0"),
+        ("data.n_train", cfg.data.n_train > 0, "must be > 0"),
+        ("data.val_fraction", 0 <= cfg.data.val_fraction < 1, "must be in [0, 1)"),
+        ("eval.n", cfg.eval.n >= 0, "must be >= 0"),
+        ("eval.batch_size", cfg.eval.batch_size > 0, "must be > 0"),
+    ]
+    for key, ok, why in checks:
+        if not ok:
+            section, name = key.split(".")
+            raise UserError(f"config key '{key}' {why}, got {getattr(getattr(cfg, section), name)!r}")
+    if len(cfg.train.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in cfg.train.betas):
+        raise UserError(f"config key 'train.betas' must be two numbers in [0, 1), got {cfg.train.betas!r}")
+    if not isinstance(cfg.lora.targets, (str, list)) or not cfg.lora.targets:
+        raise UserError(f"config key 'lora.targets' must be a preset name or a non-empty list, got {cfg.lora.targets!r}")
+    if not cfg.data.path and not cfg.data.tasks:
+        raise UserError("config key 'data.path' or 'data.tasks' must be set")
+    if not str(cfg.output_dir).strip():
+        raise UserError("config key 'output_dir' must not be empty")
+    return cfg
+
+
+def from_dict(data: dict) -> RunConfig:
+    return validate(_build(RunConfig, data or {}))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise UserError(f"override '{text}' must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override '{text}': '{part}' is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{p}: config file does not exist")
+    if p.is_dir():
+        raise UserError(f"{p}: is a directory, expected a YAML config file")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise UserError(f"{p}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{p}: a config must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    data = read_yaml(path) if path else {}
+    return from_dict(apply_overrides(data, list(overrides)))
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

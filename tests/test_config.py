@@ -1,0 +1,70 @@
+import pytest
+
+from loralab.config import RunConfig, apply_overrides, from_dict, load_config
+from loralab.errors import UserError
+
+
+def test_defaults_follow_the_article():
+    cfg = load_config(None)
+    assert cfg.lora.r == 8 and cfg.lora_alpha == 16.0  # alpha = 2r
+    assert cfg.lora.targets == "all-linear"
+    assert cfg.lora.dropout == 0.05
+
+
+def test_alpha_tracks_rank_unless_set():
+    assert load_config(None, ["lora.r=32"]).lora_alpha == 64.0
+    assert load_config(None, ["lora.r=32", "lora.alpha=8"]).lora_alpha == 8.0
+
+
+def test_overrides_parse_yaml_values():
+    cfg = load_config(None, ["train.lr=1e-3", "train.max_steps=7", "data.tasks=[2da,3ds]",
+                             "lora.targets=qv", "train.gradient_checkpointing=true"])
+    assert cfg.train.lr == 1e-3 and cfg.train.max_steps == 7
+    assert cfg.data.tasks == ["2da", "3ds"] and cfg.lora.targets == "qv"
+    assert cfg.train.gradient_checkpointing is True
+
+
+def test_yaml_file_and_override(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("lora:\n  r: 4\ntrain:\n  lr: 2.0e-4\noutput_dir: out\n")
+    cfg = load_config(p, ["lora.r=6"])
+    assert cfg.lora.r == 6 and cfg.train.lr == 2e-4 and cfg.output_dir == "out"
+
+
+@pytest.mark.parametrize("override, needle", [
+    (["lora.rr=3"], "'lora.rr' (did you mean r?)"),
+    (["trian.lr=1"], "did you mean train"),
+    (["train.lr=abc"], "'train.lr' must be float"),
+    (["train.lr=0"], "'train.lr' must be > 0"),
+    (["lora.r=0"], "'lora.r' must be > 0"),
+    (["lora.alpha=-1"], "'lora.alpha' must be > 0"),
+    (["lora.dropout=1.0"], "'lora.dropout' must be in [0, 1)"),
+    (["train.optimizer=adam"], "did you mean adamw"),
+    (["train.scheduler=cosin"], "'train.scheduler' must be one of"),
+    (["lora.r=2.5"], "'lora.r' must be int"),
+    (["lora.targets=[]"], "'lora.targets'"),
+])
+def test_bad_values_are_one_line_errors_naming_the_key(override, needle):
+    with pytest.raises(UserError) as e:
+        load_config(None, override)
+    assert needle in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_yaml_names_file_and_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("lora:\n  r: 8\n  alpha: [1,\n")
+    with pytest.raises(UserError) as e:
+        load_config(p)
+    assert str(p) in str(e.value) and ":" in str(e.value)
+
+
+def test_resolved_config_states_alpha():
+    d = from_dict({"lora": {"r": 4}}).to_dict()
+    assert d["lora"]["alpha"] == 8.0
+    assert isinstance(RunConfig().to_dict()["train"], dict)
+
+
+def test_override_into_non_section_is_an_error():
+    with pytest.raises(UserError):
+        apply_overrides({"output_dir": "x"}, ["output_dir.sub=1"])
