@@ -1,0 +1,96 @@
+"""The causal-LM loss as a (sum, count) pair, so callers can normalise per token over any span.
+
+Gradient accumulation needs the token count of the whole accumulated batch before it divides;
+returning the sum keeps that decision with the caller (the training loop).
+
+Speed and memory: the output layer is the most expensive matmul of a small model (49k vocabulary
+for SmolLM2), and most positions of an instruction example carry no label. `loss_sum` therefore
+runs the decoder body, keeps only the hidden states of labelled positions, and applies the output
+layer to those alone, in row chunks whose logits are recomputed in backward instead of stored.
+Models whose head does more than a linear map (logit soft-capping, scaling) are detected by a
+one-time comparison with the model's own logits and fall back to the plain path.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+CHUNK_ROWS = 1024  # labelled positions per output-layer chunk: bounds logits memory to rows x vocab
+_OK_ATTR = "_loralab_selected_loss_ok"  # cached on the model: does the selected-positions path match?
+
+
+def count_label_tokens(labels: torch.Tensor) -> int:
+    """Tokens that contribute to the loss: labels shifted by one, not masked."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def _head_ce_sum(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    # fp32 for the softmax: bf16 logits over a large vocabulary lose too much precision in the sum.
+    return F.cross_entropy(head(hidden).float(), labels, reduction="sum")
+
+
+def selected_head_loss(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
+                       chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
+    """Sum of cross-entropy of head(hidden) against labels over rows, never holding more than
+    chunk_rows x vocab logits: with several chunks each one's logits are recomputed in backward."""
+    if hidden.shape[0] <= chunk_rows:
+        return _head_ce_sum(head, hidden, labels)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, hidden.shape[0], chunk_rows):
+        total = total + checkpoint(_head_ce_sum, head, hidden[i:i + chunk_rows], labels[i:i + chunk_rows],
+                                   use_reentrant=False)
+    return total
+
+
+def _body_and_head(model):
+    body = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if body is None or head is None or body is model:
+        return None
+    return body, head
+
+
+def full_logits_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
+    """The plain path: the model's own logits at every position."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    logits = out.logits[:, :-1, :]
+    labels = batch["labels"][:, 1:]
+    total = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
+                            ignore_index=IGNORE_INDEX, reduction="sum")
+    return total, int((labels != IGNORE_INDEX).sum())
+
+
+def _selected_loss_sum(model, batch: dict, parts) -> tuple[torch.Tensor, int]:
+    body, head = parts
+    out = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    labels = batch["labels"][:, 1:]
+    keep = labels != IGNORE_INDEX
+    hidden = out.last_hidden_state[:, :-1][keep]
+    return selected_head_loss(head, hidden, labels[keep]), int(keep.sum())
+
+
+@torch.no_grad()
+def _path_matches(model, batch: dict, parts) -> bool:
+    """One-time check that body -> head reproduces the model's logits (catches soft-capping etc.)."""
+    was_training = model.training
+    model.eval()
+    small = {k: v[:1] for k, v in batch.items()}
+    ref = model(input_ids=small["input_ids"], attention_mask=small["attention_mask"], use_cache=False).logits
+    body, head = parts
+    mine = head(body(input_ids=small["input_ids"], attention_mask=small["attention_mask"],
+                     use_cache=False).last_hidden_state)
+    model.train(was_training)
+    return ref.shape == mine.shape and torch.allclose(ref.float(), mine.float(), rtol=1e-3, atol=1e-3)
+
+
+def loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over unmasked labels (fp32), and how many tokens it covers."""
+    parts = _body_and_head(model)
+    if parts is not None:
+        if not hasattr(model, _OK_ATTR):
+            setattr(model, _OK_ATTR, _path_matches(model, batch, parts))
+        if getattr(model, _OK_ATTR):
+            return _selected_loss_sum(model, batch, parts)
+    return full_logits_loss_sum(model, batch)
