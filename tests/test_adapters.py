@@ -1,0 +1,170 @@
+"""Adapter folders in PEFT's format: ours load in PEFT, PEFT's load in ours, bad folders fail clearly."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_llama
+from loralab import lora
+from loralab.adapters import load_adapter, save_adapter
+from loralab.errors import UserError
+from loralab.fileio import atomic_save_safetensors, atomic_write_bytes, atomic_write_text, write_json
+
+IDS = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(3))
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits.float()
+
+
+def trained(preset, r=4, alpha=8, seed=1, **model_kw):
+    """A tiny model with LoRA and random non-zero A and B, as if trained."""
+    m = tiny_llama(0, **model_kw)
+    names = lora.inject(m, preset, r=r, alpha=alpha, dropout=0.0)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, mod in lora.lora_modules(m):
+            for w in (mod.lora_A.weight, mod.lora_B.weight):
+                w.copy_(torch.randn(w.shape, generator=g) * 0.2)
+    return m.eval(), names
+
+
+def save(m, names, path, r=4, alpha=8):
+    return save_adapter(m, path, base_model_name_or_path="tiny-llama", r=r, alpha=alpha, dropout=0.0,
+                        target_modules=names)
+
+
+def peft_wrapped(pm):
+    from peft.tuners.lora import LoraLayer
+
+    return {n for n, m in pm.base_model.model.named_modules() if isinstance(m, LoraLayer)}
+
+
+@pytest.mark.parametrize("preset", ["qv", "all-linear", "all-linear+head",
+                                    ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj"]])
+def test_peft_loads_our_adapter_unchanged(preset, tmp_path):
+    from peft import PeftModel
+
+    ours, names = trained(preset)
+    save(ours, names, tmp_path / "ad")
+    cfg = json.loads((tmp_path / "ad/adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 8
+    assert sorted(load_file(tmp_path / "ad/adapter_model.safetensors")) == sorted(
+        f"base_model.model.{n}.lora_{x}.weight" for n in names for x in "AB")
+    pm = PeftModel.from_pretrained(tiny_llama(0), tmp_path / "ad").eval()
+    assert peft_wrapped(pm) == set(names)
+    assert (logits(pm) - logits(ours)).abs().max() <= 1e-5
+    assert (logits(pm) - logits(tiny_llama(0))).abs().max() > 1e-2
+
+
+def test_target_modules_short_names_when_exact_else_full_name_regex(tmp_path):
+    m, names = trained("all-linear+head")
+    save(m, names, tmp_path / "a")
+    assert json.loads((tmp_path / "a/adapter_config.json").read_text())["target_modules"] == [
+        "down_proj", "gate_proj", "k_proj", "lm_head", "o_proj", "q_proj", "up_proj", "v_proj"]
+    # Only layer 0's q_proj: the short name would also catch layer 1's, so a full-name regex is written.
+    m, names = trained(["model.layers.0.self_attn.q_proj"])
+    save(m, names, tmp_path / "b")
+    tm = json.loads((tmp_path / "b/adapter_config.json").read_text())["target_modules"]
+    assert isinstance(tm, str) and "layers\\.0\\." in tm
+
+
+def test_our_loader_reads_a_peft_saved_adapter(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(5)  # init_lora_weights=False: PEFT draws non-zero A and B itself
+    pm = get_peft_model(tiny_llama(0), LoraConfig(r=4, lora_alpha=16, lora_dropout=0.0, init_lora_weights=False,
+                                                  target_modules=["q_proj", "k_proj", "down_proj"])).eval()
+    pm.save_pretrained(tmp_path / "peft")
+    ours = tiny_llama(0)
+    cfg = load_adapter(ours, tmp_path / "peft")
+    assert cfg["r"] == 4 and set(n for n, _ in lora.lora_modules(ours)) == peft_wrapped(pm)
+    assert (logits(ours.eval()) - logits(pm)).abs().max() <= 1e-5
+    assert (logits(ours) - logits(tiny_llama(0))).abs().max() > 1e-2
+
+
+def test_round_trip_through_our_loader_and_rslora(tmp_path):
+    m, names = trained("attn")
+    save(m, names, tmp_path / "ad")
+    fresh = tiny_llama(0)
+    assert load_adapter(fresh, tmp_path / "ad")["base_model_name_or_path"] == "tiny-llama"
+    assert torch.equal(logits(fresh), logits(m))
+    cfg_path = tmp_path / "ad/adapter_config.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "use_rslora": True}))
+    rs = tiny_llama(0)
+    load_adapter(rs, tmp_path / "ad")
+    assert all(mod.scaling == 8 / 2 for _, mod in lora.lora_modules(rs))  # alpha / sqrt(r)
+
+
+def test_adapter_for_another_base_is_a_user_error_and_leaves_model_alone(tmp_path):
+    m, names = trained("qv")
+    save(m, names, tmp_path / "ad")
+    other = tiny_llama(0, hidden_size=48)
+    with pytest.raises(UserError) as e:
+        load_adapter(other, tmp_path / "ad")
+    msg = str(e.value)
+    assert "does not match the model" in msg and "lora_A.weight" in msg and "(4, 32)" in msg and "(4, 48)" in msg
+    assert not list(lora.lora_modules(other))
+    # Keys for modules the model lacks (a deeper model's layer 2).
+    deep, names = trained("qv", num_hidden_layers=3)
+    save(deep, names, tmp_path / "deep")
+    with pytest.raises(UserError, match="does not match the model.*layers.2"):
+        load_adapter(tiny_llama(0), tmp_path / "deep")
+
+
+def test_missing_and_unsafe_files_are_user_errors_naming_the_path(tmp_path):
+    with pytest.raises(UserError, match="nope"):
+        load_adapter(tiny_llama(0), tmp_path / "nope")
+    m, names = trained("qv")
+    ad = save(m, names, tmp_path / "ad")
+    (ad / "adapter_model.safetensors").unlink()
+    with pytest.raises(UserError, match="adapter_model.safetensors"):
+        load_adapter(tiny_llama(0), ad)
+    (ad / "adapter_model.bin").write_bytes(b"pickle would run code")
+    with pytest.raises(UserError, match="only safetensors"):
+        load_adapter(tiny_llama(0), ad)
+    (ad / "adapter_config.json").unlink()
+    with pytest.raises(UserError, match="adapter_config.json"):
+        load_adapter(tiny_llama(0), ad)
+
+
+@pytest.mark.parametrize("change, needle", [({"use_dora": True}, "use_dora"), ({"bias": "all"}, "bias"),
+                                            ({"peft_type": "IA3"}, "IA3"), ({"r": 0}, "'r'"),
+                                            ({"target_modules": []}, "target_modules")])
+def test_unsupported_or_bad_configs_are_refused(change, needle, tmp_path):
+    m, names = trained("qv")
+    ad = save(m, names, tmp_path / "ad")
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    (ad / "adapter_config.json").write_text(json.dumps({**cfg, **change}))
+    fresh = tiny_llama(0)
+    with pytest.raises(UserError, match=needle):
+        load_adapter(fresh, ad)
+    assert not list(lora.lora_modules(fresh))
+
+
+def test_save_checks_its_arguments_against_the_model(tmp_path):
+    m, names = trained("qv")
+    with pytest.raises(ValueError, match="r=8"):
+        save_adapter(m, tmp_path / "x", base_model_name_or_path="b", r=8, alpha=8, dropout=0.0)
+    with pytest.raises(ValueError, match="target_modules"):
+        save_adapter(m, tmp_path / "x", base_model_name_or_path="b", r=4, alpha=8, dropout=0.0,
+                     target_modules=["q_proj"])
+    assert not (tmp_path / "x" / "adapter_config.json").exists()
+
+
+def test_atomic_writers_leave_only_the_final_files(tmp_path):
+    write_json(tmp_path / "d/a.json", {"x": [1, 2]})
+    atomic_write_text(tmp_path / "d/b.txt", "héllo")
+    atomic_save_safetensors({"w": torch.arange(6.0).view(2, 3).t()}, tmp_path / "d/c.safetensors")
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["a.json", "b.txt", "c.safetensors"]
+    assert json.loads((tmp_path / "d/a.json").read_text()) == {"x": [1, 2]}
+    assert (tmp_path / "d/b.txt").read_text(encoding="utf-8") == "héllo"
+    assert torch.equal(load_file(tmp_path / "d/c.safetensors")["w"], torch.arange(6.0).view(2, 3).t())
+    write_json(tmp_path / "d/a.json", {"x": 3})  # replaces
+    assert json.loads((tmp_path / "d/a.json").read_text()) == {"x": 3}
+    with pytest.raises(TypeError):  # a failed write keeps the old file and leaves no temp file
+        atomic_write_bytes(tmp_path / "d/a.json", "str, not bytes")
+    assert json.loads((tmp_path / "d/a.json").read_text()) == {"x": 3}
+    assert len(list((tmp_path / "d").iterdir())) == 3
