@@ -24,7 +24,8 @@ def _examples(n=8, seed=0):
 
 def _lora_model(seed=0):
     model = tiny_llama(seed)
-    inject(model, "all-linear", r=4, alpha=8, dropout=0.0)
+    # the head trains too: a frozen random tiny head caps how far the logits can move
+    inject(model, "all-linear+head", r=4, alpha=8, dropout=0.0)
     torch.manual_seed(1)
     for name, p in model.named_parameters():
         if "lora_B" in name:
@@ -79,12 +80,12 @@ def test_plan_steps_from_epochs_or_max_steps():
     assert plan_steps(100, TrainConfig(max_steps=7)) == 7
 
 
-@pytest.mark.parametrize("optimizer, lr", [("adamw", 1e-2), ("sgd", 0.5)])
+@pytest.mark.parametrize("optimizer, lr", [("adamw", 5e-2), ("sgd", 0.3)])
 def test_training_reduces_loss_and_touches_only_lora(optimizer, lr):
     data = _examples(4) * 4
     model = _lora_model()
     frozen = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
-    cfg = TrainConfig(optimizer=optimizer, lr=lr, batch_size=4, max_steps=30, progress=False, seed=0)
+    cfg = TrainConfig(optimizer=optimizer, lr=lr, batch_size=4, max_steps=30, progress=False, seed=0, warmup_steps=3)
     result = train(model, data, cfg, pad_id=0, val_data=data[:4])
     assert result.steps == 30 and len(result.history) == 30
     assert result.history[-1]["loss"] < 0.7 * result.history[0]["loss"]
