@@ -21,3 +21,9 @@ def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
 @pytest.fixture
 def tiny_model():
     return tiny_llama()
+
+
+@pytest.fixture
+def tiny_tokenizer():
+    from tiny_tokenizer import make_tiny_tokenizer
+    return make_tiny_tokenizer()

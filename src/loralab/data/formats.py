@@ -1,0 +1,193 @@
+"""Data file readers: every supported format becomes a list of `Example`, validated line by line.
+
+Formats (detected per file by extension, then by content; JSON records may mix kinds):
+  - Alpaca: `.json` list of objects, or JSONL, with `instruction`, optional `input`, `output`.
+    Stored as chat messages: user = instruction (+ "\\n\\n" + input when non-empty), assistant =
+    output. prompts.py renders messages either through the model's chat template or as an
+    Alpaca prompt ("### Instruction: ... ### Response:"), so one representation serves both.
+  - chat JSONL: `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}`.
+  - raw JSONL: `prompt` + `response` (or `completion`): text before the answer (loss-masked) and
+    the answer (learned). `{"text": ...}` records are plain text (loss on all of it).
+  - plain text (`.txt`): blank-line separated blocks, each one Example(response=block).
+
+Every problem is a UserError naming `file:line`; the first problem found is reported, so a user
+fixes one line at a time with no traceback to read.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UserError
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class Example:
+    prompt: str = ""                      # raw text before the response (loss-masked)
+    response: str = ""                    # raw text the model learns (loss on it)
+    messages: list[dict] | None = None    # chat form; loss on assistant contents only
+    source: str = ""                      # "file.jsonl:7", for error messages
+
+    @property
+    def is_chat(self) -> bool:
+        return self.messages is not None
+
+
+def load_examples(path: str | Path) -> list[Example]:
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{p}: no such data file")
+    if p.is_dir():
+        raise UserError(f"{p}: is a directory, expected a data file")
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")  # tolerate a BOM: editors on Windows add one
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{p}:{line}: not UTF-8 text (bad byte at offset {e.start})") from None
+    if not text.strip():
+        raise UserError(f"{p}:1: data file is empty")
+    name = str(p)  # as the user wrote it, so the message points at the file they passed
+    suffix = p.suffix.lower()
+    first = text.lstrip()[:1]
+    if suffix == ".txt" or (suffix not in (".json", ".jsonl") and first not in "[{"):
+        return _read_text(text, name)
+    if first == "[":
+        return _read_json_array(text, name)
+    if suffix == ".json" and first != "{":
+        raise UserError(f"{name}:1: expected a JSON list of records (or one JSON object per line)")
+    return _read_jsonl(text, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# File layouts
+
+def _read_text(text: str, name: str) -> list[Example]:
+    out, block, start = [], [], 0
+    for lineno, line in enumerate(text.splitlines() + [""], start=1):
+        if line.strip():
+            if not block:
+                start = lineno
+            block.append(line.rstrip())
+        elif block:
+            out.append(Example(response="\n".join(block), source=f"{name}:{start}"))
+            block = []
+    return out
+
+
+def _read_jsonl(text: str, name: str) -> list[Example]:
+    out = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue  # blank lines (e.g. a trailing one) are not records
+        src = f"{name}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{src}: malformed JSON ({e.msg} at column {e.colno})") from None
+        out.append(parse_record(obj, src))
+    return out
+
+
+def _read_json_array(text: str, name: str) -> list[Example]:
+    """Decode a top-level JSON list element by element, so each record knows its line number."""
+    dec = json.JSONDecoder()
+
+    def line_at(pos: int) -> int:
+        return text.count("\n", 0, pos) + 1
+
+    def skip_ws(pos: int) -> int:
+        while pos < len(text) and text[pos] in " \t\r\n":
+            pos += 1
+        return pos
+
+    out: list[Example] = []
+    pos = skip_ws(0) + 1  # past "["
+    while True:
+        pos = skip_ws(pos)
+        if pos < len(text) and text[pos] == "]" and not out:
+            break  # "[]": reported as empty below
+        try:
+            obj, end = dec.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{name}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+        out.append(parse_record(obj, f"{name}:{line_at(pos)}"))
+        pos = skip_ws(end)
+        if pos < len(text) and text[pos] == ",":
+            pos += 1
+            continue
+        if pos < len(text) and text[pos] == "]":
+            if text[skip_ws(pos + 1):].strip():
+                raise UserError(f"{name}:{line_at(pos + 1)}: malformed JSON (extra data after the list)")
+            break
+        raise UserError(f"{name}:{line_at(pos)}: malformed JSON (expected ',' or ']' after a record)")
+    if not out:
+        raise UserError(f"{name}:1: data file has no records (empty list)")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# One record
+
+def _string(obj: dict, key: str, src: str, *, required: bool = True, nonempty: bool = False) -> str:
+    if key not in obj:
+        if required:
+            raise UserError(f"{src}: missing '{key}'")
+        return ""
+    value = obj[key]
+    if not isinstance(value, str):
+        raise UserError(f"{src}: '{key}' must be a string, got {type(value).__name__}")
+    if nonempty and not value.strip():
+        raise UserError(f"{src}: '{key}' is empty")
+    return value
+
+
+def parse_record(obj, src: str) -> Example:
+    """One JSON record (already decoded) to an Example; `src` is its `file:line`."""
+    if not isinstance(obj, dict):
+        raise UserError(f"{src}: expected a JSON object, got {type(obj).__name__}")
+    if "messages" in obj:
+        return Example(messages=_messages(obj["messages"], src), source=src)
+    if "instruction" in obj or "output" in obj:
+        instruction = _string(obj, "instruction", src, nonempty=True)
+        extra = _string(obj, "input", src, required=False)
+        output = _string(obj, "output", src, nonempty=True)
+        user = instruction + ("\n\n" + extra if extra.strip() else "")
+        return Example(messages=[{"role": "user", "content": user},
+                                 {"role": "assistant", "content": output}], source=src)
+    if "prompt" in obj:
+        key = "completion" if "completion" in obj and "response" not in obj else "response"
+        prompt = _string(obj, "prompt", src)
+        return Example(prompt=prompt, response=_string(obj, key, src, nonempty=True), source=src)
+    if "text" in obj:
+        return Example(response=_string(obj, "text", src, nonempty=True), source=src)
+    raise UserError(f"{src}: missing 'instruction'/'output', 'messages', 'prompt'/'response' or 'text' "
+                    f"(record keys: {', '.join(map(str, obj)) or 'none'})")
+
+
+def _messages(msgs, src: str) -> list[dict]:
+    if not isinstance(msgs, list) or not msgs:
+        raise UserError(f"{src}: 'messages' must be a non-empty list of {{role, content}} objects")
+    out = []
+    for i, m in enumerate(msgs):
+        where = f"{src}: messages[{i}]"
+        if not isinstance(m, dict):
+            raise UserError(f"{where} must be an object with 'role' and 'content', got {type(m).__name__}")
+        if "role" not in m:
+            raise UserError(f"{where}: missing 'role'")
+        if "content" not in m:
+            raise UserError(f"{where}: missing 'content'")
+        role, content = m["role"], m["content"]
+        if role not in ROLES:
+            raise UserError(f"{where}: unknown role {role!r} (allowed: {', '.join(ROLES)})")
+        if not isinstance(content, str):
+            raise UserError(f"{where}: 'content' must be a string, got {type(content).__name__}")
+        if role == "assistant" and not content.strip():
+            raise UserError(f"{where}: assistant 'content' is empty")
+        out.append({"role": role, "content": content})  # extra keys (name, tool ids) are dropped
+    if not any(m["role"] == "assistant" for m in out):
+        raise UserError(f"{src}: 'messages' has no assistant turn, so nothing to learn")
+    return out
