@@ -27,6 +27,7 @@ class ModelConfig:
     quant: str = "none"               # none | nf4: how frozen base linears are stored (nf4 = QLoRA)
     quant_all_linear: bool = False    # with nf4: also quantize frozen linears LoRA does not wrap
     trust_remote_code: bool = False
+    attn_implementation: str = "auto"  # auto (eager on CPU, sdpa on CUDA) | eager | sdpa
 
 
 @dataclass
@@ -109,6 +110,7 @@ class RunConfig:
 
 CHOICES = {
     "model.quant": ("none", "nf4"),
+    "model.attn_implementation": ("auto", "eager", "sdpa"),
     "train.method": ("lora", "full"),
     "train.optimizer": ("adamw", "sgd"),
     "train.scheduler": ("cosine", "linear", "constant"),

@@ -161,14 +161,26 @@ def load_tokenizer(folder: Path, trust_remote_code: bool = False):
     return tok
 
 
+def pick_attention(choice: str, device: str | torch.device) -> str:
+    """'auto': eager attention on the CPU, where torch's bf16 SDPA backward is slower than the plain
+    matmul + softmax path (0.94 vs 1.15 s per demo step measured; equal or better up to 512 tokens);
+    SDPA (flash / memory-efficient kernels) on CUDA."""
+    if choice != "auto":
+        return choice
+    return "sdpa" if torch.device(device).type == "cuda" else "eager"
+
+
 def load_model(spec: str, dtype: torch.dtype = torch.float32, *, trust_remote_code: bool = False,
-               device: str | torch.device = "cpu"):
+               device: str | torch.device = "cpu", attn_implementation: str = "auto"):
     """Returns (model, tokenizer, folder). The model is in eval mode with every parameter frozen."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # our own progress output is enough
     folder = resolve(spec)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     attn_implementation=pick_attention(attn_implementation, device))
     except ValueError as e:
         if "trust_remote_code" in str(e):
             raise UserError(f"{folder}: this model needs custom code; set model.trust_remote_code=true "

@@ -96,7 +96,7 @@ def setup_model(cfg: RunConfig, device: torch.device):
     # LoRA keeps frozen weights in bf16 (no per-step casts); full fine-tuning keeps fp32 masters.
     dtype = torch.bfloat16 if precision == "bf16" and not full else torch.float32
     model, tok, folder = load_model(cfg.model.name, dtype, trust_remote_code=cfg.model.trust_remote_code,
-                                    device=device)
+                                    device=device, attn_implementation=cfg.model.attn_implementation)
     info = {"precision": precision, "weights_dtype": str(dtype).replace("torch.", "")}
     if full:
         if cfg.model.quant != "none":
@@ -163,7 +163,8 @@ def run_training(cfg: RunConfig, *, quiet: bool = False) -> dict:
     enc_kw = dict(template=cfg.data.template, system_prompt=cfg.data.system_prompt, max_seq_len=cfg.data.max_seq_len)
     train_enc, train_stats = encode_all(data.train, tok, **enc_kw)
     val_enc = encode_all(data.val, tok, **enc_kw)[0] if data.val else []
-    log(f"loralab: {len(train_enc)} training examples ({train_stats}), {len(val_enc)} validation")
+    log(f"loralab: {len(train_enc):,} training examples ({train_stats['n_truncated']} truncated, "
+        f"{train_stats['n_dropped']} dropped, {train_stats['n_tokens']:,} tokens), {len(val_enc):,} validation")
     cfg_dict = cfg.to_dict()
     resume = find_resume(cfg, out)  # the config is resolved (precision) as it was when saved
     atomic_write_text(out / "config.yaml", dump_yaml(cfg))
@@ -222,7 +223,8 @@ def run_training(cfg: RunConfig, *, quiet: bool = False) -> dict:
         "precision": info["precision"],
         "steps": result.steps,
         "train_examples": len(train_enc),
-        "truncated_examples": train_stats.get("n_truncated", 0) if isinstance(train_stats, dict) else 0,
+        "truncated_examples": train_stats["n_truncated"],
+        "dropped_examples": train_stats["n_dropped"],
         "runtime_s": round(result.runtime_s, 3),
         "train_tokens": result.train_tokens,
         "tokens_per_s": round(result.tokens_per_s, 2),
