@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 
@@ -30,6 +31,27 @@ def perplexity(loss: float) -> float:
     return math.exp(min(loss, 50.0))
 
 
+@contextmanager
+def fp32_decoding_on_cpu(model):
+    """Run greedy decoding with bf16 weights upcast to fp32 on the CPU, then restore them.
+
+    Decoding multiplies a few rows by every weight matrix; torch's CPU bf16 kernels are slow at
+    such skinny shapes (measured on the default model, 100 prompts x 6 tokens: 8.0 s bf16 vs
+    4.4 s fp32). bf16 -> fp32 -> bf16 is exact, so the weights come back bit-identical.
+    Only plain tensors are cast (a quantized weight subclass is left alone)."""
+    cast = []
+    if next(model.parameters()).device.type == "cpu":
+        for t in list(model.parameters()) + list(model.buffers()):
+            if t.dtype == torch.bfloat16 and type(t.data) is torch.Tensor:
+                cast.append(t)
+                t.data = t.data.float()
+    try:
+        yield
+    finally:
+        for t in cast:
+            t.data = t.data.to(torch.bfloat16)
+
+
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: list[str], *, batch_size: int = 32,
                      max_new_tokens: int = 8, stop_at_newline: bool = True) -> list[str]:
@@ -45,16 +67,16 @@ def generate_answers(model, tokenizer, prompts: list[str], *, batch_size: int = 
     # Longest prompts first keeps the padding per batch small.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     results: dict[int, str] = {}
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        ids = [tokenizer.encode(prompts[i], add_special_tokens=False) for i in idx]
-        input_ids, attention_mask = left_pad(ids, pad_id)
-        gen = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
-                             eos_token_id=stop_ids)
-        new = gen[:, input_ids.shape[1]:]
-        for i, row in zip(idx, new):
-            results[i] = tokenizer.decode(row, skip_special_tokens=True)
+    with fp32_decoding_on_cpu(model):
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            ids = [tokenizer.encode(prompts[i], add_special_tokens=False) for i in idx]
+            input_ids, attention_mask = left_pad(ids, pad_id)
+            gen = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
+                                 eos_token_id=stop_ids)
+            for i, row in zip(idx, gen[:, input_ids.shape[1]:]):
+                results[i] = tokenizer.decode(row, skip_special_tokens=True)
     outputs = [results[i] for i in range(len(prompts))]
     model.train(was_training)
     return outputs

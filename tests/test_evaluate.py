@@ -1,0 +1,52 @@
+import torch
+
+from conftest import tiny_llama
+from loralab.data.formats import Example
+from loralab.evaluate import exact_match, generate_answers, mean_loss
+from loralab.data.prompts import encode_all
+from loralab.lora import inject
+
+
+def test_bf16_weights_come_back_bit_identical_after_cpu_decoding(tiny_tokenizer):
+    tok = tiny_tokenizer
+    model = tiny_llama(0, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    inject(model, "all-linear", r=4, alpha=8, dropout=0.0)
+    model.to(torch.bfloat16)
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out = generate_answers(model, tok, ["Question: What is 1 plus 2?\nAnswer:", "Hi"], max_new_tokens=4)
+    assert len(out) == 2 and all(isinstance(o, str) for o in out)
+    for n, p in model.named_parameters():
+        assert p.dtype == before[n].dtype and torch.equal(p, before[n]), n
+
+
+def test_left_padded_batches_give_the_same_answers_as_one_by_one(tiny_tokenizer):
+    tok = tiny_tokenizer
+    model = tiny_llama(1, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    prompts = ["Question: What is 1 plus 2?\nAnswer:", "Q:", "Question: What is 33 minus 4?\nAnswer:"]
+    batched = generate_answers(model, tok, prompts, batch_size=3, max_new_tokens=5, stop_at_newline=False)
+    single = [generate_answers(model, tok, [p], batch_size=1, max_new_tokens=5, stop_at_newline=False)[0]
+              for p in prompts]
+    assert batched == single
+
+
+def test_exact_match_counts_hits(tiny_tokenizer, monkeypatch):
+    import loralab.evaluate as ev
+    exs = [Example(prompt="Question: What is 1 plus 2?\nAnswer:", response=" 3"),
+           Example(prompt="Question: What is 5 minus 7?\nAnswer:", response=" -2")]
+    monkeypatch.setattr(ev, "generate_answers", lambda *a, **k: [" 3\nQuestion", " 2"])
+    r = exact_match(None, tiny_tokenizer, exs, template="raw")
+    assert r["correct"] == 1 and r["accuracy"] == 0.5 and r["n"] == 2
+
+
+def test_mean_loss_is_per_label_token(tiny_tokenizer):
+    tok = tiny_tokenizer
+    model = tiny_llama(2, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    enc, _ = encode_all([Example(prompt="ab", response="cdef"), Example(prompt="x", response="y")], tok,
+                        template="raw")
+    one = [mean_loss(model, [e], batch_size=1, pad_id=tok.pad_token_id) for e in enc]
+    both = mean_loss(model, enc, batch_size=2, pad_id=tok.pad_token_id)
+    n = [e.n_labels for e in enc]
+    assert abs(both - (one[0] * n[0] + one[1] * n[1]) / sum(n)) < 1e-5
