@@ -34,6 +34,19 @@ def _vm_hwm_bytes() -> int | None:
         return None
 
 
+def release_free_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc malloc_trim), so RSS measures live memory and
+    not what earlier phases (loading, evaluation) freed but the allocator kept."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _reset_hwm() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -63,7 +76,7 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self.method = "cuda_max_memory_allocated"
-        elif _reset_hwm() and _vm_hwm_bytes() is not None:
+        elif release_free_memory() or (_reset_hwm() and _vm_hwm_bytes() is not None):
             self.method = "cpu_peak_rss (VmHWM reset at start)"
         else:
             self.method = "cpu_rss_sampled_5ms"
