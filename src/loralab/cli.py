@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 
@@ -104,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub is reachable: never wait on one
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # transformers imports torchao (when installed) while loading any model; its CUDA-only
+    # extensions and torch's pytree deprecation notes are noise on a CPU run.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
