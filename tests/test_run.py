@@ -95,3 +95,15 @@ def test_cli_train_prints_table(tiny_folder, tmp_path, capsys):
     assert code == 0
     table = capsys.readouterr().out
     assert "tokens/s" in table and "peak memory" in table and "2da" in table
+
+
+def test_multi_epoch_on_small_data_warns():
+    from loralab.run import epoch_warnings
+
+    cfg = load_config(None, ["train.batch_size=10", "train.epochs=3"])
+    (w,) = epoch_warnings(100, cfg)
+    assert "3.0 epochs over 100" in w and "train.eval_every" in w
+    assert epoch_warnings(100, load_config(None, ["train.batch_size=10", "train.epochs=1"])) == []
+    assert epoch_warnings(50_000, load_config(None, ["train.epochs=2"])) == []
+    # max_steps past one epoch counts too
+    assert epoch_warnings(100, load_config(None, ["train.batch_size=10", "train.max_steps=25"]))

@@ -29,7 +29,7 @@ from .evaluate import exact_match
 from .fileio import atomic_write_text, write_json
 from .memory import PeakMemory, fmt_bytes
 from .models import base_model_path, load_model
-from .train import Hooks, NonFiniteLoss, set_seed, snapshot, train
+from .train import Hooks, NonFiniteLoss, plan_steps, set_seed, snapshot, train
 from .signals import StopFlag
 
 stop_flag = StopFlag()
@@ -134,6 +134,19 @@ def find_resume(cfg: RunConfig, out: Path) -> dict | None:
     return snap
 
 
+SMALL_DATASET = 10_000  # examples: below this, repeated epochs over the same data tend to overfit
+
+
+def epoch_warnings(n_examples: int, cfg: RunConfig) -> list[str]:
+    """The article's finding: more than one epoch over a small static dataset made results worse."""
+    epochs = plan_steps(n_examples, cfg.train) * cfg.train.batch_size * cfg.train.grad_accum / max(n_examples, 1)
+    if epochs <= 1.0 or n_examples >= SMALL_DATASET:
+        return []
+    guard = "" if cfg.train.eval_every else "; set train.eval_every (and train.early_stopping_patience) to watch it"
+    return [f"{epochs:.1f} epochs over {n_examples:,} static examples: multi-epoch training on a small "
+            f"dataset tends to overfit (validation loss rises){guard}"]
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
@@ -165,6 +178,9 @@ def run_training(cfg: RunConfig, *, quiet: bool = False) -> dict:
     val_enc = encode_all(data.val, tok, **enc_kw)[0] if data.val else []
     log(f"loralab: {len(train_enc):,} training examples ({train_stats['n_truncated']} truncated, "
         f"{train_stats['n_dropped']} dropped, {train_stats['n_tokens']:,} tokens), {len(val_enc):,} validation")
+    warnings = epoch_warnings(len(train_enc), cfg)
+    for w in warnings:
+        log(f"loralab: warning: {w}")
     cfg_dict = cfg.to_dict()
     resume = find_resume(cfg, out)  # the config is resolved (precision) as it was when saved
     atomic_write_text(out / "config.yaml", dump_yaml(cfg))
@@ -235,6 +251,9 @@ def run_training(cfg: RunConfig, *, quiet: bool = False) -> dict:
         "final_val_loss": result.final_val_loss,
         "val_history": result.val_history,
         "skipped_steps": result.skipped_steps,
+        "epochs": round(plan_steps(len(train_enc), cfg.train) * cfg.train.batch_size * cfg.train.grad_accum
+                        / max(len(train_enc), 1), 3),
+        "warnings": warnings,
         "stopped_early": result.stopped_early,
         "best_val_loss": min((v["val_loss"] for v in result.val_history), default=None),
         "eval": {name: {"before": before[name]["accuracy"] if name in before else None,
