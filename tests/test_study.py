@@ -1,0 +1,273 @@
+"""Studies: statistics, cell expansion, presets, resume, failures, reports; and the early-stopping guard."""
+import csv
+import itertools
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from loralab import study as S
+from loralab.cli import main
+from loralab.errors import UserError
+from loralab.report import Stat, judge, t_quantile
+
+PRESETS = ["consistency", "qlora", "optimizer", "epochs", "targets", "rank", "memory-7b", "data-size", "full"]
+
+
+# --- statistics --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("df, expected", [(1, 12.7062), (2, 4.3027), (3, 3.1824), (4, 2.7764), (5, 2.5706),
+                                          (9, 2.2622), (10, 2.2281), (29, 2.0452), (30, 2.0423)])
+def test_t_quantile_matches_the_table(df, expected):
+    assert t_quantile(0.975, df) == pytest.approx(expected, abs=1e-4)
+
+
+def test_t_quantile_approaches_the_normal():
+    assert t_quantile(0.975, 10_000) == pytest.approx(1.95996, abs=1e-3)
+    assert t_quantile(0.95, 1) == pytest.approx(6.3138, abs=1e-4)  # another p: 0.95 one-sided, df 1
+
+
+def test_stat_mean_std_interval_closed_form():
+    s = Stat([1.0, 2.0, 3.0, 4.0])
+    assert s.mean == 2.5
+    assert s.std == pytest.approx(math.sqrt(5 / 3))  # sample std, ddof=1
+    hw = 3.182446305 * math.sqrt(5 / 3) / 2          # t(0.975, 3) * std / sqrt(4)
+    assert s.ci == pytest.approx((2.5 - hw, 2.5 + hw))
+    one = Stat([7.0])
+    assert one.mean == 7.0 and math.isnan(one.std) and math.isnan(one.half_width)
+
+
+def test_judge_verdicts():
+    stats = {"a": {"m": Stat([1.0, 1.1, 0.9])}, "b": {"m": Stat([2.0, 2.1, 1.9])}, "c": {"m": Stat([1.05, 1.0, 1.1])}}
+    assert judge({"check": "lower", "a": "a", "b": "b", "metric": "m"}, stats)[1] == "agree"
+    assert judge({"check": "higher", "a": "a", "b": "b", "metric": "m"}, stats)[1] == "disagree"
+    assert judge({"check": "lower", "a": "a", "b": "c", "metric": "m"}, stats)[1] == "unclear"  # inside the noise
+    assert judge({"check": "similar", "a": "a", "b": "c", "metric": "m", "rel_tol": 0.1}, stats)[1] == "agree"
+    assert judge({"check": "consistent", "cell": "a", "metric": "m", "max_cv": 0.05}, stats)[1] == "disagree"
+    assert judge({"check": "consistent", "cell": "a", "metric": "m", "max_cv": 0.2}, stats)[1] == "agree"
+    assert judge({"check": "best", "cell": "a", "metric": "m", "direction": "min", "cells": ["a", "b"]}, stats)[1] == "agree"
+    assert judge({"check": "ordered", "cells": ["a", "b"], "metric": "m", "direction": "increasing"}, stats)[1] == "agree"
+    assert judge({"check": "ratio", "a": "b", "b": "a", "metric": "m", "expect": 2.0, "tol": 0.05}, stats)[1] == "agree"
+    assert judge({"check": "lower", "a": "a", "b": "gone", "metric": "m"}, stats)[1] == "not measured"
+
+
+# --- cells and presets -------------------------------------------------------------------------
+
+def test_grid_axes_expand_to_every_combination():
+    cells = S.expand_cells({"train.optimizer": ["adamw", "sgd"], "lora.r": [4, 8]}, [1, 2])
+    assert [c.name for c in cells] == ["optimizer-adamw_r-4", "optimizer-adamw_r-8", "optimizer-sgd_r-4", "optimizer-sgd_r-8"]
+    assert cells[3].overrides == ["train.optimizer=sgd", "lora.r=8"] and cells[3].seeds == [1, 2]
+    assert S.expand_cells(None, [1])[0].name == "default"
+
+
+def test_named_cells_and_their_seeds():
+    cells = S.expand_cells([{"name": "mem", "set": ["lora.r=8"], "seeds": 1}, ["lora.r=4", "lora.alpha=8"]], [5, 6, 7])
+    assert (cells[0].name, cells[0].overrides, cells[0].seeds) == ("mem", ["lora.r=8"], [5])
+    assert cells[1].name == "lora.r-4_lora.alpha-8" and cells[1].seeds == [5, 6, 7]
+
+
+@pytest.mark.parametrize("axes", [{"lora.r": []}, [{"name": "x", "set": ["lora.r=1"], "color": 1}], "lora.r",
+                                  [["lora.r=4"], ["lora.r=4"]], [["no equals sign"]]])
+def test_bad_axes_are_one_line_user_errors(axes):
+    with pytest.raises(UserError) as e:
+        S.expand_cells(axes, [1])
+    assert "\n" not in str(e.value)
+
+
+def test_all_nine_presets_load_and_expand():
+    assert sorted(S.list_presets()) == sorted(PRESETS)
+    for name in PRESETS:
+        for scale, extra in (("cpu", []), ("gpu", ["model.name=/models/llama-2-7b"])):
+            study = S.load_study(name, scale=scale, overrides=extra)
+            text = S.describe(study)
+            assert text.startswith(f"study {name}")
+            known = {c.name for c in study.cells} | {r["name"] for r in study.rows}
+            assert study.findings, name
+            for f in study.findings:  # every claim names cells that exist
+                named = [f[k] for k in ("a", "b", "cell") if k in f] + list(f.get("cells", []))
+                assert named and set(named) <= known, (name, f)
+            if study.kind == "train":
+                for cell in study.cells:
+                    assert cell.name in text and all(o in text for o in cell.overrides)
+
+
+def test_gpu_scale_uses_the_articles_settings():
+    study = S.load_study("targets", scale="gpu", overrides=["model.name=/models/llama-2-7b"])
+    cfg = S.run_config(study, study.cells[0], 1, Path("/tmp/x"))
+    assert (cfg.train.lr, cfg.train.batch_size, cfg.train.grad_accum, cfg.lora.r, cfg.lora_alpha) == (3e-4, 1, 128, 8, 16)
+    assert cfg.model.name == "/models/llama-2-7b" and cfg.lora.targets == "qv"  # the cell's own axis value
+    assert cfg.train.weight_decay == 0.01 and cfg.train.warmup_steps == 100
+    with pytest.raises(UserError, match="model.name"):
+        S.load_study("targets", scale="gpu")
+
+
+def test_cpu_budgets_fit_twenty_minutes():
+    # ~0.92 s per step of 16 examples (measured), ~20 s per run for start-up and evaluation.
+    for name in PRESETS:
+        study = S.load_study(name)
+        total = 0.0
+        for cell in study.cells:
+            cfg = S.run_config(study, cell, 1, Path("/tmp/x"))
+            steps = cfg.train.max_steps or math.ceil(cfg.data.n_train * len(cfg.data.tasks) * 0.9 / cfg.train.batch_size
+                                                     * cfg.train.epochs)
+            slow = 1.8 if cfg.train.method == "full" else 1.0
+            total += len(cell.seeds) * (20 + 0.92 * slow * steps * cfg.train.batch_size / 16)
+        assert total < 20 * 60, (name, total)
+
+
+def test_user_override_may_not_fight_an_axis():
+    with pytest.raises(UserError, match="varies across cells"):
+        S.load_study("rank", overrides=["lora.r=4"])
+    with pytest.raises(UserError, match="did you mean r"):
+        S.load_study("qlora", overrides=["lora.rr=4"])
+    with pytest.raises(UserError, match="did you mean qlora"):
+        S.load_study("qlra")
+
+
+def test_cli_dry_run_prints_cells(capsys):
+    assert main(["study", "optimizer", "--dry-run", "--seeds", "2", "train.lr=1e-3"]) == 0
+    out = capsys.readouterr().out
+    assert "sgd-constant" in out and "train.lr=1e-3" in out and "seeds 1,2 " in out
+    assert main(["study", "qlora", "--scale", "gpu", "--dry-run"]) == 2
+
+
+# --- running, resuming, reporting --------------------------------------------------------------
+
+def fake_runner(calls, fail=()):
+    """Stands in for `python -m loralab.cli train cell.yaml`: writes what run_training would."""
+    def run(cmd, run_dir, log_path):
+        cfg = yaml.safe_load(Path(cmd[-1]).read_text())
+        cell, seed = run_dir.parent.name, cfg["train"]["seed"]
+        calls.append((cell, seed))
+        if cell in fail:
+            log_path.write_text("loading...\nloralab: error: no NF4 here\n")
+            return 2
+        base = {"lora": 1.0, "qlora": 2.0}.get(cell, 3.0)
+        summary = {"final_val_loss": base + seed / 10, "best_val_loss": base, "final_train_loss": base / 2,
+                   "runtime_s": 10.0 * seed, "peak_memory_bytes": (100 + seed) * 2**20, "trainable_params": 1000,
+                   "tokens_per_s": 50.0, "stopped_early": False, "warnings": [],
+                   "eval": {"2da": {"before": 0.0, "after": 0.1 * seed, "n": 10}}}
+        lines = [{"step": s, "loss": 3.0 - s / 10, "lr": 1e-3} for s in range(1, 11)] + [{"step": 10, "val_loss": base}]
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+        return 0
+    return run
+
+
+def _study(seeds=3):
+    return S.load_study("qlora", seeds=seeds)
+
+
+def test_resume_runs_only_what_is_missing(tmp_path):
+    calls = []
+    records = S.run_study(_study(), tmp_path, runner=fake_runner(calls), log=lambda m: None)
+    assert sorted(calls) == sorted(itertools.product(["lora", "qlora"], [1, 2, 3]))
+    assert all(r["status"] == "ok" for r in records)
+    assert (tmp_path / "cells/lora/seed-2/cell.yaml").is_file()
+    (tmp_path / "cells/qlora/seed-2/summary.json").unlink()
+    calls.clear()
+    records = S.run_study(_study(), tmp_path, runner=fake_runner(calls), log=lambda m: None)
+    assert calls == [("qlora", 2)]
+    assert sorted(r["status"] for r in records) == ["ok"] + ["skipped"] * 5
+
+
+def test_cell_configs_are_real_run_configs(tmp_path):
+    calls, logs = [], []
+    S.run_study(_study(1), tmp_path, parallel=2, runner=fake_runner(calls), log=logs.append)
+    cfg = yaml.safe_load((tmp_path / "cells/qlora/seed-1/cell.yaml").read_text())
+    assert cfg["model"]["quant"] == "nf4" and cfg["output_dir"] == str(tmp_path / "cells/qlora/seed-1")
+    assert cfg["train"]["progress"] is False and cfg["train"]["threads"] >= 1  # parallel: threads split
+    assert any("start qlora seed 1" in m for m in logs) and any("ETA" in m for m in logs)
+
+
+def test_failed_runs_are_reported_not_fatal(tmp_path):
+    calls, logs = [], []
+    result = S.study_command("qlora", out=str(tmp_path), seeds=2, runner=fake_runner(calls, fail={"qlora"}),
+                             log=logs.append)
+    assert len(calls) == 4  # the study went on after the failures
+    status = {(r["cell"], r["seed"]): r["status"] for r in result["runs"]}
+    assert status[("qlora", 1)] == "failed" and status[("lora", 2)] == "ok"
+    info = json.loads((tmp_path / "cells/qlora/seed-1/run_info.json").read_text())
+    assert info["error"] == "exit 2: loralab: error: no NF4 here"
+    md = (tmp_path / "report.md").read_text()
+    assert "exit 2: loralab: error: no NF4 here" in md and "not measured" in md
+    assert any("2 of 4 runs failed" in m for m in logs)
+
+
+def test_report_files_and_numbers(tmp_path):
+    S.study_command("qlora", out=str(tmp_path), seeds=3, runner=fake_runner([]), log=lambda m: None)
+    for name in ("results.csv", "report.md", "report.html", "study.json", "runs.json",
+                 "plots/loss_curves.png", "plots/eval_scores.png", "plots/memory_vs_time.png"):
+        assert (tmp_path / name).is_file(), name
+    assert (tmp_path / "plots/loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = {(r["cell"], r["metric"]): r for r in csv.DictReader((tmp_path / "results.csv").open())}
+    val = rows[("lora", "final_val_loss")]  # 1.1, 1.2, 1.3
+    assert int(val["n"]) == 3 and float(val["mean"]) == pytest.approx(1.2) and float(val["std"]) == pytest.approx(0.1)
+    hw = 4.302652730 * 0.1 / math.sqrt(3)
+    assert float(val["ci95_low"]) == pytest.approx(1.2 - hw) and float(val["ci95_high"]) == pytest.approx(1.2 + hw)
+    assert float(rows[("qlora", "peak_memory_mb")]["mean"]) == pytest.approx(102.0)
+    assert float(rows[("lora", "acc_2da")]["mean"]) == pytest.approx(20.0)  # percent
+    md = (tmp_path / "report.md").read_text()
+    findings = md[md.index("## Findings"):]
+    assert "| the article's claim | our measurement (mean ± std) | verdict | scale |" in findings
+    table = [l.strip("| ").split(" | ") for l in findings.splitlines() if l.startswith("| ") and "claim" not in l]
+    # the fake gives both cells the same memory and time (unclear) and qlora a val loss 1.0 higher
+    assert [r[2] for r in table] == ["unclear", "unclear", "disagree"]
+    assert table[2][1] == "qlora 2.2 ± 0.1 vs lora 1.2 ± 0.1, 1.83x"
+    assert "SmolLM2-135M" in findings and all(r[3] for r in table)  # every row has its scale note
+    html = (tmp_path / "report.html").read_text()
+    assert '<img src="plots/loss_curves.png"' in html and "<table>" in html and "Findings" in html
+    again = S.build_report(tmp_path)  # rebuilding from the folder alone gives the same numbers
+    assert again["stats"]["lora"]["final_val_loss"].mean == pytest.approx(1.2)
+
+
+def test_estimate_study_reports_without_training(tmp_path):
+    result = S.study_command("memory-7b", out=str(tmp_path), log=lambda m: None)
+    plan = json.loads((tmp_path / "study.json").read_text())
+    assert len(plan["estimates"]) == 6 and result["runs"] == []
+    md = (tmp_path / "report.md").read_text()
+    assert "21.33" in md and "## Findings" in md
+    if plan["estimator_error"] is None:  # the estimator is present: its numbers are in the table
+        assert all(isinstance(r["peak_gb"], float) for r in plan["estimates"])
+        assert plan["estimates"][1]["peak_gb"] < plan["estimates"][0]["peak_gb"]  # QLoRA below LoRA
+
+
+# --- the overfitting guard: early stopping on a scripted validation curve -----------------------
+
+def _scripted_training(monkeypatch, losses, patience, max_steps=40):
+    import loralab.train as T
+    from conftest import tiny_llama
+    from loralab.config import TrainConfig
+    from loralab.data.prompts import Encoded
+    from loralab.lora import inject
+
+    script = iter(losses)
+    monkeypatch.setattr(T, "mean_loss", lambda *a, **k: next(script))
+    model = tiny_llama(0)
+    inject(model, "qv", r=2, alpha=4, dropout=0.0)
+    data = [Encoded(input_ids=list(range(3, 11)), labels=[-100] * 3 + list(range(6, 11)), truncated=False)] * 4
+    cfg = TrainConfig(max_steps=max_steps, eval_every=2, early_stopping_patience=patience, batch_size=2,
+                      progress=False, lr=1e-3)
+    return T.train(model, data, cfg, pad_id=0, val_data=data[:2])
+
+
+def test_early_stopping_after_patience_bad_evaluations(monkeypatch):
+    result = _scripted_training(monkeypatch, [1.0, 0.8, 0.85, 0.9, 0.95, 0.7, 0.6], patience=3)
+    assert result.stopped_early and not result.interrupted
+    assert result.steps == 10  # evaluations at 2, 4 (best), 6, 8, 10: three without improvement
+    assert [v["is_best"] for v in result.val_history[:5]] == [True, True, False, False, False]
+    assert len(result.val_history) == 6  # plus the final validation after stopping
+
+
+def test_an_improvement_resets_the_patience(monkeypatch):
+    result = _scripted_training(monkeypatch, [1.0, 1.1, 1.2, 0.9, 1.0, 1.1, 1.2, 0.5], patience=3)
+    assert result.stopped_early and result.steps == 14
+
+
+def test_no_patience_never_stops(monkeypatch):
+    result = _scripted_training(monkeypatch, itertools.count(1.0), patience=0, max_steps=12)
+    assert not result.stopped_early and result.steps == 12
+    assert torch.isfinite(torch.tensor(result.final_train_loss))
