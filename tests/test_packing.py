@@ -1,0 +1,161 @@
+import pytest
+import torch
+
+from conftest import tiny_llama
+from loralab import lora as lora_lib
+from loralab.data.batching import collate, iterate_batches
+from loralab.data.packing import (collate_packed, grouped_batches, loss_sum as packed_loss_sum, pack_rows,
+                                  packed_inputs, padding_stats)
+from loralab.data.prompts import IGNORE_INDEX, Encoded
+from loralab.errors import UserError
+from loralab.loss import loss_sum
+
+
+def _example(rng: torch.Generator, n: int, prompt: int) -> Encoded:
+    ids = torch.randint(3, 128, (n,), generator=rng).tolist()
+    return Encoded(input_ids=ids, labels=[IGNORE_INDEX] * prompt + ids[prompt:])
+
+
+def _examples(lengths, seed=0):
+    rng = torch.Generator().manual_seed(seed)
+    return [_example(rng, n, max(1, n // 3)) for n in lengths]
+
+
+def test_pack_rows_first_fit_decreasing():
+    assert pack_rows([]) == []
+    assert pack_rows([5]) == [[0]]
+    # capacity defaults to the longest: 10 | 6+4 | 3+3+2 (first fit, longest first)
+    assert pack_rows([3, 10, 6, 4, 3, 2]) == [[1], [2, 3], [0, 4, 5]]
+    assert pack_rows([4, 4, 4], capacity=8) == [[0, 1], [2]]
+    assert pack_rows([9, 2], capacity=4) == [[0], [1]]  # too long for the capacity: a row of its own
+    rows = pack_rows([7, 1, 5, 3, 2, 8, 6], capacity=8)
+    assert sorted(i for r in rows for i in r) == list(range(7))
+    assert all(sum([7, 1, 5, 3, 2, 8, 6][i] for i in r) <= 8 for r in rows)
+
+
+def test_collate_packed_layout():
+    a = Encoded(input_ids=[10, 11, 12, 13, 14, 15], labels=[-100, -100, 12, 13, 14, 15])
+    b = Encoded(input_ids=[20, 21, 22], labels=[20, 21, 22])  # a label on position 0: masked when packed
+    c = Encoded(input_ids=[30, 31], labels=[-100, 31])
+    batch = collate_packed([a, b, c], pad_id=0)
+    assert batch["input_ids"].tolist() == [[10, 11, 12, 13, 14, 15], [20, 21, 22, 30, 31, 0]]
+    assert batch["labels"].tolist() == [[-100, -100, 12, 13, 14, 15], [-100, 21, 22, -100, 31, -100]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5], [0, 1, 2, 0, 1, 0]]
+    assert batch["attention_mask"].tolist() == [[1] * 6, [1] * 5 + [0]]
+    assert all(t.dtype == torch.long for t in batch.values())
+    plain = collate([a, b, c], pad_id=0)
+    # the same real tokens; the same usable labels (position 0 of a row never counts in the loss)
+    assert int(batch["attention_mask"].sum()) == int(plain["attention_mask"].sum()) == 11
+    assert int((batch["labels"][:, 1:] != -100).sum()) == int((plain["labels"][:, 1:] != -100).sum())
+    assert padding_stats([batch])["padding_fraction"] == pytest.approx(1 / 12)
+    assert padding_stats([plain])["padding_fraction"] == pytest.approx(7 / 18)
+
+
+def test_collate_packed_errors():
+    with pytest.raises(UserError, match="empty batch"):
+        collate_packed([], pad_id=0)
+    with pytest.raises(UserError, match="pad token"):
+        collate_packed(_examples([3]), pad_id=None)
+    with pytest.raises(UserError, match="no unmasked label"):
+        collate_packed([Encoded(input_ids=[1, 2], labels=[-100, -100])], pad_id=0)
+    with pytest.raises(ValueError, match="differ in length"):
+        collate_packed([Encoded(input_ids=[1, 2], labels=[2])], pad_id=0)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_packed_logits_equal_unpacked_logits(attn):
+    model = tiny_llama(seed=1, attn_implementation=attn).float()
+    examples = _examples([17, 5, 9, 3, 12, 4, 8], seed=3)
+    batch = collate_packed(examples, pad_id=0)
+    rows = pack_rows([len(e.input_ids) for e in examples])  # the layout collate_packed used
+    assert len(rows) == batch["input_ids"].shape[0] < len(examples)  # it did pack
+    with torch.no_grad():
+        packed = model(**packed_inputs(batch), use_cache=False).logits
+        for r, row in enumerate(rows):
+            at = 0
+            for k in row:
+                ids = examples[k].input_ids
+                assert batch["input_ids"][r, at:at + len(ids)].tolist() == ids
+                alone = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
+                torch.testing.assert_close(packed[r, at:at + len(ids)], alone, rtol=1e-5, atol=1e-5)
+                at += len(ids)
+
+
+def _lora_model(attn="eager"):
+    model = tiny_llama(seed=2, attn_implementation=attn).float()
+    lora_lib.inject(model, "all-linear", r=4, alpha=8, dropout=0.0)
+    for _, m in lora_lib.lora_modules(model):  # a non-zero update, so LoRA gradients are non-trivial
+        torch.nn.init.normal_(m.lora_B.weight, std=0.02)
+    return model.train()
+
+
+def _loss_and_grads(model, batch, fn):
+    model.zero_grad(set_to_none=True)
+    s, n = fn(model, batch)
+    (s / n).backward()
+    return float(s.detach()), n, {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_packed_loss_and_gradients_equal_padded(attn):
+    model = _lora_model(attn)
+    examples = _examples([40, 6, 11, 25, 3, 7, 30, 9], seed=5)
+    plain = collate(examples, pad_id=0)
+    packed = collate_packed(examples, pad_id=0)
+    assert packed["input_ids"].numel() < plain["input_ids"].numel()
+    s0, n0, g0 = _loss_and_grads(model, plain, loss_sum)
+    s1, n1, g1 = _loss_and_grads(model, packed, packed_loss_sum)
+    assert n0 == n1
+    assert s1 == pytest.approx(s0, rel=1e-5)
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-6)
+    # a plain batch through the packed drop-in is the plain loss; no hook is left behind
+    s2, n2, _ = _loss_and_grads(model, plain, packed_loss_sum)
+    assert (s2, n2) == pytest.approx((s0, n0))
+    assert not model.model._forward_pre_hooks
+
+
+def test_packed_loss_on_the_full_logits_fallback():
+    """loss.loss_sum falls back to the model's own logits for heads it cannot split: packed too."""
+    examples = _examples([12, 5, 8, 3], seed=7)
+    results = []
+    for batch in (collate(examples, pad_id=0), collate_packed(examples, pad_id=0)):
+        model = _lora_model()
+        model._loralab_selected_loss_ok = False  # as if the one-time head check had failed
+        results.append(_loss_and_grads(model, batch, packed_loss_sum))
+    (s0, n0, g0), (s1, n1, g1) = results
+    assert n0 == n1 and s1 == pytest.approx(s0, rel=1e-5)
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-6)
+
+
+def test_without_position_ids_packing_would_leak_across_examples():
+    """The check above is meaningful: a plain all-ones mask over a packed row changes the logits."""
+    model = tiny_llama(seed=1).float()
+    examples = _examples([6, 5], seed=9)
+    batch = collate_packed(examples, pad_id=0, capacity=11)
+    assert batch["input_ids"].shape == (1, 11)
+    with torch.no_grad():
+        good = model(**packed_inputs(batch), use_cache=False).logits[0, 6:]
+        leaky = model(input_ids=batch["input_ids"], use_cache=False).logits[0, 6:]
+        alone = model(input_ids=torch.tensor([examples[1].input_ids]), use_cache=False).logits[0]
+    torch.testing.assert_close(good, alone, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(leaky, alone, atol=1e-3)
+
+
+def test_grouped_batches_cover_each_example_once_and_cut_padding():
+    examples = _examples([3 + (k * 37) % 97 for k in range(200)], seed=11)
+    batches = list(grouped_batches(examples, 8, seed=4, epoch=0, window=8))
+    assert sorted(i for b in batches for i in b) == list(range(200))
+    assert [len(b) for b in batches].count(8) == 25
+    assert batches == list(grouped_batches(examples, 8, seed=4, epoch=0, window=8))
+    assert batches != list(grouped_batches(examples, 8, seed=4, epoch=1, window=8))
+    grouped = padding_stats([collate([examples[i] for i in b], 0) for b in batches])
+    shuffled = padding_stats([collate([examples[i] for i in b], 0)
+                              for b in iterate_batches(examples, 8, seed=4, epoch=0)])
+    assert grouped["real_tokens"] == shuffled["real_tokens"]
+    assert grouped["padding_fraction"] < 0.5 * shuffled["padding_fraction"]
+    one = list(grouped_batches(examples, 8, seed=4, epoch=0, window=1))
+    assert sorted(i for b in one for i in b) == list(range(200))
+    with pytest.raises(UserError, match="group_window"):
+        list(grouped_batches(examples, 8, seed=4, epoch=0, window=0))
