@@ -80,6 +80,22 @@ def cmd_fetch(args) -> int:
     return 0
 
 
+def cmd_estimate(args) -> int:
+    from .estimate import estimate, format_estimate, resolve_model_config, suggest_fixes
+
+    settings = dict(method=args.method, r=args.r, targets=args.targets, seq=args.seq, batch=args.batch,
+                    optimizer=args.optimizer, precision=args.precision, grad_checkpointing=args.grad_checkpointing,
+                    device=args.device)
+    model_config = resolve_model_config(args.model)
+    result = estimate(model_config, **settings)
+    fixes = suggest_fixes(model_config, args.gpu_gb, **settings) if args.gpu_gb else []
+    if args.json:
+        print(json.dumps({**result, "fixes": fixes} if args.gpu_gb else result))
+    else:
+        print(format_estimate(result, args.model, args.gpu_gb, fixes))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="loralab", description="LoRA / QLoRA fine-tuning lab for causal LMs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -133,6 +149,22 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fetch", help="download and cache a bundled model (default smollm2-135m)")
     f.add_argument("name", nargs="?", default="smollm2-135m")
     f.set_defaults(func=cmd_fetch)
+    x = sub.add_parser("estimate", help="predict peak training memory from a model config alone (no weights)")
+    x.add_argument("--model", default="smollm2-135m", help="bundled config (llama-2-7b, llama-3.1-8b, mistral-7b, "
+                   "qwen2.5-7b, smollm2-135m/360m/1.7b), an HF folder, or a config.json")
+    x.add_argument("--method", default="lora", choices=["lora", "qlora", "full"])
+    x.add_argument("--r", type=int, default=8)
+    x.add_argument("--targets", default="all-linear", choices=["qv", "attn", "mlp", "all-linear", "all-linear+head"])
+    x.add_argument("--seq", type=int, default=512, help="tokens per sequence (the longest batch sets the peak)")
+    x.add_argument("--batch", type=int, default=1, help="micro batch")
+    x.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "adamw8bit"])
+    x.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    x.add_argument("--grad-checkpointing", action="store_true")
+    x.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    x.add_argument("--gpu-gb", type=float, default=None, help="GPU memory as on the card (GiB); says whether it "
+                   "fits and, if not, the cheapest fixes")
+    x.add_argument("--json", action="store_true", help="print one JSON object (peak_bytes, breakdown, ...)")
+    x.set_defaults(func=cmd_estimate)
     return p
 
 
