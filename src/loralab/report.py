@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .fileio import atomic_write_text
+from .fileio import atomic_write_bytes, atomic_write_text
 
 # ---------------------------------------------------------------------------------------------
 # Statistics: mean, sample std, 95% t interval. No scipy: the t CDF has a closed form for integer
@@ -135,8 +135,9 @@ def judge(spec: dict, stats: dict) -> tuple[str, str]:
         if s.n < 2:
             return _pm(s, unit), "unclear"
         cv = abs(s.std / s.mean) if s.mean else math.inf
-        text = f"{_pm(s, unit)} over {s.n} seeds (CV {100 * cv:.1f}%)"
-        return text, "agree" if cv <= float(spec.get("max_cv", 0.05)) else "disagree"
+        limit = float(spec.get("max_cv", 0.05))
+        text = f"{_pm(s, unit)} over {s.n} seeds (CV {100 * cv:.1f}%; agree below {100 * limit:g}%)"
+        return text, "agree" if cv <= limit else "disagree"
     if check in ("lower", "higher", "similar", "ratio"):
         a, b = get(spec["a"]), get(spec["b"], metric_b)
         d, hw = _difference(a, b)
@@ -279,16 +280,18 @@ def make_plots(study_dir: Path, plan: dict, stats: dict, runs: list) -> list[tup
     colors = {c: f"C{i % 10}" for i, c in enumerate(stats)}
 
     def save(fig, name, caption):
-        path = out / name
+        path, buf = out / name, io.BytesIO()
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        fig.savefig(buf, format="png", dpi=110)
         plt.close(fig)
+        atomic_write_bytes(path, buf.getvalue())  # a reader never sees half a PNG
         plots.append((path, caption))
 
     curves = [(r, *_read_metrics(r["dir"])) for r in runs if r["status"] == "ok"]
     if any(t for _, t, _ in curves):
         fig, (ax_t, ax_v) = plt.subplots(1, 2, figsize=(11, 4))
-        seen = set()
+        seen, cells = set(), list(stats)
+        curve = max(len(v) for _, _, v in curves) > 1  # else: validation only at the end of each run
         for r, train, val in curves:
             label = None if r["cell"] in seen else r["cell"]
             seen.add(r["cell"])
@@ -296,10 +299,16 @@ def make_plots(study_dir: Path, plan: dict, stats: dict, runs: list) -> list[tup
                 xs, ys = zip(*train)
                 smooth = [sum(ys[max(0, i - 4):i + 1]) / len(ys[max(0, i - 4):i + 1]) for i in range(len(ys))]
                 ax_t.plot(xs, smooth, color=colors[r["cell"]], alpha=0.8, lw=1, label=label)
-            if val:
+            if val and curve:
                 ax_v.plot(*zip(*val), "o-", color=colors[r["cell"]], alpha=0.8, ms=3, lw=1, label=label)
+            elif val:
+                ax_v.plot([cells.index(r["cell"])], [val[-1][1]], "o", color=colors[r["cell"]], label=label)
         ax_t.set(title="training loss (5-step running mean)", xlabel="step", ylabel="loss")
-        ax_v.set(title="validation loss", xlabel="step", ylabel="loss")
+        if curve:
+            ax_v.set(title="validation loss", xlabel="step", ylabel="loss")
+        else:
+            ax_v.set(title="final validation loss, one point per seed", ylabel="loss")
+            ax_v.set_xticks(range(len(cells)), cells, rotation=20, fontsize=8)
         for ax in (ax_t, ax_v):
             ax.legend(fontsize=7)
         save(fig, "loss_curves.png", "Training and validation loss per cell (one line per seed)")
@@ -368,7 +377,9 @@ def make_report(study_dir: str | Path, plan: dict, stats: dict, runs: list) -> d
                                   [[c["name"], " ".join(f"`{o}`" for o in c["overrides"]) or "-",
                                     ", ".join(map(str, c["seeds"]))] for c in plan["cells"]])]
         failed = [r for r in runs if r["status"] != "ok"]
-        sec += [("h2", "Runs"), ("p", f"{len(runs) - len(failed)} of {len(runs)} runs finished."),
+        wall = sum(r["wall_s"] or 0 for r in runs)
+        sec += [("h2", "Runs"), ("p", f"{len(runs) - len(failed)} of {len(runs)} runs finished; "
+                                      f"{wall / 60:.1f} min of run time in all (each run's own process)."),
                 ("table", ["cell", "seed", "status", "wall time (s)", "error"],
                  [[r["cell"], r["seed"], r["status"], fmt(r["wall_s"]), r["error"] or ""] for r in runs])]
         metrics = [m for m in KEY_METRICS if any(m in s for s in stats.values())]

@@ -92,8 +92,7 @@ def _slug(text: str) -> str:
 
 
 def _str_list(value, where: str) -> list[str]:
-    if value is None:
-        return []
+    value = [] if value is None else value
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise UserError(f"{where} must be a list of key.sub=value strings, got {value!r}")
     for v in value:
@@ -157,11 +156,10 @@ def load_study(name: str, *, scale: str = "cpu", seeds: int | None = None, overr
         raise UserError(f"--scale must be one of {', '.join(SCALES)}, got {scale!r}")
     path = _preset_path(name)
     spec = read_yaml(path)
-    unknown = set(spec) - STUDY_KEYS
-    if unknown:
-        raise UserError(f"{path}: unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(STUDY_KEYS))})")
-    kind = spec.get("kind", "train")
-    if kind not in ("train", "estimate"):
+    if set(spec) - STUDY_KEYS:
+        raise UserError(f"{path}: unknown key(s) {', '.join(sorted(set(spec) - STUDY_KEYS))} "
+                        f"(known: {', '.join(sorted(STUDY_KEYS))})")
+    if (kind := spec.get("kind", "train")) not in ("train", "estimate"):
         raise UserError(f"{path}: kind must be train or estimate, got {kind!r}")
     scales_file = path.parent / "_scales.yaml"
     common = read_yaml(scales_file) if scales_file.is_file() else {}
@@ -195,11 +193,11 @@ def load_study(name: str, *, scale: str = "cpu", seeds: int | None = None, overr
     return study
 
 
-def run_config(study: Study, cell: Cell, seed: int, run_dir: Path):
-    data = copy.deepcopy(study.base)
-    extra = [f"train.seed={seed}", f"output_dir={run_dir}", "train.progress=false"]
+def run_config(study: Study, cell: Cell, seed: int, run_dir: Path, extra=()):
+    """One run's config: base, then the study's overrides, the cell's, and the run's own (seed, folder)."""
+    extra = [*extra, f"train.seed={seed}", f"output_dir={run_dir}", "train.progress=false"]
     try:
-        return from_dict(apply_overrides(data, study.overrides + cell.overrides + extra))
+        return from_dict(apply_overrides(copy.deepcopy(study.base), study.overrides + cell.overrides + extra))
     except UserError as e:
         raise UserError(f"study {study.name}, cell {cell.name}: {e}") from None
 
@@ -235,6 +233,11 @@ def _last_error(log_path: Path) -> str:
         return "no log"
     errors = [l for l in lines if "error" in l.lower()]
     return (errors or lines or ["no output"])[-1][:300]
+
+
+def write_json_rec(run_dir: Path, **rec) -> dict:
+    write_json(run_dir / "run_info.json", rec)  # kept beside the run: a rerun's report still has its time
+    return rec
 
 
 def _fmt_s(s: float) -> str:
@@ -275,8 +278,7 @@ def run_study(study: Study, out: str | Path, *, parallel: int = 1, runner: Runne
     def one(job):
         cell, seed, run_dir = job
         run_dir.mkdir(parents=True, exist_ok=True)
-        cfg = run_config(Study(**{**study.__dict__, "overrides": study.overrides + extra}), cell, seed, run_dir)
-        atomic_write_text(run_dir / "cell.yaml", dump_yaml(cfg))
+        atomic_write_text(run_dir / "cell.yaml", dump_yaml(run_config(study, cell, seed, run_dir, extra)))
         with lock:
             log(f"[{study.name}] start {cell.name} seed {seed}")
         t0 = time.perf_counter()
@@ -288,9 +290,8 @@ def run_study(study: Study, out: str | Path, *, parallel: int = 1, runner: Runne
         wall = time.perf_counter() - t0
         ok = code == 0 and (run_dir / "summary.json").exists()
         err = None if ok else (code if isinstance(code, str) else f"exit {code}: {_last_error(run_dir / 'train.log')}")
-        rec = {"cell": cell.name, "seed": seed, "status": "ok" if ok else "failed", "wall_s": round(wall, 1),
-               "error": err}
-        write_json(run_dir / "run_info.json", rec)
+        rec = write_json_rec(run_dir, cell=cell.name, seed=seed, status="ok" if ok else "failed",
+                             wall_s=round(wall, 1), error=err)
         with lock:
             done[0] += 1
             durations.append(wall)
