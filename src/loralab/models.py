@@ -56,12 +56,15 @@ def _convert_gguf(gguf: Path, out_dir: Path, source: dict) -> Path:
     """Dequantize a GGUF checkpoint and save it as an fp32 safetensors folder (atomically)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"loralab: converting {gguf.name} to safetensors (once; ~15 s)...", file=sys.stderr)
     try:
+        # The tokenizer read parses all the metadata (~2 s): a truncated or corrupt file fails here,
+        # before the progress line, so the user sees the error line alone.
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        print(f"loralab: converting {gguf.name} to safetensors (once; ~15 s)...", file=sys.stderr)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     except Exception as e:  # the gguf reader raises many types on truncated/corrupt files
-        raise UserError(f"{gguf}: cannot read GGUF file ({type(e).__name__}: {str(e)[:200]})") from None
+        raise UserError(f"{gguf}: cannot read GGUF file, truncated or corrupt? "
+                        f"({type(e).__name__}: {str(e)[:200]})") from None
     # The GGUF loader leaves a quantizer marker that blocks save_pretrained and training.
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
@@ -170,6 +173,14 @@ def pick_attention(choice: str, device: str | torch.device) -> str:
     return "sdpa" if torch.device(device).type == "cuda" else "eager"
 
 
+def _names_custom_code(folder: Path) -> bool:
+    """config.json maps the model to its own code (auto_map), which only trust_remote_code runs."""
+    try:
+        return "auto_map" in json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def load_model(spec: str, dtype: torch.dtype = torch.float32, *, trust_remote_code: bool = False,
                device: str | torch.device = "cpu", attn_implementation: str = "auto"):
     """Returns (model, tokenizer, folder). The model is in eval mode with every parameter frozen."""
@@ -182,7 +193,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, *, trust_remote_co
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, trust_remote_code=trust_remote_code,
                                                      attn_implementation=pick_attention(attn_implementation, device))
     except ValueError as e:
-        if "trust_remote_code" in str(e):
+        if not trust_remote_code and ("trust_remote_code" in str(e) or _names_custom_code(folder)):
             raise UserError(f"{folder}: this model needs custom code; set model.trust_remote_code=true "
                             "if you trust its source") from None
         raise UserError(f"{folder}: cannot load model ({str(e).splitlines()[0][:200]})") from None

@@ -171,18 +171,19 @@ def run_training(cfg: RunConfig, *, quiet: bool = False) -> dict:
     data = build_datasets(cfg)  # before the model: bad data fails fast
     model, tok, folder, info = setup_model(cfg, device)
     cfg.train.precision = info["precision"]
-    log(f"loralab: {cfg.model.name}: {info['trainable_params']:,} trainable of {info['total_params']:,} parameters"
-        f" ({len(info['targets'])} LoRA modules), weights {info['weights_dtype']}")
     enc_kw = dict(template=cfg.data.template, system_prompt=cfg.data.system_prompt, max_seq_len=cfg.data.max_seq_len)
     train_enc, train_stats = encode_all(data.train, tok, **enc_kw)
     val_enc = encode_all(data.val, tok, **enc_kw)[0] if data.val else []
+    resume = find_resume(cfg, out)  # the config is resolved (precision) as it was when saved
+    # Progress lines only once every input check has passed: bad input gets its error line alone.
+    log(f"loralab: {cfg.model.name}: {info['trainable_params']:,} trainable of {info['total_params']:,} parameters"
+        f" ({len(info['targets'])} LoRA modules), weights {info['weights_dtype']}")
     log(f"loralab: {len(train_enc):,} training examples ({train_stats['n_truncated']} truncated, "
         f"{train_stats['n_dropped']} dropped, {train_stats['n_tokens']:,} tokens), {len(val_enc):,} validation")
     warnings = epoch_warnings(len(train_enc), cfg)
     for w in warnings:
         log(f"loralab: warning: {w}")
     cfg_dict = cfg.to_dict()
-    resume = find_resume(cfg, out)  # the config is resolved (precision) as it was when saved
     atomic_write_text(out / "config.yaml", dump_yaml(cfg))
     before_path = out / "eval_before.json"
     if resume is not None:

@@ -1,0 +1,506 @@
+"""Bad input, the way a user meets it: `loralab <command> ...` exits 2 with ONE line on stderr,
+`loralab: error: <what and where>`, no traceback, and leaves an earlier run's files untouched.
+
+Most cases call `loralab.cli.main` in-process (fast); a few run `python -m loralab.cli` in a
+subprocess to prove the same end to end. Every case that takes an output directory points it at
+`prev`, a finished tiny run made once per module, and checks its files are byte-identical after.
+"""
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_llama
+from loralab import checkpoint
+from loralab.cli import main
+from loralab.config import load_config
+from loralab.run import run_training
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "loralab"
+
+
+# ---------------------------------------------------------------------------------------------
+# Module fixtures: a tiny model folder, and a finished run whose files must survive every case
+
+def _save_tiny(folder: Path, **overrides) -> Path:
+    from tiny_tokenizer import make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer()
+    tiny_llama(0, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+               **overrides).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return _save_tiny(tmp_path_factory.mktemp("tiny-model"))
+
+
+def _base_config(folder, out, **sections) -> dict:
+    cfg = {"model": {"name": str(folder)},
+           "lora": {"r": 4},
+           "data": {"tasks": ["2da"], "n_train": 16, "template": "raw"},
+           "train": {"max_steps": 2, "batch_size": 4, "save_every": 1, "progress": False, "precision": "fp32",
+                     "lr": 1e-2},
+           "eval": {"n": 2, "before": False, "tasks": []},  # no generation: fast
+           "output_dir": str(out)}
+    for section, values in sections.items():
+        cfg[section].update(values)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def prev(tiny_folder, tmp_path_factory):
+    """A finished run (adapter, summary.json, checkpoints): the files no failed command may touch."""
+    root = tmp_path_factory.mktemp("prev")
+    out = root / "run"
+    cfg_path = root / "prev.yaml"
+    cfg_path.write_text(json.dumps(_base_config(tiny_folder, out)))  # JSON is YAML
+    run_training(load_config(cfg_path), quiet=True)
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "summary.json").is_file()
+    assert checkpoint.latest(out / "checkpoints") is not None
+    return out
+
+
+def _digest(folder: Path, *, complete_only: bool = False) -> dict:
+    """sha256 of every file under folder (complete_only: leave out checkpoint temp folders)."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*"))
+            if p.is_file() and not (complete_only and ".tmp-" in str(p.relative_to(folder)))}
+
+
+@pytest.fixture
+def untouched(prev):
+    """Asserts after the test that every file of the previous run is byte-identical (none added)."""
+    before = _digest(prev)
+    yield prev
+    assert _digest(prev) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# How a case is run and judged
+
+def _one_error_line(rc: int, err: str, *expected: str) -> str:
+    assert rc == 2, f"exit {rc}, stderr: {err}"
+    assert "Traceback" not in err, err
+    lines = err.strip("\n").splitlines()
+    assert len(lines) == 1, f"stderr is not one line:\n{err}"
+    line = lines[0]
+    assert line.startswith("loralab: error: "), line
+    for text in expected:
+        assert text in line, f"{text!r} not in {line!r}"
+    return line
+
+
+def run_cli(capsys, *argv, expect=()):
+    capsys.readouterr()  # drop anything printed before
+    rc = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return _one_error_line(rc, captured.err, *expect)
+
+
+def run_subprocess(*argv, expect=()):
+    proc = subprocess.run([sys.executable, "-m", "loralab.cli", *map(str, argv)], capture_output=True, text=True,
+                          timeout=120)
+    return _one_error_line(proc.returncode, proc.stderr, *expect)
+
+
+def _write(path: Path, content) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    return path
+
+
+def _config_with(tmp_path, tiny_folder, prev, **sections) -> Path:
+    return _write(tmp_path / "run.yaml", json.dumps(_base_config(tiny_folder, prev, **sections)))
+
+
+def _jsonl(records) -> str:
+    return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data files
+
+GOOD = {"instruction": "Say hi", "output": "hi"}
+
+DATA_CASES = {
+    # name: (file name, content, extra data config, what the message must contain)
+    "malformed-json-line": ("data.jsonl", _jsonl([GOOD, GOOD, '{"instruction": "x", "output": ']), {},
+                            ["data.jsonl:3", "malformed JSON"]),
+    "empty-file": ("data.jsonl", "", {}, ["data.jsonl:1", "empty"]),
+    "blank-lines-only": ("data.jsonl", "\n  \n\n", {}, ["data.jsonl:1", "empty"]),
+    "missing-output": ("data.jsonl", _jsonl([GOOD, {"instruction": "x"}]), {}, ["data.jsonl:2", "missing 'output'"]),
+    "missing-instruction": ("data.jsonl", _jsonl([{"output": "x"}]), {}, ["data.jsonl:1", "missing 'instruction'"]),
+    "no-known-fields": ("data.jsonl", _jsonl([GOOD, GOOD, GOOD, {"question": "q", "answer": "a"}]), {},
+                        ["data.jsonl:4", "missing 'instruction'/'output', 'messages'", "question"]),
+    "messages-not-a-list": ("chat.jsonl", _jsonl([{"messages": "hello"}]), {},
+                            ["chat.jsonl:1", "'messages' must be a non-empty list"]),
+    "unknown-role": ("chat.jsonl", _jsonl([{"messages": [{"role": "user", "content": "hi"},
+                                                         {"role": "bot", "content": "hello"}]}]), {},
+                     ["chat.jsonl:1", "messages[1]", "unknown role 'bot'"]),
+    "no-assistant-turn": ("chat.jsonl", _jsonl([{"messages": [{"role": "user", "content": "hi"}]}]), {},
+                          ["chat.jsonl:1", "no assistant turn"]),
+    "empty-response": ("data.jsonl", _jsonl([{"prompt": "2+2=", "response": ""}]), {},
+                       ["data.jsonl:1", "'response' is empty"]),
+    "wrong-field-type": ("data.jsonl", _jsonl([GOOD, {"instruction": "x", "output": 4}]), {},
+                         ["data.jsonl:2", "'output' must be a string"]),
+    "json-array-bad-element": ("data.json", '[\n {"instruction": "a", "output": "b"},\n {"instruction": }\n]\n', {},
+                               ["data.json:3", "malformed JSON"]),
+    "not-utf8": ("data.jsonl", _jsonl([GOOD]).encode() + b'{"instruction": "\xff\xfe", "output": "x"}\n', {},
+                 ["data.jsonl:2", "not UTF-8"]),
+    # every response cut away by a tiny max_seq_len: nothing left to learn
+    "every-response-truncated": ("data.jsonl", _jsonl([{"prompt": "Q: 1+1?\nA:", "response": " 2"}] * 3),
+                                 {"max_seq_len": 1}, ["every response is empty or truncated away",
+                                                      "data.max_seq_len=1", "data.jsonl:1"]),
+    "max-seq-len-shorter-than-every-prompt": (
+        "data.jsonl", _jsonl([{"prompt": "Please compute the following sum carefully: " + "1+" * 20 + "1 =",
+                               "response": " 21"}] * 3),
+        {"max_seq_len": 16}, ["every response is empty or truncated away", "data.max_seq_len=16"]),
+    # chat records: the (default) system turn and the user turn fill max_seq_len, so every
+    # assistant label is masked
+    "all-labels-masked": ("chat.jsonl", _jsonl([{"messages": [{"role": "user", "content": "What is 2 plus 2?"},
+                                                              {"role": "assistant", "content": "4"}]}] * 3),
+                          {"max_seq_len": 24, "template": "chat"},
+                          ["every response is empty or truncated away", "data.max_seq_len=24", "chat.jsonl:1"]),
+}
+
+
+@pytest.mark.parametrize("case", list(DATA_CASES))
+def test_bad_data_file(case, tiny_folder, untouched, tmp_path, capsys):
+    name, content, data_extra, expect = DATA_CASES[case]
+    data = _write(tmp_path / name, content)
+    cfg = _config_with(tmp_path, tiny_folder, untouched, data={"path": str(data), **data_extra})
+    run_cli(capsys, "train", cfg, expect=expect)
+
+
+def test_data_file_does_not_exist(tiny_folder, untouched, tmp_path, capsys):
+    cfg = _config_with(tmp_path, tiny_folder, untouched, data={"path": str(tmp_path / "nope.jsonl")})
+    run_cli(capsys, "train", cfg, expect=["nope.jsonl", "no such data file"])
+
+
+def test_directory_given_for_data_file(tiny_folder, untouched, tmp_path, capsys):
+    (tmp_path / "datadir").mkdir()
+    cfg = _config_with(tmp_path, tiny_folder, untouched, data={"path": str(tmp_path / "datadir")})
+    run_cli(capsys, "train", cfg, expect=["datadir", "is a directory"])
+
+
+def test_malformed_json_line_end_to_end(tiny_folder, untouched, tmp_path):
+    data = _write(tmp_path / "data.jsonl", _jsonl([GOOD, GOOD, "{not json"]))
+    cfg = _config_with(tmp_path, tiny_folder, untouched, data={"path": str(data)})
+    run_subprocess("train", cfg, expect=["data.jsonl:3", "malformed JSON"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Config values (as `key=value` overrides on the command line)
+
+CONFIG_CASES = {
+    "unknown-key-with-suggestion": (["train.warmup_step=10"], ["train.warmup_step", "did you mean warmup_steps"]),
+    "unknown-section": (["trian.lr=1e-3"], ["'trian'", "did you mean train?"]),
+    "wrong-type": (["lora.r=abc"], ["lora.r", "must be int", "'abc'"]),
+    "r-zero": (["lora.r=0"], ["lora.r", "must be > 0"]),
+    "r-negative": (["lora.r=-4"], ["lora.r", "must be > 0"]),
+    "alpha-zero": (["lora.alpha=0"], ["lora.alpha", "must be > 0"]),
+    "alpha-negative": (["lora.alpha=-16"], ["lora.alpha", "must be > 0"]),
+    "dropout-one": (["lora.dropout=1.0"], ["lora.dropout", "[0, 1)"]),
+    "dropout-negative": (["lora.dropout=-0.1"], ["lora.dropout", "[0, 1)"]),
+    "empty-targets": (["lora.targets=[]"], ["lora.targets", "non-empty"]),
+    "unknown-optimizer": (["train.optimizer=adam"], ["train.optimizer", "did you mean adamw?"]),
+    "unknown-scheduler": (["train.scheduler=cosine_restarts"], ["train.scheduler", "cosine, linear, constant"]),
+    "lr-zero": (["train.lr=0"], ["train.lr", "must be > 0"]),
+    "lr-negative": (["train.lr=-1e-4"], ["train.lr", "must be > 0"]),
+    "bad-resume-value": (["resume=maybe"], ["resume", "auto, true or false"]),
+    "override-without-equals": (["lora.r"], ["override 'lora.r'", "key.sub=value"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIG_CASES))
+def test_bad_config_value(case, tiny_folder, untouched, tmp_path, capsys):
+    overrides, expect = CONFIG_CASES[case]
+    cfg = _config_with(tmp_path, tiny_folder, untouched)
+    run_cli(capsys, "train", cfg, *overrides, expect=expect)
+
+
+def test_unknown_key_end_to_end(tiny_folder, untouched, tmp_path):
+    cfg = _config_with(tmp_path, tiny_folder, untouched)
+    run_subprocess("train", cfg, "lora.dropuot=0.1", expect=["lora.dropuot", "did you mean dropout?"])
+
+
+def test_unknown_target_module_lists_the_models_linear_modules(tiny_folder, untouched, tmp_path, capsys):
+    cfg = _config_with(tmp_path, tiny_folder, untouched)
+    line = run_cli(capsys, "train", cfg, "lora.targets=[qkv_proj]", expect=["'qkv_proj'", "linear modules"])
+    for name in ("q_proj", "v_proj", "down_proj"):
+        assert name in line
+
+
+def test_yaml_syntax_error_names_file_and_line(tiny_folder, untouched, tmp_path, capsys):
+    cfg = _write(tmp_path / "broken.yaml", f"model:\n  name: {tiny_folder}\nlora:\n  r: [4\n  alpha: 8\n"
+                                           f"output_dir: {untouched}\n")
+    line = run_cli(capsys, "train", cfg, expect=["broken.yaml:", "invalid YAML"])
+    assert re.search(r"broken\.yaml:\d+: invalid YAML", line)
+
+
+def test_yaml_that_is_not_a_mapping(untouched, tmp_path, capsys):
+    cfg = _write(tmp_path / "list.yaml", "- lora.r=4\n- train.lr=1e-3\n")
+    run_cli(capsys, "train", cfg, expect=["list.yaml", "must be a mapping", "list"])
+
+
+def test_section_that_is_not_a_mapping(tiny_folder, untouched, tmp_path, capsys):
+    cfg = _write(tmp_path / "flat.yaml", f"model: {tiny_folder}\noutput_dir: {untouched}\n")
+    run_cli(capsys, "train", cfg, expect=["config section 'model' must be a mapping"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+def _copy_model(tiny_folder, tmp_path, name="model") -> Path:
+    dst = tmp_path / name
+    shutil.copytree(tiny_folder, dst)
+    return dst
+
+
+def test_unknown_model_name(tiny_folder, untouched, tmp_path, capsys):
+    cfg = _config_with(tmp_path, tiny_folder, untouched, model={"name": "smollm3-9000m"})
+    run_cli(capsys, "train", cfg, expect=["unknown model 'smollm3-9000m'", "smollm2-135m"])
+
+
+def test_model_folder_without_weights(tiny_folder, untouched, tmp_path, capsys):
+    model = _copy_model(tiny_folder, tmp_path)
+    (model / "model.safetensors").unlink()
+    cfg = _config_with(tmp_path, tiny_folder, untouched, model={"name": str(model)})
+    run_cli(capsys, "train", cfg, expect=[str(model), "no *.safetensors weights"])
+
+
+def test_model_folder_with_only_pickle_weights(tiny_folder, untouched, tmp_path, capsys):
+    model = _copy_model(tiny_folder, tmp_path)
+    (model / "model.safetensors").rename(model / "pytorch_model.bin")
+    cfg = _config_with(tmp_path, tiny_folder, untouched, model={"name": str(model)})
+    run_cli(capsys, "train", cfg, expect=[str(model), "pickle", "safetensors only"])
+
+
+def test_corrupt_safetensors(tiny_folder, untouched, tmp_path, capsys):
+    model = _copy_model(tiny_folder, tmp_path)
+    (model / "model.safetensors").write_bytes(b"\x07garbage, not a safetensors header" * 40)
+    cfg = _config_with(tmp_path, tiny_folder, untouched, model={"name": str(model)})
+    run_cli(capsys, "train", cfg, expect=[str(model), "safetensors"])
+
+
+def test_corrupt_safetensors_end_to_end(tiny_folder, untouched, tmp_path):
+    model = _copy_model(tiny_folder, tmp_path)
+    data = (model / "model.safetensors").read_bytes()
+    (model / "model.safetensors").write_bytes(data[: len(data) // 3])  # truncated mid-tensor
+    cfg = _config_with(tmp_path, tiny_folder, untouched, model={"name": str(model)})
+    run_subprocess("train", cfg, expect=[str(model), "safetensors"])
+
+
+def _truncated_gguf(tmp_path) -> bytes:
+    """The first 1000 bytes of a real-looking GGUF file (llama metadata, a vocabulary, a tensor)."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    full = tmp_path / "full.gguf"
+    w = GGUFWriter(str(full), "llama")
+    w.add_name("tiny")
+    w.add_context_length(128)
+    w.add_embedding_length(32)
+    w.add_block_count(2)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([f"tok{i}" for i in range(200)])
+    w.add_tensor("token_embd.weight", np.zeros((128, 32), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    data = full.read_bytes()
+    full.unlink()
+    assert data[:4] == b"GGUF" and len(data) > 1000
+    return data[:1000]
+
+
+def test_truncated_gguf(tiny_folder, untouched, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LORALAB_CACHE", str(tmp_path / "cache"))
+    gguf = _write(tmp_path / "model-Q4.gguf", _truncated_gguf(tmp_path))
+    cfg = _config_with(tmp_path, tiny_folder, untouched, model={"name": str(gguf)})
+    run_cli(capsys, "train", cfg, expect=["model-Q4.gguf", "cannot read GGUF file"])
+    assert not list((tmp_path / "cache").rglob("config.json"))  # nothing half-converted is cached
+
+
+@pytest.mark.parametrize("auto_map", [
+    {"AutoConfig": "configuration_tiny.TinyConfig", "AutoModelForCausalLM": "modeling_tiny.TinyCustomForCausalLM"},
+    {"AutoModelForCausalLM": "modeling_tiny.TinyCustomForCausalLM"},  # custom model class only
+], ids=["config-and-model", "model-only"])
+def test_model_needing_remote_code(auto_map, tiny_folder, untouched, tmp_path, capsys):
+    model = _copy_model(tiny_folder, tmp_path)
+    config = json.loads((model / "config.json").read_text())
+    config.update(model_type="tinycustom", architectures=["TinyCustomForCausalLM"], auto_map=auto_map)
+    (model / "config.json").write_text(json.dumps(config))
+    cfg = _config_with(tmp_path, tiny_folder, untouched, model={"name": str(model)})
+    run_cli(capsys, "train", cfg, expect=[str(model), "model.trust_remote_code"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Output directory, resume, adapters
+
+def test_output_dir_is_a_file(tiny_folder, tmp_path, capsys):
+    target = _write(tmp_path / "results.txt", "my notes\n")
+    cfg = _config_with(tmp_path, tiny_folder, target)
+    run_cli(capsys, "train", cfg, expect=["output_dir", "results.txt", "is a file"])
+    assert target.read_text() == "my notes\n"
+
+
+def test_resume_from_checkpoint_of_a_different_config(tiny_folder, untouched, tmp_path, capsys):
+    cfg = _config_with(tmp_path, tiny_folder, untouched, train={"lr": 5e-3})
+    run_cli(capsys, "train", cfg, "resume=true",
+            expect=["step-00000002", "different config", "train.lr", "resume=false"])
+
+
+def test_resume_true_without_checkpoint(tiny_folder, tmp_path, capsys):
+    cfg = _config_with(tmp_path, tiny_folder, tmp_path / "fresh")
+    run_cli(capsys, "train", cfg, "resume=true", expect=["resume", "no checkpoint"])
+
+
+@pytest.fixture(scope="module")
+def other_base(tmp_path_factory):
+    """A tiny model of another shape: the previous run's adapter does not fit it."""
+    return _save_tiny(tmp_path_factory.mktemp("other-model"), hidden_size=48, intermediate_size=96)
+
+
+def test_eval_adapter_on_a_different_base(other_base, untouched, capsys):
+    run_cli(capsys, "eval", "--model", other_base, "--adapter", untouched / "adapter", "--tasks", "2da", "--n", "2",
+            expect=["adapter does not match the model", "shape"])
+
+
+def test_merge_adapter_on_a_different_base_end_to_end(other_base, untouched, tmp_path):
+    out = tmp_path / "merged"
+    run_subprocess("merge", untouched / "adapter", out, "--model", other_base,
+                   expect=["adapter does not match the model", "shape"])
+    assert not out.exists()
+
+
+def test_eval_adapter_folder_missing(untouched, tmp_path, capsys):
+    run_cli(capsys, "eval", "--adapter", tmp_path / "no-adapter", "--tasks", "2da", "--n", "2",
+            expect=["no-adapter", "adapter_config.json"])
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny_folder, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    cfg = _write(tmp_path / "c.yaml", json.dumps(_base_config(tiny_folder, out, train={"max_steps": 4,
+                                                                                       "keep_checkpoints": 5})))
+    real_save = checkpoint.atomic_save_safetensors
+    seen = {"saves": 0, "before": None}
+
+    def full_disk(tensors, path, metadata=None):
+        if Path(path).name == "optimizer.safetensors":
+            seen["saves"] += 1
+            if seen["saves"] == 3:  # the third checkpoint: the disk is full halfway through it
+                seen["before"] = _digest(out / "checkpoints", complete_only=True)
+                raise OSError(28, "No space left on device")
+        return real_save(tensors, path, metadata)
+
+    monkeypatch.setattr(checkpoint, "atomic_save_safetensors", full_disk)
+    capsys.readouterr()
+    rc = main(["train", str(cfg)])
+    err = capsys.readouterr().err
+    # Training had begun: the run's own `loralab:` progress lines come first, the error is the last line.
+    lines = err.strip("\n").splitlines()
+    assert rc == 2 and "Traceback" not in err, err
+    assert [l for l in lines if l.startswith("loralab: error:")] == lines[-1:]
+    assert all(l.startswith("loralab: ") for l in lines), err
+    assert "step-00000003" in lines[-1] and "No space left on device" in lines[-1] and "intact" in lines[-1]
+    assert seen["before"] and _digest(out / "checkpoints") == seen["before"]
+    assert checkpoint.latest(out / "checkpoints").name == "step-00000002"
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+    assert not (out / "adapter").exists() and not (out / "summary.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite losses
+
+def _nan_from_step(monkeypatch, first_bad_call: int, on_first_nan=None):
+    """The training loss becomes NaN from the `first_bad_call`-th micro batch on."""
+    import torch
+
+    from loralab import train as train_mod
+
+    real = train_mod.loss_sum
+    calls = {"n": 0}
+
+    def loss_sum(model, batch):
+        calls["n"] += 1
+        s, n = real(model, batch)
+        if calls["n"] == first_bad_call and on_first_nan:
+            on_first_nan()
+        return (s * torch.nan if calls["n"] >= first_bad_call else s), n
+
+    monkeypatch.setattr(train_mod, "loss_sum", loss_sum)
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_folder, tmp_path, capsys,
+                                                                           monkeypatch):
+    out = tmp_path / "run"
+    cfg = _write(tmp_path / "c.yaml", json.dumps(_base_config(tiny_folder, out, train={"max_steps": 5})))
+    good = {}
+    # grad_accum 1: call k is step k; when step 3 starts, steps 1 and 2 are checkpointed
+    _nan_from_step(monkeypatch, 3, on_first_nan=lambda: good.update(_digest(out / "checkpoints")))
+    capsys.readouterr()
+    rc = main(["train", str(cfg)])
+    err = capsys.readouterr().err
+    lines = err.strip("\n").splitlines()
+    assert rc == 2 and "Traceback" not in err, err
+    assert [l for l in lines if l.startswith("loralab: error:")] == lines[-1:]
+    assert "non-finite loss at step 3" in lines[-1] and "train.skip_nonfinite" in lines[-1]
+    last = checkpoint.latest(out / "checkpoints")
+    assert last.name == "step-00000002" and str(last) in lines[-1]
+    assert good and _digest(out / "checkpoints") == good  # byte-identical to before the NaN
+    snap = checkpoint.load(last)  # complete and readable
+    assert snap["step"] == 2 and all(v.isfinite().all() for v in snap["trainable"].values())
+    assert not (out / "adapter").exists() and not (out / "summary.json").exists()
+
+
+def test_skip_nonfinite_skips_batches_and_reports_them(tiny_folder, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    cfg = _write(tmp_path / "c.yaml", json.dumps(_base_config(tiny_folder, out, train={"max_steps": 4})))
+    _nan_from_step(monkeypatch, 3)
+    assert main(["train", str(cfg), "train.skip_nonfinite=true"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped_steps"] == 2 and summary["steps"] == 4
+    snap = checkpoint.load(checkpoint.latest(out / "checkpoints"))
+    assert all(v.isfinite().all() for v in snap["trainable"].values())  # no NaN reached the weights
+
+
+# ---------------------------------------------------------------------------------------------
+# Safe loading: no pickle anywhere in the package
+
+def _sources():
+    files = sorted(SRC.rglob("*.py"))
+    assert len(files) > 10
+    return files
+
+
+def test_torch_load_always_has_weights_only():
+    offenders = []
+    for path in _sources():
+        text = path.read_text()
+        for m in re.finditer(r"\btorch\.load\s*\(", text):
+            depth, i = 1, m.end()
+            while depth and i < len(text):
+                depth += {"(": 1, ")": -1}.get(text[i], 0)
+                i += 1
+            if not re.search(r"weights_only\s*=\s*True", text[m.end():i]):
+                offenders.append(f"{path.name}:{text.count(chr(10), 0, m.start()) + 1}")
+    assert not offenders, f"torch.load without weights_only=True: {offenders}"
+
+
+def test_pickle_is_never_imported():
+    pattern = re.compile(r"^\s*(import\s+(c?pickle|dill|joblib)\b|from\s+(c?pickle|dill|joblib)\s+import)", re.M)
+    offenders = [p.name for p in _sources() if pattern.search(p.read_text())]
+    assert not offenders, f"pickle imported in {offenders}"
