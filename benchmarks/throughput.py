@@ -1,0 +1,576 @@
+"""Throughput, memory and MFU: loralab's training loop vs PEFT + transformers' Trainer, same data.
+
+    .venv/bin/python benchmarks/throughput.py [--steps 16] [--batch 8] [--grad-accum 1] [--examples N]
+        [--sides baseline,loralab,packed] [--qlora-steps 6] [--json results.json]
+
+Both sides fine-tune the default model (smollm2-135m, bf16 on this CPU) with LoRA r=16, alpha=32,
+dropout 0.05 on every linear layer, on the SAME encoded examples (the same tokens and loss masks),
+the same number of them (steps x batch x grad-accum: one epoch by default), the same seed, lr,
+warmup and cosine schedule:
+  - baseline: `peft.get_peft_model` (LoraConfig target_modules="all-linear") + `transformers.Trainer`
+    configured as a careful user would: bf16=True, DataCollatorForSeq2Seq (pads per batch, -100 on
+    prompt tokens and padding), no evaluation, logs to a list, report_to=[], use_cpu=True on the CPU,
+    0 dataloader workers. `--baseline-weights bf16` loads the base in bf16 too (default: fp32
+    weights with bf16 autocast, the textbook mixed precision that bf16=True switches on). It gets
+    the very micro batches loralab draws, in the same order (train_sampling_strategy="sequential"
+    over a dataset laid out in that order), so the loss curves compare implementations, not data
+    orders. Warmup defaults to 0: transformers' warmup gives step 0 lr 0 where loralab's gives
+    lr/warmup, a one-step offset that alone moves a short run's final loss by a few percent.
+  - loralab: `run.setup_model` + `prompts.encode_all` + `train.train()`, as `loralab train` runs it.
+  - packed: the same, with the packing lever (`loralab.data.packing`): each micro batch (the very
+    examples of the unpacked run) laid end to end in fewer rows, position ids restarting per
+    example, block-diagonal causal attention. If TrainConfig has a `packing` key the loop's own
+    switch is used; otherwise the benchmark passes the packed batches and loss into `train()`.
+Each side runs in its own process, so its peak memory (peak RSS of the training phase, via
+`loralab.memory.PeakMemory`, the same measurement for all) is clean. The bf16 matmul peak is
+measured in the same run (2048^3 GEMM, best of several) for model FLOPs utilisation (MFU):
+
+  model FLOPs = sum over examples of
+        (2 N + 2 N) T            frozen base: forward + backward input-gradient (no weight gradient)
+      + 6 N_lora T               LoRA factors: forward, input-gradient, weight-gradient
+      + 12 L d_attn S(S+1)/2     causal attention (QK^T and AV: forward 4, backward 8 per pair)
+      + 4 V d T_label            output layer (frozen): forward + input-gradient at labelled positions
+  T = S = the example's real (non-padding) tokens, N = weights of the decoder's linear layers,
+  N_lora = LoRA parameters, L layers, d_attn = heads x head_dim, V vocabulary, d hidden size.
+  Padding and positions the loss does not need earn nothing: MFU = model FLOPs / runtime / peak.
+
+Also: QLoRA vs LoRA step time inside loralab (model.quant=nf4), short runs on the same batches
+(skipped, with the reason, when loralab.quant is not importable). `--json PATH` writes everything,
+with top-level `tokens_per_s_ratio` and `peak_memory_ratio` (loralab / baseline; loralab = the
+`--headline` side, packed by default). Respects /tmp/loralab_cpu_lock (waits while someone times).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+LOCK = Path("/tmp/loralab_cpu_lock")
+MODEL = "smollm2-135m"
+LORA = dict(r=16, alpha=32, dropout=0.05)
+MAX_SEQ_LEN = 512
+
+# ----------------------------------------------------------------------------------------------
+# The data: arithmetic questions plus longer chat / Alpaca-style instructions, all deterministic
+
+TOPICS = ["photosynthesis", "the water cycle", "compound interest", "binary search", "volcanoes",
+          "the Roman Empire", "recycling", "black holes", "vaccines", "sleep", "bread baking", "electric cars",
+          "ocean tides", "the immune system", "prime numbers", "solar panels", "honey bees", "the printing press",
+          "earthquakes", "coffee roasting", "rainbows", "human memory", "suspension bridges", "chess openings",
+          "the internet", "glaciers", "music theory", "plate tectonics", "fermentation", "lighthouses"]
+ASKS = ["Explain {t} to a curious beginner.", "Write a short paragraph about {t}.",
+        "What are the most important things to know about {t}?", "Give me a clear overview of {t}, with an example.",
+        "Summarize how {t} works in plain language.", "Why does {t} matter in everyday life?"]
+SENTENCES = [
+    "{T} is often described as {adj}, but the details are more interesting than that.",
+    "A useful way to think about {t} is to picture {noun} that slowly {verb} over time.",
+    "Many people first meet {t} in school, where it is presented as a {adj} idea.",
+    "In practice, {t} depends on {noun} and on how carefully we {verb2} it.",
+    "One common mistake is to assume that {t} always {verb}; in fact it rarely does.",
+    "For example, a small change in {noun} can {verb2} the whole picture.",
+    "Researchers keep studying {t} because it connects to {noun} in {adj} ways.",
+    "If you remember one thing, remember that {t} is mostly about {noun}.",
+    "The history of {t} shows how ideas improve when people test them against {noun}.",
+    "It also helps to compare {t} with {noun}, which behaves in a {adj} way.",
+    "Step by step, the process {verb} until it reaches a stable state.",
+    "Experts usually recommend that beginners {verb2} {noun} before anything else.",
+]
+WORDS = {
+    "adj": ["simple", "surprising", "gradual", "delicate", "powerful", "predictable", "messy", "elegant"],
+    "noun": ["a patient gardener", "the local weather", "a set of careful measurements", "a busy kitchen",
+             "a river delta", "the energy budget", "a crowded train station", "a well-kept notebook"],
+    "verb": ["changes", "grows", "balances itself", "speeds up", "settles down", "repeats"],
+    "verb2": ["measure", "observe", "reshape", "explain", "question", "simplify"],
+}
+ALPACA_HEAD = ("Below is an instruction that describes a task. Write a response that appropriately "
+               "completes the request.\n\n### Instruction:\n{q}\n\n### Response:\n")
+
+
+def _response(rng: random.Random, topic: str, target_tokens: int) -> str:
+    out, words = [], 0
+    while words * 1.3 < target_tokens:  # ~1.3 tokens per English word with SmolLM2's tokenizer
+        fill = {k: rng.choice(v) for k, v in WORDS.items()}
+        s = rng.choice(SENTENCES).format(t=topic, T=topic[0].upper() + topic[1:], **fill)
+        out.append(s)
+        words += len(s.split())
+    return " ".join(out)
+
+
+def make_examples(n: int, seed: int):
+    """n examples: half arithmetic (2da/2ds, ~15 tokens), a quarter chat, a quarter Alpaca-style
+    prompt/response, responses of 50-250 tokens; shuffled. A pure function of (n, seed)."""
+    from loralab.data.formats import Example
+    from loralab.data.tasks import make_task
+
+    rng = random.Random(f"throughput:{seed}")
+    n_arith = n // 2
+    arith = make_task("2da", n_arith - n_arith // 2, 0, seed)[0] + make_task("2ds", n_arith // 2, 0, seed)[0]
+    long = []
+    for k in range(n - n_arith):
+        topic, ask = rng.choice(TOPICS), rng.choice(ASKS)
+        q = ask.format(t=topic)
+        a = _response(rng, topic, rng.randint(50, 250))
+        if k % 2 == 0:
+            long.append(Example(messages=[{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+                                source=f"chat #{k}"))
+        else:
+            long.append(Example(prompt=ALPACA_HEAD.format(q=q), response=a, source=f"alpaca #{k}"))
+    examples = arith + long
+    rng.shuffle(examples)
+    return examples
+
+
+def encoded_data(tok, n: int, seed: int):
+    from loralab.data.prompts import encode_all
+
+    enc, stats = encode_all(make_examples(n, seed), tok, template="auto", system_prompt="default",
+                            max_seq_len=MAX_SEQ_LEN)
+    return enc, stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Model FLOPs
+
+def model_shape(folder) -> dict:
+    cfg = json.loads((Path(folder) / "config.json").read_text())
+    d, ff, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    hd = cfg.get("head_dim") or d // heads
+    linears = [(d, heads * hd), (d, kv * hd), (d, kv * hd), (heads * hd, d), (d, ff), (d, ff), (ff, d)]
+    r = LORA["r"]
+    return {"hidden": d, "layers": L, "d_attn": heads * hd, "vocab": cfg["vocab_size"],
+            "n_body": L * sum(i * o for i, o in linears), "n_lora": L * sum(r * (i + o) for i, o in linears)}
+
+
+FLOPS_FORMULA = ("model FLOPs = sum over examples of (4 N + 6 N_lora) T + 12 L d_attn S(S+1)/2 + 4 V d T_label; "
+                 "T=S real tokens, N decoder linear weights, N_lora LoRA params, T_label labelled positions")
+
+
+def model_flops(shape: dict, examples: list[tuple[int, int]]) -> float:
+    """examples: (real tokens, labelled positions) of every example trained on."""
+    s = shape
+    total = 0.0
+    for t, n_label in examples:
+        total += (4 * s["n_body"] + 6 * s["n_lora"]) * t
+        total += 12 * s["layers"] * s["d_attn"] * t * (t + 1) / 2
+        total += 4 * s["vocab"] * s["hidden"] * n_label
+    return total
+
+
+# ----------------------------------------------------------------------------------------------
+# Workers (each in its own process)
+
+def matmul_peak(reps: int = 8) -> dict:
+    import torch
+
+    out = {"threads": torch.get_num_threads()}
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        a = torch.randn(2048, 2048, dtype=dtype)
+        b = torch.randn(2048, 2048, dtype=dtype)
+        a @ b  # warm up
+        best = math.inf
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t0)
+        out[f"{name}_gflops"] = 2 * 2048 ** 3 / best / 1e9
+    return out
+
+
+def _examples_of(enc, idx_stream, n_micro: int) -> list[tuple[int, int]]:
+    out = []
+    for idx in idx_stream[:n_micro]:
+        out += [(len(enc[i].input_ids), enc[i].n_labels) for i in idx]
+    return out
+
+
+def _index_stream(enc, batch_size: int, seed: int, n_micro: int, grouped_window: int = 0) -> list[list[int]]:
+    """The micro batches' example indices, as train() draws them (epoch after epoch)."""
+    from loralab.data.batching import iterate_batches
+    from loralab.data.packing import grouped_batches
+
+    out, epoch = [], 0
+    while len(out) < n_micro:
+        if grouped_window:
+            out += list(grouped_batches(enc, batch_size, seed=seed, epoch=epoch, window=grouped_window))
+        else:
+            out += list(iterate_batches(enc, batch_size, seed=seed, epoch=epoch))
+        epoch += 1
+    return out[:n_micro]
+
+
+SIDE_HELP = ("a side is baseline, or loralab | packed | grouped, optionally with modifiers joined by '+': "
+             "sdpa (attention), ckpt (gradient checkpointing), compile (torch.compile of the decoder blocks), "
+             "t1 (one thread), nodrop (LoRA dropout 0), e.g. packed+sdpa")
+
+
+def side_spec(name: str, base: dict, group_window: int) -> dict:
+    kind, *mods = name.split("+")
+    if kind == "baseline" and not mods:
+        return dict(base, name=name)
+    known = {"sdpa", "ckpt", "compile", "t1", "nodrop"}
+    if kind not in ("loralab", "packed", "grouped") or not set(mods) <= known:
+        raise SystemExit(f"unknown side {name!r}: {SIDE_HELP}")
+    return dict(base, name=name, packed=kind == "packed", group_window=group_window if kind == "grouped" else 0,
+                attn="sdpa" if "sdpa" in mods else "auto", ckpt="ckpt" in mods, compile="compile" in mods,
+                threads=1 if "t1" in mods else None, dropout=0.0 if "nodrop" in mods else LORA["dropout"])
+
+
+def worker_loralab(spec: dict) -> dict:
+    import torch
+
+    from loralab import train as train_mod
+    from loralab.config import RunConfig, TrainConfig
+    from loralab.data.batching import collate
+    from loralab.data import packing
+    from loralab.memory import PeakMemory
+    from loralab.run import default_device, setup_model
+
+    cfg = RunConfig()
+    cfg.model.name = MODEL
+    cfg.model.quant = "nf4" if spec.get("quant") else "none"
+    cfg.model.attn_implementation = spec.get("attn", "auto")
+    cfg.lora.r, cfg.lora.alpha, cfg.lora.targets = LORA["r"], LORA["alpha"], "all-linear"
+    cfg.lora.dropout = spec.get("dropout", LORA["dropout"])
+    t = cfg.train
+    t.gradient_checkpointing = bool(spec.get("ckpt"))
+    t.threads = spec.get("threads")
+    t.lr, t.batch_size, t.grad_accum, t.max_steps = spec["lr"], spec["batch"], spec["grad_accum"], spec["steps"]
+    t.warmup_steps, t.scheduler, t.seed, t.progress = spec["warmup"], "cosine", spec["seed"], False
+    device = default_device()
+    t0 = time.perf_counter()
+    model, tok, folder, info = setup_model(cfg, device)
+    t.precision = info["precision"]
+    enc, stats = encoded_data(tok, spec["examples"], spec["seed"])
+    load_s = time.perf_counter() - t0
+    packed = spec.get("packed", False)
+    window = spec.get("group_window", 0)
+    n_micro = t.max_steps * t.grad_accum
+    idx_stream = _index_stream(enc, t.batch_size, t.seed, n_micro, window)
+    how = "train()"
+    restore = {}
+    if packed and hasattr(TrainConfig, "packing"):
+        t.packing = True  # the loop's own switch, once integrated
+        how = "train() with train.packing=true"
+    elif packed or window:
+        # Not integrated yet: hand train() the lever's batches and the packed-aware loss. Exactly
+        # the two names the integration changes in train.py.
+        make = (lambda items: packing.collate_packed(items, tok.pad_token_id)) if packed else \
+            (lambda items: collate(items, tok.pad_token_id))
+
+        def micro_batches(data, cfg, pad_id, skip=0):
+            for idx in _index_stream(data, cfg.batch_size, cfg.seed, skip + n_micro, window)[skip:]:
+                yield make([data[i] for i in idx])
+
+        restore = {"_micro_batches": train_mod._micro_batches, "loss_sum": train_mod.loss_sum}
+        train_mod._micro_batches = micro_batches
+        train_mod.loss_sum = packing.loss_sum
+        how = "train() fed " + ("packed micro batches (data.packing)" if packed else
+                                f"length-grouped batches (window {window})")
+    if spec.get("compile"):
+        # torch.compile of every decoder block (one graph shared by all: same code, parameters as
+        # inputs); dynamic shapes, since every batch has its own length. Compile time is counted
+        # inside the training runtime, where it happens (first steps), and reported apart.
+        import torch._dynamo
+
+        torch._dynamo.config.cache_size_limit = 64
+        for layer in model.model.layers:
+            layer.compile(dynamic=True)
+        how_compile = " + torch.compile(decoder blocks)"
+    else:
+        how_compile = ""
+    slots = 0
+    for idx in idx_stream:
+        items = [enc[i] for i in idx]
+        slots += (packing.collate_packed(items, tok.pad_token_id) if packed else
+                  collate(items, tok.pad_token_id))["input_ids"].numel()
+    with PeakMemory(device) as peak:
+        result = train_mod.train(model, enc, t, pad_id=tok.pad_token_id)
+    for k, v in restore.items():
+        setattr(train_mod, k, v)
+    times = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(result.history, result.history[1:])]
+    mods = [m for m, on in (("sdpa attention", spec.get("attn") == "sdpa"), ("gradient checkpointing", spec.get("ckpt")),
+                            ("1 thread", spec.get("threads") == 1), ("LoRA dropout 0", spec.get("dropout") == 0.0))
+            if on]
+    how += how_compile + "".join(f" + {m}" for m in mods)
+    return {"side": spec["name"], "how": how, "load_s": load_s, "runtime_s": result.runtime_s,
+            "steps": result.steps, "tokens": result.train_tokens, "slots": slots,
+            "tokens_per_s": result.tokens_per_s, "step_times_s": [result.history[0]["elapsed_s"]] + times,
+            "losses": [h["loss"] for h in result.history], **peak.result(),
+            "examples_trained": _examples_of(enc, idx_stream, n_micro), "data_stats": stats,
+            "trainable_params": info["trainable_params"], "precision": info["precision"],
+            "weights_dtype": info["weights_dtype"], "threads": torch.get_num_threads(), "folder": str(folder)}
+
+
+def worker_baseline(spec: dict) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import (AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback,
+                              TrainingArguments)
+    from transformers.utils import logging as hf_logging
+
+    from loralab.memory import PeakMemory
+    from loralab.models import load_tokenizer, resolve
+
+    hf_logging.set_verbosity_error()
+    torch.manual_seed(spec["seed"])
+    t0 = time.perf_counter()
+    folder = resolve(MODEL)
+    tok = load_tokenizer(folder)
+    dtype = torch.bfloat16 if spec["baseline_weights"] == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+    model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    enc, stats = encoded_data(tok, spec["examples"], spec["seed"])
+    # The very micro batches loralab's train() draws, in its order (train_sampling_strategy=sequential
+    # keeps it): the two loss curves then differ only by the implementations, not by the data order.
+    n_micro = spec["steps"] * spec["grad_accum"]
+    order = [i for idx in _index_stream(enc, spec["batch"], spec["seed"], n_micro) for i in idx]
+    dataset = [{"input_ids": enc[i].input_ids, "attention_mask": [1] * len(enc[i].input_ids),
+                "labels": enc[i].labels} for i in order]
+    load_s = time.perf_counter() - t0
+
+    inner = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
+    seen: list[list[tuple[int, int]]] = []
+    counts: list[tuple[int, int]] = []
+
+    def collator(features):  # counts real tokens and computed positions; pads exactly as `inner`
+        batch = inner(features)
+        counts.append((int(batch["attention_mask"].sum()), batch["input_ids"].numel()))
+        seen.append([(len(f["input_ids"]), sum(1 for x in f["labels"][1:] if x != -100)) for f in features])
+        return batch
+
+    log: list[dict] = []
+    marks: dict = {"steps": []}
+
+    class Record(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            marks["begin"] = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            marks["steps"].append(time.perf_counter())
+
+        def on_train_end(self, args, state, control, **kw):
+            marks["end"] = time.perf_counter()
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                log.append({"step": state.global_step, "loss": logs["loss"]})
+
+    out_dir = tempfile.mkdtemp(prefix="throughput-baseline-")
+    args = TrainingArguments(
+        output_dir=out_dir, per_device_train_batch_size=spec["batch"], gradient_accumulation_steps=spec["grad_accum"],
+        max_steps=spec["steps"], learning_rate=spec["lr"], warmup_steps=spec["warmup"], lr_scheduler_type="cosine",
+        weight_decay=0.0, max_grad_norm=1.0, bf16=True, use_cpu=not torch.cuda.is_available(), logging_steps=1,
+        report_to=[], save_strategy="no", eval_strategy="no", dataloader_num_workers=0, seed=spec["seed"],
+        disable_tqdm=True, remove_unused_columns=False, train_sampling_strategy="sequential")
+    with PeakMemory("cpu" if not torch.cuda.is_available() else "cuda") as peak:
+        trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
+                          callbacks=[Record()])
+        trainer.train()
+    tokens = sum(c[0] for c in counts[:n_micro])  # the dataloader may fetch one batch ahead
+    runtime = marks["end"] - marks["begin"]
+    step_ends = [marks["begin"]] + marks["steps"]
+    return {"side": "baseline", "how": f"PEFT get_peft_model + Trainer (bf16=True, {spec['baseline_weights']} weights)",
+            "load_s": load_s, "runtime_s": runtime, "steps": len(marks["steps"]), "tokens": tokens,
+            "slots": sum(c[1] for c in counts[:n_micro]), "tokens_per_s": tokens / runtime,
+            "step_times_s": [b - a for a, b in zip(step_ends, step_ends[1:])],
+            "losses": [r["loss"] for r in log], **peak.result(),
+            "examples_trained": [x for b in seen[:n_micro] for x in b], "data_stats": stats,
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "precision": "bf16 autocast", "weights_dtype": str(dtype).replace("torch.", ""),
+            "threads": torch.get_num_threads(), "folder": str(folder)}
+
+
+def worker(kind: str, spec_path: str, out_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    if kind == "matmul":
+        res = matmul_peak()
+    elif kind == "baseline":
+        res = worker_baseline(spec)
+    else:
+        try:
+            res = worker_loralab(spec)
+        except ImportError as e:  # e.g. model.quant=nf4 before loralab.quant exists
+            res = {"side": spec["name"], "skipped": f"{type(e).__name__}: {e}"}
+    Path(out_path).write_text(json.dumps(res))
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver
+
+def run_worker(kind: str, spec: dict, threads: int | None) -> dict:
+    with tempfile.TemporaryDirectory(prefix="throughput-") as tmp:
+        sp, op = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+        sp.write_text(json.dumps(spec))
+        env = dict(os.environ, PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
+        proc = subprocess.run([sys.executable, str(HERE), "--worker", kind, str(sp), str(op)], env=env,
+                              capture_output=True, text=True)
+        if proc.returncode != 0 or not op.exists():
+            tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+            raise SystemExit(f"worker {kind}/{spec.get('name')} failed (exit {proc.returncode}):\n{tail}")
+        return json.loads(op.read_text())
+
+
+def tail_mean(losses: list[float], frac: float = 0.1) -> float:
+    k = max(1, round(len(losses) * frac))
+    return statistics.fmean(losses[-k:])
+
+
+def summarize(res: dict, shape: dict, peak_gflops: float) -> dict:
+    flops = model_flops(shape, [tuple(x) for x in res["examples_trained"]])
+    steps = res["step_times_s"]
+    return {**{k: v for k, v in res.items() if k not in ("examples_trained",)},
+            "model_flops": flops, "mfu": flops / res["runtime_s"] / (peak_gflops * 1e9),
+            "achieved_gflops": flops / res["runtime_s"] / 1e9,
+            "padding_fraction": 1 - res["tokens"] / res["slots"] if res["slots"] else 0.0,
+            "step_time_s_median": statistics.median(steps), "step_time_s_mean": statistics.fmean(steps),
+            "final_loss_tail_mean": tail_mean(res["losses"])}
+
+
+def fmt_mb(b: float) -> str:
+    return f"{b / 2**20:,.0f} MB"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--examples", type=int, default=None, help="default: steps x batch x grad-accum (one epoch)")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--sides", default="baseline,loralab,packed", help="comma list; " + SIDE_HELP)
+    ap.add_argument("--headline", default="packed", help="the loralab side the top-level ratios use")
+    ap.add_argument("--baseline-weights", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--group-window", type=int, default=16)
+    ap.add_argument("--qlora-steps", type=int, default=6, help="0 skips the QLoRA vs LoRA step-time check")
+    ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the workers")
+    ap.add_argument("--no-lock", action="store_true", help="do not wait for / take /tmp/loralab_cpu_lock")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.worker:
+        worker(*a.worker)
+        return 0
+    n_examples = a.examples or a.steps * a.batch * a.grad_accum
+    base = dict(steps=a.steps, batch=a.batch, grad_accum=a.grad_accum, examples=n_examples, lr=a.lr,
+                warmup=a.warmup, seed=a.seed, baseline_weights=a.baseline_weights)
+    sides = [s.strip() for s in a.sides.split(",") if s.strip()]
+    specs = {s: side_spec(s, base, a.group_window) for s in sides}
+    if not a.no_lock:
+        while LOCK.exists():
+            print(f"waiting for {LOCK} ({LOCK.read_text().strip()[:80]})...", file=sys.stderr)
+            time.sleep(5)
+        LOCK.write_text(f"benchmarks/throughput.py (pid {os.getpid()}, {time.strftime('%H:%M:%S')})\n")
+    t_start = time.perf_counter()
+    try:
+        peak = run_worker("matmul", {}, a.threads)
+        raw = {}
+        for s in sides:
+            print(f"running {s}...", file=sys.stderr)
+            raw[s] = run_worker("baseline" if s == "baseline" else "loralab", specs[s],
+                                1 if specs[s].get("threads") == 1 else a.threads)
+        qlora = None
+        if a.qlora_steps and importlib.util.find_spec("loralab.quant") is None:
+            qlora = {"skipped": "loralab.quant is not importable yet (model.quant=nf4 needs it)"}
+        elif a.qlora_steps:
+            q = dict(side_spec("packed", base, 0), steps=a.qlora_steps, warmup=0)
+            print("running QLoRA vs LoRA...", file=sys.stderr)
+            lo = run_worker("loralab", dict(q, name="lora-short"), a.threads)
+            ql = run_worker("loralab", dict(q, name="qlora-short", quant=True), a.threads)
+            if "skipped" in ql:
+                qlora = {"skipped": ql["skipped"]}
+            else:
+                # the first step holds one-time work (quantized kernels warm up): median of the rest
+                tl, tq = (statistics.median(r["step_times_s"][1:] or r["step_times_s"]) for r in (lo, ql))
+                qlora = {"steps": a.qlora_steps, "lora_step_s": tl, "qlora_step_s": tq, "ratio": tq / tl,
+                         "lora_peak_memory_bytes": lo["peak_memory_bytes"],
+                         "qlora_peak_memory_bytes": ql["peak_memory_bytes"],
+                         "lora_losses": lo["losses"], "qlora_losses": ql["losses"]}
+    finally:
+        if not a.no_lock:
+            LOCK.unlink(missing_ok=True)
+    total_s = time.perf_counter() - t_start
+
+    folder = next(iter(raw.values()))["folder"]
+    shape = model_shape(folder)
+    res = {s: summarize(r, shape, peak["bf16_gflops"]) for s, r in raw.items()}
+    print_table(res, peak, qlora, a, n_examples, total_s)
+    out = {"config": {**base, "model": MODEL, "lora": LORA, "max_seq_len": MAX_SEQ_LEN, "sides": sides},
+           "matmul_peak": peak, "flops_formula": FLOPS_FORMULA, "model_shape": shape, "sides": res,
+           "qlora": qlora, "total_s": total_s}
+    head = a.headline if a.headline in res else next((s for s in ("packed", "loralab") if s in res), None)
+    if "baseline" in res and head:
+        b, l = res["baseline"], res[head]
+        out.update(headline_side=head,
+                   tokens_per_s_ratio=l["tokens_per_s"] / b["tokens_per_s"],
+                   peak_memory_ratio=l["peak_memory_bytes"] / b["peak_memory_bytes"],
+                   final_loss_diff_pct=100 * (l["final_loss_tail_mean"] - b["final_loss_tail_mean"])
+                   / b["final_loss_tail_mean"])
+        out["ratios"] = {s: {"tokens_per_s_ratio": r["tokens_per_s"] / b["tokens_per_s"],
+                             "peak_memory_ratio": r["peak_memory_bytes"] / b["peak_memory_bytes"],
+                             "final_loss_diff_pct": 100 * (r["final_loss_tail_mean"] - b["final_loss_tail_mean"])
+                             / b["final_loss_tail_mean"]} for s, r in res.items() if s != "baseline"}
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=1))
+        print(f"\nwrote {a.json}")
+    return 0
+
+
+def print_table(res: dict, peak: dict, qlora, a, n_examples: int, total_s: float) -> None:
+    any_r = next(iter(res.values()))
+    st = any_r["data_stats"]
+    print(f"throughput: smollm2-135m, LoRA r={LORA['r']} alpha={LORA['alpha']} dropout={LORA['dropout']} all linear layers; "
+          f"{a.steps} steps x batch {a.batch} x accum {a.grad_accum}, {n_examples} examples "
+          f"({st['n_tokens']:,} tokens, {st['n_label_tokens']:,} labelled), seed {a.seed}, lr {a.lr:g}, "
+          f"warmup {a.warmup}, cosine; {peak['threads']} threads")
+    print(f"matmul peak (2048^3, best of 8): bf16 {peak['bf16_gflops']:.0f} GFLOP/s, fp32 {peak['fp32_gflops']:.0f} GFLOP/s")
+    print(f"MFU: {FLOPS_FORMULA}; / runtime / bf16 peak\n")
+    cols = ["side", "tokens/s", "step (median)", "padding", "peak memory", "GFLOP/s", "MFU", "final loss*"]
+    rows = []
+    for s, r in res.items():
+        rows.append([s, f"{r['tokens_per_s']:,.1f}", f"{r['step_time_s_median']:.2f} s",
+                     f"{100 * r['padding_fraction']:.0f}%", fmt_mb(r["peak_memory_bytes"]),
+                     f"{r['achieved_gflops']:.1f}", f"{100 * r['mfu']:.1f}%", f"{r['final_loss_tail_mean']:.4f}"])
+    b = res.get("baseline")
+    if b:
+        cols += ["tok/s ratio", "memory ratio", "loss diff"]
+        for row, (s, r) in zip(rows, res.items()):
+            row += [f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}x",
+                    f"{r['peak_memory_bytes'] / b['peak_memory_bytes']:.2f}x",
+                    f"{100 * (r['final_loss_tail_mean'] - b['final_loss_tail_mean']) / b['final_loss_tail_mean']:+.2f}%"]
+    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    for row in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+    print("* mean training loss over the last 10% of steps")
+    for s, r in res.items():
+        print(f"  {s}: {r['how']}; weights {r['weights_dtype']}; runtime {r['runtime_s']:.1f} s for {r['steps']} steps, "
+              f"{r['tokens']:,} real tokens; load {r['load_s']:.1f} s")
+    if qlora is None:
+        print("QLoRA vs LoRA: not run (--qlora-steps 0)")
+    elif "skipped" in qlora:
+        print(f"QLoRA vs LoRA: skipped ({qlora['skipped']})")
+    else:
+        print(f"QLoRA vs LoRA (loralab, packed, {qlora['steps']} steps each, median step after the first): "
+              f"LoRA {qlora['lora_step_s']:.2f} s, QLoRA {qlora['qlora_step_s']:.2f} s -> {qlora['ratio']:.2f}x; "
+              f"peak memory {fmt_mb(qlora['lora_peak_memory_bytes'])} vs {fmt_mb(qlora['qlora_peak_memory_bytes'])}")
+    print(f"total {total_s:.0f} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
