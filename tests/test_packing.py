@@ -5,7 +5,7 @@ from conftest import tiny_llama
 from loralab import lora as lora_lib
 from loralab.data.batching import collate, iterate_batches
 from loralab.data.packing import (collate_packed, grouped_batches, loss_sum as packed_loss_sum, pack_rows,
-                                  packed_inputs, padding_stats)
+                                  packed_inputs, packing_supported, padding_stats)
 from loralab.data.prompts import IGNORE_INDEX, Encoded
 from loralab.errors import UserError
 from loralab.loss import loss_sum
@@ -159,3 +159,22 @@ def test_grouped_batches_cover_each_example_once_and_cut_padding():
     assert sorted(i for b in one for i in b) == list(range(200))
     with pytest.raises(UserError, match="group_window"):
         list(grouped_batches(examples, 8, seed=4, epoch=0, window=0))
+
+
+def test_packing_supported_detects_models_that_ignore_packed_positions():
+    model = tiny_llama(seed=4)
+    assert packing_supported(model, pad_id=0)
+    assert not model.training
+
+    class IgnoresPositions(torch.nn.Module):  # attention over the whole row, positions dropped
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def get_input_embeddings(self):
+            return self.inner.get_input_embeddings()
+
+        def forward(self, input_ids, position_ids=None, attention_mask=None, use_cache=False):
+            return self.inner(input_ids=input_ids, use_cache=use_cache)
+
+    assert not packing_supported(IgnoresPositions(model).train(), pad_id=0)

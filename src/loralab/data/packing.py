@@ -134,6 +134,35 @@ def loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
         return loss_lib.loss_sum(model, batch)
 
 
+@torch.no_grad()
+def packing_supported(model, pad_id: int, vocab_size: int | None = None) -> bool:
+    """One-time check that the model honours packed position ids (restarting positions give a
+    block-diagonal causal mask): two short random examples packed in one row must give the logits
+    each gives alone. False for models whose attention ignores them; the loop then falls back to
+    padded batches (with a warning), since packing would let examples attend to each other."""
+    from .prompts import Encoded
+
+    was_training = model.training
+    model.eval()
+    try:
+        vocab = vocab_size or model.get_input_embeddings().num_embeddings
+        device = next(model.parameters()).device
+        g = torch.Generator().manual_seed(0)
+        examples = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (7, 5)]
+        batch = collate_packed([Encoded(e, e) for e in examples], pad_id, capacity=12)  # one row
+        batch = {k: v.to(device) for k, v in batch.items()}
+        packed = model(**packed_inputs(batch), use_cache=False).logits[0].float()
+        at = 0
+        for e in examples:
+            alone = model(input_ids=torch.tensor([e], device=device), use_cache=False).logits[0].float()
+            if not torch.allclose(packed[at:at + len(e)], alone, rtol=2e-2, atol=2e-2 * alone.abs().max().item()):
+                return False
+            at += len(e)
+        return True
+    finally:
+        model.train(was_training)
+
+
 def grouped_batches(encoded: Sequence, batch_size: int, *, seed: int, epoch: int,
                     window: int = 16) -> Iterator[list[int]]:
     """Index lists like `batching.iterate_batches`, with similar lengths together: the epoch's
