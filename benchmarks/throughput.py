@@ -307,8 +307,10 @@ def worker_loralab(spec: dict) -> dict:
         items = [enc[i] for i in idx]
         slots += (packing.collate_packed(items, tok.pad_token_id) if packed else
                   collate(items, tok.pad_token_id))["input_ids"].numel()
+    cpu0 = time.process_time()
     with PeakMemory(device) as peak:
         result = train_mod.train(model, enc, t, pad_id=tok.pad_token_id)
+    cpu_s = time.process_time() - cpu0
     for k, v in restore.items():
         setattr(train_mod, k, v)
     times = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(result.history, result.history[1:])]
@@ -316,7 +318,7 @@ def worker_loralab(spec: dict) -> dict:
                             ("1 thread", spec.get("threads") == 1), ("LoRA dropout 0", spec.get("dropout") == 0.0))
             if on]
     how += how_compile + "".join(f" + {m}" for m in mods + extra)
-    return {"side": spec["name"], "how": how, "load_s": load_s, "runtime_s": result.runtime_s,
+    return {"side": spec["name"], "how": how, "load_s": load_s, "runtime_s": result.runtime_s, "cpu_s": cpu_s,
             "steps": result.steps, "tokens": result.train_tokens, "slots": slots,
             "tokens_per_s": result.tokens_per_s, "step_times_s": [result.history[0]["elapsed_s"]] + times,
             "losses": [h["loss"] for h in result.history], **peak.result(),
@@ -387,15 +389,17 @@ def worker_baseline(spec: dict) -> dict:
         weight_decay=0.0, max_grad_norm=1.0, bf16=True, use_cpu=not torch.cuda.is_available(), logging_steps=1,
         report_to=[], save_strategy="no", eval_strategy="no", dataloader_num_workers=0, seed=spec["seed"],
         disable_tqdm=True, remove_unused_columns=False, train_sampling_strategy="sequential")
+    cpu0 = time.process_time()
     with PeakMemory("cpu" if not torch.cuda.is_available() else "cuda") as peak:
         trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                           callbacks=[Record()])
         trainer.train()
+    cpu_s = time.process_time() - cpu0
     tokens = sum(c[0] for c in counts[:n_micro])  # the dataloader may fetch one batch ahead
     runtime = marks["end"] - marks["begin"]
     step_ends = [marks["begin"]] + marks["steps"]
     return {"side": "baseline", "how": f"PEFT get_peft_model + Trainer (bf16=True, {spec['baseline_weights']} weights)",
-            "load_s": load_s, "runtime_s": runtime, "steps": len(marks["steps"]), "tokens": tokens,
+            "load_s": load_s, "runtime_s": runtime, "cpu_s": cpu_s, "steps": len(marks["steps"]), "tokens": tokens,
             "slots": sum(c[1] for c in counts[:n_micro]), "tokens_per_s": tokens / runtime,
             "step_times_s": [b - a for a, b in zip(step_ends, step_ends[1:])],
             "losses": [r["loss"] for r in log], **peak.result(),
@@ -422,7 +426,45 @@ def worker(kind: str, spec_path: str, out_path: str) -> None:
 # ----------------------------------------------------------------------------------------------
 # Driver
 
+USE_LOCK = True
+
+
+def acquire_lock(what: str) -> None:
+    """Wait while a colleague times something, then hold the lock for one worker (a few minutes
+    at most, so nobody waits long for this benchmark)."""
+    if not USE_LOCK:
+        return
+    said = False
+    while LOCK.exists():
+        if not said:
+            try:
+                holder = LOCK.read_text().strip()[:80]
+            except OSError:
+                holder = "?"
+            print(f"waiting for {LOCK} ({holder})...", file=sys.stderr)
+            said = True
+        time.sleep(5)
+    LOCK.write_text(f"benchmarks/throughput.py {what} (pid {os.getpid()}, {time.strftime('%H:%M:%S')})\n")
+
+
+def release_lock() -> None:
+    if USE_LOCK:
+        try:
+            if f"pid {os.getpid()}" in LOCK.read_text():
+                LOCK.unlink()
+        except OSError:
+            pass
+
+
 def run_worker(kind: str, spec: dict, threads: int | None) -> dict:
+    acquire_lock(f"{kind}/{spec.get('name', '')}")
+    try:
+        return _run_worker(kind, spec, threads)
+    finally:
+        release_lock()
+
+
+def _run_worker(kind: str, spec: dict, threads: int | None) -> dict:
     with tempfile.TemporaryDirectory(prefix="throughput-") as tmp:
         sp, op = Path(tmp) / "spec.json", Path(tmp) / "out.json"
         sp.write_text(json.dumps(spec))
@@ -484,11 +526,8 @@ def main(argv=None) -> int:
                 warmup=a.warmup, seed=a.seed, baseline_weights=a.baseline_weights)
     sides = [s.strip() for s in a.sides.split(",") if s.strip()]
     specs = {s: side_spec(s, base, a.group_window) for s in sides}
-    if not a.no_lock:
-        while LOCK.exists():
-            print(f"waiting for {LOCK} ({LOCK.read_text().strip()[:80]})...", file=sys.stderr)
-            time.sleep(5)
-        LOCK.write_text(f"benchmarks/throughput.py (pid {os.getpid()}, {time.strftime('%H:%M:%S')})\n")
+    global USE_LOCK
+    USE_LOCK = not a.no_lock
     t_start = time.perf_counter()
     try:
         peak_before = run_worker("matmul", {}, a.threads)
@@ -497,6 +536,9 @@ def main(argv=None) -> int:
             print(f"running {s}...", file=sys.stderr)
             raw[s] = run_worker("baseline" if s == "baseline" else "loralab", specs[s],
                                 1 if specs[s].get("threads") == 1 else a.threads)
+            r = raw[s]
+            print(f"  {s}: {r['tokens_per_s']:.1f} tokens/s, peak {fmt_mb(r['peak_memory_bytes'])}, "
+                  f"{r['cpu_s'] / r['runtime_s']:.2f} cores busy", file=sys.stderr)
         qlora = None
         if a.qlora_steps and importlib.util.find_spec("loralab.quant") is None:
             qlora = {"skipped": "loralab.quant is not importable yet (model.quant=nf4 needs it)"}
@@ -518,8 +560,7 @@ def main(argv=None) -> int:
         # divides by the higher of the two, so it is never flattered by a slow measurement.
         peak_after = run_worker("matmul", {}, a.threads)
     finally:
-        if not a.no_lock:
-            LOCK.unlink(missing_ok=True)
+        release_lock()
     peak = {"threads": peak_before["threads"],
             "bf16_gflops": max(peak_before["bf16_gflops"], peak_after["bf16_gflops"]),
             "fp32_gflops": max(peak_before["fp32_gflops"], peak_after["fp32_gflops"]),
@@ -562,12 +603,13 @@ def print_table(res: dict, peak: dict, qlora, a, n_examples: int, total_s: float
           f"(start {peak['bf16_gflops_start_end'][0]:.0f}, end {peak['bf16_gflops_start_end'][1]:.0f}), "
           f"fp32 {peak['fp32_gflops']:.0f} GFLOP/s")
     print(f"MFU: {FLOPS_FORMULA}; / runtime / bf16 peak\n")
-    cols = ["side", "tokens/s", "step (median)", "padding", "peak memory", "GFLOP/s", "MFU", "final loss*"]
+    cols = ["side", "tokens/s", "step (median)", "padding", "peak memory", "GFLOP/s", "MFU", "cores†", "final loss*"]
     rows = []
     for s, r in res.items():
         rows.append([s, f"{r['tokens_per_s']:,.1f}", f"{r['step_time_s_median']:.2f} s",
                      f"{100 * r['padding_fraction']:.0f}%", fmt_mb(r["peak_memory_bytes"]),
-                     f"{r['achieved_gflops']:.1f}", f"{100 * r['mfu']:.1f}%", f"{r['final_loss_tail_mean']:.4f}"])
+                     f"{r['achieved_gflops']:.1f}", f"{100 * r['mfu']:.1f}%", f"{r['cpu_s'] / r['runtime_s']:.2f}",
+                     f"{r['final_loss_tail_mean']:.4f}"])
     b = res.get("baseline")
     if b:
         cols += ["tok/s ratio", "memory ratio", "loss diff"]
@@ -579,7 +621,8 @@ def print_table(res: dict, peak: dict, qlora, a, n_examples: int, total_s: float
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
     for row in rows:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
-    print("* mean training loss over the last 10% of steps")
+    print("* mean training loss over the last 10% of steps; † CPU seconds / wall seconds of the training phase "
+          f"(below ~{0.9 * peak['threads']:.1f} with {peak['threads']} threads: another process took CPU, timings suspect)")
     for s, r in res.items():
         print(f"  {s}: {r['how']}; weights {r['weights_dtype']}; runtime {r['runtime_s']:.1f} s for {r['steps']} steps, "
               f"{r['tokens']:,} real tokens; load {r['load_s']:.1f} s")
