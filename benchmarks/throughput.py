@@ -211,21 +211,19 @@ def _index_stream(enc, batch_size: int, seed: int, n_micro: int, grouped_window:
 
 SIDE_HELP = ("a side is baseline, or loralab | packed | grouped, optionally with modifiers joined by '+': "
              "sdpa (attention), ckpt (gradient checkpointing), compile (torch.compile of the decoder blocks), "
-             "t1 (one thread), nodrop (LoRA dropout 0), lean (lora_branch: bool dropout mask, dropped input "
-             "recomputed), chunk256 (output layer in chunks of 256 labelled rows), e.g. packed+lean")
+             "t1 (one thread), nodrop (LoRA dropout 0, changes the recipe: for reference), e.g. packed+sdpa")
 
 
 def side_spec(name: str, base: dict, group_window: int) -> dict:
     kind, *mods = name.split("+")
     if kind == "baseline" and not mods:
         return dict(base, name=name)
-    known = {"sdpa", "ckpt", "compile", "t1", "nodrop", "lean", "chunk256"}
+    known = {"sdpa", "ckpt", "compile", "t1", "nodrop"}
     if kind not in ("loralab", "packed", "grouped") or not set(mods) <= known:
         raise SystemExit(f"unknown side {name!r}: {SIDE_HELP}")
     return dict(base, name=name, packed=kind == "packed", group_window=group_window if kind == "grouped" else 0,
                 attn="sdpa" if "sdpa" in mods else "auto", ckpt="ckpt" in mods, compile="compile" in mods,
-                threads=1 if "t1" in mods else None, dropout=0.0 if "nodrop" in mods else LORA["dropout"],
-                lean="lean" in mods, head_chunk=256 if "chunk256" in mods else None)
+                threads=1 if "t1" in mods else None, dropout=0.0 if "nodrop" in mods else LORA["dropout"])
 
 
 def worker_loralab(spec: dict) -> dict:
@@ -261,6 +259,8 @@ def worker_loralab(spec: dict) -> dict:
     idx_stream = _index_stream(enc, t.batch_size, t.seed, n_micro, window)
     how = "train()"
     restore = {}
+    if packed and not packing.packing_supported(model, tok.pad_token_id):
+        raise SystemExit("this model does not honour packed position ids; packing would mix examples")
     if packed and hasattr(TrainConfig, "packing"):
         t.packing = True  # the loop's own switch, once integrated
         how = "train() with train.packing=true"
@@ -279,17 +279,6 @@ def worker_loralab(spec: dict) -> dict:
         train_mod.loss_sum = packing.loss_sum
         how = "train() fed " + ("packed micro batches (data.packing)" if packed else
                                 f"length-grouped batches (window {window})")
-    extra = []
-    if spec.get("lean"):
-        from loralab.lora_branch import use_lean_branch
-
-        use_lean_branch(model)
-        extra.append("lean LoRA branch")
-    if spec.get("head_chunk"):
-        from loralab import loss as loss_lib
-
-        loss_lib.selected_head_loss.__defaults__ = (spec["head_chunk"],)
-        extra.append(f"output layer in chunks of {spec['head_chunk']} rows")
     if spec.get("compile"):
         # torch.compile of every decoder block (one graph shared by all: same code, parameters as
         # inputs); dynamic shapes, since every batch has its own length. Compile time is counted
@@ -317,7 +306,7 @@ def worker_loralab(spec: dict) -> dict:
     mods = [m for m, on in (("sdpa attention", spec.get("attn") == "sdpa"), ("gradient checkpointing", spec.get("ckpt")),
                             ("1 thread", spec.get("threads") == 1), ("LoRA dropout 0", spec.get("dropout") == 0.0))
             if on]
-    how += how_compile + "".join(f" + {m}" for m in mods + extra)
+    how += how_compile + "".join(f" + {m}" for m in mods)
     return {"side": spec["name"], "how": how, "load_s": load_s, "runtime_s": result.runtime_s, "cpu_s": cpu_s,
             "steps": result.steps, "tokens": result.train_tokens, "slots": slots,
             "tokens_per_s": result.tokens_per_s, "step_times_s": [result.history[0]["elapsed_s"]] + times,

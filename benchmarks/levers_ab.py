@@ -1,0 +1,110 @@
+"""Paired A/B of training-step levers inside one process: the same packed micro batches, the
+variants interleaved step by step, so slow drifts of a shared machine hit every variant alike.
+
+    .venv/bin/python benchmarks/levers_ab.py [--rounds 6] [--batch 8] [--variants stock,chunk256,sdpa]
+
+Variants (switchable at run time on one loaded model; combine with '+', e.g. chunk256+sdpa):
+  stock     loralab as it is (eager attention on the CPU, head chunks of 1024 labelled rows)
+  chunk256  the output layer in chunks of 256 labelled rows (logits recomputed in backward)
+  sdpa      torch's scaled_dot_product_attention instead of eager attention
+Each step: forward + backward of one micro batch (no optimizer: it is the same for all), timed,
+and its peak RSS (loralab.memory.PeakMemory, reset before each step). Reports per variant the
+median step time, its median ratio to `stock` over the rounds (paired), and the median peak.
+Respects /tmp/loralab_cpu_lock.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--variants", default="stock,chunk256,sdpa")
+    ap.add_argument("--unpacked", action="store_true", help="padded batches instead of packed ones")
+    ap.add_argument("--no-lock", action="store_true")
+    a = ap.parse_args()
+
+    import torch
+
+    import throughput as T
+    from loralab import loss as loss_lib
+    from loralab.config import RunConfig
+    from loralab.data import packing
+    from loralab.data.batching import collate, iterate_batches
+    from loralab.memory import PeakMemory
+    from loralab.run import setup_model
+
+    cfg = RunConfig()
+    cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout = T.LORA["r"], T.LORA["alpha"], T.LORA["dropout"]
+    model, tok, _, _ = setup_model(cfg, torch.device("cpu"))
+    enc, _ = T.encoded_data(tok, a.rounds * a.batch, 42)
+    make = (lambda items: collate(items, tok.pad_token_id)) if a.unpacked else \
+        (lambda items: packing.collate_packed(items, tok.pad_token_id))
+    batches = [make([enc[i] for i in idx]) for idx in iterate_batches(enc, a.batch, seed=42, epoch=0)]
+    variants = [v.strip() for v in a.variants.split(",") if v.strip()]
+    eager = model.config._attn_implementation
+    default_chunk = loss_lib.selected_head_loss.__defaults__
+
+    def set_variant(v: str):
+        mods = set(v.split("+")) - {"stock"}
+        unknown = mods - {"chunk256", "sdpa"}
+        if unknown:
+            raise SystemExit(f"unknown variant part(s) {sorted(unknown)}")
+        loss_lib.selected_head_loss.__defaults__ = (256,) if "chunk256" in mods else default_chunk
+        model.set_attn_implementation("sdpa" if "sdpa" in mods else eager)
+
+    model.train()
+
+    def step(b):
+        s, n = packing.loss_sum(model, b)
+        (s / n).backward()
+        model.zero_grad(set_to_none=True)
+
+    if not a.no_lock:
+        T.USE_LOCK = True
+        T.acquire_lock("levers_ab")
+    rows = {v: {"t": [], "peak": []} for v in variants}
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    try:
+        for v in variants:  # warm-up: one-time checks, allocator growth
+            set_variant(v)
+            step(batches[0])
+        for r in range(a.rounds):
+            b = batches[r % len(batches)]
+            order = variants[r % len(variants):] + variants[:r % len(variants)]  # rotate who goes first
+            for v in order:
+                set_variant(v)
+                with PeakMemory("cpu") as pm:
+                    t0 = time.perf_counter()
+                    step(b)
+                    dt = time.perf_counter() - t0
+                rows[v]["t"].append(dt)
+                rows[v]["peak"].append(pm.result()["peak_memory_bytes"])
+    finally:
+        if not a.no_lock:
+            T.release_lock()
+    busy = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
+    shapes = [tuple(b["input_ids"].shape) for b in batches[:a.rounds]]
+    print(f"{a.rounds} rounds x {len(variants)} variants, {'padded' if a.unpacked else 'packed'} micro batches "
+          f"{shapes}; {busy:.2f} cores busy")
+    base = rows.get("stock")
+    print(f"{'variant':<22} {'step (median)':>14} {'vs stock (paired)':>18} {'peak RSS (median)':>18}")
+    for v, r in rows.items():
+        ratio = statistics.median(t / s for t, s in zip(r["t"], base["t"])) if base else float("nan")
+        print(f"{v:<22} {statistics.median(r['t']):>12.2f} s {ratio:>17.2f}x "
+              f"{statistics.median(r['peak']) / 2**20:>15,.0f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

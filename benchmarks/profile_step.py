@@ -1,0 +1,99 @@
+"""Where a loralab LoRA step spends its time: torch.profiler over one micro batch of the
+throughput benchmark's data, ops grouped into matmul / attention softmax / output softmax /
+dropout RNG / casts / other elementwise.
+
+    .venv/bin/python benchmarks/profile_step.py [--packed] [--attn eager|sdpa] [--batch 8]
+
+Respects /tmp/loralab_cpu_lock (waits, then holds it for the ~1 minute it runs).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+GROUPS = [  # (group, op-name substrings), first match wins
+    ("matmul (mm/bmm/addmm)", ("aten::mm", "aten::bmm", "aten::addmm", "aten::matmul")),
+    ("output softmax + loss", ("log_softmax", "nll_loss")),
+    ("attention softmax", ("aten::_softmax", "_softmax_backward", "scaled_dot_product", "flash_attention")),
+    ("dropout mask (RNG, compare)", ("aten::random_", "aten::ge", "aten::bernoulli")),
+    ("dtype casts / copies", ("aten::copy_", "aten::_to_copy")),
+    ("other elementwise", ("aten::mul", "aten::add", "aten::silu", "aten::pow", "aten::rsqrt", "aten::mean",
+                           "aten::neg", "aten::cat", "aten::div", "aten::sum", "aten::fill_", "aten::where",
+                           "aten::masked_fill", "aten::index", "aten::sub", "aten::cos", "aten::sin")),
+]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--packed", action="store_true")
+    ap.add_argument("--attn", default="auto")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--examples", type=int, default=128)
+    ap.add_argument("--no-lock", action="store_true")
+    a = ap.parse_args()
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import throughput as T
+    from loralab.config import RunConfig
+    from loralab.data import packing
+    from loralab.data.batching import collate, iterate_batches
+    from loralab.run import setup_model
+
+    cfg = RunConfig()
+    cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout = T.LORA["r"], T.LORA["alpha"], T.LORA["dropout"]
+    cfg.model.attn_implementation = a.attn
+    model, tok, _, _ = setup_model(cfg, torch.device("cpu"))
+    enc, _ = T.encoded_data(tok, a.examples, 42)
+    idx = next(iter(iterate_batches(enc, a.batch, seed=42, epoch=0)))
+    items = [enc[i] for i in idx]
+    batch = packing.collate_packed(items, tok.pad_token_id) if a.packed else collate(items, tok.pad_token_id)
+    real = int(batch["attention_mask"].sum())
+    model.train()
+
+    def step():
+        s, n = packing.loss_sum(model, batch)
+        (s / n).backward()
+        model.zero_grad(set_to_none=True)
+
+    if not a.no_lock:
+        T.USE_LOCK = True
+        T.acquire_lock("profile_step")
+    try:
+        step()  # warm up (and loss.py's one-time head check)
+        times = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    finally:
+        if not a.no_lock:
+            T.release_lock()
+    totals: dict[str, float] = {}
+    for ev in prof.key_averages():
+        group = next((g for g, keys in GROUPS if any(k in ev.key for k in keys)), "rest")
+        totals[group] = totals.get(group, 0.0) + ev.self_cpu_time_total / 1e6
+    all_s = sum(totals.values())
+    print(f"batch {tuple(batch['input_ids'].shape)} ({real} real tokens), packed={a.packed}, "
+          f"attention={model.config._attn_implementation}; unprofiled steps {', '.join(f'{t:.2f}' for t in times)} s; "
+          f"profiled step {wall:.2f} s wall, {cpu / wall:.2f} cores busy")
+    print(f"{'group':<30} {'self CPU s':>10} {'share':>7}   (profiler self time; sums over ops)")
+    for g, v in sorted(totals.items(), key=lambda kv: -kv[1]):
+        print(f"{g:<30} {v:>10.2f} {100 * v / all_s:>6.1f}%")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
