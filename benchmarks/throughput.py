@@ -280,15 +280,13 @@ def worker_loralab(spec: dict) -> dict:
         how = "train() fed " + ("packed micro batches (data.packing)" if packed else
                                 f"length-grouped batches (window {window})")
     if spec.get("compile"):
-        # torch.compile of every decoder block (one graph shared by all: same code, parameters as
-        # inputs); dynamic shapes, since every batch has its own length. Compile time is counted
-        # inside the training runtime, where it happens (first steps), and reported apart.
-        import torch._dynamo
+        # loralab.compile: every decoder block compiled in place (one graph shared by all),
+        # dynamic shapes. The compile happens in the first step and is counted in the runtime;
+        # the worker starts from an empty inductor cache (run_worker), i.e. a first run's cost.
+        from loralab.compile import compile_blocks
 
-        torch._dynamo.config.cache_size_limit = 64
-        for layer in model.model.layers:
-            layer.compile(dynamic=True)
-        how_compile = " + torch.compile(decoder blocks)"
+        compile_blocks(model)
+        how_compile = " + torch.compile(decoder blocks, cold cache)"
     else:
         how_compile = ""
     slots = 0
@@ -458,6 +456,8 @@ def _run_worker(kind: str, spec: dict, threads: int | None) -> dict:
         sp, op = Path(tmp) / "spec.json", Path(tmp) / "out.json"
         sp.write_text(json.dumps(spec))
         env = dict(os.environ, PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
+        if spec.get("compile"):
+            env["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tmp) / "inductor")  # cold: a first run's compile
         if threads:
             env["OMP_NUM_THREADS"] = str(threads)
         proc = subprocess.run([sys.executable, str(HERE), "--worker", kind, str(sp), str(op)], env=env,
@@ -481,7 +481,15 @@ def summarize(res: dict, shape: dict, peak_gflops: float) -> dict:
             "achieved_gflops": flops / res["runtime_s"] / 1e9,
             "padding_fraction": 1 - res["tokens"] / res["slots"] if res["slots"] else 0.0,
             "step_time_s_median": statistics.median(steps), "step_time_s_mean": statistics.fmean(steps),
+            "first_step_s": steps[0], "tokens_per_s_after_first_step": (res["tokens"] - _first_tokens(res)) /
+            max(res["runtime_s"] - steps[0], 1e-9),
             "final_loss_tail_mean": tail_mean(res["losses"])}
+
+
+def _first_tokens(res: dict) -> int:
+    """Real tokens of the first optimizer step (its examples lead examples_trained)."""
+    per_step = len(res["examples_trained"]) // max(res["steps"], 1)
+    return sum(t for t, _ in res["examples_trained"][:per_step])
 
 
 def fmt_mb(b: float) -> str:
@@ -502,6 +510,7 @@ def main(argv=None) -> int:
     ap.add_argument("--baseline-weights", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--group-window", type=int, default=16)
     ap.add_argument("--qlora-steps", type=int, default=6, help="0 skips the QLoRA vs LoRA step-time check")
+    ap.add_argument("--qlora-batch", type=int, default=None, help="micro batch of the QLoRA check (default --batch)")
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the workers")
     ap.add_argument("--no-lock", action="store_true", help="do not wait for / take /tmp/loralab_cpu_lock")
     ap.add_argument("--json", default=None)
@@ -532,7 +541,9 @@ def main(argv=None) -> int:
         if a.qlora_steps and importlib.util.find_spec("loralab.quant") is None:
             qlora = {"skipped": "loralab.quant is not importable yet (model.quant=nf4 needs it)"}
         elif a.qlora_steps:
-            q = dict(side_spec("packed", base, 0), steps=a.qlora_steps, warmup=0)
+            qb = a.qlora_batch or a.batch
+            q = dict(side_spec("packed", base, 0), steps=a.qlora_steps, warmup=0, batch=qb,
+                     examples=max(n_examples, a.qlora_steps * qb * a.grad_accum))
             print("running QLoRA vs LoRA...", file=sys.stderr)
             lo = run_worker("loralab", dict(q, name="lora-short"), a.threads)
             ql = run_worker("loralab", dict(q, name="qlora-short", quant=True), a.threads)
@@ -541,7 +552,7 @@ def main(argv=None) -> int:
             else:
                 # the first step holds one-time work (quantized kernels warm up): median of the rest
                 tl, tq = (statistics.median(r["step_times_s"][1:] or r["step_times_s"]) for r in (lo, ql))
-                qlora = {"steps": a.qlora_steps, "lora_step_s": tl, "qlora_step_s": tq, "ratio": tq / tl,
+                qlora = {"steps": a.qlora_steps, "batch": qb, "lora_step_s": tl, "qlora_step_s": tq, "ratio": tq / tl,
                          "lora_peak_memory_bytes": lo["peak_memory_bytes"],
                          "qlora_peak_memory_bytes": ql["peak_memory_bytes"],
                          "lora_losses": lo["losses"], "qlora_losses": ql["losses"]}
@@ -613,14 +624,15 @@ def print_table(res: dict, peak: dict, qlora, a, n_examples: int, total_s: float
     print("* mean training loss over the last 10% of steps; † CPU seconds / wall seconds of the training phase "
           f"(below ~{0.9 * peak['threads']:.1f} with {peak['threads']} threads: another process took CPU, timings suspect)")
     for s, r in res.items():
-        print(f"  {s}: {r['how']}; weights {r['weights_dtype']}; runtime {r['runtime_s']:.1f} s for {r['steps']} steps, "
+        print(f"  {s}: {r['how']}; weights {r['weights_dtype']}; runtime {r['runtime_s']:.1f} s for {r['steps']} steps "
+              f"(first {r['first_step_s']:.1f} s; after it {r['tokens_per_s_after_first_step']:.1f} tokens/s), "
               f"{r['tokens']:,} real tokens; load {r['load_s']:.1f} s")
     if qlora is None:
         print("QLoRA vs LoRA: not run (--qlora-steps 0)")
     elif "skipped" in qlora:
         print(f"QLoRA vs LoRA: skipped ({qlora['skipped']})")
     else:
-        print(f"QLoRA vs LoRA (loralab, packed, {qlora['steps']} steps each, median step after the first): "
+        print(f"QLoRA vs LoRA (loralab, packed, batch {qlora['batch']}, {qlora['steps']} steps each, median step after the first): "
               f"LoRA {qlora['lora_step_s']:.2f} s, QLoRA {qlora['qlora_step_s']:.2f} s -> {qlora['ratio']:.2f}x; "
               f"peak memory {fmt_mb(qlora['lora_peak_memory_bytes'])} vs {fmt_mb(qlora['qlora_peak_memory_bytes'])}")
     print(f"total {total_s:.0f} s")
