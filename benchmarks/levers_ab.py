@@ -7,6 +7,8 @@ Variants (switchable at run time on one loaded model; combine with '+', e.g. chu
   stock     loralab as it is (eager attention on the CPU, head chunks of 1024 labelled rows)
   chunk256  the output layer in chunks of 256 labelled rows (logits recomputed in backward)
   sdpa      torch's scaled_dot_product_attention instead of eager attention
+  qlora     a second model with NF4 frozen weights (model.quant=nf4), stepped on the same batches
+            (alone, not combined; its peak RSS includes the other model's weights, ~0.3 GB)
 Each step: forward + backward of one micro batch (no optimizer: it is the same for all), timed,
 and its peak RSS (loralab.memory.PeakMemory, reset before each step). Reports per variant the
 median step time, its median ratio to `stock` over the rounds (paired), and the median peak.
@@ -46,15 +48,27 @@ def main() -> int:
     cfg = RunConfig()
     cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout = T.LORA["r"], T.LORA["alpha"], T.LORA["dropout"]
     model, tok, _, _ = setup_model(cfg, torch.device("cpu"))
+    variants = [v.strip() for v in a.variants.split(",") if v.strip()]
+    models = {"main": model}
+    if "qlora" in variants:
+        cfg.model.quant = "nf4"
+        models["qlora"] = setup_model(cfg, torch.device("cpu"))[0].train()
+        cfg.model.quant = "none"
     enc, _ = T.encoded_data(tok, a.rounds * a.batch, 42)
     make = (lambda items: collate(items, tok.pad_token_id)) if a.unpacked else \
         (lambda items: packing.collate_packed(items, tok.pad_token_id))
     batches = [make([enc[i] for i in idx]) for idx in iterate_batches(enc, a.batch, seed=42, epoch=0)]
-    variants = [v.strip() for v in a.variants.split(",") if v.strip()]
     eager = model.config._attn_implementation
     default_chunk = loss_lib.selected_head_loss.__defaults__
 
+    current = {"model": model}
+
     def set_variant(v: str):
+        if v == "qlora":
+            current["model"] = models["qlora"]
+            v = "stock"
+        else:
+            current["model"] = model
         mods = set(v.split("+")) - {"stock"}
         unknown = mods - {"chunk256", "sdpa"}
         if unknown:
@@ -65,9 +79,10 @@ def main() -> int:
     model.train()
 
     def step(b):
-        s, n = packing.loss_sum(model, b)
+        m = current["model"]
+        s, n = packing.loss_sum(m, b)
         (s / n).backward()
-        model.zero_grad(set_to_none=True)
+        m.zero_grad(set_to_none=True)
 
     if not a.no_lock:
         T.USE_LOCK = True
