@@ -205,3 +205,15 @@ def test_cli_table_says_whether_it_fits_and_how_to(capsys):
 def test_cli_bad_model_exits_2(capsys):
     assert main(["estimate", "--model", "no-such-model"]) == 2
     assert "bundled" in capsys.readouterr().err
+
+
+def test_run_memory_breakdown_is_none_for_an_unmodelled_architecture(tmp_path):
+    from loralab.config import load_config
+
+    cfg = load_config(None, ["train.precision=bf16"])
+    tiny_llama_config().save_pretrained(tmp_path / "llama")
+    got = E.run_memory_breakdown(cfg, tmp_path / "llama", "cpu")
+    assert got["estimated_peak_bytes"] == sum(v for k, v in got.items() if k != "estimated_peak_bytes")
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 768}))
+    assert E.run_memory_breakdown(cfg, tmp_path / "gpt2", "cpu") is None

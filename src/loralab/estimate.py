@@ -289,6 +289,17 @@ def estimate_for_run(cfg, model_config: dict, device) -> dict:
                     qlora_saves_inputs=False, loss_rows=LOSS_CHUNK_ROWS, sgd_momentum=cfg.train.momentum > 0)
 
 
+def run_memory_breakdown(cfg, folder, device) -> dict | None:
+    """For a run's summary.json, beside the measured peak: the estimate at data.max_seq_len (an upper
+    bound: batches shorter than that need less), or None for an architecture this model does not cover
+    (a run must never fail over its memory estimate)."""
+    try:
+        est = estimate_for_run(cfg, resolve_model_config(str(folder)), device)
+    except UserError:
+        return None
+    return {"estimated_peak_bytes": est["peak_bytes"], **est["breakdown"]}
+
+
 # ---------------------------------------------------------------------------------------------
 # Making it fit
 
