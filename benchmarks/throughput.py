@@ -19,8 +19,8 @@ warmup and cosine schedule:
   - loralab: `run.setup_model` + `prompts.encode_all` + `train.train()`, as `loralab train` runs it.
   - packed: the same, with the packing lever (`loralab.data.packing`): each micro batch (the very
     examples of the unpacked run) laid end to end in fewer rows, position ids restarting per
-    example, block-diagonal causal attention. If TrainConfig has a `packing` key the loop's own
-    switch is used; otherwise the benchmark passes the packed batches and loss into `train()`.
+    example, block-diagonal causal attention: `train()` with `train.packing=true` (the default of
+    `loralab train`; the plain side sets it false to show what packing gives).
 Each side runs in its own process, so its peak memory (peak RSS of the training phase, via
 `loralab.memory.PeakMemory`, the same measurement for all) is clean. The bf16 matmul peak is
 measured in the same run (2048^3 GEMM, best of several) for model FLOPs utilisation (MFU):
@@ -230,7 +230,7 @@ def worker_loralab(spec: dict) -> dict:
     import torch
 
     from loralab import train as train_mod
-    from loralab.config import RunConfig, TrainConfig
+    from loralab.config import RunConfig
     from loralab.data.batching import collate
     from loralab.data import packing
     from loralab.memory import PeakMemory
@@ -257,38 +257,15 @@ def worker_loralab(spec: dict) -> dict:
     window = spec.get("group_window", 0)
     n_micro = t.max_steps * t.grad_accum
     idx_stream = _index_stream(enc, t.batch_size, t.seed, n_micro, window)
-    how = "train()"
-    restore = {}
     if packed and not packing.packing_supported(model, tok.pad_token_id):
         raise SystemExit("this model does not honour packed position ids; packing would mix examples")
-    if packed and hasattr(TrainConfig, "packing"):
-        t.packing = True  # the loop's own switch, once integrated
-        how = "train() with train.packing=true"
-    elif packed or window:
-        # Not integrated yet: hand train() the lever's batches and the packed-aware loss. Exactly
-        # the two names the integration changes in train.py.
-        make = (lambda items: packing.collate_packed(items, tok.pad_token_id)) if packed else \
-            (lambda items: collate(items, tok.pad_token_id))
-
-        def micro_batches(data, cfg, pad_id, skip=0):
-            for idx in _index_stream(data, cfg.batch_size, cfg.seed, skip + n_micro, window)[skip:]:
-                yield make([data[i] for i in idx])
-
-        restore = {"_micro_batches": train_mod._micro_batches, "loss_sum": train_mod.loss_sum}
-        train_mod._micro_batches = micro_batches
-        train_mod.loss_sum = packing.loss_sum
-        how = "train() fed " + ("packed micro batches (data.packing)" if packed else
-                                f"length-grouped batches (window {window})")
-    if spec.get("compile"):
-        # loralab.compile: every decoder block compiled in place (one graph shared by all),
-        # dynamic shapes. The compile happens in the first step and is counted in the runtime;
-        # the worker starts from an empty inductor cache (run_worker), i.e. a first run's cost.
-        from loralab.compile import compile_blocks
-
-        compile_blocks(model)
-        how_compile = " + torch.compile(decoder blocks, cold cache)"
-    else:
-        how_compile = ""
+    # The levers are the loop's own switches: train.packing, train.group_by_length, train.compile.
+    t.packing, t.group_by_length, t.compile = packed, window, bool(spec.get("compile"))
+    how = "train()" + (" with train.packing=true" if packed else "") + \
+        (f" with train.group_by_length={window}" if window else "")
+    # compile happens in the first step and is counted in the runtime; the worker starts from an
+    # empty inductor cache (run_worker), i.e. a first run's cost.
+    how_compile = " + train.compile (decoder blocks, cold cache)" if t.compile else ""
     slots = 0
     for idx in idx_stream:
         items = [enc[i] for i in idx]
@@ -298,8 +275,6 @@ def worker_loralab(spec: dict) -> dict:
     with PeakMemory(device) as peak:
         result = train_mod.train(model, enc, t, pad_id=tok.pad_token_id)
     cpu_s = time.process_time() - cpu0
-    for k, v in restore.items():
-        setattr(train_mod, k, v)
     times = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(result.history, result.history[1:])]
     mods = [m for m, on in (("sdpa attention", spec.get("attn") == "sdpa"), ("gradient checkpointing", spec.get("ckpt")),
                             ("1 thread", spec.get("threads") == 1), ("LoRA dropout 0", spec.get("dropout") == 0.0))

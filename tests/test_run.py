@@ -105,5 +105,7 @@ def test_multi_epoch_on_small_data_warns():
     assert "3.0 epochs over 100" in w and "train.eval_every" in w
     assert epoch_warnings(100, load_config(None, ["train.batch_size=10", "train.epochs=1"])) == []
     assert epoch_warnings(50_000, load_config(None, ["train.epochs=2"])) == []
+    # one epoch rounded up to whole steps (7 x 16 = 112 of 100) is still one epoch
+    assert epoch_warnings(100, load_config(None, ["train.batch_size=16", "train.epochs=1"])) == []
     # max_steps past one epoch counts too
     assert epoch_warnings(100, load_config(None, ["train.batch_size=10", "train.max_steps=25"]))

@@ -116,3 +116,42 @@ def test_eval_every_records_validation_history():
     r = train(_lora_model(), data, cfg, pad_id=0, val_data=data[:2], hooks=Hooks(on_eval=seen.append))
     assert [v["step"] for v in r.val_history] == [2, 4, 6]
     assert seen == r.val_history
+
+
+def test_packed_training_equals_padded_training():
+    """train.packing changes only the layout of each micro batch: same losses, same adapter."""
+    data = _examples(12)
+    runs = {}
+    for packing in (False, True):
+        cfg = TrainConfig(lr=1e-2, batch_size=4, grad_accum=2, max_steps=5, progress=False, seed=1,
+                          packing=packing, precision="fp32")
+        model = _lora_model()
+        result = train(model, data, cfg, pad_id=0)
+        runs[packing] = (result, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    (plain, plain_w), (packed, packed_w) = runs[False], runs[True]
+    assert [h["tokens"] for h in plain.history] == [h["tokens"] for h in packed.history]
+    for a, b in zip(plain.history, packed.history):
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5), (a, b)
+    for n in plain_w:
+        torch.testing.assert_close(packed_w[n], plain_w[n], rtol=1e-4, atol=1e-5)
+
+
+def test_packing_falls_back_to_padding_for_a_model_that_ignores_positions(monkeypatch):
+    import loralab.train as train_mod
+
+    monkeypatch.setattr(train_mod, "packing_supported", lambda model, pad_id: False)
+    seen = []
+    real = train_mod.accumulate_gradients
+    monkeypatch.setattr(train_mod, "accumulate_gradients",
+                        lambda model, micro, **kw: (seen.extend(micro), real(model, micro, **kw))[1])
+    cfg = TrainConfig(lr=1e-2, batch_size=4, max_steps=2, progress=False, packing=True)
+    with pytest.warns(UserWarning, match="train.packing"):
+        train(_lora_model(), _examples(8), cfg, pad_id=0)
+    assert seen and all("position_ids" not in b for b in seen)
+
+
+def test_group_by_length_sees_every_example_once_per_epoch():
+    data = _examples(16)
+    cfg = TrainConfig(lr=1e-2, batch_size=2, max_steps=8, progress=False, group_by_length=2)
+    r = train(_lora_model(), data, cfg, pad_id=0)
+    assert r.history[-1]["tokens"] == sum(len(e.input_ids) for e in data)

@@ -69,6 +69,9 @@ class TrainConfig:
     seed: int = 42
     precision: str = "auto"           # auto | bf16 | fp32 (bf16: frozen weights stored in bf16)
     gradient_checkpointing: bool = False
+    packing: bool = True              # lay each micro batch's examples end to end in fewer rows: same math, no padding work
+    group_by_length: int = 0          # > 0: sort by length within windows of this many batches (changes batch mixes)
+    compile: bool = False             # torch.compile the decoder blocks: ~25% less memory after a one-time compile
     log_every: int = 10
     eval_every: int = 0               # validation loss every N steps (0: only at the end)
     early_stopping_patience: int = 0  # stop after N validations without improvement (0: never)
@@ -206,6 +209,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         ("train.eval_every", cfg.train.eval_every >= 0, "must be >= 0"),
         ("train.early_stopping_patience", cfg.train.early_stopping_patience >= 0, "must be >= 0"),
         ("train.save_every", cfg.train.save_every >= 0, "must be >= 0"),
+        ("train.group_by_length", cfg.train.group_by_length >= 0, "must be >= 0"),
         ("train.keep_checkpoints", cfg.train.keep_checkpoints >= 1, "must be >= 1"),
         ("data.max_seq_len", cfg.data.max_seq_len > 0, "must be > 0"),
         ("data.n_train", cfg.data.n_train > 0, "must be > 0"),

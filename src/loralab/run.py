@@ -139,8 +139,10 @@ SMALL_DATASET = 10_000  # examples: below this, repeated epochs over the same da
 
 def epoch_warnings(n_examples: int, cfg: RunConfig) -> list[str]:
     """The article's finding: more than one epoch over a small static dataset made results worse."""
-    epochs = plan_steps(n_examples, cfg.train) * cfg.train.batch_size * cfg.train.grad_accum / max(n_examples, 1)
-    if epochs <= 1.0 or n_examples >= SMALL_DATASET:
+    per_step = cfg.train.batch_size * cfg.train.grad_accum
+    epochs = plan_steps(n_examples, cfg.train) * per_step / max(n_examples, 1)
+    # one partial last batch (rounding up to whole steps) is not a second epoch
+    if epochs <= 1.0 + per_step / max(n_examples, 1) or n_examples >= SMALL_DATASET:
         return []
     guard = "" if cfg.train.eval_every else "; set train.eval_every (and train.early_stopping_patience) to watch it"
     return [f"{epochs:.1f} epochs over {n_examples:,} static examples: multi-epoch training on a small "

@@ -5,9 +5,11 @@ TrainConfig) and knows nothing about YAML, files or the CLI; it reports through 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
@@ -17,7 +19,9 @@ import torch
 from .config import TrainConfig
 from .data.batching import collate, iterate_batches
 from .evaluate import mean_loss
-from .loss import count_label_tokens, loss_sum
+from .data.packing import collate_packed, grouped_batches, packing_supported
+from .data.packing import loss_sum  # loss.loss_sum, also for packed batches
+from .loss import count_label_tokens
 
 
 def set_seed(seed: int) -> None:
@@ -60,14 +64,20 @@ def plan_steps(n_examples: int, cfg: TrainConfig) -> int:
 
 def _micro_batches(data, cfg: TrainConfig, pad_id: int, skip: int = 0) -> Iterator[dict]:
     """Endless stream of collated micro batches: epoch after epoch, each shuffled by (seed, epoch).
-    The first `skip` batches are passed over without collating (resuming mid-run)."""
+    The first `skip` batches are passed over without collating (resuming mid-run). Packing changes
+    only the layout of a micro batch, never which examples it holds."""
+    make = collate_packed if cfg.packing else collate
     epoch = 0
     while True:
-        for idx in iterate_batches(data, cfg.batch_size, seed=cfg.seed, epoch=epoch):
+        if cfg.group_by_length:
+            order = grouped_batches(data, cfg.batch_size, seed=cfg.seed, epoch=epoch, window=cfg.group_by_length)
+        else:
+            order = iterate_batches(data, cfg.batch_size, seed=cfg.seed, epoch=epoch)
+        for idx in order:
             if skip:
                 skip -= 1
                 continue
-            yield collate([data[i] for i in idx], pad_id)
+            yield make([data[i] for i in idx], pad_id)
         epoch += 1
 
 
@@ -156,6 +166,14 @@ def train(model: torch.nn.Module, train_data: list, cfg: TrainConfig, *, pad_id:
         start = _restore(resume, optimizer, scheduler, result)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.packing and not packing_supported(model, pad_id):
+        # packing relies on the model honouring restarting position ids; otherwise examples would mix
+        warnings.warn("train.packing: this model ignores packed position ids; training on padded batches")
+        cfg = dataclasses.replace(cfg, packing=False)
+    if cfg.compile:
+        from .compile import compile_blocks
+
+        compile_blocks(model)
     # Full fine-tuning keeps fp32 master weights and computes in bf16 under autocast; LoRA runs
     # with frozen weights already stored in bf16, so it needs no autocast (and no per-step casts).
     autocast = cfg.method == "full" and cfg.precision == "bf16"
