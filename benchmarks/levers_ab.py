@@ -7,6 +7,8 @@ Variants (switchable at run time on one loaded model; combine with '+', e.g. chu
   stock     loralab as it is (eager attention on the CPU, head chunks of 1024 labelled rows)
   chunk256  the output layer in chunks of 256 labelled rows (logits recomputed in backward)
   sdpa      torch's scaled_dot_product_attention instead of eager attention
+  trim      glibc malloc_trim(0) before every decoder block's forward and backward: hands the
+            heap holes left by freed temporaries back to the OS instead of letting RSS grow
   qlora     a second model with NF4 frozen weights (model.quant=nf4), stepped on the same batches
             (alone, not combined; its peak RSS includes the other model's weights, ~0.3 GB)
 Each step: forward + backward of one micro batch (no optimizer: it is the same for all), timed,
@@ -62,6 +64,10 @@ def main() -> int:
     default_chunk = loss_lib.selected_head_loss.__defaults__
 
     current = {"model": model}
+    hooks = []
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
 
     def set_variant(v: str):
         if v == "qlora":
@@ -70,11 +76,21 @@ def main() -> int:
         else:
             current["model"] = model
         mods = set(v.split("+")) - {"stock"}
-        unknown = mods - {"chunk256", "sdpa"}
+        unknown = mods - {"chunk256", "sdpa", "trim"}
         if unknown:
             raise SystemExit(f"unknown variant part(s) {sorted(unknown)}")
         loss_lib.selected_head_loss.__defaults__ = (256,) if "chunk256" in mods else default_chunk
         model.set_attn_implementation("sdpa" if "sdpa" in mods else eager)
+        while hooks:
+            hooks.pop().remove()
+        if "trim" in mods:
+            from loralab.compile import decoder_blocks
+
+            def trim(*args):  # returns None: the hook must not replace the inputs
+                libc.malloc_trim(0)
+            for block in decoder_blocks(model):
+                hooks.append(block.register_forward_pre_hook(trim))
+                hooks.append(block.register_full_backward_pre_hook(trim))
 
     model.train()
 

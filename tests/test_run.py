@@ -31,7 +31,8 @@ def _cfg(folder, out, *extra):
 
 def test_run_writes_every_artifact(tiny_folder, tmp_path):
     out = tmp_path / "run"
-    summary = run_training(_cfg(tiny_folder, out), quiet=True)
+    cfg = _cfg(tiny_folder, out)
+    summary = run_training(cfg, quiet=True)
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "adapter/adapter_config.json",
                  "adapter/adapter_model.safetensors"):
         assert (out / name).is_file(), name
@@ -47,6 +48,15 @@ def test_run_writes_every_artifact(tiny_folder, tmp_path):
     assert 0 < on_disk["trainable_params"] < on_disk["total_params"]
     assert on_disk["peak_memory_bytes"] > 10 * 2**20
     assert summary["train_tokens"] == train_steps[-1]["tokens"]
+    # the analytic breakdown beside the measured peak: its parts add up to the estimated peak
+    parts = on_disk["memory_breakdown"]
+    assert set(parts) == {"estimated_peak_bytes", "frozen_weights", "trainable_weights", "gradients",
+                          "optimizer_state", "activations", "other"}
+    assert parts["estimated_peak_bytes"] == sum(v for k, v in parts.items() if k != "estimated_peak_bytes")
+    assert parts["optimizer_state"] == 2 * parts["gradients"]  # AdamW: two fp32 moments per fp32 gradient
+    from loralab.run import format_table
+
+    assert "optimizer state" in format_table(summary, cfg) and "activations" in format_table(summary, cfg)
 
 
 def test_peft_loads_the_runs_adapter_from_its_recorded_base(tiny_folder, tmp_path):

@@ -274,14 +274,15 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
     }
 
 
-def estimate_for_run(cfg, model_config: dict, device) -> dict:
+def estimate_for_run(cfg, model_config: dict, device, seq: int | None = None) -> dict:
     """The estimate for a loralab RunConfig (precision already resolved by the run), shaped like
     loralab trains: its attention choice, its chunked loss, NF4 on the LoRA targets unless
-    model.quant_all_linear, and an NF4 matmul that keeps only the packed weight for backward."""
+    model.quant_all_linear, and an NF4 matmul that keeps only the packed weight for backward.
+    seq: the longest sequence of the run (default data.max_seq_len)."""
     dev = "cuda" if str(device).startswith("cuda") else "cpu"
     method = "full" if cfg.train.method == "full" else ("qlora" if cfg.model.quant == "nf4" else "lora")
     precision = cfg.train.precision if cfg.train.precision in PRECISIONS else "bf16"
-    return estimate(model_config, method=method, r=cfg.lora.r, targets=cfg.lora.targets, seq=cfg.data.max_seq_len,
+    return estimate(model_config, method=method, r=cfg.lora.r, targets=cfg.lora.targets, seq=seq or cfg.data.max_seq_len,
                     batch=cfg.train.batch_size, optimizer=cfg.train.optimizer, precision=precision,
                     grad_checkpointing=cfg.train.gradient_checkpointing, device=dev,
                     attention=cfg.model.attn_implementation, lora_dropout=cfg.lora.dropout,
@@ -289,12 +290,12 @@ def estimate_for_run(cfg, model_config: dict, device) -> dict:
                     qlora_saves_inputs=False, loss_rows=LOSS_CHUNK_ROWS, sgd_momentum=cfg.train.momentum > 0)
 
 
-def run_memory_breakdown(cfg, folder, device) -> dict | None:
-    """For a run's summary.json, beside the measured peak: the estimate at data.max_seq_len (an upper
-    bound: batches shorter than that need less), or None for an architecture this model does not cover
-    (a run must never fail over its memory estimate)."""
+def run_memory_breakdown(cfg, folder, device, seq: int | None = None) -> dict | None:
+    """For a run's summary.json, beside the measured peak: the estimate for a micro batch of the
+    run's longest example (`seq`; default data.max_seq_len), an upper bound of its peak, or None for
+    an architecture this model does not cover (a run must never fail over its memory estimate)."""
     try:
-        est = estimate_for_run(cfg, resolve_model_config(str(folder)), device)
+        est = estimate_for_run(cfg, resolve_model_config(str(folder)), device, seq=seq)
     except UserError:
         return None
     return {"estimated_peak_bytes": est["peak_bytes"], **est["breakdown"]}

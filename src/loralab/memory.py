@@ -76,13 +76,15 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self.method = "cuda_max_memory_allocated"
-        elif release_free_memory() or (_reset_hwm() and _vm_hwm_bytes() is not None):
-            self.method = "cpu_peak_rss (VmHWM reset at start)"
         else:
-            self.method = "cpu_rss_sampled_5ms"
-            self.peak = current_rss_bytes()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
+            release_free_memory()
+            if _reset_hwm() and _vm_hwm_bytes() is not None:
+                self.method = "cpu_peak_rss (VmHWM reset at start)"
+            else:
+                self.method = "cpu_rss_sampled_5ms"
+                self.peak = current_rss_bytes()
+                self._thread = threading.Thread(target=self._sample, daemon=True)
+                self._thread.start()
         self.start_bytes = current_rss_bytes() if self.device.type != "cuda" else torch.cuda.memory_allocated(self.device)
         self._t0 = time.perf_counter()
         return self

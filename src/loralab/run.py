@@ -25,6 +25,7 @@ from .data.formats import load_examples
 from .data.prompts import encode_all
 from .data.tasks import make_task
 from .errors import UserError
+from .estimate import run_memory_breakdown
 from .evaluate import exact_match
 from .fileio import atomic_write_text, write_json
 from .memory import PeakMemory, fmt_bytes
@@ -248,6 +249,8 @@ def run_training(cfg: RunConfig, *, quiet: bool = False) -> dict:
         "train_tokens": result.train_tokens,
         "tokens_per_s": round(result.tokens_per_s, 2),
         **peak.result(),
+        # what the analytic model (loralab.estimate) attributes the peak to, for the longest example
+        "memory_breakdown": run_memory_breakdown(cfg, folder, device, seq=max(len(e.input_ids) for e in train_enc)),
         "trainable_params": info["trainable_params"],
         "total_params": info["total_params"],
         "final_train_loss": result.final_train_loss,
@@ -268,6 +271,15 @@ def run_training(cfg: RunConfig, *, quiet: bool = False) -> dict:
     return summary
 
 
+def _breakdown_lines(parts: dict | None) -> list[str]:
+    if not parts:
+        return []
+    names = ("frozen_weights", "trainable_weights", "gradients", "optimizer_state", "activations", "other")
+    return [f"    estimated     {fmt_bytes(parts['estimated_peak_bytes'])}: "
+            + ", ".join(f"{n.replace('_', ' ')} {fmt_bytes(parts[n])}" for n in names[:3]),
+            "                  " + ", ".join(f"{n.replace('_', ' ')} {fmt_bytes(parts[n])}" for n in names[3:])]
+
+
 def format_table(summary: dict, cfg: RunConfig) -> str:
     pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"
     lines = [
@@ -282,6 +294,7 @@ def format_table(summary: dict, cfg: RunConfig) -> str:
         f"  runtime         {summary['runtime_s']:.1f} s (training loop)",
         f"  tokens/s        {summary['tokens_per_s']:,.0f}",
         f"  peak memory     {fmt_bytes(summary['peak_memory_bytes'])} ({summary['memory_method']})",
+        *_breakdown_lines(summary.get("memory_breakdown")),
         f"  loss            train {summary['final_train_loss']:.4f}, val "
         + ("-" if summary["final_val_loss"] is None else f"{summary['final_val_loss']:.4f}"),
     ]
