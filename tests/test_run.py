@@ -119,3 +119,16 @@ def test_multi_epoch_on_small_data_warns():
     assert epoch_warnings(100, load_config(None, ["train.batch_size=16", "train.epochs=1"])) == []
     # max_steps past one epoch counts too
     assert epoch_warnings(100, load_config(None, ["train.batch_size=10", "train.max_steps=25"]))
+
+
+def test_validation_during_training_scores_tasks_and_keeps_the_best_adapter(tiny_folder, tmp_path):
+    out = tmp_path / "run"
+    summary = run_training(_cfg(tiny_folder, out, "train.max_steps=4", "train.eval_every=2"), quiet=True)
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    vals = [v for v in lines if "val_loss" in v]
+    assert [v["step"] for v in vals] == [2, 4]
+    assert all(set(v["accuracy"]) == {"2da"} and 0 <= v["accuracy"]["2da"] <= 1 for v in vals)
+    best = min(vals, key=lambda v: v["val_loss"])
+    assert summary["best_step"] == best["step"] and summary["best_val_loss"] == best["val_loss"]
+    assert (out / "best_adapter" / "adapter_model.safetensors").is_file()
+    assert summary["best_adapter_dir"] == str(out / "best_adapter")

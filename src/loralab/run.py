@@ -210,6 +210,8 @@ def run_training(cfg: RunConfig, *, quiet: bool = False) -> dict:
         metrics.flush()
 
     def on_eval(record: dict):
+        if cfg.train.eval_every and data.tests:  # task accuracy beside the validation loss
+            record["accuracy"] = {name: r["accuracy"] for name, r in run_evals(model, tok, data.tests, cfg).items()}
         write_metric(record)
         if record.get("is_best") and cfg.train.method == "lora" and cfg.train.eval_every:
             save_adapter(model, out / "best_adapter", **adapter_args)
@@ -262,6 +264,8 @@ def run_training(cfg: RunConfig, *, quiet: bool = False) -> dict:
         "warnings": warnings,
         "stopped_early": result.stopped_early,
         "best_val_loss": min((v["val_loss"] for v in result.val_history), default=None),
+        "best_step": min(result.val_history, key=lambda v: v["val_loss"])["step"] if result.val_history else None,
+        "best_adapter_dir": str(out / "best_adapter") if (out / "best_adapter").is_dir() else None,
         "eval": {name: {"before": before[name]["accuracy"] if name in before else None,
                         "after": after[name]["accuracy"], "n": after[name]["n"]} for name in after},
         "eval_samples": {name: r["samples"] for name, r in after.items()},
