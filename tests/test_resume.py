@@ -1,6 +1,5 @@
 """Checkpoints and exact resume: a run killed with SIGKILL and resumed ends bit-identical."""
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -16,7 +16,6 @@ import logging
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 from .errors import UserError
 
