@@ -168,3 +168,24 @@ def test_atomic_writers_leave_only_the_final_files(tmp_path):
         atomic_write_bytes(tmp_path / "d/a.json", "str, not bytes")
     assert json.loads((tmp_path / "d/a.json").read_text()) == {"x": 3}
     assert len(list((tmp_path / "d").iterdir())) == 3
+
+
+def test_streamed_safetensors_read_back_by_the_library(tmp_path):
+    """Our streamed writer against safetensors' own reader (and its bytes for the same tensors)."""
+    from safetensors import safe_open
+    from safetensors.torch import save
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"w.bf16": torch.randn(3, 5, generator=g).to(torch.bfloat16), "b.f32": torch.randn(7, generator=g),
+               "mask": torch.rand(4, 4, generator=g) > 0.5, "step": torch.tensor(12, dtype=torch.int64),
+               "empty": torch.zeros(0, 3), "u8": torch.arange(5, dtype=torch.uint8), "view": torch.randn(6, 4)[:, 1]}
+    path = atomic_save_safetensors(tensors, tmp_path / "t.safetensors", metadata={"format": "pt", "k": "v"})
+    got = load_file(path)
+    assert sorted(got) == sorted(tensors)
+    for k, v in tensors.items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata() == {"format": "pt", "k": "v"}
+    # the library's reader needs nothing more than its own writer gives: same size of file
+    lib = save({k: v.contiguous() for k, v in tensors.items()}, metadata={"format": "pt", "k": "v"})
+    assert abs(path.stat().st_size - len(lib)) < 64

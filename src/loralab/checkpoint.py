@@ -59,7 +59,7 @@ def save(root: str | os.PathLike, snap: dict, config: dict, keep: int = 2) -> Pa
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        atomic_save_safetensors({k: v.clone() for k, v in snap["trainable"].items()}, tmp / "trainable.safetensors")
+        atomic_save_safetensors(snap["trainable"], tmp / "trainable.safetensors")
         opt = snap["optimizer"]
         tensors, scalars = {}, {}
         for idx, st in opt["state"].items():

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, BinaryIO, Callable, Mapping
 
 import torch
+
 
 def _umask() -> int:
     # os.umask can only be read by setting it; restore at once.
@@ -22,12 +24,17 @@ def _umask() -> int:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write `data` to `path` atomically (parent folders are created). Returns the path."""
+    return atomic_write_with(path, lambda f: f.write(data))
+
+
+def atomic_write_with(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> Path:
+    """Atomically create `path` from `write(file)`, which may write in as many pieces as it likes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         # mkstemp creates 0600 files; give the artifact the permissions a plain open() would.
@@ -66,14 +73,44 @@ def write_json(path: str | os.PathLike, obj: Any, *, indent: int = 2) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
 
 
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+
+
 def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
                             metadata: dict[str, str] | None = None) -> Path:
-    """Atomically write a safetensors file. Tensors are moved to CPU and made contiguous first.
+    """Atomically write a safetensors file, streamed one tensor at a time.
 
-    `metadata` defaults to {"format": "pt"}, which transformers/PEFT expect on their files.
-    Tensors must not share storage (safetensors refuses aliased tensors); clone them if they do.
+    safetensors' own `save` builds the whole file in memory first: for a full fine-tune's
+    checkpoint that is a second copy of every weight and optimizer moment at the moment of saving
+    (+1 GB at 135M parameters, +84 GB at 7B). The format is simple enough to write directly: an
+    8-byte little-endian header length, a JSON header (name -> dtype, shape, byte offsets; padded
+    to 8 bytes), then each tensor's bytes. Tensors go largest element first, so every tensor stays
+    aligned for readers that map the file. `metadata` defaults to {"format": "pt"}, which
+    transformers/PEFT expect. Tensors are moved to the CPU and made contiguous (no copy when they
+    already are).
     """
-    from safetensors.torch import save
-
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    return atomic_write_bytes(path, save(flat, metadata=metadata if metadata is not None else {"format": "pt"}))
+    for k, t in flat.items():
+        if t.dtype not in SAFETENSORS_DTYPES:
+            raise TypeError(f"{k}: dtype {t.dtype} has no safetensors code")
+    order = sorted(flat, key=lambda k: (-flat[k].element_size(), k))
+    header: dict[str, Any] = {"__metadata__": metadata if metadata is not None else {"format": "pt"}}
+    offset = 0
+    for k in order:
+        n = flat[k].numel() * flat[k].element_size()
+        header[k] = {"dtype": SAFETENSORS_DTYPES[flat[k].dtype], "shape": list(flat[k].shape),
+                     "data_offsets": [offset, offset + n]}
+        offset += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+
+    def write(f: BinaryIO) -> None:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for k in order:
+            if flat[k].numel():  # a view of the tensor's own bytes: nothing copied
+                f.write(memoryview(flat[k].reshape(-1).view(torch.uint8).numpy()))
+
+    return atomic_write_with(path, write)
