@@ -7,6 +7,7 @@ import io
 import json
 from pathlib import Path
 
+from .errors import UserError
 from .fileio import atomic_write_bytes
 
 
@@ -30,7 +31,10 @@ def _read_metrics(run_dir: Path) -> tuple[list, list]:
 
 
 def make_plots(study_dir: Path, stats: dict, runs: list) -> list[tuple[Path, str]]:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("study plots need matplotlib: pip install matplotlib") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
