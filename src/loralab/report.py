@@ -263,7 +263,7 @@ def make_report(study_dir: str | Path, plan: dict, stats: dict, runs: list) -> d
     """Write results.csv, report.md, report.html and plots/*.png into the study folder.
 
     plan: the study.json dict; stats: {cell: {metric: Stat}}; runs: one dict per (cell, seed) with
-    cell, seed, dir, status, wall_s, error, warnings (study.collect builds both from the folder).
+    cell, seed, dir, status, wall_s, error, warnings (results.collect builds both from the folder).
     """
     study_dir = Path(study_dir)
     estimate = plan.get("kind") == "estimate"
