@@ -23,18 +23,17 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from memory_estimate import wait_for_lock  # benchmarks/ is on sys.path when run as a script
+
 ROOT = Path(__file__).resolve().parent.parent
-LOCK = Path("/tmp/loralab_cpu_lock")
 ARTICLE = {"memory_ratio": 14.18 / 21.33, "time_ratio": 10059.53 / 6685.75}
 SKIP_STEPS = 3  # the first steps pay one-time costs (allocator growth, kernel selection)
 
 
 def run_side(quant: str, out: Path, steps: int, batch: int) -> dict:
-    while LOCK.exists():
-        time.sleep(5)
+    wait_for_lock()
     cmd = [sys.executable, "-m", "loralab.cli", "train", str(ROOT / "configs" / "demo.yaml"),
            f"model.quant={quant}", f"train.max_steps={steps}", f"train.batch_size={batch}",
            "eval.tasks=[]", "eval.before=false", "train.progress=false", f"output_dir={out}", "resume=false"]

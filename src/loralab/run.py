@@ -138,12 +138,16 @@ def find_resume(cfg: RunConfig, out: Path) -> dict | None:
 SMALL_DATASET = 10_000  # examples: below this, repeated epochs over the same data tend to overfit
 
 
+def planned_epochs(n_examples: int, cfg: RunConfig) -> float:
+    """Passes over the training set the run's planned steps make."""
+    return plan_steps(n_examples, cfg.train) * cfg.train.batch_size * cfg.train.grad_accum / max(n_examples, 1)
+
+
 def epoch_warnings(n_examples: int, cfg: RunConfig) -> list[str]:
     """The article's finding: more than one epoch over a small static dataset made results worse."""
-    per_step = cfg.train.batch_size * cfg.train.grad_accum
-    epochs = plan_steps(n_examples, cfg.train) * per_step / max(n_examples, 1)
+    epochs = planned_epochs(n_examples, cfg)
     # one partial last batch (rounding up to whole steps) is not a second epoch
-    if epochs <= 1.0 + per_step / max(n_examples, 1) or n_examples >= SMALL_DATASET:
+    if epochs <= 1.0 + cfg.train.batch_size * cfg.train.grad_accum / max(n_examples, 1) or n_examples >= SMALL_DATASET:
         return []
     guard = "" if cfg.train.eval_every else "; set train.eval_every (and train.early_stopping_patience) to watch it"
     return [f"{epochs:.1f} epochs over {n_examples:,} static examples: multi-epoch training on a small "
@@ -259,8 +263,7 @@ def run_training(cfg: RunConfig, *, quiet: bool = False) -> dict:
         "final_val_loss": result.final_val_loss,
         "val_history": result.val_history,
         "skipped_steps": result.skipped_steps,
-        "epochs": round(plan_steps(len(train_enc), cfg.train) * cfg.train.batch_size * cfg.train.grad_accum
-                        / max(len(train_enc), 1), 3),
+        "epochs": round(planned_epochs(len(train_enc), cfg), 3),
         "warnings": warnings,
         "stopped_early": result.stopped_early,
         "best_val_loss": min((v["val_loss"] for v in result.val_history), default=None),
