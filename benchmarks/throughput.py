@@ -44,9 +44,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -54,160 +52,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from peft_baseline import worker_baseline
+from workload import FLOPS_FORMULA, LORA, MAX_SEQ_LEN, MODEL, encoded_data, matmul_peak, model_flops, model_shape
+from workload import examples_of, index_stream
+
 HERE = Path(__file__).resolve()
 LOCK = Path("/tmp/loralab_cpu_lock")
-MODEL = "smollm2-135m"
-LORA = dict(r=16, alpha=32, dropout=0.05)
-MAX_SEQ_LEN = 512
-
-# ----------------------------------------------------------------------------------------------
-# The data: arithmetic questions plus longer chat / Alpaca-style instructions, all deterministic
-
-TOPICS = ["photosynthesis", "the water cycle", "compound interest", "binary search", "volcanoes",
-          "the Roman Empire", "recycling", "black holes", "vaccines", "sleep", "bread baking", "electric cars",
-          "ocean tides", "the immune system", "prime numbers", "solar panels", "honey bees", "the printing press",
-          "earthquakes", "coffee roasting", "rainbows", "human memory", "suspension bridges", "chess openings",
-          "the internet", "glaciers", "music theory", "plate tectonics", "fermentation", "lighthouses"]
-ASKS = ["Explain {t} to a curious beginner.", "Write a short paragraph about {t}.",
-        "What are the most important things to know about {t}?", "Give me a clear overview of {t}, with an example.",
-        "Summarize how {t} works in plain language.", "Why does {t} matter in everyday life?"]
-SENTENCES = [
-    "{T} is often described as {adj}, but the details are more interesting than that.",
-    "A useful way to think about {t} is to picture {noun} that slowly {verb} over time.",
-    "Many people first meet {t} in school, where it is presented as a {adj} idea.",
-    "In practice, {t} depends on {noun} and on how carefully we {verb2} it.",
-    "One common mistake is to assume that {t} always {verb}; in fact it rarely does.",
-    "For example, a small change in {noun} can {verb2} the whole picture.",
-    "Researchers keep studying {t} because it connects to {noun} in {adj} ways.",
-    "If you remember one thing, remember that {t} is mostly about {noun}.",
-    "The history of {t} shows how ideas improve when people test them against {noun}.",
-    "It also helps to compare {t} with {noun}, which behaves in a {adj} way.",
-    "Step by step, the process {verb} until it reaches a stable state.",
-    "Experts usually recommend that beginners {verb2} {noun} before anything else.",
-]
-WORDS = {
-    "adj": ["simple", "surprising", "gradual", "delicate", "powerful", "predictable", "messy", "elegant"],
-    "noun": ["a patient gardener", "the local weather", "a set of careful measurements", "a busy kitchen",
-             "a river delta", "the energy budget", "a crowded train station", "a well-kept notebook"],
-    "verb": ["changes", "grows", "balances itself", "speeds up", "settles down", "repeats"],
-    "verb2": ["measure", "observe", "reshape", "explain", "question", "simplify"],
-}
-ALPACA_HEAD = ("Below is an instruction that describes a task. Write a response that appropriately "
-               "completes the request.\n\n### Instruction:\n{q}\n\n### Response:\n")
-
-
-def _response(rng: random.Random, topic: str, target_tokens: int) -> str:
-    out, words = [], 0
-    while words * 1.3 < target_tokens:  # ~1.3 tokens per English word with SmolLM2's tokenizer
-        fill = {k: rng.choice(v) for k, v in WORDS.items()}
-        s = rng.choice(SENTENCES).format(t=topic, T=topic[0].upper() + topic[1:], **fill)
-        out.append(s)
-        words += len(s.split())
-    return " ".join(out)
-
-
-def make_examples(n: int, seed: int):
-    """n examples: half arithmetic (2da/2ds, ~15 tokens), a quarter chat, a quarter Alpaca-style
-    prompt/response, responses of 50-250 tokens; shuffled. A pure function of (n, seed)."""
-    from loralab.data.formats import Example
-    from loralab.data.tasks import make_task
-
-    rng = random.Random(f"throughput:{seed}")
-    n_arith = n // 2
-    arith = make_task("2da", n_arith - n_arith // 2, 0, seed)[0] + make_task("2ds", n_arith // 2, 0, seed)[0]
-    long = []
-    for k in range(n - n_arith):
-        topic, ask = rng.choice(TOPICS), rng.choice(ASKS)
-        q = ask.format(t=topic)
-        a = _response(rng, topic, rng.randint(50, 250))
-        if k % 2 == 0:
-            long.append(Example(messages=[{"role": "user", "content": q}, {"role": "assistant", "content": a}],
-                                source=f"chat #{k}"))
-        else:
-            long.append(Example(prompt=ALPACA_HEAD.format(q=q), response=a, source=f"alpaca #{k}"))
-    examples = arith + long
-    rng.shuffle(examples)
-    return examples
-
-
-def encoded_data(tok, n: int, seed: int):
-    from loralab.data.prompts import encode_all
-
-    enc, stats = encode_all(make_examples(n, seed), tok, template="auto", system_prompt="default",
-                            max_seq_len=MAX_SEQ_LEN)
-    return enc, stats
-
-
-# ----------------------------------------------------------------------------------------------
-# Model FLOPs
-
-def model_shape(folder) -> dict:
-    cfg = json.loads((Path(folder) / "config.json").read_text())
-    d, ff, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
-    heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
-    hd = cfg.get("head_dim") or d // heads
-    linears = [(d, heads * hd), (d, kv * hd), (d, kv * hd), (heads * hd, d), (d, ff), (d, ff), (ff, d)]
-    r = LORA["r"]
-    return {"hidden": d, "layers": L, "d_attn": heads * hd, "vocab": cfg["vocab_size"],
-            "n_body": L * sum(i * o for i, o in linears), "n_lora": L * sum(r * (i + o) for i, o in linears)}
-
-
-FLOPS_FORMULA = ("model FLOPs = sum over examples of (4 N + 6 N_lora) T + 12 L d_attn S(S+1)/2 + 4 V d T_label; "
-                 "T=S real tokens, N decoder linear weights, N_lora LoRA params, T_label labelled positions")
-
-
-def model_flops(shape: dict, examples: list[tuple[int, int]]) -> float:
-    """examples: (real tokens, labelled positions) of every example trained on."""
-    s = shape
-    total = 0.0
-    for t, n_label in examples:
-        total += (4 * s["n_body"] + 6 * s["n_lora"]) * t
-        total += 12 * s["layers"] * s["d_attn"] * t * (t + 1) / 2
-        total += 4 * s["vocab"] * s["hidden"] * n_label
-    return total
-
 
 # ----------------------------------------------------------------------------------------------
 # Workers (each in its own process)
-
-def matmul_peak(reps: int = 8) -> dict:
-    import torch
-
-    out = {"threads": torch.get_num_threads()}
-    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-        a = torch.randn(2048, 2048, dtype=dtype)
-        b = torch.randn(2048, 2048, dtype=dtype)
-        a @ b  # warm up
-        best = math.inf
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            a @ b
-            best = min(best, time.perf_counter() - t0)
-        out[f"{name}_gflops"] = 2 * 2048 ** 3 / best / 1e9
-    return out
-
-
-def _examples_of(enc, idx_stream, n_micro: int) -> list[tuple[int, int]]:
-    out = []
-    for idx in idx_stream[:n_micro]:
-        out += [(len(enc[i].input_ids), enc[i].n_labels) for i in idx]
-    return out
-
-
-def _index_stream(enc, batch_size: int, seed: int, n_micro: int, grouped_window: int = 0) -> list[list[int]]:
-    """The micro batches' example indices, as train() draws them (epoch after epoch)."""
-    from loralab.data.batching import iterate_batches
-    from loralab.data.packing import grouped_batches
-
-    out, epoch = [], 0
-    while len(out) < n_micro:
-        if grouped_window:
-            out += list(grouped_batches(enc, batch_size, seed=seed, epoch=epoch, window=grouped_window))
-        else:
-            out += list(iterate_batches(enc, batch_size, seed=seed, epoch=epoch))
-        epoch += 1
-    return out[:n_micro]
-
 
 SIDE_HELP = ("a side is baseline, or loralab | packed | grouped, optionally with modifiers joined by '+': "
              "sdpa (attention), ckpt (gradient checkpointing), compile (torch.compile of the decoder blocks), "
@@ -256,7 +109,7 @@ def worker_loralab(spec: dict) -> dict:
     packed = spec.get("packed", False)
     window = spec.get("group_window", 0)
     n_micro = t.max_steps * t.grad_accum
-    idx_stream = _index_stream(enc, t.batch_size, t.seed, n_micro, window)
+    idx_stream = index_stream(enc, t.batch_size, t.seed, n_micro, window)
     if packed and not packing.packing_supported(model, tok.pad_token_id):
         raise SystemExit("this model does not honour packed position ids; packing would mix examples")
     # The levers are the loop's own switches: train.packing, train.group_by_length, train.compile.
@@ -284,91 +137,9 @@ def worker_loralab(spec: dict) -> dict:
             "steps": result.steps, "tokens": result.train_tokens, "slots": slots,
             "tokens_per_s": result.tokens_per_s, "step_times_s": [result.history[0]["elapsed_s"]] + times,
             "losses": [h["loss"] for h in result.history], **peak.result(),
-            "examples_trained": _examples_of(enc, idx_stream, n_micro), "data_stats": stats,
+            "examples_trained": examples_of(enc, idx_stream, n_micro), "data_stats": stats,
             "trainable_params": info["trainable_params"], "precision": info["precision"],
             "weights_dtype": info["weights_dtype"], "threads": torch.get_num_threads(), "folder": str(folder)}
-
-
-def worker_baseline(spec: dict) -> dict:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import (AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback,
-                              TrainingArguments)
-    from transformers.utils import logging as hf_logging
-
-    from loralab.memory import PeakMemory
-    from loralab.models import load_tokenizer, resolve
-
-    hf_logging.set_verbosity_error()
-    torch.manual_seed(spec["seed"])
-    t0 = time.perf_counter()
-    folder = resolve(MODEL)
-    tok = load_tokenizer(folder)
-    dtype = torch.bfloat16 if spec["baseline_weights"] == "bf16" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
-    model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                                             target_modules="all-linear", task_type="CAUSAL_LM"))
-    enc, stats = encoded_data(tok, spec["examples"], spec["seed"])
-    # The very micro batches loralab's train() draws, in its order (train_sampling_strategy=sequential
-    # keeps it): the two loss curves then differ only by the implementations, not by the data order.
-    n_micro = spec["steps"] * spec["grad_accum"]
-    order = [i for idx in _index_stream(enc, spec["batch"], spec["seed"], n_micro) for i in idx]
-    dataset = [{"input_ids": enc[i].input_ids, "attention_mask": [1] * len(enc[i].input_ids),
-                "labels": enc[i].labels} for i in order]
-    load_s = time.perf_counter() - t0
-
-    inner = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
-    seen: list[list[tuple[int, int]]] = []
-    counts: list[tuple[int, int]] = []
-
-    def collator(features):  # counts real tokens and computed positions; pads exactly as `inner`
-        batch = inner(features)
-        counts.append((int(batch["attention_mask"].sum()), batch["input_ids"].numel()))
-        seen.append([(len(f["input_ids"]), sum(1 for x in f["labels"][1:] if x != -100)) for f in features])
-        return batch
-
-    log: list[dict] = []
-    marks: dict = {"steps": []}
-
-    class Record(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kw):
-            marks["begin"] = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            marks["steps"].append(time.perf_counter())
-
-        def on_train_end(self, args, state, control, **kw):
-            marks["end"] = time.perf_counter()
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                log.append({"step": state.global_step, "loss": logs["loss"]})
-
-    out_dir = tempfile.mkdtemp(prefix="throughput-baseline-")
-    args = TrainingArguments(
-        output_dir=out_dir, per_device_train_batch_size=spec["batch"], gradient_accumulation_steps=spec["grad_accum"],
-        max_steps=spec["steps"], learning_rate=spec["lr"], warmup_steps=spec["warmup"], lr_scheduler_type="cosine",
-        weight_decay=0.0, max_grad_norm=1.0, bf16=True, use_cpu=not torch.cuda.is_available(), logging_steps=1,
-        report_to=[], save_strategy="no", eval_strategy="no", dataloader_num_workers=0, seed=spec["seed"],
-        disable_tqdm=True, remove_unused_columns=False, train_sampling_strategy="sequential")
-    cpu0 = time.process_time()
-    with PeakMemory("cpu" if not torch.cuda.is_available() else "cuda") as peak:
-        trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                          callbacks=[Record()])
-        trainer.train()
-    cpu_s = time.process_time() - cpu0
-    tokens = sum(c[0] for c in counts[:n_micro])  # the dataloader may fetch one batch ahead
-    runtime = marks["end"] - marks["begin"]
-    step_ends = [marks["begin"]] + marks["steps"]
-    return {"side": "baseline", "how": f"PEFT get_peft_model + Trainer (bf16=True, {spec['baseline_weights']} weights)",
-            "load_s": load_s, "runtime_s": runtime, "cpu_s": cpu_s, "steps": len(marks["steps"]), "tokens": tokens,
-            "slots": sum(c[1] for c in counts[:n_micro]), "tokens_per_s": tokens / runtime,
-            "step_times_s": [b - a for a, b in zip(step_ends, step_ends[1:])],
-            "losses": [r["loss"] for r in log], **peak.result(),
-            "examples_trained": [x for b in seen[:n_micro] for x in b], "data_stats": stats,
-            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "precision": "bf16 autocast", "weights_dtype": str(dtype).replace("torch.", ""),
-            "threads": torch.get_num_threads(), "folder": str(folder)}
 
 
 def worker(kind: str, spec_path: str, out_path: str) -> None:

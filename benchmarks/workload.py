@@ -1,0 +1,166 @@
+"""The throughput benchmark's workload, shared by throughput.py, levers_ab.py and profile_step.py:
+the model and LoRA settings, a deterministic mix of short arithmetic questions and long chat /
+Alpaca-style instructions (a realistic spread of lengths), the model-FLOPs count of training on it,
+and the bf16 matmul peak that MFU is measured against."""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+MODEL = "smollm2-135m"
+LORA = dict(r=16, alpha=32, dropout=0.05)
+MAX_SEQ_LEN = 512
+
+# ----------------------------------------------------------------------------------------------
+# The data: arithmetic questions plus longer chat / Alpaca-style instructions, all deterministic
+
+TOPICS = ["photosynthesis", "the water cycle", "compound interest", "binary search", "volcanoes",
+          "the Roman Empire", "recycling", "black holes", "vaccines", "sleep", "bread baking", "electric cars",
+          "ocean tides", "the immune system", "prime numbers", "solar panels", "honey bees", "the printing press",
+          "earthquakes", "coffee roasting", "rainbows", "human memory", "suspension bridges", "chess openings",
+          "the internet", "glaciers", "music theory", "plate tectonics", "fermentation", "lighthouses"]
+ASKS = ["Explain {t} to a curious beginner.", "Write a short paragraph about {t}.",
+        "What are the most important things to know about {t}?", "Give me a clear overview of {t}, with an example.",
+        "Summarize how {t} works in plain language.", "Why does {t} matter in everyday life?"]
+SENTENCES = [
+    "{T} is often described as {adj}, but the details are more interesting than that.",
+    "A useful way to think about {t} is to picture {noun} that slowly {verb} over time.",
+    "Many people first meet {t} in school, where it is presented as a {adj} idea.",
+    "In practice, {t} depends on {noun} and on how carefully we {verb2} it.",
+    "One common mistake is to assume that {t} always {verb}; in fact it rarely does.",
+    "For example, a small change in {noun} can {verb2} the whole picture.",
+    "Researchers keep studying {t} because it connects to {noun} in {adj} ways.",
+    "If you remember one thing, remember that {t} is mostly about {noun}.",
+    "The history of {t} shows how ideas improve when people test them against {noun}.",
+    "It also helps to compare {t} with {noun}, which behaves in a {adj} way.",
+    "Step by step, the process {verb} until it reaches a stable state.",
+    "Experts usually recommend that beginners {verb2} {noun} before anything else.",
+]
+WORDS = {
+    "adj": ["simple", "surprising", "gradual", "delicate", "powerful", "predictable", "messy", "elegant"],
+    "noun": ["a patient gardener", "the local weather", "a set of careful measurements", "a busy kitchen",
+             "a river delta", "the energy budget", "a crowded train station", "a well-kept notebook"],
+    "verb": ["changes", "grows", "balances itself", "speeds up", "settles down", "repeats"],
+    "verb2": ["measure", "observe", "reshape", "explain", "question", "simplify"],
+}
+ALPACA_HEAD = ("Below is an instruction that describes a task. Write a response that appropriately "
+               "completes the request.\n\n### Instruction:\n{q}\n\n### Response:\n")
+
+
+def _response(rng: random.Random, topic: str, target_tokens: int) -> str:
+    out, words = [], 0
+    while words * 1.3 < target_tokens:  # ~1.3 tokens per English word with SmolLM2's tokenizer
+        fill = {k: rng.choice(v) for k, v in WORDS.items()}
+        s = rng.choice(SENTENCES).format(t=topic, T=topic[0].upper() + topic[1:], **fill)
+        out.append(s)
+        words += len(s.split())
+    return " ".join(out)
+
+
+def make_examples(n: int, seed: int):
+    """n examples: half arithmetic (2da/2ds, ~15 tokens), a quarter chat, a quarter Alpaca-style
+    prompt/response, responses of 50-250 tokens; shuffled. A pure function of (n, seed)."""
+    from loralab.data.formats import Example
+    from loralab.data.tasks import make_task
+
+    rng = random.Random(f"throughput:{seed}")
+    n_arith = n // 2
+    arith = make_task("2da", n_arith - n_arith // 2, 0, seed)[0] + make_task("2ds", n_arith // 2, 0, seed)[0]
+    long = []
+    for k in range(n - n_arith):
+        topic, ask = rng.choice(TOPICS), rng.choice(ASKS)
+        q = ask.format(t=topic)
+        a = _response(rng, topic, rng.randint(50, 250))
+        if k % 2 == 0:
+            long.append(Example(messages=[{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+                                source=f"chat #{k}"))
+        else:
+            long.append(Example(prompt=ALPACA_HEAD.format(q=q), response=a, source=f"alpaca #{k}"))
+    examples = arith + long
+    rng.shuffle(examples)
+    return examples
+
+
+def encoded_data(tok, n: int, seed: int):
+    from loralab.data.prompts import encode_all
+
+    enc, stats = encode_all(make_examples(n, seed), tok, template="auto", system_prompt="default",
+                            max_seq_len=MAX_SEQ_LEN)
+    return enc, stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Model FLOPs
+
+def model_shape(folder) -> dict:
+    cfg = json.loads((Path(folder) / "config.json").read_text())
+    d, ff, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    hd = cfg.get("head_dim") or d // heads
+    linears = [(d, heads * hd), (d, kv * hd), (d, kv * hd), (heads * hd, d), (d, ff), (d, ff), (ff, d)]
+    r = LORA["r"]
+    return {"hidden": d, "layers": L, "d_attn": heads * hd, "vocab": cfg["vocab_size"],
+            "n_body": L * sum(i * o for i, o in linears), "n_lora": L * sum(r * (i + o) for i, o in linears)}
+
+
+FLOPS_FORMULA = ("model FLOPs = sum over examples of (4 N + 6 N_lora) T + 12 L d_attn S(S+1)/2 + 4 V d T_label; "
+                 "T=S real tokens, N decoder linear weights, N_lora LoRA params, T_label labelled positions")
+
+
+def model_flops(shape: dict, examples: list[tuple[int, int]]) -> float:
+    """examples: (real tokens, labelled positions) of every example trained on."""
+    s = shape
+    total = 0.0
+    for t, n_label in examples:
+        total += (4 * s["n_body"] + 6 * s["n_lora"]) * t
+        total += 12 * s["layers"] * s["d_attn"] * t * (t + 1) / 2
+        total += 4 * s["vocab"] * s["hidden"] * n_label
+    return total
+
+
+# ----------------------------------------------------------------------------------------------
+# The bf16 matmul peak MFU is measured against
+
+def matmul_peak(reps: int = 8) -> dict:
+    import torch
+
+    out = {"threads": torch.get_num_threads()}
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        a = torch.randn(2048, 2048, dtype=dtype)
+        b = torch.randn(2048, 2048, dtype=dtype)
+        a @ b  # warm up
+        best = math.inf
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t0)
+        out[f"{name}_gflops"] = 2 * 2048 ** 3 / best / 1e9
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Which examples each micro batch holds
+
+def examples_of(enc, idx_stream, n_micro: int) -> list[tuple[int, int]]:
+    out = []
+    for idx in idx_stream[:n_micro]:
+        out += [(len(enc[i].input_ids), enc[i].n_labels) for i in idx]
+    return out
+
+
+def index_stream(enc, batch_size: int, seed: int, n_micro: int, grouped_window: int = 0) -> list[list[int]]:
+    """The micro batches' example indices, as train() draws them (epoch after epoch)."""
+    from loralab.data.batching import iterate_batches
+    from loralab.data.packing import grouped_batches
+
+    out, epoch = [], 0
+    while len(out) < n_micro:
+        if grouped_window:
+            out += list(grouped_batches(enc, batch_size, seed=seed, epoch=epoch, window=grouped_window))
+        else:
+            out += list(iterate_batches(enc, batch_size, seed=seed, epoch=epoch))
+        epoch += 1
+    return out[:n_micro]
