@@ -5,127 +5,17 @@ Most cases call `loralab.cli.main` in-process (fast); a few run `python -m loral
 subprocess to prove the same end to end. Every case that takes an output directory points it at
 `prev`, a finished tiny run made once per module, and checks its files are byte-identical after.
 """
-import hashlib
 import json
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import tiny_llama
+from cli_cases import (_base_config, _config_with, _digest, _jsonl, _save_tiny, _write, prev, run_cli,  # noqa: F401
+                       run_subprocess, tiny_folder, untouched)
 from loralab import checkpoint
 from loralab.cli import main
-from loralab.config import load_config
-from loralab.run import run_training
-
-SRC = Path(__file__).resolve().parents[1] / "src" / "loralab"
-
-
-# ---------------------------------------------------------------------------------------------
-# Module fixtures: a tiny model folder, and a finished run whose files must survive every case
-
-def _save_tiny(folder: Path, **overrides) -> Path:
-    from tiny_tokenizer import make_tiny_tokenizer
-
-    tok = make_tiny_tokenizer()
-    tiny_llama(0, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-               **overrides).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    return _save_tiny(tmp_path_factory.mktemp("tiny-model"))
-
-
-def _base_config(folder, out, **sections) -> dict:
-    cfg = {"model": {"name": str(folder)},
-           "lora": {"r": 4},
-           "data": {"tasks": ["2da"], "n_train": 16, "template": "raw"},
-           "train": {"max_steps": 2, "batch_size": 4, "save_every": 1, "progress": False, "precision": "fp32",
-                     "lr": 1e-2},
-           "eval": {"n": 2, "before": False, "tasks": []},  # no generation: fast
-           "output_dir": str(out)}
-    for section, values in sections.items():
-        cfg[section].update(values)
-    return cfg
-
-
-@pytest.fixture(scope="module")
-def prev(tiny_folder, tmp_path_factory):
-    """A finished run (adapter, summary.json, checkpoints): the files no failed command may touch."""
-    root = tmp_path_factory.mktemp("prev")
-    out = root / "run"
-    cfg_path = root / "prev.yaml"
-    cfg_path.write_text(json.dumps(_base_config(tiny_folder, out)))  # JSON is YAML
-    run_training(load_config(cfg_path), quiet=True)
-    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "summary.json").is_file()
-    assert checkpoint.latest(out / "checkpoints") is not None
-    return out
-
-
-def _digest(folder: Path, *, complete_only: bool = False) -> dict:
-    """sha256 of every file under folder (complete_only: leave out checkpoint temp folders)."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*"))
-            if p.is_file() and not (complete_only and ".tmp-" in str(p.relative_to(folder)))}
-
-
-@pytest.fixture
-def untouched(prev):
-    """Asserts after the test that every file of the previous run is byte-identical (none added)."""
-    before = _digest(prev)
-    yield prev
-    assert _digest(prev) == before
-
-
-# ---------------------------------------------------------------------------------------------
-# How a case is run and judged
-
-def _one_error_line(rc: int, err: str, *expected: str) -> str:
-    assert rc == 2, f"exit {rc}, stderr: {err}"
-    assert "Traceback" not in err, err
-    lines = err.strip("\n").splitlines()
-    assert len(lines) == 1, f"stderr is not one line:\n{err}"
-    line = lines[0]
-    assert line.startswith("loralab: error: "), line
-    for text in expected:
-        assert text in line, f"{text!r} not in {line!r}"
-    return line
-
-
-def run_cli(capsys, *argv, expect=()):
-    capsys.readouterr()  # drop anything printed before
-    rc = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return _one_error_line(rc, captured.err, *expect)
-
-
-def run_subprocess(*argv, expect=()):
-    proc = subprocess.run([sys.executable, "-m", "loralab.cli", *map(str, argv)], capture_output=True, text=True,
-                          timeout=120)
-    return _one_error_line(proc.returncode, proc.stderr, *expect)
-
-
-def _write(path: Path, content) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(content, bytes):
-        path.write_bytes(content)
-    else:
-        path.write_text(content)
-    return path
-
-
-def _config_with(tmp_path, tiny_folder, prev, **sections) -> Path:
-    return _write(tmp_path / "run.yaml", json.dumps(_base_config(tiny_folder, prev, **sections)))
-
-
-def _jsonl(records) -> str:
-    return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,87 +310,3 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny_folder, tmp_p
     assert checkpoint.latest(out / "checkpoints").name == "step-00000002"
     assert not list((out / "checkpoints").glob(".tmp-*"))
     assert not (out / "adapter").exists() and not (out / "summary.json").exists()
-
-
-# ---------------------------------------------------------------------------------------------
-# Non-finite losses
-
-def _nan_from_step(monkeypatch, first_bad_call: int, on_first_nan=None):
-    """The training loss becomes NaN from the `first_bad_call`-th micro batch on."""
-    import torch
-
-    from loralab import train as train_mod
-
-    real = train_mod.loss_sum
-    calls = {"n": 0}
-
-    def loss_sum(model, batch):
-        calls["n"] += 1
-        s, n = real(model, batch)
-        if calls["n"] == first_bad_call and on_first_nan:
-            on_first_nan()
-        return (s * torch.nan if calls["n"] >= first_bad_call else s), n
-
-    monkeypatch.setattr(train_mod, "loss_sum", loss_sum)
-
-
-def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_folder, tmp_path, capsys,
-                                                                           monkeypatch):
-    out = tmp_path / "run"
-    cfg = _write(tmp_path / "c.yaml", json.dumps(_base_config(tiny_folder, out, train={"max_steps": 5})))
-    good = {}
-    # grad_accum 1: call k is step k; when step 3 starts, steps 1 and 2 are checkpointed
-    _nan_from_step(monkeypatch, 3, on_first_nan=lambda: good.update(_digest(out / "checkpoints")))
-    capsys.readouterr()
-    rc = main(["train", str(cfg)])
-    err = capsys.readouterr().err
-    lines = err.strip("\n").splitlines()
-    assert rc == 2 and "Traceback" not in err, err
-    assert [l for l in lines if l.startswith("loralab: error:")] == lines[-1:]
-    assert "non-finite loss at step 3" in lines[-1] and "train.skip_nonfinite" in lines[-1]
-    last = checkpoint.latest(out / "checkpoints")
-    assert last.name == "step-00000002" and str(last) in lines[-1]
-    assert good and _digest(out / "checkpoints") == good  # byte-identical to before the NaN
-    snap = checkpoint.load(last)  # complete and readable
-    assert snap["step"] == 2 and all(v.isfinite().all() for v in snap["trainable"].values())
-    assert not (out / "adapter").exists() and not (out / "summary.json").exists()
-
-
-def test_skip_nonfinite_skips_batches_and_reports_them(tiny_folder, tmp_path, capsys, monkeypatch):
-    out = tmp_path / "run"
-    cfg = _write(tmp_path / "c.yaml", json.dumps(_base_config(tiny_folder, out, train={"max_steps": 4})))
-    _nan_from_step(monkeypatch, 3)
-    assert main(["train", str(cfg), "train.skip_nonfinite=true"]) == 0
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["skipped_steps"] == 2 and summary["steps"] == 4
-    snap = checkpoint.load(checkpoint.latest(out / "checkpoints"))
-    assert all(v.isfinite().all() for v in snap["trainable"].values())  # no NaN reached the weights
-
-
-# ---------------------------------------------------------------------------------------------
-# Safe loading: no pickle anywhere in the package
-
-def _sources():
-    files = sorted(SRC.rglob("*.py"))
-    assert len(files) > 10
-    return files
-
-
-def test_torch_load_always_has_weights_only():
-    offenders = []
-    for path in _sources():
-        text = path.read_text()
-        for m in re.finditer(r"\btorch\.load\s*\(", text):
-            depth, i = 1, m.end()
-            while depth and i < len(text):
-                depth += {"(": 1, ")": -1}.get(text[i], 0)
-                i += 1
-            if not re.search(r"weights_only\s*=\s*True", text[m.end():i]):
-                offenders.append(f"{path.name}:{text.count(chr(10), 0, m.start()) + 1}")
-    assert not offenders, f"torch.load without weights_only=True: {offenders}"
-
-
-def test_pickle_is_never_imported():
-    pattern = re.compile(r"^\s*(import\s+(c?pickle|dill|joblib)\b|from\s+(c?pickle|dill|joblib)\s+import)", re.M)
-    offenders = [p.name for p in _sources() if pattern.search(p.read_text())]
-    assert not offenders, f"pickle imported in {offenders}"
