@@ -1,11 +1,12 @@
 """How close is the analytic memory estimate (loralab.estimate) to the measured peak? A grid of
 short real training runs on this CPU, each in its own process so every peak is clean.
 
-    .venv/bin/python benchmarks/memory_estimate.py [--json results.json] [--only NAME,...] [--steps 3]
+    .venv/bin/python benchmarks/memory_estimate.py [--json results.json] [--only NAME,...] [--steps 3] [--repeat 3]
 
 Each run: loralab.run.run_training with max_steps steps, no evaluation, no validation split, on
 data that fills max_seq_len (a long response after a short prompt, so almost every position carries
-a label). Measured: the run's peak_memory_bytes (peak RSS of the training phase). Estimated:
+a label). Measured: the run's peak_memory_bytes (peak RSS of the training phase), the median of
+--repeat runs (a run's peak varies by up to ~10% between processes). Estimated:
 estimate_for_run(cfg, config.json, "cpu"). Models: the default smollm2-135m and two random-init
 tiny Llama models saved as HF folders (with the default model's tokenizer).
 Respects /tmp/loralab_cpu_lock: waits while a colleague holds it (they are timing something).
@@ -49,6 +50,10 @@ GRID = [
     ("tiny-b-r8-all-s256-b8-sgd", "tiny-b", ["data.max_seq_len=256", "train.batch_size=8", "train.optimizer=sgd"]),
     ("tiny-b-nf4-r32-all-s512-b4", "tiny-b", ["model.quant=nf4", "lora.r=32", "data.max_seq_len=512",
                                              "train.batch_size=4"]),
+    ("smol-r8-qv-s256-b4-ckpt", SMOL, ["lora.targets=qv", "data.max_seq_len=256", "train.batch_size=4",
+                                       "train.gradient_checkpointing=true"]),
+    ("tiny-b-r8-all-s1024-b2-ckpt", "tiny-b", ["data.max_seq_len=1024", "train.batch_size=2",
+                                               "train.gradient_checkpointing=true"]),
 ]
 
 
@@ -92,7 +97,8 @@ def child(spec: dict) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from loralab.config import load_config
-    from loralab.estimate import estimate_for_run, resolve_model_config
+    from loralab.arch import resolve_model_config
+    from loralab.estimate import estimate_for_run
     from loralab.models import resolve
     from loralab.run import run_training
 
@@ -103,33 +109,41 @@ def child(spec: dict) -> None:
                                   "estimate": est, "method": summary["method"], "precision": summary["precision"]}))
 
 
-def run_one(name: str, model: str, overrides: list[str], tmp: Path, data: Path, steps: int) -> dict:
+def run_one(name: str, model: str, overrides: list[str], tmp: Path, data: Path, steps: int, repeat: int) -> dict:
+    """The config `repeat` times, each in a fresh process: the same run's peak RSS varies by up to
+    ~10% from one process to the next (where glibc's heap holes fall), so the median is compared."""
     spec = {"overrides": [f"model.name={model}", f"data.path={data}", "data.template=raw", "data.val_fraction=0",
                           "eval.n=0", "eval.before=false", "train.progress=false", f"train.max_steps={steps}",
                           f"output_dir={tmp / 'runs' / name}", "resume=false", *overrides]}
-    wait_for_lock()
-    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"name": name, "error": tail[:300]}
-    r = json.loads(lines[-1][len("RESULT "):])
+    results = []
+    for _ in range(repeat):
+        wait_for_lock()
+        proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
+        lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            return {"name": name, "error": tail[:300]}
+        results.append(json.loads(lines[-1][len("RESULT "):]))
+    peaks = sorted(r["measured"] for r in results)
+    measured = peaks[len(peaks) // 2] if len(peaks) % 2 else (peaks[len(peaks) // 2 - 1] + peaks[len(peaks) // 2]) / 2
+    r = results[0]
     est = r["estimate"]["peak_bytes"]
-    return {"name": name, "model": model, "overrides": overrides, "measured_bytes": r["measured"],
-            "start_bytes": r["start"], "estimated_bytes": est, "error": (est - r["measured"]) / r["measured"],
+    return {"name": name, "model": model, "overrides": overrides, "measured_bytes": measured, "measured_all": peaks,
+            "start_bytes": r["start"], "estimated_bytes": est, "error": (est - measured) / measured,
             "breakdown": r["estimate"]["breakdown"], "activation_detail": r["estimate"]["activation_detail"]}
 
 
 def row_line(r: dict) -> str:
     if isinstance(r.get("error"), str):
         return f"{r['name']:<30} failed: {r['error']}"
-    mib = lambda n: f"{n / 2**20:,.0f}"
-    return (f"{r['name']:<30} {mib(r['measured_bytes']):>13} {mib(r['estimated_bytes']):>13} "
+    mib = lambda n: f"{n / 2**20:,.0f}"  # noqa: E731
+    spread = f"{mib(r['measured_all'][0])}-{mib(r['measured_all'][-1])}"
+    return (f"{r['name']:<30} {mib(r['measured_bytes']):>13} {spread:>13} {mib(r['estimated_bytes']):>13} "
             f"{100 * r['error']:>+7.1f}%")
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = [f"{'run':<30} {'measured MiB':>13} {'estimate MiB':>13} {'error':>8}", "-" * 67]
+    lines = [f"{'run':<30} {'measured MiB':>13} {'runs, min-max':>13} {'estimate MiB':>13} {'error':>8}", "-" * 81]
     lines += [row_line(r) for r in rows]
     errs = [abs(r["error"]) for r in rows if not isinstance(r.get("error"), str)]
     if errs:
@@ -142,6 +156,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--only", default=None, help="comma-separated run names (default: the whole grid)")
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=3, help="runs per config; the median peak is compared")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -155,7 +170,7 @@ def main(argv=None) -> int:
         write_data(data)
         tiny = make_tiny_models(tmp) if any(g[1] in TINY for g in grid) else {}
         for name, model, overrides in grid:
-            rows.append(run_one(name, str(tiny.get(model, model)), overrides, tmp, data, args.steps))
+            rows.append(run_one(name, str(tiny.get(model, model)), overrides, tmp, data, args.steps, args.repeat))
             rows[-1]["model"] = model
             print(row_line(rows[-1]), file=sys.stderr, flush=True)
     print(format_table(rows))

@@ -8,6 +8,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import tiny_llama, tiny_llama_config
+from loralab import arch as A
 from loralab import estimate as E
 from loralab.cli import main
 from loralab.errors import UserError
@@ -27,7 +28,7 @@ def _hf_dict(model) -> dict:
 def test_param_count_equals_a_real_tiny_model(tied):
     model = tiny_llama(0, tie_word_embeddings=tied)
     real = sum(p.numel() for p in model.parameters())  # parameters() yields a tied tensor once
-    assert E.count_params(_hf_dict(model))["total"] == real
+    assert A.count_params(_hf_dict(model))["total"] == real
 
 
 def test_param_count_handles_head_dim_and_qkv_bias():
@@ -36,37 +37,37 @@ def test_param_count_handles_head_dim_and_qkv_bias():
     cfg = Qwen2Config(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
     real = sum(p.numel() for p in Qwen2ForCausalLM(cfg).parameters())
-    assert E.count_params(cfg.to_dict())["total"] == real
+    assert A.count_params(cfg.to_dict())["total"] == real
     wide = tiny_llama_config(head_dim=16)  # head_dim x heads (64) != hidden (32)
-    assert E.count_params(wide.to_dict())["total"] == sum(p.numel() for p in
+    assert A.count_params(wide.to_dict())["total"] == sum(p.numel() for p in
                                                           AutoModelForCausalLM.from_config(wide).parameters())
 
 
-@pytest.mark.parametrize("name", E.bundled_names())
+@pytest.mark.parametrize("name", A.bundled_names())
 def test_bundled_configs_count_like_transformers_builds_them(name):
-    cfg = E.resolve_model_config(name)
+    cfg = A.resolve_model_config(name)
     fields = {k: v for k, v in cfg.items() if not k.startswith("_") and k != "model_type"}
     hf = AutoConfig.for_model(cfg["model_type"], **fields)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf)
-    assert E.count_params(cfg)["total"] == sum(p.numel() for p in model.parameters())
+    assert A.count_params(cfg)["total"] == sum(p.numel() for p in model.parameters())
 
 
 def test_known_totals_and_the_articles_trainable_counts():
-    llama = E.resolve_model_config("llama-2-7b")
-    assert E.count_params(llama)["total"] == 6_738_415_616
-    assert E.count_params(E.resolve_model_config("smollm2-135m"))["total"] == 134_515_008
-    assert E.count_params(llama, "qv", 8)["lora"] == 4_194_304          # the article's q+v count
-    assert E.count_params(llama, "all-linear+head", 8)["lora"] == 20_277_248  # "all layers"
+    llama = A.resolve_model_config("llama-2-7b")
+    assert A.count_params(llama)["total"] == 6_738_415_616
+    assert A.count_params(A.resolve_model_config("smollm2-135m"))["total"] == 134_515_008
+    assert A.count_params(llama, "qv", 8)["lora"] == 4_194_304          # the article's q+v count
+    assert A.count_params(llama, "all-linear+head", 8)["lora"] == 20_277_248  # "all layers"
 
 
 def test_lora_count_is_the_closed_form():
     cfg = tiny_llama_config().to_dict()  # hidden 32, kv dim 16, intermediate 64, 2 layers, vocab 128
     H, K, I, L, V, r = 32, 16, 64, 2, 128, 4
     per_layer = r * ((H + H) + (H + K) + (H + K) + (H + H) + (H + I) + (H + I) + (I + H))
-    assert E.count_params(cfg, "all-linear", r)["lora"] == per_layer * L
-    assert E.count_params(cfg, "qv", r)["lora"] == r * ((H + H) + (H + K)) * L
-    assert E.count_params(cfg, "all-linear+head", r)["lora"] == per_layer * L + r * (H + V)
+    assert A.count_params(cfg, "all-linear", r)["lora"] == per_layer * L
+    assert A.count_params(cfg, "qv", r)["lora"] == r * ((H + H) + (H + K)) * L
+    assert A.count_params(cfg, "all-linear+head", r)["lora"] == per_layer * L + r * (H + V)
 
 
 def test_lora_count_matches_injected_model():
@@ -76,24 +77,24 @@ def test_lora_count_matches_injected_model():
     model.requires_grad_(False)
     lora.inject(model, lora.resolve_targets(model, "all-linear"), r=4, alpha=8, dropout=0.0)
     trainable, _ = lora.count_parameters(model)
-    assert E.count_params(_hf_dict(model), "all-linear", 4)["lora"] == trainable
+    assert A.count_params(_hf_dict(model), "all-linear", 4)["lora"] == trainable
 
 
 @pytest.mark.parametrize("method,article_gb", [("lora", 21.33), ("qlora", 14.18)])
 def test_article_7b_within_15_percent(method, article_gb):
-    peak = E.estimate(E.resolve_model_config("llama-2-7b"), method=method, **ARTICLE)["peak_bytes"]
+    peak = E.estimate(A.resolve_model_config("llama-2-7b"), method=method, **ARTICLE)["peak_bytes"]
     assert abs(peak / GB - article_gb) / article_gb < 0.15, peak / GB
 
 
 def test_qlora_below_lora_below_full():
-    cfg = E.resolve_model_config("llama-2-7b")
+    cfg = A.resolve_model_config("llama-2-7b")
     peaks = {m: E.estimate(cfg, method=m, **ARTICLE)["peak_bytes"] for m in ("qlora", "lora", "full")}
     assert peaks["qlora"] < peaks["lora"] < peaks["full"]
 
 
 def test_nf4_weights_are_4127_bits_and_embeddings_stay_16_bit():
-    cfg = E.resolve_model_config("llama-2-7b")
-    p = E.count_params(cfg)
+    cfg = A.resolve_model_config("llama-2-7b")
+    p = A.count_params(cfg)
     frozen = E.estimate(cfg, method="qlora", **ARTICLE)["breakdown"]["frozen_weights"]
     expected = p["layer_linears"] * 4.127 / 8 + (p["embedding"] + p["lm_head"] + p["norms"]) * 2
     assert frozen == pytest.approx(expected, abs=1)
@@ -101,51 +102,86 @@ def test_nf4_weights_are_4127_bits_and_embeddings_stay_16_bit():
 
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_adamw_exceeds_sgd_by_the_closed_form_state(method):
-    cfg = E.resolve_model_config("smollm2-135m")
+    cfg = A.resolve_model_config("smollm2-135m")
     kw = dict(method=method, r=8, targets="all-linear", seq=256, batch=2, device="cpu")
     adamw, sgd = E.estimate(cfg, optimizer="adamw", **kw), E.estimate(cfg, optimizer="sgd", **kw)
-    trainable = E.count_params(cfg, "all-linear", 8)["lora"] if method == "lora" else E.count_params(cfg)["total"]
+    trainable = A.count_params(cfg, "all-linear", 8)["lora"] if method == "lora" else A.count_params(cfg)["total"]
     # AdamW keeps two fp32 moments, SGD with momentum one: 4 bytes per trainable parameter apart.
     assert adamw["peak_bytes"] - sgd["peak_bytes"] == 4 * trainable
     assert adamw["breakdown"]["optimizer_state"] == 8 * trainable
 
 
 def test_checkpointing_reduces_activations():
-    cfg = E.resolve_model_config("llama-2-7b")
+    cfg = A.resolve_model_config("llama-2-7b")
     off = E.estimate(cfg, method="lora", **ARTICLE)
     on = E.estimate(cfg, method="lora", **{**ARTICLE, "grad_checkpointing": True})
     assert on["breakdown"]["activations"] < off["breakdown"]["activations"] / 3
     assert on["breakdown"]["frozen_weights"] == off["breakdown"]["frozen_weights"]
 
 
+def test_full_fine_tuning_peaks_at_the_step_that_holds_the_most():
+    cfg = A.resolve_model_config("smollm2-135m")
+    n = A.count_params(cfg)
+    outside = n["embedding"] + n["lm_head"] + 576  # tied embedding + the final norm
+    # Short sequences: the optimizer step (fp32 masters, every gradient, AdamW's two moments and its
+    # foreach temporary: 4 + 4 + 8 + 4 bytes per parameter, activations freed) sets the peak.
+    short = E.estimate(cfg, method="full", seq=8, batch=1, device="cuda")
+    assert short["phase"] == "optimizer step"
+    assert short["peak_bytes"] == pytest.approx(20 * n["total"] + E.CUDA_OTHER_BYTES, abs=8)
+    # Long ones: the start of backward, with every activation but only the gradients outside the
+    # layers (the layers' appear as their activations are freed) and autocast's bf16 copies.
+    long = E.estimate(cfg, method="full", seq=2048, batch=4, device="cuda")
+    assert long["phase"] == "start of backward"
+    assert long["breakdown"]["gradients"] == 4 * outside
+    assert long["breakdown"]["trainable_weights"] == 6 * n["total"]
+    # Accumulating micro batches keeps every gradient alive while the next one's activations are.
+    accum = E.estimate(cfg, method="full", seq=2048, batch=4, device="cuda", grad_accum=4)
+    assert accum["breakdown"]["gradients"] == 4 * n["total"]
+    assert accum["peak_bytes"] - long["peak_bytes"] == 4 * (n["total"] - outside)
+
+
+def test_cpu_heap_slack_closed_forms():
+    cfg = A.resolve_model_config("smollm2-135m")
+    kw = dict(seq=512, batch=4, device="cpu")
+    off, on = E.estimate(cfg, **kw), E.estimate(cfg, grad_checkpointing=True, **kw)
+    layers = off["activation_detail"]["layers_bytes"]
+    assert off["activation_detail"]["heap_slack_bytes"] == int(E.CPU_HEAP_SLACK * layers)
+    # checkpointing: a fraction of what the layers would have saved, freed by the checkpointed forward
+    assert on["activation_detail"]["heap_slack_bytes"] == int(E.CPU_CKPT_SLACK * layers)
+    assert off["breakdown"]["other"] == E.CPU_RUNTIME_BYTES + off["activation_detail"]["heap_slack_bytes"]
+    cuda = E.estimate(cfg, seq=512, batch=4, device="cuda")
+    assert cuda["activation_detail"]["heap_slack_bytes"] == 0 and cuda["breakdown"]["other"] == E.CUDA_OTHER_BYTES
+
+
 def test_eager_attention_grows_quadratically_and_sdpa_linearly():
-    cfg = E.resolve_model_config("smollm2-135m")
+    cfg = A.resolve_model_config("smollm2-135m")
     layer = lambda attn, seq: E.estimate(cfg, seq=seq, attention=attn)["activation_detail"]["layers_bytes"]
     assert layer("sdpa", 1024) == pytest.approx(2 * layer("sdpa", 512), rel=1e-9)
     assert layer("eager", 1024) > 2.2 * layer("eager", 512)
 
 
 def test_breakdown_sums_to_peak():
-    r = E.estimate(E.resolve_model_config("qwen2.5-7b"), method="qlora", seq=2048, batch=2)
+    r = E.estimate(A.resolve_model_config("qwen2.5-7b"), method="qlora", seq=2048, batch=2)
     assert set(r["breakdown"]) == {"frozen_weights", "trainable_weights", "gradients", "optimizer_state",
                                    "activations", "other"}
     assert sum(r["breakdown"].values()) == r["peak_bytes"]
 
 
 def test_suggest_fixes_fit_and_are_empty_when_it_already_fits():
-    cfg = E.resolve_model_config("llama-2-7b")
+    cfg = A.resolve_model_config("llama-2-7b")
     kw = dict(method="lora", r=8, targets="qv", seq=2048, batch=4)
     assert E.estimate(cfg, **kw)["peak_bytes"] > E.gpu_bytes(24)
     fixes = E.suggest_fixes(cfg, 24, **kw)
     assert fixes and all(f["fits"] and f["peak_bytes"] <= E.gpu_bytes(24) for f in fixes)
-    assert fixes[0]["settings"] == {"batch": 1} or "batch" in fixes[0]["settings"]
+    assert fixes[0]["settings"]["batch"] < 4  # a smaller micro batch, the same batch by accumulation
+    assert fixes[0]["settings"]["grad_accum"] == -(-4 // fixes[0]["settings"]["batch"])
     for f in fixes:  # each stated estimate is the estimate of the stated change
         assert E.estimate(cfg, **{**kw, **f["settings"]})["peak_bytes"] == f["peak_bytes"]
     assert E.suggest_fixes(cfg, 80, **kw) == []
 
 
 def test_suggest_fixes_combines_when_no_single_change_fits():
-    cfg = E.resolve_model_config("llama-3.1-8b")
+    cfg = A.resolve_model_config("llama-3.1-8b")
     fixes = E.suggest_fixes(cfg, 8, method="lora", seq=4096, batch=8)
     assert not any(f["fits"] for f in fixes[:-1])
     assert fixes[-1]["change"].startswith("all of") and fixes[-1]["fits"]
@@ -156,7 +192,7 @@ def test_estimate_for_run_follows_the_run_config():
 
     cfg = load_config(None, ["model.quant=nf4", "lora.targets=[q_proj,v_proj]", "train.batch_size=2",
                              "data.max_seq_len=128", "train.precision=bf16"])
-    r = E.estimate_for_run(cfg, E.resolve_model_config("smollm2-135m"), "cpu")
+    r = E.estimate_for_run(cfg, A.resolve_model_config("smollm2-135m"), "cpu")
     assert r["settings"]["method"] == "qlora" and r["settings"]["batch"] == 2 and r["settings"]["seq"] == 128
     assert r["params"]["quantized"] == 2 * 30  # loralab quantizes the LoRA targets only by default
     assert r["activation_detail"]["attention"] == "eager"
@@ -164,17 +200,17 @@ def test_estimate_for_run_follows_the_run_config():
 
 def test_resolve_model_config_paths_and_errors(tmp_path):
     tiny_llama_config().save_pretrained(tmp_path)
-    assert E.resolve_model_config(str(tmp_path))["hidden_size"] == 32
-    assert E.resolve_model_config(str(tmp_path / "config.json"))["hidden_size"] == 32
+    assert A.resolve_model_config(str(tmp_path))["hidden_size"] == 32
+    assert A.resolve_model_config(str(tmp_path / "config.json"))["hidden_size"] == 32
     with pytest.raises(UserError, match="llama-2-7b"):  # the message lists the bundled names
-        E.resolve_model_config("llama-9-700b")
+        A.resolve_model_config("llama-9-700b")
     (tmp_path / "gpt2.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 768}))
     with pytest.raises(UserError, match="hidden_size"):
-        E.estimate(E.resolve_model_config(str(tmp_path / "gpt2.json")))
+        E.estimate(A.resolve_model_config(str(tmp_path / "gpt2.json")))
     with pytest.raises(UserError, match="targets"):
-        E.estimate(E.resolve_model_config("smollm2-135m"), targets="everything")
+        E.estimate(A.resolve_model_config("smollm2-135m"), targets="everything")
     with pytest.raises(UserError, match="seq"):
-        E.estimate(E.resolve_model_config("smollm2-135m"), seq=0)
+        E.estimate(A.resolve_model_config("smollm2-135m"), seq=0)
 
 
 def _cli(args) -> tuple[int, str]:
@@ -190,7 +226,7 @@ def test_cli_json_prints_one_parseable_object():
     assert rc == 0
     obj = json.loads(out)  # exactly one object: anything else around it would fail to parse
     assert obj["peak_bytes"] == sum(obj["breakdown"].values())
-    assert obj["peak_bytes"] == E.estimate(E.resolve_model_config("llama-2-7b"), method="qlora",
+    assert obj["peak_bytes"] == E.estimate(A.resolve_model_config("llama-2-7b"), method="qlora",
                                            **ARTICLE)["peak_bytes"]
 
 

@@ -76,3 +76,17 @@ def test_head_that_is_not_a_plain_linear_falls_back():
     ref, _ = full_logits_loss_sum(m, batch)
     assert getattr(m, loss_mod._OK_ATTR) is False
     assert s.item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+def test_the_one_time_path_check_looks_at_a_few_positions_only():
+    # It runs before the first step; on a whole row (1,024 tokens x 49k vocabulary) its fp32 logits
+    # were the step's largest allocation, so it must stay bounded whatever the sequence length.
+    m = tiny_llama(0)
+    seen = []
+    m.model.register_forward_pre_hook(lambda mod, args, kw: seen.append((mod.training, kw["input_ids"].shape)),
+                                      with_kwargs=True)
+    m.train()
+    loss_sum(m, _batch(length=64))
+    checks = [shape for training, shape in seen if not training]
+    assert checks and all(shape == (1, loss_mod.CHECK_POSITIONS) for shape in checks)
+    assert [shape for training, shape in seen if training] == [(3, 64)]

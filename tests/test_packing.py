@@ -115,6 +115,18 @@ def test_packed_loss_and_gradients_equal_padded(attn):
     assert not model.model._forward_pre_hooks
 
 
+def test_the_first_packed_batch_runs_the_one_time_path_check_on_a_prefix():
+    # The check compares a prefix of one row (loss.CHECK_POSITIONS); the packed positions must be
+    # cut to that prefix too, or rotary embeddings see a length mismatch.
+    model = _lora_model()
+    examples = _examples([40, 30, 25, 6], seed=3)
+    packed = collate_packed(examples, pad_id=0)
+    assert packed["input_ids"].shape[1] > 16
+    s1, n1, _ = _loss_and_grads(model, packed, packed_loss_sum)  # fresh model: the check runs here
+    s0, n0, _ = _loss_and_grads(model, collate(examples, pad_id=0), loss_sum)
+    assert n1 == n0 and s1 == pytest.approx(s0, rel=1e-5)
+
+
 def test_packed_loss_on_the_full_logits_fallback():
     """loss.loss_sum falls back to the model's own logits for heads it cannot split: packed too."""
     examples = _examples([12, 5, 8, 3], seed=7)

@@ -81,11 +81,12 @@ def cmd_fetch(args) -> int:
 
 
 def cmd_estimate(args) -> int:
-    from .estimate import estimate, format_estimate, resolve_model_config, suggest_fixes
+    from .arch import resolve_model_config
+    from .estimate import estimate, format_estimate, suggest_fixes
 
     settings = dict(method=args.method, r=args.r, targets=args.targets, seq=args.seq, batch=args.batch,
                     optimizer=args.optimizer, precision=args.precision, grad_checkpointing=args.grad_checkpointing,
-                    device=args.device)
+                    device=args.device, grad_accum=args.grad_accum)
     model_config = resolve_model_config(args.model)
     result = estimate(model_config, **settings)
     fixes = suggest_fixes(model_config, args.gpu_gb, **settings) if args.gpu_gb else []
@@ -157,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--targets", default="all-linear", choices=["qv", "attn", "mlp", "all-linear", "all-linear+head"])
     x.add_argument("--seq", type=int, default=512, help="tokens per sequence (the longest batch sets the peak)")
     x.add_argument("--batch", type=int, default=1, help="micro batch")
+    x.add_argument("--grad-accum", type=int, default=1, help="micro batches per optimizer step (gradients of "
+                   "earlier ones stay alive: matters for full fine-tuning)")
     x.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "adamw8bit"])
     x.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     x.add_argument("--grad-checkpointing", action="store_true")

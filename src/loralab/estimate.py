@@ -1,14 +1,15 @@
 """Analytic peak-memory model of a fine-tuning run, from a Hugging Face config.json alone (no weights).
 
-    peak = frozen_weights + trainable_weights + gradients + optimizer_state + activations + other
+    peak = frozen_weights + trainable_weights + gradients + optimizer_state + activations + other,
+           each taken at the moment that sets the peak (the start of backward or the optimizer step)
 
-Decoder: Llama / Mistral / Qwen2 style (embeddings, per layer RMSNorm + q/k/v/o with GQA head counts
-+ RMSNorm + SwiGLU gate/up/down, final norm, lm_head unless tied). Assumptions, in bytes:
+The decoder's shape and parameter counts come from loralab.arch. Assumptions, in bytes:
   - frozen weights in the compute dtype (bf16: 2, fp32: 4). QLoRA: quantized linears at 4.127 bits
     per weight (NF4 in blocks of 64, double-quantized scales); embeddings, norms, lm_head stay 16-bit.
   - trainable weights fp32 (LoRA factors and full fine-tuning masters: 4 per parameter, plus a bf16
-    autocast copy, 2, for full fine-tuning in bf16); gradients fp32 (4); optimizer state AdamW 8
-    (two fp32 moments), SGD with momentum 4, 8-bit AdamW 2 (+ an fp32 absmax per 256 per moment).
+    autocast copy, 2, held by the graph during forward and backward of full fine-tuning in bf16);
+    gradients fp32 (4); optimizer state AdamW 8 (two fp32 moments), SGD with momentum 4, 8-bit AdamW 2
+    (+ an fp32 absmax per 256 per moment); the foreach optimizer step's temporary, 4.
   - activations saved for backward, per layer and token (b = 2 bf16 / 4 fp32):
       norms        2 x 4H      (each RMSNorm keeps an fp32 copy of its input)
       attention    SDPA/flash: q, k, v, output (2Q + 2K) x b + a logsumexp per head (fp32);
@@ -23,38 +24,35 @@ Decoder: Llama / Mistral / Qwen2 style (embeddings, per layer RMSNorm + q/k/v/o 
   - logits: rows x vocab x 12 (the saved fp32 log-softmax, its gradient, and the fp32 logits or their
     gradient: measured 12.0 on the CPU in bf16 and fp32), with rows = batch x seq (every position
     labelled, no chunking; loralab's own loss holds at most 1024 rows at once).
+  - the two moments: at the start of backward every activation is alive but only the gradients of
+    parameters outside the decoder layers exist (each layer's weight gradients appear as its
+    activations are freed), unless gradient accumulation keeps earlier micro batches' gradients;
+    at the optimizer step the activations are gone and every gradient plus the step's temporary is
+    alive. The larger sets the peak (for LoRA always the first; for full fine-tuning it depends).
   - other: CUDA: the CUDA context + cuBLAS workspace (0.5 GB, typical, not calibrated here: the
     article's numbers are torch.cuda.max_memory_allocated, which excludes it). CPU: the Python,
-    torch, transformers and tokenizer runtime in the peak RSS (370 MiB measured), plus heap slack:
-    glibc keeps the forward pass's freed temporaries as holes between the saved tensors, 0.37-0.66 x
-    the layers' saved bytes measured (0.45 used; with MALLOC_MMAP_THRESHOLD_=65536 it is ~0).
+    torch, transformers and tokenizer runtime in the peak RSS (370 MiB measured), plus glibc heap
+    slack, the freed temporaries that stay resident as holes between live tensors (measured with
+    MALLOC_MMAP_THRESHOLD_=65536, which makes RSS track live tensors): 0.45 x the layers' saved bytes
+    without checkpointing (0.2-0.7 measured), and with it 0.22 x the bytes the layers would have
+    saved (0.18-0.25 measured on three runs): the checkpointed forward frees them, as holes.
     See docs/memory.md and benchmarks/memory_estimate.py.
-Everything is summed: the peak is taken as if activations, gradients and optimizer state coexist.
 """
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass
-from importlib import resources
-from pathlib import Path
 
+from .arch import LINEARS, Arch, arch_from_config, count_params, resolve_model_config, target_names
 from .errors import UserError
 
 NF4_BITS = 4.127
 CUDA_OTHER_BYTES = 0.5e9         # CUDA context + cuBLAS workspace (typical; no GPU here to calibrate)
 CPU_RUNTIME_BYTES = 370 * 2**20  # RSS of the runtime after loading a model (measured, docs/memory.md)
 CPU_HEAP_SLACK = 0.45            # glibc keeps freed forward temporaries as heap holes: RSS = saved x 1.45
+CPU_CKPT_SLACK = 0.22            # with checkpointing: x what the layers would save without it (holes)
+OPTIMIZER_TEMP_BYTES = 4.0       # foreach AdamW's sqrt(v) buffer (SGD's decayed gradient): fp32 per parameter
 LOSS_CHUNK_ROWS = 1024           # loralab.loss.CHUNK_ROWS: labelled rows whose logits exist at once
 
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-TARGETS = {
-    "qv": ("q_proj", "v_proj"),
-    "attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
-    "mlp": ("gate_proj", "up_proj", "down_proj"),
-    "all-linear": LINEARS,
-    "all-linear+head": LINEARS + ("lm_head",),
-}
 METHODS = ("lora", "qlora", "full")
 OPTIMIZERS = {"adamw": 8.0, "sgd": 4.0, "adamw8bit": 2.0 + 2 * 4 / 256}  # state bytes per trainable param
 PRECISIONS = {"bf16": 2, "fp32": 4}
@@ -63,123 +61,15 @@ GB = 1e9
 
 
 # ---------------------------------------------------------------------------------------------
-# Model configs
-
-def bundled_names() -> list[str]:
-    folder = resources.files("loralab") / "bundled" / "configs"
-    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json"))
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: cannot read model config ({type(e).__name__}: {e})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: a model config must be a JSON object")
-    return data
-
-
-def resolve_model_config(spec: str) -> dict:
-    """A bundled name (llama-2-7b...), an HF model folder, or a path to a config.json -> the config dict."""
-    spec = str(spec)
-    if spec in bundled_names():
-        return json.loads((resources.files("loralab") / "bundled" / "configs" / f"{spec}.json").read_text())
-    p = Path(spec).expanduser()
-    if p.is_dir() and (p / "config.json").is_file():
-        return _read_json(p / "config.json")
-    if p.is_file() and p.suffix == ".json":
-        return _read_json(p)
-    raise UserError(f"unknown model '{spec}': not a bundled config ({', '.join(bundled_names())}), "
-                    "an HF model folder with config.json, or a config.json file")
-
-
-@dataclass(frozen=True)
-class Arch:
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    inter: int
-    vocab: int
-    tied: bool
-    qkv_bias: bool
-    o_bias: bool
-    mlp_bias: bool
-
-    @property
-    def q_dim(self) -> int:
-        return self.heads * self.head_dim
-
-    @property
-    def kv_dim(self) -> int:
-        return self.kv_heads * self.head_dim
-
-    def linears(self) -> dict[str, tuple[int, int, bool]]:
-        """Per-layer linear layers: name -> (in_features, out_features, has_bias)."""
-        H, Q, K, I = self.hidden, self.q_dim, self.kv_dim, self.inter
-        return {"q_proj": (H, Q, self.qkv_bias), "k_proj": (H, K, self.qkv_bias), "v_proj": (H, K, self.qkv_bias),
-                "o_proj": (Q, H, self.o_bias), "gate_proj": (H, I, self.mlp_bias), "up_proj": (H, I, self.mlp_bias),
-                "down_proj": (I, H, self.mlp_bias)}
-
-
-def arch_from_config(cfg: dict) -> Arch:
-    if "hidden_size" not in cfg and isinstance(cfg.get("text_config"), dict):
-        cfg = cfg["text_config"]  # multimodal wrappers nest the language model's config
-    need = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
-    missing = [k for k in need if not isinstance(cfg.get(k), int) or cfg[k] <= 0]
-    if missing:
-        raise UserError(f"model config lacks {', '.join(missing)}: only Llama/Mistral/Qwen2-style decoders "
-                        f"are supported (model_type {cfg.get('model_type', '?')!r})")
-    heads = cfg["num_attention_heads"]
-    qkv_bias = bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2"))  # Qwen2 has q/k/v biases
-    return Arch(hidden=cfg["hidden_size"], layers=cfg["num_hidden_layers"], heads=heads,
-                kv_heads=cfg.get("num_key_value_heads") or heads,
-                head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads, inter=cfg["intermediate_size"],
-                vocab=cfg["vocab_size"], tied=bool(cfg.get("tie_word_embeddings", False)), qkv_bias=qkv_bias,
-                o_bias=bool(cfg.get("attention_bias", False)), mlp_bias=bool(cfg.get("mlp_bias", False)))
-
-
-def _target_names(targets) -> tuple[str, ...]:
-    if isinstance(targets, str):
-        if targets not in TARGETS:
-            raise UserError(f"targets must be one of {', '.join(TARGETS)} or a list of module names, got {targets!r}")
-        return TARGETS[targets]
-    names = tuple(str(t).rpartition(".")[2] for t in targets)
-    bad = [n for n in names if n not in LINEARS + ("lm_head",)]
-    if bad or not names:
-        raise UserError(f"unknown LoRA target(s) {', '.join(bad) or '(none)'}: known {', '.join(LINEARS)}, lm_head")
-    return names
-
-
-def count_params(model_config: dict, targets="all-linear", r: int = 8) -> dict:
-    """Exact parameter counts from the config: total (tied embeddings once), its parts, and the LoRA
-    parameters r x (in + out) of each targeted module."""
-    a = arch_from_config(model_config)
-    lin = a.linears()
-    per_layer_linear = sum(i * o + (o if b else 0) for i, o, b in lin.values())
-    embed = a.vocab * a.hidden
-    head = 0 if a.tied else a.vocab * a.hidden
-    norms = (2 * a.layers + 1) * a.hidden
-    names = _target_names(targets)
-    lora = sum(r * (lin[n][0] + lin[n][1]) for n in names if n != "lm_head") * a.layers
-    if "lm_head" in names:
-        lora += r * (a.hidden + a.vocab)
-    return {"total": embed + head + norms + per_layer_linear * a.layers, "embedding": embed, "lm_head": head,
-            "norms": norms, "layer_linears": per_layer_linear * a.layers, "lora": lora}
-
-
-# ---------------------------------------------------------------------------------------------
 # The estimate
 
-def _check(method, optimizer, precision, device, attention, r, seq, batch) -> None:
+def _check(method, optimizer, precision, device, attention, r, seq, batch, grad_accum) -> None:
     for key, value, allowed in (("method", method, METHODS), ("optimizer", optimizer, tuple(OPTIMIZERS)),
                                 ("precision", precision, tuple(PRECISIONS)), ("device", device, DEVICES),
                                 ("attention", attention, ("auto", "eager", "sdpa"))):
         if value not in allowed:
             raise UserError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
-    for key, value in (("r", r), ("seq", seq), ("batch", batch)):
+    for key, value in (("r", r), ("seq", seq), ("batch", batch), ("grad_accum", grad_accum)):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise UserError(f"{key} must be a positive integer, got {value!r}")
 
@@ -211,18 +101,21 @@ def _layer_bytes_per_token(a: Arch, *, b: int, seq: int, eager: bool, method: st
 def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="all-linear", seq: int = 512,
              batch: int = 1, optimizer: str = "adamw", precision: str = "bf16", grad_checkpointing: bool = False,
              device: str = "cuda", attention: str = "auto", lora_dropout: float = 0.05, quantize: str = "all-linear",
-             qlora_saves_inputs: bool = True, loss_rows: int | None = None, sgd_momentum: bool = True) -> dict:
-    """Predicted peak memory (bytes) of one training step, with its breakdown. Pure arithmetic.
+             qlora_saves_inputs: bool = True, loss_rows: int | None = None, sgd_momentum: bool = True,
+             grad_accum: int = 1) -> dict:
+    """Predicted peak memory (bytes) of one training step, with its breakdown at that moment. Pure arithmetic.
 
     method lora | qlora (NF4 base) | full; targets a preset (qv, attn, mlp, all-linear, all-linear+head)
     or module names; attention auto (SDPA on cuda, eager on cpu) | eager | sdpa; quantize which frozen
     linears QLoRA stores in NF4 (all-linear: every decoder linear, as QLoRA does; targets: only the
     LoRA-wrapped ones, loralab's default); qlora_saves_inputs: the 4-bit matmul keeps its input for
-    backward (bitsandbytes does); loss_rows: logit rows alive at once (default batch x seq).
+    backward (bitsandbytes does); loss_rows: logit rows alive at once (default batch x seq);
+    grad_accum: micro batches per optimizer step (> 1: earlier micro batches' gradients are alive
+    while the next one's activations are).
     """
-    _check(method, optimizer, precision, device, attention, r, seq, batch)
+    _check(method, optimizer, precision, device, attention, r, seq, batch, grad_accum)
     a = arch_from_config(model_config)
-    names = () if method == "full" else _target_names(targets)
+    names = () if method == "full" else target_names(targets)
     params = count_params(model_config, names or "qv", r)
     b = PRECISIONS[precision]
     eager = attention == "eager" or (attention == "auto" and device == "cpu")
@@ -232,17 +125,20 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
     if method == "qlora":
         quantized = set(LINEARS) if quantize == "all-linear" else {n for n in names if n != "lm_head"}
 
-    # Weights
+    # Weights. `outside`: trainable parameters outside the decoder layers, whose gradients exist
+    # before the layers' activations start to be freed (the backward pass begins at the output layer).
     if method == "full":
         trainable = params["total"]
         frozen = 0.0
-        trainable_bytes = trainable * (4 + (2 if precision == "bf16" else 0))  # fp32 master + autocast copy
+        masters = trainable * 4                                       # fp32 master weights
+        casts = trainable * 2 if precision == "bf16" else 0.0         # autocast's bf16 copies, held by the graph
+        outside = params["embedding"] + params["lm_head"] + a.hidden  # + the final norm
     else:
         trainable = params["lora"]
         q_weights = sum(lin[n][0] * lin[n][1] for n in quantized) * a.layers
         frozen = (params["total"] - q_weights) * b + q_weights * NF4_BITS / 8
-        trainable_bytes = trainable * 4
-    grads = trainable * 4
+        masters, casts = trainable * 4, 0.0
+        outside = r * (a.hidden + a.vocab) if "lm_head" in names else 0
     state = trainable * (OPTIMIZERS[optimizer] if optimizer != "sgd" or sgd_momentum else 0.0)
 
     # Activations
@@ -251,26 +147,39 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
                                        saves_quant_inputs=qlora_saves_inputs)
     if grad_checkpointing:
         layers_bytes = tokens * (a.layers * a.hidden * b + per_token)
+        slack = CPU_CKPT_SLACK * tokens * a.layers * per_token  # the discarded activations leave holes too
     else:
         layers_bytes = tokens * a.layers * per_token
+        slack = CPU_HEAP_SLACK * layers_bytes
     rows = tokens if loss_rows is None else min(loss_rows, tokens)
-    logits = rows * a.vocab * 12
-    final_norm = tokens * a.hidden * 4
-    activations = layers_bytes + logits + final_norm
-    other = CUDA_OTHER_BYTES if device == "cuda" else CPU_RUNTIME_BYTES + CPU_HEAP_SLACK * layers_bytes
+    activations = layers_bytes + rows * a.vocab * 12 + tokens * a.hidden * 4  # + logits + final norm's input
+    runtime = CUDA_OTHER_BYTES if device == "cuda" else CPU_RUNTIME_BYTES
+    slack = slack if device == "cpu" else 0.0  # the CPU's RSS keeps the heap's holes; CUDA's allocated bytes do not
 
-    breakdown = {"frozen_weights": frozen, "trainable_weights": trainable_bytes, "gradients": grads,
-                 "optimizer_state": state, "activations": activations, "other": other}
-    breakdown = {k: int(round(v)) for k, v in breakdown.items()}
+    # Two moments can set the peak: the start of backward (every activation alive) and the optimizer
+    # step (activations freed; every gradient and the foreach optimizer's temporary buffer alive).
+    grads_alive = trainable if grad_accum > 1 else outside
+    moments = {
+        "start of backward": {"trainable_weights": masters + casts, "gradients": 4 * grads_alive,
+                              "activations": activations, "other": runtime + slack},
+        "optimizer step": {"trainable_weights": masters, "gradients": 4 * trainable, "activations": 0.0,
+                           "other": runtime + slack + OPTIMIZER_TEMP_BYTES * trainable},
+    }
+    phase = max(moments, key=lambda m: sum(moments[m].values()))
+    breakdown = {"frozen_weights": frozen, **moments[phase], "optimizer_state": state}
+    order = ("frozen_weights", "trainable_weights", "gradients", "optimizer_state", "activations", "other")
+    breakdown = {k: int(round(breakdown[k])) for k in order}
     return {
         "peak_bytes": sum(breakdown.values()),
         "breakdown": breakdown,
+        "phase": phase,
         "activation_detail": {"per_layer_per_token_bytes": int(round(per_token)), "layers_bytes": int(layers_bytes),
-                              "logits_bytes": int(logits), "attention": "eager" if eager else "sdpa"},
+                              "logits_bytes": int(rows * a.vocab * 12), "heap_slack_bytes": int(slack),
+                              "attention": "eager" if eager else "sdpa"},
         "params": {"total": params["total"], "trainable": trainable, "quantized": len(quantized) * a.layers},
         "settings": {"method": method, "r": r, "targets": targets if isinstance(targets, str) else list(names),
-                     "seq": seq, "batch": batch, "optimizer": optimizer, "precision": precision,
-                     "grad_checkpointing": grad_checkpointing, "device": device},
+                     "seq": seq, "batch": batch, "grad_accum": grad_accum, "optimizer": optimizer,
+                     "precision": precision, "grad_checkpointing": grad_checkpointing, "device": device},
     }
 
 
@@ -287,7 +196,8 @@ def estimate_for_run(cfg, model_config: dict, device, seq: int | None = None) ->
                     grad_checkpointing=cfg.train.gradient_checkpointing, device=dev,
                     attention=cfg.model.attn_implementation, lora_dropout=cfg.lora.dropout,
                     quantize="all-linear" if cfg.model.quant_all_linear else "targets",
-                    qlora_saves_inputs=False, loss_rows=LOSS_CHUNK_ROWS, sgd_momentum=cfg.train.momentum > 0)
+                    qlora_saves_inputs=False, loss_rows=LOSS_CHUNK_ROWS, sgd_momentum=cfg.train.momentum > 0,
+                    grad_accum=cfg.train.grad_accum)
 
 
 def run_memory_breakdown(cfg, folder, device, seq: int | None = None) -> dict | None:
@@ -326,13 +236,14 @@ def suggest_fixes(model_config: dict, gpu_gb: float, **settings) -> list[dict]:
     peak = lambda **kw: estimate(model_config, **{**settings, **kw})["peak_bytes"]
     if peak() <= limit:
         return []
-    s = {"method": "lora", "batch": 1, "seq": 512, "grad_checkpointing": False, "optimizer": "adamw", **settings}
+    s = {"method": "lora", "batch": 1, "seq": 512, "grad_checkpointing": False, "optimizer": "adamw",
+         "grad_accum": 1, **settings}
     options = []  # (what, changes): cheapest (no quality cost, least slowdown) first
     if s["batch"] > 1:
-        b = _largest_fitting(1, s["batch"] - 1, lambda n: peak(batch=n) <= limit) or 1
-        accum = math.ceil(s["batch"] / b)
-        options.append((f"micro batch {s['batch']} -> {b} (gradient accumulation x{accum} keeps the batch)",
-                        {"batch": b}))
+        smaller = lambda n: {"batch": n, "grad_accum": s["grad_accum"] * math.ceil(s["batch"] / n)}  # noqa: E731
+        b = _largest_fitting(1, s["batch"] - 1, lambda n: peak(**smaller(n)) <= limit) or 1
+        options.append((f"micro batch {s['batch']} -> {b} (gradient accumulation x{math.ceil(s['batch'] / b)} "
+                        "keeps the batch)", smaller(b)))
     if not s["grad_checkpointing"]:
         options.append(("gradient checkpointing (recomputes activations: ~30% more compute)",
                         {"grad_checkpointing": True}))
@@ -375,14 +286,15 @@ def _gib(n: float) -> str:
 def format_estimate(result: dict, name: str = "", gpu_gb: float | None = None, fixes: list | None = None) -> str:
     s = result["settings"]
     lora = "" if s["method"] == "full" else f" r={s['r']} targets={s['targets']}"
-    lines = [f"loralab estimate: {name} {s['method']}{lora}, seq {s['seq']} x micro batch {s['batch']}, "
+    accum = f" x {s['grad_accum']} accumulated" if s["grad_accum"] > 1 else ""
+    lines = [f"loralab estimate: {name} {s['method']}{lora}, seq {s['seq']} x micro batch {s['batch']}{accum}, "
              f"{s['optimizer']}, {s['precision']}{', grad checkpointing' if s['grad_checkpointing'] else ''}, "
              f"{s['device']}",
              f"  parameters          {result['params']['total']:,} ({result['params']['trainable']:,} trainable)"]
     for key, value in result["breakdown"].items():
         lines.append(f"  {key.replace('_', ' '):<18}{_gib(value)}")
     peak = result["peak_bytes"]
-    lines.append(f"  {'predicted peak':<18}{_gib(peak)}   ({peak / GB:.2f} GB)")
+    lines.append(f"  {'predicted peak':<18}{_gib(peak)}   ({peak / GB:.2f} GB, at the {result['phase']})")
     if gpu_gb is not None:
         spare = gpu_bytes(gpu_gb) - peak
         lines.append(f"  fits in {gpu_gb:g} GiB: " + (f"yes ({spare / 2**30:.2f} GiB to spare)" if spare >= 0

@@ -310,7 +310,8 @@ def run_estimates(study: Study) -> tuple[list[dict], str | None]:
     """Each row through loralab.estimate; rows keep the article's numbers."""
     keys = ("method", "r", "targets", "seq", "batch", "optimizer", "precision", "grad_checkpointing", "device")
     rows = [{**r, "settings": ", ".join(f"{k}={r[k]}" for k in keys if k in r)} for r in study.rows]
-    from .estimate import estimate, resolve_model_config
+    from .arch import resolve_model_config
+    from .estimate import estimate
 
     try:
         model_cfg = resolve_model_config(study.model)

@@ -112,8 +112,8 @@ def _positions_into(module: torch.nn.Module, position_ids: torch.Tensor):
     """While active, every call of `module` gets these position_ids and no 2D attention mask."""
     def hook(_mod, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
-        rows = ids.shape[0] if ids is not None else position_ids.shape[0]
-        kwargs["position_ids"] = position_ids[:rows]  # a caller may run a prefix of the rows
+        rows, cols = ids.shape if ids is not None else position_ids.shape
+        kwargs["position_ids"] = position_ids[:rows, :cols]  # a caller may run a prefix of the rows or positions
         kwargs["attention_mask"] = None
         return args, kwargs
 
