@@ -17,7 +17,8 @@ GB = 1e9
 # The article (Llama-2-7B, Lit-GPT, one A100): r=8 on q and v, micro batch 1, AdamW, bf16, Alpaca.
 # Its peak is set by the longest Alpaca example (Lit-GPT runs it first); we assume 1304 tokens
 # (docs/memory.md: which lengths reproduce both numbers and what stays unexplained).
-ARTICLE = dict(r=8, targets="qv", seq=1304, batch=1, optimizer="adamw", precision="bf16", device="cuda")
+ARTICLE = dict(r=8, targets="qv", seq=1304, batch=1, grad_accum=128, optimizer="adamw", precision="bf16",
+               device="cuda")
 
 
 def _hf_dict(model) -> dict:
@@ -222,7 +223,7 @@ def _cli(args) -> tuple[int, str]:
 
 def test_cli_json_prints_one_parseable_object():
     rc, out = _cli(["estimate", "--model", "llama-2-7b", "--method", "qlora", "--targets", "qv", "--seq", "1304",
-                    "--json"])
+                    "--grad-accum", "128", "--json"])
     assert rc == 0
     obj = json.loads(out)  # exactly one object: anything else around it would fail to parse
     assert obj["peak_bytes"] == sum(obj["breakdown"].values())

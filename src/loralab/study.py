@@ -308,14 +308,15 @@ def run_study(study: Study, out: str | Path, *, parallel: int = 1, runner: Runne
 
 def run_estimates(study: Study) -> tuple[list[dict], str | None]:
     """Each row through loralab.estimate; rows keep the article's numbers."""
-    keys = ("method", "r", "targets", "seq", "batch", "optimizer", "precision", "grad_checkpointing", "device")
+    keys = ("method", "r", "targets", "seq", "batch", "grad_accum", "optimizer", "precision", "grad_checkpointing",
+            "device")
     rows = [{**r, "settings": ", ".join(f"{k}={r[k]}" for k in keys if k in r)} for r in study.rows]
     from .arch import resolve_model_config
     from .estimate import estimate
 
     try:
         model_cfg = resolve_model_config(study.model)
-    except Exception as e:  # noqa: BLE001 - the estimator is optional; report its failure, don't crash
+    except UserError as e:  # an unknown model: the report says so
         return rows, f"resolve_model_config({study.model!r}) failed: {e}"
     for r in rows:
         args = {k: r[k] for k in keys if k in r}
