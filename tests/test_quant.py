@@ -207,3 +207,48 @@ def test_cuda_device_follows_weight():
     q.cpu()
     assert q.weight.quantized_data.device.type == "cpu" and q.weight.nf4.device.type == "cpu"
     assert q(x.detach().cpu()).device.type == "cpu"
+
+
+def test_adapter_trained_on_nf4_saves_as_peft_reloads_and_merges_exactly(tmp_path):
+    """Train LoRA on an NF4 base, save it in PEFT's format, load it back (our loader on a fresh NF4
+    base; PEFT on a dense model holding the dequantized weights), and merge it: every path gives
+    the adapter model's logits, and the merged weights are dequantized base + scaled B.A in fp32."""
+    from peft import PeftModel
+
+    from loralab.adapters import load_adapter, save_adapter
+
+    dense = _llama()
+    model = copy.deepcopy(dense)
+    quantize_model(model)
+    names = inject(model, "all-linear", r=4, alpha=8, dropout=0.0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        want = model(ids).logits
+    save_adapter(model, tmp_path / "ad", base_model_name_or_path="tiny", r=4, alpha=8, dropout=0.0,
+                 target_modules=names)
+
+    again = copy.deepcopy(dense)
+    quantize_model(again)
+    load_adapter(again, tmp_path / "ad")
+    deq = copy.deepcopy(dense)
+    with torch.no_grad():
+        for name, m in again.named_modules():
+            if isinstance(m, NF4Linear):
+                deq.get_submodule(name.removesuffix(".base")).weight.copy_(m.dequantize())
+        expected = {n: deq.get_submodule(n).weight + 2.0 * model.get_submodule(n).lora_B.weight
+                    @ model.get_submodule(n).lora_A.weight for n in names}  # alpha / r = 2
+        assert (again.eval()(ids).logits - want).abs().max() <= 1e-5
+        assert (PeftModel.from_pretrained(deq, tmp_path / "ad").eval()(ids).logits - want).abs().max() <= 1e-4
+
+        merged = merge_and_unload(model)
+        for n in names:
+            w = merged.get_submodule(n).weight
+            assert type(merged.get_submodule(n)) is nn.Linear and w.dtype == torch.float32  # not re-quantized
+            torch.testing.assert_close(w, expected[n], rtol=1e-5, atol=1e-6)
+        assert (merged(ids).logits - want).abs().max() <= 1e-4
