@@ -6,7 +6,7 @@ short real training runs on this CPU, each in its own process so every peak is c
 Each run: loralab.run.run_training with max_steps steps, no evaluation, no validation split, on
 data that fills max_seq_len (a long response after a short prompt, so almost every position carries
 a label). Measured: the run's peak_memory_bytes (peak RSS of the training phase), the median of
---repeat runs (a run's peak varies by up to ~10% between processes). Estimated:
+--repeat runs (the same run's peak varied by up to 17% between processes). Estimated:
 estimate_for_run(cfg, config.json, "cpu"). Models: the default smollm2-135m and two random-init
 tiny Llama models saved as HF folders (with the default model's tokenizer).
 Respects /tmp/loralab_cpu_lock: waits while a colleague holds it (they are timing something).
@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -110,8 +111,8 @@ def child(spec: dict) -> None:
 
 
 def run_one(name: str, model: str, overrides: list[str], tmp: Path, data: Path, steps: int, repeat: int) -> dict:
-    """The config `repeat` times, each in a fresh process: the same run's peak RSS varies by up to
-    ~10% from one process to the next (where glibc's heap holes fall), so the median is compared."""
+    """The config `repeat` times, each in a fresh process: the same run's peak RSS varies from one
+    process to the next (where glibc's heap holes fall; up to 17% measured), so the median is compared."""
     spec = {"overrides": [f"model.name={model}", f"data.path={data}", "data.template=raw", "data.val_fraction=0",
                           "eval.n=0", "eval.before=false", "train.progress=false", f"train.max_steps={steps}",
                           f"output_dir={tmp / 'runs' / name}", "resume=false", *overrides]}
@@ -125,7 +126,7 @@ def run_one(name: str, model: str, overrides: list[str], tmp: Path, data: Path, 
             return {"name": name, "error": tail[:300]}
         results.append(json.loads(lines[-1][len("RESULT "):]))
     peaks = sorted(r["measured"] for r in results)
-    measured = peaks[len(peaks) // 2] if len(peaks) % 2 else (peaks[len(peaks) // 2 - 1] + peaks[len(peaks) // 2]) / 2
+    measured = statistics.median(peaks)
     r = results[0]
     est = r["estimate"]["peak_bytes"]
     return {"name": name, "model": model, "overrides": overrides, "measured_bytes": measured, "measured_all": peaks,
@@ -143,7 +144,7 @@ def row_line(r: dict) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = [f"{'run':<30} {'measured MiB':>13} {'runs, min-max':>13} {'estimate MiB':>13} {'error':>8}", "-" * 81]
+    lines = [f"{'run':<30} {'median MiB':>13} {'min-max MiB':>13} {'estimate MiB':>13} {'error':>8}", "-" * 81]
     lines += [row_line(r) for r in rows]
     errs = [abs(r["error"]) for r in rows if not isinstance(r.get("error"), str)]
     if errs:

@@ -28,7 +28,8 @@ The decoder's shape and parameter counts come from loralab.arch. Assumptions, in
     parameters outside the decoder layers exist (each layer's weight gradients appear as its
     activations are freed), unless gradient accumulation keeps earlier micro batches' gradients;
     at the optimizer step the activations are gone and every gradient plus the step's temporary is
-    alive. The larger sets the peak (for LoRA always the first; for full fine-tuning it depends).
+    alive. The larger sets the peak (for LoRA the first at any realistic length; for full
+    fine-tuning it depends).
   - other: CUDA: the CUDA context + cuBLAS workspace (0.5 GB, typical, not calibrated here: the
     article's numbers are torch.cuda.max_memory_allocated, which excludes it). CPU: the Python,
     torch, transformers and tokenizer runtime in the peak RSS (370 MiB measured), plus glibc heap
@@ -159,11 +160,12 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
     # Two moments can set the peak: the start of backward (every activation alive) and the optimizer
     # step (activations freed; every gradient and the foreach optimizer's temporary buffer alive).
     grads_alive = trainable if grad_accum > 1 else outside
+    step_temp = 0.0 if optimizer == "adamw8bit" else OPTIMIZER_TEMP_BYTES  # bitsandbytes updates block by block
     moments = {
         "start of backward": {"trainable_weights": masters + casts, "gradients": 4 * grads_alive,
                               "activations": activations, "other": runtime + slack},
         "optimizer step": {"trainable_weights": masters, "gradients": 4 * trainable, "activations": 0.0,
-                           "other": runtime + slack + OPTIMIZER_TEMP_BYTES * trainable},
+                           "other": runtime + slack + step_temp * trainable},
     }
     phase = max(moments, key=lambda m: sum(moments[m].values()))
     breakdown = {"frozen_weights": frozen, **moments[phase], "optimizer_state": state}
