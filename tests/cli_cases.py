@@ -97,6 +97,21 @@ def run_cli(capsys, *argv, expect=()):
     return _one_error_line(rc, captured.err, *expect)
 
 
+def run_cli_after_training_began(capsys, *argv, expect=()):
+    """A failure once training has begun: the run's own `loralab:` progress lines come first, the
+    one error line is the last. Returns that line."""
+    capsys.readouterr()
+    rc = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    lines = err.strip("\n").splitlines()
+    assert rc == 2 and "Traceback" not in err, err
+    assert [l for l in lines if l.startswith("loralab: error:")] == lines[-1:]
+    assert all(l.startswith("loralab: ") for l in lines), err
+    for text in expect:
+        assert text in lines[-1], f"{text!r} not in {lines[-1]!r}"
+    return lines[-1]
+
+
 def run_subprocess(*argv, expect=()):
     proc = subprocess.run([sys.executable, "-m", "loralab.cli", *map(str, argv)], capture_output=True, text=True,
                           timeout=120)

@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 
 from cli_cases import (_base_config, _config_with, _digest, _jsonl, _save_tiny, _write, prev, run_cli,  # noqa: F401
-                       run_subprocess, tiny_folder, untouched)
+                       run_cli_after_training_began, run_subprocess, tiny_folder, untouched)
 from loralab import checkpoint
-from loralab.cli import main
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,15 +296,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny_folder, tmp_p
         return real_save(tensors, path, metadata)
 
     monkeypatch.setattr(checkpoint, "atomic_save_safetensors", full_disk)
-    capsys.readouterr()
-    rc = main(["train", str(cfg)])
-    err = capsys.readouterr().err
-    # Training had begun: the run's own `loralab:` progress lines come first, the error is the last line.
-    lines = err.strip("\n").splitlines()
-    assert rc == 2 and "Traceback" not in err, err
-    assert [l for l in lines if l.startswith("loralab: error:")] == lines[-1:]
-    assert all(l.startswith("loralab: ") for l in lines), err
-    assert "step-00000003" in lines[-1] and "No space left on device" in lines[-1] and "intact" in lines[-1]
+    run_cli_after_training_began(capsys, "train", cfg, expect=("step-00000003", "No space left on device", "intact"))
     assert seen["before"] and _digest(out / "checkpoints") == seen["before"]
     assert checkpoint.latest(out / "checkpoints").name == "step-00000002"
     assert not list((out / "checkpoints").glob(".tmp-*"))

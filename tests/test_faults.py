@@ -4,7 +4,7 @@ import json
 import re
 from pathlib import Path
 
-from cli_cases import _base_config, _digest, _write, tiny_folder  # noqa: F401 (fixture)
+from cli_cases import _base_config, _digest, _write, run_cli_after_training_began, tiny_folder  # noqa: F401
 from loralab import checkpoint
 from loralab.cli import main
 
@@ -40,15 +40,10 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_
     good = {}
     # grad_accum 1: call k is step k; when step 3 starts, steps 1 and 2 are checkpointed
     _nan_from_step(monkeypatch, 3, on_first_nan=lambda: good.update(_digest(out / "checkpoints")))
-    capsys.readouterr()
-    rc = main(["train", str(cfg)])
-    err = capsys.readouterr().err
-    lines = err.strip("\n").splitlines()
-    assert rc == 2 and "Traceback" not in err, err
-    assert [l for l in lines if l.startswith("loralab: error:")] == lines[-1:]
-    assert "non-finite loss at step 3" in lines[-1] and "train.skip_nonfinite" in lines[-1]
+    line = run_cli_after_training_began(capsys, "train", cfg, expect=("non-finite loss at step 3",
+                                                                      "train.skip_nonfinite"))
     last = checkpoint.latest(out / "checkpoints")
-    assert last.name == "step-00000002" and str(last) in lines[-1]
+    assert last.name == "step-00000002" and str(last) in line
     assert good and _digest(out / "checkpoints") == good  # byte-identical to before the NaN
     snap = checkpoint.load(last)  # complete and readable
     assert snap["step"] == 2 and all(v.isfinite().all() for v in snap["trainable"].values())
