@@ -153,7 +153,8 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
         layers_bytes = tokens * a.layers * per_token
         slack = CPU_HEAP_SLACK * layers_bytes
     rows = tokens if loss_rows is None else min(loss_rows, tokens)
-    activations = layers_bytes + rows * a.vocab * 12 + tokens * a.hidden * 4  # + logits + final norm's input
+    logits = rows * a.vocab * 12
+    activations = layers_bytes + logits + tokens * a.hidden * 4  # + the final norm's input
     runtime = CUDA_OTHER_BYTES if device == "cuda" else CPU_RUNTIME_BYTES
     slack = slack if device == "cpu" else 0.0  # the CPU's RSS keeps the heap's holes; CUDA's allocated bytes do not
 
@@ -176,7 +177,7 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
         "breakdown": breakdown,
         "phase": phase,
         "activation_detail": {"per_layer_per_token_bytes": int(round(per_token)), "layers_bytes": int(layers_bytes),
-                              "logits_bytes": int(rows * a.vocab * 12), "heap_slack_bytes": int(slack),
+                              "logits_bytes": int(logits), "heap_slack_bytes": int(slack),
                               "attention": "eager" if eager else "sdpa"},
         "params": {"total": params["total"], "trainable": trainable, "quantized": len(quantized) * a.layers},
         "settings": {"method": method, "r": r, "targets": targets if isinstance(targets, str) else list(names),

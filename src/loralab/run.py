@@ -146,8 +146,9 @@ def planned_epochs(n_examples: int, cfg: RunConfig) -> float:
 def epoch_warnings(n_examples: int, cfg: RunConfig) -> list[str]:
     """The article's finding: more than one epoch over a small static dataset made results worse."""
     epochs = planned_epochs(n_examples, cfg)
+    one_step = cfg.train.batch_size * cfg.train.grad_accum / max(n_examples, 1)  # of an epoch
     # one partial last batch (rounding up to whole steps) is not a second epoch
-    if epochs <= 1.0 + cfg.train.batch_size * cfg.train.grad_accum / max(n_examples, 1) or n_examples >= SMALL_DATASET:
+    if epochs <= 1.0 + one_step or n_examples >= SMALL_DATASET:
         return []
     guard = "" if cfg.train.eval_every else "; set train.eval_every (and train.early_stopping_patience) to watch it"
     return [f"{epochs:.1f} epochs over {n_examples:,} static examples: multi-epoch training on a small "
