@@ -40,12 +40,12 @@ def main() -> int:
     import torch
 
     import throughput as T
-    from loralab import loss as loss_lib
+    from loralab.train import loss as loss_lib
     from loralab.config import RunConfig
-    from loralab.data import packing
+    from loralab.data import layout as packing
     from loralab.data.batching import collate, iterate_batches
-    from loralab.memory import PeakMemory
-    from loralab.run import setup_model
+    from loralab.memory.measure import PeakMemory
+    from loralab.pipeline import setup_model
 
     cfg = RunConfig()
     cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout = T.LORA["r"], T.LORA["alpha"], T.LORA["dropout"]
@@ -84,7 +84,7 @@ def main() -> int:
         while hooks:
             hooks.pop().remove()
         if "trim" in mods:
-            from loralab.compile import decoder_blocks
+            from loralab.train.compile import decoder_blocks
 
             def trim(*args):  # returns None: the hook must not replace the inputs
                 libc.malloc_trim(0)

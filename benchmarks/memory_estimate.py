@@ -76,7 +76,7 @@ def make_tiny_models(root: Path) -> dict[str, Path]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from loralab.models import resolve
+    from loralab.io.models import resolve
 
     smol = resolve(SMOL)
     out = {}
@@ -98,10 +98,10 @@ def child(spec: dict) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from loralab.config import load_config
-    from loralab.arch import resolve_model_config
-    from loralab.estimate import estimate_for_run
-    from loralab.models import resolve
-    from loralab.run import run_training
+    from loralab.memory.arch import resolve_model_config
+    from loralab.memory.estimate import estimate_for_run
+    from loralab.io.models import resolve
+    from loralab.pipeline import run_training
 
     cfg = load_config(None, spec["overrides"])
     summary = run_training(cfg, quiet=True)

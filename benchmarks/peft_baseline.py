@@ -16,8 +16,8 @@ def worker_baseline(spec: dict) -> dict:
                               TrainingArguments)
     from transformers.utils import logging as hf_logging
 
-    from loralab.memory import PeakMemory
-    from loralab.models import load_tokenizer, resolve
+    from loralab.memory.measure import PeakMemory
+    from loralab.io.models import load_tokenizer, resolve
 
     hf_logging.set_verbosity_error()
     torch.manual_seed(spec["seed"])

@@ -42,9 +42,9 @@ def main() -> int:
 
     import throughput as T
     from loralab.config import RunConfig
-    from loralab.data import packing
+    from loralab.data import layout as packing
     from loralab.data.batching import collate, iterate_batches
-    from loralab.run import setup_model
+    from loralab.pipeline import setup_model
 
     cfg = RunConfig()
     cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout = T.LORA["r"], T.LORA["alpha"], T.LORA["dropout"]

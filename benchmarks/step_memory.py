@@ -19,11 +19,12 @@ import sys
 import torch
 
 from loralab.config import load_config
-from loralab.data.packing import collate_packed
+from loralab.data.layout import collate_packed
 from loralab.data.prompts import Encoded
-from loralab.memory import PeakMemory
-from loralab.run import setup_model
-from loralab.train import accumulate_gradients, build_optimizer
+from loralab.memory.measure import PeakMemory
+from loralab.pipeline import setup_model
+from loralab.train.optim import build_optimizer
+from loralab.train.step import accumulate_gradients
 
 
 def main(overrides: list[str]) -> None:

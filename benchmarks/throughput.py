@@ -85,9 +85,10 @@ def worker_loralab(spec: dict) -> dict:
     from loralab import train as train_mod
     from loralab.config import RunConfig
     from loralab.data.batching import collate
-    from loralab.data import packing
-    from loralab.memory import PeakMemory
-    from loralab.run import default_device, setup_model
+    from loralab.data import layout as packing
+    from loralab.memory.measure import PeakMemory
+    from loralab.pipeline import setup_model
+    from loralab.train.precision import default_device
 
     cfg = RunConfig()
     cfg.model.name = MODEL

@@ -154,7 +154,7 @@ def examples_of(enc, idx_stream, n_micro: int) -> list[tuple[int, int]]:
 def index_stream(enc, batch_size: int, seed: int, n_micro: int, grouped_window: int = 0) -> list[list[int]]:
     """The micro batches' example indices, as train() draws them (epoch after epoch)."""
     from loralab.data.batching import iterate_batches
-    from loralab.data.packing import grouped_batches
+    from loralab.data.batching import grouped_batches
 
     out, epoch = [], 0
     while len(out) < n_micro:

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_llama
-from loralab import checkpoint
+from loralab.train import checkpoint
 from loralab.cli import main
 from loralab.config import load_config
-from loralab.run import run_training
+from loralab.pipeline import run_training
 
 
 # ---------------------------------------------------------------------------------------------

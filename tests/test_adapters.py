@@ -6,10 +6,11 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_llama
-from loralab import lora
-from loralab.adapters import load_adapter, save_adapter
+from loralab.peft.inject import inject
+from loralab.peft.lora import LoraSpec, lora_modules
+from loralab.peft.adapters import load_adapter, save_adapter
 from loralab.errors import UserError
-from loralab.fileio import atomic_save_safetensors, atomic_write_bytes, atomic_write_text, write_json
+from loralab.io.fileio import atomic_save_safetensors, atomic_write_bytes, atomic_write_text, write_json
 
 IDS = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(3))
 
@@ -22,18 +23,19 @@ def logits(model):
 def trained(preset, r=4, alpha=8, seed=1, **model_kw):
     """A tiny model with LoRA and random non-zero A and B, as if trained."""
     m = tiny_llama(0, **model_kw)
-    names = lora.inject(m, preset, r=r, alpha=alpha, dropout=0.0)
+    names = inject(m, preset, LoraSpec(r=r, alpha=alpha, dropout=0.0))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for _, mod in lora.lora_modules(m):
+        for _, mod in lora_modules(m):
             for w in (mod.lora_A.weight, mod.lora_B.weight):
                 w.copy_(torch.randn(w.shape, generator=g) * 0.2)
     return m.eval(), names
 
 
-def save(m, names, path, r=4, alpha=8):
-    return save_adapter(m, path, base_model_name_or_path="tiny-llama", r=r, alpha=alpha, dropout=0.0,
-                        target_modules=names)
+def save(m, names, path):
+    out = save_adapter(m, path, base_model_name_or_path="tiny-llama")
+    assert {n for n, _ in lora_modules(m)} == set(names)
+    return out
 
 
 def peft_wrapped(pm):
@@ -80,7 +82,7 @@ def test_our_loader_reads_a_peft_saved_adapter(tmp_path):
     pm.save_pretrained(tmp_path / "peft")
     ours = tiny_llama(0)
     cfg = load_adapter(ours, tmp_path / "peft")
-    assert cfg["r"] == 4 and set(n for n, _ in lora.lora_modules(ours)) == peft_wrapped(pm)
+    assert cfg["r"] == 4 and set(n for n, _ in lora_modules(ours)) == peft_wrapped(pm)
     assert (logits(ours.eval()) - logits(pm)).abs().max() <= 1e-5
     assert (logits(ours) - logits(tiny_llama(0))).abs().max() > 1e-2
 
@@ -95,7 +97,7 @@ def test_round_trip_through_our_loader_and_rslora(tmp_path):
     cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "use_rslora": True}))
     rs = tiny_llama(0)
     load_adapter(rs, tmp_path / "ad")
-    assert all(mod.scaling == 8 / 2 for _, mod in lora.lora_modules(rs))  # alpha / sqrt(r)
+    assert all(mod.scaling == 8 / 2 for _, mod in lora_modules(rs))  # alpha / sqrt(r)
 
 
 def test_adapter_for_another_base_is_a_user_error_and_leaves_model_alone(tmp_path):
@@ -106,7 +108,7 @@ def test_adapter_for_another_base_is_a_user_error_and_leaves_model_alone(tmp_pat
         load_adapter(other, tmp_path / "ad")
     msg = str(e.value)
     assert "does not match the model" in msg and "lora_A.weight" in msg and "(4, 32)" in msg and "(4, 48)" in msg
-    assert not list(lora.lora_modules(other))
+    assert not list(lora_modules(other))
     # Keys for modules the model lacks (a deeper model's layer 2).
     deep, names = trained("qv", num_hidden_layers=3)
     save(deep, names, tmp_path / "deep")
@@ -141,16 +143,19 @@ def test_unsupported_or_bad_configs_are_refused(change, needle, tmp_path):
     fresh = tiny_llama(0)
     with pytest.raises(UserError, match=needle):
         load_adapter(fresh, ad)
-    assert not list(lora.lora_modules(fresh))
+    assert not list(lora_modules(fresh))
 
 
-def test_save_checks_its_arguments_against_the_model(tmp_path):
-    m, names = trained("qv")
-    with pytest.raises(ValueError, match="r=8"):
-        save_adapter(m, tmp_path / "x", base_model_name_or_path="b", r=8, alpha=8, dropout=0.0)
-    with pytest.raises(ValueError, match="target_modules"):
-        save_adapter(m, tmp_path / "x", base_model_name_or_path="b", r=4, alpha=8, dropout=0.0,
-                     target_modules=["q_proj"])
+def test_save_refuses_a_merged_or_an_adapterless_model(tmp_path):
+    from loralab.peft.merge import merge, unmerge
+
+    m, _ = trained("qv")
+    merge(m)
+    with pytest.raises(ValueError, match="merged"):
+        save_adapter(m, tmp_path / "x", base_model_name_or_path="b")
+    unmerge(m)
+    with pytest.raises(ValueError, match="no LoRA modules"):
+        save_adapter(tiny_llama(0), tmp_path / "x", base_model_name_or_path="b")
     assert not (tmp_path / "x" / "adapter_config.json").exists()
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from cli_cases import (_base_config, _config_with, _digest, _jsonl, _save_tiny, _write, prev, run_cli,  # noqa: F401
                        run_cli_after_training_began, run_subprocess, tiny_folder, untouched)
-from loralab import checkpoint
+from loralab.train import checkpoint
 
 
 # ---------------------------------------------------------------------------------------------

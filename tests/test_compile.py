@@ -1,9 +1,11 @@
 import torch
 
 from conftest import tiny_llama
-from loralab import lora as lora_lib
-from loralab.compile import compile_blocks, decoder_blocks
-from loralab.data.packing import collate_packed, loss_sum
+from loralab.peft.inject import inject
+from loralab.peft.lora import LoraSpec, lora_modules
+from loralab.train.compile import compile_blocks, decoder_blocks
+from loralab.data.layout import collate_packed
+from loralab.train.loss import loss_sum
 from loralab.data.prompts import Encoded
 
 
@@ -19,8 +21,8 @@ def test_compiled_blocks_train_like_eager_ones():
     gives the eager loss and gradients, on packed batches of two different lengths."""
     def run(compiled):
         model = tiny_llama(seed=5).float()
-        lora_lib.inject(model, "all-linear", r=4, alpha=8, dropout=0.0)
-        for _, m in lora_lib.lora_modules(model):
+        inject(model, "all-linear", LoraSpec(r=4, alpha=8, dropout=0.0))
+        for _, m in lora_modules(model):
             torch.nn.init.normal_(m.lora_B.weight, std=0.02)
         if compiled:
             assert compile_blocks(model, backend="eager") == 2

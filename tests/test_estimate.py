@@ -8,8 +8,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import tiny_llama, tiny_llama_config
-from loralab import arch as A
-from loralab import estimate as E
+from loralab.memory import arch as A
+from loralab.memory import estimate as E
 from loralab.cli import main
 from loralab.errors import UserError
 
@@ -72,12 +72,14 @@ def test_lora_count_is_the_closed_form():
 
 
 def test_lora_count_matches_injected_model():
-    from loralab import lora
+    from loralab.peft.inject import count_parameters, inject
+    from loralab.peft.lora import LoraSpec
+    from loralab.peft.targets import resolve_targets
 
     model = tiny_llama(0)
     model.requires_grad_(False)
-    lora.inject(model, lora.resolve_targets(model, "all-linear"), r=4, alpha=8, dropout=0.0)
-    trainable, _ = lora.count_parameters(model)
+    inject(model, resolve_targets(model, "all-linear"), LoraSpec(r=4, alpha=8, dropout=0.0))
+    trainable, _ = count_parameters(model)
     assert A.count_params(_hf_dict(model), "all-linear", 4)["lora"] == trainable
 
 

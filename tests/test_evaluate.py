@@ -2,15 +2,17 @@ import torch
 
 from conftest import tiny_llama
 from loralab.data.formats import Example
-from loralab.evaluate import exact_match, generate_answers, mean_loss
+from loralab.eval.metrics import exact_match, generate_answers
+from loralab.peft.lora import LoraSpec
+from loralab.train.loss import mean_loss
 from loralab.data.prompts import encode_all
-from loralab.lora import inject
+from loralab.peft.inject import inject
 
 
 def test_bf16_weights_come_back_bit_identical_after_cpu_decoding(tiny_tokenizer):
     tok = tiny_tokenizer
     model = tiny_llama(0, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    inject(model, "all-linear", r=4, alpha=8, dropout=0.0)
+    inject(model, "all-linear", LoraSpec(r=4, alpha=8, dropout=0.0))
     model.to(torch.bfloat16)
     for name, p in model.named_parameters():
         if "lora_" in name:
@@ -33,7 +35,7 @@ def test_left_padded_batches_give_the_same_answers_as_one_by_one(tiny_tokenizer)
 
 
 def test_exact_match_counts_hits(tiny_tokenizer, monkeypatch):
-    import loralab.evaluate as ev
+    import loralab.eval.metrics as ev
     exs = [Example(prompt="Question: What is 1 plus 2?\nAnswer:", response=" 3"),
            Example(prompt="Question: What is 5 minus 7?\nAnswer:", response=" -2")]
     monkeypatch.setattr(ev, "generate_answers", lambda *a, **k: [" 3\nQuestion", " 2"])

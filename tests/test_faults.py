@@ -5,7 +5,7 @@ import re
 from pathlib import Path
 
 from cli_cases import _base_config, _digest, _write, run_cli_after_training_began, tiny_folder  # noqa: F401
-from loralab import checkpoint
+from loralab.train import checkpoint
 from loralab.cli import main
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "loralab"
@@ -18,7 +18,7 @@ def _nan_from_step(monkeypatch, first_bad_call: int, on_first_nan=None):
     """The training loss becomes NaN from the `first_bad_call`-th micro batch on."""
     import torch
 
-    from loralab import train as train_mod
+    from loralab.train import step as train_mod
 
     real = train_mod.loss_sum
     calls = {"n": 0}

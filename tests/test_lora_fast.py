@@ -1,7 +1,7 @@
 """The LoRA hot path's speed tricks keep their meaning: the cheap dropout mask and the bf16 path."""
 import torch
 
-from loralab.lora import FastDropout, LoRALinear
+from loralab.peft.lora import FastDropout, LoRALinear, LoraSpec
 
 
 def test_fast_dropout_is_bernoulli_with_rate_p_and_unbiased():
@@ -34,7 +34,7 @@ def test_fast_dropout_is_seeded_and_identity_in_eval():
 def test_bf16_activation_path_matches_fp32_math_and_keeps_fp32_grads():
     torch.manual_seed(0)
     base = torch.nn.Linear(64, 48, bias=False)
-    layer = LoRALinear(base, r=4, alpha=8, dropout=0.0)
+    layer = LoRALinear(base, LoraSpec(r=4, alpha=8, dropout=0.0))
     torch.nn.init.normal_(layer.lora_B.weight, std=0.1)
     x = torch.randn(10, 64)
     ref = layer(x)  # all fp32

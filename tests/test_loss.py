@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from conftest import tiny_llama
-from loralab import loss as loss_mod
-from loralab.loss import full_logits_loss_sum, loss_sum, selected_head_loss
+from loralab.train import loss as loss_mod
+from loralab.train.loss import full_logits_loss_sum, loss_sum, selected_head_loss
 
 
 def _batch(seed=0, bs=3, length=12):

@@ -1,6 +1,6 @@
 import torch
 
-from loralab.memory import PeakMemory, fmt_bytes
+from loralab.memory.measure import PeakMemory, fmt_bytes
 
 
 def test_peak_counts_the_phase_not_what_came_before():

@@ -2,13 +2,16 @@ import pytest
 import torch
 
 from conftest import tiny_llama
-from loralab import lora as lora_lib
+from loralab.peft.inject import inject
+from loralab.peft.lora import LoraSpec, lora_modules
 from loralab.data.batching import collate, iterate_batches
-from loralab.data.packing import (collate_packed, grouped_batches, loss_sum as packed_loss_sum, pack_rows,
-                                  packed_inputs, packing_supported, padding_stats)
+from loralab.data.batching import grouped_batches
+from loralab.data.layout import collate_packed, pack_rows, padding_stats
+from loralab.train.loss import loss_sum as packed_loss_sum
+from loralab.train.packing import packed_inputs, packing_supported
 from loralab.data.prompts import IGNORE_INDEX, Encoded
 from loralab.errors import UserError
-from loralab.loss import loss_sum
+from loralab.train.loss import loss_sum
 
 
 def _example(rng: torch.Generator, n: int, prompt: int) -> Encoded:
@@ -83,8 +86,8 @@ def test_packed_logits_equal_unpacked_logits(attn):
 
 def _lora_model(attn="eager"):
     model = tiny_llama(seed=2, attn_implementation=attn).float()
-    lora_lib.inject(model, "all-linear", r=4, alpha=8, dropout=0.0)
-    for _, m in lora_lib.lora_modules(model):  # a non-zero update, so LoRA gradients are non-trivial
+    inject(model, "all-linear", LoraSpec(r=4, alpha=8, dropout=0.0))
+    for _, m in lora_modules(model):  # a non-zero update, so LoRA gradients are non-trivial
         torch.nn.init.normal_(m.lora_B.weight, std=0.02)
     return model.train()
 
@@ -169,7 +172,7 @@ def test_grouped_batches_cover_each_example_once_and_cut_padding():
     assert grouped["padding_fraction"] < 0.5 * shuffled["padding_fraction"]
     one = list(grouped_batches(examples, 8, seed=4, epoch=0, window=1))
     assert sorted(i for b in one for i in b) == list(range(200))
-    with pytest.raises(UserError, match="group_window"):
+    with pytest.raises(UserError, match="train.group_by_length"):
         list(grouped_batches(examples, 8, seed=4, epoch=0, window=0))
 
 

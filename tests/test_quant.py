@@ -9,9 +9,10 @@ from torch import nn
 
 from conftest import tiny_llama
 from loralab.errors import UserError
-from loralab.lora import LoRALinear, count_parameters, inject, merge_and_unload
-from loralab.quant import (NF4_LEVELS, NF4Linear, bits_per_weight, quantization_error, quantize_model,
-                           quantized_bytes, scaler_block_size)
+from loralab.peft.inject import count_parameters, inject
+from loralab.peft.lora import LoRALinear, LoraSpec
+from loralab.peft.merge import merge_and_unload
+from loralab.peft.quant import NF4_LEVELS, NF4Linear, bits_per_weight, quantization_error, quantize_model, quantized_bytes, scaler_block_size
 
 PAPER_LEVELS = [-1, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
                 -0.18477343022823334, -0.09105003625154495, 0, 0.07958029955625534, 0.16093020141124725,
@@ -89,7 +90,7 @@ def test_gradients_equal_dense_dequantized_base_and_survive_no_grad_eval():
         dense.weight.copy_(q.dequantize())
         dense.bias.copy_(base.bias)
     dense.requires_grad_(False)
-    lq, ld = LoRALinear(q, r=4, alpha=8, dropout=0.0), LoRALinear(dense, r=4, alpha=8, dropout=0.0)
+    lq, ld = LoRALinear(q, LoraSpec(r=4, alpha=8, dropout=0.0)), LoRALinear(dense, LoraSpec(r=4, alpha=8, dropout=0.0))
     torch.manual_seed(3)
     a, b = torch.randn(4, 64) * 0.1, torch.randn(48, 4) * 0.1  # B nonzero: A gets a gradient too
     with torch.no_grad():
@@ -113,7 +114,7 @@ def test_gradients_equal_dense_dequantized_base_and_survive_no_grad_eval():
 
 def test_gradient_reaches_lora_below_a_quantized_layer():
     # LoRA on layer 1, NF4 layer 2 above it: layer 1's factors only train if NF4 passes grad to x.
-    l1 = LoRALinear(NF4Linear.from_linear(_linear(64, 64, seed=1)), r=2, alpha=4, dropout=0.0)
+    l1 = LoRALinear(NF4Linear.from_linear(_linear(64, 64, seed=1)), LoraSpec(r=2, alpha=4, dropout=0.0))
     l2 = NF4Linear.from_linear(_linear(64, 64, seed=2))
     with torch.no_grad():
         l1.lora_B.weight.normal_()
@@ -143,7 +144,7 @@ def test_quantize_model_tiny_llama():
     out = model.generate(ids[:1, :5], max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 9)
     # LoRA goes on top afterwards; only its factors train and the count stays logical.
-    inject(model, "all-linear", r=4, alpha=8, dropout=0.0)
+    inject(model, "all-linear", LoraSpec(r=4, alpha=8, dropout=0.0))
     trainable, total = count_parameters(model)
     assert trainable == sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
     assert total == sum(p.numel() for p in dense.parameters()) + trainable
@@ -186,7 +187,7 @@ def test_bad_block_count_names_module_and_leaves_model_untouched():
 
 def test_quantize_after_lora_refused():
     model = _llama()
-    inject(model, "qv", r=2, alpha=4, dropout=0.0)
+    inject(model, "qv", LoraSpec(r=2, alpha=4, dropout=0.0))
     with pytest.raises(UserError, match="before"):
         quantize_model(model)
 
@@ -215,12 +216,12 @@ def test_adapter_trained_on_nf4_saves_as_peft_reloads_and_merges_exactly(tmp_pat
     the adapter model's logits, and the merged weights are dequantized base + scaled B.A in fp32."""
     from peft import PeftModel
 
-    from loralab.adapters import load_adapter, save_adapter
+    from loralab.peft.adapters import load_adapter, save_adapter
 
     dense = _llama()
     model = copy.deepcopy(dense)
     quantize_model(model)
-    names = inject(model, "all-linear", r=4, alpha=8, dropout=0.0)
+    names = inject(model, "all-linear", LoraSpec(r=4, alpha=8, dropout=0.0))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     for _ in range(3):
@@ -230,8 +231,7 @@ def test_adapter_trained_on_nf4_saves_as_peft_reloads_and_merges_exactly(tmp_pat
     model.eval()
     with torch.no_grad():
         want = model(ids).logits
-    save_adapter(model, tmp_path / "ad", base_model_name_or_path="tiny", r=4, alpha=8, dropout=0.0,
-                 target_modules=names)
+    save_adapter(model, tmp_path / "ad", base_model_name_or_path="tiny")
 
     again = copy.deepcopy(dense)
     quantize_model(again)

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from conftest import tiny_llama
-from loralab import checkpoint
+from loralab.train import checkpoint
 from loralab.config import load_config
 from loralab.errors import UserError
-from loralab.run import run_training
+from loralab.pipeline import run_training
 
 STEPS = 14
 

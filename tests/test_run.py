@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_llama
 from loralab.cli import main
 from loralab.config import load_config
-from loralab.run import run_training
+from loralab.pipeline import run_training
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_run_writes_every_artifact(tiny_folder, tmp_path):
     assert parts["estimated_peak_bytes"] == sum(v for k, v in parts.items() if k != "estimated_peak_bytes")
     # AdamW: two fp32 moments per fp32 LoRA factor; no LoRA gradient exists yet when backward starts
     assert parts["optimizer_state"] == 2 * parts["trainable_weights"] and parts["gradients"] == 0
-    from loralab.run import format_table
+    from loralab.summary import format_table
 
     assert "optimizer state" in format_table(summary, cfg) and "activations" in format_table(summary, cfg)
 
@@ -109,7 +109,7 @@ def test_cli_train_prints_table(tiny_folder, tmp_path, capsys):
 
 
 def test_multi_epoch_on_small_data_warns():
-    from loralab.run import epoch_warnings
+    from loralab.summary import epoch_warnings
 
     cfg = load_config(None, ["train.batch_size=10", "train.epochs=3"])
     (w,) = epoch_warnings(100, cfg)

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from loralab.config import load_config
-from loralab.models import load_model
-from loralab.run import run_training
+from loralab.io.models import load_model
+from loralab.pipeline import run_training
 
 pytestmark = pytest.mark.slow
 

@@ -9,10 +9,11 @@ import pytest
 import torch
 import yaml
 
-from loralab import study as S
+from loralab.study import runner, spec
 from loralab.cli import main
 from loralab.errors import UserError
-from loralab.report import Stat, judge, t_quantile
+from loralab.study.report import judge
+from loralab.study.stats import Stat, t_quantile
 
 PRESETS = ["consistency", "qlora", "optimizer", "epochs", "targets", "rank", "memory-7b", "data-size", "full"]
 
@@ -57,14 +58,14 @@ def test_judge_verdicts():
 # --- cells and presets -------------------------------------------------------------------------
 
 def test_grid_axes_expand_to_every_combination():
-    cells = S.expand_cells({"train.optimizer": ["adamw", "sgd"], "lora.r": [4, 8]}, [1, 2])
+    cells = spec.expand_cells({"train.optimizer": ["adamw", "sgd"], "lora.r": [4, 8]}, [1, 2])
     assert [c.name for c in cells] == ["optimizer-adamw_r-4", "optimizer-adamw_r-8", "optimizer-sgd_r-4", "optimizer-sgd_r-8"]
     assert cells[3].overrides == ["train.optimizer=sgd", "lora.r=8"] and cells[3].seeds == [1, 2]
-    assert S.expand_cells(None, [1])[0].name == "default"
+    assert spec.expand_cells(None, [1])[0].name == "default"
 
 
 def test_named_cells_and_their_seeds():
-    cells = S.expand_cells([{"name": "mem", "set": ["lora.r=8"], "seeds": 1}, ["lora.r=4", "lora.alpha=8"]], [5, 6, 7])
+    cells = spec.expand_cells([{"name": "mem", "set": ["lora.r=8"], "seeds": 1}, ["lora.r=4", "lora.alpha=8"]], [5, 6, 7])
     assert (cells[0].name, cells[0].overrides, cells[0].seeds) == ("mem", ["lora.r=8"], [5])
     assert cells[1].name == "lora.r-4_lora.alpha-8" and cells[1].seeds == [5, 6, 7]
 
@@ -73,16 +74,16 @@ def test_named_cells_and_their_seeds():
                                   [["lora.r=4"], ["lora.r=4"]], [["no equals sign"]]])
 def test_bad_axes_are_one_line_user_errors(axes):
     with pytest.raises(UserError) as e:
-        S.expand_cells(axes, [1])
+        spec.expand_cells(axes, [1])
     assert "\n" not in str(e.value)
 
 
 def test_all_nine_presets_load_and_expand():
-    assert sorted(S.list_presets()) == sorted(PRESETS)
+    assert sorted(spec.list_presets()) == sorted(PRESETS)
     for name in PRESETS:
         for scale, extra in (("cpu", []), ("gpu", ["model.name=/models/llama-2-7b"])):
-            study = S.load_study(name, scale=scale, overrides=extra)
-            text = S.describe(study)
+            study = spec.load_study(name, scale=scale, overrides=extra)
+            text = spec.describe(study)
             assert text.startswith(f"study {name}")
             known = {c.name for c in study.cells} | {r["name"] for r in study.rows}
             assert study.findings, name
@@ -95,22 +96,22 @@ def test_all_nine_presets_load_and_expand():
 
 
 def test_gpu_scale_uses_the_articles_settings():
-    study = S.load_study("targets", scale="gpu", overrides=["model.name=/models/llama-2-7b"])
-    cfg = S.run_config(study, study.cells[0], 1, Path("/tmp/x"))
+    study = spec.load_study("targets", scale="gpu", overrides=["model.name=/models/llama-2-7b"])
+    cfg = spec.run_config(study, study.cells[0], 1, Path("/tmp/x"))
     assert (cfg.train.lr, cfg.train.batch_size, cfg.train.grad_accum, cfg.lora.r, cfg.lora_alpha) == (3e-4, 1, 128, 8, 16)
     assert cfg.model.name == "/models/llama-2-7b" and cfg.lora.targets == "qv"  # the cell's own axis value
     assert cfg.train.weight_decay == 0.01 and cfg.train.warmup_steps == 100
     with pytest.raises(UserError, match="model.name"):
-        S.load_study("targets", scale="gpu")
+        spec.load_study("targets", scale="gpu")
 
 
 def test_cpu_budgets_fit_twenty_minutes():
     # ~0.92 s per step of 16 examples (measured), ~20 s per run for start-up and evaluation.
     for name in PRESETS:
-        study = S.load_study(name)
+        study = spec.load_study(name)
         total = 0.0
         for cell in study.cells:
-            cfg = S.run_config(study, cell, 1, Path("/tmp/x"))
+            cfg = spec.run_config(study, cell, 1, Path("/tmp/x"))
             steps = cfg.train.max_steps or math.ceil(cfg.data.n_train * len(cfg.data.tasks) * 0.9 / cfg.train.batch_size
                                                      * cfg.train.epochs)
             slow = 1.8 if cfg.train.method == "full" else 1.0
@@ -120,11 +121,11 @@ def test_cpu_budgets_fit_twenty_minutes():
 
 def test_user_override_may_not_fight_an_axis():
     with pytest.raises(UserError, match="varies across cells"):
-        S.load_study("rank", overrides=["lora.r=4"])
+        spec.load_study("rank", overrides=["lora.r=4"])
     with pytest.raises(UserError, match="did you mean r"):
-        S.load_study("qlora", overrides=["lora.rr=4"])
+        spec.load_study("qlora", overrides=["lora.rr=4"])
     with pytest.raises(UserError, match="did you mean qlora"):
-        S.load_study("qlra")
+        spec.load_study("qlra")
 
 
 def test_cli_dry_run_prints_cells(capsys):
@@ -158,25 +159,25 @@ def fake_runner(calls, fail=()):
 
 
 def _study(seeds=3):
-    return S.load_study("qlora", seeds=seeds)
+    return spec.load_study("qlora", seeds=seeds)
 
 
 def test_resume_runs_only_what_is_missing(tmp_path):
     calls = []
-    records = S.run_study(_study(), tmp_path, runner=fake_runner(calls), log=lambda m: None)
+    records = runner.run_study(_study(), tmp_path, runner=fake_runner(calls), log=lambda m: None)
     assert sorted(calls) == sorted(itertools.product(["lora", "qlora"], [1, 2, 3]))
     assert all(r["status"] == "ok" for r in records)
     assert (tmp_path / "cells/lora/seed-2/cell.yaml").is_file()
     (tmp_path / "cells/qlora/seed-2/summary.json").unlink()
     calls.clear()
-    records = S.run_study(_study(), tmp_path, runner=fake_runner(calls), log=lambda m: None)
+    records = runner.run_study(_study(), tmp_path, runner=fake_runner(calls), log=lambda m: None)
     assert calls == [("qlora", 2)]
     assert sorted(r["status"] for r in records) == ["ok"] + ["skipped"] * 5
 
 
 def test_cell_configs_are_real_run_configs(tmp_path):
     calls, logs = [], []
-    S.run_study(_study(1), tmp_path, parallel=2, runner=fake_runner(calls), log=logs.append)
+    runner.run_study(_study(1), tmp_path, parallel=2, runner=fake_runner(calls), log=logs.append)
     cfg = yaml.safe_load((tmp_path / "cells/qlora/seed-1/cell.yaml").read_text())
     assert cfg["model"]["quant"] == "nf4" and cfg["output_dir"] == str(tmp_path / "cells/qlora/seed-1")
     assert cfg["train"]["progress"] is False and cfg["train"]["threads"] >= 1  # parallel: threads split
@@ -185,7 +186,7 @@ def test_cell_configs_are_real_run_configs(tmp_path):
 
 def test_failed_runs_are_reported_not_fatal(tmp_path):
     calls, logs = [], []
-    result = S.study_command("qlora", out=str(tmp_path), seeds=2, runner=fake_runner(calls, fail={"qlora"}),
+    result = runner.study_command("qlora", out=str(tmp_path), seeds=2, runner=fake_runner(calls, fail={"qlora"}),
                              log=logs.append)
     assert len(calls) == 4  # the study went on after the failures
     status = {(r["cell"], r["seed"]): r["status"] for r in result["runs"]}
@@ -198,7 +199,7 @@ def test_failed_runs_are_reported_not_fatal(tmp_path):
 
 
 def test_report_files_and_numbers(tmp_path):
-    S.study_command("qlora", out=str(tmp_path), seeds=3, runner=fake_runner([]), log=lambda m: None)
+    runner.study_command("qlora", out=str(tmp_path), seeds=3, runner=fake_runner([]), log=lambda m: None)
     for name in ("results.csv", "report.md", "report.html", "study.json", "runs.json",
                  "plots/loss_curves.png", "plots/eval_scores.png", "plots/memory_vs_time.png"):
         assert (tmp_path / name).is_file(), name
@@ -220,12 +221,12 @@ def test_report_files_and_numbers(tmp_path):
     assert "SmolLM2-135M" in findings and all(r[3] for r in table)  # every row has its scale note
     html = (tmp_path / "report.html").read_text()
     assert '<img src="plots/loss_curves.png"' in html and "<table>" in html and "Findings" in html
-    again = S.build_report(tmp_path)  # rebuilding from the folder alone gives the same numbers
+    again = runner.build_report(tmp_path)  # rebuilding from the folder alone gives the same numbers
     assert again["stats"]["lora"]["final_val_loss"].mean == pytest.approx(1.2)
 
 
 def test_estimate_study_reports_without_training(tmp_path):
-    result = S.study_command("memory-7b", out=str(tmp_path), log=lambda m: None)
+    result = runner.study_command("memory-7b", out=str(tmp_path), log=lambda m: None)
     plan = json.loads((tmp_path / "study.json").read_text())
     assert len(plan["estimates"]) == 6 and result["runs"] == []
     md = (tmp_path / "report.md").read_text()
@@ -238,16 +239,17 @@ def test_estimate_study_reports_without_training(tmp_path):
 # --- the overfitting guard: early stopping on a scripted validation curve -----------------------
 
 def _scripted_training(monkeypatch, losses, patience, max_steps=40):
-    import loralab.train as T
+    import loralab.train.loop as T
     from conftest import tiny_llama
     from loralab.config import TrainConfig
     from loralab.data.prompts import Encoded
-    from loralab.lora import inject
+    from loralab.peft.inject import inject
+    from loralab.peft.lora import LoraSpec
 
     script = iter(losses)
     monkeypatch.setattr(T, "mean_loss", lambda *a, **k: next(script))
     model = tiny_llama(0)
-    inject(model, "qv", r=2, alpha=4, dropout=0.0)
+    inject(model, "qv", LoraSpec(r=2, alpha=4, dropout=0.0))
     data = [Encoded(input_ids=list(range(3, 11)), labels=[-100] * 3 + list(range(6, 11)), truncated=False)] * 4
     cfg = TrainConfig(max_steps=max_steps, eval_every=2, early_stopping_patience=patience, batch_size=2,
                       progress=False, lr=1e-3)

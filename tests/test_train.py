@@ -7,8 +7,11 @@ from conftest import tiny_llama
 from loralab.config import TrainConfig
 from loralab.data.batching import collate
 from loralab.data.prompts import Encoded
-from loralab.lora import inject
-from loralab.train import Hooks, accumulate_gradients, lr_multiplier, plan_steps, train
+from loralab.peft.inject import inject
+from loralab.peft.lora import LoraSpec
+from loralab.train.loop import Hooks, train
+from loralab.train.optim import lr_multiplier, plan_steps
+from loralab.train.step import accumulate_gradients
 
 
 def _examples(n=8, seed=0):
@@ -25,7 +28,7 @@ def _examples(n=8, seed=0):
 def _lora_model(seed=0):
     model = tiny_llama(seed)
     # the head trains too: a frozen random tiny head caps how far the logits can move
-    inject(model, "all-linear+head", r=4, alpha=8, dropout=0.0)
+    inject(model, "all-linear+head", LoraSpec(r=4, alpha=8, dropout=0.0))
     torch.manual_seed(1)
     for name, p in model.named_parameters():
         if "lora_B" in name:
@@ -137,12 +140,13 @@ def test_packed_training_equals_padded_training():
 
 
 def test_packing_falls_back_to_padding_for_a_model_that_ignores_positions(monkeypatch):
-    import loralab.train as train_mod
+    import loralab.train.loop as train_mod
+    import loralab.train.step as step_mod
 
     monkeypatch.setattr(train_mod, "packing_supported", lambda model, pad_id: False)
     seen = []
-    real = train_mod.accumulate_gradients
-    monkeypatch.setattr(train_mod, "accumulate_gradients",
+    real = step_mod.accumulate_gradients
+    monkeypatch.setattr(step_mod, "accumulate_gradients",
                         lambda model, micro, **kw: (seen.extend(micro), real(model, micro, **kw))[1])
     cfg = TrainConfig(lr=1e-2, batch_size=4, max_steps=2, progress=False, packing=True)
     with pytest.warns(UserWarning, match="train.packing"):

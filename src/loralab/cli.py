@@ -11,11 +11,13 @@ import os
 import sys
 
 from .errors import UserError
+from .peft.presets import TARGET_PRESETS
 
 
 def cmd_train(args) -> int:
     from .config import load_config
-    from .run import format_table, run_training
+    from .pipeline import run_training
+    from .summary import format_table
 
     cfg = load_config(args.config, args.overrides)
     summary = run_training(cfg)
@@ -56,7 +58,8 @@ def cmd_merge(args) -> int:
 
 
 def cmd_study(args) -> int:
-    from .study import list_presets, study_command
+    from .study.runner import study_command
+    from .study.spec import list_presets
 
     if args.name == "list":
         print("\n".join(list_presets()))
@@ -74,15 +77,15 @@ def cmd_study(args) -> int:
 
 
 def cmd_fetch(args) -> int:
-    from .models import fetch_bundled
+    from .io.models import fetch_bundled
 
     print(fetch_bundled(args.name))
     return 0
 
 
 def cmd_estimate(args) -> int:
-    from .arch import resolve_model_config
-    from .estimate import estimate, format_estimate, suggest_fixes
+    from .memory.arch import resolve_model_config
+    from .memory.estimate import estimate, format_estimate, suggest_fixes
 
     settings = dict(method=args.method, r=args.r, targets=args.targets, seq=args.seq, batch=args.batch,
                     optimizer=args.optimizer, precision=args.precision, grad_checkpointing=args.grad_checkpointing,
@@ -155,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "qwen2.5-7b, smollm2-135m/360m/1.7b), an HF folder, or a config.json")
     x.add_argument("--method", default="lora", choices=["lora", "qlora", "full"])
     x.add_argument("--r", type=int, default=8)
-    x.add_argument("--targets", default="all-linear", choices=["qv", "attn", "mlp", "all-linear", "all-linear+head"])
+    x.add_argument("--targets", default="all-linear", choices=list(TARGET_PRESETS))
     x.add_argument("--seq", type=int, default=512, help="tokens per sequence (the longest batch sets the peak)")
     x.add_argument("--batch", type=int, default=1, help="micro batch")
     x.add_argument("--grad-accum", type=int, default=1, help="micro batches per optimizer step (gradients of "

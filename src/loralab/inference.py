@@ -2,22 +2,20 @@
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
-import os
 from pathlib import Path
 
 import torch
 
-from .adapters import load_adapter
+from .config import ModelConfig
 from .data.tasks import make_task
 from .errors import UserError
-from .evaluate import exact_match, generate_answers
-from .lora import merge_and_unload
-from .models import load_model
+from .eval.metrics import exact_match, generate_answers
+from .io.export import new_output_folder, save_hf_folder
+from .io.models import load_model
+from .peft.adapters import load_adapter
+from .peft.merge import merge_and_unload
 
-DEFAULT_MODEL = "smollm2-135m"
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DEFAULT_MODEL = ModelConfig.name  # the config's default model
 
 
 def adapter_base(adapter_dir: str | None) -> str | None:
@@ -88,23 +86,13 @@ def chat(model: str | None, adapter_dir: str | None, *, max_new_tokens: int = 25
         print(f"model> {reply}")
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
 def merge_to_folder(adapter_dir: str, out_dir: str, *, dtype: str = "bf16", model: str | None = None) -> Path:
     """Merge the adapter into its base; write an HF folder (safetensors + tokenizer) atomically."""
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out}: output exists and is not an empty folder")
+    out = new_output_folder(out_dir)
     m, tok = load_with_adapter(model, adapter_dir, dtype=torch.float32)  # merge in fp32, then cast
     merge_and_unload(m)
     m.to(DTYPES[dtype])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
-    try:
-        m.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return save_hf_folder(m, tok, out)

@@ -1,7 +1,8 @@
-"""Validation split, deterministic batch order, and padding into tensors.
+"""Validation split, deterministic batch order (plain or grouped by length), and padding into tensors.
 
 Order is a pure function of (seed, epoch): a resumed run that skips the batches it already did
-sees exactly the batches an uninterrupted run would have seen.
+sees exactly the batches an uninterrupted run would have seen. `micro_batch_indices` is the one
+stream of micro batches the training loop (and the benchmarks' baseline) draws from.
 """
 from __future__ import annotations
 
@@ -46,6 +47,47 @@ def iterate_batches(encoded: Sequence, batch_size: int, *, seed: int, epoch: int
         if drop_last and len(idx) < batch_size:
             return
         yield idx
+
+
+def grouped_batches(encoded: Sequence, batch_size: int, *, seed: int, epoch: int,
+                    window: int = 16) -> Iterator[list[int]]:
+    """Index lists like `iterate_batches`, with similar lengths together (config
+    `train.group_by_length`): the epoch's shuffled order is cut into windows of `window` batches;
+    each window is sorted by length, cut into batches, and those batches are shuffled (so long and
+    short steps stay interleaved). Each example appears exactly once per epoch, but which examples
+    share a step changes (a mild change of gradient noise); order is a pure function of (seed, epoch)."""
+    if batch_size <= 0:
+        raise UserError(f"config key 'train.batch_size' must be > 0, got {batch_size}")
+    if window <= 0:
+        raise UserError(f"config key 'train.group_by_length' must be > 0 to group, got {window}")
+    order = list(range(len(encoded)))
+    rng = random.Random(f"loralab:grouped:{seed}:{epoch}")
+    rng.shuffle(order)
+    span = batch_size * window
+    for start in range(0, len(order), span):
+        chunk = sorted(order[start:start + span], key=lambda i: (len(encoded[i].input_ids), i))
+        batches = [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
+        rng.shuffle(batches)
+        yield from batches
+
+
+def micro_batch_indices(encoded: Sequence, batch_size: int, *, seed: int, group_window: int = 0,
+                        skip: int = 0) -> Iterator[list[int]]:
+    """The endless stream of micro batches (index lists) a run trains on: epoch after epoch, each
+    shuffled by (seed, epoch), grouped by length when group_window > 0. The first `skip` are passed
+    over (resuming mid-run)."""
+    epoch = 0
+    while True:
+        if group_window:
+            order = grouped_batches(encoded, batch_size, seed=seed, epoch=epoch, window=group_window)
+        else:
+            order = iterate_batches(encoded, batch_size, seed=seed, epoch=epoch)
+        for idx in order:
+            if skip:
+                skip -= 1
+                continue
+            yield idx
+        epoch += 1
 
 
 def collate(encoded_list: Sequence, pad_id: int) -> dict[str, torch.Tensor]:

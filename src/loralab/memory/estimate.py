@@ -1,0 +1,310 @@
+"""Analytic peak-memory model of a fine-tuning run, from a Hugging Face config.json alone (no weights).
+
+    peak = frozen_weights + trainable_weights + gradients + optimizer_state + activations + other,
+           each taken at the moment that sets the peak (the start of backward or the optimizer step)
+
+The decoder's shape and parameter counts come from loralab.arch. Assumptions, in bytes:
+  - frozen weights in the compute dtype (bf16: 2, fp32: 4). QLoRA: quantized linears at 4.127 bits
+    per weight (NF4 in blocks of 64, double-quantized scales); embeddings, norms, lm_head stay 16-bit.
+  - trainable weights fp32 (LoRA factors and full fine-tuning masters: 4 per parameter, plus a bf16
+    autocast copy, 2, held by the graph during forward and backward of full fine-tuning in bf16);
+    gradients fp32 (4); optimizer state AdamW 8 (two fp32 moments), SGD with momentum 4, 8-bit AdamW 2
+    (+ an fp32 absmax per 256 per moment); the foreach optimizer step's temporary, 4.
+  - activations saved for backward, per layer and token (b = 2 bf16 / 4 fp32):
+      norms        2 x 4H      (each RMSNorm keeps an fp32 copy of its input)
+      attention    SDPA/flash: q, k, v, output (2Q + 2K) x b + a logsumexp per head (fp32);
+                   eager:      q, k, v per head (3Q x b) + scores heads x seq x (4 + 2 if bf16),
+                               the fp32 softmax and its bf16 copy, i.e. quadratic in seq
+      MLP          3I x b      (gate output, its SiLU, up output; frozen linears keep no input)
+      LoRA         per target: its input twice (dropout mask + dropped input) x b, plus r x b
+      QLoRA        bitsandbytes-style 4-bit matmuls also keep the input of every quantized linear
+      full FT      inputs of every linear (2H + Q + I) x b and the normalised input of each norm
+    With gradient checkpointing: each layer's input (H x b) plus one full layer being recomputed.
+    Attention: SDPA on CUDA, eager on the CPU (loralab's default there, see io.models.pick_attention).
+  - logits: rows x vocab x 12 (the saved fp32 log-softmax, its gradient, and the fp32 logits or their
+    gradient: measured 12.0 on the CPU in bf16 and fp32), with rows = batch x seq (every position
+    labelled, no chunking; loralab's own loss holds at most 1024 rows at once).
+  - the two moments: at the start of backward every activation is alive but only the gradients of
+    parameters outside the decoder layers exist (each layer's weight gradients appear as its
+    activations are freed), unless gradient accumulation keeps earlier micro batches' gradients;
+    at the optimizer step the activations are gone and every gradient plus the step's temporary is
+    alive. The larger sets the peak (for LoRA the first at any realistic length; for full
+    fine-tuning it depends).
+  - other: CUDA: the CUDA context + cuBLAS workspace (0.5 GB, typical, not calibrated here: the
+    article's numbers are torch.cuda.max_memory_allocated, which excludes it). CPU: the Python,
+    torch, transformers and tokenizer runtime in the peak RSS (370 MiB measured), plus glibc heap
+    slack, the freed temporaries that stay resident as holes between live tensors (measured with
+    MALLOC_MMAP_THRESHOLD_=65536, which makes RSS track live tensors): 0.45 x the layers' saved bytes
+    without checkpointing (0.2-0.7 measured), and with it 0.22 x the bytes the layers would have
+    saved (0.18-0.25 measured on three runs): the checkpointed forward frees them, as holes.
+    See docs/memory.md and benchmarks/memory_estimate.py.
+"""
+from __future__ import annotations
+
+import math
+
+from ..errors import UserError
+from ..peft.presets import LLAMA_LINEARS
+from ..train.loss import CHUNK_ROWS
+from ..train.precision import resolve_precision
+from .arch import Arch, arch_from_config, count_params, resolve_model_config, target_names
+
+NF4_BITS = 4.127
+CUDA_OTHER_BYTES = 0.5e9         # CUDA context + cuBLAS workspace (typical; no GPU here to calibrate)
+CPU_RUNTIME_BYTES = 370 * 2**20  # RSS of the runtime after loading a model (measured, docs/memory.md)
+CPU_HEAP_SLACK = 0.45            # glibc keeps freed forward temporaries as heap holes: RSS = saved x 1.45
+CPU_CKPT_SLACK = 0.22            # with checkpointing: x what the layers would save without it (holes)
+OPTIMIZER_TEMP_BYTES = 4.0       # foreach AdamW's sqrt(v) buffer (SGD's decayed gradient): fp32 per parameter
+
+METHODS = ("lora", "qlora", "full")
+OPTIMIZERS = {"adamw": 8.0, "sgd": 4.0, "adamw8bit": 2.0 + 2 * 4 / 256}  # state bytes per trainable param
+PRECISIONS = {"bf16": 2, "fp32": 4}
+DEVICES = ("cuda", "cpu")
+GB = 1e9
+
+
+# ---------------------------------------------------------------------------------------------
+# The estimate
+
+def _check(method, optimizer, precision, device, attention, r, seq, batch, grad_accum) -> None:
+    for key, value, allowed in (("method", method, METHODS), ("optimizer", optimizer, tuple(OPTIMIZERS)),
+                                ("precision", precision, tuple(PRECISIONS)), ("device", device, DEVICES),
+                                ("attention", attention, ("auto", "eager", "sdpa"))):
+        if value not in allowed:
+            raise UserError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
+    for key, value in (("r", r), ("seq", seq), ("batch", batch), ("grad_accum", grad_accum)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise UserError(f"{key} must be a positive integer, got {value!r}")
+
+
+def _layer_bytes_per_token(a: Arch, *, b: int, seq: int, eager: bool, method: str, lora_names, r: int,
+                           dropout: bool, quantized, saves_quant_inputs: bool) -> float:
+    """Bytes one decoder layer keeps for backward, per token (see the module docstring)."""
+    H, Q, K, I = a.hidden, a.q_dim, a.kv_dim, a.inter
+    total = 2 * H * 4                                        # RMSNorms: fp32 copies of their inputs
+    if eager:
+        total += 3 * Q * b + a.heads * seq * (4 + (2 if b == 2 else 0))
+    else:
+        total += (2 * Q + 2 * K) * b + a.heads * 4
+    total += 3 * I * b                                        # SwiGLU
+    lin = a.linears()
+    # Distinct linear inputs: q/k/v share the first norm's output, gate/up the second's.
+    groups = {"attn_in": (("q_proj", "k_proj", "v_proj"), H), "o_in": (("o_proj",), Q),
+              "mlp_in": (("gate_proj", "up_proj"), H), "down_in": (("down_proj",), I)}
+    if method == "full":
+        total += sum(width for _, width in groups.values()) * b + 2 * H * 4
+    elif saves_quant_inputs:
+        total += sum(width for mods, width in groups.values() if any(m in quantized for m in mods)) * b
+    for n in lora_names:
+        if n != "lm_head":
+            total += lin[n][0] * b * (2 if dropout else 1) + r * b
+    return total
+
+
+def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="all-linear", seq: int = 512,
+             batch: int = 1, optimizer: str = "adamw", precision: str = "bf16", grad_checkpointing: bool = False,
+             device: str = "cuda", attention: str = "auto", lora_dropout: float = 0.05, quantize: str = "all-linear",
+             qlora_saves_inputs: bool = True, loss_rows: int | None = None, sgd_momentum: bool = True,
+             grad_accum: int = 1) -> dict:
+    """Predicted peak memory (bytes) of one training step, with its breakdown at that moment. Pure arithmetic.
+
+    method lora | qlora (NF4 base) | full; targets a preset (qv, attn, mlp, all-linear, all-linear+head)
+    or module names; attention auto (SDPA on cuda, eager on cpu) | eager | sdpa; quantize which frozen
+    linears QLoRA stores in NF4 (all-linear: every decoder linear, as QLoRA does; targets: only the
+    LoRA-wrapped ones, loralab's default); qlora_saves_inputs: the 4-bit matmul keeps its input for
+    backward (bitsandbytes does); loss_rows: logit rows alive at once (default batch x seq);
+    grad_accum: micro batches per optimizer step (> 1: earlier micro batches' gradients are alive
+    while the next one's activations are).
+    """
+    _check(method, optimizer, precision, device, attention, r, seq, batch, grad_accum)
+    a = arch_from_config(model_config)
+    names = () if method == "full" else target_names(targets)
+    params = count_params(model_config, names or "qv", r)
+    b = PRECISIONS[precision]
+    eager = attention == "eager" or (attention == "auto" and device == "cpu")
+    tokens = batch * seq
+    lin = a.linears()
+    quantized = set()
+    if method == "qlora":
+        quantized = set(LLAMA_LINEARS) if quantize == "all-linear" else {n for n in names if n != "lm_head"}
+
+    # Weights. `outside`: trainable parameters outside the decoder layers, whose gradients exist
+    # before the layers' activations start to be freed (the backward pass begins at the output layer).
+    if method == "full":
+        trainable = params["total"]
+        frozen = 0.0
+        masters = trainable * 4                                       # fp32 master weights
+        casts = trainable * 2 if precision == "bf16" else 0.0         # autocast's bf16 copies, held by the graph
+        outside = params["embedding"] + params["lm_head"] + a.hidden  # + the final norm
+    else:
+        trainable = params["lora"]
+        q_weights = sum(lin[n][0] * lin[n][1] for n in quantized) * a.layers
+        frozen = (params["total"] - q_weights) * b + q_weights * NF4_BITS / 8
+        masters, casts = trainable * 4, 0.0
+        outside = r * (a.hidden + a.vocab) if "lm_head" in names else 0
+    state = trainable * (OPTIMIZERS[optimizer] if optimizer != "sgd" or sgd_momentum else 0.0)
+
+    # Activations
+    per_token = _layer_bytes_per_token(a, b=b, seq=seq, eager=eager, method=method, lora_names=names, r=r,
+                                       dropout=lora_dropout > 0, quantized=quantized,
+                                       saves_quant_inputs=qlora_saves_inputs)
+    if grad_checkpointing:
+        layers_bytes = tokens * (a.layers * a.hidden * b + per_token)
+        slack = CPU_CKPT_SLACK * tokens * a.layers * per_token  # the discarded activations leave holes too
+    else:
+        layers_bytes = tokens * a.layers * per_token
+        slack = CPU_HEAP_SLACK * layers_bytes
+    rows = tokens if loss_rows is None else min(loss_rows, tokens)
+    logits = rows * a.vocab * 12
+    activations = layers_bytes + logits + tokens * a.hidden * 4  # + the final norm's input
+    runtime = CUDA_OTHER_BYTES if device == "cuda" else CPU_RUNTIME_BYTES
+    slack = slack if device == "cpu" else 0.0  # the CPU's RSS keeps the heap's holes; CUDA's allocated bytes do not
+
+    # Two moments can set the peak: the start of backward (every activation alive) and the optimizer
+    # step (activations freed; every gradient and the foreach optimizer's temporary buffer alive).
+    grads_alive = trainable if grad_accum > 1 else outside
+    step_temp = 0.0 if optimizer == "adamw8bit" else OPTIMIZER_TEMP_BYTES  # bitsandbytes updates block by block
+    moments = {
+        "start of backward": {"trainable_weights": masters + casts, "gradients": 4 * grads_alive,
+                              "activations": activations, "other": runtime + slack},
+        "optimizer step": {"trainable_weights": masters, "gradients": 4 * trainable, "activations": 0.0,
+                           "other": runtime + slack + step_temp * trainable},
+    }
+    phase = max(moments, key=lambda m: sum(moments[m].values()))
+    breakdown = {"frozen_weights": frozen, **moments[phase], "optimizer_state": state}
+    order = ("frozen_weights", "trainable_weights", "gradients", "optimizer_state", "activations", "other")
+    breakdown = {k: int(round(breakdown[k])) for k in order}
+    return {
+        "peak_bytes": sum(breakdown.values()),
+        "breakdown": breakdown,
+        "phase": phase,
+        "activation_detail": {"per_layer_per_token_bytes": int(round(per_token)), "layers_bytes": int(layers_bytes),
+                              "logits_bytes": int(logits), "heap_slack_bytes": int(slack),
+                              "attention": "eager" if eager else "sdpa"},
+        "params": {"total": params["total"], "trainable": trainable, "quantized": len(quantized) * a.layers},
+        "settings": {"method": method, "r": r, "targets": targets if isinstance(targets, str) else list(names),
+                     "seq": seq, "batch": batch, "grad_accum": grad_accum, "optimizer": optimizer,
+                     "precision": precision, "grad_checkpointing": grad_checkpointing, "device": device},
+    }
+
+
+def estimate_for_run(cfg, model_config: dict, device, seq: int | None = None) -> dict:
+    """The estimate for a loralab RunConfig on `device`, shaped like
+    loralab trains: its attention choice, its chunked loss, NF4 on the LoRA targets unless
+    model.quant_all_linear, and an NF4 matmul that keeps only the packed weight for backward.
+    seq: the longest sequence of the run (default data.max_seq_len)."""
+    dev = "cuda" if str(device).startswith("cuda") else "cpu"
+    method = "full" if cfg.train.method == "full" else ("qlora" if cfg.model.quant == "nf4" else "lora")
+    precision = resolve_precision(cfg.train.precision, device)
+    return estimate(model_config, method=method, r=cfg.lora.r, targets=cfg.lora.targets, seq=seq or cfg.data.max_seq_len,
+                    batch=cfg.train.batch_size, optimizer=cfg.train.optimizer, precision=precision,
+                    grad_checkpointing=cfg.train.gradient_checkpointing, device=dev,
+                    attention=cfg.model.attn_implementation, lora_dropout=cfg.lora.dropout,
+                    quantize="all-linear" if cfg.model.quant_all_linear else "targets",
+                    qlora_saves_inputs=False, loss_rows=CHUNK_ROWS, sgd_momentum=cfg.train.momentum > 0,
+                    grad_accum=cfg.train.grad_accum)
+
+
+def run_memory_breakdown(cfg, folder, device, seq: int | None = None) -> dict | None:
+    """For a run's summary.json, beside the measured peak: the estimate for a micro batch of the
+    run's longest example (`seq`; default data.max_seq_len), an upper bound of its peak, or None for
+    an architecture this model does not cover (a run must never fail over its memory estimate)."""
+    try:
+        est = estimate_for_run(cfg, resolve_model_config(str(folder)), device, seq=seq)
+    except UserError:
+        return None
+    return {"estimated_peak_bytes": est["peak_bytes"], **est["breakdown"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Making it fit
+
+def gpu_bytes(gpu_gb: float) -> float:
+    """A GPU's memory as printed on the card: GPU makers' "GB" are GiB (a 24 GB card holds 24 x 2^30)."""
+    return gpu_gb * 2**30
+
+
+def _largest_fitting(lo: int, hi: int, fits) -> int | None:
+    """The largest n in [lo, hi] with fits(n), assuming fits is monotone (smaller always fits better)."""
+    if not fits(lo):
+        return None
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
+
+
+def suggest_fixes(model_config: dict, gpu_gb: float, **settings) -> list[dict]:
+    """If the estimate exceeds gpu_gb, the cheapest single changes that make it fit, cheapest first
+    (each with its new estimate); if none fits alone, them combined in that order. [] if it fits."""
+    limit = gpu_bytes(gpu_gb)
+    peak = lambda **kw: estimate(model_config, **{**settings, **kw})["peak_bytes"]
+    if peak() <= limit:
+        return []
+    s = {"method": "lora", "batch": 1, "seq": 512, "grad_checkpointing": False, "optimizer": "adamw",
+         "grad_accum": 1, **settings}
+    options = []  # (what, changes): cheapest (no quality cost, least slowdown) first
+    if s["batch"] > 1:
+        smaller = lambda n: {"batch": n, "grad_accum": s["grad_accum"] * math.ceil(s["batch"] / n)}  # noqa: E731
+        b = _largest_fitting(1, s["batch"] - 1, lambda n: peak(**smaller(n)) <= limit) or 1
+        options.append((f"micro batch {s['batch']} -> {b} (gradient accumulation x{math.ceil(s['batch'] / b)} "
+                        "keeps the batch)", smaller(b)))
+    if not s["grad_checkpointing"]:
+        options.append(("gradient checkpointing (recomputes activations: ~30% more compute)",
+                        {"grad_checkpointing": True}))
+    if s["method"] == "full":
+        if s["optimizer"] == "adamw":
+            options.append(("8-bit AdamW (optimizer state 8 -> 2 bytes per parameter)", {"optimizer": "adamw8bit"}))
+        options.append(("LoRA instead of full fine-tuning", {"method": "lora"}))
+    elif s["method"] == "lora":
+        options.append(("QLoRA: NF4 base weights (slower steps, small quality cost)", {"method": "qlora"}))
+    if s["seq"] > 1:
+        n = _largest_fitting(1, s["seq"] - 1, lambda n: peak(seq=n) <= limit) or 1
+        options.append((f"shorter sequences {s['seq']} -> {n} tokens (longer examples are truncated)", {"seq": n}))
+    out = [{"change": what, "settings": ch, "peak_bytes": peak(**ch), "fits": peak(**ch) <= limit}
+           for what, ch in options]
+    fitting = [f for f in out if f["fits"]]
+    if fitting:
+        return fitting
+    combined, whats = {}, []
+    for what, ch in options:
+        if "seq" in ch:  # shorten only as much as the other changes leave necessary
+            n = _largest_fitting(1, s["seq"], lambda n: peak(**combined, seq=n) <= limit)
+            if n is None or n == s["seq"]:
+                continue
+            ch, what = {"seq": n}, f"shorter sequences {s['seq']} -> {n} tokens"
+        combined.update(ch)
+        whats.append(what.split(" (")[0])
+        if peak(**combined) <= limit:
+            break
+    p = peak(**combined)
+    return out + [{"change": "all of: " + "; ".join(whats), "settings": combined, "peak_bytes": p, "fits": p <= limit}]
+
+
+# ---------------------------------------------------------------------------------------------
+# Printing
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:8.2f} GiB"
+
+
+def format_estimate(result: dict, name: str = "", gpu_gb: float | None = None, fixes: list | None = None) -> str:
+    s = result["settings"]
+    lora = "" if s["method"] == "full" else f" r={s['r']} targets={s['targets']}"
+    accum = f" x {s['grad_accum']} accumulated" if s["grad_accum"] > 1 else ""
+    lines = [f"loralab estimate: {name} {s['method']}{lora}, seq {s['seq']} x micro batch {s['batch']}{accum}, "
+             f"{s['optimizer']}, {s['precision']}{', grad checkpointing' if s['grad_checkpointing'] else ''}, "
+             f"{s['device']}",
+             f"  parameters          {result['params']['total']:,} ({result['params']['trainable']:,} trainable)"]
+    for key, value in result["breakdown"].items():
+        lines.append(f"  {key.replace('_', ' '):<18}{_gib(value)}")
+    peak = result["peak_bytes"]
+    lines.append(f"  {'predicted peak':<18}{_gib(peak)}   ({peak / GB:.2f} GB, at the {result['phase']})")
+    if gpu_gb is not None:
+        spare = gpu_bytes(gpu_gb) - peak
+        lines.append(f"  fits in {gpu_gb:g} GiB: " + (f"yes ({spare / 2**30:.2f} GiB to spare)" if spare >= 0
+                                                    else f"no ({-spare / 2**30:.2f} GiB over)"))
+        for f in fixes or []:
+            mark = "fits" if f["fits"] else "still over"
+            lines.append(f"    - {f['change']}: {f['peak_bytes'] / 2**30:.2f} GiB ({mark})")
+    return "\n".join(lines)

@@ -1,0 +1,82 @@
+"""Putting LoRA into a model: freeze it, wrap the targets (one LoraSpec per module), read and write
+the factors, count parameters."""
+from __future__ import annotations
+
+from typing import Callable, Sequence, Union
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from .lora import LoRALinear, LoraSpec, is_quantized, lora_modules
+from .targets import resolve_targets
+
+SpecFor = Union[LoraSpec, Callable[[str], LoraSpec]]  # one spec for all, or a spec per full module name
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def inject(model: nn.Module, targets: str | Sequence[str], spec: SpecFor) -> list[str]:
+    """Freeze the whole model and wrap each target in a LoRALinear. Returns the wrapped names.
+
+    `spec` is one LoraSpec for every target, or a function giving each full module name its own
+    (per-module rank and alpha, as PEFT's rank_pattern / alpha_pattern)."""
+    spec_for = spec if callable(spec) else (lambda _name: spec)
+    names = resolve_targets(model, targets)
+    for name in names:
+        if isinstance(model.get_submodule(name), LoRALinear):
+            raise UserError(f"module {name} already has a LoRA adapter")
+    specs = {name: spec_for(name) for name in names}  # every spec is checked before the model changes
+    model.requires_grad_(False)  # only the LoRA factors created below will train
+    for name in names:
+        set_submodule(model, name, LoRALinear(model.get_submodule(name), specs[name]))
+    return names
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the LoRA factors, keyed by module path, e.g. 'model.layers.0.self_attn.q_proj.lora_A.weight'."""
+    sd = {}
+    for name, m in lora_modules(model):
+        sd[f"{name}.lora_A.weight"] = m.lora_A.weight.detach()
+        sd[f"{name}.lora_B.weight"] = m.lora_B.weight.detach()
+    return sd
+
+
+@torch.no_grad()
+def load_lora_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
+    """Copy LoRA factors into an injected model. Strict: every key, and only those, with equal shapes."""
+    own = lora_state_dict(model)
+    missing, unexpected = sorted(own.keys() - sd.keys()), sorted(sd.keys() - own.keys())
+    if missing or unexpected:
+        parts = ([f"missing {len(missing)} key(s), e.g. {missing[0]}"] if missing else []) + \
+                ([f"unexpected {len(unexpected)} key(s), e.g. {unexpected[0]}"] if unexpected else [])
+        raise UserError("LoRA weights do not match the model: " + "; ".join(parts))
+    for key, target in own.items():
+        if tuple(sd[key].shape) != tuple(target.shape):
+            raise UserError(f"LoRA weight {key} has shape {tuple(sd[key].shape)} but the model needs "
+                            f"{tuple(target.shape)}")
+    for key, target in own.items():
+        target.copy_(sd[key])  # casts dtype and moves device as needed
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total). Shared (tied) tensors count once; a quantized layer counts as in*out
+    (+ bias) logical weights, whatever its packed storage holds."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for m in model.modules():
+        if is_quantized(m) and not isinstance(m, LoRALinear):
+            for t in list(m.parameters()) + list(m.buffers()):
+                seen.add(id(t))
+            bias = getattr(m, "bias", None)
+            total += m.in_features * m.out_features + (bias.numel() if isinstance(bias, torch.Tensor) else 0)
+    for p in model.parameters():  # already deduplicated by identity, so tied weights count once
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total

@@ -1,0 +1,151 @@
+"""The LoRA layer: a frozen linear layer plus a trainable low-rank update, built from a LoraSpec.
+
+    y = base(x) + (B @ A) dropout(x) * scaling     A: r x in (Kaiming-uniform), B: out x r (zeros)
+    scaling = alpha / r   (rsLoRA: alpha / sqrt(r))
+
+B starts at zero, so an injected model computes exactly what the base did until it trains.
+The base may be an nn.Linear or a quantized stand-in (anything with in_features, out_features,
+forward and `dequantize() -> (out, in) tensor`); the LoRA factors stay in their own dtype (fp32
+by default) so small updates are not rounded away in a bf16/4-bit base.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UserError
+
+INITS = ("kaiming",)  # A Kaiming-uniform, B zeros: PEFT's default (init_lora_weights=True)
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """Everything one LoRA layer needs: rank, alpha, the scaling rule, init, dropout and the
+    factors' dtype. Plain data: one spec per wrapped module makes per-module rank and alpha (and
+    future variants) additions, not edits of the layer."""
+    r: int
+    alpha: float
+    dropout: float = 0.0
+    use_rslora: bool = False            # scale by alpha / sqrt(r) (rank-stabilized LoRA) instead of alpha / r
+    init: str = "kaiming"
+    dtype: torch.dtype = torch.float32  # of the factors (fp32 masters even over a bf16 or NF4 base)
+
+    def __post_init__(self):
+        r, alpha, dropout = self.r, self.alpha, self.dropout
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise UserError(f"config key 'lora.r' must be a positive integer, got {r!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+            raise UserError(f"config key 'lora.alpha' must be > 0, got {alpha!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise UserError(f"config key 'lora.dropout' must be in [0, 1), got {dropout!r}")
+        if self.init not in INITS:
+            raise UserError(f"LoRA init {self.init!r} is not supported (known: {', '.join(INITS)})")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+def is_quantized(m: nn.Module) -> bool:
+    """A quantized stand-in for nn.Linear (e.g. quant.NF4Linear): it can give its dense weight."""
+    return callable(getattr(m, "dequantize", None)) and hasattr(m, "in_features") and hasattr(m, "out_features")
+
+
+class FastDropout(nn.Dropout):
+    """nn.Dropout with a 4x cheaper mask on the CPU.
+
+    On the CPU, drawing one random number per element dominates a LoRA step (the bernoulli kernel
+    draws ~100M numbers/s; 210 LoRA inputs per step on the default model). Here each 64-bit draw is
+    split into four 16-bit uniforms: the same independent Bernoulli(1 - p) mask, with p rounded to a
+    multiple of 1/65536. On CUDA the RNG is cheap and torch's own kernel is used.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu":
+            return super().forward(x)
+        n = x.numel()
+        bits = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
+        uniform16 = bits.view(torch.int16)[:n].view(x.shape)  # each value uniform on [-32768, 32767]
+        keep = uniform16 >= round(self.p * 65536) - 32768
+        return x * (keep.to(x.dtype) * (1.0 / (1.0 - self.p)))
+
+
+class LoRALinear(nn.Module):
+    """A frozen `base` linear layer plus the trainable rank-r update its LoraSpec describes."""
+
+    def __init__(self, base: nn.Module, spec: LoraSpec):
+        super().__init__()
+        self.base = base
+        self.spec = spec
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.quantized = is_quantized(base)
+        anchor = next(iter(list(base.parameters()) + list(base.buffers())), None)
+        device = anchor.device if anchor is not None else None
+        self.lora_A = nn.Linear(self.in_features, spec.r, bias=False, device=device, dtype=spec.dtype)
+        self.lora_B = nn.Linear(spec.r, self.out_features, bias=False, device=device, dtype=spec.dtype)
+        # A random, B zero -> the update starts at 0.
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.lora_dropout = FastDropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
+        self.merged = False
+
+    # Read-only views of the spec: the spec is the one source of truth.
+    r = property(lambda self: self.spec.r)
+    alpha = property(lambda self: self.spec.alpha)
+    scaling = property(lambda self: self.spec.scaling)
+    lora_dtype = property(lambda self: self.spec.dtype)
+
+    # Deliberately no `weight` attribute: code doing F.linear(x, m.weight) would silently skip LoRA.
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.merged:
+            return y
+        # Dropout acts on the LoRA input only, so the frozen path is deterministic.
+        h = self.lora_dropout(x)
+        if x.dtype == self.lora_dtype:
+            return torch.add(y, self.lora_B(self.lora_A(h)).to(y.dtype), alpha=self.scaling)
+        # A bf16 activation meets fp32 factors: cast the two small factors (r x in, out x r) to the
+        # activation's dtype rather than the large activation to fp32 (as autocast would). The
+        # factors stay fp32 masters: their gradients flow back through the cast in fp32.
+        a = self.lora_A.weight.to(x.dtype)
+        b = (self.lora_B.weight * self.scaling).to(x.dtype)
+        return y + F.linear(F.linear(h, a), b).to(y.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * B @ A in fp32, shaped like the base weight (out, in)."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into base.weight in place (fp32 math, cast back). Idempotent."""
+        if self.quantized:
+            raise UserError("cannot merge LoRA into a quantized layer in place; use merge_and_unload(model), "
+                            "which writes a dequantized weight")
+        if not self.merged:
+            w = self.base.weight
+            w.copy_(w.float() + self.delta_weight().to(w.device))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the update again (exact in fp32; within rounding for bf16 bases). Idempotent."""
+        if self.merged:
+            w = self.base.weight
+            w.copy_(w.float() - self.delta_weight().to(w.device))
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        rs = ", rslora" if self.spec.use_rslora else ""
+        return f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}{rs}, merged={self.merged}"
+
+
+def lora_modules(model: nn.Module):
+    """(full name, module) for every LoRALinear, in model order."""
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            yield name, m

@@ -1,0 +1,176 @@
+"""Running a study: every (cell, seed) as its own `loralab train` process (finished runs skipped),
+or a table of estimates; then the report.
+
+Folder layout (`--out`, default runs/studies/<name>-<scale>):
+  study.json                      the expanded plan (so a report never needs the YAML again)
+  cells/<cell>/seed-<s>/          one `loralab train` run: cell.yaml, train.log, run_info.json and
+                                  everything run_training writes (summary.json marks it done)
+  results.csv, report.md, report.html, plots/
+Each run is a fresh `python -m loralab.cli train` process, so peak memory is that run's alone and
+a crash cannot take the study down. Runs with a summary.json are skipped: rerunning the same
+command after an interruption continues where it stopped.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+from ..config import dump_yaml
+from ..errors import UserError
+from ..io.fileio import atomic_write_text, write_json
+from .report import make_report
+from .results import collect, estimate_stats, load_json
+from .spec import Study, describe, load_study, run_config, study_plan
+
+
+Runner = Callable[[list, Path, Path], int]  # (command, run folder, log file) -> exit code
+
+
+def subprocess_runner(cmd: list, run_dir: Path, log_path: Path) -> int:
+    with open(log_path, "w") as log:
+        return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+
+
+def _last_error(log_path: Path) -> str:
+    try:
+        lines = [l.strip() for l in log_path.read_text(errors="replace").splitlines() if l.strip()]
+    except OSError:
+        return "no log"
+    errors = [l for l in lines if "error" in l.lower()]
+    return (errors or lines or ["no output"])[-1][:300]
+
+
+def write_json_rec(run_dir: Path, **rec) -> dict:
+    write_json(run_dir / "run_info.json", rec)  # kept beside the run: a rerun's report still has its time
+    return rec
+
+
+def _fmt_s(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def run_study(study: Study, out: str | Path, *, parallel: int = 1, runner: Runner | None = None,
+              log: Callable[[str], None] | None = None) -> list[dict]:
+    """Run every (cell, seed) not yet done; returns one record per run (status ok/failed/skipped)."""
+    out = Path(out).resolve()
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    runner = runner or subprocess_runner
+    if parallel < 1:
+        raise UserError(f"--parallel must be >= 1, got {parallel}")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "study.json", study_plan(study))
+    extra = []
+    if parallel > 1 and not any(o.startswith("train.threads=") for o in study.overrides):
+        extra = [f"train.threads={max(1, (os.cpu_count() or 1) // parallel)}"]  # no oversubscription
+    jobs, records = [], []
+    for cell in study.cells:
+        for seed in cell.seeds:
+            run_dir = out / "cells" / cell.name / f"seed-{seed}"
+            if (run_dir / "summary.json").exists():
+                records.append({"cell": cell.name, "seed": seed, "status": "skipped"})
+            else:
+                jobs.append((cell, seed, run_dir))
+    total, done, durations, lock = len(jobs), [0], [], threading.Lock()
+    if records:
+        log(f"[{study.name}] {len(records)} runs already done, skipped; {total} to run")
+
+    def one(job):
+        cell, seed, run_dir = job
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "cell.yaml", dump_yaml(run_config(study, cell, seed, run_dir, extra)))
+        with lock:
+            log(f"[{study.name}] start {cell.name} seed {seed}")
+        t0 = time.perf_counter()
+        cmd = [sys.executable, "-m", "loralab.cli", "train", str(run_dir / "cell.yaml")]
+        try:
+            code = runner(cmd, run_dir, run_dir / "train.log")
+        except OSError as e:
+            code = f"could not start: {e}"
+        wall = time.perf_counter() - t0
+        ok = code == 0 and (run_dir / "summary.json").exists()
+        err = None if ok else (code if isinstance(code, str) else f"exit {code}: {_last_error(run_dir / 'train.log')}")
+        rec = write_json_rec(run_dir, cell=cell.name, seed=seed, status="ok" if ok else "failed",
+                             wall_s=round(wall, 1), error=err)
+        with lock:
+            done[0] += 1
+            durations.append(wall)
+            eta = sum(durations) / len(durations) * (total - done[0]) / parallel
+            what = f"done in {wall:.0f} s" if ok else f"FAILED after {wall:.0f} s ({err}; log {run_dir / 'train.log'})"
+            log(f"[{study.name}] {done[0]}/{total} {cell.name} seed {seed} {what}; ETA {_fmt_s(eta)}")
+        return rec
+
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        records += list(pool.map(one, jobs))
+    write_json(out / "runs.json", records)
+    return records
+
+
+def run_estimates(study: Study) -> tuple[list[dict], str | None]:
+    """Each row through loralab.estimate; rows keep the article's numbers."""
+    keys = ("method", "r", "targets", "seq", "batch", "grad_accum", "optimizer", "precision", "grad_checkpointing",
+            "device")
+    rows = [{**r, "settings": ", ".join(f"{k}={r[k]}" for k in keys if k in r)} for r in study.rows]
+    from ..memory.arch import resolve_model_config
+    from ..memory.estimate import estimate
+
+    try:
+        model_cfg = resolve_model_config(study.model)
+    except UserError as e:  # an unknown model: the report says so
+        return rows, f"resolve_model_config({study.model!r}) failed: {e}"
+    for r in rows:
+        args = {k: r[k] for k in keys if k in r}
+        try:
+            res = estimate(model_cfg, **args)
+            r["peak_gb"] = round(res["peak_bytes"] / 1e9, 3)  # the article's GB are 10^9 bytes
+            r["breakdown"] = {k: round(v / 1e9, 3) if isinstance(v, (int, float)) else v
+                              for k, v in (res.get("breakdown") or {}).items()}
+        except Exception as e:  # noqa: BLE001
+            r["error"] = f"{type(e).__name__}: {e}"
+    return rows, None
+
+
+def build_report(study_dir: str | Path) -> dict:
+    """(Re)write results.csv, report.md/.html and plots from whatever runs of the study are done."""
+    study_dir = Path(study_dir)
+    plan = load_json(study_dir / "study.json")
+    if plan is None:
+        raise UserError(f"{study_dir}: no readable study.json (not a study folder)")
+    stats, runs = (estimate_stats(plan), []) if plan.get("kind") == "estimate" else collect(study_dir, plan)
+    return make_report(study_dir, plan, stats, runs)
+
+
+def study_command(name: str, *, scale: str = "cpu", out: str | None = None, seeds: int | None = None,
+                  parallel: int = 1, dry_run: bool = False, report_only: bool = False, overrides=(),
+                  runner: Runner | None = None, log: Callable[[str], None] | None = None) -> dict | str:
+    """`loralab study`: load, then print (dry run), rebuild the report, or run and report."""
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    study = load_study(name, scale=scale, seeds=seeds, overrides=overrides)
+    if dry_run:
+        return describe(study)
+    out_dir = Path(out or f"runs/studies/{study.name}-{scale}").resolve()
+    if report_only:
+        return build_report(out_dir)
+    t0 = time.perf_counter()
+    if study.kind == "estimate":
+        rows, error = run_estimates(study)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        plan = {**study_plan(study), "overrides": [], "cells": [], "estimates": rows, "estimator_error": error}
+        write_json(out_dir / "study.json", plan)
+        if error:
+            log(f"[{study.name}] {error}: the report shows the article's numbers only")
+    else:
+        records = run_study(study, out_dir, parallel=parallel, runner=runner, log=log)
+        failed = [r for r in records if r["status"] == "failed"]
+        if failed:
+            log(f"[{study.name}] {len(failed)} of {len(records)} runs failed: "
+                + ", ".join(f"{r['cell']}/seed-{r['seed']}" for r in failed))
+    result = build_report(out_dir)
+    log(f"[{study.name}] finished in {_fmt_s(time.perf_counter() - t0)}; report: {result['report_md']}")
+    return result

@@ -1,0 +1,205 @@
+"""A study's definition: a base config x cells x seeds, expanded from a preset or a study YAML.
+
+A study YAML (presets/<name>.yaml, shipped inside the package) holds: a base config, overrides
+(common, and per scale), `axes` (a dict key -> values expands to the full grid; a list gives named
+cells), `seeds`, and the article's claims to check (`findings`, judged in report.py).
+`kind: estimate` studies train nothing: they tabulate loralab.memory.estimate for the `rows`
+instead. Each (cell, seed) is run in its own process by runner.py, then reported by report.py.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..config import apply_overrides, from_dict, parse_override, read_yaml
+from ..errors import UserError
+
+PRESET_DIR = Path(__file__).resolve().parent / "presets"  # package data: found after any install
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "bundled" / "demo.yaml"  # the default base
+SCALES = ("cpu", "gpu")
+STUDY_KEYS = {"name", "description", "kind", "base", "seeds", "overrides", "scale", "axes", "findings", "rows",
+              "model"}
+
+
+@dataclass
+class Cell:
+    name: str
+    overrides: list
+    seeds: list
+
+
+@dataclass
+class Study:
+    name: str
+    description: str
+    kind: str           # train | estimate
+    scale: str
+    base: dict          # the base config as a nested dict
+    overrides: list     # scale + study + user overrides, applied to every cell in that order
+    cells: list         # Cell
+    findings: list      # specs for report.judge
+    rows: list          # estimate rows (kind: estimate)
+    model: str = ""     # estimate: the model the estimator resolves
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def _preset_path(name: str) -> Path:
+    import difflib
+
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise UserError(f"{p}: study file does not exist")
+        return p
+    if (PRESET_DIR / f"{name}.yaml").is_file():
+        return PRESET_DIR / f"{name}.yaml"
+    close = difflib.get_close_matches(name, list_presets(), n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    raise UserError(f"unknown study '{name}'{hint}; presets: {', '.join(list_presets())}")
+
+
+def _override_text(key: str, value) -> str:
+    # JSON is YAML: lists and numbers survive parse_override's yaml.safe_load unchanged.
+    return f"{key}={value if isinstance(value, str) else json.dumps(value)}"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "cell"
+
+
+def _str_list(value, where: str) -> list[str]:
+    value = [] if value is None else value
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise UserError(f"{where} must be a list of key.sub=value strings, got {value!r}")
+    for v in value:
+        parse_override(v)  # one-line error for a missing '='
+    return list(value)
+
+
+def parse_seeds(value, where: str = "seeds") -> list[int]:
+    """An int N means seeds 1..N; a list names them."""
+    if type(value) is int and value > 0:
+        return list(range(1, value + 1))
+    if isinstance(value, list) and value and all(type(s) is int for s in value) and len(set(value)) == len(value):
+        return list(value)
+    raise UserError(f"{where} must be a positive number or a list of distinct integers, got {value!r}")
+
+
+def expand_cells(axes, seeds: list[int], where: str = "axes") -> list[Cell]:
+    """Axes -> cells. None: one 'default' cell. A dict: the full grid, cells named key-value_key-value
+    after each key's last part. A list: named cells, each a list of overrides or
+    {name, set: [overrides], seeds: N or [..]} (seeds: a prefix count or a subset for that cell)."""
+    if not axes:
+        return [Cell("default", [], list(seeds))]
+    cells = []
+    if isinstance(axes, dict):
+        for key, values in axes.items():
+            if not isinstance(values, list) or not values:
+                raise UserError(f"{where}.{key} must be a non-empty list of values, got {values!r}")
+        for combo in itertools.product(*axes.values()):
+            pairs = list(zip(axes, combo))
+            name = "_".join(_slug(f"{k.rsplit('.', 1)[-1]}-{v}") for k, v in pairs)
+            cells.append(Cell(name, [_override_text(k, v) for k, v in pairs], list(seeds)))
+    elif isinstance(axes, list):
+        for i, item in enumerate(axes):
+            here = f"{where}[{i}]"
+            if isinstance(item, list):
+                cells.append(Cell(_slug("_".join(item)), _str_list(item, here), list(seeds)))
+            elif isinstance(item, dict) and "name" in item:
+                unknown = set(item) - {"name", "set", "seeds"}
+                if unknown:
+                    raise UserError(f"{here}: unknown key(s) {', '.join(sorted(unknown))} (known: name, set, seeds)")
+                cell_seeds = list(seeds)
+                if "seeds" in item:
+                    s = item["seeds"]
+                    cell_seeds = seeds[:s] if isinstance(s, int) and s > 0 else parse_seeds(s, f"{here}.seeds")
+                cells.append(Cell(_slug(str(item["name"])), _str_list(item.get("set", []), f"{here}.set"),
+                                  cell_seeds))
+            else:
+                raise UserError(f"{here} must be a list of overrides or a mapping with name and set, got {item!r}")
+    else:
+        raise UserError(f"{where} must be a mapping (a grid) or a list (named cells), got {type(axes).__name__}")
+    names = [c.name for c in cells]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise UserError(f"{where}: two cells are named {', '.join(dupes)}; give them distinct names")
+    return cells
+
+
+def load_study(name: str, *, scale: str = "cpu", seeds: int | None = None, overrides=()) -> Study:
+    """A preset name or a study YAML path -> an expanded Study (validated: every cell's config builds)."""
+    if scale not in SCALES:
+        raise UserError(f"--scale must be one of {', '.join(SCALES)}, got {scale!r}")
+    path = _preset_path(name)
+    spec = read_yaml(path)
+    if set(spec) - STUDY_KEYS:
+        raise UserError(f"{path}: unknown key(s) {', '.join(sorted(set(spec) - STUDY_KEYS))} "
+                        f"(known: {', '.join(sorted(STUDY_KEYS))})")
+    if (kind := spec.get("kind", "train")) not in ("train", "estimate"):
+        raise UserError(f"{path}: kind must be train or estimate, got {kind!r}")
+    scales_file = path.parent / "_scales.yaml"
+    common = read_yaml(scales_file) if scales_file.is_file() else {}
+    per_scale = spec.get("scale") or {}
+    if not isinstance(per_scale, dict) or set(per_scale) - set(SCALES):
+        raise UserError(f"{path}: scale must map cpu/gpu to lists of overrides, got {per_scale!r}")
+    user = _str_list(list(overrides), "overrides")
+    all_overrides = (_str_list(common.get(scale), f"{scales_file}: {scale}") + _str_list(spec.get("overrides"),
+                     f"{path}: overrides") + _str_list(per_scale.get(scale), f"{path}: scale.{scale}") + user)
+    seed_list = parse_seeds(seeds if seeds is not None else spec.get("seeds", 3), "--seeds" if seeds else "seeds")
+    cells = expand_cells(spec.get("axes"), seed_list, f"{path}: axes")
+    base = spec.get("base", str(DEMO_CONFIG))
+    if isinstance(base, str):
+        base = read_yaml((path.parent / base) if not Path(base).is_absolute() else base)
+    elif not isinstance(base, dict):
+        raise UserError(f"{path}: base must be a config path or a mapping, got {base!r}")
+    study = Study(name=spec.get("name", path.stem), description=spec.get("description", ""), kind=kind,
+                  scale=scale, base=base, overrides=all_overrides, cells=cells,
+                  findings=list(spec.get("findings") or []), rows=list(spec.get("rows") or []),
+                  model=spec.get("model", ""))
+    if kind == "train":
+        axis_keys = {".".join(parse_override(o)[0]) for c in cells for o in c.overrides}
+        for o in user:
+            key = ".".join(parse_override(o)[0])
+            if key in axis_keys:
+                raise UserError(f"override '{o}' sets {key}, which this study varies across cells")
+        if scale == "gpu" and not any(o.startswith("model.name=") for o in user):
+            raise UserError("--scale gpu needs the model: add model.name=/path/to/Llama-2-7B (an HF folder)")
+        for cell in cells:  # fail now, not an hour in, on a bad key in any cell
+            run_config(study, cell, cell.seeds[0], Path("runs/check"))
+    return study
+
+
+def run_config(study: Study, cell: Cell, seed: int, run_dir: Path, extra=()):
+    """One run's config: base, then the study's overrides, the cell's, and the run's own (seed, folder)."""
+    extra = [*extra, f"train.seed={seed}", f"output_dir={run_dir}", "train.progress=false"]
+    try:
+        return from_dict(apply_overrides(copy.deepcopy(study.base), study.overrides + cell.overrides + extra))
+    except UserError as e:
+        raise UserError(f"study {study.name}, cell {cell.name}: {e}") from None
+
+
+def describe(study: Study) -> str:
+    """The dry run's text: every cell with its overrides and seeds."""
+    if study.kind == "estimate":
+        return "\n".join([f"study {study.name} (estimate, model {study.model}): {len(study.rows)} rows, no training"]
+                         + [f"  {r.get('name')}: " + ", ".join(f"{k}={v}" for k, v in r.items() if k != "name")
+                            for r in study.rows])
+    lines = [f"study {study.name} (scale {study.scale}): {len(study.cells)} cells, "
+             f"{sum(len(c.seeds) for c in study.cells)} runs", "  common overrides: " + " ".join(study.overrides)]
+    for c in study.cells:
+        lines.append(f"  {c.name:<28} seeds {','.join(map(str, c.seeds)):<8} {' '.join(c.overrides) or '(base)'}")
+    return "\n".join(lines)
+
+
+
+
+def study_plan(study: Study) -> dict:
+    return {"name": study.name, "description": study.description, "kind": study.kind, "scale": study.scale,
+            "overrides": study.overrides, "cells": [asdict(c) for c in study.cells], "findings": study.findings}

@@ -1,0 +1,105 @@
+"""What a run reports: the summary dict (summary.json), the printed table, and the multi-epoch warning."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import RunConfig
+from .memory.measure import fmt_bytes
+from .train.optim import plan_steps
+from .train.state import TrainResult
+
+SMALL_DATASET = 10_000  # examples: below this, repeated epochs over the same data tend to overfit
+
+
+def planned_epochs(n_examples: int, cfg: RunConfig) -> float:
+    """Passes over the training set the run's planned steps make."""
+    return plan_steps(n_examples, cfg.train) * cfg.train.batch_size * cfg.train.grad_accum / max(n_examples, 1)
+
+
+def epoch_warnings(n_examples: int, cfg: RunConfig) -> list[str]:
+    """The article's finding: more than one epoch over a small static dataset made results worse."""
+    epochs = planned_epochs(n_examples, cfg)
+    one_step = cfg.train.batch_size * cfg.train.grad_accum / max(n_examples, 1)  # of an epoch
+    # one partial last batch (rounding up to whole steps) is not a second epoch
+    if epochs <= 1.0 + one_step or n_examples >= SMALL_DATASET:
+        return []
+    guard = "" if cfg.train.eval_every else "; set train.eval_every (and train.early_stopping_patience) to watch it"
+    return [f"{epochs:.1f} epochs over {n_examples:,} static examples: multi-epoch training on a small "
+            f"dataset tends to overfit (validation loss rises){guard}"]
+
+
+def build_summary(cfg: RunConfig, *, device, info: dict, result: TrainResult, n_train: int, train_stats: dict,
+                  memory: dict, breakdown: dict | None, warnings: list[str], before: dict, after: dict,
+                  out: Path) -> dict:
+    """summary.json: what the run did and cost, its losses, and the held-out accuracy before and after."""
+    lora = cfg.train.method == "lora"
+    best = min(result.val_history, key=lambda v: v["val_loss"]) if result.val_history else None
+    return {
+        "model": cfg.model.name,
+        "method": "qlora" if cfg.model.quant == "nf4" else cfg.train.method,
+        "device": str(device),
+        "precision": info["precision"],
+        "steps": result.steps,
+        "train_examples": n_train,
+        "truncated_examples": train_stats["n_truncated"],
+        "dropped_examples": train_stats["n_dropped"],
+        "runtime_s": round(result.runtime_s, 3),
+        "train_tokens": result.train_tokens,
+        "tokens_per_s": round(result.tokens_per_s, 2),
+        **memory,
+        # what the analytic model (loralab.memory.estimate) attributes the peak to, for the longest example
+        "memory_breakdown": breakdown,
+        "trainable_params": info["trainable_params"],
+        "total_params": info["total_params"],
+        "final_train_loss": result.final_train_loss,
+        "final_val_loss": result.final_val_loss,
+        "val_history": result.val_history,
+        "skipped_steps": result.skipped_steps,
+        "epochs": round(planned_epochs(n_train, cfg), 3),
+        "warnings": warnings,
+        "stopped_early": result.stopped_early,
+        "best_val_loss": best["val_loss"] if best else None,
+        "best_step": best["step"] if best else None,
+        "best_adapter_dir": str(out / "best_adapter") if (out / "best_adapter").is_dir() else None,
+        "eval": {name: {"before": before[name]["accuracy"] if name in before else None,
+                        "after": after[name]["accuracy"], "n": after[name]["n"]} for name in after},
+        "eval_samples": {name: r["samples"] for name, r in after.items()},
+        "adapter_dir": str(out / "adapter") if lora else None,
+    }
+
+
+def _breakdown_lines(parts: dict | None) -> list[str]:
+    if not parts:
+        return []
+    names = ("frozen_weights", "trainable_weights", "gradients", "optimizer_state", "activations", "other")
+    return [f"    estimated     {fmt_bytes(parts['estimated_peak_bytes'])}: "
+            + ", ".join(f"{n.replace('_', ' ')} {fmt_bytes(parts[n])}" for n in names[:3]),
+            "                  " + ", ".join(f"{n.replace('_', ' ')} {fmt_bytes(parts[n])}" for n in names[3:])]
+
+
+def format_table(summary: dict, cfg: RunConfig) -> str:
+    pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"
+    lines = [
+        f"loralab run -> {cfg.output_dir}",
+        f"  model           {summary['model']} ({summary['method']}, {summary['precision']}, {summary['device']})",
+        f"  LoRA            r={cfg.lora.r} alpha={cfg.lora_alpha:g} targets={cfg.lora.targets}"
+        if summary["method"] != "full" else "  method          full fine-tuning",
+        f"  trainable       {summary['trainable_params']:,} / {summary['total_params']:,} params "
+        f"({100 * summary['trainable_params'] / summary['total_params']:.2f}%)",
+        f"  steps           {summary['steps']} ({summary['train_examples']:,} examples, "
+        f"batch {cfg.train.batch_size}x{cfg.train.grad_accum})",
+        f"  runtime         {summary['runtime_s']:.1f} s (training loop)",
+        f"  tokens/s        {summary['tokens_per_s']:,.0f}",
+        f"  peak memory     {fmt_bytes(summary['peak_memory_bytes'])} ({summary['memory_method']})",
+        *_breakdown_lines(summary.get("memory_breakdown")),
+        f"  loss            train {summary['final_train_loss']:.4f}, val "
+        + ("-" if summary["final_val_loss"] is None else f"{summary['final_val_loss']:.4f}"),
+    ]
+    if summary["eval"]:
+        lines += ["", "  task    before    after   change (exact match, held-out)"]
+        for name, r in summary["eval"].items():
+            change = "" if r["before"] is None else f"{100 * (r['after'] - r['before']):+.1f} pts"
+            lines.append(f"  {name:<6} {pct(r['before']):>7} {pct(r['after']):>8}   {change}")
+    if summary["adapter_dir"]:
+        lines += ["", f"  adapter saved to {summary['adapter_dir']} (PEFT format)"]
+    return "\n".join(lines)

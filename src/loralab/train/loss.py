@@ -1,0 +1,130 @@
+"""The causal-LM loss as a (sum, count) pair, so callers can normalise per token over any span.
+
+Gradient accumulation needs the token count of the whole accumulated batch before it divides;
+returning the sum keeps that decision with the caller (the training loop).
+
+Speed and memory: the output layer is the most expensive matmul of a small model (49k vocabulary
+for SmolLM2), and most positions of an instruction example carry no label. `loss_sum` therefore
+runs the decoder body, keeps only the hidden states of labelled positions, and applies the output
+layer to those alone, in row chunks whose logits are recomputed in backward instead of stored.
+Models whose head does more than a linear map (logit soft-capping, scaling) are detected by a
+one-time comparison with the model's own logits and fall back to the plain path. Packed batches
+(restarting position ids, loralab.train.packing) go through the same code.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ..data.batching import collate
+from ..data.prompts import IGNORE_INDEX
+from .packing import positions_into
+
+CHUNK_ROWS = 1024  # labelled positions per output-layer chunk: bounds logits memory to rows x vocab
+CHECK_POSITIONS = 16  # positions the one-time fast-path check compares
+_OK_ATTR = "_loralab_selected_loss_ok"  # cached on the model: does the selected-positions path match?
+
+
+def count_label_tokens(labels: torch.Tensor) -> int:
+    """Tokens that contribute to the loss: labels shifted by one, not masked."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def _head_ce_sum(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    # fp32 for the softmax: bf16 logits over a large vocabulary lose too much precision in the sum.
+    return F.cross_entropy(head(hidden).float(), labels, reduction="sum")
+
+
+def selected_head_loss(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
+                       chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
+    """Sum of cross-entropy of head(hidden) against labels over rows, never holding more than
+    chunk_rows x vocab logits: with several chunks each one's logits are recomputed in backward."""
+    if hidden.shape[0] <= chunk_rows:
+        return _head_ce_sum(head, hidden, labels)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, hidden.shape[0], chunk_rows):
+        total = total + checkpoint(_head_ce_sum, head, hidden[i:i + chunk_rows], labels[i:i + chunk_rows],
+                                   use_reentrant=False)
+    return total
+
+
+def _body_and_head(model):
+    body = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if body is None or head is None or body is model:
+        return None
+    return body, head
+
+
+def full_logits_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
+    """The plain path: the model's own logits at every position."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    logits = out.logits[:, :-1, :]
+    labels = batch["labels"][:, 1:]
+    total = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
+                            ignore_index=IGNORE_INDEX, reduction="sum")
+    return total, int((labels != IGNORE_INDEX).sum())
+
+
+def _selected_loss_sum(model, batch: dict, parts, chunk_rows: int) -> tuple[torch.Tensor, int]:
+    body, head = parts
+    out = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    labels = batch["labels"][:, 1:]
+    keep = labels != IGNORE_INDEX
+    hidden = out.last_hidden_state[:, :-1][keep]
+    return selected_head_loss(head, hidden, labels[keep], chunk_rows), int(keep.sum())
+
+
+@torch.no_grad()
+def _path_matches(model, batch: dict, parts) -> bool:
+    """One-time check that body -> head reproduces the model's logits (catches soft-capping etc.).
+    A few positions of one row suffice, and keep it cheap: a whole row's logits in fp32, compared
+    twice, would be the step's largest allocation (~1 GB at 1,024 tokens x 49k vocabulary)."""
+    was_training = model.training
+    model.eval()
+    small = {k: v[:1, :CHECK_POSITIONS] for k, v in batch.items()}
+    ref = model(input_ids=small["input_ids"], attention_mask=small["attention_mask"], use_cache=False).logits
+    body, head = parts
+    mine = head(body(input_ids=small["input_ids"], attention_mask=small["attention_mask"],
+                     use_cache=False).last_hidden_state)
+    model.train(was_training)
+    return ref.shape == mine.shape and torch.allclose(ref.float(), mine.float(), rtol=1e-3, atol=1e-3)
+
+
+def _body(model):
+    return getattr(model, getattr(model, "base_model_prefix", "model"), None) or model
+
+
+def _plain_or_selected(model, batch: dict, chunk_rows: int) -> tuple[torch.Tensor, int]:
+    parts = _body_and_head(model)
+    if parts is not None:
+        if not hasattr(model, _OK_ATTR):
+            setattr(model, _OK_ATTR, _path_matches(model, batch, parts))
+        if getattr(model, _OK_ATTR):
+            return _selected_loss_sum(model, batch, parts, chunk_rows)
+    return full_logits_loss_sum(model, batch)
+
+
+def loss_sum(model, batch: dict, chunk_rows: int = CHUNK_ROWS) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over unmasked labels (fp32), and how many tokens it covers.
+    A packed batch (with position_ids) feeds every call of the decoder body its restarting positions."""
+    if "position_ids" not in batch:
+        return _plain_or_selected(model, batch, chunk_rows)
+    with positions_into(_body(model), batch["position_ids"]):
+        return _plain_or_selected(model, batch, chunk_rows)
+
+
+@torch.no_grad()
+def mean_loss(model, data: list, *, batch_size: int, pad_id: int) -> float:
+    """Mean next-token loss per unmasked label token over encoded examples (validation)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, len(data), batch_size):
+        batch = {k: v.to(device) for k, v in collate(data[i:i + batch_size], pad_id).items()}
+        s, n = loss_sum(model, batch)
+        total, count = total + float(s), count + n
+    model.train(was_training)
+    return total / max(count, 1)

@@ -1,0 +1,45 @@
+"""Optimizers and the learning-rate schedule, from a TrainConfig."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..config import TrainConfig
+
+
+def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        # foreach=True batches the many small LoRA tensors into a few kernels per step.
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                                 foreach=True)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               foreach=True)
+    raise ValueError(cfg.optimizer)  # validated in config; unreachable for user input
+
+
+def lr_multiplier(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warmup to 1, then cosine / linear decay to min_lr_ratio, or constant. step is 0-based."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.scheduler == "constant":
+        return 1.0
+    span = max(1, total - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.min_lr_ratio
+    if cfg.scheduler == "cosine":
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return floor + (1 - floor) * (1 - progress)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, total: int, cfg: TrainConfig):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, total, cfg))
+
+
+def plan_steps(n_examples: int, cfg: TrainConfig) -> int:
+    """Optimizer steps of a run: train.max_steps, else ceil(epochs x steps per epoch)."""
+    if cfg.max_steps:
+        return cfg.max_steps
+    per_epoch = math.ceil(n_examples / (cfg.batch_size * cfg.grad_accum))
+    return max(1, math.ceil(per_epoch * cfg.epochs))
