@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e .
 	touch $@
 
-$(TSTAMP): $(STAMP)
+$(TSTAMP): $(STAMP) pyproject.toml
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
 
@@ -32,6 +32,7 @@ demo: $(STAMP)
 	$(BIN)/loralab train configs/demo.yaml
 
 test: $(TSTAMP)
+	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest
 
 bench: $(TSTAMP)

@@ -1,5 +1,5 @@
 """How the CLI's failure cases are set up and judged (tests/test_bad_input.py, tests/test_faults.py):
-a tiny model folder, a finished run whose files no failed command may touch, and the contract check
+a finished run whose files no failed command may touch, and the contract check
 (exit 2, one `loralab: error:` line on stderr, no traceback)."""
 import hashlib
 import json
@@ -9,32 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_llama
-from loralab.train import checkpoint
 from loralab.cli import main
 from loralab.config import load_config
 from loralab.pipeline import run_training
-
+from loralab.train import checkpoint
 
 # ---------------------------------------------------------------------------------------------
-# Module fixtures: a tiny model folder, and a finished run whose files must survive every case
+# Module fixtures: a finished run (on conftest's tiny_folder) whose files must survive every case
 
-def _save_tiny(folder: Path, **overrides) -> Path:
-    from tiny_tokenizer import make_tiny_tokenizer
-
-    tok = make_tiny_tokenizer()
-    tiny_llama(0, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-               **overrides).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    return _save_tiny(tmp_path_factory.mktemp("tiny-model"))
-
-
-def _base_config(folder, out, **sections) -> dict:
+def base_config(folder, out, **sections) -> dict:
     cfg = {"model": {"name": str(folder)},
            "lora": {"r": 4},
            "data": {"tasks": ["2da"], "n_train": 16, "template": "raw"},
@@ -53,14 +36,14 @@ def prev(tiny_folder, tmp_path_factory):
     root = tmp_path_factory.mktemp("prev")
     out = root / "run"
     cfg_path = root / "prev.yaml"
-    cfg_path.write_text(json.dumps(_base_config(tiny_folder, out)))  # JSON is YAML
+    cfg_path.write_text(json.dumps(base_config(tiny_folder, out)))  # JSON is YAML
     run_training(load_config(cfg_path), quiet=True)
     assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "summary.json").is_file()
     assert checkpoint.latest(out / "checkpoints") is not None
     return out
 
 
-def _digest(folder: Path, *, complete_only: bool = False) -> dict:
+def digest(folder: Path, *, complete_only: bool = False) -> dict:
     """sha256 of every file under folder (complete_only: leave out checkpoint temp folders)."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*"))
@@ -70,9 +53,9 @@ def _digest(folder: Path, *, complete_only: bool = False) -> dict:
 @pytest.fixture
 def untouched(prev):
     """Asserts after the test that every file of the previous run is byte-identical (none added)."""
-    before = _digest(prev)
+    before = digest(prev)
     yield prev
-    assert _digest(prev) == before
+    assert digest(prev) == before
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,7 +101,7 @@ def run_subprocess(*argv, expect=()):
     return _one_error_line(proc.returncode, proc.stderr, *expect)
 
 
-def _write(path: Path, content) -> Path:
+def write(path: Path, content) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(content, bytes):
         path.write_bytes(content)
@@ -127,9 +110,9 @@ def _write(path: Path, content) -> Path:
     return path
 
 
-def _config_with(tmp_path, tiny_folder, prev, **sections) -> Path:
-    return _write(tmp_path / "run.yaml", json.dumps(_base_config(tiny_folder, prev, **sections)))
+def config_with(tmp_path, tiny_folder, prev, **sections) -> Path:
+    return write(tmp_path / "run.yaml", json.dumps(base_config(tiny_folder, prev, **sections)))
 
 
-def _jsonl(records) -> str:
+def jsonl(records) -> str:
     return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records)

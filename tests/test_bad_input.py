@@ -12,10 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from cli_cases import (_base_config, _config_with, _digest, _jsonl, _save_tiny, _write, prev, run_cli,  # noqa: F401
-                       run_cli_after_training_began, run_subprocess, tiny_folder, untouched)
+from cli_cases import (  # noqa: F401
+    base_config,
+    config_with,
+    digest,
+    jsonl,
+    run_cli,
+    run_cli_after_training_began,
+    run_subprocess,
+    write,
+)
 from loralab.train import checkpoint
-
+from tinymodels import save_tiny_folder
 
 # ---------------------------------------------------------------------------------------------
 # Data files
@@ -24,40 +32,40 @@ GOOD = {"instruction": "Say hi", "output": "hi"}
 
 DATA_CASES = {
     # name: (file name, content, extra data config, what the message must contain)
-    "malformed-json-line": ("data.jsonl", _jsonl([GOOD, GOOD, '{"instruction": "x", "output": ']), {},
+    "malformed-json-line": ("data.jsonl", jsonl([GOOD, GOOD, '{"instruction": "x", "output": ']), {},
                             ["data.jsonl:3", "malformed JSON"]),
     "empty-file": ("data.jsonl", "", {}, ["data.jsonl:1", "empty"]),
     "blank-lines-only": ("data.jsonl", "\n  \n\n", {}, ["data.jsonl:1", "empty"]),
-    "missing-output": ("data.jsonl", _jsonl([GOOD, {"instruction": "x"}]), {}, ["data.jsonl:2", "missing 'output'"]),
-    "missing-instruction": ("data.jsonl", _jsonl([{"output": "x"}]), {}, ["data.jsonl:1", "missing 'instruction'"]),
-    "no-known-fields": ("data.jsonl", _jsonl([GOOD, GOOD, GOOD, {"question": "q", "answer": "a"}]), {},
+    "missing-output": ("data.jsonl", jsonl([GOOD, {"instruction": "x"}]), {}, ["data.jsonl:2", "missing 'output'"]),
+    "missing-instruction": ("data.jsonl", jsonl([{"output": "x"}]), {}, ["data.jsonl:1", "missing 'instruction'"]),
+    "no-known-fields": ("data.jsonl", jsonl([GOOD, GOOD, GOOD, {"question": "q", "answer": "a"}]), {},
                         ["data.jsonl:4", "missing 'instruction'/'output', 'messages'", "question"]),
-    "messages-not-a-list": ("chat.jsonl", _jsonl([{"messages": "hello"}]), {},
+    "messages-not-a-list": ("chat.jsonl", jsonl([{"messages": "hello"}]), {},
                             ["chat.jsonl:1", "'messages' must be a non-empty list"]),
-    "unknown-role": ("chat.jsonl", _jsonl([{"messages": [{"role": "user", "content": "hi"},
+    "unknown-role": ("chat.jsonl", jsonl([{"messages": [{"role": "user", "content": "hi"},
                                                          {"role": "bot", "content": "hello"}]}]), {},
                      ["chat.jsonl:1", "messages[1]", "unknown role 'bot'"]),
-    "no-assistant-turn": ("chat.jsonl", _jsonl([{"messages": [{"role": "user", "content": "hi"}]}]), {},
+    "no-assistant-turn": ("chat.jsonl", jsonl([{"messages": [{"role": "user", "content": "hi"}]}]), {},
                           ["chat.jsonl:1", "no assistant turn"]),
-    "empty-response": ("data.jsonl", _jsonl([{"prompt": "2+2=", "response": ""}]), {},
+    "empty-response": ("data.jsonl", jsonl([{"prompt": "2+2=", "response": ""}]), {},
                        ["data.jsonl:1", "'response' is empty"]),
-    "wrong-field-type": ("data.jsonl", _jsonl([GOOD, {"instruction": "x", "output": 4}]), {},
+    "wrong-field-type": ("data.jsonl", jsonl([GOOD, {"instruction": "x", "output": 4}]), {},
                          ["data.jsonl:2", "'output' must be a string"]),
     "json-array-bad-element": ("data.json", '[\n {"instruction": "a", "output": "b"},\n {"instruction": }\n]\n', {},
                                ["data.json:3", "malformed JSON"]),
-    "not-utf8": ("data.jsonl", _jsonl([GOOD]).encode() + b'{"instruction": "\xff\xfe", "output": "x"}\n', {},
+    "not-utf8": ("data.jsonl", jsonl([GOOD]).encode() + b'{"instruction": "\xff\xfe", "output": "x"}\n', {},
                  ["data.jsonl:2", "not UTF-8"]),
     # every response cut away by a tiny max_seq_len: nothing left to learn
-    "every-response-truncated": ("data.jsonl", _jsonl([{"prompt": "Q: 1+1?\nA:", "response": " 2"}] * 3),
+    "every-response-truncated": ("data.jsonl", jsonl([{"prompt": "Q: 1+1?\nA:", "response": " 2"}] * 3),
                                  {"max_seq_len": 1}, ["every response is empty or truncated away",
                                                       "data.max_seq_len=1", "data.jsonl:1"]),
     "max-seq-len-shorter-than-every-prompt": (
-        "data.jsonl", _jsonl([{"prompt": "Please compute the following sum carefully: " + "1+" * 20 + "1 =",
+        "data.jsonl", jsonl([{"prompt": "Please compute the following sum carefully: " + "1+" * 20 + "1 =",
                                "response": " 21"}] * 3),
         {"max_seq_len": 16}, ["every response is empty or truncated away", "data.max_seq_len=16"]),
     # chat records: the (default) system turn and the user turn fill max_seq_len, so every
     # assistant label is masked
-    "all-labels-masked": ("chat.jsonl", _jsonl([{"messages": [{"role": "user", "content": "What is 2 plus 2?"},
+    "all-labels-masked": ("chat.jsonl", jsonl([{"messages": [{"role": "user", "content": "What is 2 plus 2?"},
                                                               {"role": "assistant", "content": "4"}]}] * 3),
                           {"max_seq_len": 24, "template": "chat"},
                           ["every response is empty or truncated away", "data.max_seq_len=24", "chat.jsonl:1"]),
@@ -67,25 +75,25 @@ DATA_CASES = {
 @pytest.mark.parametrize("case", list(DATA_CASES))
 def test_bad_data_file(case, tiny_folder, untouched, tmp_path, capsys):
     name, content, data_extra, expect = DATA_CASES[case]
-    data = _write(tmp_path / name, content)
-    cfg = _config_with(tmp_path, tiny_folder, untouched, data={"path": str(data), **data_extra})
+    data = write(tmp_path / name, content)
+    cfg = config_with(tmp_path, tiny_folder, untouched, data={"path": str(data), **data_extra})
     run_cli(capsys, "train", cfg, expect=expect)
 
 
 def test_data_file_does_not_exist(tiny_folder, untouched, tmp_path, capsys):
-    cfg = _config_with(tmp_path, tiny_folder, untouched, data={"path": str(tmp_path / "nope.jsonl")})
+    cfg = config_with(tmp_path, tiny_folder, untouched, data={"path": str(tmp_path / "nope.jsonl")})
     run_cli(capsys, "train", cfg, expect=["nope.jsonl", "no such data file"])
 
 
 def test_directory_given_for_data_file(tiny_folder, untouched, tmp_path, capsys):
     (tmp_path / "datadir").mkdir()
-    cfg = _config_with(tmp_path, tiny_folder, untouched, data={"path": str(tmp_path / "datadir")})
+    cfg = config_with(tmp_path, tiny_folder, untouched, data={"path": str(tmp_path / "datadir")})
     run_cli(capsys, "train", cfg, expect=["datadir", "is a directory"])
 
 
 def test_malformed_json_line_end_to_end(tiny_folder, untouched, tmp_path):
-    data = _write(tmp_path / "data.jsonl", _jsonl([GOOD, GOOD, "{not json"]))
-    cfg = _config_with(tmp_path, tiny_folder, untouched, data={"path": str(data)})
+    data = write(tmp_path / "data.jsonl", jsonl([GOOD, GOOD, "{not json"]))
+    cfg = config_with(tmp_path, tiny_folder, untouched, data={"path": str(data)})
     run_subprocess("train", cfg, expect=["data.jsonl:3", "malformed JSON"])
 
 
@@ -115,36 +123,36 @@ CONFIG_CASES = {
 @pytest.mark.parametrize("case", list(CONFIG_CASES))
 def test_bad_config_value(case, tiny_folder, untouched, tmp_path, capsys):
     overrides, expect = CONFIG_CASES[case]
-    cfg = _config_with(tmp_path, tiny_folder, untouched)
+    cfg = config_with(tmp_path, tiny_folder, untouched)
     run_cli(capsys, "train", cfg, *overrides, expect=expect)
 
 
 def test_unknown_key_end_to_end(tiny_folder, untouched, tmp_path):
-    cfg = _config_with(tmp_path, tiny_folder, untouched)
+    cfg = config_with(tmp_path, tiny_folder, untouched)
     run_subprocess("train", cfg, "lora.dropuot=0.1", expect=["lora.dropuot", "did you mean dropout?"])
 
 
 def test_unknown_target_module_lists_the_models_linear_modules(tiny_folder, untouched, tmp_path, capsys):
-    cfg = _config_with(tmp_path, tiny_folder, untouched)
+    cfg = config_with(tmp_path, tiny_folder, untouched)
     line = run_cli(capsys, "train", cfg, "lora.targets=[qkv_proj]", expect=["'qkv_proj'", "linear modules"])
     for name in ("q_proj", "v_proj", "down_proj"):
         assert name in line
 
 
 def test_yaml_syntax_error_names_file_and_line(tiny_folder, untouched, tmp_path, capsys):
-    cfg = _write(tmp_path / "broken.yaml", f"model:\n  name: {tiny_folder}\nlora:\n  r: [4\n  alpha: 8\n"
+    cfg = write(tmp_path / "broken.yaml", f"model:\n  name: {tiny_folder}\nlora:\n  r: [4\n  alpha: 8\n"
                                            f"output_dir: {untouched}\n")
     line = run_cli(capsys, "train", cfg, expect=["broken.yaml:", "invalid YAML"])
     assert re.search(r"broken\.yaml:\d+: invalid YAML", line)
 
 
 def test_yaml_that_is_not_a_mapping(untouched, tmp_path, capsys):
-    cfg = _write(tmp_path / "list.yaml", "- lora.r=4\n- train.lr=1e-3\n")
+    cfg = write(tmp_path / "list.yaml", "- lora.r=4\n- train.lr=1e-3\n")
     run_cli(capsys, "train", cfg, expect=["list.yaml", "must be a mapping", "list"])
 
 
 def test_section_that_is_not_a_mapping(tiny_folder, untouched, tmp_path, capsys):
-    cfg = _write(tmp_path / "flat.yaml", f"model: {tiny_folder}\noutput_dir: {untouched}\n")
+    cfg = write(tmp_path / "flat.yaml", f"model: {tiny_folder}\noutput_dir: {untouched}\n")
     run_cli(capsys, "train", cfg, expect=["config section 'model' must be a mapping"])
 
 
@@ -158,28 +166,28 @@ def _copy_model(tiny_folder, tmp_path, name="model") -> Path:
 
 
 def test_unknown_model_name(tiny_folder, untouched, tmp_path, capsys):
-    cfg = _config_with(tmp_path, tiny_folder, untouched, model={"name": "smollm3-9000m"})
+    cfg = config_with(tmp_path, tiny_folder, untouched, model={"name": "smollm3-9000m"})
     run_cli(capsys, "train", cfg, expect=["unknown model 'smollm3-9000m'", "smollm2-135m"])
 
 
 def test_model_folder_without_weights(tiny_folder, untouched, tmp_path, capsys):
     model = _copy_model(tiny_folder, tmp_path)
     (model / "model.safetensors").unlink()
-    cfg = _config_with(tmp_path, tiny_folder, untouched, model={"name": str(model)})
+    cfg = config_with(tmp_path, tiny_folder, untouched, model={"name": str(model)})
     run_cli(capsys, "train", cfg, expect=[str(model), "no *.safetensors weights"])
 
 
 def test_model_folder_with_only_pickle_weights(tiny_folder, untouched, tmp_path, capsys):
     model = _copy_model(tiny_folder, tmp_path)
     (model / "model.safetensors").rename(model / "pytorch_model.bin")
-    cfg = _config_with(tmp_path, tiny_folder, untouched, model={"name": str(model)})
+    cfg = config_with(tmp_path, tiny_folder, untouched, model={"name": str(model)})
     run_cli(capsys, "train", cfg, expect=[str(model), "pickle", "safetensors only"])
 
 
 def test_corrupt_safetensors(tiny_folder, untouched, tmp_path, capsys):
     model = _copy_model(tiny_folder, tmp_path)
     (model / "model.safetensors").write_bytes(b"\x07garbage, not a safetensors header" * 40)
-    cfg = _config_with(tmp_path, tiny_folder, untouched, model={"name": str(model)})
+    cfg = config_with(tmp_path, tiny_folder, untouched, model={"name": str(model)})
     run_cli(capsys, "train", cfg, expect=[str(model), "safetensors"])
 
 
@@ -187,7 +195,7 @@ def test_corrupt_safetensors_end_to_end(tiny_folder, untouched, tmp_path):
     model = _copy_model(tiny_folder, tmp_path)
     data = (model / "model.safetensors").read_bytes()
     (model / "model.safetensors").write_bytes(data[: len(data) // 3])  # truncated mid-tensor
-    cfg = _config_with(tmp_path, tiny_folder, untouched, model={"name": str(model)})
+    cfg = config_with(tmp_path, tiny_folder, untouched, model={"name": str(model)})
     run_subprocess("train", cfg, expect=[str(model), "safetensors"])
 
 
@@ -217,8 +225,8 @@ def _truncated_gguf(tmp_path) -> bytes:
 
 def test_truncated_gguf(tiny_folder, untouched, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("LORALAB_CACHE", str(tmp_path / "cache"))
-    gguf = _write(tmp_path / "model-Q4.gguf", _truncated_gguf(tmp_path))
-    cfg = _config_with(tmp_path, tiny_folder, untouched, model={"name": str(gguf)})
+    gguf = write(tmp_path / "model-Q4.gguf", _truncated_gguf(tmp_path))
+    cfg = config_with(tmp_path, tiny_folder, untouched, model={"name": str(gguf)})
     run_cli(capsys, "train", cfg, expect=["model-Q4.gguf", "cannot read GGUF file"])
     assert not list((tmp_path / "cache").rglob("config.json"))  # nothing half-converted is cached
 
@@ -232,7 +240,7 @@ def test_model_needing_remote_code(auto_map, tiny_folder, untouched, tmp_path, c
     config = json.loads((model / "config.json").read_text())
     config.update(model_type="tinycustom", architectures=["TinyCustomForCausalLM"], auto_map=auto_map)
     (model / "config.json").write_text(json.dumps(config))
-    cfg = _config_with(tmp_path, tiny_folder, untouched, model={"name": str(model)})
+    cfg = config_with(tmp_path, tiny_folder, untouched, model={"name": str(model)})
     run_cli(capsys, "train", cfg, expect=[str(model), "model.trust_remote_code"])
 
 
@@ -240,27 +248,27 @@ def test_model_needing_remote_code(auto_map, tiny_folder, untouched, tmp_path, c
 # Output directory, resume, adapters
 
 def test_output_dir_is_a_file(tiny_folder, tmp_path, capsys):
-    target = _write(tmp_path / "results.txt", "my notes\n")
-    cfg = _config_with(tmp_path, tiny_folder, target)
+    target = write(tmp_path / "results.txt", "my notes\n")
+    cfg = config_with(tmp_path, tiny_folder, target)
     run_cli(capsys, "train", cfg, expect=["output_dir", "results.txt", "is a file"])
     assert target.read_text() == "my notes\n"
 
 
 def test_resume_from_checkpoint_of_a_different_config(tiny_folder, untouched, tmp_path, capsys):
-    cfg = _config_with(tmp_path, tiny_folder, untouched, train={"lr": 5e-3})
+    cfg = config_with(tmp_path, tiny_folder, untouched, train={"lr": 5e-3})
     run_cli(capsys, "train", cfg, "resume=true",
             expect=["step-00000002", "different config", "train.lr", "resume=false"])
 
 
 def test_resume_true_without_checkpoint(tiny_folder, tmp_path, capsys):
-    cfg = _config_with(tmp_path, tiny_folder, tmp_path / "fresh")
+    cfg = config_with(tmp_path, tiny_folder, tmp_path / "fresh")
     run_cli(capsys, "train", cfg, "resume=true", expect=["resume", "no checkpoint"])
 
 
 @pytest.fixture(scope="module")
 def other_base(tmp_path_factory):
     """A tiny model of another shape: the previous run's adapter does not fit it."""
-    return _save_tiny(tmp_path_factory.mktemp("other-model"), hidden_size=48, intermediate_size=96)
+    return save_tiny_folder(tmp_path_factory.mktemp("other-model"), hidden_size=48, intermediate_size=96)
 
 
 def test_eval_adapter_on_a_different_base(other_base, untouched, capsys):
@@ -282,7 +290,7 @@ def test_eval_adapter_folder_missing(untouched, tmp_path, capsys):
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny_folder, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
-    cfg = _write(tmp_path / "c.yaml", json.dumps(_base_config(tiny_folder, out, train={"max_steps": 4,
+    cfg = write(tmp_path / "c.yaml", json.dumps(base_config(tiny_folder, out, train={"max_steps": 4,
                                                                                        "keep_checkpoints": 5})))
     real_save = checkpoint.atomic_save_safetensors
     seen = {"saves": 0, "before": None}
@@ -291,13 +299,13 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny_folder, tmp_p
         if Path(path).name == "optimizer.safetensors":
             seen["saves"] += 1
             if seen["saves"] == 3:  # the third checkpoint: the disk is full halfway through it
-                seen["before"] = _digest(out / "checkpoints", complete_only=True)
+                seen["before"] = digest(out / "checkpoints", complete_only=True)
                 raise OSError(28, "No space left on device")
         return real_save(tensors, path, metadata)
 
     monkeypatch.setattr(checkpoint, "atomic_save_safetensors", full_disk)
     run_cli_after_training_began(capsys, "train", cfg, expect=("step-00000003", "No space left on device", "intact"))
-    assert seen["before"] and _digest(out / "checkpoints") == seen["before"]
+    assert seen["before"] and digest(out / "checkpoints") == seen["before"]
     assert checkpoint.latest(out / "checkpoints").name == "step-00000002"
     assert not list((out / "checkpoints").glob(".tmp-*"))
     assert not (out / "adapter").exists() and not (out / "summary.json").exists()

@@ -4,9 +4,9 @@ import json
 import re
 from pathlib import Path
 
-from cli_cases import _base_config, _digest, _write, run_cli_after_training_began, tiny_folder  # noqa: F401
-from loralab.train import checkpoint
+from cli_cases import base_config, digest, run_cli_after_training_began, write
 from loralab.cli import main
+from loralab.train import checkpoint
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "loralab"
 
@@ -36,15 +36,15 @@ def _nan_from_step(monkeypatch, first_bad_call: int, on_first_nan=None):
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_folder, tmp_path, capsys,
                                                                            monkeypatch):
     out = tmp_path / "run"
-    cfg = _write(tmp_path / "c.yaml", json.dumps(_base_config(tiny_folder, out, train={"max_steps": 5})))
+    cfg = write(tmp_path / "c.yaml", json.dumps(base_config(tiny_folder, out, train={"max_steps": 5})))
     good = {}
     # grad_accum 1: call k is step k; when step 3 starts, steps 1 and 2 are checkpointed
-    _nan_from_step(monkeypatch, 3, on_first_nan=lambda: good.update(_digest(out / "checkpoints")))
+    _nan_from_step(monkeypatch, 3, on_first_nan=lambda: good.update(digest(out / "checkpoints")))
     line = run_cli_after_training_began(capsys, "train", cfg, expect=("non-finite loss at step 3",
                                                                       "train.skip_nonfinite"))
     last = checkpoint.latest(out / "checkpoints")
     assert last.name == "step-00000002" and str(last) in line
-    assert good and _digest(out / "checkpoints") == good  # byte-identical to before the NaN
+    assert good and digest(out / "checkpoints") == good  # byte-identical to before the NaN
     snap = checkpoint.load(last)  # complete and readable
     assert snap["step"] == 2 and all(v.isfinite().all() for v in snap["trainable"].values())
     assert not (out / "adapter").exists() and not (out / "summary.json").exists()
@@ -52,7 +52,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_
 
 def test_skip_nonfinite_skips_batches_and_reports_them(tiny_folder, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
-    cfg = _write(tmp_path / "c.yaml", json.dumps(_base_config(tiny_folder, out, train={"max_steps": 4})))
+    cfg = write(tmp_path / "c.yaml", json.dumps(base_config(tiny_folder, out, train={"max_steps": 4})))
     _nan_from_step(monkeypatch, 3)
     assert main(["train", str(cfg), "train.skip_nonfinite=true"]) == 0
     summary = json.loads((out / "summary.json").read_text())

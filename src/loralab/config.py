@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -33,20 +33,20 @@ class ModelConfig:
 @dataclass
 class LoRAConfig:
     r: int = 8
-    alpha: Optional[float] = None     # None means 2 * r (the article's rule of thumb)
+    alpha: float | None = None     # None means 2 * r (the article's rule of thumb)
     dropout: float = 0.05
     targets: Any = "all-linear"       # preset (qv, attn, mlp, all-linear, all-linear+head) or a list of names
 
 
 @dataclass
 class DataConfig:
-    path: Optional[str] = None        # a data file (alpaca json/jsonl, chat jsonl, prompt/response jsonl, txt)
+    path: str | None = None        # a data file (alpaca json/jsonl, chat jsonl, prompt/response jsonl, txt)
     tasks: list = field(default_factory=lambda: list(ARITHMETIC_DEFAULT))  # synthetic tasks when no path
     n_train: int = 2000               # training examples per synthetic task
     val_fraction: float = 0.05        # held-out share of the training data for validation loss
     max_seq_len: int = 512
     template: str = "auto"            # auto | chat | alpaca | raw
-    system_prompt: Optional[str] = "default"  # default | none | any text
+    system_prompt: str | None = "default"  # default | none | any text
     seed: int = 1234                  # data generation and splits; fixed so every run sees the same test set
 
 
@@ -64,12 +64,12 @@ class TrainConfig:
     batch_size: int = 8               # micro batch
     grad_accum: int = 1               # micro batches per optimizer step
     epochs: float = 1.0
-    max_steps: Optional[int] = None   # overrides epochs when set
-    max_grad_norm: Optional[float] = 1.0
+    max_steps: int | None = None   # overrides epochs when set
+    max_grad_norm: float | None = 1.0
     seed: int = 42
     precision: str = "auto"           # auto | bf16 | fp32 (bf16: frozen weights stored in bf16)
     gradient_checkpointing: bool = False
-    packing: bool = True              # lay each micro batch's examples end to end in fewer rows: same math, no padding work
+    packing: bool = True              # each micro batch's examples end to end in fewer rows: same math, less padding
     group_by_length: int = 0          # > 0: sort by length within windows of this many batches (changes batch mixes)
     compile: bool = False             # torch.compile the decoder blocks: ~25% less memory after a one-time compile
     log_every: int = 10
@@ -78,13 +78,13 @@ class TrainConfig:
     save_every: int = 0               # checkpoint every N steps (0: only at the end and on a signal)
     keep_checkpoints: int = 2         # newest checkpoints kept on disk
     skip_nonfinite: bool = False      # skip a batch whose loss/grad is NaN/Inf instead of stopping
-    threads: Optional[int] = None     # torch CPU threads (None: torch's default)
+    threads: int | None = None     # torch CPU threads (None: torch's default)
     progress: bool = True
 
 
 @dataclass
 class EvalConfig:
-    tasks: Optional[list] = None      # exact-match tasks; None: the data's synthetic tasks
+    tasks: list | None = None      # exact-match tasks; None: the data's synthetic tasks
     n: int = 100                      # held-out questions per task
     before: bool = True               # also evaluate the base model before training
     batch_size: int = 50
@@ -224,7 +224,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     if len(cfg.train.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in cfg.train.betas):
         raise UserError(f"config key 'train.betas' must be two numbers in [0, 1), got {cfg.train.betas!r}")
     if not isinstance(cfg.lora.targets, (str, list)) or not cfg.lora.targets:
-        raise UserError(f"config key 'lora.targets' must be a preset name or a non-empty list, got {cfg.lora.targets!r}")
+        raise UserError(f"config key 'lora.targets' must be a preset name or a non-empty list, "
+                        f"got {cfg.lora.targets!r}")
     if not cfg.data.path and not cfg.data.tasks:
         raise UserError("config key 'data.path' or 'data.tasks' must be set")
     if cfg.resume not in ("auto", True, False):

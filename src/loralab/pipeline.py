@@ -14,7 +14,6 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -150,7 +149,7 @@ def run_evals(model, tok, tests: dict, cfg: RunConfig) -> dict:
             for name, examples in tests.items()}
 
 
-def run_training(cfg: RunConfig, *, quiet: bool = False, data: Optional[Datasets] = None) -> dict:
+def run_training(cfg: RunConfig, *, quiet: bool = False, data: Datasets | None = None) -> dict:
     """Run one configured fine-tune end to end and write its artifacts. Returns the summary dict.
 
     `data` replaces the config's data (a benchmark's own workload); by default it is built from

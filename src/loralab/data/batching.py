@@ -7,7 +7,7 @@ stream of micro batches the training loop (and the benchmarks' baseline) draws f
 from __future__ import annotations
 
 import random
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 

@@ -13,7 +13,7 @@ that it honours restarting positions, is the model's half: loralab.train.packing
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

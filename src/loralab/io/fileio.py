@@ -9,8 +9,9 @@ import json
 import os
 import struct
 import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Mapping
+from typing import Any, BinaryIO
 
 import torch
 

@@ -100,7 +100,8 @@ def target_names(targets) -> tuple[str, ...]:
     names = tuple(str(t).rpartition(".")[2] for t in targets)
     bad = [n for n in names if n not in LLAMA_LINEARS + (OUTPUT_LAYER,)]
     if bad or not names:
-        raise UserError(f"unknown LoRA target(s) {', '.join(bad) or '(none)'}: known {', '.join(LLAMA_LINEARS)}, {OUTPUT_LAYER}")
+        raise UserError(f"unknown LoRA target(s) {', '.join(bad) or '(none)'}: "
+                        f"known {', '.join(LLAMA_LINEARS)}, {OUTPUT_LAYER}")
     return names
 
 

@@ -196,8 +196,9 @@ def estimate_for_run(cfg, model_config: dict, device, seq: int | None = None) ->
     dev = "cuda" if str(device).startswith("cuda") else "cpu"
     method = "full" if cfg.train.method == "full" else ("qlora" if cfg.model.quant == "nf4" else "lora")
     precision = resolve_precision(cfg.train.precision, device)
-    return estimate(model_config, method=method, r=cfg.lora.r, targets=cfg.lora.targets, seq=seq or cfg.data.max_seq_len,
-                    batch=cfg.train.batch_size, optimizer=cfg.train.optimizer, precision=precision,
+    return estimate(model_config, method=method, r=cfg.lora.r, targets=cfg.lora.targets,
+                    seq=seq or cfg.data.max_seq_len, batch=cfg.train.batch_size, optimizer=cfg.train.optimizer,
+                    precision=precision,
                     grad_checkpointing=cfg.train.gradient_checkpointing, device=dev,
                     attention=cfg.model.attn_implementation, lora_dropout=cfg.lora.dropout,
                     quantize="all-linear" if cfg.model.quant_all_linear else "targets",

@@ -85,7 +85,8 @@ class PeakMemory:
                 self.peak = current_rss_bytes()
                 self._thread = threading.Thread(target=self._sample, daemon=True)
                 self._thread.start()
-        self.start_bytes = current_rss_bytes() if self.device.type != "cuda" else torch.cuda.memory_allocated(self.device)
+        cuda = self.device.type == "cuda"
+        self.start_bytes = torch.cuda.memory_allocated(self.device) if cuda else current_rss_bytes()
         self._t0 = time.perf_counter()
         return self
 

@@ -14,6 +14,7 @@ import json
 import os
 import re
 from pathlib import Path
+
 import torch
 from torch import nn
 

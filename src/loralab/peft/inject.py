@@ -2,7 +2,7 @@
 the factors, count parameters."""
 from __future__ import annotations
 
-from typing import Callable, Sequence, Union
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -11,7 +11,7 @@ from ..errors import UserError
 from .lora import LoRALinear, LoraSpec, is_quantized, lora_modules
 from .targets import resolve_targets
 
-SpecFor = Union[LoraSpec, Callable[[str], LoraSpec]]  # one spec for all, or a spec per full module name
+SpecFor = LoraSpec | Callable[[str], LoraSpec]  # one spec for all, or a spec per full module name
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

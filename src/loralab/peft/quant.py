@@ -115,7 +115,7 @@ class NF4Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, compute_dtype: torch.dtype | None = None,
-                    name: str = "linear") -> "NF4Linear":
+                    name: str = "linear") -> NF4Linear:
         return cls(linear.weight, linear.bias, compute_dtype, name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@ resolved against a model's actual linear layers."""
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch import nn
 

@@ -11,7 +11,6 @@ from ..errors import UserError
 from ..io.fileio import atomic_write_bytes
 
 
-
 def _read_metrics(run_dir: Path) -> tuple[list, list]:
     train, val = [], []
     try:

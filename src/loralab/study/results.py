@@ -8,7 +8,6 @@ from pathlib import Path
 
 from .stats import Stat
 
-
 # Metrics read from each run's summary.json (accuracy is added per task as acc_<task>, in percent).
 SUMMARY_METRICS = ("final_train_loss", "final_val_loss", "best_val_loss", "runtime_s", "tokens_per_s",
                    "trainable_params", "steps", "epochs")

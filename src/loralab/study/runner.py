@@ -17,9 +17,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
 
 from ..config import dump_yaml
 from ..errors import UserError
@@ -27,7 +27,6 @@ from ..io.fileio import atomic_write_text, write_json
 from .report import make_report
 from .results import collect, estimate_stats, load_json
 from .spec import Study, describe, load_study, run_config, study_plan
-
 
 Runner = Callable[[list, Path, Path], int]  # (command, run folder, log file) -> exit code
 

@@ -10,8 +10,8 @@ import dataclasses
 import math
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -37,10 +37,10 @@ class NonFiniteLoss(RuntimeError):
 @dataclass
 class Hooks:
     """How the loop reports, without knowing about files: each is optional."""
-    on_log: Optional[Callable[[dict], None]] = None            # every step's record
-    on_eval: Optional[Callable[[dict], None]] = None           # every validation record ("is_best" set)
-    on_checkpoint: Optional[Callable[[LoopState], None]] = None  # every save_every steps, at stop, at end
-    should_stop: Optional[Callable[[], bool]] = None           # e.g. a signal arrived: checkpoint and stop
+    on_log: Callable[[dict], None] | None = None            # every step's record
+    on_eval: Callable[[dict], None] | None = None           # every validation record ("is_best" set)
+    on_checkpoint: Callable[[LoopState], None] | None = None  # every save_every steps, at stop, at end
+    should_stop: Callable[[], bool] | None = None           # e.g. a signal arrived: checkpoint and stop
 
 
 def micro_batches(data, cfg: TrainConfig, pad_id: int, skip: int = 0) -> Iterator[dict]:
@@ -59,8 +59,8 @@ def uses_autocast(cfg: TrainConfig, device: torch.device) -> bool:
 
 
 def train(model: torch.nn.Module, train_data: list, cfg: TrainConfig, *, pad_id: int,
-          val_data: Optional[list] = None, hooks: Optional[Hooks] = None,
-          resume: Optional[dict] = None) -> TrainResult:
+          val_data: list | None = None, hooks: Hooks | None = None,
+          resume: dict | None = None) -> TrainResult:
     """Train the parameters of `model` that require grad. Returns losses, tokens and timings.
 
     `resume` (from checkpoint.load) restores optimizer, scheduler, RNG, data position and history,
@@ -83,7 +83,8 @@ def train(model: torch.nn.Module, train_data: list, cfg: TrainConfig, *, pad_id:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.packing and not packing_supported(model, pad_id):
         # packing relies on the model honouring restarting position ids; otherwise examples would mix
-        warnings.warn("train.packing: this model ignores packed position ids; training on padded batches")
+        warnings.warn("train.packing: this model ignores packed position ids; training on padded batches",
+                      stacklevel=2)
         cfg = dataclasses.replace(cfg, packing=False)
     if cfg.compile:
         from .compile import compile_blocks

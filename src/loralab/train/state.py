@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Optional
 
 import numpy as np
 import torch
@@ -35,8 +34,8 @@ class TrainResult:
     runtime_s: float = 0.0
     history: list = field(default_factory=list)      # one dict per logged step
     val_history: list = field(default_factory=list)  # {"step", "val_loss"}
-    final_train_loss: Optional[float] = None
-    final_val_loss: Optional[float] = None
+    final_train_loss: float | None = None
+    final_val_loss: float | None = None
     skipped_steps: int = 0            # non-finite batches skipped (train.skip_nonfinite)
     stopped_early: bool = False       # validation loss stopped improving (train.early_stopping_patience)
     interrupted: bool = False         # should_stop() asked to stop (a signal)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -16,8 +15,8 @@ class StepResult:
     loss_sum: float               # summed token loss over the step's micro batches
     n_label: int                  # label tokens the gradient was normalised by
     n_tokens: int                 # non-padding input tokens fed to the model
-    grad_norm: Optional[float]    # before clipping; None when train.max_grad_norm is off
-    problem: Optional[str]        # "loss" / "gradient norm" when non-finite: no update was made
+    grad_norm: float | None    # before clipping; None when train.max_grad_norm is off
+    problem: str | None        # "loss" / "gradient norm" when non-finite: no update was made
 
     @property
     def loss(self) -> float:
@@ -25,7 +24,7 @@ class StepResult:
 
 
 def accumulate_gradients(model, micro_batches: list[dict], *, autocast: bool = False,
-                         n_label: Optional[int] = None) -> tuple[float, int, int]:
+                         n_label: int | None = None) -> tuple[float, int, int]:
     """Backward over micro batches, normalised per label token over all of them together, so the
     gradient equals that of one big batch. `n_label` is the count to normalise by (default: these
     micro batches'). Returns (summed loss, label tokens, input tokens)."""
@@ -44,7 +43,7 @@ def accumulate_gradients(model, micro_batches: list[dict], *, autocast: bool = F
 
 
 def train_step(model, micro_batches: list[dict], optimizer: torch.optim.Optimizer,
-               params: list[torch.nn.Parameter], *, max_grad_norm: Optional[float] = None,
+               params: list[torch.nn.Parameter], *, max_grad_norm: float | None = None,
                autocast: bool = False) -> StepResult:
     """One optimizer step over `micro_batches`. A non-finite loss or gradient norm makes no update
     (the caller decides whether that stops the run); gradients are cleared either way."""

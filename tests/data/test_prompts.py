@@ -104,7 +104,8 @@ def test_alpaca_template_format_and_mask(tiny_tokenizer):
     assert tiny_tokenizer.decode(enc.input_ids) == (
         f"{ALPACA_PREAMBLE}\n\n### Instruction:\nAdd 1 and 2\n\n### Response:\n3{EOT}")
     assert labelled_runs(tiny_tokenizer, enc) == ["3" + EOT]
-    none = tiny_tokenizer.decode(encode(chat("x", "y"), tiny_tokenizer, template="alpaca", system_prompt=None).input_ids)
+    none_enc = encode(chat("x", "y"), tiny_tokenizer, template="alpaca", system_prompt=None)
+    none = tiny_tokenizer.decode(none_enc.input_ids)
     assert none == f"### Instruction:\nx\n\n### Response:\ny{EOT}"
 
 
@@ -146,7 +147,8 @@ def test_render_prompt_is_the_training_text_before_the_last_response(tiny_tokeni
 
 
 def test_render_prompt_of_a_string(tiny_tokenizer):
-    assert render_prompt("hi", tiny_tokenizer, system_prompt=None) == f"<|im_start|>user\nhi{EOT}\n<|im_start|>assistant\n"
+    no_system = render_prompt("hi", tiny_tokenizer, system_prompt=None)
+    assert no_system == f"<|im_start|>user\nhi{EOT}\n<|im_start|>assistant\n"
     assert render_prompt("hi", tiny_tokenizer, template="raw") == "hi"
     assert render_prompt("hi", tiny_tokenizer, template="alpaca").endswith("### Instruction:\nhi\n\n### Response:\n")
 
@@ -181,7 +183,8 @@ def test_fully_masked_dataset_is_an_error(tiny_tokenizer):
 def test_template_that_trims_contents_still_masks_the_right_turn():
     # Exact-position matching fails (the template trims " ok "), so the reply is searched for, and
     # only after the prompt: the "ok" inside the user turn must stay masked.
-    template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + (m['content'] | trim) + '<|im_end|>\n' }}"
+    template = ("{% for m in messages %}"
+                "{{ '<|im_start|>' + m['role'] + '\n' + (m['content'] | trim) + '<|im_end|>\n' }}"
                 "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
     tok = make_tiny_tokenizer(template)
     enc = encode(chat("say ok", " ok "), tok)

@@ -9,9 +9,9 @@ import pytest
 import torch
 import yaml
 
-from loralab.study import runner, spec
 from loralab.cli import main
 from loralab.errors import UserError
+from loralab.study import runner, spec
 from loralab.study.report import judge
 from loralab.study.stats import Stat, t_quantile
 
@@ -49,8 +49,10 @@ def test_judge_verdicts():
     assert judge({"check": "similar", "a": "a", "b": "c", "metric": "m", "rel_tol": 0.1}, stats)[1] == "agree"
     assert judge({"check": "consistent", "cell": "a", "metric": "m", "max_cv": 0.05}, stats)[1] == "disagree"
     assert judge({"check": "consistent", "cell": "a", "metric": "m", "max_cv": 0.2}, stats)[1] == "agree"
-    assert judge({"check": "best", "cell": "a", "metric": "m", "direction": "min", "cells": ["a", "b"]}, stats)[1] == "agree"
-    assert judge({"check": "ordered", "cells": ["a", "b"], "metric": "m", "direction": "increasing"}, stats)[1] == "agree"
+    best = {"check": "best", "cell": "a", "metric": "m", "direction": "min", "cells": ["a", "b"]}
+    assert judge(best, stats)[1] == "agree"
+    ordered = {"check": "ordered", "cells": ["a", "b"], "metric": "m", "direction": "increasing"}
+    assert judge(ordered, stats)[1] == "agree"
     assert judge({"check": "ratio", "a": "b", "b": "a", "metric": "m", "expect": 2.0, "tol": 0.05}, stats)[1] == "agree"
     assert judge({"check": "lower", "a": "a", "b": "gone", "metric": "m"}, stats)[1] == "not measured"
 
@@ -59,13 +61,15 @@ def test_judge_verdicts():
 
 def test_grid_axes_expand_to_every_combination():
     cells = spec.expand_cells({"train.optimizer": ["adamw", "sgd"], "lora.r": [4, 8]}, [1, 2])
-    assert [c.name for c in cells] == ["optimizer-adamw_r-4", "optimizer-adamw_r-8", "optimizer-sgd_r-4", "optimizer-sgd_r-8"]
+    assert [c.name for c in cells] == ["optimizer-adamw_r-4", "optimizer-adamw_r-8",
+                                       "optimizer-sgd_r-4", "optimizer-sgd_r-8"]
     assert cells[3].overrides == ["train.optimizer=sgd", "lora.r=8"] and cells[3].seeds == [1, 2]
     assert spec.expand_cells(None, [1])[0].name == "default"
 
 
 def test_named_cells_and_their_seeds():
-    cells = spec.expand_cells([{"name": "mem", "set": ["lora.r=8"], "seeds": 1}, ["lora.r=4", "lora.alpha=8"]], [5, 6, 7])
+    axes = [{"name": "mem", "set": ["lora.r=8"], "seeds": 1}, ["lora.r=4", "lora.alpha=8"]]
+    cells = spec.expand_cells(axes, [5, 6, 7])
     assert (cells[0].name, cells[0].overrides, cells[0].seeds) == ("mem", ["lora.r=8"], [5])
     assert cells[1].name == "lora.r-4_lora.alpha-8" and cells[1].seeds == [5, 6, 7]
 
@@ -98,7 +102,8 @@ def test_all_nine_presets_load_and_expand():
 def test_gpu_scale_uses_the_articles_settings():
     study = spec.load_study("targets", scale="gpu", overrides=["model.name=/models/llama-2-7b"])
     cfg = spec.run_config(study, study.cells[0], 1, Path("/tmp/x"))
-    assert (cfg.train.lr, cfg.train.batch_size, cfg.train.grad_accum, cfg.lora.r, cfg.lora_alpha) == (3e-4, 1, 128, 8, 16)
+    got = (cfg.train.lr, cfg.train.batch_size, cfg.train.grad_accum, cfg.lora.r, cfg.lora_alpha)
+    assert got == (3e-4, 1, 128, 8, 16)
     assert cfg.model.name == "/models/llama-2-7b" and cfg.lora.targets == "qv"  # the cell's own axis value
     assert cfg.train.weight_decay == 0.01 and cfg.train.warmup_steps == 100
     with pytest.raises(UserError, match="model.name"):
@@ -240,11 +245,11 @@ def test_estimate_study_reports_without_training(tmp_path):
 
 def _scripted_training(monkeypatch, losses, patience, max_steps=40):
     import loralab.train.loop as T
-    from conftest import tiny_llama
     from loralab.config import TrainConfig
     from loralab.data.prompts import Encoded
     from loralab.peft.inject import inject
     from loralab.peft.lora import LoraSpec
+    from tinymodels import tiny_llama
 
     script = iter(losses)
     monkeypatch.setattr(T, "mean_loss", lambda *a, **k: next(script))

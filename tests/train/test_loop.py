@@ -3,7 +3,6 @@ import math
 import pytest
 import torch
 
-from conftest import tiny_llama
 from loralab.config import TrainConfig
 from loralab.data.batching import collate
 from loralab.data.prompts import Encoded
@@ -12,6 +11,7 @@ from loralab.peft.lora import LoraSpec
 from loralab.train.loop import Hooks, train
 from loralab.train.optim import lr_multiplier, plan_steps
 from loralab.train.step import accumulate_gradients
+from tinymodels import tiny_llama
 
 
 def _examples(n=8, seed=0):

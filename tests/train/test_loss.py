@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from conftest import tiny_llama
 from loralab.train import loss as loss_mod
 from loralab.train.loss import full_logits_loss_sum, loss_sum, selected_head_loss
+from tinymodels import tiny_llama
 
 
 def _batch(seed=0, bs=3, length=12):

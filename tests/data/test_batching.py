@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from conftest import tiny_llama
 from loralab.data.batching import collate, iterate_batches, left_pad, split_validation
 from loralab.data.formats import Example
 from loralab.data.prompts import Encoded, encode_all
 from loralab.errors import UserError
+from tinymodels import tiny_llama
 
 
 def test_split_validation_deterministic_disjoint_and_sized():

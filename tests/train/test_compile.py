@@ -1,12 +1,12 @@
 import torch
 
-from conftest import tiny_llama
+from loralab.data.layout import collate_packed
+from loralab.data.prompts import Encoded
 from loralab.peft.inject import inject
 from loralab.peft.lora import LoraSpec, lora_modules
 from loralab.train.compile import compile_blocks, decoder_blocks
-from loralab.data.layout import collate_packed
 from loralab.train.loss import loss_sum
-from loralab.data.prompts import Encoded
+from tinymodels import tiny_llama
 
 
 def test_decoder_blocks_finds_the_repeated_layers():

@@ -6,12 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import tiny_llama
+from loralab.errors import UserError
 from loralab.peft.inject import count_parameters, inject, load_lora_state_dict, lora_state_dict
 from loralab.peft.lora import LoRALinear, LoraSpec, lora_modules
 from loralab.peft.merge import merge, merge_and_unload, unmerge
 from loralab.peft.targets import resolve_targets
-from loralab.errors import UserError
+from tinymodels import tiny_llama
 
 IDS = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(7))
 LLAMA_LINEAR = "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"

@@ -7,11 +7,11 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from conftest import tiny_llama, tiny_llama_config
-from loralab.memory import arch as A
-from loralab.memory import estimate as E
 from loralab.cli import main
 from loralab.errors import UserError
+from loralab.memory import arch as A
+from loralab.memory import estimate as E
+from tinymodels import tiny_llama, tiny_llama_config
 
 GB = 1e9
 # The article (Llama-2-7B, Lit-GPT, one A100): r=8 on q and v, micro batch 1, AdamW, bf16, Alpaca.

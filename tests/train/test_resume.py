@@ -9,25 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_llama
-from loralab.train import checkpoint
 from loralab.config import load_config
 from loralab.errors import UserError
 from loralab.pipeline import run_training
+from loralab.train import checkpoint
 
 STEPS = 14
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    from tiny_tokenizer import make_tiny_tokenizer
-
-    tok = make_tiny_tokenizer()
-    folder = tmp_path_factory.mktemp("tiny-model")
-    tiny_llama(0, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id
-               ).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 def _config_file(tmp_path, folder, out, **extra):

@@ -1,12 +1,12 @@
 import torch
 
-from conftest import tiny_llama
 from loralab.data.formats import Example
+from loralab.data.prompts import encode_all
 from loralab.eval.metrics import exact_match, generate_answers
+from loralab.peft.inject import inject
 from loralab.peft.lora import LoraSpec
 from loralab.train.loss import mean_loss
-from loralab.data.prompts import encode_all
-from loralab.peft.inject import inject
+from tinymodels import tiny_llama
 
 
 def test_bf16_weights_come_back_bit_identical_after_cpu_decoding(tiny_tokenizer):

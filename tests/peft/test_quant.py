@@ -7,12 +7,20 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_llama
 from loralab.errors import UserError
 from loralab.peft.inject import count_parameters, inject
 from loralab.peft.lora import LoRALinear, LoraSpec
 from loralab.peft.merge import merge_and_unload
-from loralab.peft.quant import NF4_LEVELS, NF4Linear, bits_per_weight, quantization_error, quantize_model, quantized_bytes, scaler_block_size
+from loralab.peft.quant import (
+    NF4_LEVELS,
+    NF4Linear,
+    bits_per_weight,
+    quantization_error,
+    quantize_model,
+    quantized_bytes,
+    scaler_block_size,
+)
+from tinymodels import tiny_llama
 
 PAPER_LEVELS = [-1, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
                 -0.18477343022823334, -0.09105003625154495, 0, 0.07958029955625534, 0.16093020141124725,
@@ -214,9 +222,8 @@ def test_adapter_trained_on_nf4_saves_as_peft_reloads_and_merges_exactly(tmp_pat
     """Train LoRA on an NF4 base, save it in PEFT's format, load it back (our loader on a fresh NF4
     base; PEFT on a dense model holding the dequantized weights), and merge it: every path gives
     the adapter model's logits, and the merged weights are dequantized base + scaled B.A in fp32."""
-    from peft import PeftModel
-
     from loralab.peft.adapters import load_adapter, save_adapter
+    from peft import PeftModel
 
     dense = _llama()
     model = copy.deepcopy(dense)

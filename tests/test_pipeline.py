@@ -1,25 +1,11 @@
 """End-to-end runs on a tiny model saved as an HF folder: files, summary, PEFT interop, CLI."""
 import json
 
-import pytest
 import torch
 
-from conftest import tiny_llama
 from loralab.cli import main
 from loralab.config import load_config
 from loralab.pipeline import run_training
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    from tiny_tokenizer import make_tiny_tokenizer
-
-    tok = make_tiny_tokenizer()
-    folder = tmp_path_factory.mktemp("tiny-model")
-    model = tiny_llama(0, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 def _cfg(folder, out, *extra):
@@ -61,10 +47,10 @@ def test_run_writes_every_artifact(tiny_folder, tmp_path):
 
 
 def test_peft_loads_the_runs_adapter_from_its_recorded_base(tiny_folder, tmp_path):
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from loralab.inference import load_with_adapter
+    from peft import PeftModel
 
     out = tmp_path / "run"
     run_training(_cfg(tiny_folder, out, "lora.dropout=0.0"), quiet=True)
