@@ -1,5 +1,11 @@
+import ast
+import dataclasses
+import re
+from pathlib import Path
+
 import pytest
 
+import loralab
 from loralab.config import RunConfig, apply_overrides, from_dict, load_config
 from loralab.errors import UserError
 
@@ -68,3 +74,48 @@ def test_resolved_config_states_alpha():
 def test_override_into_non_section_is_an_error():
     with pytest.raises(UserError):
         apply_overrides({"output_dir": "x"}, ["output_dir.sub=1"])
+
+
+# --- every config key the code names must exist ---------------------------------------------------
+
+SECTIONS = ("model", "lora", "data", "train", "eval")
+SRC = Path(loralab.__file__).parent
+KEY_IN_TEXT = re.compile(r"(?<![\w./])(" + "|".join(SECTIONS) + r")\.([a-z_]+)\b")
+QUOTED_KEY = re.compile(r"`(" + "|".join(SECTIONS) + r")\.([a-z_]+)(?:=[^`]*)?`|config key '(\w+)(?:\.(\w+))?'")
+
+
+def _schema() -> dict[str, set[str]]:
+    cfg = RunConfig()
+    keys = {s: {f.name for f in dataclasses.fields(getattr(cfg, s))} for s in SECTIONS}
+    keys[""] = {f.name for f in dataclasses.fields(cfg)}
+    return keys
+
+
+def _named_keys() -> list[tuple[str, int, str, str]]:
+    """(file, line, section, key) for every config key the source names: in a UserError message, as
+    `section.key` in backticks (docstrings, comments in strings), or after "config key '...'"."""
+    found = []
+    for path in sorted(SRC.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "UserError":
+                for part in ast.walk(node):
+                    if isinstance(part, ast.Constant) and isinstance(part.value, str):
+                        found += [(path.name, part.lineno, *m.groups()) for m in KEY_IN_TEXT.finditer(part.value)]
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                for m in QUOTED_KEY.finditer(node.value):
+                    section, key = (m.group(1), m.group(2)) if m.group(1) else (
+                        (m.group(3), m.group(4)) if m.group(4) else ("", m.group(3)))
+                    found.append((path.name, node.lineno, section, key))
+    return found
+
+
+def test_every_config_key_named_in_the_source_exists():
+    schema, named = _schema(), _named_keys()
+    assert len(named) > 40  # the scan finds them (the source names dozens of keys)
+    unknown = [f"{f}:{line}: {s + '.' if s else ''}{k}" for f, line, s, k in named if k not in schema.get(s, ())]
+    assert not unknown, "keys that are not in the config schema: " + "; ".join(unknown)
+
+
+def test_the_scan_would_catch_a_wrong_key():
+    assert KEY_IN_TEXT.search("config key 'data.packing' must be").groups() == ("data", "packing")
+    assert "packing" not in _schema()["data"] and "group_window" not in _schema()["data"]

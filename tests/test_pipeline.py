@@ -119,3 +119,14 @@ def test_validation_during_training_scores_tasks_and_keeps_the_best_adapter(tiny
     assert summary["best_step"] == best["step"] and summary["best_val_loss"] == best["val_loss"]
     assert (out / "best_adapter" / "adapter_model.safetensors").is_file()
     assert summary["best_adapter_dir"] == str(out / "best_adapter")
+
+
+def test_precision_auto_is_resolved_once_and_the_callers_config_is_left_alone(tiny_folder, tmp_path):
+    from loralab.train.precision import resolve_precision
+
+    cfg = _cfg(tiny_folder, tmp_path / "run", "train.precision=auto", "eval.before=false", "train.max_steps=1")
+    summary = run_training(cfg, quiet=True)
+    resolved = resolve_precision("auto", "cpu")
+    assert cfg.train.precision == "auto"  # not overwritten
+    assert summary["precision"] == resolved
+    assert load_config(tmp_path / "run" / "config.yaml").train.precision == resolved  # what the run used

@@ -99,6 +99,79 @@ def test_round_trip_through_our_loader_and_rslora(tmp_path):
     assert all(mod.scaling == 8 / 2 for _, mod in lora_modules(rs))  # alpha / sqrt(r)
 
 
+def _peft_saved(tmp_path, **config):
+    """A PEFT adapter folder with non-zero A and B (PEFT draws them: init_lora_weights=False)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(7)
+    pm = get_peft_model(tiny_llama(0), LoraConfig(lora_dropout=0.0, init_lora_weights=False, **config)).eval()
+    pm.save_pretrained(tmp_path / "peft")
+    return pm, tmp_path / "peft"
+
+
+def _peft_loads(folder):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(tiny_llama(0), folder).eval()
+
+
+def test_a_peft_rslora_adapter_loads_and_saves_again(tmp_path):
+    """PEFT saved with use_rslora=True (scaling alpha / sqrt(r)): ours reads it, writes it back, PEFT
+    reads ours: the same logits all the way."""
+    pm, folder = _peft_saved(tmp_path, r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj"])
+    ours = tiny_llama(0)
+    load_adapter(ours, folder)
+    assert all(mod.scaling == 8 / 4 ** 0.5 for _, mod in lora_modules(ours))
+    assert (logits(ours.eval()) - logits(pm)).abs().max() <= 1e-5
+    save_adapter(ours, tmp_path / "again", base_model_name_or_path="tiny-llama")
+    cfg = json.loads((tmp_path / "again/adapter_config.json").read_text())
+    assert cfg["use_rslora"] is True and cfg["r"] == 4 and cfg["lora_alpha"] == 8
+    assert (logits(_peft_loads(tmp_path / "again")) - logits(pm)).abs().max() <= 1e-5
+
+
+def test_peft_rank_and_alpha_patterns_round_trip(tmp_path):
+    """Per-module rank and alpha as PEFT writes them (rank_pattern / alpha_pattern, regex keys)."""
+    ranks = {"q_proj": 8, "model.layers.1.mlp.down_proj": 2}
+    pm, folder = _peft_saved(tmp_path, r=4, lora_alpha=8, target_modules="all-linear", rank_pattern=ranks,
+                             alpha_pattern={"v_proj": 32})
+    ours = tiny_llama(0)
+    load_adapter(ours, folder)
+    got = {n: (m.r, m.alpha) for n, m in lora_modules(ours)}
+    assert got["model.layers.0.self_attn.q_proj"] == (8, 8) and got["model.layers.1.mlp.down_proj"] == (2, 8)
+    assert got["model.layers.0.self_attn.v_proj"] == (4, 32) and got["model.layers.0.mlp.down_proj"] == (4, 8)
+    assert (logits(ours.eval()) - logits(pm)).abs().max() <= 1e-5
+    save_adapter(ours, tmp_path / "again", base_model_name_or_path="tiny-llama")
+    cfg = json.loads((tmp_path / "again/adapter_config.json").read_text())
+    assert (cfg["r"], cfg["lora_alpha"]) == (4, 8)
+    assert cfg["alpha_pattern"] == {"v_proj": 32}  # one value per short name: written by short name
+    assert cfg["rank_pattern"] == {"model.layers.1.mlp.down_proj": 2, "q_proj": 8}
+    again = _peft_loads(tmp_path / "again")
+    assert {n: m.r["default"] for n, m in again.base_model.model.named_modules() if n in got} == \
+        {n: r for n, (r, _) in got.items()}
+    assert (logits(again) - logits(pm)).abs().max() <= 1e-5
+
+
+def test_our_per_module_ranks_load_in_peft(tmp_path):
+    m = tiny_llama(0)
+    inject(m, "all-linear", lambda n: LoraSpec(r=8 if n.endswith("mlp.up_proj") else 2, alpha=16))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for _, mod in lora_modules(m):
+            mod.lora_B.weight.copy_(torch.randn(mod.lora_B.weight.shape, generator=g) * 0.2)
+    save_adapter(m, tmp_path / "ad", base_model_name_or_path="tiny-llama")
+    cfg = json.loads((tmp_path / "ad/adapter_config.json").read_text())
+    assert (cfg["r"], cfg["rank_pattern"], cfg["alpha_pattern"]) == (2, {"up_proj": 8}, {})
+    assert (logits(_peft_loads(tmp_path / "ad")) - logits(m.eval())).abs().max() <= 1e-5
+
+
+def test_pattern_keys_follow_peft_matching():
+    from loralab.peft.adapters import pattern_value
+
+    assert pattern_value({"q_proj": 8}, "model.layers.0.self_attn.q_proj", 4) == 8
+    assert pattern_value({"q_proj": 8}, "model.layers.0.self_attn.qq_proj", 4) == 4  # whole name parts only
+    assert pattern_value({r"layers\.1\..*": 2, "q_proj": 8}, "model.layers.1.self_attn.q_proj", 4) == 2  # first wins
+
+
 def test_adapter_for_another_base_is_a_user_error_and_leaves_model_alone(tmp_path):
     m, names = trained("qv")
     save(m, names, tmp_path / "ad")

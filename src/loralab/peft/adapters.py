@@ -62,21 +62,18 @@ def pattern_value(pattern: dict, name: str, default):
 
 
 def _pattern_for(values: dict[str, float], default: float) -> dict:
-    """The smallest pattern PEFT resolves to exactly `values` (full name -> value): by short name
-    ("q_proj": 16) where each short name has one value, else by full (escaped if need be) name."""
-    def exact(pattern: dict) -> bool:
-        return all(pattern_value(pattern, n, default) == v for n, v in values.items())
-
+    """A small pattern PEFT resolves to exactly `values` (full name -> value): a short name
+    ("q_proj": 16) where all modules of that name share one value, full names for the rest
+    (escaped if a plain name would also match another module); full names come first."""
     by_short: dict[str, set] = {}
     for n, v in values.items():
         by_short.setdefault(n.rpartition(".")[2], set()).add(v)
-    short = {s: vs.pop() for s, vs in sorted(by_short.items()) if len(vs) == 1}
-    if len(short) == len(by_short):
-        pattern = {s: v for s, v in short.items() if v != default}
-        if exact(pattern):
+    full = {n: v for n, v in values.items() if len(by_short[n.rpartition(".")[2]]) > 1 and v != default}
+    short = {s: next(iter(vs)) for s, vs in sorted(by_short.items()) if len(vs) == 1 and next(iter(vs)) != default}
+    for pattern in ({**full, **short}, {re.escape(n): v for n, v in values.items() if v != default}):
+        if all(pattern_value(pattern, n, default) == v for n, v in values.items()):
             return pattern
-    pattern = {n: v for n, v in values.items() if v != default}
-    return pattern if exact(pattern) else {re.escape(n): v for n, v in pattern.items()}
+    raise AssertionError("unreachable: escaped full names match only their own module")
 
 
 def _num(x: float) -> int | float:
