@@ -4,6 +4,8 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from loralab.data.prompts import IGNORE_INDEX, Encoded
+
 
 def tiny_llama_config(**overrides) -> LlamaConfig:
     cfg = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -28,3 +30,14 @@ def save_tiny_folder(folder: Path, **overrides) -> Path:
                **overrides).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def random_encoded(lengths, seed: int = 0) -> list[Encoded]:
+    """Encoded examples of the given lengths: random token ids, the first third of each masked as prompt."""
+    rng = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(3, 128, (n,), generator=rng).tolist()
+        prompt = max(1, n // 3)
+        out.append(Encoded(input_ids=ids, labels=[IGNORE_INDEX] * prompt + ids[prompt:]))
+    return out

@@ -4,18 +4,9 @@ import torch
 
 from loralab.data.batching import collate, grouped_batches, iterate_batches
 from loralab.data.layout import collate_packed, pack_rows, padding_stats
-from loralab.data.prompts import IGNORE_INDEX, Encoded
+from loralab.data.prompts import Encoded
 from loralab.errors import UserError
-
-
-def _example(rng: torch.Generator, n: int, prompt: int) -> Encoded:
-    ids = torch.randint(3, 128, (n,), generator=rng).tolist()
-    return Encoded(input_ids=ids, labels=[IGNORE_INDEX] * prompt + ids[prompt:])
-
-
-def _examples(lengths, seed=0):
-    rng = torch.Generator().manual_seed(seed)
-    return [_example(rng, n, max(1, n // 3)) for n in lengths]
+from tinymodels import random_encoded
 
 
 def test_pack_rows_first_fit_decreasing():
@@ -52,7 +43,7 @@ def test_collate_packed_errors():
     with pytest.raises(UserError, match="empty batch"):
         collate_packed([], pad_id=0)
     with pytest.raises(UserError, match="pad token"):
-        collate_packed(_examples([3]), pad_id=None)
+        collate_packed(random_encoded([3]), pad_id=None)
     with pytest.raises(UserError, match="no unmasked label"):
         collate_packed([Encoded(input_ids=[1, 2], labels=[-100, -100])], pad_id=0)
     with pytest.raises(ValueError, match="differ in length"):
@@ -60,7 +51,7 @@ def test_collate_packed_errors():
 
 
 def test_grouped_batches_cover_each_example_once_and_cut_padding():
-    examples = _examples([3 + (k * 37) % 97 for k in range(200)], seed=11)
+    examples = random_encoded([3 + (k * 37) % 97 for k in range(200)], seed=11)
     batches = list(grouped_batches(examples, 8, seed=4, epoch=0, window=8))
     assert sorted(i for b in batches for i in b) == list(range(200))
     assert [len(b) for b in batches].count(8) == 25

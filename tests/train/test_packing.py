@@ -3,29 +3,18 @@ import torch
 
 from loralab.data.batching import collate
 from loralab.data.layout import collate_packed, pack_rows
-from loralab.data.prompts import IGNORE_INDEX, Encoded
 from loralab.peft.inject import inject
 from loralab.peft.lora import LoraSpec, lora_modules
 from loralab.train.loss import loss_sum
 from loralab.train.loss import loss_sum as packed_loss_sum
 from loralab.train.packing import packed_inputs, packing_supported
-from tinymodels import tiny_llama
-
-
-def _example(rng: torch.Generator, n: int, prompt: int) -> Encoded:
-    ids = torch.randint(3, 128, (n,), generator=rng).tolist()
-    return Encoded(input_ids=ids, labels=[IGNORE_INDEX] * prompt + ids[prompt:])
-
-
-def _examples(lengths, seed=0):
-    rng = torch.Generator().manual_seed(seed)
-    return [_example(rng, n, max(1, n // 3)) for n in lengths]
+from tinymodels import random_encoded, tiny_llama
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_packed_logits_equal_unpacked_logits(attn):
     model = tiny_llama(seed=1, attn_implementation=attn).float()
-    examples = _examples([17, 5, 9, 3, 12, 4, 8], seed=3)
+    examples = random_encoded([17, 5, 9, 3, 12, 4, 8], seed=3)
     batch = collate_packed(examples, pad_id=0)
     rows = pack_rows([len(e.input_ids) for e in examples])  # the layout collate_packed used
     assert len(rows) == batch["input_ids"].shape[0] < len(examples)  # it did pack
@@ -59,7 +48,7 @@ def _loss_and_grads(model, batch, fn):
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_packed_loss_and_gradients_equal_padded(attn):
     model = _lora_model(attn)
-    examples = _examples([40, 6, 11, 25, 3, 7, 30, 9], seed=5)
+    examples = random_encoded([40, 6, 11, 25, 3, 7, 30, 9], seed=5)
     plain = collate(examples, pad_id=0)
     packed = collate_packed(examples, pad_id=0)
     assert packed["input_ids"].numel() < plain["input_ids"].numel()
@@ -79,7 +68,7 @@ def test_the_first_packed_batch_runs_the_one_time_path_check_on_a_prefix():
     # The check compares a prefix of one row (loss.CHECK_POSITIONS); the packed positions must be
     # cut to that prefix too, or rotary embeddings see a length mismatch.
     model = _lora_model()
-    examples = _examples([40, 30, 25, 6], seed=3)
+    examples = random_encoded([40, 30, 25, 6], seed=3)
     packed = collate_packed(examples, pad_id=0)
     assert packed["input_ids"].shape[1] > 16
     s1, n1, _ = _loss_and_grads(model, packed, packed_loss_sum)  # fresh model: the check runs here
@@ -89,7 +78,7 @@ def test_the_first_packed_batch_runs_the_one_time_path_check_on_a_prefix():
 
 def test_packed_loss_on_the_full_logits_fallback():
     """loss.loss_sum falls back to the model's own logits for heads it cannot split: packed too."""
-    examples = _examples([12, 5, 8, 3], seed=7)
+    examples = random_encoded([12, 5, 8, 3], seed=7)
     results = []
     for batch in (collate(examples, pad_id=0), collate_packed(examples, pad_id=0)):
         model = _lora_model()
@@ -101,10 +90,10 @@ def test_packed_loss_on_the_full_logits_fallback():
         torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-6)
 
 
-def test_without_position_ids_packing_would_leak_across_examples():
+def test_without_position_ids_packing_would_leak_acrossrandom_encoded():
     """The check above is meaningful: a plain all-ones mask over a packed row changes the logits."""
     model = tiny_llama(seed=1).float()
-    examples = _examples([6, 5], seed=9)
+    examples = random_encoded([6, 5], seed=9)
     batch = collate_packed(examples, pad_id=0, capacity=11)
     assert batch["input_ids"].shape == (1, 11)
     with torch.no_grad():
