@@ -12,7 +12,7 @@ Variants (switchable at run time on one loaded model; combine with '+', e.g. chu
   qlora     a second model with NF4 frozen weights (model.quant=nf4), stepped on the same batches
             (alone, not combined; its peak RSS includes the other model's weights, ~0.3 GB)
 Each step: forward + backward of one micro batch (no optimizer: it is the same for all), timed,
-and its peak RSS (loralab.memory.PeakMemory, reset before each step). Reports per variant the
+and its peak RSS (loralab.memory.measure.PeakMemory, reset before each step). Reports per variant the
 median step time, its median ratio to `stock` over the rounds (paired), and the median peak.
 Respects /tmp/loralab_cpu_lock.
 """
@@ -37,18 +37,19 @@ def main() -> int:
     ap.add_argument("--no-lock", action="store_true")
     a = ap.parse_args()
 
-    import torch
-
     import throughput as T
-    from loralab.train import loss as loss_lib
+    import torch
+    from workload import LORA, encoded_data
+
     from loralab.config import RunConfig
-    from loralab.data import layout as packing
-    from loralab.data.batching import collate, iterate_batches
     from loralab.memory.measure import PeakMemory
     from loralab.pipeline import setup_model
+    from loralab.train.loop import micro_batches
+    from loralab.train.loss import CHUNK_ROWS, loss_sum
 
     cfg = RunConfig()
-    cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout = T.LORA["r"], T.LORA["alpha"], T.LORA["dropout"]
+    cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout = LORA["r"], LORA["alpha"], LORA["dropout"]
+    cfg.train.batch_size, cfg.train.packing = a.batch, not a.unpacked
     model, tok, _, _ = setup_model(cfg, torch.device("cpu"))
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]
     models = {"main": model}
@@ -56,14 +57,13 @@ def main() -> int:
         cfg.model.quant = "nf4"
         models["qlora"] = setup_model(cfg, torch.device("cpu"))[0].train()
         cfg.model.quant = "none"
-    enc, _ = T.encoded_data(tok, a.rounds * a.batch, 42)
-    make = (lambda items: collate(items, tok.pad_token_id)) if a.unpacked else \
-        (lambda items: packing.collate_packed(items, tok.pad_token_id))
-    batches = [make([enc[i] for i in idx]) for idx in iterate_batches(enc, a.batch, seed=42, epoch=0)]
+    enc, _ = encoded_data(tok, a.rounds * a.batch, 42)
+    # the loop's own micro batches (train.packing decides the layout): one epoch, `rounds` of them
+    stream = micro_batches(enc, cfg.train, tok.pad_token_id)
+    batches = [next(stream) for _ in range(a.rounds)]
     eager = model.config._attn_implementation
-    default_chunk = loss_lib.selected_head_loss.__defaults__
 
-    current = {"model": model}
+    current = {"model": model, "chunk_rows": CHUNK_ROWS}
     hooks = []
     import ctypes
 
@@ -79,7 +79,7 @@ def main() -> int:
         unknown = mods - {"chunk256", "sdpa", "trim"}
         if unknown:
             raise SystemExit(f"unknown variant part(s) {sorted(unknown)}")
-        loss_lib.selected_head_loss.__defaults__ = (256,) if "chunk256" in mods else default_chunk
+        current["chunk_rows"] = 256 if "chunk256" in mods else CHUNK_ROWS
         model.set_attn_implementation("sdpa" if "sdpa" in mods else eager)
         while hooks:
             hooks.pop().remove()
@@ -94,9 +94,11 @@ def main() -> int:
 
     model.train()
 
+    # what train.step.accumulate_gradients does for one micro batch, with the output layer's chunk size
+    # as a lever (loss_sum takes it; accumulate_gradients does not)
     def step(b):
         m = current["model"]
-        s, n = packing.loss_sum(m, b)
+        s, n = loss_sum(m, b, chunk_rows=current["chunk_rows"])
         (s / n).backward()
         m.zero_grad(set_to_none=True)
 

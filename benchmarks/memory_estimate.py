@@ -1,9 +1,9 @@
-"""How close is the analytic memory estimate (loralab.estimate) to the measured peak? A grid of
+"""How close is the analytic memory estimate (loralab.memory.estimate) to the measured peak? A grid of
 short real training runs on this CPU, each in its own process so every peak is clean.
 
     .venv/bin/python benchmarks/memory_estimate.py [--json results.json] [--only NAME,...] [--steps 3] [--repeat 3]
 
-Each run: loralab.run.run_training with max_steps steps, no evaluation, no validation split, on
+Each run: loralab.pipeline.run_training with max_steps steps, no evaluation, no validation split, on
 data that fills max_seq_len (a long response after a short prompt, so almost every position carries
 a label). Measured: the run's peak_memory_bytes (peak RSS of the training phase), the median of
 --repeat runs (the same run's peak varied by up to 17% between processes). Estimated:
@@ -98,9 +98,9 @@ def child(spec: dict) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from loralab.config import load_config
+    from loralab.io.models import resolve
     from loralab.memory.arch import resolve_model_config
     from loralab.memory.estimate import estimate_for_run
-    from loralab.io.models import resolve
     from loralab.pipeline import run_training
 
     cfg = load_config(None, spec["overrides"])

@@ -6,18 +6,17 @@ from __future__ import annotations
 import tempfile
 import time
 
-from workload import LORA, MODEL, encoded_data, index_stream
+from workload import LORA, MODEL, encoded_data, trained_batches
 
 
 def worker_baseline(spec: dict) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import (AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback,
-                              TrainingArguments)
+    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
     from transformers.utils import logging as hf_logging
 
-    from loralab.memory.measure import PeakMemory
     from loralab.io.models import load_tokenizer, resolve
+    from loralab.memory.measure import PeakMemory
 
     hf_logging.set_verbosity_error()
     torch.manual_seed(spec["seed"])
@@ -29,10 +28,11 @@ def worker_baseline(spec: dict) -> dict:
     model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                                              target_modules="all-linear", task_type="CAUSAL_LM"))
     enc, stats = encoded_data(tok, spec["examples"], spec["seed"])
-    # The very micro batches loralab's train() draws, in its order (train_sampling_strategy=sequential
-    # keeps it): the two loss curves then differ only by the implementations, not by the data order.
+    # The very micro batches loralab's loop draws (data.batching.micro_batch_indices), in its order
+    # (train_sampling_strategy=sequential keeps it): the two loss curves then differ only by the
+    # implementations, not by the data order.
     n_micro = spec["steps"] * spec["grad_accum"]
-    order = [i for idx in index_stream(enc, spec["batch"], spec["seed"], n_micro) for i in idx]
+    order = [i for idx in trained_batches(enc, spec["batch"], spec["seed"], n_micro) for i in idx]
     dataset = [{"input_ids": enc[i].input_ids, "attention_mask": [1] * len(enc[i].input_ids),
                 "labels": enc[i].labels} for i in order]
     load_s = time.perf_counter() - t0

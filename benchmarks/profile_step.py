@@ -37,29 +37,28 @@ def main() -> int:
     ap.add_argument("--no-lock", action="store_true")
     a = ap.parse_args()
 
+    import throughput as T
     import torch
     from torch.profiler import ProfilerActivity, profile
+    from workload import LORA, encoded_data
 
-    import throughput as T
     from loralab.config import RunConfig
-    from loralab.data import layout as packing
-    from loralab.data.batching import collate, iterate_batches
     from loralab.pipeline import setup_model
+    from loralab.train.loop import micro_batches
+    from loralab.train.step import accumulate_gradients
 
     cfg = RunConfig()
-    cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout = T.LORA["r"], T.LORA["alpha"], T.LORA["dropout"]
+    cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout = LORA["r"], LORA["alpha"], LORA["dropout"]
     cfg.model.attn_implementation = a.attn
+    cfg.train.batch_size, cfg.train.packing = a.batch, a.packed
     model, tok, _, _ = setup_model(cfg, torch.device("cpu"))
-    enc, _ = T.encoded_data(tok, a.examples, 42)
-    idx = next(iter(iterate_batches(enc, a.batch, seed=42, epoch=0)))
-    items = [enc[i] for i in idx]
-    batch = packing.collate_packed(items, tok.pad_token_id) if a.packed else collate(items, tok.pad_token_id)
+    enc, _ = encoded_data(tok, a.examples, 42)
+    batch = next(micro_batches(enc, cfg.train, tok.pad_token_id))  # the first micro batch a run trains on
     real = int(batch["attention_mask"].sum())
     model.train()
 
-    def step():
-        s, n = packing.loss_sum(model, batch)
-        (s / n).backward()
+    def step():  # forward + backward; no optimizer step
+        accumulate_gradients(model, [batch])
         model.zero_grad(set_to_none=True)
 
     if not a.no_lock:

@@ -8,7 +8,7 @@ phase sets it.
 
 One micro batch of random tokens that fills data.max_seq_len (LABELLED=N env: only the last N
 positions of each row carry a label; default all but 4), three steps, one JSON line per step with
-the RSS at its start and the peak RSS of each phase (MiB; loralab.memory.PeakMemory, CPU).
+the RSS at its start and the peak RSS of each phase (MiB; loralab.memory.measure.PeakMemory, CPU).
 """
 from __future__ import annotations
 
@@ -23,13 +23,15 @@ from loralab.data.layout import collate_packed
 from loralab.data.prompts import Encoded
 from loralab.memory.measure import PeakMemory
 from loralab.pipeline import setup_model
+from loralab.train.loop import uses_autocast
 from loralab.train.optim import build_optimizer
 from loralab.train.step import accumulate_gradients
 
 
 def main(overrides: list[str]) -> None:
     cfg = load_config(None, overrides)
-    model, tok, _, info = setup_model(cfg, torch.device("cpu"))
+    device = torch.device("cpu")
+    model, tok, _, _ = setup_model(cfg, device)
     seq, batch = cfg.data.max_seq_len, cfg.train.batch_size
     labelled = int(os.environ.get("LABELLED", seq - 4))
     g = torch.Generator().manual_seed(0)
@@ -38,17 +40,17 @@ def main(overrides: list[str]) -> None:
                            tok.pad_token_id)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg.train)
-    autocast = cfg.train.method == "full" and info["precision"] == "bf16"
+    autocast = uses_autocast(cfg.train, device)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     mib = lambda pm: round(pm.result()["peak_memory_bytes"] / 2**20)  # noqa: E731
     for step in range(3):
-        with PeakMemory("cpu") as fwd_bwd:
+        with PeakMemory(device) as fwd_bwd:
             accumulate_gradients(model, [micro], autocast=autocast)
-        with PeakMemory("cpu") as clip:
+        with PeakMemory(device) as clip:
             torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
-        with PeakMemory("cpu") as opt:
+        with PeakMemory(device) as opt:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         print(json.dumps({"step": step, "start_MiB": round(fwd_bwd.result()["memory_at_start_bytes"] / 2**20),

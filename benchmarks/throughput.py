@@ -16,14 +16,17 @@ warmup and cosine schedule:
     over a dataset laid out in that order), so the loss curves compare implementations, not data
     orders. Warmup defaults to 0: transformers' warmup gives step 0 lr 0 where loralab's gives
     lr/warmup, a one-step offset that alone moves a short run's final loss by a few percent.
-  - loralab: `run.setup_model` + `prompts.encode_all` + `train.train()`, as `loralab train` runs it.
-  - packed: the same, with the packing lever (`loralab.data.packing`): each micro batch (the very
+  - loralab: `loralab.pipeline.run_training` (what `loralab train` runs) given the workload's
+    examples, no evaluation; read back from its summary.json (runtime, tokens/s, peak memory) and
+    metrics.jsonl (each step's elapsed time and loss). Levers are its config keys.
+  - packed: the same, with the packing lever (`loralab.data.layout`): each micro batch (the very
     examples of the unpacked run) laid end to end in fewer rows, position ids restarting per
-    example, block-diagonal causal attention: `train()` with `train.packing=true` (the default of
-    `loralab train`; the plain side sets it false to show what packing gives).
+    example, block-diagonal causal attention: `train.packing=true` (the default of `loralab
+    train`; the plain side sets it false to show what packing gives).
 Each side runs in its own process, so its peak memory (peak RSS of the training phase, via
-`loralab.memory.PeakMemory`, the same measurement for all) is clean. The bf16 matmul peak is
-measured in the same run (2048^3 GEMM, best of several) for model FLOPs utilisation (MFU):
+`loralab.memory.measure.PeakMemory`, the same measurement for all: run_training's own for loralab)
+is clean. The bf16 matmul peak is measured in the same run (2048^3 GEMM, best of several) for
+model FLOPs utilisation (MFU):
 
   model FLOPs = sum over examples of
         (2 N + 2 N) T            frozen base: forward + backward input-gradient (no weight gradient)
@@ -35,7 +38,7 @@ measured in the same run (2048^3 GEMM, best of several) for model FLOPs utilisat
   Padding and positions the loss does not need earn nothing: MFU = model FLOPs / runtime / peak.
 
 Also: QLoRA vs LoRA step time inside loralab (model.quant=nf4), short runs on the same batches
-(skipped, with the reason, when loralab.quant is not importable). `--json PATH` writes everything,
+(skipped, with the reason, when torchao is not installed). `--json PATH` writes everything,
 with top-level `tokens_per_s_ratio` and `peak_memory_ratio` (loralab / baseline; loralab = the
 `--headline` side, packed by default). Respects /tmp/loralab_cpu_lock (waits while someone times).
 """
@@ -52,9 +55,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from loralab_side import worker_loralab
 from peft_baseline import worker_baseline
-from workload import FLOPS_FORMULA, LORA, MAX_SEQ_LEN, MODEL, encoded_data, matmul_peak, model_flops, model_shape
-from workload import examples_of, index_stream
+from workload import FLOPS_FORMULA, LORA, MAX_SEQ_LEN, MODEL, matmul_peak, model_flops, model_shape
 
 HERE = Path(__file__).resolve()
 LOCK = Path("/tmp/loralab_cpu_lock")
@@ -79,70 +82,6 @@ def side_spec(name: str, base: dict, group_window: int) -> dict:
                 threads=1 if "t1" in mods else None, dropout=0.0 if "nodrop" in mods else LORA["dropout"])
 
 
-def worker_loralab(spec: dict) -> dict:
-    import torch
-
-    from loralab import train as train_mod
-    from loralab.config import RunConfig
-    from loralab.data.batching import collate
-    from loralab.data import layout as packing
-    from loralab.memory.measure import PeakMemory
-    from loralab.pipeline import setup_model
-    from loralab.train.precision import default_device
-
-    cfg = RunConfig()
-    cfg.model.name = MODEL
-    cfg.model.quant = "nf4" if spec.get("quant") else "none"
-    cfg.model.attn_implementation = spec.get("attn", "auto")
-    cfg.lora.r, cfg.lora.alpha, cfg.lora.targets = LORA["r"], LORA["alpha"], "all-linear"
-    cfg.lora.dropout = spec.get("dropout", LORA["dropout"])
-    t = cfg.train
-    t.gradient_checkpointing = bool(spec.get("ckpt"))
-    t.threads = spec.get("threads")
-    t.lr, t.batch_size, t.grad_accum, t.max_steps = spec["lr"], spec["batch"], spec["grad_accum"], spec["steps"]
-    t.warmup_steps, t.scheduler, t.seed, t.progress = spec["warmup"], "cosine", spec["seed"], False
-    device = default_device()
-    t0 = time.perf_counter()
-    model, tok, folder, info = setup_model(cfg, device)
-    t.precision = info["precision"]
-    enc, stats = encoded_data(tok, spec["examples"], spec["seed"])
-    load_s = time.perf_counter() - t0
-    packed = spec.get("packed", False)
-    window = spec.get("group_window", 0)
-    n_micro = t.max_steps * t.grad_accum
-    idx_stream = index_stream(enc, t.batch_size, t.seed, n_micro, window)
-    if packed and not packing.packing_supported(model, tok.pad_token_id):
-        raise SystemExit("this model does not honour packed position ids; packing would mix examples")
-    # The levers are the loop's own switches: train.packing, train.group_by_length, train.compile.
-    t.packing, t.group_by_length, t.compile = packed, window, bool(spec.get("compile"))
-    how = "train()" + (" with train.packing=true" if packed else "") + \
-        (f" with train.group_by_length={window}" if window else "")
-    # compile happens in the first step and is counted in the runtime; the worker starts from an
-    # empty inductor cache (run_worker), i.e. a first run's cost.
-    how_compile = " + train.compile (decoder blocks, cold cache)" if t.compile else ""
-    slots = 0
-    for idx in idx_stream:
-        items = [enc[i] for i in idx]
-        slots += (packing.collate_packed(items, tok.pad_token_id) if packed else
-                  collate(items, tok.pad_token_id))["input_ids"].numel()
-    cpu0 = time.process_time()
-    with PeakMemory(device) as peak:
-        result = train_mod.train(model, enc, t, pad_id=tok.pad_token_id)
-    cpu_s = time.process_time() - cpu0
-    times = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(result.history, result.history[1:])]
-    mods = [m for m, on in (("sdpa attention", spec.get("attn") == "sdpa"), ("gradient checkpointing", spec.get("ckpt")),
-                            ("1 thread", spec.get("threads") == 1), ("LoRA dropout 0", spec.get("dropout") == 0.0))
-            if on]
-    how += how_compile + "".join(f" + {m}" for m in mods)
-    return {"side": spec["name"], "how": how, "load_s": load_s, "runtime_s": result.runtime_s, "cpu_s": cpu_s,
-            "steps": result.steps, "tokens": result.train_tokens, "slots": slots,
-            "tokens_per_s": result.tokens_per_s, "step_times_s": [result.history[0]["elapsed_s"]] + times,
-            "losses": [h["loss"] for h in result.history], **peak.result(),
-            "examples_trained": examples_of(enc, idx_stream, n_micro), "data_stats": stats,
-            "trainable_params": info["trainable_params"], "precision": info["precision"],
-            "weights_dtype": info["weights_dtype"], "threads": torch.get_num_threads(), "folder": str(folder)}
-
-
 def worker(kind: str, spec_path: str, out_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     if kind == "matmul":
@@ -150,10 +89,7 @@ def worker(kind: str, spec_path: str, out_path: str) -> None:
     elif kind == "baseline":
         res = worker_baseline(spec)
     else:
-        try:
-            res = worker_loralab(spec)
-        except ImportError as e:  # e.g. model.quant=nf4 before loralab.quant exists
-            res = {"side": spec["name"], "skipped": f"{type(e).__name__}: {e}"}
+        res = worker_loralab(spec)
     Path(out_path).write_text(json.dumps(res))
 
 
@@ -285,8 +221,8 @@ def main(argv=None) -> int:
             print(f"  {s}: {r['tokens_per_s']:.1f} tokens/s, peak {fmt_mb(r['peak_memory_bytes'])}, "
                   f"{r['cpu_s'] / r['runtime_s']:.2f} cores busy", file=sys.stderr)
         qlora = None
-        if a.qlora_steps and importlib.util.find_spec("loralab.quant") is None:
-            qlora = {"skipped": "loralab.quant is not importable yet (model.quant=nf4 needs it)"}
+        if a.qlora_steps and importlib.util.find_spec("torchao") is None:
+            qlora = {"skipped": "torchao is not installed (model.quant=nf4 needs it)"}
         elif a.qlora_steps:
             qb = a.qlora_batch or a.batch
             q = dict(side_spec("packed", base, 0), steps=a.qlora_steps, warmup=0, batch=qb,
@@ -294,15 +230,12 @@ def main(argv=None) -> int:
             print("running QLoRA vs LoRA...", file=sys.stderr)
             lo = run_worker("loralab", dict(q, name="lora-short"), a.threads)
             ql = run_worker("loralab", dict(q, name="qlora-short", quant=True), a.threads)
-            if "skipped" in ql:
-                qlora = {"skipped": ql["skipped"]}
-            else:
-                # the first step holds one-time work (quantized kernels warm up): median of the rest
-                tl, tq = (statistics.median(r["step_times_s"][1:] or r["step_times_s"]) for r in (lo, ql))
-                qlora = {"steps": a.qlora_steps, "batch": qb, "lora_step_s": tl, "qlora_step_s": tq, "ratio": tq / tl,
-                         "lora_peak_memory_bytes": lo["peak_memory_bytes"],
-                         "qlora_peak_memory_bytes": ql["peak_memory_bytes"],
-                         "lora_losses": lo["losses"], "qlora_losses": ql["losses"]}
+            # the first step holds one-time work (quantized kernels warm up): median of the rest
+            tl, tq = (statistics.median(r["step_times_s"][1:] or r["step_times_s"]) for r in (lo, ql))
+            qlora = {"steps": a.qlora_steps, "batch": qb, "lora_step_s": tl, "qlora_step_s": tq, "ratio": tq / tl,
+                     "lora_peak_memory_bytes": lo["peak_memory_bytes"],
+                     "qlora_peak_memory_bytes": ql["peak_memory_bytes"],
+                     "lora_losses": lo["losses"], "qlora_losses": ql["losses"]}
         # Measured again at the end: on a shared (virtual) machine the attainable peak drifts; MFU
         # divides by the higher of the two, so it is never flattered by a slow measurement.
         peak_after = run_worker("matmul", {}, a.threads)

@@ -4,15 +4,15 @@ Alpaca-style instructions (a realistic spread of lengths), the model-FLOPs count
 and the bf16 matmul peak that MFU is measured against."""
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
-from pathlib import Path
 
 MODEL = "smollm2-135m"
 LORA = dict(r=16, alpha=32, dropout=0.05)
 MAX_SEQ_LEN = 512
+# How examples become tokens (loralab's `data.*` keys): both sides, and loralab's RunConfig, use these.
+ENCODING = {"template": "auto", "system_prompt": "default", "max_seq_len": MAX_SEQ_LEN}
 
 # ----------------------------------------------------------------------------------------------
 # The data: arithmetic questions plus longer chat / Alpaca-style instructions, all deterministic
@@ -85,25 +85,26 @@ def make_examples(n: int, seed: int):
 
 
 def encoded_data(tok, n: int, seed: int):
+    """(encoded examples, stats) as loralab's run_training encodes them with `ENCODING`."""
     from loralab.data.prompts import encode_all
 
-    enc, stats = encode_all(make_examples(n, seed), tok, template="auto", system_prompt="default",
-                            max_seq_len=MAX_SEQ_LEN)
-    return enc, stats
+    return encode_all(make_examples(n, seed), tok, **ENCODING)
 
 
 # ----------------------------------------------------------------------------------------------
 # Model FLOPs
 
-def model_shape(folder) -> dict:
-    cfg = json.loads((Path(folder) / "config.json").read_text())
-    d, ff, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
-    heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
-    hd = cfg.get("head_dim") or d // heads
-    linears = [(d, heads * hd), (d, kv * hd), (d, kv * hd), (heads * hd, d), (d, ff), (d, ff), (ff, d)]
-    r = LORA["r"]
-    return {"hidden": d, "layers": L, "d_attn": heads * hd, "vocab": cfg["vocab_size"],
-            "n_body": L * sum(i * o for i, o in linears), "n_lora": L * sum(r * (i + o) for i, o in linears)}
+def model_shape(model) -> dict:
+    """What the FLOPs formula needs, from loralab.memory.arch: `model` is a bundled name, an HF
+    folder or a config.json. n_body counts the decoder's linear layers (their biases too, where the
+    architecture has them), n_lora the LoRA parameters of LORA's r on every decoder linear layer."""
+    from loralab.memory.arch import arch_from_config, count_params, resolve_model_config
+
+    config = resolve_model_config(str(model))
+    arch = arch_from_config(config)
+    counts = count_params(config, targets="all-linear", r=LORA["r"])
+    return {"hidden": arch.hidden, "layers": arch.layers, "d_attn": arch.q_dim, "vocab": arch.vocab,
+            "n_body": counts["layer_linears"], "n_lora": counts["lora"]}
 
 
 FLOPS_FORMULA = ("model FLOPs = sum over examples of (4 N + 6 N_lora) T + 12 L d_attn S(S+1)/2 + 4 V d T_label; "
@@ -142,25 +143,17 @@ def matmul_peak(reps: int = 8) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Which examples each micro batch holds
+# Which examples a run trains on
 
-def examples_of(enc, idx_stream, n_micro: int) -> list[tuple[int, int]]:
-    out = []
-    for idx in idx_stream[:n_micro]:
-        out += [(len(enc[i].input_ids), enc[i].n_labels) for i in idx]
-    return out
+def trained_batches(enc, batch_size: int, seed: int, n_micro: int, group_window: int = 0) -> list[list[int]]:
+    """The first n_micro micro batches (example indices) of loralab's stream, as the loop draws them."""
+    from itertools import islice
+
+    from loralab.data.batching import micro_batch_indices
+
+    return list(islice(micro_batch_indices(enc, batch_size, seed=seed, group_window=group_window), n_micro))
 
 
-def index_stream(enc, batch_size: int, seed: int, n_micro: int, grouped_window: int = 0) -> list[list[int]]:
-    """The micro batches' example indices, as train() draws them (epoch after epoch)."""
-    from loralab.data.batching import iterate_batches
-    from loralab.data.batching import grouped_batches
-
-    out, epoch = [], 0
-    while len(out) < n_micro:
-        if grouped_window:
-            out += list(grouped_batches(enc, batch_size, seed=seed, epoch=epoch, window=grouped_window))
-        else:
-            out += list(iterate_batches(enc, batch_size, seed=seed, epoch=epoch))
-        epoch += 1
-    return out[:n_micro]
+def examples_of(enc, batches: list[list[int]]) -> list[tuple[int, int]]:
+    """(real tokens, labelled positions) of every example in `batches`."""
+    return [(len(enc[i].input_ids), enc[i].n_labels) for idx in batches for i in idx]
