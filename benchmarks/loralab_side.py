@@ -6,50 +6,11 @@ from __future__ import annotations
 
 import json
 import tempfile
-import threading
 import time
 from itertools import islice, pairwise
 from pathlib import Path
 
 from workload import ENCODING, LORA, MODEL, examples_of, make_examples, trained_batches
-
-
-class TrainingClock:
-    """Wall and CPU time of run_training's training phase, which it times (runtime_s) but does not
-    report the CPU time of: from the moment `metrics` (its metrics.jsonl, opened just before it calls
-    the loop) appears until the block ends, i.e. right after the loop and its adapter and summary
-    writes. CPU seconds / runtime shows whether another process took cores."""
-
-    def __init__(self, metrics: Path):
-        self.metrics = metrics
-        self.began = None  # (wall, cpu) when metrics appeared
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-
-    def _watch(self):
-        while not self._done.wait(0.005):
-            if self.metrics.exists():
-                self.began = (time.perf_counter(), time.process_time())
-                return
-
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.ended = (time.perf_counter(), time.process_time())
-        self._done.set()
-        self._thread.join()
-        return False
-
-    @property
-    def load_s(self) -> float:  # model loading, data encoding: everything before the loop
-        return self.began[0] - self.t0
-
-    @property
-    def cpu_s(self) -> float:
-        return self.ended[1] - self.began[1]
 
 
 def run_config(spec: dict, output_dir: str):
@@ -88,9 +49,11 @@ def worker_loralab(spec: dict) -> dict:
     with tempfile.TemporaryDirectory(prefix="throughput-loralab-") as out:
         cfg = run_config(spec, out)
         metrics = Path(out) / "metrics.jsonl"
-        with TrainingClock(metrics) as clock, warnings.catch_warnings(record=True) as caught:
+        t0 = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             summary = run_training(cfg, quiet=True, data=Datasets(train=examples, val=[], tests={}))
+        wall = time.perf_counter() - t0
         records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     t = cfg.train
     if t.packing and any("train.packing" in str(w.message) for w in caught):
@@ -118,12 +81,12 @@ def worker_loralab(spec: dict) -> dict:
                             ("gradient checkpointing", t.gradient_checkpointing), ("1 thread", t.threads == 1),
                             ("LoRA dropout 0", cfg.lora.dropout == 0.0)) if on]
     memory = ("peak_memory_bytes", "memory_method", "memory_at_start_bytes", "cuda_peak_reserved_bytes")
-    return {"side": spec["name"], "how": how + "".join(f" + {m}" for m in mods), "load_s": clock.load_s,
-            "runtime_s": summary["runtime_s"], "cpu_s": clock.cpu_s, "steps": summary["steps"],
+    return {"side": spec["name"], "how": how + "".join(f" + {m}" for m in mods),
+            "load_s": wall - summary["runtime_s"],  # loading, encoding, saving: all but the loop
+            "runtime_s": summary["runtime_s"], "cpu_s": summary["train_cpu_s"], "steps": summary["steps"],
             "tokens": summary["train_tokens"], "slots": slots, "tokens_per_s": summary["tokens_per_s"],
             "step_times_s": elapsed[:1] + [b - a for a, b in pairwise(elapsed)],
             "losses": [r["loss"] for r in steps], **{k: summary[k] for k in memory if k in summary},
             "examples_trained": trained, "data_stats": stats, "trainable_params": summary["trainable_params"],
-            # setup_model stores a LoRA run's frozen weights in bf16 when it computes in bf16
-            "precision": summary["precision"], "weights_dtype": "bfloat16" if summary["precision"] == "bf16"
-            else "float32", "threads": torch.get_num_threads(), "folder": str(folder)}
+            "precision": summary["precision"], "weights_dtype": summary["weights_dtype"],
+            "threads": torch.get_num_threads(), "folder": str(folder)}

@@ -11,12 +11,12 @@ from workload import LORA, MODEL, encoded_data, trained_batches
 
 def worker_baseline(spec: dict) -> dict:
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
     from transformers.utils import logging as hf_logging
 
     from loralab.io.models import load_tokenizer, resolve
     from loralab.memory.measure import PeakMemory
+    from peft import LoraConfig, get_peft_model
 
     hf_logging.set_verbosity_error()
     torch.manual_seed(spec["seed"])

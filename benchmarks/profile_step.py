@@ -37,15 +37,15 @@ def main() -> int:
     ap.add_argument("--no-lock", action="store_true")
     a = ap.parse_args()
 
-    import throughput as T
     import torch
     from torch.profiler import ProfilerActivity, profile
-    from workload import LORA, encoded_data
 
+    import throughput as T
     from loralab.config import RunConfig
     from loralab.pipeline import setup_model
     from loralab.train.loop import micro_batches
     from loralab.train.step import accumulate_gradients
+    from workload import LORA, encoded_data
 
     cfg = RunConfig()
     cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout = LORA["r"], LORA["alpha"], LORA["dropout"]

@@ -275,7 +275,8 @@ def main(argv=None) -> int:
 def print_table(res: dict, peak: dict, qlora, a, n_examples: int, total_s: float) -> None:
     any_r = next(iter(res.values()))
     st = any_r["data_stats"]
-    print(f"throughput: smollm2-135m, LoRA r={LORA['r']} alpha={LORA['alpha']} dropout={LORA['dropout']} all linear layers; "
+    print(f"throughput: smollm2-135m, LoRA r={LORA['r']} alpha={LORA['alpha']} dropout={LORA['dropout']} "
+          "all linear layers; "
           f"{a.steps} steps x batch {a.batch} x accum {a.grad_accum}, {n_examples} examples "
           f"({st['n_tokens']:,} tokens, {st['n_label_tokens']:,} labelled), seed {a.seed}, lr {a.lr:g}, "
           f"warmup {a.warmup}, cosine; {peak['threads']} threads")
@@ -293,16 +294,17 @@ def print_table(res: dict, peak: dict, qlora, a, n_examples: int, total_s: float
     b = res.get("baseline")
     if b:
         cols += ["tok/s ratio", "memory ratio", "loss diff"]
-        for row, (s, r) in zip(rows, res.items()):
+        for row, r in zip(rows, res.values()):
+            loss_diff = (r["final_loss_tail_mean"] - b["final_loss_tail_mean"]) / b["final_loss_tail_mean"]
             row += [f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}x",
-                    f"{r['peak_memory_bytes'] / b['peak_memory_bytes']:.2f}x",
-                    f"{100 * (r['final_loss_tail_mean'] - b['final_loss_tail_mean']) / b['final_loss_tail_mean']:+.2f}%"]
+                    f"{r['peak_memory_bytes'] / b['peak_memory_bytes']:.2f}x", f"{100 * loss_diff:+.2f}%"]
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
     for row in rows:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
     print("* mean training loss over the last 10% of steps; † CPU seconds / wall seconds of the training phase "
-          f"(below ~{0.9 * peak['threads']:.1f} with {peak['threads']} threads: another process took CPU, timings suspect)")
+          f"(below ~{0.9 * peak['threads']:.1f} with {peak['threads']} threads: another process took CPU, "
+          "timings suspect)")
     for s, r in res.items():
         print(f"  {s}: {r['how']}; weights {r['weights_dtype']}; runtime {r['runtime_s']:.1f} s for {r['steps']} steps "
               f"(first {r['first_step_s']:.1f} s; after it {r['tokens_per_s_after_first_step']:.1f} tokens/s), "
@@ -312,7 +314,8 @@ def print_table(res: dict, peak: dict, qlora, a, n_examples: int, total_s: float
     elif "skipped" in qlora:
         print(f"QLoRA vs LoRA: skipped ({qlora['skipped']})")
     else:
-        print(f"QLoRA vs LoRA (loralab, packed, batch {qlora['batch']}, {qlora['steps']} steps each, median step after the first): "
+        print(f"QLoRA vs LoRA (loralab, packed, batch {qlora['batch']}, {qlora['steps']} steps each, "
+              "median step after the first): "
               f"LoRA {qlora['lora_step_s']:.2f} s, QLoRA {qlora['qlora_step_s']:.2f} s -> {qlora['ratio']:.2f}x; "
               f"peak memory {fmt_mb(qlora['lora_peak_memory_bytes'])} vs {fmt_mb(qlora['qlora_peak_memory_bytes'])}")
     print(f"total {total_s:.0f} s")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -208,6 +209,7 @@ def run_training(cfg: RunConfig, *, quiet: bool = False, data: Datasets | None =
         checkpoint.save(out / "checkpoints", snapshot(state), cfg_dict, keep=cfg.train.keep_checkpoints)
 
     hooks = Hooks(on_log=write_metric, on_eval=on_eval, on_checkpoint=on_checkpoint, should_stop=stop_flag.is_set)
+    cpu0 = time.process_time()
     try:
         with PeakMemory(device) as peak, stop_flag.installed():
             result = train(model, train_enc, cfg.train, pad_id=tok.pad_token_id, val_data=val_enc, hooks=hooks,
@@ -218,6 +220,7 @@ def run_training(cfg: RunConfig, *, quiet: bool = False, data: Datasets | None =
                         "(set train.skip_nonfinite=true to skip such batches)") from None
     finally:
         metrics.close()
+    info["train_cpu_s"] = time.process_time() - cpu0
     if result.interrupted:
         raise UserError(f"interrupted at step {result.steps}; checkpoint saved in {out / 'checkpoints'}; "
                         f"run the same command again to resume")

@@ -39,11 +39,13 @@ def build_summary(cfg: RunConfig, *, device, info: dict, result: TrainResult, n_
         "method": "qlora" if cfg.model.quant == "nf4" else cfg.train.method,
         "device": str(device),
         "precision": info["precision"],
+        "weights_dtype": info["weights_dtype"],
         "steps": result.steps,
         "train_examples": n_train,
         "truncated_examples": train_stats["n_truncated"],
         "dropped_examples": train_stats["n_dropped"],
         "runtime_s": round(result.runtime_s, 3),
+        "train_cpu_s": round(info["train_cpu_s"], 3),  # CPU seconds of all threads: / runtime = cores kept busy
         "train_tokens": result.train_tokens,
         "tokens_per_s": round(result.tokens_per_s, 2),
         **memory,
