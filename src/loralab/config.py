@@ -33,14 +33,14 @@ class ModelConfig:
 @dataclass
 class LoRAConfig:
     r: int = 8
-    alpha: float | None = None     # None means 2 * r (the article's rule of thumb)
+    alpha: float | None = None        # None means 2 * r (the article's rule of thumb)
     dropout: float = 0.05
     targets: Any = "all-linear"       # preset (qv, attn, mlp, all-linear, all-linear+head) or a list of names
 
 
 @dataclass
 class DataConfig:
-    path: str | None = None        # a data file (alpaca json/jsonl, chat jsonl, prompt/response jsonl, txt)
+    path: str | None = None           # a data file (alpaca json/jsonl, chat jsonl, prompt/response jsonl, txt)
     tasks: list = field(default_factory=lambda: list(ARITHMETIC_DEFAULT))  # synthetic tasks when no path
     n_train: int = 2000               # training examples per synthetic task
     val_fraction: float = 0.05        # held-out share of the training data for validation loss
@@ -64,7 +64,7 @@ class TrainConfig:
     batch_size: int = 8               # micro batch
     grad_accum: int = 1               # micro batches per optimizer step
     epochs: float = 1.0
-    max_steps: int | None = None   # overrides epochs when set
+    max_steps: int | None = None      # overrides epochs when set
     max_grad_norm: float | None = 1.0
     seed: int = 42
     precision: str = "auto"           # auto | bf16 | fp32 (bf16: frozen weights stored in bf16)
@@ -78,13 +78,13 @@ class TrainConfig:
     save_every: int = 0               # checkpoint every N steps (0: only at the end and on a signal)
     keep_checkpoints: int = 2         # newest checkpoints kept on disk
     skip_nonfinite: bool = False      # skip a batch whose loss/grad is NaN/Inf instead of stopping
-    threads: int | None = None     # torch CPU threads (None: torch's default)
+    threads: int | None = None        # torch CPU threads (None: torch's default)
     progress: bool = True
 
 
 @dataclass
 class EvalConfig:
-    tasks: list | None = None      # exact-match tasks; None: the data's synthetic tasks
+    tasks: list | None = None         # exact-match tasks; None: the data's synthetic tasks
     n: int = 100                      # held-out questions per task
     before: bool = True               # also evaluate the base model before training
     batch_size: int = 50

@@ -86,7 +86,7 @@ def chat(model: str | None, adapter_dir: str | None, *, max_new_tokens: int = 25
         print(f"model> {reply}")
 
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+MERGE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def merge_to_folder(adapter_dir: str, out_dir: str, *, dtype: str = "bf16", model: str | None = None) -> Path:
@@ -94,5 +94,5 @@ def merge_to_folder(adapter_dir: str, out_dir: str, *, dtype: str = "bf16", mode
     out = new_output_folder(out_dir)
     m, tok = load_with_adapter(model, adapter_dir, dtype=torch.float32)  # merge in fp32, then cast
     merge_and_unload(m)
-    m.to(DTYPES[dtype])
+    m.to(MERGE_DTYPES[dtype])
     return save_hf_folder(m, tok, out)
