@@ -15,22 +15,25 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "loralab"
 # Non-finite losses
 
 def _nan_from_step(monkeypatch, first_bad_call: int, on_first_nan=None):
-    """The training loss becomes NaN from the `first_bad_call`-th micro batch on."""
+    """The training loss becomes NaN from the `first_bad_call`-th micro batch on (validation, which
+    runs without gradients, is left alone)."""
     import torch
 
-    from loralab.train import step as train_mod
+    from loralab.train import loss as loss_mod
 
-    real = train_mod.loss_sum
+    real = loss_mod.loss_sum
     calls = {"n": 0}
 
-    def loss_sum(model, batch):
+    def loss_sum(model, batch, *args):
+        if not torch.is_grad_enabled():
+            return real(model, batch, *args)
         calls["n"] += 1
-        s, n = real(model, batch)
+        s, n = real(model, batch, *args)
         if calls["n"] == first_bad_call and on_first_nan:
             on_first_nan()
         return (s * torch.nan if calls["n"] >= first_bad_call else s), n
 
-    monkeypatch.setattr(train_mod, "loss_sum", loss_sum)
+    monkeypatch.setattr(loss_mod, "loss_sum", loss_sum)
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_folder, tmp_path, capsys,

@@ -19,9 +19,16 @@ def cmd_train(args) -> int:
     from .pipeline import run_training
     from .summary import format_table
 
+    if args.config and "=" in args.config and not os.path.exists(args.config):  # no config file, overrides only
+        args.config, args.overrides = None, [args.config, *args.overrides]
     cfg = load_config(args.config, args.overrides)
+    if args.nproc:
+        from .train.launch import launch
+
+        return launch(args.config, args.overrides, args.nproc, cfg.output_dir)
     summary = run_training(cfg)
-    print(format_table(summary, cfg))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks for all
+        print(format_table(summary, cfg))
     return 0
 
 
@@ -100,6 +107,14 @@ def cmd_estimate(args) -> int:
     return 0
 
 
+def _is_collective_failure(e: RuntimeError) -> bool:
+    import torch.distributed
+
+    text = str(e).lower()
+    return isinstance(e, torch.distributed.DistError) or any(
+        w in text for w in ("gloo", "nccl", "connection reset", "connection closed", "timed out"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="loralab", description="LoRA / QLoRA fine-tuning lab for causal LMs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -107,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="fine-tune from a YAML config (plus key.sub=value overrides)")
     t.add_argument("config", nargs="?", help="YAML config (e.g. configs/demo.yaml)")
     t.add_argument("overrides", nargs="*", help="overrides such as lora.r=16 train.lr=1e-3")
+    t.add_argument("--nproc", type=int, default=None, help="train on N processes of this machine (runs "
+                   "torchrun; on several machines call torchrun yourself, see docs/distributed.md)")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="exact-match accuracy of a model (plus adapter) on held-out tasks")
@@ -193,6 +210,13 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UserError as e:
         print(f"loralab: error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not _is_collective_failure(e):
+            raise
+        # a peer rank died or timed out: say so in one line (torchrun stops the job)
+        print(f"loralab: error: rank {os.environ.get('RANK')}: lost the other ranks "
+              f"({str(e).splitlines()[0][:160]})", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("loralab: interrupted", file=sys.stderr)

@@ -79,6 +79,8 @@ class TrainConfig:
     keep_checkpoints: int = 2         # newest checkpoints kept on disk
     skip_nonfinite: bool = False      # skip a batch whose loss/grad is NaN/Inf instead of stopping
     threads: int | None = None        # torch CPU threads (None: torch's default)
+    distributed: str = "auto"         # under torchrun: ddp | fsdp (auto: ddp); one process: ignored
+    distributed_timeout_s: float = 600.0  # a collective waiting longer ends the job (a rank died or hangs)
     progress: bool = True
 
 
@@ -118,6 +120,7 @@ CHOICES = {
     "train.optimizer": ("adamw", "sgd"),
     "train.scheduler": ("cosine", "linear", "constant"),
     "train.precision": ("auto", "bf16", "fp32"),
+    "train.distributed": ("auto", "ddp", "fsdp"),
     "data.template": ("auto", "chat", "alpaca", "raw"),
 }
 
@@ -211,6 +214,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         ("train.save_every", cfg.train.save_every >= 0, "must be >= 0"),
         ("train.group_by_length", cfg.train.group_by_length >= 0, "must be >= 0"),
         ("train.keep_checkpoints", cfg.train.keep_checkpoints >= 1, "must be >= 1"),
+        ("train.distributed_timeout_s", cfg.train.distributed_timeout_s > 0, "must be > 0"),
         ("data.max_seq_len", cfg.data.max_seq_len > 0, "must be > 0"),
         ("data.n_train", cfg.data.n_train > 0, "must be > 0"),
         ("data.val_fraction", 0 <= cfg.data.val_fraction < 1, "must be in [0, 1)"),

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,10 +22,10 @@ import torch
 from .config import RunConfig, dump_yaml
 from .data.batching import split_validation
 from .data.formats import load_examples
-from .data.prompts import encode_all
+from .data.prompts import encode_all, render_prompt
 from .data.tasks import make_task
 from .errors import UserError
-from .eval.metrics import exact_match
+from .eval.metrics import generate_answers, score_answers
 from .io.fileio import atomic_write_text, write_json
 from .io.models import base_model_path, load_model
 from .memory.estimate import run_memory_breakdown
@@ -34,7 +35,8 @@ from .peft.inject import count_parameters, inject
 from .peft.lora import LoraSpec
 from .peft.targets import resolve_targets
 from .summary import build_summary, epoch_warnings
-from .train import checkpoint
+from .train import checkpoint, distributed
+from .train.distributed import SINGLE, Dist, gather, trainable_state, unsharded
 from .train.loop import Hooks, NonFiniteLoss, train
 from .train.precision import default_device, resolve_precision
 from .train.signals import StopFlag
@@ -144,24 +146,49 @@ def _truncate_metrics(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(l + "\n" for l in keep))
 
 
-def run_evals(model, tok, tests: dict, cfg: RunConfig) -> dict:
-    return {name: exact_match(model, tok, examples, template=cfg.data.template, system_prompt=cfg.data.system_prompt,
-                              batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens)
-            for name, examples in tests.items()}
+def run_evals(model, tok, tests: dict, cfg: RunConfig, dist: Dist = SINGLE, module=None) -> dict:
+    """Exact match on each task's held-out examples. With several ranks each generates for its share
+    (every world-th example) and the answers meet on every rank; a sharded (FSDP2) model generates in
+    lockstep, inside its root unit's unsharded scope (`module`: the wrapped LossModule)."""
+    synced = dist.mode == "fsdp" and module is not None
+    results = {}
+    for name, examples in tests.items():
+        mine = list(range(dist.rank, len(examples), dist.world))
+        n_mine = len(mine)
+        if synced:  # lockstep: every rank generates as many prompts (stand-ins' answers are dropped)
+            mine += [0] * (-(-len(examples) // dist.world) - n_mine)
+        prompts = [render_prompt(examples[i], tok, template=cfg.data.template, system_prompt=cfg.data.system_prompt)
+                   for i in mine]
+        with unsharded(module, dist) if synced else nullcontext():
+            answers = generate_answers(model, tok, prompts, batch_size=cfg.eval.batch_size,
+                                       max_new_tokens=cfg.eval.max_new_tokens, synced_gpus=synced)
+        by_index = dict(pair for part in gather(dist, list(zip(mine, answers))[:n_mine]) for pair in part)
+        results[name] = score_answers(examples, [by_index[i] for i in range(len(examples))])
+    return results
 
 
 def run_training(cfg: RunConfig, *, quiet: bool = False, data: Datasets | None = None) -> dict:
     """Run one configured fine-tune end to end and write its artifacts. Returns the summary dict.
 
     `data` replaces the config's data (a benchmark's own workload); by default it is built from
-    `cfg.data` before the model loads, so bad data fails fast."""
+    `cfg.data` before the model loads, so bad data fails fast. Started by torchrun, every rank runs
+    this; rank 0 alone writes files and prints."""
+    dist = distributed.init(cfg.train.distributed, default_device().type, cfg.train.distributed_timeout_s)
+    try:
+        return _run(cfg, dist, quiet=quiet or not dist.is_main, data=data)
+    finally:
+        distributed.shutdown(dist)
+
+
+def _run(cfg: RunConfig, dist: Dist, *, quiet: bool, data: Datasets | None) -> dict:
     out = prepare_output_dir(cfg.output_dir)
     log = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr))
-    device = default_device()
+    main = dist.is_main
+    device = distributed.device(dist) if dist.enabled else default_device()
     cfg = resolve_config(cfg, device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    set_seed(cfg.train.seed)
+    set_seed(cfg.train.seed)  # the same on every rank: LoRA factors start equal everywhere
     data = data or build_datasets(cfg)
     model, tok, folder, info = setup_model(cfg, device)
     enc_kw = dict(template=cfg.data.template, system_prompt=cfg.data.system_prompt, max_seq_len=cfg.data.max_seq_len)
@@ -170,68 +197,88 @@ def run_training(cfg: RunConfig, *, quiet: bool = False, data: Datasets | None =
     resume = find_resume(cfg, out)
     # Progress lines only once every input check has passed: bad input gets its error line alone.
     log(f"loralab: {cfg.model.name}: {info['trainable_params']:,} trainable of {info['total_params']:,} parameters"
-        f" ({len(info['targets'])} LoRA modules), weights {info['weights_dtype']}")
+        f" ({len(info['targets'])} LoRA modules), weights {info['weights_dtype']}"
+        + (f"; {dist.world} processes ({dist.mode})" if dist.enabled else ""))
     log(f"loralab: {len(train_enc):,} training examples ({train_stats['n_truncated']} truncated, "
         f"{train_stats['n_dropped']} dropped, {train_stats['n_tokens']:,} tokens), {len(val_enc):,} validation")
-    warnings = epoch_warnings(len(train_enc), cfg)
+    warnings = epoch_warnings(len(train_enc), cfg, world=dist.world)
     for w in warnings:
         log(f"loralab: warning: {w}")
     cfg_dict = cfg.to_dict()
-    atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+    if main:
+        atomic_write_text(out / "config.yaml", dump_yaml(cfg))
     before_path = out / "eval_before.json"
     if resume is not None:
         checkpoint.restore_trainable(model, resume["trainable"], resume["path"])
-        _truncate_metrics(out / "metrics.jsonl", resume["step"])  # drop lines after the checkpoint
+        if main:
+            _truncate_metrics(out / "metrics.jsonl", resume["step"])  # drop lines after the checkpoint
         log(f"loralab: resuming from {resume['path']} (step {resume['step']})")
     if resume is not None and before_path.exists():
         before = json.loads(before_path.read_text())
     elif cfg.eval.before and data.tests:
         log("loralab: evaluating the base model...")
-        before = run_evals(model, tok, data.tests, cfg)
-        write_json(before_path, before)
+        before = run_evals(model, tok, data.tests, cfg, dist)  # not wrapped yet: every rank has all weights
+        if main:
+            write_json(before_path, before)
     else:
         before = {}
     base_path = base_model_path(cfg.model.name, folder)
-    metrics = open(out / "metrics.jsonl", "a" if resume is not None else "w")
+    metrics = open(out / "metrics.jsonl", "a" if resume is not None else "w") if main else None
+    loop: dict = {}  # the loop's state, once it is ready (hooks.on_start)
 
     def write_metric(record: dict):
-        metrics.write(json.dumps(record) + "\n")
-        metrics.flush()
+        if metrics is not None:
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+
+    def save_lora(folder_name: str):
+        weights = trainable_state(model) if dist.mode == "fsdp" else None  # sharded: gathered whole
+        if main:
+            save_adapter(model, out / folder_name, base_model_name_or_path=base_path, weights=weights)
 
     def on_eval(record: dict):
         if cfg.train.eval_every and data.tests:  # task accuracy beside the validation loss
-            record["accuracy"] = {name: r["accuracy"] for name, r in run_evals(model, tok, data.tests, cfg).items()}
+            evals = run_evals(model, tok, data.tests, cfg, dist, loop["state"].result.module)
+            record["accuracy"] = {name: r["accuracy"] for name, r in evals.items()}
         write_metric(record)
         if record.get("is_best") and cfg.train.method == "lora" and cfg.train.eval_every:
-            save_adapter(model, out / "best_adapter", base_model_name_or_path=base_path)
+            save_lora("best_adapter")
 
     def on_checkpoint(state):
-        checkpoint.save(out / "checkpoints", snapshot(state), cfg_dict, keep=cfg.train.keep_checkpoints)
+        snap = snapshot(state)  # every rank: sharded tensors and RNG streams are gathered
+        if main:
+            checkpoint.save(out / "checkpoints", snap, cfg_dict, keep=cfg.train.keep_checkpoints)
 
-    hooks = Hooks(on_log=write_metric, on_eval=on_eval, on_checkpoint=on_checkpoint, should_stop=stop_flag.is_set)
+    hooks = Hooks(on_start=lambda state: loop.update(state=state), on_log=write_metric, on_eval=on_eval,
+                  on_checkpoint=on_checkpoint, should_stop=stop_flag.is_set)
     cpu0 = time.process_time()
     try:
         with PeakMemory(device) as peak, stop_flag.installed():
             result = train(model, train_enc, cfg.train, pad_id=tok.pad_token_id, val_data=val_enc, hooks=hooks,
-                           resume=resume)
+                           resume=resume, dist=dist)
     except NonFiniteLoss as e:
         last = checkpoint.latest(out / "checkpoints")
         raise UserError(f"non-finite {e.what} at step {e.step}; last good checkpoint: {last or 'none'} "
                         "(set train.skip_nonfinite=true to skip such batches)") from None
     finally:
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
     info["train_cpu_s"] = time.process_time() - cpu0
     if result.interrupted:
         raise UserError(f"interrupted at step {result.steps}; checkpoint saved in {out / 'checkpoints'}; "
                         f"run the same command again to resume")
 
-    after = run_evals(model, tok, data.tests, cfg) if data.tests else {}
+    after = run_evals(model, tok, data.tests, cfg, dist, result.module) if data.tests else {}
     if cfg.train.method == "lora":
-        save_adapter(model, out / "adapter", base_model_name_or_path=base_path)
+        save_lora("adapter")
+    memory = peak.result()
+    memory["peak_memory_bytes_per_rank"] = [int(b) for b in gather(dist, memory["peak_memory_bytes"])]
+    memory["peak_memory_bytes"] = max(memory["peak_memory_bytes_per_rank"])
     longest = max(len(e.input_ids) for e in train_enc)
     summary = build_summary(cfg, device=device, info=info, result=result, n_train=len(train_enc),
-                            train_stats=train_stats, memory=peak.result(),
+                            train_stats=train_stats, memory=memory,
                             breakdown=run_memory_breakdown(cfg, folder, device, seq=longest),
-                            warnings=warnings, before=before, after=after, out=out)
-    write_json(out / "summary.json", summary)
+                            warnings=warnings, before=before, after=after, out=out, world=dist.world)
+    if main:
+        write_json(out / "summary.json", summary)
     return summary

@@ -11,15 +11,20 @@ from .train.state import TrainResult
 SMALL_DATASET = 10_000  # examples: below this, repeated epochs over the same data tend to overfit
 
 
-def planned_epochs(n_examples: int, cfg: RunConfig) -> float:
+def global_batch(cfg: RunConfig, world: int = 1) -> int:
+    """Examples per optimizer step: micro batch x accumulation x processes."""
+    return cfg.train.batch_size * cfg.train.grad_accum * world
+
+
+def planned_epochs(n_examples: int, cfg: RunConfig, world: int = 1) -> float:
     """Passes over the training set the run's planned steps make."""
-    return plan_steps(n_examples, cfg.train) * cfg.train.batch_size * cfg.train.grad_accum / max(n_examples, 1)
+    return plan_steps(n_examples, cfg.train, world) * global_batch(cfg, world) / max(n_examples, 1)
 
 
-def epoch_warnings(n_examples: int, cfg: RunConfig) -> list[str]:
+def epoch_warnings(n_examples: int, cfg: RunConfig, world: int = 1) -> list[str]:
     """The article's finding: more than one epoch over a small static dataset made results worse."""
-    epochs = planned_epochs(n_examples, cfg)
-    one_step = cfg.train.batch_size * cfg.train.grad_accum / max(n_examples, 1)  # of an epoch
+    epochs = planned_epochs(n_examples, cfg, world)
+    one_step = global_batch(cfg, world) / max(n_examples, 1)  # of an epoch
     # one partial last batch (rounding up to whole steps) is not a second epoch
     if epochs <= 1.0 + one_step or n_examples >= SMALL_DATASET:
         return []
@@ -30,7 +35,7 @@ def epoch_warnings(n_examples: int, cfg: RunConfig) -> list[str]:
 
 def build_summary(cfg: RunConfig, *, device, info: dict, result: TrainResult, n_train: int, train_stats: dict,
                   memory: dict, breakdown: dict | None, warnings: list[str], before: dict, after: dict,
-                  out: Path) -> dict:
+                  out: Path, world: int = 1) -> dict:
     """summary.json: what the run did and cost, its losses, and the held-out accuracy before and after."""
     lora = cfg.train.method == "lora"
     best = min(result.val_history, key=lambda v: v["val_loss"]) if result.val_history else None
@@ -38,6 +43,8 @@ def build_summary(cfg: RunConfig, *, device, info: dict, result: TrainResult, n_
         "model": cfg.model.name,
         "method": "qlora" if cfg.model.quant == "nf4" else cfg.train.method,
         "device": str(device),
+        "processes": world,
+        "distributed": cfg.train.distributed if world > 1 else None,
         "precision": info["precision"],
         "weights_dtype": info["weights_dtype"],
         "steps": result.steps,
@@ -57,7 +64,7 @@ def build_summary(cfg: RunConfig, *, device, info: dict, result: TrainResult, n_
         "final_val_loss": result.final_val_loss,
         "val_history": result.val_history,
         "skipped_steps": result.skipped_steps,
-        "epochs": round(planned_epochs(n_train, cfg), 3),
+        "epochs": round(planned_epochs(n_train, cfg, world), 3),
         "warnings": warnings,
         "stopped_early": result.stopped_early,
         "best_val_loss": best["val_loss"] if best else None,
@@ -89,10 +96,12 @@ def format_table(summary: dict, cfg: RunConfig) -> str:
         f"  trainable       {summary['trainable_params']:,} / {summary['total_params']:,} params "
         f"({100 * summary['trainable_params'] / summary['total_params']:.2f}%)",
         f"  steps           {summary['steps']} ({summary['train_examples']:,} examples, "
-        f"batch {cfg.train.batch_size}x{cfg.train.grad_accum})",
+        f"batch {cfg.train.batch_size}x{cfg.train.grad_accum}"
+        + (f"x{summary['processes']} processes, {summary['distributed']})" if summary.get("processes", 1) > 1 else ")"),
         f"  runtime         {summary['runtime_s']:.1f} s (training loop)",
         f"  tokens/s        {summary['tokens_per_s']:,.0f}",
-        f"  peak memory     {fmt_bytes(summary['peak_memory_bytes'])} ({summary['memory_method']})",
+        f"  peak memory     {fmt_bytes(summary['peak_memory_bytes'])} ({summary['memory_method']}"
+        + (", the largest rank's)" if summary.get("processes", 1) > 1 else ")"),
         *_breakdown_lines(summary.get("memory_breakdown")),
         f"  loss            train {summary['final_train_loss']:.4f}, val "
         + ("-" if summary["final_val_loss"] is None else f"{summary['final_val_loss']:.4f}"),

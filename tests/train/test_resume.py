@@ -135,8 +135,8 @@ def test_checkpoint_roundtrip_restores_rng_and_optimizer(tiny_folder, tmp_path):
     snap = checkpoint.load(checkpoint.latest(out / "checkpoints"))
     assert snap["step"] == 3 and snap["optimizer"]["state"]
     assert all("momentum_buffer" in s for s in snap["optimizer"]["state"].values())
-    torch.set_rng_state(snap["rng"]["torch"])
+    torch.set_rng_state(snap["rng"][0]["torch"])
     a = torch.rand(3)
-    torch.set_rng_state(snap["rng"]["torch"])
+    torch.set_rng_state(snap["rng"][0]["torch"])
     assert torch.equal(a, torch.rand(3))
     assert len(snap["result"]["history"]) == 3

@@ -90,6 +90,15 @@ def micro_batch_indices(encoded: Sequence, batch_size: int, *, seed: int, group_
         epoch += 1
 
 
+def rank_share(items: Sequence, rank: int, world: int) -> tuple[list, float]:
+    """One rank's share of a global batch (every world-th item; strided, so length-sorted batches
+    split evenly) and its weight. A rank whose share is empty (the uneven end of an epoch) gets the
+    batch's first item with weight 0: every rank still runs the same forwards and backwards, which
+    sharded weights (gathered in lockstep) need, and the item counts for nothing."""
+    share = list(items[rank::world])
+    return (share, 1.0) if share else (list(items[:1]), 0.0)
+
+
 def collate(encoded_list: Sequence, pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded input_ids, labels (IGNORE_INDEX on pads) and attention_mask, as int64.
 

@@ -3,7 +3,7 @@ is the training loss's: loralab.train.loss.mean_loss.)"""
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -38,9 +38,13 @@ def fp32_decoding_on_cpu(model):
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, prompts: list[str], *, batch_size: int = 32,
-                     max_new_tokens: int = 8, stop_at_newline: bool = True) -> list[str]:
-    """Greedy continuations of each prompt (left-padded batches), decoded without special tokens."""
+def generate_answers(model, tokenizer, prompts: list[str], *, batch_size: int = 32, max_new_tokens: int = 8,
+                     stop_at_newline: bool = True, synced_gpus: bool = False) -> list[str]:
+    """Greedy continuations of each prompt (left-padded batches), decoded without special tokens.
+    synced_gpus: the model is sharded across ranks (FSDP2) and every rank generates in lockstep
+    (the same number of prompts on each; transformers keeps stepping until all are done)."""
+    if not prompts:
+        return []
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -52,14 +56,14 @@ def generate_answers(model, tokenizer, prompts: list[str], *, batch_size: int = 
     # Longest prompts first keeps the padding per batch small.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     results: dict[int, str] = {}
-    with fp32_decoding_on_cpu(model):
+    with nullcontext() if synced_gpus else fp32_decoding_on_cpu(model):  # sharded weights stay as they are
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             ids = [tokenizer.encode(prompts[i], add_special_tokens=False) for i in idx]
             input_ids, attention_mask = left_pad(ids, pad_id)
             gen = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                  max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
-                                 eos_token_id=stop_ids)
+                                 eos_token_id=stop_ids, synced_gpus=synced_gpus)
             for i, row in zip(idx, gen[:, input_ids.shape[1]:]):
                 results[i] = tokenizer.decode(row, skip_special_tokens=True)
     outputs = [results[i] for i in range(len(prompts))]
@@ -72,6 +76,11 @@ def exact_match(model, tokenizer, examples: list, *, template: str = "auto", sys
     """Accuracy of greedy answers against each example's response. Returns accuracy and samples."""
     prompts = [render_prompt(ex, tokenizer, template=template, system_prompt=system_prompt) for ex in examples]
     answers = generate_answers(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    return score_answers(examples, answers)
+
+
+def score_answers(examples: list, answers: list[str]) -> dict:
+    """Exact-match accuracy of answers against the examples' responses, with the first few as samples."""
     hits = [answer_matches(a, ex.response) for a, ex in zip(answers, examples)]
     samples = [{"prompt": ex.prompt, "target": ex.response, "output": a, "correct": h}
                for ex, a, h in list(zip(examples, answers, hits))[:5]]

@@ -84,11 +84,13 @@ def _most_common(values: list):
     return max(dict.fromkeys(values), key=values.count)  # ties: the first seen
 
 
-def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, base_model_name_or_path: str) -> Path:
+def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, base_model_name_or_path: str,
+                 weights: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the model's LoRA factors as a PEFT adapter folder. Returns the folder.
 
     Everything is read from the layers' LoraSpecs: the most common rank and alpha become `r` and
     `lora_alpha`, the modules that differ go to `rank_pattern` / `alpha_pattern` (PEFT's semantics).
+    `weights` (by parameter name) replaces the layers' own factors: a sharded model's, gathered whole.
     """
     wrapped = dict(lora_modules(model))
     if not wrapped:
@@ -124,7 +126,8 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, base_model_nam
         "rank_pattern": _pattern_for({n: s.r for n, s in specs.items()}, r),
         "alpha_pattern": {k: _num(v) for k, v in _pattern_for({n: s.alpha for n, s in specs.items()}, alpha).items()},
     }
-    tensors = {KEY_PREFIX + k: v for k, v in lora_state_dict(model).items()}
+    own = lora_state_dict(model)
+    tensors = {KEY_PREFIX + k: (weights[k] if weights is not None else v) for k, v in own.items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # Weights first, config last: a folder with a config is a complete adapter.

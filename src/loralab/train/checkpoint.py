@@ -3,9 +3,11 @@
 A checkpoint is a folder `checkpoints/step-00000050/` holding
   trainable.safetensors  the trainable parameters by name (LoRA factors, or all weights for full)
   optimizer.safetensors  every optimizer state tensor ("<param index>.<name>")
-  rng.safetensors        torch (and CUDA) generator states, numpy's key array
-  state.json             step, param groups, scheduler, python/numpy RNG scalars, metrics so far,
+  rng.safetensors        each rank's torch (and CUDA) generator states and numpy key array ("<rank>.torch", ...)
+  state.json             step, param groups, scheduler, each rank's python/numpy RNG scalars, metrics so far,
                          and the config that produced it (a resume under another config is refused)
+A run of N processes writes one checkpoint (rank 0 writes it; tensors are gathered whole first) that
+holds all N ranks' RNG streams: it resumes with N processes.
 It is written into a temporary sibling folder, each file fsynced, then renamed into place: a folder
 named step-* is always complete, so a crash mid-save leaves the previous checkpoint as the last good one.
 """
@@ -26,7 +28,8 @@ from ..io.fileio import _fsync_dir, atomic_save_safetensors, write_json
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 # Keys that do not change the training trajectory: a resume may differ in these.
 NEUTRAL_KEYS = {"output_dir", "resume", "train.progress", "train.log_every", "train.save_every",
-                "train.keep_checkpoints", "train.threads", "eval.before", "eval.batch_size"}
+                "train.keep_checkpoints", "train.threads", "train.distributed_timeout_s", "eval.before",
+                "eval.batch_size"}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -69,17 +72,11 @@ def save(root: str | os.PathLike, snap: dict, config: dict, keep: int = 2) -> Pa
                 else:
                     scalars[f"{idx}.{name}"] = value
         atomic_save_safetensors(tensors, tmp / "optimizer.safetensors")
-        rng = snap["rng"]
-        np_state = rng["numpy"]
-        rng_tensors = {"torch": rng["torch"], "numpy_key": torch.from_numpy(np_state[1].astype(np.int64))}
-        for i, s in enumerate(rng["cuda"]):
-            rng_tensors[f"cuda.{i}"] = s
+        rng_tensors, rng_scalars = _rng_parts(snap["rng"])
         atomic_save_safetensors(rng_tensors, tmp / "rng.safetensors")
         state = {"step": snap["step"], "total_steps": snap["total_steps"], "param_groups": opt["param_groups"],
                  "optimizer_scalars": scalars, "scheduler": snap["scheduler"],
-                 "python_rng": [rng["python"][0], list(rng["python"][1]), rng["python"][2]],
-                 "numpy_rng": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
-                 "n_cuda_rng": len(rng["cuda"]), "result": snap["result"], "config": config}
+                 "rng": rng_scalars, "result": snap["result"], "config": config}
         write_json(tmp / "state.json", state)  # last: its presence marks the content complete
         if final.exists():  # a re-save of the same step (e.g. resumed at the end): replace it
             shutil.rmtree(final)
@@ -91,6 +88,28 @@ def save(root: str | os.PathLike, snap: dict, config: dict, keep: int = 2) -> Pa
                         f"the previous checkpoint is intact") from None
     prune(root, keep)
     return final
+
+
+def _rng_parts(per_rank: list[dict]) -> tuple[dict, list]:
+    """Each rank's RNG state (state.get_rng) as tensors for safetensors and scalars for JSON."""
+    tensors, scalars = {}, []
+    for r, rng in enumerate(per_rank):
+        np_state = rng["numpy"]
+        tensors[f"{r}.torch"] = rng["torch"]
+        tensors[f"{r}.numpy_key"] = torch.from_numpy(np_state[1].astype(np.int64))
+        for i, s in enumerate(rng["cuda"]):
+            tensors[f"{r}.cuda.{i}"] = s
+        scalars.append({"python": [rng["python"][0], list(rng["python"][1]), rng["python"][2]],
+                        "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
+                        "n_cuda": len(rng["cuda"])})
+    return tensors, scalars
+
+
+def _rng_of_rank(r: int, scalars: dict, tensors: dict) -> dict:
+    py, npk = scalars["python"], scalars["numpy"]
+    return {"python": (py[0], tuple(py[1]), py[2]),
+            "numpy": (npk[0], tensors[f"{r}.numpy_key"].numpy().astype(np.uint32), npk[1], npk[2], npk[3]),
+            "torch": tensors[f"{r}.torch"], "cuda": [tensors[f"{r}.cuda.{i}"] for i in range(scalars["n_cuda"])]}
 
 
 def checkpoints(root: str | os.PathLike) -> list[Path]:
@@ -132,11 +151,11 @@ def load(path: str | os.PathLike) -> dict:
     for key, value in list(opt_tensors.items()) + list(state["optimizer_scalars"].items()):
         idx, name = key.split(".", 1)
         opt_state.setdefault(int(idx), {})[name] = value
-    py = state["python_rng"]
-    npk = state["numpy_rng"]
-    rng = {"python": (py[0], tuple(py[1]), py[2]),
-           "numpy": (npk[0], rng_t["numpy_key"].numpy().astype(np.uint32), npk[1], npk[2], npk[3]),
-           "torch": rng_t["torch"], "cuda": [rng_t[f"cuda.{i}"] for i in range(state["n_cuda_rng"])]}
+    try:
+        rng = [_rng_of_rank(r, scalars, rng_t) for r, scalars in enumerate(state["rng"])]
+    except KeyError as e:
+        raise UserError(f"{path}: checkpoint lacks {e} (written by an older loralab?); resume=false starts over") \
+            from None
     return {"step": state["step"], "total_steps": state["total_steps"], "trainable": trainable,
             "optimizer": {"state": opt_state, "param_groups": state["param_groups"]},
             "scheduler": state["scheduler"], "rng": rng, "result": state["result"], "config": state["config"],

@@ -1,8 +1,9 @@
-"""THE training loop. `loralab train`, studies and benchmarks all call `train()`.
+"""THE training loop. `loralab train`, studies, benchmarks and multi-process runs all call `train()`.
 
 It takes plain objects (a model whose trainable parameters are already chosen, encoded examples, a
-TrainConfig) and knows nothing about YAML, files or the CLI; it reports through hooks. Each
-iteration draws the step's micro batches and calls `step.train_step`.
+TrainConfig, where this process stands among its ranks) and knows nothing about YAML, files or the
+CLI; it reports through hooks, which run on every rank (those that write check `dist.is_main`).
+Each iteration draws this rank's share of the step's micro batches and calls `step.train_step`.
 """
 from __future__ import annotations
 
@@ -16,14 +17,16 @@ from dataclasses import dataclass
 import torch
 
 from ..config import TrainConfig
-from ..data.batching import collate, micro_batch_indices
+from ..data.batching import collate, micro_batch_indices, rank_share
 from ..data.layout import collate_packed
-from .loss import mean_loss
+from ..errors import UserError
+from .distributed import SINGLE, Dist, all_sum, wrap
+from .loss import LossModule, mean_loss
 from .optim import build_optimizer, build_scheduler, plan_steps
 from .packing import packing_supported
 from .precision import resolve_precision
 from .state import LoopState, TrainResult, restore, set_rng, set_seed
-from .step import train_step
+from .step import WEIGHT, train_step
 
 
 class NonFiniteLoss(RuntimeError):
@@ -37,19 +40,25 @@ class NonFiniteLoss(RuntimeError):
 @dataclass
 class Hooks:
     """How the loop reports, without knowing about files: each is optional."""
+    on_start: Callable[[LoopState], None] | None = None     # once, when the (wrapped) module is ready
     on_log: Callable[[dict], None] | None = None            # every step's record
     on_eval: Callable[[dict], None] | None = None           # every validation record ("is_best" set)
     on_checkpoint: Callable[[LoopState], None] | None = None  # every save_every steps, at stop, at end
     should_stop: Callable[[], bool] | None = None           # e.g. a signal arrived: checkpoint and stop
 
 
-def micro_batches(data, cfg: TrainConfig, pad_id: int, skip: int = 0) -> Iterator[dict]:
-    """Endless stream of collated micro batches (data.batching.micro_batch_indices). Packing changes
+def micro_batches(data, cfg: TrainConfig, pad_id: int, skip: int = 0, dist: Dist = SINGLE) -> Iterator[dict]:
+    """Endless stream of this rank's collated micro batches: each global micro batch (batch_size x
+    world examples, data.batching.micro_batch_indices) split into the ranks' shares. Packing changes
     only the layout of a micro batch, never which examples it holds."""
     make = collate_packed if cfg.packing else collate
-    for idx in micro_batch_indices(data, cfg.batch_size, seed=cfg.seed, group_window=cfg.group_by_length,
-                                   skip=skip):
-        yield make([data[i] for i in idx], pad_id)
+    for idx in micro_batch_indices(data, cfg.batch_size * dist.world, seed=cfg.seed,
+                                   group_window=cfg.group_by_length, skip=skip):
+        share, weight = rank_share(idx, dist.rank, dist.world)
+        batch = make([data[i] for i in share], pad_id)
+        if weight != 1.0:
+            batch[WEIGHT] = weight
+        yield batch
 
 
 def uses_autocast(cfg: TrainConfig, device: torch.device) -> bool:
@@ -60,25 +69,22 @@ def uses_autocast(cfg: TrainConfig, device: torch.device) -> bool:
 
 def train(model: torch.nn.Module, train_data: list, cfg: TrainConfig, *, pad_id: int,
           val_data: list | None = None, hooks: Hooks | None = None,
-          resume: dict | None = None) -> TrainResult:
-    """Train the parameters of `model` that require grad. Returns losses, tokens and timings.
+          resume: dict | None = None, dist: Dist = SINGLE) -> TrainResult:
+    """Train the parameters of `model` that require grad. Returns losses, tokens and timings, and
+    `result.module`: the LossModule as trained (DDP- or FSDP2-wrapped when `dist` says so).
 
     `resume` (from checkpoint.load) restores optimizer, scheduler, RNG, data position and history,
-    so the continued run is bit-identical to one that never stopped.
+    so the continued run is bit-identical to one that never stopped (with as many ranks).
     """
     hooks = hooks or Hooks()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    set_seed(cfg.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    set_seed(cfg.seed + dist.rank)  # each rank draws its own dropout masks
+    if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("no trainable parameters")
-    optimizer = build_optimizer(params, cfg)
-    total = plan_steps(len(train_data), cfg)
-    scheduler = build_scheduler(optimizer, total, cfg)
-    result, start = TrainResult(), 0
-    if resume is not None:
-        start = restore(resume, optimizer, scheduler, result)
+    if resume is not None and len(resume["rng"]) != dist.world:
+        raise UserError(f"{resume['path']}: written by {len(resume['rng'])} process(es), resumed by "
+                        f"{dist.world}; resume with the same number of processes")
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.packing and not packing_supported(model, pad_id):
@@ -91,22 +97,32 @@ def train(model: torch.nn.Module, train_data: list, cfg: TrainConfig, *, pad_id:
 
         compile_blocks(model)
     autocast = uses_autocast(cfg, next(model.parameters()).device)
-    stream = micro_batches(train_data, cfg, pad_id, skip=start * cfg.grad_accum)
+    module = wrap(LossModule(model), model, dist)
+    params = [p for p in module.parameters() if p.requires_grad]  # after wrapping: FSDP2 shards them
+    optimizer = build_optimizer(params, cfg)
+    total = plan_steps(len(train_data), cfg, world=dist.world)
+    scheduler = build_scheduler(optimizer, total, cfg)
+    result, start = TrainResult(module=module), 0
     if resume is not None:
-        set_rng(resume["rng"])  # after the skip: the stream's shuffles do not touch the global RNG
+        start = restore(resume, optimizer, scheduler, result)
+    stream = micro_batches(train_data, cfg, pad_id, skip=start * cfg.grad_accum, dist=dist)
+    if resume is not None:
+        set_rng(resume["rng"][dist.rank])  # after the skip: the stream's shuffles do not touch the global RNG
     bar = None
-    if cfg.progress:
+    if cfg.progress and dist.is_main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
-    state = LoopState(start, total, model, optimizer, scheduler, result)
+    state = LoopState(start, total, model, optimizer, scheduler, result, dist)
+    if hooks.on_start:
+        hooks.on_start(state)
     model.train()
     t0 = time.perf_counter() - result.runtime_s
     window_loss, window_tokens, eval_s = 0.0, 0, 0.0
     best, bad_evals = min((v["val_loss"] for v in result.val_history), default=math.inf), 0
     for step in range(start, total):
-        out = train_step(model, [next(stream) for _ in range(cfg.grad_accum)], optimizer, params,
-                         max_grad_norm=cfg.max_grad_norm, autocast=autocast)
+        out = train_step(module, [next(stream) for _ in range(cfg.grad_accum)], optimizer, params,
+                         max_grad_norm=cfg.max_grad_norm, autocast=autocast, dist=dist)
         if out.problem and not cfg.skip_nonfinite:
             raise NonFiniteLoss(step + 1, out.problem)
         if out.problem:  # skipped: no update, but the schedule and data order move on
@@ -131,7 +147,7 @@ def train(model: torch.nn.Module, train_data: list, cfg: TrainConfig, *, pad_id:
                 window_loss, window_tokens = 0.0, 0
         last = step + 1 == total
         if val_data and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not last:
-            eval_s += _validate(model, val_data, cfg, pad_id, step + 1, result, hooks.on_eval, best)
+            eval_s += _validate(module, val_data, cfg, pad_id, step + 1, result, hooks.on_eval, best, dist)
             model.train()
             if result.val_history[-1]["val_loss"] < best:
                 best, bad_evals = result.val_history[-1]["val_loss"], 0
@@ -140,7 +156,10 @@ def train(model: torch.nn.Module, train_data: list, cfg: TrainConfig, *, pad_id:
             if cfg.early_stopping_patience and bad_evals >= cfg.early_stopping_patience:
                 result.stopped_early = True
         result.runtime_s = time.perf_counter() - t0 - eval_s
-        stop = result.stopped_early or (hooks.should_stop is not None and hooks.should_stop())
+        asked = hooks.should_stop is not None and hooks.should_stop()
+        if dist.enabled:  # a signal may reach one rank only: all stop at the same step
+            asked = all_sum(dist, float(asked))[0] > 0
+        stop = result.stopped_early or asked
         if hooks.on_checkpoint and (stop or last or (cfg.save_every and (step + 1) % cfg.save_every == 0)):
             hooks.on_checkpoint(state)
         if stop:
@@ -149,17 +168,18 @@ def train(model: torch.nn.Module, train_data: list, cfg: TrainConfig, *, pad_id:
     if bar is not None:
         bar.close()
     if val_data and not result.interrupted:
-        _validate(model, val_data, cfg, pad_id, result.steps, result, hooks.on_eval, best)
+        _validate(module, val_data, cfg, pad_id, result.steps, result, hooks.on_eval, best, dist)
     model.eval()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_disable()
     return result
 
 
-def _validate(model, val_data, cfg, pad_id, step, result: TrainResult, on_eval, best: float) -> float:
+def _validate(module, val_data, cfg, pad_id, step, result: TrainResult, on_eval, best: float,
+              dist: Dist) -> float:
     """Validation loss into result (and on_eval); returns the seconds it took."""
     t0 = time.perf_counter()
-    val = mean_loss(model, val_data, batch_size=cfg.batch_size, pad_id=pad_id)
+    val = mean_loss(module, val_data, batch_size=cfg.batch_size, pad_id=pad_id, dist=dist)
     result.final_val_loss = val
     record = {"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50)), "is_best": val < best}
     result.val_history.append(record)

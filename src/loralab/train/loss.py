@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ..data.batching import collate
+from ..data.batching import collate, rank_share
 from ..data.prompts import IGNORE_INDEX
+from .distributed import SINGLE, Dist, all_sum
 from .packing import positions_into
 
 CHUNK_ROWS = 1024  # labelled positions per output-layer chunk: bounds logits memory to rows x vocab
@@ -115,16 +116,39 @@ def loss_sum(model, batch: dict, chunk_rows: int = CHUNK_ROWS) -> tuple[torch.Te
         return _plain_or_selected(model, batch, chunk_rows)
 
 
+class LossModule(torch.nn.Module):
+    """The model with the loss as its forward: `module(batch) -> (loss sum, label count)`. The unit
+    the step calls, and the one DDP / FSDP2 wrap, so their hooks see every forward the loss makes."""
+
+    def __init__(self, model: torch.nn.Module, chunk_rows: int = CHUNK_ROWS):
+        super().__init__()
+        self.model = model
+        self.chunk_rows = chunk_rows
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, int]:
+        return loss_sum(self.model, batch, self.chunk_rows)
+
+
+def as_loss_module(module: torch.nn.Module) -> torch.nn.Module:
+    """`module` if it computes the loss already (a LossModule, or DDP around one), else one around it."""
+    if isinstance(module, LossModule) or isinstance(getattr(module, "module", None), LossModule):
+        return module
+    return LossModule(module)
+
+
 @torch.no_grad()
-def mean_loss(model, data: list, *, batch_size: int, pad_id: int) -> float:
-    """Mean next-token loss per unmasked label token over encoded examples (validation)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
+def mean_loss(module, data: list, *, batch_size: int, pad_id: int, dist: Dist = SINGLE) -> float:
+    """Mean next-token loss per unmasked label token over encoded examples (validation). With
+    several ranks each takes its share of every batch_size x world examples, and the sums meet."""
+    module = as_loss_module(module)
+    was_training = module.training
+    module.eval()
+    device = next(module.parameters()).device
     total, count = 0.0, 0
-    for i in range(0, len(data), batch_size):
-        batch = {k: v.to(device) for k, v in collate(data[i:i + batch_size], pad_id).items()}
-        s, n = loss_sum(model, batch)
-        total, count = total + float(s), count + n
-    model.train(was_training)
+    for i in range(0, len(data), batch_size * dist.world):
+        share, weight = rank_share(data[i:i + batch_size * dist.world], dist.rank, dist.world)
+        s, n = module({k: v.to(device) for k, v in collate(share, pad_id).items()})
+        total, count = total + weight * float(s), count + weight * n
+    total, count = all_sum(dist, total, count)
+    module.train(was_training)
     return total / max(count, 1)

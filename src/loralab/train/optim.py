@@ -37,9 +37,10 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total: int, cfg: TrainConf
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, total, cfg))
 
 
-def plan_steps(n_examples: int, cfg: TrainConfig) -> int:
-    """Optimizer steps of a run: train.max_steps, else ceil(epochs x steps per epoch)."""
+def plan_steps(n_examples: int, cfg: TrainConfig, world: int = 1) -> int:
+    """Optimizer steps of a run: train.max_steps, else ceil(epochs x steps per epoch), a step taking
+    batch_size x grad_accum examples on each of `world` ranks."""
     if cfg.max_steps:
         return cfg.max_steps
-    per_epoch = math.ceil(n_examples / (cfg.batch_size * cfg.grad_accum))
+    per_epoch = math.ceil(n_examples / (cfg.batch_size * cfg.grad_accum * world))
     return max(1, math.ceil(per_epoch * cfg.epochs))

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
+
+from .distributed import SINGLE, Dist, gather, load_optimizer_state, optimizer_state, trainable_state
 
 
 def set_seed(seed: int) -> None:
@@ -39,6 +42,7 @@ class TrainResult:
     skipped_steps: int = 0            # non-finite batches skipped (train.skip_nonfinite)
     stopped_early: bool = False       # validation loss stopped improving (train.early_stopping_patience)
     interrupted: bool = False         # should_stop() asked to stop (a signal)
+    module: Any = field(default=None, repr=False)  # the LossModule as trained (wrapped for DDP / FSDP2)
 
     @property
     def tokens_per_s(self) -> float:
@@ -54,15 +58,16 @@ class LoopState:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     result: TrainResult
+    dist: Dist = SINGLE
 
 
 def snapshot(state: LoopState) -> dict:
-    """The loop's state as plain objects and tensors (checkpoint.save writes it to disk)."""
+    """The loop's state as plain objects and whole tensors (checkpoint.save writes it to disk): every
+    rank calls it (sharded tensors are gathered; each rank's RNG streams are collected, in rank order)."""
     r = state.result
     return {"step": state.step, "total_steps": state.total_steps,
-            "trainable": {n: p.detach() for n, p in state.model.named_parameters() if p.requires_grad},
-            "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
-            "rng": get_rng(),
+            "trainable": trainable_state(state.model), "optimizer": optimizer_state(state.optimizer),
+            "scheduler": state.scheduler.state_dict(), "rng": gather(state.dist, get_rng()),
             "result": {"history": r.history, "val_history": r.val_history, "train_tokens": r.train_tokens,
                        "runtime_s": r.runtime_s, "skipped_steps": r.skipped_steps,
                        "final_train_loss": r.final_train_loss}}
@@ -71,7 +76,7 @@ def snapshot(state: LoopState) -> dict:
 def restore(resume: dict, optimizer, scheduler, result: TrainResult) -> int:
     """Load a snapshot's optimizer, scheduler and history; returns the step to continue from.
     (The trainable weights are restored by the caller, the RNG after the data stream is positioned.)"""
-    optimizer.load_state_dict(resume["optimizer"])
+    load_optimizer_state(optimizer, resume["optimizer"])
     scheduler.load_state_dict(resume["scheduler"])
     r = resume["result"]
     result.history, result.val_history = list(r["history"]), list(r["val_history"])

@@ -1,5 +1,6 @@
-"""One optimizer step: accumulate gradients over micro batches, normalise per label token, clip,
-check for NaN/Inf, step. The unit the loop repeats (and that data parallelism wraps)."""
+"""One optimizer step: accumulate gradients over micro batches, normalise per label token of the
+whole (global) batch, clip, check for NaN/Inf, step. The unit the loop repeats; with several ranks
+each runs it on its share and the gradients meet in DDP's / FSDP2's hooks."""
 from __future__ import annotations
 
 import math
@@ -7,16 +8,19 @@ from dataclasses import dataclass
 
 import torch
 
-from .loss import count_label_tokens, loss_sum
+from .distributed import SINGLE, Dist, all_sum, full, grad_sync
+from .loss import as_loss_module, count_label_tokens
+
+WEIGHT = "loss_weight"  # a micro batch's weight in the step: 0 for a rank's stand-in when its share is empty
 
 
 @dataclass
 class StepResult:
-    loss_sum: float               # summed token loss over the step's micro batches
-    n_label: int                  # label tokens the gradient was normalised by
-    n_tokens: int                 # non-padding input tokens fed to the model
-    grad_norm: float | None    # before clipping; None when train.max_grad_norm is off
-    problem: str | None        # "loss" / "gradient norm" when non-finite: no update was made
+    loss_sum: float               # summed token loss over the step's micro batches (all ranks)
+    n_label: int                  # label tokens the gradient was normalised by (all ranks)
+    n_tokens: int                 # non-padding input tokens fed to the model (all ranks)
+    grad_norm: float | None       # before clipping; None when train.max_grad_norm is off
+    problem: str | None           # "loss" / "gradient norm" when non-finite: no update was made
 
     @property
     def loss(self) -> float:
@@ -24,33 +28,40 @@ class StepResult:
 
 
 def accumulate_gradients(model, micro_batches: list[dict], *, autocast: bool = False,
-                         n_label: int | None = None) -> tuple[float, int, int]:
-    """Backward over micro batches, normalised per label token over all of them together, so the
-    gradient equals that of one big batch. `n_label` is the count to normalise by (default: these
-    micro batches'). Returns (summed loss, label tokens, input tokens)."""
-    device = next(model.parameters()).device
-    if n_label is None:
-        n_label = sum(count_label_tokens(b["labels"]) for b in micro_batches)
-    total, n_tokens = 0.0, 0
-    for b in micro_batches:
-        b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            s, _ = loss_sum(model, b)
-        (s / n_label).backward()
-        total += float(s.detach())
-        n_tokens += int(b["attention_mask"].sum())
-    return total, n_label, n_tokens
+                         dist: Dist = SINGLE) -> tuple[float, int, int]:
+    """Backward over micro batches, normalised per label token over all of them together (on every
+    rank), so the gradient equals that of one big batch. `model` is a model or its LossModule
+    (wrapped for DDP / FSDP2). Returns (summed loss, label tokens, input tokens), summed over ranks."""
+    module = as_loss_module(model)
+    device = next(module.parameters()).device
+    weights = [b.get(WEIGHT, 1.0) for b in micro_batches]
+    (n_label,) = all_sum(dist, sum(w * count_label_tokens(b["labels"]) for w, b in zip(weights, micro_batches)))
+    # DDP and FSDP2 average gradients over the ranks; dividing each rank's sum by n_label / world
+    # makes that average the global batch's sum over n_label.
+    norm = n_label / dist.world
+    total, n_tokens = 0.0, 0.0
+    for i, (w, b) in enumerate(zip(weights, micro_batches)):
+        b = {k: v.to(device, non_blocking=True) for k, v in b.items() if k != WEIGHT}
+        with grad_sync(module, dist, sync=i == len(micro_batches) - 1), \
+                torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            s, _ = module(b)
+        (s / norm if w else s * 0.0).backward()
+        total += w * float(s.detach())
+        n_tokens += w * int(b["attention_mask"].sum())
+    total, n_tokens = all_sum(dist, total, n_tokens)
+    return total, int(n_label), int(n_tokens)
 
 
 def train_step(model, micro_batches: list[dict], optimizer: torch.optim.Optimizer,
                params: list[torch.nn.Parameter], *, max_grad_norm: float | None = None,
-               autocast: bool = False) -> StepResult:
+               autocast: bool = False, dist: Dist = SINGLE) -> StepResult:
     """One optimizer step over `micro_batches`. A non-finite loss or gradient norm makes no update
-    (the caller decides whether that stops the run); gradients are cleared either way."""
-    total, n_label, n_tokens = accumulate_gradients(model, micro_batches, autocast=autocast)
+    (the caller decides whether that stops the run); gradients are cleared either way. Every rank
+    sees the same loss and norm, so they all decide alike."""
+    total, n_label, n_tokens = accumulate_gradients(model, micro_batches, autocast=autocast, dist=dist)
     grad_norm = None
     if max_grad_norm:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True))
+        grad_norm = float(full(torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True)))
     problem = "loss" if not math.isfinite(total) else (
         "gradient norm" if grad_norm is not None and not math.isfinite(grad_norm) else None)
     if problem is None:
