@@ -80,6 +80,7 @@ class TrainConfig:
     skip_nonfinite: bool = False      # skip a batch whose loss/grad is NaN/Inf instead of stopping
     threads: int | None = None        # torch CPU threads (None: torch's default)
     progress: bool = True
+    preflight: str = "error"          # error | warn | off: refuse (or warn about) a run whose memory/disk won't fit
 
 
 @dataclass
@@ -118,6 +119,7 @@ CHOICES = {
     "train.optimizer": ("adamw", "sgd"),
     "train.scheduler": ("cosine", "linear", "constant"),
     "train.precision": ("auto", "bf16", "fp32"),
+    "train.preflight": ("error", "warn", "off"),
     "data.template": ("auto", "chat", "alpaca", "raw"),
 }
 

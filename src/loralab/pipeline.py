@@ -1,11 +1,13 @@
-"""One training run: config -> model + adapters -> data -> the loop -> artifacts.
+"""One training run: config -> data -> pre-flight checks -> model + adapters -> the loop -> artifacts.
 
 `loralab train`, studies (one process per run) and benchmarks call `run_training`; it owns the
-files, the loop does not. Output directory layout:
+files, the loop does not. The data is encoded with the tokenizer alone and every check that can
+refuse the run (limits, memory, resume) comes before the model's weights load. Output directory layout:
   config.yaml      the resolved config
   metrics.jsonl    one line per step (step, loss, lr, tokens, elapsed_s) and per validation
   adapter/         PEFT format (adapter_config.json + adapter_model.safetensors)
   summary.json     runtime, tokens/s, peak memory, parameters, losses, eval before/after (summary.py)
+  .loralab.lock    while a run is in progress (io.lock): a second run into the folder is refused
 """
 from __future__ import annotations
 
@@ -20,15 +22,17 @@ import torch
 
 from .config import RunConfig, dump_yaml
 from .data.batching import split_validation
-from .data.formats import load_examples
+from .data.formats import fingerprint, load_examples
 from .data.prompts import encode_all
 from .data.tasks import make_task
 from .errors import UserError
 from .eval.metrics import exact_match
-from .io.fileio import atomic_write_text, write_json
-from .io.models import base_model_path, load_model
+from .io.fileio import atomic_write_text, remove_temp_files, write_json
+from .io.lock import output_lock
+from .io.models import base_model_path, load_tokenizer, load_weights, resolve
 from .memory.estimate import run_memory_breakdown
 from .memory.measure import PeakMemory
+from .memory.preflight import check_before_loading, check_disk, check_rank, module_widths
 from .peft.adapters import save_adapter
 from .peft.inject import count_parameters, inject
 from .peft.lora import LoraSpec
@@ -92,16 +96,19 @@ def lora_spec(cfg: RunConfig) -> LoraSpec:
     return LoraSpec(r=cfg.lora.r, alpha=cfg.lora_alpha, dropout=cfg.lora.dropout)
 
 
-def setup_model(cfg: RunConfig, device: torch.device):
-    """Load the base, optionally quantize it, and choose what trains. Returns (model, tok, folder, info)."""
+def setup_model(cfg: RunConfig, device: torch.device, folder: Path | None = None, tok=None):
+    """Load the base, optionally quantize it, and choose what trains. Returns (model, tok, folder, info);
+    info["notes"]: warnings to log (a rank some targeted layers cannot use)."""
     precision = resolve_precision(cfg.train.precision, device)
     full = cfg.train.method == "full"
     # LoRA keeps frozen weights in bf16 (no per-step casts); full fine-tuning keeps fp32 masters.
     dtype = torch.bfloat16 if precision == "bf16" and not full else torch.float32
     spec = None if full else lora_spec(cfg)  # checks r, alpha, dropout before the model loads
-    model, tok, folder = load_model(cfg.model.name, dtype, trust_remote_code=cfg.model.trust_remote_code,
-                                    device=device, attn_implementation=cfg.model.attn_implementation)
-    info = {"precision": precision, "weights_dtype": str(dtype).replace("torch.", "")}
+    folder = folder or resolve(cfg.model.name)
+    tok = tok or load_tokenizer(folder, cfg.model.trust_remote_code)
+    model = load_weights(folder, dtype, trust_remote_code=cfg.model.trust_remote_code, device=device,
+                         attn_implementation=cfg.model.attn_implementation)
+    info = {"precision": precision, "weights_dtype": str(dtype).replace("torch.", ""), "notes": []}
     if full:
         if cfg.model.quant != "none":
             raise UserError("config key 'model.quant': a quantized base cannot be fully fine-tuned (use lora)")
@@ -109,6 +116,8 @@ def setup_model(cfg: RunConfig, device: torch.device):
         info["targets"] = []
     else:
         targets = resolve_targets(model, cfg.lora.targets)
+        modules = dict(model.named_modules())
+        info["notes"] = check_rank(cfg.lora.r, module_widths({n: modules[n] for n in targets}))  # before LoRA exists
         if cfg.model.quant == "nf4":
             from .peft.quant import quantize_model
 
@@ -120,21 +129,27 @@ def setup_model(cfg: RunConfig, device: torch.device):
     return model, tok, folder, info
 
 
-def find_resume(cfg: RunConfig, out: Path) -> dict | None:
-    """The checkpoint to continue from, per `resume` (auto / true / false), or None to start fresh."""
-    last = checkpoint.latest(out / "checkpoints")
+def find_resume(cfg: RunConfig, out: Path, data_sha256: str | None = None) -> tuple[dict | None, list[str]]:
+    """The checkpoint to continue from, per `resume` (auto / true / false), or None to start fresh;
+    and lines to log (newer checkpoints skipped as unreadable)."""
     if cfg.resume is False:
-        return None
-    if last is None:
+        return None, []
+    snap, skipped = checkpoint.newest_readable(out / "checkpoints")
+    if snap is None:
         if cfg.resume is True:
             raise UserError(f"config key 'resume': no checkpoint in {out / 'checkpoints'}")
-        return None
-    snap = checkpoint.load(last)
+        return None, []
+    last = snap["path"]
     diff = checkpoint.config_difference(snap["config"], cfg.to_dict())
     if diff:
         raise UserError(f"{last}: checkpoint of a different config ({diff}); use another output_dir, "
                         "or resume=false to start over")
-    return snap
+    if snap["data_sha256"] and data_sha256 and snap["data_sha256"] != data_sha256:
+        what = f"data.path {cfg.data.path}" if cfg.data.path else "the generated data"
+        raise UserError(f"{last}: the training data changed since this checkpoint ({what}: fingerprint "
+                        f"{snap['data_sha256'][:12]} then, {data_sha256[:12]} now); restore it, use another "
+                        "output_dir, or resume=false to start over")
+    return snap, [f"warning: {line}; skipped, resuming from the one before" for line in skipped]
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -150,32 +165,48 @@ def run_evals(model, tok, tests: dict, cfg: RunConfig) -> dict:
             for name, examples in tests.items()}
 
 
+def encode_datasets(data: Datasets, tok, cfg: RunConfig) -> tuple[list, dict, list]:
+    """(train, its stats, validation) as token ids with loss masks; truncation counted."""
+    kw = dict(template=cfg.data.template, system_prompt=cfg.data.system_prompt, max_seq_len=cfg.data.max_seq_len)
+    train_enc, train_stats = encode_all(data.train, tok, **kw)
+    return train_enc, train_stats, (encode_all(data.val, tok, **kw)[0] if data.val else [])
+
+
 def run_training(cfg: RunConfig, *, quiet: bool = False, data: Datasets | None = None) -> dict:
     """Run one configured fine-tune end to end and write its artifacts. Returns the summary dict.
 
     `data` replaces the config's data (a benchmark's own workload); by default it is built from
-    `cfg.data` before the model loads, so bad data fails fast."""
+    `cfg.data` before the model loads, so bad data fails fast. The output folder is locked for
+    the run (a second run into it is refused)."""
     out = prepare_output_dir(cfg.output_dir)
     log = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr))
+    with output_lock(out) as took_over:
+        return _run(cfg, out, log, data, [took_over] if took_over else [])
+
+
+def _run(cfg: RunConfig, out: Path, log, data: Datasets | None, notes: list[str]) -> dict:
     device = default_device()
     cfg = resolve_config(cfg, device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     set_seed(cfg.train.seed)
     data = data or build_datasets(cfg)
-    model, tok, folder, info = setup_model(cfg, device)
-    enc_kw = dict(template=cfg.data.template, system_prompt=cfg.data.system_prompt, max_seq_len=cfg.data.max_seq_len)
-    train_enc, train_stats = encode_all(data.train, tok, **enc_kw)
-    val_enc = encode_all(data.val, tok, **enc_kw)[0] if data.val else []
-    resume = find_resume(cfg, out)
+    folder = resolve(cfg.model.name)  # a local folder; no weights are read yet
+    tok = load_tokenizer(folder, cfg.model.trust_remote_code)
+    train_enc, train_stats, val_enc = encode_datasets(data, tok, cfg)
+    notes += check_before_loading(cfg, folder, device, train_enc)  # limits and memory, before any weight loads
+    data_sha = fingerprint(data.train + data.val)
+    model, tok, folder, info = setup_model(cfg, device, folder, tok)
+    resume, resume_notes = find_resume(cfg, out, data_sha)
+    notes += resume_notes + info["notes"] + check_disk(out, info["trainable_params"], cfg)
     # Progress lines only once every input check has passed: bad input gets its error line alone.
     log(f"loralab: {cfg.model.name}: {info['trainable_params']:,} trainable of {info['total_params']:,} parameters"
         f" ({len(info['targets'])} LoRA modules), weights {info['weights_dtype']}")
     log(f"loralab: {len(train_enc):,} training examples ({train_stats['n_truncated']} truncated, "
         f"{train_stats['n_dropped']} dropped, {train_stats['n_tokens']:,} tokens), {len(val_enc):,} validation")
     warnings = epoch_warnings(len(train_enc), cfg)
-    for w in warnings:
-        log(f"loralab: warning: {w}")
+    for line in notes + [f"warning: {w}" for w in warnings]:
+        log(f"loralab: {line}")
     cfg_dict = cfg.to_dict()
     atomic_write_text(out / "config.yaml", dump_yaml(cfg))
     before_path = out / "eval_before.json"
@@ -206,32 +237,40 @@ def run_training(cfg: RunConfig, *, quiet: bool = False, data: Datasets | None =
             save_adapter(model, out / "best_adapter", base_model_name_or_path=base_path)
 
     def on_checkpoint(state):
-        checkpoint.save(out / "checkpoints", snapshot(state), cfg_dict, keep=cfg.train.keep_checkpoints)
+        checkpoint.save(out / "checkpoints", snapshot(state), cfg_dict, keep=cfg.train.keep_checkpoints,
+                        data_sha256=data_sha)
 
     hooks = Hooks(on_log=write_metric, on_eval=on_eval, on_checkpoint=on_checkpoint, should_stop=stop_flag.is_set)
     cpu0 = time.process_time()
-    try:
-        with PeakMemory(device) as peak, stop_flag.installed():
-            result = train(model, train_enc, cfg.train, pad_id=tok.pad_token_id, val_data=val_enc, hooks=hooks,
-                           resume=resume)
-    except NonFiniteLoss as e:
-        last = checkpoint.latest(out / "checkpoints")
-        raise UserError(f"non-finite {e.what} at step {e.step}; last good checkpoint: {last or 'none'} "
-                        "(set train.skip_nonfinite=true to skip such batches)") from None
-    finally:
-        metrics.close()
-    info["train_cpu_s"] = time.process_time() - cpu0
-    if result.interrupted:
-        raise UserError(f"interrupted at step {result.steps}; checkpoint saved in {out / 'checkpoints'}; "
-                        f"run the same command again to resume")
-
-    after = run_evals(model, tok, data.tests, cfg) if data.tests else {}
-    if cfg.train.method == "lora":
-        save_adapter(model, out / "adapter", base_model_name_or_path=base_path)
-    longest = max(len(e.input_ids) for e in train_enc)
-    summary = build_summary(cfg, device=device, info=info, result=result, n_train=len(train_enc),
-                            train_stats=train_stats, memory=peak.result(),
-                            breakdown=run_memory_breakdown(cfg, folder, device, seq=longest),
-                            warnings=warnings, before=before, after=after, out=out)
-    write_json(out / "summary.json", summary)
+    with stop_flag.installed():
+        try:
+            with PeakMemory(device) as peak:
+                result = train(model, train_enc, cfg.train, pad_id=tok.pad_token_id, val_data=val_enc, hooks=hooks,
+                               resume=resume)
+        except NonFiniteLoss as e:
+            last = checkpoint.latest(out / "checkpoints")
+            raise UserError(f"non-finite {e.what} at step {e.step}; last good checkpoint: {last or 'none'} "
+                            "(set train.skip_nonfinite=true to skip such batches)") from None
+        finally:
+            metrics.close()
+        info["train_cpu_s"] = time.process_time() - cpu0
+        if result.interrupted:
+            raise UserError(f"interrupted at step {result.steps}; checkpoint saved in {out / 'checkpoints'}; "
+                            f"run the same command again to resume")
+        # Training is done and checkpointed: a signal now waits for the evaluation and the files
+        # (each written atomically) rather than leaving the run to be redone from its last checkpoint.
+        stop_flag.note = "finishing the final evaluation and save first (Ctrl-C again to abort)"
+        after = run_evals(model, tok, data.tests, cfg) if data.tests else {}
+        for folder_with_temps in (out, out / "adapter", out / "best_adapter"):  # what a run killed mid-save left behind
+            remove_temp_files(folder_with_temps)
+        if cfg.train.method == "lora":
+            save_adapter(model, out / "adapter", base_model_name_or_path=base_path)
+        longest = max(len(e.input_ids) for e in train_enc)
+        summary = build_summary(cfg, device=device, info=info, result=result, n_train=len(train_enc),
+                                train_stats=train_stats, memory=peak.result(),
+                                breakdown=run_memory_breakdown(cfg, folder, device, seq=longest),
+                                warnings=warnings, before=before, after=after, out=out)
+        write_json(out / "summary.json", summary)
+    if stop_flag.is_set():
+        log("loralab: the signal came after the last step: the run finished its files first")
     return summary
