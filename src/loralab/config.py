@@ -123,6 +123,8 @@ CHOICES = {
     "data.template": ("auto", "chat", "alpaca", "raw"),
 }
 
+YAML_BOOL_WORDS = {"train.preflight": {False: "off", True: "error"}}  # `preflight: off` reads as False
+
 
 # ---------------------------------------------------------------------------------------------
 # Building a config from nested dicts, with one-line errors
@@ -184,6 +186,8 @@ def _build(cls, data: dict, prefix: str = ""):
         if dataclasses.is_dataclass(hints[key]):
             kwargs[key] = _build(hints[key], value or {}, f"{full}.")
         else:
+            if isinstance(value, bool) and full in YAML_BOOL_WORDS:  # YAML 1.1 reads off / on as booleans
+                value = YAML_BOOL_WORDS[full][value]
             kwargs[key] = _coerce(full, value, hints[key])
     return cls(**kwargs)
 

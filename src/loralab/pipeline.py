@@ -117,7 +117,8 @@ def setup_model(cfg: RunConfig, device: torch.device, folder: Path | None = None
     else:
         targets = resolve_targets(model, cfg.lora.targets)
         modules = dict(model.named_modules())
-        info["notes"] = check_rank(cfg.lora.r, module_widths({n: modules[n] for n in targets}))  # before LoRA exists
+        widths = module_widths({n: modules[n] for n in targets})
+        info["notes"] = [f"warning: {w}" for w in check_rank(cfg.lora.r, widths)]  # before any LoRA weight exists
         if cfg.model.quant == "nf4":
             from .peft.quant import quantize_model
 

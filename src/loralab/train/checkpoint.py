@@ -160,7 +160,13 @@ def load(path: str | os.PathLike) -> dict:
                          load_file(path / "rng.safetensors"), path)
     # JSONDecodeError is a ValueError; the others: a state.json of the wrong shape
     except (OSError, ValueError, SafetensorError, KeyError, TypeError, AttributeError, IndexError) as e:
-        raise UserError(f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e)[:120]})") from None
+        raise UserError(f"{path}: unreadable checkpoint ({_reason(e)})") from None
+
+
+def _reason(e: Exception) -> str:
+    if isinstance(e, OSError) and e.filename:  # the file's name, not its (long) path
+        return f"{type(e).__name__}: {Path(e.filename).name}: {e.strerror or e}"
+    return f"{type(e).__name__}: {str(e)[:120]}"
 
 
 def _snapshot(state: dict, trainable: dict, opt_tensors: dict, rng_t: dict, path: Path) -> dict:
