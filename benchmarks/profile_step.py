@@ -42,7 +42,7 @@ def main() -> int:
 
     import throughput as T
     from loralab.config import RunConfig
-    from loralab.pipeline import setup_model
+    from loralab.prepare import setup_model
     from loralab.train.loop import micro_batches
     from loralab.train.step import accumulate_gradients
     from workload import LORA, encoded_data

@@ -22,7 +22,7 @@ from loralab.config import load_config
 from loralab.data.layout import collate_packed
 from loralab.data.prompts import Encoded
 from loralab.memory.measure import PeakMemory
-from loralab.pipeline import setup_model
+from loralab.prepare import setup_model
 from loralab.train.loop import uses_autocast
 from loralab.train.optim import build_optimizer
 from loralab.train.step import accumulate_gradients

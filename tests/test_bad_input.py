@@ -309,3 +309,55 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny_folder, tmp_p
     assert checkpoint.latest(out / "checkpoints").name == "step-00000002"
     assert not list((out / "checkpoints").glob(".tmp-*"))
     assert not (out / "adapter").exists() and not (out / "summary.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Limits the pre-flight check holds a run to (loralab.memory.preflight), before any weight loads
+
+def test_rank_no_targeted_layer_can_use(tiny_folder, untouched, tmp_path, capsys):
+    cfg = config_with(tmp_path, tiny_folder, untouched)  # tiny model: hidden 32, so min(in, out) <= 32
+    run_cli(capsys, "train", cfg, "lora.r=100000",
+            expect=["config key 'lora.r' is 100000", "rank at most min(in, out), 32", "set lora.r <= 32"])
+
+
+def test_examples_longer_than_the_models_context(tiny_folder, untouched, tmp_path, capsys):
+    data = write(tmp_path / "data.jsonl", jsonl([{"prompt": "Add these: " + "1+" * 150 + "1 =", "response": " 151"},
+                                                 {"prompt": "1+1=", "response": "2"}]))
+    cfg = config_with(tmp_path, tiny_folder, untouched, data={"path": str(data), "max_seq_len": 1024})
+    run_cli(capsys, "train", cfg, expect=["config key 'data.max_seq_len' is 1024", "context of 128",
+                                          "max_position_embeddings", "set data.max_seq_len=128"])
+
+
+def test_not_enough_memory_is_refused_with_the_fixes(tiny_folder, untouched, tmp_path, capsys, monkeypatch):
+    from loralab.memory import preflight
+
+    monkeypatch.setattr(preflight, "device_room", lambda device: preflight.Room(0, "a full machine"))
+    cfg = config_with(tmp_path, tiny_folder, untouched)
+    run_cli(capsys, "train", cfg, expect=["not enough memory: estimated peak", "a full machine",
+                                          "train.preflight=warn"])
+
+
+def test_output_dir_without_room_for_the_checkpoint(tiny_folder, untouched, tmp_path, capsys, monkeypatch):
+    from loralab.memory import preflight
+
+    monkeypatch.setattr(preflight, "free_disk_bytes", lambda folder: 4096)
+    cfg = config_with(tmp_path, tiny_folder, untouched)
+    run_cli(capsys, "train", cfg, expect=["config key 'output_dir'", "4.00 KB free", "checkpoint and adapter",
+                                          "trainable parameters"])
+
+
+def test_warnings_instead_of_errors_let_the_run_go_on(tiny_folder, tmp_path, capsys, monkeypatch):
+    """A rank some targeted layers cannot use is a warning; `train.preflight=warn` makes the memory
+    verdict one too. The run trains and says both."""
+    from loralab.cli import main
+    from loralab.memory import preflight
+
+    monkeypatch.setattr(preflight, "device_room", lambda device: preflight.Room(0, "a full machine"))
+    cfg = config_with(tmp_path, tiny_folder, tmp_path / "fresh")
+    capsys.readouterr()
+    assert main(["train", str(cfg), "lora.r=17", "train.preflight=warn"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert "loralab: warning: lora.r=17 is above min(in, out) of k_proj, v_proj (16): their updates cannot use " \
+           "the extra rank, which only costs memory" in err
+    assert any(l.startswith("loralab: warning: not enough memory: estimated peak") for l in err)
+    assert (tmp_path / "fresh" / "adapter" / "adapter_model.safetensors").is_file()

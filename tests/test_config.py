@@ -119,3 +119,11 @@ def test_every_config_key_named_in_the_source_exists():
 def test_the_scan_would_catch_a_wrong_key():
     assert KEY_IN_TEXT.search("config key 'data.packing' must be").groups() == ("data", "packing")
     assert "packing" not in _schema()["data"] and "group_window" not in _schema()["data"]
+
+
+def test_preflight_modes_including_yaml_off():
+    assert load_config(None, []).train.preflight == "error"
+    assert load_config(None, ["train.preflight=off"]).train.preflight == "off"  # YAML 1.1 reads off as false
+    assert load_config(None, ["train.preflight=warn"]).train.preflight == "warn"
+    with pytest.raises(UserError, match="'train.preflight' must be one of error, warn, off"):
+        load_config(None, ["train.preflight=strict"])

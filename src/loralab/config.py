@@ -82,6 +82,7 @@ class TrainConfig:
     distributed: str = "auto"         # under torchrun: ddp | fsdp (auto: ddp); one process: ignored
     distributed_timeout_s: float = 600.0  # a collective waiting longer ends the job (a rank died or hangs)
     progress: bool = True
+    preflight: str = "error"          # error | warn | off: refuse (or warn about) a run whose memory/disk won't fit
 
 
 @dataclass
@@ -121,8 +122,11 @@ CHOICES = {
     "train.scheduler": ("cosine", "linear", "constant"),
     "train.precision": ("auto", "bf16", "fp32"),
     "train.distributed": ("auto", "ddp", "fsdp"),
+    "train.preflight": ("error", "warn", "off"),
     "data.template": ("auto", "chat", "alpaca", "raw"),
 }
+
+YAML_BOOL_WORDS = {"train.preflight": {False: "off", True: "error"}}  # `preflight: off` reads as False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,6 +189,8 @@ def _build(cls, data: dict, prefix: str = ""):
         if dataclasses.is_dataclass(hints[key]):
             kwargs[key] = _build(hints[key], value or {}, f"{full}.")
         else:
+            if isinstance(value, bool) and full in YAML_BOOL_WORDS:  # YAML 1.1 reads off / on as booleans
+                value = YAML_BOOL_WORDS[full][value]
             kwargs[key] = _coerce(full, value, hints[key])
     return cls(**kwargs)
 

@@ -1,142 +1,55 @@
-"""One training run: config -> model + adapters -> data -> the loop -> artifacts.
+"""One training run: config -> data -> pre-flight checks -> model + adapters -> the loop -> artifacts.
 
 `loralab train`, studies (one process per run) and benchmarks call `run_training`; it owns the
-files, the loop does not. Output directory layout:
+files, the loop does not. The data is encoded with the tokenizer alone and every check that can
+refuse the run (limits, memory, resume) comes before the model's weights load (prepare.py).
+Started by torchrun, every rank runs this; rank 0 alone writes files and prints. Output folder:
   config.yaml      the resolved config
   metrics.jsonl    one line per step (step, loss, lr, tokens, elapsed_s) and per validation
   adapter/         PEFT format (adapter_config.json + adapter_model.safetensors)
   summary.json     runtime, tokens/s, peak memory, parameters, losses, eval before/after (summary.py)
+  .loralab.lock    while a run is in progress (io.lock): a second run into the folder is refused
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .config import RunConfig, dump_yaml
-from .data.batching import split_validation
-from .data.formats import load_examples
-from .data.prompts import encode_all, render_prompt
-from .data.tasks import make_task
+from .data.formats import fingerprint
+from .data.prompts import render_prompt
 from .errors import UserError
 from .eval.metrics import generate_answers, score_answers
-from .io.fileio import atomic_write_text, write_json
-from .io.models import base_model_path, load_model
+from .io.fileio import atomic_write_text, remove_temp_files, write_json
+from .io.lock import output_lock
+from .io.models import base_model_path, load_tokenizer, resolve
 from .memory.estimate import run_memory_breakdown
 from .memory.measure import PeakMemory
+from .memory.preflight import check_before_loading, check_disk
 from .peft.adapters import save_adapter
-from .peft.inject import count_parameters, inject
-from .peft.lora import LoraSpec
-from .peft.targets import resolve_targets
+from .prepare import (
+    Datasets,
+    build_datasets,
+    encode_datasets,
+    find_resume,
+    prepare_output_dir,
+    resolve_config,
+    setup_model,
+)
 from .summary import build_summary, epoch_warnings
 from .train import checkpoint, distributed
 from .train.distributed import SINGLE, Dist, gather, trainable_state, unsharded
 from .train.loop import Hooks, NonFiniteLoss, train
-from .train.precision import default_device, resolve_precision
+from .train.precision import default_device
 from .train.signals import StopFlag
 from .train.state import set_seed, snapshot
 
 stop_flag = StopFlag()
-
-
-def prepare_output_dir(path: str) -> Path:
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"config key 'output_dir': {out} exists and is a file")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"config key 'output_dir': cannot create {out} ({e.strerror})") from None
-    return out
-
-
-@dataclass
-class Datasets:
-    train: list          # Example
-    val: list            # Example
-    tests: dict          # task name -> list[Example] (held-out, exact match)
-
-
-def build_datasets(cfg: RunConfig) -> Datasets:
-    d = cfg.data
-    eval_tasks = cfg.eval.tasks if cfg.eval.tasks is not None else ([] if d.path else list(d.tasks))
-    tests = {}
-    if d.path:
-        examples = load_examples(d.path)
-    else:
-        examples = []
-        for name in d.tasks:
-            train_set, test_set = make_task(name, d.n_train, cfg.eval.n, d.seed)
-            examples += train_set
-            tests[name] = test_set
-    for name in eval_tasks:
-        if name not in tests:
-            tests[name] = make_task(name, 1, cfg.eval.n, d.seed)[1]
-    train_set, val_set = split_validation(examples, d.val_fraction, d.seed)
-    return Datasets(train_set, val_set, {k: tests[k] for k in eval_tasks})
-
-
-def resolve_config(cfg: RunConfig, device: torch.device) -> RunConfig:
-    """A copy of the config with what depends on the machine decided (train.precision: auto), as
-    the run records it (config.yaml, checkpoints: a resume on other hardware is refused, not
-    silently continued in another precision). The caller's config is left as it was."""
-    train_cfg = dataclasses.replace(cfg.train, precision=resolve_precision(cfg.train.precision, device))
-    return dataclasses.replace(cfg, train=train_cfg)
-
-
-def lora_spec(cfg: RunConfig) -> LoraSpec:
-    return LoraSpec(r=cfg.lora.r, alpha=cfg.lora_alpha, dropout=cfg.lora.dropout)
-
-
-def setup_model(cfg: RunConfig, device: torch.device):
-    """Load the base, optionally quantize it, and choose what trains. Returns (model, tok, folder, info)."""
-    precision = resolve_precision(cfg.train.precision, device)
-    full = cfg.train.method == "full"
-    # LoRA keeps frozen weights in bf16 (no per-step casts); full fine-tuning keeps fp32 masters.
-    dtype = torch.bfloat16 if precision == "bf16" and not full else torch.float32
-    spec = None if full else lora_spec(cfg)  # checks r, alpha, dropout before the model loads
-    model, tok, folder = load_model(cfg.model.name, dtype, trust_remote_code=cfg.model.trust_remote_code,
-                                    device=device, attn_implementation=cfg.model.attn_implementation)
-    info = {"precision": precision, "weights_dtype": str(dtype).replace("torch.", "")}
-    if full:
-        if cfg.model.quant != "none":
-            raise UserError("config key 'model.quant': a quantized base cannot be fully fine-tuned (use lora)")
-        model.requires_grad_(True)
-        info["targets"] = []
-    else:
-        targets = resolve_targets(model, cfg.lora.targets)
-        if cfg.model.quant == "nf4":
-            from .peft.quant import quantize_model
-
-            info["quantized_modules"] = quantize_model(model, None if cfg.model.quant_all_linear else targets,
-                                                       compute_dtype=dtype)
-        info["targets"] = inject(model, targets, spec)
-    trainable, total = count_parameters(model)
-    info.update(trainable_params=trainable, total_params=total)
-    return model, tok, folder, info
-
-
-def find_resume(cfg: RunConfig, out: Path) -> dict | None:
-    """The checkpoint to continue from, per `resume` (auto / true / false), or None to start fresh."""
-    last = checkpoint.latest(out / "checkpoints")
-    if cfg.resume is False:
-        return None
-    if last is None:
-        if cfg.resume is True:
-            raise UserError(f"config key 'resume': no checkpoint in {out / 'checkpoints'}")
-        return None
-    snap = checkpoint.load(last)
-    diff = checkpoint.config_difference(snap["config"], cfg.to_dict())
-    if diff:
-        raise UserError(f"{last}: checkpoint of a different config ({diff}); use another output_dir, "
-                        "or resume=false to start over")
-    return snap
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -171,18 +84,20 @@ def run_training(cfg: RunConfig, *, quiet: bool = False, data: Datasets | None =
     """Run one configured fine-tune end to end and write its artifacts. Returns the summary dict.
 
     `data` replaces the config's data (a benchmark's own workload); by default it is built from
-    `cfg.data` before the model loads, so bad data fails fast. Started by torchrun, every rank runs
-    this; rank 0 alone writes files and prints."""
+    `cfg.data` before the model loads, so bad data fails fast. The output folder is locked for
+    the run (a second run into it is refused)."""
     dist = distributed.init(cfg.train.distributed, default_device().type, cfg.train.distributed_timeout_s)
     try:
-        return _run(cfg, dist, quiet=quiet or not dist.is_main, data=data)
+        out = prepare_output_dir(cfg.output_dir)
+        quiet = quiet or not dist.is_main
+        log = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr))
+        with output_lock(out) if dist.is_main else nullcontext() as took_over:  # rank 0 holds it for all
+            return _run(cfg, out, log, data, [took_over] if took_over else [], dist)
     finally:
         distributed.shutdown(dist)
 
 
-def _run(cfg: RunConfig, dist: Dist, *, quiet: bool, data: Datasets | None) -> dict:
-    out = prepare_output_dir(cfg.output_dir)
-    log = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr))
+def _run(cfg: RunConfig, out: Path, log, data: Datasets | None, notes: list[str], dist: Dist) -> dict:
     main = dist.is_main
     device = distributed.device(dist) if dist.enabled else default_device()
     cfg = resolve_config(cfg, device)
@@ -190,11 +105,14 @@ def _run(cfg: RunConfig, dist: Dist, *, quiet: bool, data: Datasets | None) -> d
         torch.set_num_threads(cfg.train.threads)
     set_seed(cfg.train.seed)  # the same on every rank: LoRA factors start equal everywhere
     data = data or build_datasets(cfg)
-    model, tok, folder, info = setup_model(cfg, device)
-    enc_kw = dict(template=cfg.data.template, system_prompt=cfg.data.system_prompt, max_seq_len=cfg.data.max_seq_len)
-    train_enc, train_stats = encode_all(data.train, tok, **enc_kw)
-    val_enc = encode_all(data.val, tok, **enc_kw)[0] if data.val else []
-    resume = find_resume(cfg, out)
+    folder = resolve(cfg.model.name)  # a local folder; no weights are read yet
+    tok = load_tokenizer(folder, cfg.model.trust_remote_code)
+    train_enc, train_stats, val_enc = encode_datasets(data, tok, cfg)
+    notes += check_before_loading(cfg, folder, device, train_enc)  # limits and memory, before any weight loads
+    data_sha = fingerprint(data.train + data.val)
+    model, tok, folder, info = setup_model(cfg, device, folder, tok)
+    resume, resume_notes = find_resume(cfg, out, data_sha)
+    notes += resume_notes + info["notes"] + check_disk(out, info["trainable_params"], cfg)
     # Progress lines only once every input check has passed: bad input gets its error line alone.
     log(f"loralab: {cfg.model.name}: {info['trainable_params']:,} trainable of {info['total_params']:,} parameters"
         f" ({len(info['targets'])} LoRA modules), weights {info['weights_dtype']}"
@@ -202,8 +120,8 @@ def _run(cfg: RunConfig, dist: Dist, *, quiet: bool, data: Datasets | None) -> d
     log(f"loralab: {len(train_enc):,} training examples ({train_stats['n_truncated']} truncated, "
         f"{train_stats['n_dropped']} dropped, {train_stats['n_tokens']:,} tokens), {len(val_enc):,} validation")
     warnings = epoch_warnings(len(train_enc), cfg, world=dist.world)
-    for w in warnings:
-        log(f"loralab: warning: {w}")
+    for line in notes + [f"warning: {w}" for w in warnings]:
+        log(f"loralab: {line}")
     cfg_dict = cfg.to_dict()
     if main:
         atomic_write_text(out / "config.yaml", dump_yaml(cfg))
@@ -247,38 +165,47 @@ def _run(cfg: RunConfig, dist: Dist, *, quiet: bool, data: Datasets | None) -> d
     def on_checkpoint(state):
         snap = snapshot(state)  # every rank: sharded tensors and RNG streams are gathered
         if main:
-            checkpoint.save(out / "checkpoints", snap, cfg_dict, keep=cfg.train.keep_checkpoints)
+            checkpoint.save(out / "checkpoints", snap, cfg_dict, keep=cfg.train.keep_checkpoints,
+                            data_sha256=data_sha)
 
     hooks = Hooks(on_start=lambda state: loop.update(state=state), on_log=write_metric, on_eval=on_eval,
                   on_checkpoint=on_checkpoint, should_stop=stop_flag.is_set)
     cpu0 = time.process_time()
-    try:
-        with PeakMemory(device) as peak, stop_flag.installed():
-            result = train(model, train_enc, cfg.train, pad_id=tok.pad_token_id, val_data=val_enc, hooks=hooks,
-                           resume=resume, dist=dist)
-    except NonFiniteLoss as e:
-        last = checkpoint.latest(out / "checkpoints")
-        raise UserError(f"non-finite {e.what} at step {e.step}; last good checkpoint: {last or 'none'} "
-                        "(set train.skip_nonfinite=true to skip such batches)") from None
-    finally:
-        if metrics is not None:
-            metrics.close()
-    info["train_cpu_s"] = time.process_time() - cpu0
-    if result.interrupted:
-        raise UserError(f"interrupted at step {result.steps}; checkpoint saved in {out / 'checkpoints'}; "
-                        f"run the same command again to resume")
-
-    after = run_evals(model, tok, data.tests, cfg, dist, result.module) if data.tests else {}
-    if cfg.train.method == "lora":
-        save_lora("adapter")
-    memory = peak.result()
-    memory["peak_memory_bytes_per_rank"] = [int(b) for b in gather(dist, memory["peak_memory_bytes"])]
-    memory["peak_memory_bytes"] = max(memory["peak_memory_bytes_per_rank"])
-    longest = max(len(e.input_ids) for e in train_enc)
-    summary = build_summary(cfg, device=device, info=info, result=result, n_train=len(train_enc),
-                            train_stats=train_stats, memory=memory,
-                            breakdown=run_memory_breakdown(cfg, folder, device, seq=longest),
-                            warnings=warnings, before=before, after=after, out=out, world=dist.world)
-    if main:
-        write_json(out / "summary.json", summary)
+    with stop_flag.installed():
+        try:
+            with PeakMemory(device) as peak:
+                result = train(model, train_enc, cfg.train, pad_id=tok.pad_token_id, val_data=val_enc, hooks=hooks,
+                               resume=resume, dist=dist)
+        except NonFiniteLoss as e:
+            last = checkpoint.latest(out / "checkpoints")
+            raise UserError(f"non-finite {e.what} at step {e.step}; last good checkpoint: {last or 'none'} "
+                            "(set train.skip_nonfinite=true to skip such batches)") from None
+        finally:
+            if metrics is not None:
+                metrics.close()
+        info["train_cpu_s"] = time.process_time() - cpu0
+        if result.interrupted:
+            raise UserError(f"interrupted at step {result.steps}; checkpoint saved in {out / 'checkpoints'}; "
+                            f"run the same command again to resume")
+        # Training is done and checkpointed: a signal now waits for the evaluation and the files
+        # (each written atomically) rather than leaving the run to be redone from its last checkpoint.
+        stop_flag.note = "finishing the final evaluation and save first (Ctrl-C again to abort)"
+        after = run_evals(model, tok, data.tests, cfg, dist, result.module) if data.tests else {}
+        if main:
+            for folder_with_temps in (out, out / "adapter", out / "best_adapter"):  # left by a run killed mid-save
+                remove_temp_files(folder_with_temps)
+        if cfg.train.method == "lora":
+            save_lora("adapter")
+        memory = peak.result()
+        memory["peak_memory_bytes_per_rank"] = [int(b) for b in gather(dist, memory["peak_memory_bytes"])]
+        memory["peak_memory_bytes"] = max(memory["peak_memory_bytes_per_rank"])
+        longest = max(len(e.input_ids) for e in train_enc)
+        summary = build_summary(cfg, device=device, info=info, result=result, n_train=len(train_enc),
+                                train_stats=train_stats, memory=memory,
+                                breakdown=run_memory_breakdown(cfg, folder, device, seq=longest),
+                                warnings=warnings, before=before, after=after, out=out, world=dist.world)
+        if main:
+            write_json(out / "summary.json", summary)
+    if stop_flag.is_set():
+        log("loralab: the signal came after the last step: the run finished its files first")
     return summary

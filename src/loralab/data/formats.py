@@ -15,6 +15,7 @@ fixes one line at a time with no traceback to read.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,16 @@ class Example:
     @property
     def is_chat(self) -> bool:
         return self.messages is not None
+
+
+def fingerprint(examples: list[Example]) -> str:
+    """sha256 of what the examples say, in order (not where they came from: `source` is left out).
+    A checkpoint records it, so a resume on data that changed since is refused."""
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(json.dumps([ex.prompt, ex.response, ex.messages], sort_keys=True).encode())
+        h.update(b"\n")
+    return h.hexdigest()
 
 
 def load_examples(path: str | Path) -> list[Example]:

@@ -51,6 +51,18 @@ def atomic_write_with(path: str | os.PathLike, write: Callable[[BinaryIO], Any])
     return path
 
 
+def remove_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files a writer killed mid-write (SIGKILL, power loss) left in `folder`:
+    `.<name>.<random>.tmp`, never renamed into place. Only for a folder no one else writes to now
+    (a run holds its output_dir's lock). Returns what was removed."""
+    removed = []
+    for p in Path(folder).glob(".*.tmp"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
 def _fsync_dir(folder: Path) -> None:
     """Persist the rename itself (POSIX); best effort where folders cannot be opened."""
     try:

@@ -156,12 +156,26 @@ def resolve(spec: str) -> Path:
 
 
 def load_tokenizer(folder: Path, trust_remote_code: bool = False):
+    """The folder's tokenizer alone (no weights): a run encodes its data before the model loads."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        raise _load_error(folder, e, trust_remote_code) from None
+    except (OSError, json.JSONDecodeError) as e:
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        raise UserError(f"{folder}: cannot load tokenizer ({type(e).__name__}: {first})") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def _load_error(folder: Path, e: ValueError, trust_remote_code: bool) -> UserError:
+    if not trust_remote_code and ("trust_remote_code" in str(e) or _names_custom_code(folder)):
+        return UserError(f"{folder}: this model needs custom code; set model.trust_remote_code=true "
+                         "if you trust its source")
+    return UserError(f"{folder}: cannot load model ({str(e).splitlines()[0][:200]})")
 
 
 def pick_attention(choice: str, device: str | torch.device) -> str:
@@ -181,33 +195,37 @@ def _names_custom_code(folder: Path) -> bool:
         return False
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32, *, trust_remote_code: bool = False,
-               device: str | torch.device = "cpu", attn_implementation: str = "auto"):
-    """Returns (model, tokenizer, folder). The model is in eval mode with every parameter frozen."""
+def load_weights(folder: Path, dtype: torch.dtype = torch.float32, *, trust_remote_code: bool = False,
+                 device: str | torch.device = "cpu", attn_implementation: str = "auto"):
+    """The model of a resolved folder, in eval mode with every parameter frozen."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress output is enough
-    folder = resolve(spec)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, trust_remote_code=trust_remote_code,
                                                      attn_implementation=pick_attention(attn_implementation, device))
     except ValueError as e:
-        if not trust_remote_code and ("trust_remote_code" in str(e) or _names_custom_code(folder)):
-            raise UserError(f"{folder}: this model needs custom code; set model.trust_remote_code=true "
-                            "if you trust its source") from None
-        raise UserError(f"{folder}: cannot load model ({str(e).splitlines()[0][:200]})") from None
+        raise _load_error(folder, e, trust_remote_code) from None
     except (OSError, RuntimeError, json.JSONDecodeError) as e:
         raise UserError(f"{folder}: cannot load model ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     except Exception as e:  # safetensors raises its own error type on corrupt files
         if "safetensor" in type(e).__module__.lower() or "header" in str(e).lower():
             raise UserError(f"{folder}: corrupt safetensors weights ({str(e)[:160]})") from None
         raise
-    tok = load_tokenizer(folder, trust_remote_code)
     model.to(device)
     model.requires_grad_(False)
     model.eval()
-    return model, tok, folder
+    return model
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32, *, trust_remote_code: bool = False,
+               device: str | torch.device = "cpu", attn_implementation: str = "auto"):
+    """Returns (model, tokenizer, folder). The model is in eval mode with every parameter frozen."""
+    folder = resolve(spec)
+    model = load_weights(folder, dtype, trust_remote_code=trust_remote_code, device=device,
+                         attn_implementation=attn_implementation)
+    return model, load_tokenizer(folder, trust_remote_code), folder
 
 
 def base_model_path(spec: str, folder: Path) -> str:

@@ -188,22 +188,26 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
     }
 
 
-def estimate_for_run(cfg, model_config: dict, device, seq: int | None = None) -> dict:
-    """The estimate for a loralab RunConfig on `device`, shaped like
-    loralab trains: its attention choice, its chunked loss, NF4 on the LoRA targets unless
+def run_settings(cfg, device, seq: int | None = None) -> dict:
+    """`estimate`'s keyword arguments for a loralab RunConfig on `device`, shaped like loralab
+    trains: its attention choice, its chunked loss, NF4 on the LoRA targets unless
     model.quant_all_linear, and an NF4 matmul that keeps only the packed weight for backward.
     seq: the longest sequence of the run (default data.max_seq_len)."""
     dev = "cuda" if str(device).startswith("cuda") else "cpu"
     method = "full" if cfg.train.method == "full" else ("qlora" if cfg.model.quant == "nf4" else "lora")
-    precision = resolve_precision(cfg.train.precision, device)
-    return estimate(model_config, method=method, r=cfg.lora.r, targets=cfg.lora.targets,
-                    seq=seq or cfg.data.max_seq_len, batch=cfg.train.batch_size, optimizer=cfg.train.optimizer,
-                    precision=precision,
-                    grad_checkpointing=cfg.train.gradient_checkpointing, device=dev,
-                    attention=cfg.model.attn_implementation, lora_dropout=cfg.lora.dropout,
-                    quantize="all-linear" if cfg.model.quant_all_linear else "targets",
-                    qlora_saves_inputs=False, loss_rows=CHUNK_ROWS, sgd_momentum=cfg.train.momentum > 0,
-                    grad_accum=cfg.train.grad_accum)
+    return dict(method=method, r=cfg.lora.r, targets=cfg.lora.targets, seq=seq or cfg.data.max_seq_len,
+                batch=cfg.train.batch_size, optimizer=cfg.train.optimizer,
+                precision=resolve_precision(cfg.train.precision, device),
+                grad_checkpointing=cfg.train.gradient_checkpointing, device=dev,
+                attention=cfg.model.attn_implementation, lora_dropout=cfg.lora.dropout,
+                quantize="all-linear" if cfg.model.quant_all_linear else "targets",
+                qlora_saves_inputs=False, loss_rows=CHUNK_ROWS, sgd_momentum=cfg.train.momentum > 0,
+                grad_accum=cfg.train.grad_accum)
+
+
+def estimate_for_run(cfg, model_config: dict, device, seq: int | None = None) -> dict:
+    """The estimate for a loralab RunConfig on `device` (see run_settings)."""
+    return estimate(model_config, **run_settings(cfg, device, seq))
 
 
 def run_memory_breakdown(cfg, folder, device, seq: int | None = None) -> dict | None:
@@ -262,6 +266,9 @@ def suggest_fixes(model_config: dict, gpu_gb: float, **settings) -> list[dict]:
     if s["seq"] > 1:
         n = _largest_fitting(1, s["seq"] - 1, lambda n: peak(seq=n) <= limit) or 1
         options.append((f"shorter sequences {s['seq']} -> {n} tokens (longer examples are truncated)", {"seq": n}))
+    if s["method"] != "full" and s.get("r", 8) > 1:  # last: fewer trainable parameters may cost quality
+        n = _largest_fitting(1, s.get("r", 8) - 1, lambda n: peak(r=n) <= limit) or 1
+        options.append((f"lower rank r {s.get('r', 8)} -> {n} (may cost quality)", {"r": n}))
     out = [{"change": what, "settings": ch, "peak_bytes": peak(**ch), "fits": peak(**ch) <= limit}
            for what, ch in options]
     fitting = [f for f in out if f["fits"]]
@@ -269,11 +276,14 @@ def suggest_fixes(model_config: dict, gpu_gb: float, **settings) -> list[dict]:
         return fitting
     combined, whats = {}, []
     for what, ch in options:
-        if "seq" in ch:  # shorten only as much as the other changes leave necessary
-            n = _largest_fitting(1, s["seq"], lambda n: peak(**combined, seq=n) <= limit)
-            if n is None or n == s["seq"]:
+        key = next((k for k in ("seq", "r") if k in ch), None)
+        if key:  # shorten / lower only as much as the other changes leave necessary
+            label = {"seq": "shorter sequences", "r": "lower rank r"}[key]
+            top = s.get(key, 8)
+            n = _largest_fitting(1, top, lambda n, key=key: peak(**{**combined, key: n}) <= limit)
+            if n is None or n == top:
                 continue
-            ch, what = {"seq": n}, f"shorter sequences {s['seq']} -> {n} tokens"
+            ch, what = {key: n}, f"{label} {top} -> {n}" + (" tokens" if key == "seq" else "")
         combined.update(ch)
         whats.append(what.split(" (")[0])
         if peak(**combined) <= limit:

@@ -5,14 +5,19 @@ A checkpoint is a folder `checkpoints/step-00000050/` holding
   optimizer.safetensors  every optimizer state tensor ("<param index>.<name>")
   rng.safetensors        each rank's torch (and CUDA) generator states and numpy key array ("<rank>.torch", ...)
   state.json             step, param groups, scheduler, each rank's python/numpy RNG scalars, metrics so far,
-                         and the config that produced it (a resume under another config is refused)
+                         the config that produced it (a resume under another config is refused),
+                         the training data's fingerprint (a resume on changed data is refused),
+                         the sha256 of each tensor file and a checksum of itself
 A run of N processes writes one checkpoint (rank 0 writes it; tensors are gathered whole first) that
 holds all N ranks' RNG streams: it resumes with N processes.
 It is written into a temporary sibling folder, each file fsynced, then renamed into place: a folder
 named step-* is always complete, so a crash mid-save leaves the previous checkpoint as the last good one.
+What happens to it afterwards (bit rot, a copy cut short) the checksums catch when it is read back:
+`newest_readable` then falls back to the one before.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -26,10 +31,11 @@ from ..errors import UserError
 from ..io.fileio import _fsync_dir, atomic_save_safetensors, write_json
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
+TENSOR_FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors")
 # Keys that do not change the training trajectory: a resume may differ in these.
 NEUTRAL_KEYS = {"output_dir", "resume", "train.progress", "train.log_every", "train.save_every",
-                "train.keep_checkpoints", "train.threads", "train.distributed_timeout_s", "eval.before",
-                "eval.batch_size"}
+                "train.keep_checkpoints", "train.threads", "train.distributed_timeout_s", "train.preflight",
+                "eval.before", "eval.batch_size"}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -53,8 +59,23 @@ def config_difference(saved: dict, current: dict) -> str | None:
     return None
 
 
-def save(root: str | os.PathLike, snap: dict, config: dict, keep: int = 2) -> Path:
-    """Write a snapshot (state.snapshot) as checkpoints/step-N atomically; prune to the newest `keep`."""
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _state_checksum(state: dict) -> str:
+    """sha256 of state.json's content without its own checksum (canonical JSON: keys sorted)."""
+    body = {k: v for k, v in state.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def save(root: str | os.PathLike, snap: dict, config: dict, keep: int = 2, data_sha256: str | None = None) -> Path:
+    """Write a snapshot (state.snapshot) as checkpoints/step-N atomically; prune to the newest `keep`.
+    data_sha256: the training data's fingerprint, compared on resume."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{snap['step']:08d}"
@@ -76,7 +97,9 @@ def save(root: str | os.PathLike, snap: dict, config: dict, keep: int = 2) -> Pa
         atomic_save_safetensors(rng_tensors, tmp / "rng.safetensors")
         state = {"step": snap["step"], "total_steps": snap["total_steps"], "param_groups": opt["param_groups"],
                  "optimizer_scalars": scalars, "scheduler": snap["scheduler"],
-                 "rng": rng_scalars, "result": snap["result"], "config": config}
+                 "rng": rng_scalars, "result": snap["result"], "config": config,
+                 "data_sha256": data_sha256, "sha256": {name: _file_sha256(tmp / name) for name in TENSOR_FILES}}
+        state["checksum"] = _state_checksum(json.loads(json.dumps(state)))  # as it will read back
         write_json(tmp / "state.json", state)  # last: its presence marks the content complete
         if final.exists():  # a re-save of the same step (e.g. resumed at the end): replace it
             shutil.rmtree(final)
@@ -134,6 +157,15 @@ def prune(root: str | os.PathLike, keep: int) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _verify(path: Path, state: dict) -> None:
+    """Checksums written at save time (checkpoints from before they existed are taken as they are)."""
+    if "checksum" in state and state["checksum"] != _state_checksum(state):
+        raise ValueError("state.json does not match its checksum")
+    for name, digest in (state.get("sha256") or {}).items():
+        if _file_sha256(path / name) != digest:
+            raise ValueError(f"{name} does not match its sha256 (bit rot or an incomplete copy)")
+
+
 def load(path: str | os.PathLike) -> dict:
     """Read a checkpoint folder back into the snapshot form `train(resume=...)` takes."""
     from safetensors import SafetensorError
@@ -142,11 +174,21 @@ def load(path: str | os.PathLike) -> dict:
     path = Path(path)
     try:
         state = json.loads((path / "state.json").read_text())
-        trainable = load_file(path / "trainable.safetensors")
-        opt_tensors = load_file(path / "optimizer.safetensors")
-        rng_t = load_file(path / "rng.safetensors")
-    except (OSError, json.JSONDecodeError, SafetensorError) as e:
-        raise UserError(f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e)[:120]})") from None
+        _verify(path, state)
+        return _snapshot(state, load_file(path / "trainable.safetensors"), load_file(path / "optimizer.safetensors"),
+                         load_file(path / "rng.safetensors"), path)
+    # JSONDecodeError is a ValueError; the others: a state.json of the wrong shape
+    except (OSError, ValueError, SafetensorError, KeyError, TypeError, AttributeError, IndexError) as e:
+        raise UserError(f"{path}: unreadable checkpoint ({_reason(e)})") from None
+
+
+def _reason(e: Exception) -> str:
+    if isinstance(e, OSError) and e.filename:  # the file's name, not its (long) path
+        return f"{type(e).__name__}: {Path(e.filename).name}: {e.strerror or e}"
+    return f"{type(e).__name__}: {str(e)[:120]}"
+
+
+def _snapshot(state: dict, trainable: dict, opt_tensors: dict, rng_t: dict, path: Path) -> dict:
     opt_state: dict = {}
     for key, value in list(opt_tensors.items()) + list(state["optimizer_scalars"].items()):
         idx, name = key.split(".", 1)
@@ -159,7 +201,21 @@ def load(path: str | os.PathLike) -> dict:
     return {"step": state["step"], "total_steps": state["total_steps"], "trainable": trainable,
             "optimizer": {"state": opt_state, "param_groups": state["param_groups"]},
             "scheduler": state["scheduler"], "rng": rng, "result": state["result"], "config": state["config"],
-            "path": str(path)}
+            "data_sha256": state.get("data_sha256"), "path": str(path)}
+
+
+def newest_readable(root: str | os.PathLike) -> tuple[dict | None, list[str]]:
+    """(the newest checkpoint that reads back whole, or None if there is none at all, and one line
+    per newer one skipped as unreadable). Raises UserError when every checkpoint is unreadable."""
+    skipped = []
+    for path in reversed(checkpoints(root)):
+        try:
+            return load(path), skipped
+        except UserError as e:
+            skipped.append(str(e))
+    if skipped:
+        raise UserError(f"{skipped[0]}; no older checkpoint reads back either; set resume=false to start over")
+    return None, []
 
 
 @torch.no_grad()

@@ -1,0 +1,137 @@
+"""Setting up a run, before the loop: the output folder, the data (built and encoded), the config
+resolved for this machine, the model with its adapters, and the checkpoint to resume from.
+pipeline.py calls these in order; every check that can refuse the run comes before the weights load."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import RunConfig
+from .data.batching import split_validation
+from .data.formats import load_examples
+from .data.prompts import encode_all
+from .data.tasks import make_task
+from .errors import UserError
+from .io.models import load_tokenizer, load_weights, resolve
+from .memory.preflight import check_rank, module_widths
+from .peft.inject import count_parameters, inject
+from .peft.lora import LoraSpec
+from .peft.targets import resolve_targets
+from .train import checkpoint
+from .train.precision import resolve_precision
+
+
+def prepare_output_dir(path: str) -> Path:
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"config key 'output_dir': {out} exists and is a file")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"config key 'output_dir': cannot create {out} ({e.strerror})") from None
+    return out
+
+
+@dataclass
+class Datasets:
+    train: list          # Example
+    val: list            # Example
+    tests: dict          # task name -> list[Example] (held-out, exact match)
+
+
+def build_datasets(cfg: RunConfig) -> Datasets:
+    d = cfg.data
+    eval_tasks = cfg.eval.tasks if cfg.eval.tasks is not None else ([] if d.path else list(d.tasks))
+    tests = {}
+    if d.path:
+        examples = load_examples(d.path)
+    else:
+        examples = []
+        for name in d.tasks:
+            train_set, test_set = make_task(name, d.n_train, cfg.eval.n, d.seed)
+            examples += train_set
+            tests[name] = test_set
+    for name in eval_tasks:
+        if name not in tests:
+            tests[name] = make_task(name, 1, cfg.eval.n, d.seed)[1]
+    train_set, val_set = split_validation(examples, d.val_fraction, d.seed)
+    return Datasets(train_set, val_set, {k: tests[k] for k in eval_tasks})
+
+
+def resolve_config(cfg: RunConfig, device: torch.device) -> RunConfig:
+    """A copy of the config with what depends on the machine decided (train.precision: auto), as
+    the run records it (config.yaml, checkpoints: a resume on other hardware is refused, not
+    silently continued in another precision). The caller's config is left as it was."""
+    train_cfg = dataclasses.replace(cfg.train, precision=resolve_precision(cfg.train.precision, device))
+    return dataclasses.replace(cfg, train=train_cfg)
+
+
+def lora_spec(cfg: RunConfig) -> LoraSpec:
+    return LoraSpec(r=cfg.lora.r, alpha=cfg.lora_alpha, dropout=cfg.lora.dropout)
+
+
+def setup_model(cfg: RunConfig, device: torch.device, folder: Path | None = None, tok=None):
+    """Load the base, optionally quantize it, and choose what trains. Returns (model, tok, folder, info);
+    info["notes"]: warnings to log (a rank some targeted layers cannot use)."""
+    precision = resolve_precision(cfg.train.precision, device)
+    full = cfg.train.method == "full"
+    # LoRA keeps frozen weights in bf16 (no per-step casts); full fine-tuning keeps fp32 masters.
+    dtype = torch.bfloat16 if precision == "bf16" and not full else torch.float32
+    spec = None if full else lora_spec(cfg)  # checks r, alpha, dropout before the model loads
+    folder = folder or resolve(cfg.model.name)
+    tok = tok or load_tokenizer(folder, cfg.model.trust_remote_code)
+    model = load_weights(folder, dtype, trust_remote_code=cfg.model.trust_remote_code, device=device,
+                         attn_implementation=cfg.model.attn_implementation)
+    info = {"precision": precision, "weights_dtype": str(dtype).replace("torch.", ""), "notes": []}
+    if full:
+        if cfg.model.quant != "none":
+            raise UserError("config key 'model.quant': a quantized base cannot be fully fine-tuned (use lora)")
+        model.requires_grad_(True)
+        info["targets"] = []
+    else:
+        targets = resolve_targets(model, cfg.lora.targets)
+        modules = dict(model.named_modules())
+        widths = module_widths({n: modules[n] for n in targets})
+        info["notes"] = [f"warning: {w}" for w in check_rank(cfg.lora.r, widths)]  # before any LoRA weight exists
+        if cfg.model.quant == "nf4":
+            from .peft.quant import quantize_model
+
+            info["quantized_modules"] = quantize_model(model, None if cfg.model.quant_all_linear else targets,
+                                                       compute_dtype=dtype)
+        info["targets"] = inject(model, targets, spec)
+    trainable, total = count_parameters(model)
+    info.update(trainable_params=trainable, total_params=total)
+    return model, tok, folder, info
+
+
+def find_resume(cfg: RunConfig, out: Path, data_sha256: str | None = None) -> tuple[dict | None, list[str]]:
+    """The checkpoint to continue from, per `resume` (auto / true / false), or None to start fresh;
+    and lines to log (newer checkpoints skipped as unreadable)."""
+    if cfg.resume is False:
+        return None, []
+    snap, skipped = checkpoint.newest_readable(out / "checkpoints")
+    if snap is None:
+        if cfg.resume is True:
+            raise UserError(f"config key 'resume': no checkpoint in {out / 'checkpoints'}")
+        return None, []
+    last = snap["path"]
+    diff = checkpoint.config_difference(snap["config"], cfg.to_dict())
+    if diff:
+        raise UserError(f"{last}: checkpoint of a different config ({diff}); use another output_dir, "
+                        "or resume=false to start over")
+    if snap["data_sha256"] and data_sha256 and snap["data_sha256"] != data_sha256:
+        what = f"data.path {cfg.data.path}" if cfg.data.path else "the generated data"
+        raise UserError(f"{last}: the training data changed since this checkpoint ({what}: fingerprint "
+                        f"{snap['data_sha256'][:12]} then, {data_sha256[:12]} now); restore it, use another "
+                        "output_dir, or resume=false to start over")
+    return snap, [f"warning: {line}; skipped, resuming from the one before" for line in skipped]
+
+
+def encode_datasets(data: Datasets, tok, cfg: RunConfig) -> tuple[list, dict, list]:
+    """(train, its stats, validation) as token ids with loss masks; truncation counted."""
+    kw = dict(template=cfg.data.template, system_prompt=cfg.data.system_prompt, max_seq_len=cfg.data.max_seq_len)
+    train_enc, train_stats = encode_all(data.train, tok, **kw)
+    return train_enc, train_stats, (encode_all(data.val, tok, **kw)[0] if data.val else [])
