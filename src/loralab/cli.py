@@ -65,7 +65,8 @@ def cmd_study(args) -> int:
         print("\n".join(list_presets()))
         return 0
     result = study_command(args.name, scale=args.scale, out=args.out, seeds=args.seeds, parallel=args.parallel,
-                           dry_run=args.dry_run, report_only=args.report_only, overrides=args.overrides)
+                           dry_run=args.dry_run, report_only=args.report_only, overrides=args.overrides,
+                           ray=args.ray, gpus_per_run=args.gpus_per_run, cpus_per_run=args.cpus_per_run)
     if isinstance(result, str):
         print(result)
     else:
@@ -149,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="study folder (default runs/studies/NAME-SCALE)")
     s.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: the preset's)")
     s.add_argument("--parallel", type=int, default=1, help="runs at once (default 1)")
+    s.add_argument("--ray", default=None, metavar="auto|local|ADDRESS", help="run each (cell, seed) as a Ray task: "
+                   "auto = the running cluster, local = a private Ray on this machine, or a cluster's address; the "
+                   "study folder must be shared by every node (pip install 'loralab[ray]'; docs/studies.md)")
+    s.add_argument("--gpus-per-run", type=float, default=0, help="GPUs each run holds on the Ray cluster (default 0)")
+    s.add_argument("--cpus-per-run", type=int, default=1, help="CPUs each run holds on the Ray cluster, and its "
+                   "train.threads (default 1)")
     s.add_argument("--dry-run", action="store_true", help="print the cells and their overrides, run nothing")
     s.add_argument("--report-only", action="store_true", help="rebuild the report from the study folder")
     s.set_defaults(func=cmd_study)
