@@ -2,6 +2,7 @@
 import io
 import json
 from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
 
 import pytest
 import torch
@@ -165,3 +166,24 @@ def test_cli_table_names_the_strategy_and_the_fix():
 def test_cli_bad_sharding_is_one_line(args, message):
     rc, out, err = _cli(["estimate", *args])
     assert rc == 2 and out == "" and message in err and err.count("\n") == 1
+
+
+DOC_ROWS = {  # docs/distributed.md, "What FSDP saves per GPU": row -> its settings
+    "Llama-2-70B QLoRA": ("llama-2-70b", dict(method="qlora", seq=2048, grad_checkpointing=True)),
+    "Llama-2-70B LoRA": ("llama-2-70b", dict(method="lora", seq=2048, grad_checkpointing=True)),
+    "Llama-2-7B full": ("llama-2-7b", dict(method="full", seq=2048, grad_checkpointing=True)),
+    "Llama-2-7B LoRA": ("llama-2-7b", dict(method="lora", targets="qv", seq=1304, grad_accum=128)),
+}
+
+
+def test_the_docs_table_is_what_the_estimate_says():
+    doc = (Path(__file__).parents[2] / "docs" / "distributed.md").read_text()
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:6] for line in doc.splitlines()
+            if line.startswith("| Llama-2-")}
+    assert len(rows) == len(DOC_ROWS)
+    for prefix, (model, kw) in DOC_ROWS.items():
+        (cells,) = [v for k, v in rows.items() if k.startswith(prefix)]
+        cfg = A.resolve_model_config(model)
+        got = [estimate_per_gpu(cfg, gpus=g, fsdp=f, **kw)["peak_bytes"] / GiB
+               for g, f in ((1, False), (8, False), (2, True), (4, True), (8, True))]
+        assert cells == [f"{x:.2f}" for x in got], prefix
