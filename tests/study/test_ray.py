@@ -8,6 +8,8 @@ metrics are compared.
 import csv
 import json
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -84,19 +86,64 @@ def test_ray_tasks_report_exit_codes_and_unshared_folders(tmp_path, local_ray):
     assert RayRunner(cpus=1, gpus=0.5).slots() == 1  # no GPU in this cluster: nothing could run, 1 is the floor
 
 
+def _wait_for(condition, seconds=30.0):
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return condition()
+
+
+def test_stop_gives_a_run_in_flight_sigterm(tmp_path, local_ray):
+    marker, log = tmp_path / "checkpointed", tmp_path / "train.log"
+    script = ("import signal, sys, time\n"  # stands in for loralab train: SIGTERM -> checkpoint, exit
+              f"signal.signal(signal.SIGTERM, lambda *a: (open({str(marker)!r}, 'w').write('yes'), sys.exit(0)))\n"
+              "print('ready', flush=True)\n"
+              "time.sleep(120)\n")
+    run, result = RayRunner(stop_grace_s=20), []
+    thread = threading.Thread(target=lambda: result.append(run([sys.executable, "-c", script], tmp_path, log)))
+    thread.start()
+    assert _wait_for(lambda: log.is_file() and "ready" in log.read_text())
+    run.stop()
+    thread.join(timeout=30)
+    assert not thread.is_alive() and result == ["stopped: the study was interrupted"]
+    assert _wait_for(marker.is_file, 10) and marker.read_text() == "yes"
+    assert run([sys.executable, "-c", "0"], tmp_path, tmp_path / "x.log") == "stopped: the study was interrupted"
+    assert not (tmp_path / "x.log").exists()  # nothing more is submitted
+
+
+def test_ctrl_c_cancels_the_runs_not_started_and_stops_the_runner(tmp_path):
+    calls, stopped = [], threading.Event()
+
+    class Interrupted:
+        def __call__(self, cmd, run_dir, log_path):
+            calls.append(run_dir)
+            if len(calls) == 1:
+                raise KeyboardInterrupt
+            stopped.wait(5)
+            return "stopped: the study was interrupted"
+
+        def stop(self):
+            stopped.set()
+
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_study(spec.load_study("qlora", seeds=3), tmp_path, runner=Interrupted(), log=lambda m: None)
+    assert stopped.is_set() and len(calls) <= 2  # of 6 runs: the interrupted one, at most one already started
+
+
 def test_a_lost_worker_is_a_failed_run_not_a_crash(tmp_path, monkeypatch):
     calls = []
 
     class FakeTask:
-        def remote(self, cmd, run_dir, log_path):
+        def remote(self, cmd, run_dir, log_path, grace_s):
             calls.append(run_dir)
             return "ref"
 
     def lost(_ref):
         raise ray.exceptions.WorkerCrashedError()
 
-    ray_runner = RayRunner.__new__(RayRunner)  # no cluster: the task handle is faked
-    ray_runner._task = FakeTask()
+    ray_runner = RayRunner()
+    ray_runner._task = FakeTask()  # no cluster: the task handle is faked, and the task is done at once
+    monkeypatch.setattr(ray, "wait", lambda refs, timeout: (refs, []))
     monkeypatch.setattr(ray, "get", lost)
     error = ray_runner(["python", "-m", "loralab.cli", "train", "cell.yaml"], tmp_path, tmp_path / "log")
     assert error.startswith("Ray: WorkerCrashedError:") and "\n" not in error and calls == [str(tmp_path)]
@@ -140,3 +187,16 @@ def test_auto_without_a_cluster_is_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "ray start --head" in err and "--ray local" in err
     assert not any(tmp_path.iterdir())  # nothing written before the cluster was found
+
+
+def test_connect_modes(monkeypatch):
+    from loralab.study.ray_runner import connect
+
+    inits = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: inits.append(kw))
+    assert connect("local") and connect("10.0.0.5:6379") and connect("auto")
+    assert inits == [{"address": "local", "include_dashboard": False}, {"address": "10.0.0.5:6379"},
+                     {"address": "auto"}]  # auto: Ray's meaning, attach to a running cluster only
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    assert connect("local") is False and len(inits) == 3  # already attached: used as is, left running

@@ -13,11 +13,13 @@ find its run folder says so as its run's error. Ray is imported only here (`lora
 """
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from ..errors import UserError
 
-RAY_MODES = ("auto", "local")
+POLL_S = 1.0         # how often a waiting run checks whether the study was interrupted
+STOP_GRACE_S = 60.0  # a cancelled run's time to write its checkpoint after SIGTERM, then it is killed
 
 
 def _import_ray():
@@ -28,7 +30,7 @@ def _import_ray():
     return ray
 
 
-def connect(address: str, **local_options) -> bool:
+def connect(address: str) -> bool:
     """Attach to (or for 'local', start) a Ray cluster; True if this call started or attached it
     (so the caller shuts it down), False if this process was already attached."""
     ray = _import_ray()
@@ -36,7 +38,7 @@ def connect(address: str, **local_options) -> bool:
         return False
     try:
         if address == "local":
-            ray.init(address="local", include_dashboard=False, **local_options)
+            ray.init(address="local", include_dashboard=False)
         else:
             ray.init(address=address)
     except Exception as e:  # noqa: BLE001  ConnectionError, or a version / authentication mismatch
@@ -55,37 +57,53 @@ def disconnect() -> None:
 def task_function():
     """The function a Ray task runs. Made here, so that Ray ships it by value: a worker needs
     loralab installed only for the `loralab train` it starts, not to unpickle this."""
-    def run_in_task(cmd: list, run_dir: str, log_path: str) -> int | str:
-        """In the Ray worker: the training command, in this node's own Python, its output to the log."""
+    def run_in_task(cmd: list, run_dir: str, log_path: str, grace_s: float) -> int | str:
+        """In the Ray worker: the training command, in this node's own Python, its output to the log.
+        Cancelled (ray.cancel raises KeyboardInterrupt here), it sends the run SIGTERM, on which
+        loralab train writes a checkpoint and exits; after grace_s it is killed."""
         import os
         import socket
         import subprocess
         import sys
+        import time
 
         if not os.path.isdir(run_dir):
             return (f"run folder {run_dir} is not visible on node {socket.gethostname()}: a Ray study needs "
                     "its folder on a filesystem shared by every node, at the same path")
-        try:
-            with open(log_path, "w") as log:
-                return subprocess.run([sys.executable, *cmd[1:]], stdout=log, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL).returncode
-        except OSError as e:
-            return f"could not start on node {socket.gethostname()}: {e}"
+        with open(log_path, "w") as log:
+            try:
+                proc = subprocess.Popen([sys.executable, *cmd[1:]], stdout=log, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL)
+            except OSError as e:
+                return f"could not start on node {socket.gethostname()}: {e}"
+            try:
+                while proc.poll() is None:  # a short sleep, not a blocking wait: the cancel must get in
+                    time.sleep(0.2)
+                return proc.returncode
+            except KeyboardInterrupt:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=grace_s)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                raise
     return run_in_task
 
 
 class RayRunner:
     """A study Runner: each call is one Ray task that holds `cpus` CPUs and `gpus` GPUs (fractions
     share a GPU) while its `loralab train` runs; Ray sets CUDA_VISIBLE_DEVICES to the GPUs it got.
-    A Ray failure (a lost worker or node) comes back as the run's error, not an exception."""
+    A Ray failure (a lost worker or node) comes back as the run's error, not an exception;
+    stop() cancels the tasks in flight (Ctrl-C on the study)."""
 
-    def __init__(self, *, cpus: int = 1, gpus: float = 0):
+    def __init__(self, *, cpus: int = 1, gpus: float = 0, stop_grace_s: float = STOP_GRACE_S):
         if not isinstance(cpus, int) or isinstance(cpus, bool) or cpus < 1:
             raise UserError(f"--cpus-per-run must be a positive integer, got {cpus!r}")
         if not isinstance(gpus, (int, float)) or isinstance(gpus, bool) or gpus < 0:
             raise UserError(f"--gpus-per-run must be 0 or more, got {gpus!r}")
         ray = _import_ray()
-        self.cpus, self.gpus = cpus, gpus
+        self.cpus, self.gpus, self.stop_grace_s = cpus, gpus, stop_grace_s
+        self._stopping = threading.Event()
         # No retries: a rerun of the study resumes the run (and training resumes from its checkpoint).
         self._task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)(task_function())
 
@@ -93,15 +111,28 @@ class RayRunner:
         """How many runs the cluster can hold at once (at least 1; an autoscaler may add more)."""
         import ray
 
-        free = ray.cluster_resources()
-        by_cpu = int(free.get("CPU", 0) // self.cpus)
-        return max(1, min(by_cpu, int(free.get("GPU", 0) // self.gpus)) if self.gpus else by_cpu)
+        total = ray.cluster_resources()
+        by_cpu = int(total.get("CPU", 0) // self.cpus)
+        return max(1, min(by_cpu, int(total.get("GPU", 0) // self.gpus)) if self.gpus else by_cpu)
+
+    def stop(self) -> None:
+        """Cancel every task in flight (each run gets SIGTERM: a checkpoint, then exit); later calls return at once."""
+        self._stopping.set()
 
     def __call__(self, cmd: list, run_dir: Path, log_path: Path) -> int | str:
         import ray
 
+        if self._stopping.is_set():
+            return "stopped: the study was interrupted"
         try:
-            return ray.get(self._task.remote(list(cmd), str(run_dir), str(log_path)))
+            ref = self._task.remote(list(cmd), str(run_dir), str(log_path), self.stop_grace_s)
+            while not ray.wait([ref], timeout=POLL_S)[0]:
+                if self._stopping.is_set():
+                    ray.cancel(ref)
+                    break
+            return ray.get(ref)
+        except ray.exceptions.TaskCancelledError:
+            return "stopped: the study was interrupted"
         except ray.exceptions.RayError as e:
             first = (str(e).strip().splitlines() or [""])[0][:200]
             return f"Ray: {type(e).__name__}: {first}"

@@ -114,7 +114,12 @@ def run_study(study: Study, out: str | Path, *, parallel: int = 1, runner: Runne
         return rec
 
     with ThreadPoolExecutor(max_workers=parallel) as pool:
-        records += list(pool.map(one, jobs))
+        try:
+            records += list(pool.map(one, jobs))
+        except KeyboardInterrupt:  # runs not started never start; a runner that can stop its runs does
+            pool.shutdown(wait=False, cancel_futures=True)
+            getattr(runner, "stop", lambda: None)()
+            raise
     write_json(out / "runs.json", records)
     return records
 
