@@ -37,7 +37,8 @@ The decoder's shape and parameter counts come from loralab.arch. Assumptions, in
     MALLOC_MMAP_THRESHOLD_=65536, which makes RSS track live tensors): 0.45 x the layers' saved bytes
     without checkpointing (0.2-0.7 measured), and with it 0.22 x the bytes the layers would have
     saved (0.18-0.25 measured on three runs): the checkpointed forward frees them, as holes.
-    See docs/memory.md and benchmarks/memory_estimate.py.
+    See docs/memory.md and benchmarks/memory_estimate.py. Per GPU of several (DDP, FSDP2):
+    memory/sharding.py rearranges this estimate's `parts` and `units`.
 """
 from __future__ import annotations
 
@@ -163,9 +164,9 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
     # Two moments can set the peak (see moments()); these are the parts they are made of.
     grads_alive = trainable if grad_accum > 1 else outside
     parts = {"frozen": frozen, "masters": masters, "casts": casts, "grads_backward": 4 * grads_alive,
-             "grads_outside": 4 * outside,
-             "grads_step": 4 * trainable, "state": state, "activations": activations, "runtime": runtime,
-             "slack": slack, "step_temp": (0.0 if optimizer == "adamw8bit" else OPTIMIZER_TEMP_BYTES) * trainable}
+             "grads_outside": 4 * outside, "grads_step": 4 * trainable, "state": state,
+             "activations": activations, "runtime": runtime, "slack": slack,
+             "step_temp": (0.0 if optimizer == "adamw8bit" else OPTIMIZER_TEMP_BYTES) * trainable}
     phase, breakdown = peak_of(moments(parts))
     # One decoder layer's parameters and those outside the layers as stored (compute dtype, NF4 where
     # quantized, LoRA fp32; full fine-tuning in the compute dtype): the units FSDP all-gathers.
