@@ -72,7 +72,8 @@ def cmd_study(args) -> int:
         print("\n".join(list_presets()))
         return 0
     result = study_command(args.name, scale=args.scale, out=args.out, seeds=args.seeds, parallel=args.parallel,
-                           dry_run=args.dry_run, report_only=args.report_only, overrides=args.overrides)
+                           dry_run=args.dry_run, report_only=args.report_only, overrides=args.overrides,
+                           ray=args.ray, gpus_per_run=args.gpus_per_run, cpus_per_run=args.cpus_per_run)
     if isinstance(result, str):
         print(result)
     else:
@@ -92,14 +93,17 @@ def cmd_fetch(args) -> int:
 
 def cmd_estimate(args) -> int:
     from .memory.arch import resolve_model_config
-    from .memory.estimate import estimate, format_estimate, suggest_fixes
+    from .memory.estimate import format_estimate, suggest_fixes
+    from .memory.sharding import estimate_per_gpu
 
+    if args.fsdp and args.gpus < 2:
+        raise UserError(f"--fsdp shards across GPUs: give --gpus 2 or more (got --gpus {args.gpus})")
     settings = dict(method=args.method, r=args.r, targets=args.targets, seq=args.seq, batch=args.batch,
                     optimizer=args.optimizer, precision=args.precision, grad_checkpointing=args.grad_checkpointing,
-                    device=args.device, grad_accum=args.grad_accum)
+                    device=args.device, grad_accum=args.grad_accum, gpus=args.gpus, fsdp=args.fsdp)
     model_config = resolve_model_config(args.model)
-    result = estimate(model_config, **settings)
-    fixes = suggest_fixes(model_config, args.gpu_gb, **settings) if args.gpu_gb else []
+    result = estimate_per_gpu(model_config, **settings)
+    fixes = suggest_fixes(model_config, args.gpu_gb, estimator=estimate_per_gpu, **settings) if args.gpu_gb else []
     if args.json:
         print(json.dumps({**result, "fixes": fixes} if args.gpu_gb else result))
     else:
@@ -163,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="study folder (default runs/studies/NAME-SCALE)")
     s.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: the preset's)")
     s.add_argument("--parallel", type=int, default=1, help="runs at once (default 1)")
+    s.add_argument("--ray", default=None, metavar="auto|local|ADDRESS", help="run each (cell, seed) as a Ray task: "
+                   "auto = the running cluster, local = a private Ray on this machine, or a cluster's address; the "
+                   "study folder must be shared by every node (pip install 'loralab[ray]'; docs/studies.md)")
+    s.add_argument("--gpus-per-run", type=float, default=0, help="GPUs each run holds on the Ray cluster (default 0)")
+    s.add_argument("--cpus-per-run", type=int, default=1, help="CPUs each run holds on the Ray cluster, and its "
+                   "train.threads (default 1)")
     s.add_argument("--dry-run", action="store_true", help="print the cells and their overrides, run nothing")
     s.add_argument("--report-only", action="store_true", help="rebuild the report from the study folder")
     s.set_defaults(func=cmd_study)
@@ -171,8 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("name", nargs="?", default="smollm2-135m")
     f.set_defaults(func=cmd_fetch)
     x = sub.add_parser("estimate", help="predict peak training memory from a model config alone (no weights)")
-    x.add_argument("--model", default="smollm2-135m", help="bundled config (llama-2-7b, llama-3.1-8b, mistral-7b, "
-                   "qwen2.5-7b, smollm2-135m/360m/1.7b), an HF folder, or a config.json")
+    x.add_argument("--model", default="smollm2-135m", help="bundled config (llama-2-7b, llama-2-70b, llama-3.1-8b, "
+                   "mistral-7b, qwen2.5-7b, smollm2-135m/360m/1.7b), an HF folder, or a config.json")
     x.add_argument("--method", default="lora", choices=["lora", "qlora", "full"])
     x.add_argument("--r", type=int, default=8)
     x.add_argument("--targets", default="all-linear", choices=list(TARGET_PRESETS))
@@ -186,6 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     x.add_argument("--gpu-gb", type=float, default=None, help="GPU memory as on the card (GiB); says whether it "
                    "fits and, if not, the cheapest fixes")
+    x.add_argument("--gpus", type=int, default=1, help="GPUs the run is spread over, each with its own micro "
+                   "batch: the peak is per GPU (replicated, as DDP, unless --fsdp)")
+    x.add_argument("--fsdp", action="store_true", help="FSDP2: weights, gradients and optimizer state sharded "
+                   "across the --gpus (docs/distributed.md)")
     x.add_argument("--json", action="store_true", help="print one JSON object (peak_bytes, breakdown, ...)")
     x.set_defaults(func=cmd_estimate)
     return p

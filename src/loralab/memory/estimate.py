@@ -37,7 +37,8 @@ The decoder's shape and parameter counts come from loralab.arch. Assumptions, in
     MALLOC_MMAP_THRESHOLD_=65536, which makes RSS track live tensors): 0.45 x the layers' saved bytes
     without checkpointing (0.2-0.7 measured), and with it 0.22 x the bytes the layers would have
     saved (0.18-0.25 measured on three runs): the checkpointed forward frees them, as holes.
-    See docs/memory.md and benchmarks/memory_estimate.py.
+    See docs/memory.md and benchmarks/memory_estimate.py. Per GPU of several (DDP, FSDP2):
+    memory/sharding.py rearranges this estimate's `parts` and `units`.
 """
 from __future__ import annotations
 
@@ -160,20 +161,21 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
     runtime = CUDA_OTHER_BYTES if device == "cuda" else CPU_RUNTIME_BYTES
     slack = slack if device == "cpu" else 0.0  # the CPU's RSS keeps the heap's holes; CUDA's allocated bytes do not
 
-    # Two moments can set the peak: the start of backward (every activation alive) and the optimizer
-    # step (activations freed; every gradient and the foreach optimizer's temporary buffer alive).
+    # Two moments can set the peak (see moments()); these are the parts they are made of.
     grads_alive = trainable if grad_accum > 1 else outside
-    step_temp = 0.0 if optimizer == "adamw8bit" else OPTIMIZER_TEMP_BYTES  # bitsandbytes updates block by block
-    moments = {
-        "start of backward": {"trainable_weights": masters + casts, "gradients": 4 * grads_alive,
-                              "activations": activations, "other": runtime + slack},
-        "optimizer step": {"trainable_weights": masters, "gradients": 4 * trainable, "activations": 0.0,
-                           "other": runtime + slack + step_temp * trainable},
-    }
-    phase = max(moments, key=lambda m: sum(moments[m].values()))
-    breakdown = {"frozen_weights": frozen, **moments[phase], "optimizer_state": state}
-    order = ("frozen_weights", "trainable_weights", "gradients", "optimizer_state", "activations", "other")
-    breakdown = {k: int(round(breakdown[k])) for k in order}
+    parts = {"frozen": frozen, "masters": masters, "casts": casts, "grads_backward": 4 * grads_alive,
+             "grads_outside": 4 * outside, "grads_step": 4 * trainable, "state": state,
+             "activations": activations, "runtime": runtime, "slack": slack,
+             "step_temp": (0.0 if optimizer == "adamw8bit" else OPTIMIZER_TEMP_BYTES) * trainable,
+             "frozen_nf4": q_weights * NF4_BITS / 8 if method != "full" else 0.0}  # within "frozen"
+    phase, breakdown = peak_of(moments(parts))
+    # One decoder layer's parameters and those outside the layers as stored (compute dtype, NF4 where
+    # quantized, LoRA fp32; full fine-tuning in the compute dtype): the units FSDP all-gathers.
+    lora_layer = sum(r * (lin[n][0] + lin[n][1]) for n in names if n != "lm_head")
+    layer = sum(i * o * (NF4_BITS / 8 if n in quantized else b) + (o * b if bias else 0)
+                for n, (i, o, bias) in lin.items()) + 2 * a.hidden * b + 4 * lora_layer
+    units = {"layer_bytes": int(round(layer)), "outside_bytes": int(round(
+        (params["embedding"] + params["lm_head"] + a.hidden) * b + (outside * 4 if method != "full" else 0)))}
     return {
         "peak_bytes": sum(breakdown.values()),
         "breakdown": breakdown,
@@ -182,10 +184,33 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
                               "logits_bytes": int(logits), "heap_slack_bytes": int(slack),
                               "attention": "eager" if eager else "sdpa"},
         "params": {"total": params["total"], "trainable": trainable, "quantized": len(quantized) * a.layers},
+        "parts": {k: int(round(v)) for k, v in parts.items()},
+        "units": units,
         "settings": {"method": method, "r": r, "targets": targets if isinstance(targets, str) else list(names),
                      "seq": seq, "batch": batch, "grad_accum": grad_accum, "optimizer": optimizer,
                      "precision": precision, "grad_checkpointing": grad_checkpointing, "device": device},
     }
+
+
+def moments(p: dict) -> dict:
+    """The two moments that can set the peak, from a run's parts: the start of backward (every
+    activation alive) and the optimizer step (activations freed; every gradient and the foreach
+    optimizer's temporary buffer alive; bitsandbytes' 8-bit AdamW updates block by block, without one)."""
+    other = p["runtime"] + p["slack"]  # the CPU's RSS keeps the heap's holes (slack 0 on CUDA)
+    return {
+        "start of backward": {"frozen_weights": p["frozen"], "trainable_weights": p["masters"] + p["casts"],
+                              "gradients": p["grads_backward"], "optimizer_state": p["state"],
+                              "activations": p["activations"], "other": other},
+        "optimizer step": {"frozen_weights": p["frozen"], "trainable_weights": p["masters"],
+                           "gradients": p["grads_step"], "optimizer_state": p["state"], "activations": 0.0,
+                           "other": other + p["step_temp"]},
+    }
+
+
+def peak_of(moments_: dict) -> tuple[str, dict]:
+    """The moment holding the most, and its breakdown in whole bytes (the parts' order kept)."""
+    phase = max(moments_, key=lambda m: sum(moments_[m].values()))
+    return phase, {k: int(round(v)) for k, v in moments_[phase].items()}
 
 
 def run_settings(cfg, device, seq: int | None = None) -> dict:
@@ -239,11 +264,27 @@ def _largest_fitting(lo: int, hi: int, fits) -> int | None:
     return lo
 
 
-def suggest_fixes(model_config: dict, gpu_gb: float, **settings) -> list[dict]:
+MAX_GPUS = 512  # the most GPUs a fix may propose
+
+
+def _smallest_fitting(lo: int, hi: int, fits) -> int | None:
+    """The smallest n in [lo, hi] with fits(n), assuming fits is monotone (larger always fits better)."""
+    if not fits(hi):
+        return None
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(mid) else (mid + 1, hi)
+    return lo
+
+
+def suggest_fixes(model_config: dict, gpu_gb: float, estimator=None, **settings) -> list[dict]:
     """If the estimate exceeds gpu_gb, the cheapest single changes that make it fit, cheapest first
-    (each with its new estimate); if none fits alone, them combined in that order. [] if it fits."""
+    (each with its new estimate); if none fits alone, them combined in that order. [] if it fits.
+    estimator: the per-GPU estimate (memory.sharding.estimate_per_gpu) when settings hold gpus and
+    fsdp: then sharding over the same GPUs, and the fewest GPUs that fit with FSDP, are options too."""
     limit = gpu_bytes(gpu_gb)
-    peak = lambda **kw: estimate(model_config, **{**settings, **kw})["peak_bytes"]
+    estimator = estimator or estimate
+    peak = lambda **kw: estimator(model_config, **{**settings, **kw})["peak_bytes"]
     if peak() <= limit:
         return []
     s = {"method": "lora", "batch": 1, "seq": 512, "grad_checkpointing": False, "optimizer": "adamw",
@@ -254,9 +295,18 @@ def suggest_fixes(model_config: dict, gpu_gb: float, **settings) -> list[dict]:
         b = _largest_fitting(1, s["batch"] - 1, lambda n: peak(**smaller(n)) <= limit) or 1
         options.append((f"micro batch {s['batch']} -> {b} (gradient accumulation x{math.ceil(s['batch'] / b)} "
                         "keeps the batch)", smaller(b)))
+    if s.get("gpus", 1) > 1 and s.get("fsdp") is False:
+        options.append((f"FSDP over the same {s['gpus']} GPUs (--fsdp: weights, gradients and optimizer state "
+                        "sharded; more communication)", {"fsdp": True}))
     if not s["grad_checkpointing"]:
         options.append(("gradient checkpointing (recomputes activations: ~30% more compute)",
                         {"grad_checkpointing": True}))
+    sharding_fits = s.get("gpus", 1) > 1 and peak(fsdp=True) <= limit
+    if "gpus" in s and s["gpus"] < MAX_GPUS and not sharding_fits:  # else sharding the GPUs at hand is enough
+        n = _smallest_fitting(s["gpus"] + 1, MAX_GPUS, lambda n: peak(gpus=n, fsdp=True) <= limit)
+        if n is not None:
+            options.append((f"{n} GPUs with --fsdp (more hardware; each holds 1/{n} of the weights and state)",
+                            {"gpus": n, "fsdp": True}))
     if s["method"] == "full":
         if s["optimizer"] == "adamw":
             options.append(("8-bit AdamW (optimizer state 8 -> 2 bytes per parameter)", {"optimizer": "adamw8bit"}))
@@ -307,10 +357,17 @@ def format_estimate(result: dict, name: str = "", gpu_gb: float | None = None, f
              f"{s['optimizer']}, {s['precision']}{', grad checkpointing' if s['grad_checkpointing'] else ''}, "
              f"{s['device']}",
              f"  parameters          {result['params']['total']:,} ({result['params']['trainable']:,} trainable)"]
+    shard = result.get("sharding")
+    if shard:
+        how = ("FSDP: weights, gradients, optimizer state sharded" if shard["strategy"] == "fsdp"
+               else "DDP: every GPU holds a full copy")
+        lines.append(f"  per GPU of {shard['gpus']} ({how}; each its own micro batch)")
     for key, value in result["breakdown"].items():
         lines.append(f"  {key.replace('_', ' '):<18}{_gib(value)}")
     peak = result["peak_bytes"]
     lines.append(f"  {'predicted peak':<18}{_gib(peak)}   ({peak / GB:.2f} GB, at the {result['phase']})")
+    if shard:
+        lines.append(f"  {'on one GPU':<18}{_gib(shard['single_gpu_peak_bytes'])}")
     if gpu_gb is not None:
         spare = gpu_bytes(gpu_gb) - peak
         lines.append(f"  fits in {gpu_gb:g} GiB: " + (f"yes ({spare / 2**30:.2f} GiB to spare)" if spare >= 0

@@ -8,7 +8,8 @@ Folder layout (`--out`, default runs/studies/<name>-<scale>):
   results.csv, report.md, report.html, plots/
 Each run is a fresh `python -m loralab.cli train` process, so peak memory is that run's alone and
 a crash cannot take the study down. Runs with a summary.json are skipped: rerunning the same
-command after an interruption continues where it stopped.
+command after an interruption continues where it stopped. Where the process runs is the Runner's
+business: here (subprocess_runner) or as a task on a Ray cluster (ray_runner.RayRunner, `--ray`).
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ from .report import make_report
 from .results import collect, estimate_stats, load_json
 from .spec import Study, describe, load_study, run_config, study_plan
 
-Runner = Callable[[list, Path, Path], int]  # (command, run folder, log file) -> exit code
+# (command, run folder, log file) -> exit code, or a one-line reason the run could not run at all
+Runner = Callable[[list, Path, Path], "int | str"]
 
 
 def subprocess_runner(cmd: list, run_dir: Path, log_path: Path) -> int:
@@ -56,8 +58,9 @@ def _fmt_s(s: float) -> str:
 
 
 def run_study(study: Study, out: str | Path, *, parallel: int = 1, runner: Runner | None = None,
-              log: Callable[[str], None] | None = None) -> list[dict]:
-    """Run every (cell, seed) not yet done; returns one record per run (status ok/failed/skipped)."""
+              threads: int | None = None, log: Callable[[str], None] | None = None) -> list[dict]:
+    """Run every (cell, seed) not yet done; returns one record per run (status ok/failed/skipped).
+    threads: each run's train.threads (default: this machine's cores shared by the parallel runs)."""
     out = Path(out).resolve()
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     runner = runner or subprocess_runner
@@ -66,8 +69,11 @@ def run_study(study: Study, out: str | Path, *, parallel: int = 1, runner: Runne
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "study.json", study_plan(study))
     extra = []
-    if parallel > 1 and not any(o.startswith("train.threads=") for o in study.overrides):
-        extra = [f"train.threads={max(1, (os.cpu_count() or 1) // parallel)}"]  # no oversubscription
+    if not any(o.startswith("train.threads=") for o in study.overrides):
+        if threads:
+            extra = [f"train.threads={threads}"]
+        elif parallel > 1:
+            extra = [f"train.threads={max(1, (os.cpu_count() or 1) // parallel)}"]  # no oversubscription
     jobs, records = [], []
     for cell in study.cells:
         for seed in cell.seeds:
@@ -92,6 +98,8 @@ def run_study(study: Study, out: str | Path, *, parallel: int = 1, runner: Runne
             code = runner(cmd, run_dir, run_dir / "train.log")
         except OSError as e:
             code = f"could not start: {e}"
+        except Exception as e:  # noqa: BLE001  a runner's own failure is this run's, never the study's
+            code = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
         wall = time.perf_counter() - t0
         ok = code == 0 and (run_dir / "summary.json").exists()
         err = None if ok else (code if isinstance(code, str) else f"exit {code}: {_last_error(run_dir / 'train.log')}")
@@ -106,7 +114,12 @@ def run_study(study: Study, out: str | Path, *, parallel: int = 1, runner: Runne
         return rec
 
     with ThreadPoolExecutor(max_workers=parallel) as pool:
-        records += list(pool.map(one, jobs))
+        try:
+            records += list(pool.map(one, jobs))
+        except KeyboardInterrupt:  # runs not started never start; a runner that can stop its runs does
+            pool.shutdown(wait=False, cancel_futures=True)
+            getattr(runner, "stop", lambda: None)()
+            raise
     write_json(out / "runs.json", records)
     return records
 
@@ -145,11 +158,33 @@ def build_report(study_dir: str | Path) -> dict:
     return make_report(study_dir, plan, stats, runs)
 
 
+def _run_on_ray(study: Study, out_dir: Path, address: str, *, parallel: int, gpus_per_run: float,
+                cpus_per_run: int, log: Callable[[str], None]) -> list[dict]:
+    """run_study with a RayRunner: as many runs in flight as the cluster holds (or --parallel, if more)."""
+    from .ray_runner import RayRunner, connect, disconnect
+
+    started = connect(address)
+    try:
+        ray_runner = RayRunner(cpus=cpus_per_run, gpus=gpus_per_run)
+        slots = ray_runner.slots()
+        log(f"[{study.name}] on Ray ({address}): {slots} runs at once, each {cpus_per_run} CPU(s)"
+            + (f" and {gpus_per_run:g} GPU(s)" if gpus_per_run else ""))
+        return run_study(study, out_dir, parallel=max(parallel, slots), runner=ray_runner, threads=cpus_per_run,
+                         log=log)
+    finally:
+        if started:
+            disconnect()
+
+
 def study_command(name: str, *, scale: str = "cpu", out: str | None = None, seeds: int | None = None,
                   parallel: int = 1, dry_run: bool = False, report_only: bool = False, overrides=(),
-                  runner: Runner | None = None, log: Callable[[str], None] | None = None) -> dict | str:
-    """`loralab study`: load, then print (dry run), rebuild the report, or run and report."""
+                  runner: Runner | None = None, ray: str | None = None, gpus_per_run: float = 0,
+                  cpus_per_run: int = 1, log: Callable[[str], None] | None = None) -> dict | str:
+    """`loralab study`: load, then print (dry run), rebuild the report, or run and report.
+    ray: run each (cell, seed) as a Ray task (auto, local or a cluster address; study.ray_runner)."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if ray is None and (gpus_per_run or cpus_per_run != 1):
+        raise UserError("--gpus-per-run and --cpus-per-run place runs on a Ray cluster: add --ray auto|local|ADDRESS")
     study = load_study(name, scale=scale, seeds=seeds, overrides=overrides)
     if dry_run:
         return describe(study)
@@ -164,6 +199,9 @@ def study_command(name: str, *, scale: str = "cpu", out: str | None = None, seed
         write_json(out_dir / "study.json", plan)
         if error:
             log(f"[{study.name}] {error}: the report shows the article's numbers only")
+    elif ray is not None:
+        records = _run_on_ray(study, out_dir, ray, parallel=parallel, gpus_per_run=gpus_per_run,
+                              cpus_per_run=cpus_per_run, log=log)
     else:
         records = run_study(study, out_dir, parallel=parallel, runner=runner, log=log)
         failed = [r for r in records if r["status"] == "failed"]
