@@ -278,3 +278,17 @@ def test_no_patience_never_stops(monkeypatch):
     result = _scripted_training(monkeypatch, itertools.count(1.0), patience=0, max_steps=12)
     assert not result.stopped_early and result.steps == 12
     assert torch.isfinite(torch.tensor(result.final_train_loss))
+
+
+def test_a_run_with_several_gpus_trains_data_parallel(tmp_path):
+    cmds = []
+
+    def record(cmd, run_dir, log_path):  # the command only; the runs "fail" (no summary.json)
+        cmds.append(cmd)
+        return 1
+
+    runner.run_study(_study(1), tmp_path / "two", runner=record, nproc=2, log=lambda m: None)
+    runner.run_study(_study(1), tmp_path / "one", runner=record, log=lambda m: None)
+    half = len(cmds) // 2
+    assert half and all(c[-2:] == ["--nproc", "2"] and c[-3].endswith("cell.yaml") for c in cmds[:half])
+    assert all(c[-1].endswith("cell.yaml") for c in cmds[half:])

@@ -58,9 +58,10 @@ def _fmt_s(s: float) -> str:
 
 
 def run_study(study: Study, out: str | Path, *, parallel: int = 1, runner: Runner | None = None,
-              threads: int | None = None, log: Callable[[str], None] | None = None) -> list[dict]:
+              threads: int | None = None, nproc: int = 1, log: Callable[[str], None] | None = None) -> list[dict]:
     """Run every (cell, seed) not yet done; returns one record per run (status ok/failed/skipped).
-    threads: each run's train.threads (default: this machine's cores shared by the parallel runs)."""
+    threads: each run's train.threads (default: this machine's cores shared by the parallel runs);
+    nproc: processes per run (> 1: each run is data parallel, `loralab train --nproc`)."""
     out = Path(out).resolve()
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     runner = runner or subprocess_runner
@@ -94,6 +95,7 @@ def run_study(study: Study, out: str | Path, *, parallel: int = 1, runner: Runne
             log(f"[{study.name}] start {cell.name} seed {seed}")
         t0 = time.perf_counter()
         cmd = [sys.executable, "-m", "loralab.cli", "train", str(run_dir / "cell.yaml")]
+        cmd += ["--nproc", str(nproc)] if nproc > 1 else []
         try:
             code = runner(cmd, run_dir, run_dir / "train.log")
         except OSError as e:
@@ -169,8 +171,9 @@ def _run_on_ray(study: Study, out_dir: Path, address: str, *, parallel: int, gpu
         slots = ray_runner.slots()
         log(f"[{study.name}] on Ray ({address}): {slots} runs at once, each {cpus_per_run} CPU(s)"
             + (f" and {gpus_per_run:g} GPU(s)" if gpus_per_run else ""))
+        # a run given several GPUs trains on all of them: one process per GPU (torchrun, DDP)
         return run_study(study, out_dir, parallel=max(parallel, slots), runner=ray_runner, threads=cpus_per_run,
-                         log=log)
+                         nproc=max(1, int(gpus_per_run)), log=log)
     finally:
         if started:
             disconnect()
