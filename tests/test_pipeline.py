@@ -130,3 +130,26 @@ def test_precision_auto_is_resolved_once_and_the_callers_config_is_left_alone(ti
     assert cfg.train.precision == "auto"  # not overwritten
     assert summary["precision"] == resolved
     assert load_config(tmp_path / "run" / "config.yaml").train.precision == resolved  # what the run used
+
+
+def test_users_alpaca_file_on_the_demo_config_just_trains(tiny_folder, tmp_path, capsys):
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Add {i} and {i + 1}", "input": "", "output": str(2 * i + 1)})
+                            + "\n" for i in range(12)))
+    out = tmp_path / "run"
+    code = main(["train", "configs/demo.yaml", f"data.path={data}", f"model.name={tiny_folder}", f"output_dir={out}",
+                 "train.max_steps=2", "train.batch_size=4", "train.progress=false", "eval.n=4"])
+    assert code == 0, capsys.readouterr().err
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_the_demo_configs_template_renders_its_tasks_exactly_as_raw(tiny_tokenizer):
+    from loralab.data.prompts import render_example, render_prompt
+    from loralab.data.tasks import make_task
+
+    cfg = load_config("configs/demo.yaml")
+    train, test = make_task("2ds", 5, 5, cfg.data.seed)
+    for ex in train + test:
+        assert render_example(ex, tiny_tokenizer, template=cfg.data.template) == \
+            render_example(ex, tiny_tokenizer, template="raw")
+        assert render_prompt(ex, tiny_tokenizer, template=cfg.data.template) == ex.prompt

@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("adapter_dir")
     m.add_argument("out_dir")
     m.add_argument("--model", default=None, help="base model (default: the adapter's base_model_name_or_path)")
-    m.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    m.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="weights' dtype (default auto: the base's own stored dtype)")
     m.set_defaults(func=cmd_merge)
 
     s = sub.add_parser("study", help="run a preset study (the article's experiments) and write a report",

@@ -11,7 +11,7 @@ from .data.tasks import make_task
 from .errors import UserError
 from .eval.metrics import exact_match, generate_answers
 from .io.export import new_output_folder, save_hf_folder
-from .io.models import load_model
+from .io.models import load_model, stored_dtype
 from .peft.adapters import load_adapter
 from .peft.merge import merge_and_unload
 
@@ -31,15 +31,17 @@ def adapter_base(adapter_dir: str | None) -> str | None:
         raise UserError(f"{cfg_path}:{e.lineno}: invalid JSON ({e.msg})") from None
 
 
-def load_with_adapter(model: str | None, adapter_dir: str | None, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) for a base spec (default: the adapter's base) with the adapter applied."""
+def load_with_adapter(model: str | None, adapter_dir: str | None, dtype: torch.dtype = torch.float32,
+                      *, with_folder: bool = False):
+    """(model, tokenizer) for a base spec (default: the adapter's base) with the adapter applied;
+    with_folder: (model, tokenizer, the base's local folder)."""
     spec = model or adapter_base(adapter_dir) or DEFAULT_MODEL
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    base, tok, _ = load_model(spec, dtype, device=device)
+    base, tok, folder = load_model(spec, dtype, device=device)
     if adapter_dir:
         load_adapter(base, adapter_dir)
     base.eval()
-    return base, tok
+    return (base, tok, folder) if with_folder else (base, tok)
 
 
 def evaluate_model(model: str | None, adapter_dir: str | None, *, tasks: list[str], n: int = 100,
@@ -86,13 +88,24 @@ def chat(model: str | None, adapter_dir: str | None, *, max_new_tokens: int = 25
         print(f"model> {reply}")
 
 
-MERGE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+MERGE_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def merge_to_folder(adapter_dir: str, out_dir: str, *, dtype: str = "bf16", model: str | None = None) -> Path:
-    """Merge the adapter into its base; write an HF folder (safetensors + tokenizer) atomically."""
+def merged_model(adapter_dir: str, model: str | None = None):
+    """(base with the adapter merged in, fp32 plain nn.Linear layers; tokenizer; the base's folder)."""
+    m, tok, folder = load_with_adapter(model, adapter_dir, dtype=torch.float32, with_folder=True)
+    merge_and_unload(m)  # in fp32: the caller casts
+    return m, tok, folder
+
+
+def merge_to_folder(adapter_dir: str, out_dir: str, *, dtype: str = "auto", model: str | None = None) -> Path:
+    """Merge the adapter into its base; write an HF folder (safetensors + tokenizer) atomically.
+
+    dtype "auto" keeps the base's stored dtype: an fp32 base merged into bf16 would round every
+    weight (logits off by ~0.3 on the default model)."""
+    if dtype not in MERGE_DTYPES:
+        raise UserError(f"merge dtype must be one of {', '.join(MERGE_DTYPES)}, got {dtype!r}")
     out = new_output_folder(out_dir)
-    m, tok = load_with_adapter(model, adapter_dir, dtype=torch.float32)  # merge in fp32, then cast
-    merge_and_unload(m)
-    m.to(MERGE_DTYPES[dtype])
+    m, tok, folder = merged_model(adapter_dir, model)
+    m.to(MERGE_DTYPES[dtype] or stored_dtype(folder))
     return save_hf_folder(m, tok, out)

@@ -192,3 +192,18 @@ def test_template_that_trims_contents_still_masks_the_right_turn():
     assert labelled_runs(tok, enc) == ["ok" + EOT]
     n = len(enc.input_ids)
     assert [i for i, lab in enumerate(enc.labels) if lab != IGNORE_INDEX] == [n - 4, n - 3, n - 2]
+
+
+def test_raw_template_error_names_the_records_actual_format(tmp_path, tiny_tokenizer):
+    from loralab.data.formats import load_examples
+
+    p = tmp_path / "mine.jsonl"
+    p.write_text('{"instruction": "Add 1 and 2", "output": "3"}\n'
+                 '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
+    alpaca, chat_record = load_examples(p)
+    with pytest.raises(UserError) as e:
+        encode(alpaca, tiny_tokenizer, template="raw")
+    assert str(e.value) == (f"{p}:1: data.template=raw needs prompt/response or text records, this one is an "
+                            "Alpaca record (instruction/output) (use data.template=auto, chat or alpaca)")
+    with pytest.raises(UserError, match=r"mine.jsonl:2: .* this one is a chat record \(messages\)"):
+        encode(chat_record, tiny_tokenizer, template="raw")

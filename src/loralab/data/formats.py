@@ -22,6 +22,9 @@ from pathlib import Path
 from ..errors import UserError
 
 ROLES = ("system", "user", "assistant")
+# What each record format is called in messages, so an error names what the user actually has.
+KINDS = {"alpaca": "an Alpaca record (instruction/output)", "chat": "a chat record (messages)",
+         "prompt": "a prompt/response record", "text": "a text record"}
 
 
 @dataclass
@@ -30,6 +33,7 @@ class Example:
     response: str = ""                    # raw text the model learns (loss on it)
     messages: list[dict] | None = None    # chat form; loss on assistant contents only
     source: str = ""                      # "file.jsonl:7", for error messages
+    kind: str = ""                        # the record's format, a key of KINDS (for error messages)
 
     @property
     def is_chat(self) -> bool:
@@ -73,7 +77,7 @@ def _read_text(text: str, name: str) -> list[Example]:
                 start = lineno
             block.append(line.rstrip())
         elif block:
-            out.append(Example(response="\n".join(block), source=f"{name}:{start}"))
+            out.append(Example(response="\n".join(block), source=f"{name}:{start}", kind="text"))
             block = []
     return out
 
@@ -150,20 +154,20 @@ def parse_record(obj, src: str) -> Example:
     if not isinstance(obj, dict):
         raise UserError(f"{src}: expected a JSON object, got {type(obj).__name__}")
     if "messages" in obj:
-        return Example(messages=_messages(obj["messages"], src), source=src)
+        return Example(messages=_messages(obj["messages"], src), source=src, kind="chat")
     if "instruction" in obj or "output" in obj:
         instruction = _string(obj, "instruction", src, nonempty=True)
         extra = _string(obj, "input", src, required=False)
         output = _string(obj, "output", src, nonempty=True)
         user = instruction + ("\n\n" + extra if extra.strip() else "")
         return Example(messages=[{"role": "user", "content": user},
-                                 {"role": "assistant", "content": output}], source=src)
+                                 {"role": "assistant", "content": output}], source=src, kind="alpaca")
     if "prompt" in obj:
         key = "completion" if "completion" in obj and "response" not in obj else "response"
         prompt = _string(obj, "prompt", src)
-        return Example(prompt=prompt, response=_string(obj, key, src, nonempty=True), source=src)
+        return Example(prompt=prompt, response=_string(obj, key, src, nonempty=True), source=src, kind="prompt")
     if "text" in obj:
-        return Example(response=_string(obj, "text", src, nonempty=True), source=src)
+        return Example(response=_string(obj, "text", src, nonempty=True), source=src, kind="text")
     raise UserError(f"{src}: missing 'instruction'/'output', 'messages', 'prompt'/'response' or 'text' "
                     f"(record keys: {', '.join(map(str, obj)) or 'none'})")
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import UserError
-from .formats import Example
+from .formats import KINDS, Example
 
 IGNORE_INDEX = -100
 TEMPLATES = ("auto", "chat", "alpaca", "raw")
@@ -68,8 +68,9 @@ def _style(example: Example, tok, template: str) -> str:
     if not example.is_chat and (template in ("auto", "raw") or not example.prompt):
         return "raw"
     if example.is_chat and template == "raw":
-        raise UserError(f"{example.source or 'example'}: data.template=raw needs prompt/response records, "
-                        f"this one has chat messages (use auto, chat or alpaca)")
+        what = KINDS.get(example.kind, "a chat record (messages)")
+        raise UserError(f"{example.source or 'example'}: data.template=raw needs prompt/response or text records, "
+                        f"this one is {what} (use data.template=auto, chat or alpaca)")
     has_chat = bool(getattr(tok, "chat_template", None))
     if template == "auto":
         return "chat" if has_chat else "alpaca"
