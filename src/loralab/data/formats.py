@@ -16,7 +16,7 @@ fixes one line at a time with no traceback to read.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
@@ -33,7 +33,7 @@ class Example:
     response: str = ""                    # raw text the model learns (loss on it)
     messages: list[dict] | None = None    # chat form; loss on assistant contents only
     source: str = ""                      # "file.jsonl:7", for error messages
-    kind: str = ""                        # the record's format, a key of KINDS (for error messages)
+    kind: str = field(default="", compare=False)  # the record's format, a key of KINDS (for messages)
 
     @property
     def is_chat(self) -> bool:
