@@ -53,3 +53,23 @@ def test_merge_defaults_to_bf16_for_a_bf16_base_and_obeys_dtype(trained, tmp_pat
     assert main(["merge", str(trained), str(tmp_path / "m32"), "--model", str(base16), "--dtype", "fp32"]) == 0
     assert _stored(tmp_path / "m32") == {"F32"}
     assert json.loads((tmp_path / "m32" / "config.json").read_text())["dtype"] == "float32"
+
+
+def test_the_merged_folders_generation_config_stops_on_the_tokenizers_eos(trained, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tiny_tokenizer import make_tiny_tokenizer
+
+    base = tmp_path / "base"
+    save_tiny_folder(base, eos_token_id=0)  # converted from elsewhere: the config names <|endoftext|>
+    model = AutoModelForCausalLM.from_pretrained(base)
+    assert model.generation_config.eos_token_id == 0
+    assert main(["merge", str(trained), str(tmp_path / "m"), "--model", str(base)]) == 0
+    gen = json.loads((tmp_path / "m" / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == 2 and gen["pad_token_id"] == 2  # <|im_end|>: what training taught
+
+    tok = make_tiny_tokenizer()
+    tok.eos_token = "<|endoftext|>"  # EOS and end of turn differ: both stop generation
+    tok.save_pretrained(base)
+    assert main(["merge", str(trained), str(tmp_path / "m2"), "--model", str(base)]) == 0
+    assert json.loads((tmp_path / "m2" / "generation_config.json").read_text())["eos_token_id"] == [0, 2]

@@ -153,3 +153,38 @@ def test_the_demo_configs_template_renders_its_tasks_exactly_as_raw(tiny_tokeniz
         assert render_example(ex, tiny_tokenizer, template=cfg.data.template) == \
             render_example(ex, tiny_tokenizer, template="raw")
         assert render_prompt(ex, tiny_tokenizer, template=cfg.data.template) == ex.prompt
+
+
+def test_the_summary_and_table_report_how_many_held_out_generations_stop(tiny_folder, tmp_path):
+    from loralab.summary import format_table
+
+    cfg = _cfg(tiny_folder, tmp_path / "tasks")
+    s = run_training(cfg, quiet=True)  # task runs: exact match's own generations are counted
+    assert s["stops"]["n"] == 6 and s["stops"]["held_out"] == "2da" and 0 <= s["stops"]["stopped"] <= 6
+    assert s["stops"]["budget"] == "8 tokens"
+    assert f"stops on EOS    {s['stops']['stopped']}/6 held-out generations (2da; within 8 tokens)" \
+        in format_table(s, cfg)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q{i}:", "response": f" a{i}"}) + "\n" for i in range(40)))
+    s = run_training(_cfg(tiny_folder, tmp_path / "file", f"data.path={data}", "data.val_fraction=0.25",
+                          "eval.n=4"), quiet=True)  # a data file: the validation examples are generated
+    assert s["stops"]["n"] == 4 and s["stops"]["held_out"] == "validation"
+    assert json.loads((tmp_path / "file" / "summary.json").read_text())["stops"] == s["stops"]
+
+
+def test_data_that_would_teach_the_model_never_to_stop_is_warned_about_before_training(tiny_folder, tmp_path,
+                                                                                     capsys):
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "Q:", "response": " " + "word " * 20}) + "\n" for _ in range(8)))
+    code = main(["train", f"data.path={data}", f"model.name={tiny_folder}", f"output_dir={tmp_path / 'o'}",
+                 "data.max_seq_len=16", "train.max_steps=1", "train.batch_size=4", "train.progress=false",
+                 "data.val_fraction=0"])
+    assert code == 0
+    err = capsys.readouterr().err.splitlines()
+    warning = [l for l in err if "learn not to stop" in l]
+    assert warning == ["loralab: warning: only 0 of 8 training examples end with a learned EOS / end-of-turn "
+                       "token (8 were cut by data.max_seq_len=16): the model will learn not to stop"]
+    first_training_line = min(i for i, l in enumerate(err) if "training examples (" in l)
+    assert err.index(warning[0]) > first_training_line  # with the data report, before training starts
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["warnings"] == [warning[0].removeprefix("loralab: warning: ")]

@@ -19,7 +19,10 @@ def cmd_train(args) -> int:
     from .pipeline import run_training
     from .summary import format_table
 
-    cfg = load_config(args.config, args.overrides)
+    config, overrides = args.config, list(args.overrides)
+    if config and "=" in config and not os.path.exists(config):  # `loralab train data.path=x.jsonl`: no YAML
+        config, overrides = None, [config] + overrides
+    cfg = load_config(config, overrides)
     summary = run_training(cfg)
     print(format_table(summary, cfg))
     return 0

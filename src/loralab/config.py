@@ -89,6 +89,7 @@ class EvalConfig:
     before: bool = True               # also evaluate the base model before training
     batch_size: int = 50
     max_new_tokens: int = 8
+    stop_check: bool = True           # after training: how many held-out generations stop on EOS (summary, table)
 
 
 @dataclass

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
+from .data.prompts import stop_token_ids
 from .data.tasks import make_task
 from .errors import UserError
 from .eval.metrics import exact_match, generate_answers
@@ -98,14 +99,29 @@ def merged_model(adapter_dir: str, model: str | None = None):
     return m, tok, folder
 
 
+def set_stop_tokens(model, tok) -> list[int]:
+    """The tokenizer's stop tokens (EOS, and the chat template's end of turn) as the model's
+    generation eos_token_id, so generate() on a saved folder stops where training taught it to.
+    (Bases converted from elsewhere often carry another id, e.g. <|endoftext|> for a chat model.)"""
+    stops = stop_token_ids(tok)
+    if stops:
+        model.generation_config.eos_token_id = stops[0] if len(stops) == 1 else stops
+        model.config.eos_token_id = stops[0]
+    if tok.pad_token_id is not None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+    return stops
+
+
 def merge_to_folder(adapter_dir: str, out_dir: str, *, dtype: str = "auto", model: str | None = None) -> Path:
     """Merge the adapter into its base; write an HF folder (safetensors + tokenizer) atomically.
 
     dtype "auto" keeps the base's stored dtype: an fp32 base merged into bf16 would round every
-    weight (logits off by ~0.3 on the default model)."""
+    weight (logits off by ~0.3 on the default model). generation_config.json carries the tokenizer's
+    stop tokens (set_stop_tokens)."""
     if dtype not in MERGE_DTYPES:
         raise UserError(f"merge dtype must be one of {', '.join(MERGE_DTYPES)}, got {dtype!r}")
     out = new_output_folder(out_dir)
     m, tok, folder = merged_model(adapter_dir, model)
     m.to(MERGE_DTYPES[dtype] or stored_dtype(folder))
+    set_stop_tokens(m, tok)
     return save_hf_folder(m, tok, out)

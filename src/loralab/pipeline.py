@@ -25,6 +25,7 @@ from .data.prompts import encode_all
 from .data.tasks import make_task
 from .errors import UserError
 from .eval.metrics import exact_match
+from .eval.stops import stop_check, task_stops
 from .io.fileio import atomic_write_text, write_json
 from .io.models import base_model_path, load_model
 from .memory.estimate import run_memory_breakdown
@@ -33,7 +34,7 @@ from .peft.adapters import save_adapter
 from .peft.inject import count_parameters, inject
 from .peft.lora import LoraSpec
 from .peft.targets import resolve_targets
-from .summary import build_summary, epoch_warnings
+from .summary import build_summary, epoch_warnings, stop_warnings
 from .train import checkpoint
 from .train.loop import Hooks, NonFiniteLoss, train
 from .train.precision import default_device, resolve_precision
@@ -150,6 +151,19 @@ def run_evals(model, tok, tests: dict, cfg: RunConfig) -> dict:
             for name, examples in tests.items()}
 
 
+def held_out_stops(model, tok, data: Datasets, after: dict, cfg: RunConfig) -> dict | None:
+    """How many held-out generations stop on EOS: the task answers' count, else the validation set's."""
+    if not cfg.eval.stop_check:
+        return None
+    if after:
+        return task_stops(after, cfg.eval.max_new_tokens)
+    if not data.val or not cfg.eval.n:
+        return None
+    return stop_check(model, tok, data.val[:cfg.eval.n], template=cfg.data.template,
+                      system_prompt=cfg.data.system_prompt, slack=cfg.eval.max_new_tokens,
+                      batch_size=cfg.eval.batch_size)
+
+
 def run_training(cfg: RunConfig, *, quiet: bool = False, data: Datasets | None = None) -> dict:
     """Run one configured fine-tune end to end and write its artifacts. Returns the summary dict.
 
@@ -173,7 +187,7 @@ def run_training(cfg: RunConfig, *, quiet: bool = False, data: Datasets | None =
         f" ({len(info['targets'])} LoRA modules), weights {info['weights_dtype']}")
     log(f"loralab: {len(train_enc):,} training examples ({train_stats['n_truncated']} truncated, "
         f"{train_stats['n_dropped']} dropped, {train_stats['n_tokens']:,} tokens), {len(val_enc):,} validation")
-    warnings = epoch_warnings(len(train_enc), cfg)
+    warnings = epoch_warnings(len(train_enc), cfg) + stop_warnings(train_stats, cfg)
     for w in warnings:
         log(f"loralab: warning: {w}")
     cfg_dict = cfg.to_dict()
@@ -226,12 +240,13 @@ def run_training(cfg: RunConfig, *, quiet: bool = False, data: Datasets | None =
                         f"run the same command again to resume")
 
     after = run_evals(model, tok, data.tests, cfg) if data.tests else {}
+    stops = held_out_stops(model, tok, data, after, cfg)
     if cfg.train.method == "lora":
         save_adapter(model, out / "adapter", base_model_name_or_path=base_path)
     longest = max(len(e.input_ids) for e in train_enc)
     summary = build_summary(cfg, device=device, info=info, result=result, n_train=len(train_enc),
                             train_stats=train_stats, memory=peak.result(),
                             breakdown=run_memory_breakdown(cfg, folder, device, seq=longest),
-                            warnings=warnings, before=before, after=after, out=out)
+                            warnings=warnings, before=before, after=after, out=out, stops=stops)
     write_json(out / "summary.json", summary)
     return summary
