@@ -188,3 +188,17 @@ def test_data_that_would_teach_the_model_never_to_stop_is_warned_about_before_tr
     assert err.index(warning[0]) > first_training_line  # with the data report, before training starts
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["warnings"] == [warning[0].removeprefix("loralab: warning: ")]
+
+
+def test_training_on_a_parquet_file_through_data_columns(tiny_folder, tmp_path):
+    import datasets
+
+    rows = [{"question": f"What is {i} plus 1?", "answer": str(i + 1)} for i in range(16)]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "qa.parquet"))
+    out = tmp_path / "run"
+    assert main(["train", f"model.name={tiny_folder}", f"data.path={tmp_path / 'qa.parquet'}",
+                 "data.columns={instruction: question, output: answer}", "train.max_steps=2", "train.batch_size=4",
+                 "train.progress=false", "eval.n=2", f"output_dir={out}"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train_examples"] == 16 - round(0.05 * 16) and summary["steps"] == 2
+    assert load_config(out / "config.yaml").data.columns == {"instruction": "question", "output": "answer"}

@@ -40,7 +40,8 @@ class LoRAConfig:
 
 @dataclass
 class DataConfig:
-    path: str | None = None           # a data file (alpaca json/jsonl, chat jsonl, prompt/response jsonl, txt)
+    path: str | None = None           # alpaca/chat/prompt-response json(l), txt; datasets folder, .parquet, .csv
+    columns: dict | None = None       # loralab field -> the data's column, e.g. {instruction: question, output: answer}
     tasks: list = field(default_factory=lambda: list(ARITHMETIC_DEFAULT))  # synthetic tasks when no path
     n_train: int = 2000               # training examples per synthetic task
     val_fraction: float = 0.05        # held-out share of the training data for validation loss
@@ -165,6 +166,9 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
         if isinstance(value, list):
+            return value
+    elif ann is dict or origin is dict:
+        if isinstance(value, dict):
             return value
     name = getattr(ann, "__name__", str(ann))
     raise UserError(f"config key '{key}' must be {name}, got {value!r}")

@@ -40,7 +40,38 @@ class Example:
         return self.messages is not None
 
 
-def load_examples(path: str | Path) -> list[Example]:
+# The loralab fields a record may carry; data.columns maps each to a column (key) of the user's data.
+FIELDS = ("instruction", "input", "output", "prompt", "response", "completion", "messages", "text")
+
+
+def check_columns(columns: dict | None) -> dict | None:
+    """data.columns, checked: {loralab field: the data's column name}."""
+    if columns is None:
+        return None
+    if not isinstance(columns, dict) or not columns:
+        raise UserError(f"config key 'data.columns' must map loralab fields to column names, got {columns!r}")
+    for field_name, column in columns.items():
+        if field_name not in FIELDS:
+            raise UserError(f"config key 'data.columns' names unknown field {field_name!r} "
+                            f"(fields: {', '.join(FIELDS)})")
+        if not isinstance(column, str) or not column:
+            raise UserError(f"config key 'data.columns.{field_name}' must be a column name, got {column!r}")
+    return columns
+
+
+def remap(obj, columns: dict | None, src: str):
+    """A record with data.columns applied: only the mapped columns, under loralab's field names."""
+    if columns is None or not isinstance(obj, dict):
+        return obj
+    missing = [c for c in columns.values() if c not in obj]
+    if missing:
+        raise UserError(f"{src}: data.columns names {', '.join(map(repr, missing))}, not in the record "
+                        f"(its keys: {', '.join(map(str, obj)) or 'none'})")
+    return {field_name: obj[column] for field_name, column in columns.items()}
+
+
+def load_examples(path: str | Path, columns: dict | None = None) -> list[Example]:
+    columns = check_columns(columns)
     p = Path(path)
     if not p.exists():
         raise UserError(f"{p}: no such data file")
@@ -60,10 +91,10 @@ def load_examples(path: str | Path) -> list[Example]:
     if suffix == ".txt" or (suffix not in (".json", ".jsonl") and first not in "[{"):
         return _read_text(text, name)
     if first == "[":
-        return _read_json_array(text, name)
+        return _read_json_array(text, name, columns)
     if suffix == ".json" and first != "{":
         raise UserError(f"{name}:1: expected a JSON list of records (or one JSON object per line)")
-    return _read_jsonl(text, name)
+    return _read_jsonl(text, name, columns)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,7 +113,7 @@ def _read_text(text: str, name: str) -> list[Example]:
     return out
 
 
-def _read_jsonl(text: str, name: str) -> list[Example]:
+def _read_jsonl(text: str, name: str, columns: dict | None) -> list[Example]:
     out = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -92,11 +123,11 @@ def _read_jsonl(text: str, name: str) -> list[Example]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(f"{src}: malformed JSON ({e.msg} at column {e.colno})") from None
-        out.append(parse_record(obj, src))
+        out.append(parse_record(remap(obj, columns, src), src))
     return out
 
 
-def _read_json_array(text: str, name: str) -> list[Example]:
+def _read_json_array(text: str, name: str, columns: dict | None) -> list[Example]:
     """Decode a top-level JSON list element by element, so each record knows its line number."""
     dec = json.JSONDecoder()
 
@@ -118,7 +149,8 @@ def _read_json_array(text: str, name: str) -> list[Example]:
             obj, end = dec.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             raise UserError(f"{name}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-        out.append(parse_record(obj, f"{name}:{line_at(pos)}"))
+        src = f"{name}:{line_at(pos)}"
+        out.append(parse_record(remap(obj, columns, src), src))
         pos = skip_ws(end)
         if pos < len(text) and text[pos] == ",":
             pos += 1
