@@ -81,6 +81,12 @@ class TrainConfig:
     skip_nonfinite: bool = False      # skip a batch whose loss/grad is NaN/Inf instead of stopping
     threads: int | None = None        # torch CPU threads (None: torch's default)
     progress: bool = True
+    # Experiment tracking (track/): where metrics go, and how the run is named there.
+    report_to: list = field(default_factory=lambda: ["jsonl"])  # any of REPORT_TO
+    run_name: str | None = None       # tensorboard / mlflow run name (None: output_dir's folder name)
+    experiment: str = "loralab"       # mlflow experiment
+    mlflow_uri: str | None = None     # None: $MLFLOW_TRACKING_URI, else a file store in <output_dir>/mlruns
+    tags: dict = field(default_factory=dict)  # run tags (studies set study, cell, seed)
 
 
 @dataclass
@@ -113,6 +119,7 @@ class RunConfig:
         return d
 
 
+REPORT_TO = ("jsonl", "tensorboard", "mlflow")  # jsonl: metrics.jsonl in output_dir
 CHOICES = {
     "model.quant": ("none", "nf4"),
     "model.attn_implementation": ("auto", "eager", "sdpa"),
@@ -231,6 +238,14 @@ def validate(cfg: RunConfig) -> RunConfig:
     if not isinstance(cfg.lora.targets, (str, list)) or not cfg.lora.targets:
         raise UserError(f"config key 'lora.targets' must be a preset name or a non-empty list, "
                         f"got {cfg.lora.targets!r}")
+    unknown = [s for s in cfg.train.report_to if s not in REPORT_TO]
+    if unknown:
+        raise UserError(f"config key 'train.report_to' has unknown {', '.join(map(repr, unknown))} "
+                        f"(choose from {', '.join(REPORT_TO)})")
+    if not all(isinstance(k, str) and isinstance(v, (str, int, float, bool)) for k, v in cfg.train.tags.items()):
+        raise UserError(f"config key 'train.tags' must map names to plain values, got {cfg.train.tags!r}")
+    if cfg.data.columns is not None and not (isinstance(cfg.data.columns, dict) and cfg.data.columns):
+        raise UserError(f"config key 'data.columns' must map loralab fields to column names, got {cfg.data.columns!r}")
     if not cfg.data.path and not cfg.data.tasks:
         raise UserError("config key 'data.path' or 'data.tasks' must be set")
     if cfg.resume not in ("auto", True, False):

@@ -4,6 +4,7 @@
 files, the loop does not. Output directory layout:
   config.yaml      the resolved config
   metrics.jsonl    one line per step (step, loss, lr, tokens, elapsed_s) and per validation
+                   (train.report_to: jsonl, the default; tensorboard/ and mlflow runs too: track/)
   adapter/         PEFT format (adapter_config.json + adapter_model.safetensors)
   summary.json     runtime, tokens/s, peak memory, parameters, losses, eval before/after (summary.py)
 """
@@ -35,6 +36,8 @@ from .peft.inject import count_parameters, inject
 from .peft.lora import LoraSpec
 from .peft.targets import resolve_targets
 from .summary import build_summary, epoch_warnings, stop_warnings
+from .track.fanout import open_trackers
+from .track.names import flat_params
 from .train import checkpoint
 from .train.loop import Hooks, NonFiniteLoss, train
 from .train.precision import default_device, resolve_precision
@@ -138,13 +141,6 @@ def find_resume(cfg: RunConfig, out: Path) -> dict | None:
     return snap
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    if not path.exists():
-        return
-    keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
-    atomic_write_text(path, "".join(l + "\n" for l in keep))
-
-
 def run_evals(model, tok, tests: dict, cfg: RunConfig) -> dict:
     return {name: exact_match(model, tok, examples, template=cfg.data.template, system_prompt=cfg.data.system_prompt,
                               batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens)
@@ -192,37 +188,52 @@ def run_training(cfg: RunConfig, *, quiet: bool = False, data: Datasets | None =
         log(f"loralab: warning: {w}")
     cfg_dict = cfg.to_dict()
     atomic_write_text(out / "config.yaml", dump_yaml(cfg))
-    before_path = out / "eval_before.json"
     if resume is not None:
         checkpoint.restore_trainable(model, resume["trainable"], resume["path"])
-        _truncate_metrics(out / "metrics.jsonl", resume["step"])  # drop lines after the checkpoint
         log(f"loralab: resuming from {resume['path']} (step {resume['step']})")
+    trackers = open_trackers(cfg.train.report_to, out, resume_step=resume["step"] if resume else 0,
+                             run_name=cfg.train.run_name, experiment=cfg.train.experiment,
+                             mlflow_uri=cfg.train.mlflow_uri)
+    status = "FAILED"
+    try:
+        trackers.start(flat_params(cfg_dict), cfg.train.tags)
+        summary = _train_and_report(cfg, model, tok, folder, info, data, train_enc, train_stats, val_enc, resume,
+                                    warnings, out, device, trackers, log)
+        status = "FINISHED"
+    except UserError as e:
+        status = "KILLED" if str(e).startswith("interrupted") else "FAILED"
+        raise
+    finally:
+        trackers.close(status)
+    return summary
+
+
+def _train_and_report(cfg, model, tok, folder, info, data, train_enc, train_stats, val_enc, resume, warnings, out,
+                      device, trackers, log) -> dict:
+    """The run once its inputs are checked: eval before, the loop, eval after, the files, the summary."""
+    before_path = out / "eval_before.json"
     if resume is not None and before_path.exists():
         before = json.loads(before_path.read_text())
     elif cfg.eval.before and data.tests:
         log("loralab: evaluating the base model...")
         before = run_evals(model, tok, data.tests, cfg)
         write_json(before_path, before)
+        trackers.log_eval(before, step=0)
     else:
         before = {}
     base_path = base_model_path(cfg.model.name, folder)
-    metrics = open(out / "metrics.jsonl", "a" if resume is not None else "w")
-
-    def write_metric(record: dict):
-        metrics.write(json.dumps(record) + "\n")
-        metrics.flush()
 
     def on_eval(record: dict):
         if cfg.train.eval_every and data.tests:  # task accuracy beside the validation loss
             record["accuracy"] = {name: r["accuracy"] for name, r in run_evals(model, tok, data.tests, cfg).items()}
-        write_metric(record)
+        trackers.log(record)
         if record.get("is_best") and cfg.train.method == "lora" and cfg.train.eval_every:
             save_adapter(model, out / "best_adapter", base_model_name_or_path=base_path)
 
     def on_checkpoint(state):
-        checkpoint.save(out / "checkpoints", snapshot(state), cfg_dict, keep=cfg.train.keep_checkpoints)
+        checkpoint.save(out / "checkpoints", snapshot(state), cfg.to_dict(), keep=cfg.train.keep_checkpoints)
 
-    hooks = Hooks(on_log=write_metric, on_eval=on_eval, on_checkpoint=on_checkpoint, should_stop=stop_flag.is_set)
+    hooks = Hooks(on_log=trackers.log, on_eval=on_eval, on_checkpoint=on_checkpoint, should_stop=stop_flag.is_set)
     cpu0 = time.process_time()
     try:
         with PeakMemory(device) as peak, stop_flag.installed():
@@ -232,14 +243,13 @@ def run_training(cfg: RunConfig, *, quiet: bool = False, data: Datasets | None =
         last = checkpoint.latest(out / "checkpoints")
         raise UserError(f"non-finite {e.what} at step {e.step}; last good checkpoint: {last or 'none'} "
                         "(set train.skip_nonfinite=true to skip such batches)") from None
-    finally:
-        metrics.close()
     info["train_cpu_s"] = time.process_time() - cpu0
     if result.interrupted:
         raise UserError(f"interrupted at step {result.steps}; checkpoint saved in {out / 'checkpoints'}; "
                         f"run the same command again to resume")
 
     after = run_evals(model, tok, data.tests, cfg) if data.tests else {}
+    trackers.log_eval(after, step=result.steps)
     stops = held_out_stops(model, tok, data, after, cfg)
     if cfg.train.method == "lora":
         save_adapter(model, out / "adapter", base_model_name_or_path=base_path)
@@ -249,4 +259,5 @@ def run_training(cfg: RunConfig, *, quiet: bool = False, data: Datasets | None =
                             breakdown=run_memory_breakdown(cfg, folder, device, seq=longest),
                             warnings=warnings, before=before, after=after, out=out, stops=stops)
     write_json(out / "summary.json", summary)
+    trackers.finish(summary)
     return summary
