@@ -29,6 +29,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    if args.harness:
+        return _harness(args)
     from .inference import evaluate_model
 
     result = evaluate_model(args.model, args.adapter, tasks=args.tasks.split(","), n=args.n,
@@ -38,6 +40,30 @@ def cmd_eval(args) -> int:
     else:
         for name, r in result["eval"].items():
             print(f"{name:<6} {100 * r['accuracy']:6.1f}%  ({r['correct']}/{r['n']})")
+    return 0
+
+
+def _harness(args) -> int:
+    from .inference import harness_before_after
+
+    tasks = [t.strip() for t in args.harness.split(",") if t.strip()]
+    result = harness_before_after(args.model, args.adapter, tasks=tasks, include_path=args.include_path or [],
+                                  batch_size=args.batch_size, limit=args.limit)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    before, after = result["before"], result["after"]
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"
+    print(f"{'task':<16} {'metric':<14} {'before':>8} {'after':>8}   change (lm-eval)" if before is not None
+          else f"{'task':<16} {'metric':<14} {'score':>8}   (lm-eval)")
+    for task, scores in after.items():
+        for metric, value in scores.items():
+            if before is None:
+                print(f"{task:<16} {metric:<14} {pct(value):>8}")
+                continue
+            old = before.get(task, {}).get(metric)
+            change = "" if old is None else f"{100 * (value - old):+.1f} pts"
+            print(f"{task:<16} {metric:<14} {pct(old):>8} {pct(value):>8}   {change}")
     return 0
 
 
@@ -120,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=50)
     e.add_argument("--template", default="auto")
     e.add_argument("--json", action="store_true")
+    e.add_argument("--harness", default=None, metavar="TASK[,TASK]",
+                   help="run lm-evaluation-harness tasks instead (loralab_2da, ..., the loralab tag, or your own)"
+                        ", on the base and then base + adapter")
+    e.add_argument("--include-path", action="append", default=None, metavar="DIR",
+                   help="a folder of lm-eval task files (YAML + data) for --harness; repeatable")
+    e.add_argument("--limit", type=int, default=None, help="--harness: at most this many items per task")
     e.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("generate", help="answer one prompt, or chat interactively, with base plus adapter")

@@ -57,6 +57,23 @@ def evaluate_model(model: str | None, adapter_dir: str | None, *, tasks: list[st
     return {"model": model or adapter_base(adapter_dir) or DEFAULT_MODEL, "adapter": adapter_dir, "eval": results}
 
 
+def harness_before_after(model: str | None, adapter_dir: str | None, *, tasks: list[str], include_path=(),
+                         batch_size: int = 32, limit: int | None = None) -> dict:
+    """lm-eval on the base alone (before) and with the adapter (after), one model load."""
+    from .eval.harness import run_harness
+
+    spec = model or adapter_base(adapter_dir) or DEFAULT_MODEL
+    m, tok = load_with_adapter(spec, None)
+    kw = dict(include_path=list(include_path), batch_size=batch_size, limit=limit)
+    out = {"model": spec, "adapter": adapter_dir, "before": run_harness(m, tok, tasks, **kw)["results"] if adapter_dir
+           else None}
+    if adapter_dir:
+        load_adapter(m, adapter_dir)
+        m.eval()
+    out["after"] = run_harness(m, tok, tasks, **kw)["results"]
+    return out
+
+
 def _chat_prompt(tok, history: list[dict]) -> str:
     if tok.chat_template:
         return tok.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
