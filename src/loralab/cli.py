@@ -86,6 +86,15 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .inference import export_gguf
+
+    for path in export_gguf(args.adapter_dir, lora_out=args.gguf, merged_out=args.merged_gguf, outtype=args.outtype,
+                            model=args.model):
+        print(f"wrote {path}")
+    return 0
+
+
 def cmd_study(args) -> int:
     from .study.runner import study_command
     from .study.spec import list_presets
@@ -169,6 +178,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="weights' dtype (default auto: the base's own stored dtype)")
     m.set_defaults(func=cmd_merge)
+
+    ex = sub.add_parser("export", help="write the adapter as a llama.cpp LoRA GGUF, and/or the merged model as GGUF")
+    ex.add_argument("adapter_dir", nargs="?", help="adapter folder (PEFT format); without it, --merged-gguf writes "
+                    "the base (--model) alone")
+    ex.add_argument("--gguf", default=None, metavar="OUT.gguf", help="LoRA adapter GGUF (llama.cpp --lora)")
+    ex.add_argument("--merged-gguf", default=None, metavar="OUT.gguf", help="base + adapter merged, with tokenizer")
+    ex.add_argument("--outtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
+                    help="--merged-gguf: 2D weights' type (1D ones stay f32)")
+    ex.add_argument("--model", default=None, help="base model (default: the adapter's base_model_name_or_path)")
+    ex.set_defaults(func=cmd_export)
 
     s = sub.add_parser("study", help="run a preset study (the article's experiments) and write a report",
                        description="Run a study: cells x seeds, each a `loralab train` in its own process; "

@@ -142,3 +142,38 @@ def merge_to_folder(adapter_dir: str, out_dir: str, *, dtype: str = "auto", mode
     m.to(MERGE_DTYPES[dtype] or stored_dtype(folder))
     set_stop_tokens(m, tok)
     return save_hf_folder(m, tok, out)
+
+
+def export_gguf(adapter_dir: str | None, *, lora_out: str | None = None, merged_out: str | None = None,
+                outtype: str = "f16", model: str | None = None) -> list[Path]:
+    """`loralab export`: the adapter as a llama.cpp LoRA GGUF (lora_out) and/or base + adapter merged
+    into one complete GGUF with its tokenizer (merged_out; without an adapter, the base alone)."""
+    import tempfile
+
+    from .io.gguf import LoraFactors, write_lora_gguf, write_model_gguf
+    from .peft.lora import lora_modules
+
+    if not lora_out and not merged_out:
+        raise UserError("export: give --gguf OUT.gguf (the adapter) and/or --merged-gguf OUT.gguf (the merged model)")
+    if lora_out and not adapter_dir:
+        raise UserError("export: --gguf writes an adapter; give the adapter folder")
+    for out in filter(None, (lora_out, merged_out)):
+        if Path(out).exists():
+            raise UserError(f"{out}: exists; remove it or choose another output file")
+    m, tok, folder = load_with_adapter(model, adapter_dir, dtype=torch.float32, with_folder=True)
+    written = []
+    if lora_out:
+        alpha = float(json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("lora_alpha", 8))
+        factors = [LoraFactors(name, mod.lora_A.weight, mod.lora_B.weight, mod.scaling)
+                   for name, mod in lora_modules(m)]
+        written.append(write_lora_gguf(lora_out, m.config, factors, alpha=alpha, name=Path(adapter_dir).name))
+    if merged_out:
+        merge_and_unload(m)
+        stops = set_stop_tokens(m, tok)
+        adds_bos = bool(tok.bos_token_id is not None and tok("a")["input_ids"][:1] == [tok.bos_token_id])
+        eot = next((i for i in stops if i != tok.eos_token_id), None)  # the chat template's end of turn
+        with tempfile.TemporaryDirectory(prefix="loralab-gguf-tok-") as tok_dir:
+            tok.save_pretrained(tok_dir)
+            written.append(write_model_gguf(merged_out, m.config, m.state_dict(), Path(tok_dir), outtype=outtype,
+                                            name=Path(adapter_dir or folder).name, adds_bos=adds_bos, eot_id=eot))
+    return written
