@@ -44,6 +44,7 @@ def cmd_eval(args) -> int:
 
 
 def _harness(args) -> int:
+    from .eval.harness import format_before_after
     from .inference import harness_before_after
 
     tasks = [t.strip() for t in args.harness.split(",") if t.strip()]
@@ -52,18 +53,7 @@ def _harness(args) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    before, after = result["before"], result["after"]
-    pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"
-    print(f"{'task':<16} {'metric':<14} {'before':>8} {'after':>8}   change (lm-eval)" if before is not None
-          else f"{'task':<16} {'metric':<14} {'score':>8}   (lm-eval)")
-    for task, scores in after.items():
-        for metric, value in scores.items():
-            if before is None:
-                print(f"{task:<16} {metric:<14} {pct(value):>8}")
-                continue
-            old = before.get(task, {}).get(metric)
-            change = "" if old is None else f"{100 * (value - old):+.1f} pts"
-            print(f"{task:<16} {metric:<14} {pct(old):>8} {pct(value):>8}   {change}")
+    print(format_before_after(result))
     return 0
 
 

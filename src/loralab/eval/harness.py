@@ -74,3 +74,21 @@ def run_harness(model, tokenizer, tasks: list[str], *, include_path: list[str] =
                           "response": (s.get("filtered_resps") or [""])[0],
                           **{m: float(s[m]) for m in metrics if m in s}} for s in rows]
     return {"results": results, "samples": samples}
+
+
+def format_before_after(result: dict) -> str:
+    """`loralab eval --harness`'s table: each task's metrics before and after the adapter."""
+    before, after = result["before"], result["after"]
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"
+    if before is None:
+        lines = [f"{'task':<16} {'metric':<14} {'score':>8}   (lm-eval)"]
+        lines += [f"{task:<16} {metric:<14} {pct(v):>8}"
+                  for task, scores in after.items() for metric, v in scores.items()]
+        return "\n".join(lines)
+    lines = [f"{'task':<16} {'metric':<14} {'before':>8} {'after':>8}   change (lm-eval)"]
+    for task, scores in after.items():
+        for metric, value in scores.items():
+            old = before.get(task, {}).get(metric)
+            change = "" if old is None else f"{100 * (value - old):+.1f} pts"
+            lines.append(f"{task:<16} {metric:<14} {pct(old):>8} {pct(value):>8}   {change}")
+    return "\n".join(lines)
