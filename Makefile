@@ -7,7 +7,7 @@ TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 TSTAMP  := $(VENV)/.installed-test
 
-.PHONY: demo test install fetch bench clean
+.PHONY: demo test install fetch bench interop clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -37,6 +37,13 @@ test: $(TSTAMP)
 
 bench: $(TSTAMP)
 	$(BIN)/python benchmarks/throughput.py
+
+# llama.cpp loads `loralab export`'s GGUFs and continues 20 held-out prompts as loralab does. Not part of
+# `make test`: the first run compiles llama.cpp (llama-cpp-python, the interop extra: ~7.5 min on 2 cores).
+interop: $(TSTAMP)
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || $(BIN)/pip install -q -e ".[interop]"
+	$(BIN)/loralab fetch
+	$(BIN)/python benchmarks/interop_llamacpp.py
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info

@@ -91,6 +91,15 @@ def test_directory_given_for_data_file(tiny_folder, untouched, tmp_path, capsys)
     run_cli(capsys, "train", cfg, expect=["datadir", "is a directory"])
 
 
+def test_data_columns_naming_a_missing_column(tiny_folder, untouched, tmp_path, capsys):
+    import datasets
+
+    datasets.Dataset.from_list([{"question": "q", "answer": "a"}]).to_parquet(str(tmp_path / "qa.parquet"))
+    cfg = config_with(tmp_path, tiny_folder, untouched, data={"path": str(tmp_path / "qa.parquet")})
+    run_cli(capsys, "train", cfg, "data.columns={instruction: questoin, output: answer}",
+            expect=["qa.parquet: data.columns names 'questoin', not a column", "its columns: question, answer"])
+
+
 def test_malformed_json_line_end_to_end(tiny_folder, untouched, tmp_path):
     data = write(tmp_path / "data.jsonl", jsonl([GOOD, GOOD, "{not json"]))
     cfg = config_with(tmp_path, tiny_folder, untouched, data={"path": str(data)})

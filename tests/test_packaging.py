@@ -25,6 +25,8 @@ def test_a_built_wheel_runs_the_studies_from_an_empty_folder(tmp_path):
     where = subprocess.run([sys.executable, "-c", "import loralab; print(loralab.__file__)"], cwd=work, env=env,
                            capture_output=True, text=True, check=True).stdout
     assert where.startswith(str(site))
+    tasks = site / "loralab" / "eval" / "tasks"  # lm-eval task files travel with the wheel
+    assert {"loralab_2da.yaml", "loralab_2da.jsonl", "loralab_tasks.py"} <= {p.name for p in tasks.iterdir()}
     listed = loralab("study", "list")
     assert listed.returncode == 0, listed.stderr
     assert {"consistency", "memory-7b", "qlora", "rank"} <= set(listed.stdout.split())

@@ -130,3 +130,75 @@ def test_precision_auto_is_resolved_once_and_the_callers_config_is_left_alone(ti
     assert cfg.train.precision == "auto"  # not overwritten
     assert summary["precision"] == resolved
     assert load_config(tmp_path / "run" / "config.yaml").train.precision == resolved  # what the run used
+
+
+def test_users_alpaca_file_on_the_demo_config_just_trains(tiny_folder, tmp_path, capsys):
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Add {i} and {i + 1}", "input": "", "output": str(2 * i + 1)})
+                            + "\n" for i in range(12)))
+    out = tmp_path / "run"
+    code = main(["train", "configs/demo.yaml", f"data.path={data}", f"model.name={tiny_folder}", f"output_dir={out}",
+                 "train.max_steps=2", "train.batch_size=4", "train.progress=false", "eval.n=4"])
+    assert code == 0, capsys.readouterr().err
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_the_demo_configs_template_renders_its_tasks_exactly_as_raw(tiny_tokenizer):
+    from loralab.data.prompts import render_example, render_prompt
+    from loralab.data.tasks import make_task
+
+    cfg = load_config("configs/demo.yaml")
+    train, test = make_task("2ds", 5, 5, cfg.data.seed)
+    for ex in train + test:
+        assert render_example(ex, tiny_tokenizer, template=cfg.data.template) == \
+            render_example(ex, tiny_tokenizer, template="raw")
+        assert render_prompt(ex, tiny_tokenizer, template=cfg.data.template) == ex.prompt
+
+
+def test_the_summary_and_table_report_how_many_held_out_generations_stop(tiny_folder, tmp_path):
+    from loralab.summary import format_table
+
+    cfg = _cfg(tiny_folder, tmp_path / "tasks")
+    s = run_training(cfg, quiet=True)  # task runs: exact match's own generations are counted
+    assert s["stops"]["n"] == 6 and s["stops"]["held_out"] == "2da" and 0 <= s["stops"]["stopped"] <= 6
+    assert s["stops"]["budget"] == "8 tokens"
+    assert f"stops on EOS    {s['stops']['stopped']}/6 held-out generations (2da; within 8 tokens)" \
+        in format_table(s, cfg)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q{i}:", "response": f" a{i}"}) + "\n" for i in range(40)))
+    s = run_training(_cfg(tiny_folder, tmp_path / "file", f"data.path={data}", "data.val_fraction=0.25",
+                          "eval.n=4"), quiet=True)  # a data file: the validation examples are generated
+    assert s["stops"]["n"] == 4 and s["stops"]["held_out"] == "validation"
+    assert json.loads((tmp_path / "file" / "summary.json").read_text())["stops"] == s["stops"]
+
+
+def test_data_that_would_teach_the_model_never_to_stop_is_warned_about_before_training(tiny_folder, tmp_path,
+                                                                                     capsys):
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "Q:", "response": " " + "word " * 20}) + "\n" for _ in range(8)))
+    code = main(["train", f"data.path={data}", f"model.name={tiny_folder}", f"output_dir={tmp_path / 'o'}",
+                 "data.max_seq_len=16", "train.max_steps=1", "train.batch_size=4", "train.progress=false",
+                 "data.val_fraction=0"])
+    assert code == 0
+    err = capsys.readouterr().err.splitlines()
+    warning = [l for l in err if "learn not to stop" in l]
+    assert warning == ["loralab: warning: only 0 of 8 training examples end with a learned EOS / end-of-turn "
+                       "token (8 were cut by data.max_seq_len=16): the model will learn not to stop"]
+    first_training_line = min(i for i, l in enumerate(err) if "training examples (" in l)
+    assert err.index(warning[0]) > first_training_line  # with the data report, before training starts
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["warnings"] == [warning[0].removeprefix("loralab: warning: ")]
+
+
+def test_training_on_a_parquet_file_through_data_columns(tiny_folder, tmp_path):
+    import datasets
+
+    rows = [{"question": f"What is {i} plus 1?", "answer": str(i + 1)} for i in range(16)]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "qa.parquet"))
+    out = tmp_path / "run"
+    assert main(["train", f"model.name={tiny_folder}", f"data.path={tmp_path / 'qa.parquet'}",
+                 "data.columns={instruction: question, output: answer}", "train.max_steps=2", "train.batch_size=4",
+                 "train.progress=false", "eval.n=2", f"output_dir={out}"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train_examples"] == 16 - round(0.05 * 16) and summary["steps"] == 2
+    assert load_config(out / "config.yaml").data.columns == {"instruction": "question", "output": "answer"}

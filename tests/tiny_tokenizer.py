@@ -33,3 +33,28 @@ def make_tiny_tokenizer(chat_template: str | None = CHATML) -> PreTrainedTokeniz
                                   pad_token="<|im_end|>", unk_token="<|endoftext|>")
     tok.chat_template = chat_template
     return tok
+
+
+_CORPUS = ["Question: What is 17 minus 14?\nAnswer: 3", "Question: What is 82 plus 77?\nAnswer: 159",
+           "The quick brown fox jumps over the lazy dog.", "You are a tiny test assistant.",
+           "Hello, world! How are you today? I'm fine, thanks.", "user\nassistant\nsystem\n"] * 20
+
+
+def make_tiny_bpe_tokenizer(digits: bool = False, chat_template: str | None = CHATML) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (GPT-2 style, as SmolLM2's) trained on a few lines: what a GGUF
+    export can carry. digits=True splits digits one by one first (SmolLM2's original pre-tokenizer).
+    Ids 0-2 are the same specials as make_tiny_tokenizer's."""
+    from tokenizers import pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE())
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                             if digits else byte_level)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(_CORPUS, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                  pad_token="<|im_end|>", unk_token="<|endoftext|>")
+    tok.chat_template = chat_template
+    return tok

@@ -26,8 +26,8 @@ def save_tiny_folder(folder: Path, **overrides) -> Path:
     from tiny_tokenizer import make_tiny_tokenizer
 
     tok = make_tiny_tokenizer()
-    tiny_llama(0, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-               **overrides).save_pretrained(folder)
+    settings = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    tiny_llama(0, **{**settings, **overrides}).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
 

@@ -19,13 +19,14 @@ def cmd_train(args) -> int:
     from .pipeline import run_training
     from .summary import format_table
 
-    if args.config and "=" in args.config and not os.path.exists(args.config):  # no config file, overrides only
-        args.config, args.overrides = None, [args.config, *args.overrides]
-    cfg = load_config(args.config, args.overrides)
+    config, overrides = args.config, list(args.overrides)
+    if config and "=" in config and not os.path.exists(config):  # `loralab train data.path=x.jsonl`: no YAML
+        config, overrides = None, [config] + overrides
+    cfg = load_config(config, overrides)
     if args.nproc:
         from .train.launch import launch
 
-        return launch(args.config, args.overrides, args.nproc, cfg.output_dir)
+        return launch(config, overrides, args.nproc, cfg.output_dir)
     summary = run_training(cfg)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks for all
         print(format_table(summary, cfg))
@@ -33,6 +34,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    if args.harness:
+        return _harness(args)
     from .inference import evaluate_model
 
     result = evaluate_model(args.model, args.adapter, tasks=args.tasks.split(","), n=args.n,
@@ -42,6 +45,20 @@ def cmd_eval(args) -> int:
     else:
         for name, r in result["eval"].items():
             print(f"{name:<6} {100 * r['accuracy']:6.1f}%  ({r['correct']}/{r['n']})")
+    return 0
+
+
+def _harness(args) -> int:
+    from .eval.harness import format_before_after
+    from .inference import harness_before_after
+
+    tasks = [t.strip() for t in args.harness.split(",") if t.strip()]
+    result = harness_before_after(args.model, args.adapter, tasks=tasks, include_path=args.include_path or [],
+                                  batch_size=args.batch_size, limit=args.limit)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(format_before_after(result))
     return 0
 
 
@@ -61,6 +78,15 @@ def cmd_merge(args) -> int:
 
     out = merge_to_folder(args.adapter_dir, args.out_dir, dtype=args.dtype, model=args.model)
     print(f"merged model written to {out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .inference import export_gguf
+
+    for path in export_gguf(args.adapter_dir, lora_out=args.gguf, merged_out=args.merged_gguf, outtype=args.outtype,
+                            model=args.model):
+        print(f"wrote {path}")
     return 0
 
 
@@ -138,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=50)
     e.add_argument("--template", default="auto")
     e.add_argument("--json", action="store_true")
+    e.add_argument("--harness", default=None, metavar="TASK[,TASK]",
+                   help="run lm-evaluation-harness tasks instead (loralab_2da, ..., the loralab tag, or your own)"
+                        ", on the base and then base + adapter")
+    e.add_argument("--include-path", action="append", default=None, metavar="DIR",
+                   help="a folder of lm-eval task files (YAML + data) for --harness; repeatable")
+    e.add_argument("--limit", type=int, default=None, help="--harness: at most this many items per task")
     e.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("generate", help="answer one prompt, or chat interactively, with base plus adapter")
@@ -152,8 +184,19 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("adapter_dir")
     m.add_argument("out_dir")
     m.add_argument("--model", default=None, help="base model (default: the adapter's base_model_name_or_path)")
-    m.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    m.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="weights' dtype (default auto: the base's own stored dtype)")
     m.set_defaults(func=cmd_merge)
+
+    ex = sub.add_parser("export", help="write the adapter as a llama.cpp LoRA GGUF, and/or the merged model as GGUF")
+    ex.add_argument("adapter_dir", nargs="?", help="adapter folder (PEFT format); without it, --merged-gguf writes "
+                    "the base (--model) alone")
+    ex.add_argument("--gguf", default=None, metavar="OUT.gguf", help="LoRA adapter GGUF (llama.cpp --lora)")
+    ex.add_argument("--merged-gguf", default=None, metavar="OUT.gguf", help="base + adapter merged, with tokenizer")
+    ex.add_argument("--outtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
+                    help="--merged-gguf: 2D weights' type (1D ones stay f32)")
+    ex.add_argument("--model", default=None, help="base model (default: the adapter's base_model_name_or_path)")
+    ex.set_defaults(func=cmd_export)
 
     s = sub.add_parser("study", help="run a preset study (the article's experiments) and write a report",
                        description="Run a study: cells x seeds, each a `loralab train` in its own process; "

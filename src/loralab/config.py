@@ -40,7 +40,8 @@ class LoRAConfig:
 
 @dataclass
 class DataConfig:
-    path: str | None = None           # a data file (alpaca json/jsonl, chat jsonl, prompt/response jsonl, txt)
+    path: str | None = None           # alpaca/chat/prompt-response json(l), txt; datasets folder, .parquet, .csv
+    columns: dict | None = None       # loralab field -> the data's column, e.g. {instruction: question, output: answer}
     tasks: list = field(default_factory=lambda: list(ARITHMETIC_DEFAULT))  # synthetic tasks when no path
     n_train: int = 2000               # training examples per synthetic task
     val_fraction: float = 0.05        # held-out share of the training data for validation loss
@@ -83,6 +84,12 @@ class TrainConfig:
     distributed_timeout_s: float = 600.0  # a collective waiting longer ends the job (a rank died or hangs)
     progress: bool = True
     preflight: str = "error"          # error | warn | off: refuse (or warn about) a run whose memory/disk won't fit
+    # Experiment tracking (track/): where metrics go, and how the run is named there.
+    report_to: list = field(default_factory=lambda: ["jsonl"])  # any of REPORT_TO
+    run_name: str | None = None       # tensorboard / mlflow run name (None: output_dir's folder name)
+    experiment: str = "loralab"       # mlflow experiment
+    mlflow_uri: str | None = None     # None: $MLFLOW_TRACKING_URI, else a file store in <output_dir>/mlruns
+    tags: dict = field(default_factory=dict)  # run tags (studies set study, cell, seed)
 
 
 @dataclass
@@ -92,6 +99,7 @@ class EvalConfig:
     before: bool = True               # also evaluate the base model before training
     batch_size: int = 50
     max_new_tokens: int = 8
+    stop_check: bool = True           # after training: how many held-out generations stop on EOS (summary, table)
 
 
 @dataclass
@@ -114,6 +122,7 @@ class RunConfig:
         return d
 
 
+REPORT_TO = ("jsonl", "tensorboard", "mlflow")  # jsonl: metrics.jsonl in output_dir
 CHOICES = {
     "model.quant": ("none", "nf4"),
     "model.attn_implementation": ("auto", "eager", "sdpa"),
@@ -171,6 +180,9 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
         if isinstance(value, list):
+            return value
+    elif ann is dict or origin is dict:
+        if isinstance(value, dict):
             return value
     name = getattr(ann, "__name__", str(ann))
     raise UserError(f"config key '{key}' must be {name}, got {value!r}")
@@ -236,6 +248,14 @@ def validate(cfg: RunConfig) -> RunConfig:
     if not isinstance(cfg.lora.targets, (str, list)) or not cfg.lora.targets:
         raise UserError(f"config key 'lora.targets' must be a preset name or a non-empty list, "
                         f"got {cfg.lora.targets!r}")
+    unknown = [s for s in cfg.train.report_to if s not in REPORT_TO]
+    if unknown:
+        raise UserError(f"config key 'train.report_to' has unknown {', '.join(map(repr, unknown))} "
+                        f"(choose from {', '.join(REPORT_TO)})")
+    if not all(isinstance(k, str) and isinstance(v, (str, int, float, bool)) for k, v in cfg.train.tags.items()):
+        raise UserError(f"config key 'train.tags' must map names to plain values, got {cfg.train.tags!r}")
+    if cfg.data.columns is not None and not (isinstance(cfg.data.columns, dict) and cfg.data.columns):
+        raise UserError(f"config key 'data.columns' must map loralab fields to column names, got {cfg.data.columns!r}")
     if not cfg.data.path and not cfg.data.tasks:
         raise UserError("config key 'data.path' or 'data.tasks' must be set")
     if cfg.resume not in ("auto", True, False):

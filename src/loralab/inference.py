@@ -7,11 +7,12 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
+from .data.prompts import stop_token_ids
 from .data.tasks import make_task
 from .errors import UserError
 from .eval.metrics import exact_match, generate_answers
 from .io.export import new_output_folder, save_hf_folder
-from .io.models import load_model
+from .io.models import load_model, stored_dtype
 from .peft.adapters import load_adapter
 from .peft.merge import merge_and_unload
 
@@ -31,15 +32,17 @@ def adapter_base(adapter_dir: str | None) -> str | None:
         raise UserError(f"{cfg_path}:{e.lineno}: invalid JSON ({e.msg})") from None
 
 
-def load_with_adapter(model: str | None, adapter_dir: str | None, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) for a base spec (default: the adapter's base) with the adapter applied."""
+def load_with_adapter(model: str | None, adapter_dir: str | None, dtype: torch.dtype = torch.float32,
+                      *, with_folder: bool = False):
+    """(model, tokenizer) for a base spec (default: the adapter's base) with the adapter applied;
+    with_folder: (model, tokenizer, the base's local folder)."""
     spec = model or adapter_base(adapter_dir) or DEFAULT_MODEL
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    base, tok, _ = load_model(spec, dtype, device=device)
+    base, tok, folder = load_model(spec, dtype, device=device)
     if adapter_dir:
         load_adapter(base, adapter_dir)
     base.eval()
-    return base, tok
+    return (base, tok, folder) if with_folder else (base, tok)
 
 
 def evaluate_model(model: str | None, adapter_dir: str | None, *, tasks: list[str], n: int = 100,
@@ -52,6 +55,23 @@ def evaluate_model(model: str | None, adapter_dir: str | None, *, tasks: list[st
         r = exact_match(m, tok, test, template=template, batch_size=batch_size)
         results[name] = {k: r[k] for k in ("accuracy", "correct", "n")}
     return {"model": model or adapter_base(adapter_dir) or DEFAULT_MODEL, "adapter": adapter_dir, "eval": results}
+
+
+def harness_before_after(model: str | None, adapter_dir: str | None, *, tasks: list[str], include_path=(),
+                         batch_size: int = 32, limit: int | None = None) -> dict:
+    """lm-eval on the base alone (before) and with the adapter (after), one model load."""
+    from .eval.harness import run_harness
+
+    spec = model or adapter_base(adapter_dir) or DEFAULT_MODEL
+    m, tok = load_with_adapter(spec, None)
+    kw = dict(include_path=list(include_path), batch_size=batch_size, limit=limit)
+    out = {"model": spec, "adapter": adapter_dir, "before": run_harness(m, tok, tasks, **kw)["results"] if adapter_dir
+           else None}
+    if adapter_dir:
+        load_adapter(m, adapter_dir)
+        m.eval()
+    out["after"] = run_harness(m, tok, tasks, **kw)["results"]
+    return out
 
 
 def _chat_prompt(tok, history: list[dict]) -> str:
@@ -86,13 +106,74 @@ def chat(model: str | None, adapter_dir: str | None, *, max_new_tokens: int = 25
         print(f"model> {reply}")
 
 
-MERGE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+MERGE_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def merge_to_folder(adapter_dir: str, out_dir: str, *, dtype: str = "bf16", model: str | None = None) -> Path:
-    """Merge the adapter into its base; write an HF folder (safetensors + tokenizer) atomically."""
+def merged_model(adapter_dir: str, model: str | None = None):
+    """(base with the adapter merged in, fp32 plain nn.Linear layers; tokenizer; the base's folder)."""
+    m, tok, folder = load_with_adapter(model, adapter_dir, dtype=torch.float32, with_folder=True)
+    merge_and_unload(m)  # in fp32: the caller casts
+    return m, tok, folder
+
+
+def set_stop_tokens(model, tok) -> list[int]:
+    """The tokenizer's stop tokens (EOS, and the chat template's end of turn) as the model's
+    generation eos_token_id, so generate() on a saved folder stops where training taught it to.
+    (Bases converted from elsewhere often carry another id, e.g. <|endoftext|> for a chat model.)"""
+    stops = stop_token_ids(tok)
+    if stops:
+        model.generation_config.eos_token_id = stops[0] if len(stops) == 1 else stops
+        model.config.eos_token_id = stops[0]
+    if tok.pad_token_id is not None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+    return stops
+
+
+def merge_to_folder(adapter_dir: str, out_dir: str, *, dtype: str = "auto", model: str | None = None) -> Path:
+    """Merge the adapter into its base; write an HF folder (safetensors + tokenizer) atomically.
+
+    dtype "auto" keeps the base's stored dtype: an fp32 base merged into bf16 would round every
+    weight (logits off by ~0.3 on the default model). generation_config.json carries the tokenizer's
+    stop tokens (set_stop_tokens)."""
+    if dtype not in MERGE_DTYPES:
+        raise UserError(f"merge dtype must be one of {', '.join(MERGE_DTYPES)}, got {dtype!r}")
     out = new_output_folder(out_dir)
-    m, tok = load_with_adapter(model, adapter_dir, dtype=torch.float32)  # merge in fp32, then cast
-    merge_and_unload(m)
-    m.to(MERGE_DTYPES[dtype])
+    m, tok, folder = merged_model(adapter_dir, model)
+    m.to(MERGE_DTYPES[dtype] or stored_dtype(folder))
+    set_stop_tokens(m, tok)
     return save_hf_folder(m, tok, out)
+
+
+def export_gguf(adapter_dir: str | None, *, lora_out: str | None = None, merged_out: str | None = None,
+                outtype: str = "f16", model: str | None = None) -> list[Path]:
+    """`loralab export`: the adapter as a llama.cpp LoRA GGUF (lora_out) and/or base + adapter merged
+    into one complete GGUF with its tokenizer (merged_out; without an adapter, the base alone)."""
+    import tempfile
+
+    from .io.gguf import LoraFactors, write_lora_gguf, write_model_gguf
+    from .peft.lora import lora_modules
+
+    if not lora_out and not merged_out:
+        raise UserError("export: give --gguf OUT.gguf (the adapter) and/or --merged-gguf OUT.gguf (the merged model)")
+    if lora_out and not adapter_dir:
+        raise UserError("export: --gguf writes an adapter; give the adapter folder")
+    for out in filter(None, (lora_out, merged_out)):
+        if Path(out).exists():
+            raise UserError(f"{out}: exists; remove it or choose another output file")
+    m, tok, folder = load_with_adapter(model, adapter_dir, dtype=torch.float32, with_folder=True)
+    written = []
+    if lora_out:
+        alpha = float(json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("lora_alpha", 8))
+        factors = [LoraFactors(name, mod.lora_A.weight, mod.lora_B.weight, mod.scaling)
+                   for name, mod in lora_modules(m)]
+        written.append(write_lora_gguf(lora_out, m.config, factors, alpha=alpha, name=Path(adapter_dir).name))
+    if merged_out:
+        merge_and_unload(m)
+        stops = set_stop_tokens(m, tok)
+        adds_bos = bool(tok.bos_token_id is not None and tok("a")["input_ids"][:1] == [tok.bos_token_id])
+        eot = next((i for i in stops if i != tok.eos_token_id), None)  # the chat template's end of turn
+        with tempfile.TemporaryDirectory(prefix="loralab-gguf-tok-") as tok_dir:
+            tok.save_pretrained(tok_dir)
+            written.append(write_model_gguf(merged_out, m.config, m.state_dict(), Path(tok_dir), outtype=outtype,
+                                            name=Path(adapter_dir or folder).name, adds_bos=adds_bos, eot_id=eot))
+    return written

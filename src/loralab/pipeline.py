@@ -6,6 +6,7 @@ refuse the run (limits, memory, resume) comes before the model's weights load (p
 Started by torchrun, every rank runs this; rank 0 alone writes files and prints. Output folder:
   config.yaml      the resolved config
   metrics.jsonl    one line per step (step, loss, lr, tokens, elapsed_s) and per validation
+                   (train.report_to: jsonl, the default; tensorboard/ and mlflow runs too: track/)
   adapter/         PEFT format (adapter_config.json + adapter_model.safetensors)
   summary.json     runtime, tokens/s, peak memory, parameters, losses, eval before/after (summary.py)
   .loralab.lock    while a run is in progress (io.lock): a second run into the folder is refused
@@ -24,7 +25,8 @@ from .config import RunConfig, dump_yaml
 from .data.formats import fingerprint
 from .data.prompts import render_prompt
 from .errors import UserError
-from .eval.metrics import generate_answers, score_answers
+from .eval.metrics import generate, score
+from .eval.stops import stop_check, task_stops
 from .io.fileio import atomic_write_text, remove_temp_files, write_json
 from .io.lock import output_lock
 from .io.models import base_model_path, load_tokenizer, resolve
@@ -41,7 +43,9 @@ from .prepare import (
     resolve_config,
     setup_model,
 )
-from .summary import build_summary, epoch_warnings
+from .summary import build_summary, epoch_warnings, stop_warnings
+from .track.fanout import Trackers, open_trackers
+from .track.names import flat_params
 from .train import checkpoint, distributed
 from .train.distributed import SINGLE, Dist, gather, trainable_state, unsharded
 from .train.loop import Hooks, NonFiniteLoss, train
@@ -50,13 +54,6 @@ from .train.signals import StopFlag
 from .train.state import set_seed, snapshot
 
 stop_flag = StopFlag()
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    if not path.exists():
-        return
-    keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
-    atomic_write_text(path, "".join(l + "\n" for l in keep))
 
 
 def run_evals(model, tok, tests: dict, cfg: RunConfig, dist: Dist = SINGLE, module=None) -> dict:
@@ -73,11 +70,25 @@ def run_evals(model, tok, tests: dict, cfg: RunConfig, dist: Dist = SINGLE, modu
         prompts = [render_prompt(examples[i], tok, template=cfg.data.template, system_prompt=cfg.data.system_prompt)
                    for i in mine]
         with unsharded(module, dist) if synced else nullcontext():
-            answers = generate_answers(model, tok, prompts, batch_size=cfg.eval.batch_size,
-                                       max_new_tokens=cfg.eval.max_new_tokens, synced_gpus=synced)
-        by_index = dict(pair for part in gather(dist, list(zip(mine, answers))[:n_mine]) for pair in part)
-        results[name] = score_answers(examples, [by_index[i] for i in range(len(examples))])
+            gens = generate(model, tok, prompts, batch_size=cfg.eval.batch_size,
+                            max_new_tokens=cfg.eval.max_new_tokens, synced_gpus=synced)
+        by_index = dict(pair for part in gather(dist, list(zip(mine, gens))[:n_mine]) for pair in part)
+        results[name] = score(examples, [by_index[i] for i in range(len(examples))])
     return results
+
+
+def held_out_stops(model, tok, data: Datasets, after: dict, cfg: RunConfig, dist: Dist) -> dict | None:
+    """How many held-out generations stop on EOS: the task answers' count, else the validation set's
+    (generated on every rank alike; not under FSDP2, whose sharded model generates only in lockstep)."""
+    if not cfg.eval.stop_check:
+        return None
+    if after:
+        return task_stops(after, cfg.eval.max_new_tokens)
+    if not data.val or not cfg.eval.n or dist.mode == "fsdp":
+        return None
+    return stop_check(model, tok, data.val[:cfg.eval.n], template=cfg.data.template,
+                      system_prompt=cfg.data.system_prompt, slack=cfg.eval.max_new_tokens,
+                      batch_size=cfg.eval.batch_size)
 
 
 def run_training(cfg: RunConfig, *, quiet: bool = False, data: Datasets | None = None) -> dict:
@@ -119,18 +130,41 @@ def _run(cfg: RunConfig, out: Path, log, data: Datasets | None, notes: list[str]
         + (f"; {dist.world} processes ({dist.mode})" if dist.enabled else ""))
     log(f"loralab: {len(train_enc):,} training examples ({train_stats['n_truncated']} truncated, "
         f"{train_stats['n_dropped']} dropped, {train_stats['n_tokens']:,} tokens), {len(val_enc):,} validation")
-    warnings = epoch_warnings(len(train_enc), cfg, world=dist.world)
+    warnings = epoch_warnings(len(train_enc), cfg, world=dist.world) + stop_warnings(train_stats, cfg)
     for line in notes + [f"warning: {w}" for w in warnings]:
         log(f"loralab: {line}")
     cfg_dict = cfg.to_dict()
     if main:
         atomic_write_text(out / "config.yaml", dump_yaml(cfg))
-    before_path = out / "eval_before.json"
     if resume is not None:
         checkpoint.restore_trainable(model, resume["trainable"], resume["path"])
-        if main:
-            _truncate_metrics(out / "metrics.jsonl", resume["step"])  # drop lines after the checkpoint
         log(f"loralab: resuming from {resume['path']} (step {resume['step']})")
+    # rank 0 reports for all (the others' trackers are empty)
+    trackers = open_trackers(cfg.train.report_to if main else [], out, resume_step=resume["step"] if resume else 0,
+                             run_name=cfg.train.run_name, experiment=cfg.train.experiment,
+                             mlflow_uri=cfg.train.mlflow_uri)
+    status = "FAILED"
+    try:
+        trackers.start(flat_params(cfg_dict), cfg.train.tags)
+        summary = _train_and_report(cfg, dist, model, tok, folder, info, data, train_enc, train_stats, val_enc,
+                                    resume, warnings, out, device, trackers, log, data_sha)
+        status = "FINISHED"
+    except UserError as e:
+        status = "KILLED" if str(e).startswith("interrupted") else "FAILED"
+        raise
+    finally:
+        trackers.close(status)
+    if stop_flag.is_set():
+        log("loralab: the signal came after the last step: the run finished its files first")
+    return summary
+
+
+def _train_and_report(cfg: RunConfig, dist: Dist, model, tok, folder, info, data: Datasets, train_enc, train_stats,
+                      val_enc, resume, warnings, out: Path, device, trackers: Trackers, log, data_sha) -> dict:
+    """The run once its inputs are checked: eval before, the loop, eval after, the files, the summary."""
+    main = dist.is_main
+    cfg_dict = cfg.to_dict()
+    before_path = out / "eval_before.json"
     if resume is not None and before_path.exists():
         before = json.loads(before_path.read_text())
     elif cfg.eval.before and data.tests:
@@ -138,16 +172,11 @@ def _run(cfg: RunConfig, out: Path, log, data: Datasets | None, notes: list[str]
         before = run_evals(model, tok, data.tests, cfg, dist)  # not wrapped yet: every rank has all weights
         if main:
             write_json(before_path, before)
+        trackers.log_eval(before, step=0)
     else:
         before = {}
     base_path = base_model_path(cfg.model.name, folder)
-    metrics = open(out / "metrics.jsonl", "a" if resume is not None else "w") if main else None
     loop: dict = {}  # the loop's state, once it is ready (hooks.on_start)
-
-    def write_metric(record: dict):
-        if metrics is not None:
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
 
     def save_lora(folder_name: str):
         weights = trainable_state(model) if dist.mode == "fsdp" else None  # sharded: gathered whole
@@ -158,7 +187,7 @@ def _run(cfg: RunConfig, out: Path, log, data: Datasets | None, notes: list[str]
         if cfg.train.eval_every and data.tests:  # task accuracy beside the validation loss
             evals = run_evals(model, tok, data.tests, cfg, dist, loop["state"].result.module)
             record["accuracy"] = {name: r["accuracy"] for name, r in evals.items()}
-        write_metric(record)
+        trackers.log(record)
         if record.get("is_best") and cfg.train.method == "lora" and cfg.train.eval_every:
             save_lora("best_adapter")
 
@@ -168,7 +197,7 @@ def _run(cfg: RunConfig, out: Path, log, data: Datasets | None, notes: list[str]
             checkpoint.save(out / "checkpoints", snap, cfg_dict, keep=cfg.train.keep_checkpoints,
                             data_sha256=data_sha)
 
-    hooks = Hooks(on_start=lambda state: loop.update(state=state), on_log=write_metric, on_eval=on_eval,
+    hooks = Hooks(on_start=lambda state: loop.update(state=state), on_log=trackers.log, on_eval=on_eval,
                   on_checkpoint=on_checkpoint, should_stop=stop_flag.is_set)
     cpu0 = time.process_time()
     with stop_flag.installed():
@@ -180,9 +209,6 @@ def _run(cfg: RunConfig, out: Path, log, data: Datasets | None, notes: list[str]
             last = checkpoint.latest(out / "checkpoints")
             raise UserError(f"non-finite {e.what} at step {e.step}; last good checkpoint: {last or 'none'} "
                             "(set train.skip_nonfinite=true to skip such batches)") from None
-        finally:
-            if metrics is not None:
-                metrics.close()
         info["train_cpu_s"] = time.process_time() - cpu0
         if result.interrupted:
             raise UserError(f"interrupted at step {result.steps}; checkpoint saved in {out / 'checkpoints'}; "
@@ -191,6 +217,8 @@ def _run(cfg: RunConfig, out: Path, log, data: Datasets | None, notes: list[str]
         # (each written atomically) rather than leaving the run to be redone from its last checkpoint.
         stop_flag.note = "finishing the final evaluation and save first (Ctrl-C again to abort)"
         after = run_evals(model, tok, data.tests, cfg, dist, result.module) if data.tests else {}
+        trackers.log_eval(after, step=result.steps)
+        stops = held_out_stops(model, tok, data, after, cfg, dist)
         if main:
             for folder_with_temps in (out, out / "adapter", out / "best_adapter"):  # left by a run killed mid-save
                 remove_temp_files(folder_with_temps)
@@ -203,9 +231,9 @@ def _run(cfg: RunConfig, out: Path, log, data: Datasets | None, notes: list[str]
         summary = build_summary(cfg, device=device, info=info, result=result, n_train=len(train_enc),
                                 train_stats=train_stats, memory=memory,
                                 breakdown=run_memory_breakdown(cfg, folder, device, seq=longest),
-                                warnings=warnings, before=before, after=after, out=out, world=dist.world)
+                                warnings=warnings, before=before, after=after, out=out, world=dist.world,
+                                stops=stops)
         if main:
             write_json(out / "summary.json", summary)
-    if stop_flag.is_set():
-        log("loralab: the signal came after the last step: the run finished its files first")
+        trackers.finish(summary)
     return summary

@@ -11,8 +11,8 @@ import torch
 
 from .config import RunConfig
 from .data.batching import split_validation
-from .data.formats import load_examples
 from .data.prompts import encode_all
+from .data.sources import load_data
 from .data.tasks import make_task
 from .errors import UserError
 from .io.models import load_tokenizer, load_weights, resolve
@@ -47,7 +47,7 @@ def build_datasets(cfg: RunConfig) -> Datasets:
     eval_tasks = cfg.eval.tasks if cfg.eval.tasks is not None else ([] if d.path else list(d.tasks))
     tests = {}
     if d.path:
-        examples = load_examples(d.path)
+        examples = load_data(d.path, d.columns)
     else:
         examples = []
         for name in d.tasks:

@@ -9,6 +9,9 @@ from .train.optim import plan_steps
 from .train.state import TrainResult
 
 SMALL_DATASET = 10_000  # examples: below this, repeated epochs over the same data tend to overfit
+# Below this share of training examples whose learned text ends on a stop token (EOS / end of
+# turn), the model mostly learns to keep going: warned about before the run starts.
+MIN_STOP_SHARE = 0.5
 
 
 def global_batch(cfg: RunConfig, world: int = 1) -> int:
@@ -33,9 +36,21 @@ def epoch_warnings(n_examples: int, cfg: RunConfig, world: int = 1) -> list[str]
             f"dataset tends to overfit (validation loss rises){guard}"]
 
 
+def stop_warnings(train_stats: dict, cfg: RunConfig) -> list[str]:
+    """Data that would teach the model never to stop: few targets end on a stop token."""
+    n, k = train_stats["n_kept"], train_stats.get("n_end_with_stop", 0)
+    if not n or k >= MIN_STOP_SHARE * n:
+        return []
+    why = (f"{train_stats['n_truncated']:,} were cut by data.max_seq_len={cfg.data.max_seq_len}"
+           if train_stats["n_truncated"]
+           else "the tokenizer has no EOS token, or the template closes replies without one")
+    return [f"only {k:,} of {n:,} training examples end with a learned EOS / end-of-turn token ({why}): "
+            f"the model will learn not to stop"]
+
+
 def build_summary(cfg: RunConfig, *, device, info: dict, result: TrainResult, n_train: int, train_stats: dict,
                   memory: dict, breakdown: dict | None, warnings: list[str], before: dict, after: dict,
-                  out: Path, world: int = 1) -> dict:
+                  out: Path, world: int = 1, stops: dict | None = None) -> dict:
     """summary.json: what the run did and cost, its losses, and the held-out accuracy before and after."""
     lora = cfg.train.method == "lora"
     best = min(result.val_history, key=lambda v: v["val_loss"]) if result.val_history else None
@@ -73,6 +88,8 @@ def build_summary(cfg: RunConfig, *, device, info: dict, result: TrainResult, n_
         "eval": {name: {"before": before[name]["accuracy"] if name in before else None,
                         "after": after[name]["accuracy"], "n": after[name]["n"]} for name in after},
         "eval_samples": {name: r["samples"] for name, r in after.items()},
+        # held-out generations that ended on EOS / end of turn within the budget (eval/stops.py)
+        "stops": stops,
         "adapter_dir": str(out / "adapter") if lora else None,
     }
 
@@ -106,6 +123,10 @@ def format_table(summary: dict, cfg: RunConfig) -> str:
         f"  loss            train {summary['final_train_loss']:.4f}, val "
         + ("-" if summary["final_val_loss"] is None else f"{summary['final_val_loss']:.4f}"),
     ]
+    stops = summary.get("stops")
+    if stops:
+        lines.append(f"  stops on EOS    {stops['stopped']}/{stops['n']} held-out generations "
+                     f"({stops['held_out']}; within {stops['budget']})")
     if summary["eval"]:
         lines += ["", "  task    before    after   change (exact match, held-out)"]
         for name, r in summary["eval"].items():

@@ -192,3 +192,48 @@ def test_template_that_trims_contents_still_masks_the_right_turn():
     assert labelled_runs(tok, enc) == ["ok" + EOT]
     n = len(enc.input_ids)
     assert [i for i, lab in enumerate(enc.labels) if lab != IGNORE_INDEX] == [n - 4, n - 3, n - 2]
+
+
+def test_raw_template_error_names_the_records_actual_format(tmp_path, tiny_tokenizer):
+    from loralab.data.formats import load_examples
+
+    p = tmp_path / "mine.jsonl"
+    p.write_text('{"instruction": "Add 1 and 2", "output": "3"}\n'
+                 '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
+    alpaca, chat_record = load_examples(p)
+    with pytest.raises(UserError) as e:
+        encode(alpaca, tiny_tokenizer, template="raw")
+    assert str(e.value) == (f"{p}:1: data.template=raw needs prompt/response or text records, this one is an "
+                            "Alpaca record (instruction/output) (use data.template=auto, chat or alpaca)")
+    with pytest.raises(UserError, match=r"mine.jsonl:2: .* this one is a chat record \(messages\)"):
+        encode(chat_record, tiny_tokenizer, template="raw")
+
+
+def test_stop_tokens_are_eos_and_the_templates_end_of_turn(tiny_tokenizer):
+    from loralab.data.prompts import stop_token_ids
+
+    assert stop_token_ids(tiny_tokenizer) == [2]  # <|im_end|> is both
+    other = make_tiny_tokenizer()
+    other.eos_token = "<|endoftext|>"  # a base whose EOS is not the end-of-turn token (id 0 vs 2)
+    assert stop_token_ids(other) == [0, 2]
+    assert stop_token_ids(make_tiny_tokenizer(chat_template=None)) == [2]
+
+
+def test_a_template_that_closes_replies_with_nothing_still_learns_eos():
+    from loralab.data.prompts import render_example
+
+    tok = make_tiny_tokenizer(chat_template="{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}"
+                                            "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    text, spans = render_example(chat("hi", "yo"), tok, template="chat", system_prompt=None)
+    assert text == "user: hi\nassistant: yo<|im_end|>\n"
+    assert labelled_runs(tok, encode(chat("hi", "yo"), tok, template="chat", system_prompt=None)) == ["yo" + EOT]
+
+
+def test_encode_all_counts_examples_that_learn_to_stop(tiny_tokenizer):
+    exs = [Example(prompt="Q: 1+1?\nA:", response=" 2"), Example(prompt="Q:", response=" a long answer here")]
+    _, stats = encode_all(exs, tiny_tokenizer, template="raw")
+    assert stats["n_end_with_stop"] == 2
+    _, stats = encode_all(exs, tiny_tokenizer, template="raw", max_seq_len=13)  # the second loses its EOS
+    assert stats["n_kept"] == 2 and stats["n_truncated"] == 1 and stats["n_end_with_stop"] == 1
+    _, stats = encode_all(exs, tiny_tokenizer, template="chat", max_seq_len=1000)
+    assert stats["n_end_with_stop"] == 2  # chat: the reply's <|im_end|> is learned

@@ -38,9 +38,10 @@ def test_exact_match_counts_hits(tiny_tokenizer, monkeypatch):
     import loralab.eval.metrics as ev
     exs = [Example(prompt="Question: What is 1 plus 2?\nAnswer:", response=" 3"),
            Example(prompt="Question: What is 5 minus 7?\nAnswer:", response=" -2")]
-    monkeypatch.setattr(ev, "generate_answers", lambda *a, **k: [" 3\nQuestion", " 2"])
+    monkeypatch.setattr(ev, "generate", lambda *a, **k: [ev.Generation(" 3\nQuestion", False),
+                                                          ev.Generation(" 2", True)])
     r = exact_match(None, tiny_tokenizer, exs, template="raw")
-    assert r["correct"] == 1 and r["accuracy"] == 0.5 and r["n"] == 2
+    assert r["correct"] == 1 and r["accuracy"] == 0.5 and r["n"] == 2 and r["stopped"] == 1
 
 
 def test_mean_loss_is_per_label_token(tiny_tokenizer):

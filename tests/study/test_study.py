@@ -292,3 +292,30 @@ def test_a_run_with_several_gpus_trains_data_parallel(tmp_path):
     half = len(cmds) // 2
     assert half and all(c[-2:] == ["--nproc", "2"] and c[-3].endswith("cell.yaml") for c in cmds[:half])
     assert all(c[-1].endswith("cell.yaml") for c in cmds[half:])
+
+
+def test_every_study_run_is_tracked_tagged_with_study_cell_and_seed(tiny_folder, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    study_file = tmp_path / "tiny.yaml"
+    study_file.write_text(yaml.safe_dump({
+        "name": "tiny", "seeds": 2, "axes": [{"name": "r2", "set": ["lora.r=2"]}],
+        "base": {"model": {"name": str(tiny_folder)}, "data": {"tasks": ["2da"], "n_train": 16},
+                 "train": {"max_steps": 1, "batch_size": 4, "report_to": ["jsonl", "mlflow", "tensorboard"]},
+                 "eval": {"n": 2, "before": False}}}))
+
+    def in_process(cmd, run_dir, log_path):  # `loralab train cell.yaml`, without a new interpreter
+        return main(["train", cmd[-1]])
+
+    study = spec.load_study(str(study_file))
+    records = runner.run_study(study, tmp_path / "out", runner=in_process, log=lambda m: None)
+    assert [r["status"] for r in records] == ["ok", "ok"]
+    cell = yaml.safe_load((tmp_path / "out/cells/r2/seed-2/cell.yaml").read_text())
+    assert cell["train"]["tags"] == {"study": "tiny", "cell": "r2", "seed": 2}
+    client = MlflowClient((tmp_path / "out" / "mlruns").as_uri())  # one store for the whole study
+    experiment = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted((r.data.tags["cell"], r.data.tags["seed"], r.data.tags["study"], r.info.run_name) for r in runs) == [
+        ("r2", "1", "tiny", "r2/seed-1"), ("r2", "2", "tiny", "r2/seed-2")]
+    assert all(r.data.params["lora.r"] == "2" and r.info.status == "FINISHED" for r in runs)
+    assert all(list((tmp_path / f"out/cells/r2/seed-{s}/tensorboard").glob("events.out.tfevents.*")) for s in (1, 2))

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
 
 ROLES = ("system", "user", "assistant")
+# What each record format is called in messages, so an error names what the user actually has.
+KINDS = {"alpaca": "an Alpaca record (instruction/output)", "chat": "a chat record (messages)",
+         "prompt": "a prompt/response record", "text": "a text record"}
 
 
 @dataclass
@@ -31,6 +34,7 @@ class Example:
     response: str = ""                    # raw text the model learns (loss on it)
     messages: list[dict] | None = None    # chat form; loss on assistant contents only
     source: str = ""                      # "file.jsonl:7", for error messages
+    kind: str = field(default="", compare=False)  # the record's format, a key of KINDS (for messages)
 
     @property
     def is_chat(self) -> bool:
@@ -47,7 +51,38 @@ def fingerprint(examples: list[Example]) -> str:
     return h.hexdigest()
 
 
-def load_examples(path: str | Path) -> list[Example]:
+# The loralab fields a record may carry; data.columns maps each to a column (key) of the user's data.
+FIELDS = ("instruction", "input", "output", "prompt", "response", "completion", "messages", "text")
+
+
+def check_columns(columns: dict | None) -> dict | None:
+    """data.columns, checked: {loralab field: the data's column name}."""
+    if columns is None:
+        return None
+    if not isinstance(columns, dict) or not columns:
+        raise UserError(f"config key 'data.columns' must map loralab fields to column names, got {columns!r}")
+    for field_name, column in columns.items():
+        if field_name not in FIELDS:
+            raise UserError(f"config key 'data.columns' names unknown field {field_name!r} "
+                            f"(fields: {', '.join(FIELDS)})")
+        if not isinstance(column, str) or not column:
+            raise UserError(f"config key 'data.columns.{field_name}' must be a column name, got {column!r}")
+    return columns
+
+
+def remap(obj, columns: dict | None, src: str):
+    """A record with data.columns applied: only the mapped columns, under loralab's field names."""
+    if columns is None or not isinstance(obj, dict):
+        return obj
+    missing = [c for c in columns.values() if c not in obj]
+    if missing:
+        raise UserError(f"{src}: data.columns names {', '.join(map(repr, missing))}, not in the record "
+                        f"(its keys: {', '.join(map(str, obj)) or 'none'})")
+    return {field_name: obj[column] for field_name, column in columns.items()}
+
+
+def load_examples(path: str | Path, columns: dict | None = None) -> list[Example]:
+    columns = check_columns(columns)
     p = Path(path)
     if not p.exists():
         raise UserError(f"{p}: no such data file")
@@ -67,10 +102,10 @@ def load_examples(path: str | Path) -> list[Example]:
     if suffix == ".txt" or (suffix not in (".json", ".jsonl") and first not in "[{"):
         return _read_text(text, name)
     if first == "[":
-        return _read_json_array(text, name)
+        return _read_json_array(text, name, columns)
     if suffix == ".json" and first != "{":
         raise UserError(f"{name}:1: expected a JSON list of records (or one JSON object per line)")
-    return _read_jsonl(text, name)
+    return _read_jsonl(text, name, columns)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,12 +119,12 @@ def _read_text(text: str, name: str) -> list[Example]:
                 start = lineno
             block.append(line.rstrip())
         elif block:
-            out.append(Example(response="\n".join(block), source=f"{name}:{start}"))
+            out.append(Example(response="\n".join(block), source=f"{name}:{start}", kind="text"))
             block = []
     return out
 
 
-def _read_jsonl(text: str, name: str) -> list[Example]:
+def _read_jsonl(text: str, name: str, columns: dict | None) -> list[Example]:
     out = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -99,11 +134,11 @@ def _read_jsonl(text: str, name: str) -> list[Example]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(f"{src}: malformed JSON ({e.msg} at column {e.colno})") from None
-        out.append(parse_record(obj, src))
+        out.append(parse_record(remap(obj, columns, src), src))
     return out
 
 
-def _read_json_array(text: str, name: str) -> list[Example]:
+def _read_json_array(text: str, name: str, columns: dict | None) -> list[Example]:
     """Decode a top-level JSON list element by element, so each record knows its line number."""
     dec = json.JSONDecoder()
 
@@ -125,7 +160,8 @@ def _read_json_array(text: str, name: str) -> list[Example]:
             obj, end = dec.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             raise UserError(f"{name}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-        out.append(parse_record(obj, f"{name}:{line_at(pos)}"))
+        src = f"{name}:{line_at(pos)}"
+        out.append(parse_record(remap(obj, columns, src), src))
         pos = skip_ws(end)
         if pos < len(text) and text[pos] == ",":
             pos += 1
@@ -161,20 +197,20 @@ def parse_record(obj, src: str) -> Example:
     if not isinstance(obj, dict):
         raise UserError(f"{src}: expected a JSON object, got {type(obj).__name__}")
     if "messages" in obj:
-        return Example(messages=_messages(obj["messages"], src), source=src)
+        return Example(messages=_messages(obj["messages"], src), source=src, kind="chat")
     if "instruction" in obj or "output" in obj:
         instruction = _string(obj, "instruction", src, nonempty=True)
         extra = _string(obj, "input", src, required=False)
         output = _string(obj, "output", src, nonempty=True)
         user = instruction + ("\n\n" + extra if extra.strip() else "")
         return Example(messages=[{"role": "user", "content": user},
-                                 {"role": "assistant", "content": output}], source=src)
+                                 {"role": "assistant", "content": output}], source=src, kind="alpaca")
     if "prompt" in obj:
         key = "completion" if "completion" in obj and "response" not in obj else "response"
         prompt = _string(obj, "prompt", src)
-        return Example(prompt=prompt, response=_string(obj, key, src, nonempty=True), source=src)
+        return Example(prompt=prompt, response=_string(obj, key, src, nonempty=True), source=src, kind="prompt")
     if "text" in obj:
-        return Example(response=_string(obj, "text", src, nonempty=True), source=src)
+        return Example(response=_string(obj, "text", src, nonempty=True), source=src, kind="text")
     raise UserError(f"{src}: missing 'instruction'/'output', 'messages', 'prompt'/'response' or 'text' "
                     f"(record keys: {', '.join(map(str, obj)) or 'none'})")
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import UserError
-from .formats import Example
+from .formats import KINDS, Example
 
 IGNORE_INDEX = -100
 TEMPLATES = ("auto", "chat", "alpaca", "raw")
@@ -68,8 +68,9 @@ def _style(example: Example, tok, template: str) -> str:
     if not example.is_chat and (template in ("auto", "raw") or not example.prompt):
         return "raw"
     if example.is_chat and template == "raw":
-        raise UserError(f"{example.source or 'example'}: data.template=raw needs prompt/response records, "
-                        f"this one has chat messages (use auto, chat or alpaca)")
+        what = KINDS.get(example.kind, "a chat record (messages)")
+        raise UserError(f"{example.source or 'example'}: data.template=raw needs prompt/response or text records, "
+                        f"this one is {what} (use data.template=auto, chat or alpaca)")
     has_chat = bool(getattr(tok, "chat_template", None))
     if template == "auto":
         return "chat" if has_chat else "alpaca"
@@ -205,7 +206,35 @@ def _chat_render(tok, messages: list[dict], policy, src: str) -> tuple[str, list
                 break
         spans.append((start, end))
         cursor = end
+    eos = getattr(tok, "eos_token", None)
+    if spans and eos and not any(full[:spans[-1][1]].endswith(s) for s in specials):
+        # A template that closes the reply with no special token would teach the model never to
+        # stop: the last reply ends with EOS, as alpaca and raw texts do.
+        start, end = spans[-1]
+        full, spans[-1] = full[:end] + eos + full[end:], (start, end + len(eos))
     return full, spans
+
+
+_REPLY_SENTINEL = "loralab-sentinel-reply-5b2d"
+
+
+def stop_token_ids(tok) -> list[int]:
+    """The ids a reply learned here ends with: the tokenizer's EOS, and the special token its chat
+    template closes an assistant turn with (<|im_end|>, <|eot_id|>, <end_of_turn>...) when that is
+    another token. Generation stops on any of them; merged folders list them as eos_token_id."""
+    ids = [] if getattr(tok, "eos_token_id", None) is None else [tok.eos_token_id]
+    if getattr(tok, "chat_template", None):
+        try:
+            text, spans = _chat_render(tok, [{"role": "user", "content": "?"},
+                                             {"role": "assistant", "content": _REPLY_SENTINEL}], ("none", None), "")
+        except UserError:
+            return ids
+        start, end = spans[-1]
+        closing = text[start + len(_REPLY_SENTINEL):end].strip()
+        tid = tok.convert_tokens_to_ids(closing) if closing else None
+        if isinstance(tid, int) and tid != getattr(tok, "unk_token_id", None) and tid not in ids:
+            ids.append(tid)
+    return ids
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,11 +334,13 @@ def encode_all(examples: list[Example], tokenizer, **kw) -> tuple[list[Encoded],
     """Encode every example; drop (and count) those left with no usable label.
 
     stats: n (examples in), n_kept, n_truncated (cut by max_seq_len, kept or not), n_dropped,
-    n_tokens and n_label_tokens (of the kept ones), first_dropped (source of one, for messages).
+    n_tokens and n_label_tokens (of the kept ones), first_dropped (source of one, for messages),
+    n_end_with_stop (kept ones whose last learned token is a stop token: EOS / end of turn).
     """
     out: list[Encoded] = []
     stats = {"n": len(examples), "n_kept": 0, "n_truncated": 0, "n_dropped": 0,
-             "n_tokens": 0, "n_label_tokens": 0, "first_dropped": None}
+             "n_tokens": 0, "n_label_tokens": 0, "first_dropped": None, "n_end_with_stop": 0}
+    stops = set(stop_token_ids(tokenizer))
     for ex in examples:
         e = encode(ex, tokenizer, **kw)
         stats["n_truncated"] += e.truncated
@@ -321,6 +352,8 @@ def encode_all(examples: list[Example], tokenizer, **kw) -> tuple[list[Encoded],
         out.append(e)
         stats["n_tokens"] += len(e.input_ids)
         stats["n_label_tokens"] += n_labels
+        learned = [t for t in e.labels if t != IGNORE_INDEX]
+        stats["n_end_with_stop"] += bool(learned) and learned[-1] in stops  # it learns where to stop
     stats["n_kept"] = len(out)
     if examples and not out:
         raise UserError(f"every response is empty or truncated away "

@@ -83,7 +83,7 @@ def get_task(name: str) -> Task:
 def to_example(task: Task, index: int, source: str = "") -> Example:
     q, answer = task(index)
     return Example(prompt=f"Question: What is {q}?\nAnswer:", response=f" {answer}",
-                   source=source or f"task {task.name} #{index}")
+                   source=source or f"task {task.name} #{index}", kind="prompt")
 
 
 def _draw(rng: random.Random, size: int, k: int, exclude: set[int]) -> list[int]:

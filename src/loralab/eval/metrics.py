@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 
 import torch
 
 from ..data.batching import left_pad
-from ..data.prompts import render_prompt
+from ..data.prompts import render_prompt, stop_token_ids
 from ..data.tasks import answer_matches
 
 
@@ -37,51 +38,73 @@ def fp32_decoding_on_cpu(model):
             t.data = t.data.to(torch.bfloat16)
 
 
+@dataclass
+class Generation:
+    text: str        # decoded without special tokens
+    stopped: bool    # its first terminator was a stop token (EOS / end of turn), within its budget
+
+
 @torch.no_grad()
-def generate_answers(model, tokenizer, prompts: list[str], *, batch_size: int = 32, max_new_tokens: int = 8,
-                     stop_at_newline: bool = True, synced_gpus: bool = False) -> list[str]:
-    """Greedy continuations of each prompt (left-padded batches), decoded without special tokens.
-    synced_gpus: the model is sharded across ranks (FSDP2) and every rank generates in lockstep
-    (the same number of prompts on each; transformers keeps stepping until all are done)."""
+def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 32, max_new_tokens: int = 8,
+             stop_at_newline: bool = True, budgets: list[int] | None = None,
+             synced_gpus: bool = False) -> list[Generation]:
+    """Greedy continuations of each prompt (left-padded batches). Decoding stops at the tokenizer's
+    stop tokens (data.prompts.stop_token_ids) and, for one-line task answers, at a newline; a
+    generation counts as `stopped` only when a stop token came first, within its own budget
+    (`budgets[i]` new tokens, default max_new_tokens). synced_gpus: the model is sharded across
+    ranks (FSDP2) and every rank generates in lockstep (as many prompts on each; transformers keeps
+    stepping until all are done)."""
     if not prompts:
         return []
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id
-    stop_ids = [tokenizer.eos_token_id]
+    stops = stop_token_ids(tokenizer)
+    terminators = set(stops)
     newline = tokenizer.encode("\n", add_special_tokens=False)
     if stop_at_newline and len(newline) == 1:  # task answers are one line: stop there
-        stop_ids.append(newline[0])
+        terminators.add(newline[0])
+    budgets = budgets or [max_new_tokens] * len(prompts)
     # Longest prompts first keeps the padding per batch small.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    results: dict[int, str] = {}
+    results: dict[int, Generation] = {}
     with nullcontext() if synced_gpus else fp32_decoding_on_cpu(model):  # sharded weights stay as they are
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             ids = [tokenizer.encode(prompts[i], add_special_tokens=False) for i in idx]
             input_ids, attention_mask = left_pad(ids, pad_id)
             gen = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
-                                 eos_token_id=stop_ids, synced_gpus=synced_gpus)
-            for i, row in zip(idx, gen[:, input_ids.shape[1]:]):
-                results[i] = tokenizer.decode(row, skip_special_tokens=True)
+                                 max_new_tokens=max(budgets[i] for i in idx), do_sample=False, pad_token_id=pad_id,
+                                 eos_token_id=sorted(terminators), synced_gpus=synced_gpus)
+            for i, row in zip(idx, gen[:, input_ids.shape[1]:].tolist()):
+                first = next((k for k, t in enumerate(row) if t in terminators), None)  # pads come after it
+                stopped = first is not None and first < budgets[i] and row[first] in stops
+                results[i] = Generation(tokenizer.decode(row, skip_special_tokens=True), stopped)
     outputs = [results[i] for i in range(len(prompts))]
     model.train(was_training)
     return outputs
 
 
+def generate_answers(model, tokenizer, prompts: list[str], **kw) -> list[str]:
+    """generate()'s texts alone."""
+    return [g.text for g in generate(model, tokenizer, prompts, **kw)]
+
+
 def exact_match(model, tokenizer, examples: list, *, template: str = "auto", system_prompt="default",
                 batch_size: int = 32, max_new_tokens: int = 8) -> dict:
-    """Accuracy of greedy answers against each example's response. Returns accuracy and samples."""
+    """Accuracy of greedy answers against each example's response. Returns accuracy, samples and
+    `stopped`: how many answers ended on a stop token (EOS / end of turn) within max_new_tokens."""
     prompts = [render_prompt(ex, tokenizer, template=template, system_prompt=system_prompt) for ex in examples]
-    answers = generate_answers(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens)
-    return score_answers(examples, answers)
+    gens = generate(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    return score(examples, gens)
 
 
-def score_answers(examples: list, answers: list[str]) -> dict:
-    """Exact-match accuracy of answers against the examples' responses, with the first few as samples."""
-    hits = [answer_matches(a, ex.response) for a, ex in zip(answers, examples)]
-    samples = [{"prompt": ex.prompt, "target": ex.response, "output": a, "correct": h}
-               for ex, a, h in list(zip(examples, answers, hits))[:5]]
-    return {"accuracy": sum(hits) / max(len(hits), 1), "n": len(hits), "correct": sum(hits), "samples": samples}
+def score(examples: list, gens: list[Generation]) -> dict:
+    """Exact-match accuracy of generations against the examples' responses, the first few as
+    samples, and how many stopped on a stop token."""
+    hits = [answer_matches(g.text, ex.response) for g, ex in zip(gens, examples)]
+    samples = [{"prompt": ex.prompt, "target": ex.response, "output": g.text, "correct": h}
+               for ex, g, h in list(zip(examples, gens, hits))[:5]]
+    return {"accuracy": sum(hits) / max(len(hits), 1), "n": len(hits), "correct": sum(hits), "samples": samples,
+            "stopped": sum(g.stopped for g in gens)}

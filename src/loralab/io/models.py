@@ -228,6 +228,24 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, *, trust_remote_co
     return model, load_tokenizer(folder, trust_remote_code), folder
 
 
+_SAFETENSORS_FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def stored_dtype(folder: Path) -> torch.dtype:
+    """The floating dtype a model folder's weights are stored in (the most common one in its
+    safetensors headers): what a merge writes back by default, whatever dtype it computed in."""
+    from safetensors import safe_open
+
+    counts: dict[torch.dtype, int] = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                dtype = _SAFETENSORS_FLOATS.get(f.get_slice(key).get_dtype())
+                if dtype is not None:
+                    counts[dtype] = counts.get(dtype, 0) + 1
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
 def base_model_path(spec: str, folder: Path) -> str:
     """What an adapter records as base_model_name_or_path: a hub id as given, else the folder path."""
     p = Path(spec).expanduser()

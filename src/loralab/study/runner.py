@@ -13,6 +13,7 @@ business: here (subprocess_runner) or as a task on a Ray cluster (ray_runner.Ray
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -45,6 +46,19 @@ def _last_error(log_path: Path) -> str:
         return "no log"
     errors = [l for l in lines if "error" in l.lower()]
     return (errors or lines or ["no output"])[-1][:300]
+
+
+def tracking_overrides(study: Study, cell_name: str, seed: int, out: Path) -> list[str]:
+    """Every run of a study is tracked alike: tagged with the study, cell and seed, named
+    `<cell>/seed-<s>`, in an MLflow experiment named after the study whose store (unless the user
+    names one) is the study folder's mlruns/, so one MLflow UI compares every run."""
+    text = lambda key, value: f"{key}={json.dumps(value)}"  # JSON is YAML: strings stay strings
+    extra = [text("train.tags.study", study.name), text("train.tags.cell", cell_name), text("train.tags.seed", seed),
+             text("train.run_name", f"{cell_name}/seed-{seed}"), text("train.experiment", study.name)]
+    user_uri = os.environ.get("MLFLOW_TRACKING_URI") or any(o.startswith("train.mlflow_uri=") for o in study.overrides)
+    if not user_uri:
+        extra.append(text("train.mlflow_uri", (out / "mlruns").as_uri()))
+    return extra
 
 
 def write_json_rec(run_dir: Path, **rec) -> dict:
@@ -90,7 +104,8 @@ def run_study(study: Study, out: str | Path, *, parallel: int = 1, runner: Runne
     def one(job):
         cell, seed, run_dir = job
         run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "cell.yaml", dump_yaml(run_config(study, cell, seed, run_dir, extra)))
+        cfg = run_config(study, cell, seed, run_dir, extra + tracking_overrides(study, cell.name, seed, out))
+        atomic_write_text(run_dir / "cell.yaml", dump_yaml(cfg))
         with lock:
             log(f"[{study.name}] start {cell.name} seed {seed}")
         t0 = time.perf_counter()

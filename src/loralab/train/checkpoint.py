@@ -35,7 +35,9 @@ TENSOR_FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetenso
 # Keys that do not change the training trajectory: a resume may differ in these.
 NEUTRAL_KEYS = {"output_dir", "resume", "train.progress", "train.log_every", "train.save_every",
                 "train.keep_checkpoints", "train.threads", "train.distributed_timeout_s", "train.preflight",
-                "eval.before", "eval.batch_size"}
+                "eval.before", "eval.batch_size",
+                "train.report_to", "train.run_name", "train.experiment", "train.mlflow_uri"}  # tracking
+NEUTRAL_PREFIXES = ("eval.", "train.tags.")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -52,7 +54,7 @@ def config_difference(saved: dict, current: dict) -> str | None:
     """The first trajectory-changing key whose value differs, as 'key: old vs new', else None."""
     a, b = _flatten(saved), _flatten(current)
     for key in sorted(set(a) | set(b)):
-        if key in NEUTRAL_KEYS or key.startswith("eval."):
+        if key in NEUTRAL_KEYS or key.startswith(NEUTRAL_PREFIXES):
             continue
         if a.get(key) != b.get(key):
             return f"{key}: {a.get(key)!r} in the checkpoint vs {b.get(key)!r} now"

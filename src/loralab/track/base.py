@@ -1,0 +1,26 @@
+"""A tracker receives the run's events (fanout.Trackers passes each to every configured sink).
+
+The pipeline calls, in order: start(params, tags), log(record) for every loop record (steps and
+validations, metrics.jsonl's format), log_eval(results, step) for task evaluations before and after
+training, finish(summary), and close(status) always (finished, failed or killed).
+"""
+from __future__ import annotations
+
+
+class Tracker:
+    """Base sink: every event is optional, so a sink implements only what it records."""
+
+    def start(self, params: dict, tags: dict) -> None:
+        pass
+
+    def log(self, record: dict) -> None:
+        pass
+
+    def log_eval(self, results: dict, step: int) -> None:
+        pass
+
+    def finish(self, summary: dict) -> None:
+        pass
+
+    def close(self, status: str = "FINISHED") -> None:
+        pass

@@ -1,0 +1,75 @@
+"""Using an adapter after training: `loralab merge` keeps the base's dtype unless told otherwise."""
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from loralab.cli import main
+from loralab.config import load_config
+from loralab.pipeline import run_training
+from tinymodels import save_tiny_folder
+
+
+def _stored(folder) -> set:
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        return {f.get_slice(k).get_dtype() for k in f.keys()}
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("merge-run")
+    run_training(load_config(None, [f"model.name={tiny_folder}", "data.tasks=[2da]", "data.n_train=16",
+                                    "eval.n=2", "eval.before=false", "train.max_steps=3", "train.batch_size=4",
+                                    "train.progress=false", "train.lr=5e-2", "train.precision=fp32",
+                                    "lora.dropout=0", f"output_dir={out}"]), quiet=True)
+    return out / "adapter"
+
+
+def test_merge_defaults_to_the_bases_own_dtype_fp32(trained, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from loralab.inference import load_with_adapter
+
+    assert main(["merge", str(trained), str(tmp_path / "merged")]) == 0  # no --dtype
+    assert _stored(tmp_path / "merged") == {"F32"}
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    ours, _ = load_with_adapter(None, str(trained))
+    ids = torch.randint(3, 60, (2, 9))
+    with torch.no_grad():  # fp32 all the way: the merged model computes what base + adapter did
+        torch.testing.assert_close(merged(ids).logits, ours(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_defaults_to_bf16_for_a_bf16_base_and_obeys_dtype(trained, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base16 = tmp_path / "base-bf16"
+    save_tiny_folder(base16)
+    model = AutoModelForCausalLM.from_pretrained(base16, dtype=torch.bfloat16)
+    model.save_pretrained(base16)  # the same weights, stored in bf16
+    assert _stored(base16) == {"BF16"}
+    assert main(["merge", str(trained), str(tmp_path / "m16"), "--model", str(base16)]) == 0
+    assert _stored(tmp_path / "m16") == {"BF16"}
+    assert main(["merge", str(trained), str(tmp_path / "m32"), "--model", str(base16), "--dtype", "fp32"]) == 0
+    assert _stored(tmp_path / "m32") == {"F32"}
+    assert json.loads((tmp_path / "m32" / "config.json").read_text())["dtype"] == "float32"
+
+
+def test_the_merged_folders_generation_config_stops_on_the_tokenizers_eos(trained, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tiny_tokenizer import make_tiny_tokenizer
+
+    base = tmp_path / "base"
+    save_tiny_folder(base, eos_token_id=0)  # converted from elsewhere: the config names <|endoftext|>
+    model = AutoModelForCausalLM.from_pretrained(base)
+    assert model.generation_config.eos_token_id == 0
+    assert main(["merge", str(trained), str(tmp_path / "m"), "--model", str(base)]) == 0
+    gen = json.loads((tmp_path / "m" / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == 2 and gen["pad_token_id"] == 2  # <|im_end|>: what training taught
+
+    tok = make_tiny_tokenizer()
+    tok.eos_token = "<|endoftext|>"  # EOS and end of turn differ: both stop generation
+    tok.save_pretrained(base)
+    assert main(["merge", str(trained), str(tmp_path / "m2"), "--model", str(base)]) == 0
+    assert json.loads((tmp_path / "m2" / "generation_config.json").read_text())["eos_token_id"] == [0, 2]
