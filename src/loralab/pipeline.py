@@ -30,9 +30,9 @@ from .io.models import base_model_path, load_model
 from .memory.estimate import run_memory_breakdown
 from .memory.measure import PeakMemory
 from .peft.adapters import save_adapter
-from .peft.inject import count_parameters, inject
+from .peft.inject import SpecFor, count_parameters, inject, per_module
 from .peft.lora import LoraSpec
-from .peft.targets import resolve_targets
+from .peft.targets import filter_layers, resolve_targets
 from .summary import build_summary, epoch_warnings
 from .train import checkpoint
 from .train.loop import Hooks, NonFiniteLoss, train
@@ -88,8 +88,13 @@ def resolve_config(cfg: RunConfig, device: torch.device) -> RunConfig:
     return dataclasses.replace(cfg, train=train_cfg)
 
 
-def lora_spec(cfg: RunConfig) -> LoraSpec:
-    return LoraSpec(r=cfg.lora.r, alpha=cfg.lora_alpha, dropout=cfg.lora.dropout)
+def lora_spec(cfg: RunConfig) -> SpecFor:
+    """The run's LoRA spec: one LoraSpec, or (with lora.rank_pattern / alpha_pattern) a function
+    giving each full module name its own. Checks r, alpha, dropout, init before any model loads."""
+    lo = cfg.lora
+    spec = LoraSpec(r=lo.r, alpha=cfg.lora_alpha, dropout=lo.dropout, use_rslora=lo.use_rslora,
+                    use_dora=lo.use_dora, init=lo.init)
+    return per_module(spec, lo.rank_pattern, lo.alpha_pattern)
 
 
 def setup_model(cfg: RunConfig, device: torch.device):
@@ -109,6 +114,8 @@ def setup_model(cfg: RunConfig, device: torch.device):
         info["targets"] = []
     else:
         targets = resolve_targets(model, cfg.lora.targets)
+        if cfg.lora.layers is not None:
+            targets = filter_layers(targets, cfg.lora.layers)
         if cfg.model.quant == "nf4":
             from .peft.quant import quantize_model
 

@@ -23,8 +23,8 @@ import torch
 
 from ..errors import UserError
 from ..io.fileio import atomic_save_safetensors, write_json
-from .init import check_init
 from .lora import LoraSpec
+from .presets import check_init
 from .targets import pattern_value
 
 CONFIG_NAME = "adapter_config.json"
@@ -160,7 +160,8 @@ def check_config(cfg: dict, path: Path) -> AdapterConfig:
         r=cfg.get("r", 8), alpha=cfg.get("lora_alpha", 8), dropout=cfg.get("lora_dropout", 0.0),
         use_rslora=bool(cfg.get("use_rslora", False)), use_dora=bool(cfg.get("use_dora", False)),
         init=_init_of(cfg.get("init_lora_weights", True), path),
-        rank_pattern=_check_pattern(cfg, "rank_pattern", path), alpha_pattern=_check_pattern(cfg, "alpha_pattern", path),
+        rank_pattern=_check_pattern(cfg, "rank_pattern", path),
+        alpha_pattern=_check_pattern(cfg, "alpha_pattern", path),
         targets=targets, layers=layers, layers_pattern=cfg.get("layers_pattern") or None, raw=cfg)
 
 

@@ -17,8 +17,16 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .adapter_files import (CONFIG_NAME, KEY_PREFIX, MAGNITUDE, check_config, converted, read_adapter_config,
-                            read_weights, write_adapter)
+from .adapter_files import (
+    CONFIG_NAME,
+    KEY_PREFIX,
+    MAGNITUDE,
+    check_config,
+    converted,
+    read_adapter_config,
+    read_weights,
+    write_adapter,
+)
 from .inject import inject, load_lora_state_dict
 from .lora import lora_modules
 from .presets import TARGET_PRESETS

@@ -16,28 +16,12 @@ On a quantized base (NF4) the weight is dequantized, split, and the residual qua
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 from torch import nn
 
 from ..errors import UserError
-
-INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_N", "olora")
-_NITER = re.compile(r"pissa_niter_([1-9][0-9]*)")
-
-
-def check_init(init) -> str:
-    """The init name, or a one-line error naming lora.init."""
-    if init in INITS[:3] + INITS[4:] or (isinstance(init, str) and _NITER.fullmatch(init)):
-        return init
-    raise UserError(f"config key 'lora.init' must be one of {', '.join(INITS)} (N: subspace iterations, "
-                    f"e.g. pissa_niter_4), got {init!r}")
-
-
-def mutates_base(init: str) -> bool:
-    """PiSSA and OLoRA move part of the frozen weight into the factors."""
-    return init == "olora" or init.startswith("pissa")
+from .presets import PISSA_NITER, mutates_base
 
 
 def check_base(init: str, r: int, base: nn.Module, name: str) -> None:
@@ -72,7 +56,7 @@ def _principal(w: torch.Tensor, r: int, scaling: float, init: str) -> tuple[torc
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
         u, s, vh = u[:, :r], s[:r], vh[:r]
     else:
-        u, s, v = torch.svd_lowrank(w, r, niter=int(_NITER.fullmatch(init)[1]))
+        u, s, v = torch.svd_lowrank(w, r, niter=int(PISSA_NITER.fullmatch(init)[1]))
         vh = v.t()
     root = torch.sqrt(s / scaling)
     return root[:, None] * vh, u * root[None, :]

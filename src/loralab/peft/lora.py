@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .init import check_init, init_factors
+from .init import init_factors
+from .presets import check_init
 from .variants import variant_for
 
 

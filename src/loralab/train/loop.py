@@ -70,10 +70,11 @@ def train(model: torch.nn.Module, train_data: list, cfg: TrainConfig, *, pad_id:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     if not params:
         raise ValueError("no trainable parameters")
-    optimizer = build_optimizer(params, cfg)
+    optimizer = build_optimizer(named, cfg)
     total = plan_steps(len(train_data), cfg)
     scheduler = build_scheduler(optimizer, total, cfg)
     result, start = TrainResult(), 0
