@@ -57,6 +57,23 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_combine(args) -> int:
+    from .peft.combine import combine_adapters, parse_adapter_arg
+
+    out = combine_adapters([parse_adapter_arg(a) for a in args.adapter], args.out_dir, method=args.method,
+                           density=args.density, svd_rank=args.svd_rank, seed=args.seed)
+    print(f"combined adapter written to {out}")
+    return 0
+
+
+def cmd_check(args) -> int:
+    from .peft.check import format_table, runtime_support
+
+    rows = runtime_support(args.adapter_dir)
+    print(json.dumps(rows, indent=2) if args.json else format_table(args.adapter_dir, rows))
+    return 0
+
+
 def cmd_study(args) -> int:
     from .study.runner import study_command
     from .study.spec import list_presets
@@ -133,6 +150,24 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model", default=None, help="base model (default: the adapter's base_model_name_or_path)")
     m.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     m.set_defaults(func=cmd_merge)
+
+    c = sub.add_parser("combine", help="combine adapters into one PEFT adapter (as PEFT's add_weighted_adapter)",
+                       description="Combine LoRA adapters with weights into one adapter folder, computed as PEFT's "
+                                   "add_weighted_adapter computes it (docs/variants.md).")
+    c.add_argument("out_dir", help="new folder for the combined adapter")
+    c.add_argument("--adapter", action="append", required=True, metavar="DIR:WEIGHT",
+                   help="an adapter folder and its weight (default 1); repeat for each adapter")
+    c.add_argument("--method", default="svd", choices=["linear", "cat", "svd", "ties", "dare_linear", "dare_ties",
+                                                       "magnitude_prune"])
+    c.add_argument("--density", type=float, default=None, help="share of entries kept (ties, dare_*, magnitude_prune)")
+    c.add_argument("--svd-rank", type=int, default=None, help="rank of the svd result (default: the largest input rank)")
+    c.add_argument("--seed", type=int, default=0, help="DARE's random masks")
+    c.set_defaults(func=cmd_combine)
+
+    k = sub.add_parser("check", help="which runtimes (loralab, PEFT, vLLM, GGUF) load an adapter folder as is")
+    k.add_argument("adapter_dir")
+    k.add_argument("--json", action="store_true")
+    k.set_defaults(func=cmd_check)
 
     s = sub.add_parser("study", help="run a preset study (the article's experiments) and write a report",
                        description="Run a study: cells x seeds, each a `loralab train` in its own process; "

@@ -184,8 +184,9 @@ def test_trained_pissa_and_olora_save_for_the_original_base(tmp_path):
 
 def _dora_pair(bias: bool, dropout: float = 0.0, seed: int = 0):
     """Our DoRA layer and PEFT's on the same nn.Linear, A, B and magnitude."""
-    from peft import LoraConfig
     from peft.tuners.lora.layer import Linear as PeftLinear
+
+    from peft import LoraConfig
 
     torch.manual_seed(seed)
     base = nn.Linear(24, 16, bias=bias)
@@ -256,9 +257,8 @@ def test_a_fresh_dora_model_is_the_base_and_dora_state_dict_is_peft_named():
 
 def test_nf4_base_with_dora_and_rslora_saves_for_peft(tmp_path):
     """QLoRA + DoRA and QLoRA + rsLoRA: PEFT on the dequantized dense base gives our logits."""
-    from peft import PeftModel
-
     from loralab.peft.quant import NF4Linear, quantize_model
+    from peft import PeftModel
 
     dense = tiny_llama(0, hidden_size=64, intermediate_size=128)
     for kw in (dict(use_dora=True), dict(use_rslora=True), dict(use_dora=True, init="olora")):
