@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--method", default="svd", choices=["linear", "cat", "svd", "ties", "dare_linear", "dare_ties",
                                                        "magnitude_prune"])
     c.add_argument("--density", type=float, default=None, help="share of entries kept (ties, dare_*, magnitude_prune)")
-    c.add_argument("--svd-rank", type=int, default=None, help="rank of the svd result (default: the largest input rank)")
+    c.add_argument("--svd-rank", type=int, default=None, help="svd result rank (default: the largest input rank)")
     c.add_argument("--seed", type=int, default=0, help="DARE's random masks")
     c.set_defaults(func=cmd_combine)
 

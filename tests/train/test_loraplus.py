@@ -74,7 +74,8 @@ def test_one_step_equals_peft_create_loraplus_optimizer(use_dora):
             o.zero_grad()
     for name, mod in lora_modules(ours):
         layer = pm.base_model.model.get_submodule(name)
-        pairs = [(mod.lora_A.weight, layer.lora_A["default"].weight), (mod.lora_B.weight, layer.lora_B["default"].weight)]
+        pairs = [(mod.lora_A.weight, layer.lora_A["default"].weight),
+                 (mod.lora_B.weight, layer.lora_B["default"].weight)]
         if use_dora:
             pairs.append((mod.lora_magnitude_vector, layer.lora_magnitude_vector["default"].weight))
         for mine, theirs in pairs:
