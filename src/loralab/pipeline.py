@@ -32,7 +32,8 @@ from .memory.measure import PeakMemory
 from .peft.adapters import save_adapter
 from .peft.inject import SpecFor, count_parameters, inject, per_module
 from .peft.lora import LoraSpec
-from .peft.targets import filter_layers, resolve_targets
+from .peft.names import filter_layers
+from .peft.targets import resolve_targets
 from .summary import build_summary, epoch_warnings
 from .train import checkpoint
 from .train.loop import Hooks, NonFiniteLoss, train

@@ -173,7 +173,7 @@ def test_our_per_module_ranks_load_in_peft(tmp_path):
 
 
 def test_pattern_keys_follow_peft_matching():
-    from loralab.peft.targets import pattern_value
+    from loralab.peft.names import pattern_value
 
     assert pattern_value({"q_proj": 8}, "model.layers.0.self_attn.q_proj", 4) == 8
     assert pattern_value({"q_proj": 8}, "model.layers.0.self_attn.qq_proj", 4) == 4  # whole name parts only

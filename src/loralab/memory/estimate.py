@@ -44,7 +44,8 @@ from __future__ import annotations
 import math
 
 from ..errors import UserError
-from ..peft.presets import LLAMA_LINEARS
+from ..peft.names import pattern_value
+from ..peft.presets import LLAMA_LINEARS, OUTPUT_LAYER, mutates_base
 from ..train.loss import CHUNK_ROWS
 from ..train.precision import resolve_precision
 from .arch import Arch, arch_from_config, count_params, resolve_model_config, target_names
@@ -77,9 +78,10 @@ def _check(method, optimizer, precision, device, attention, r, seq, batch, grad_
             raise UserError(f"{key} must be a positive integer, got {value!r}")
 
 
-def _layer_bytes_per_token(a: Arch, *, b: int, seq: int, eager: bool, method: str, lora_names, r: int,
-                           dropout: bool, quantized, saves_quant_inputs: bool) -> float:
-    """Bytes one decoder layer keeps for backward, per token (see the module docstring)."""
+def _layer_bytes_per_token(a: Arch, *, b: int, seq: int, eager: bool, method: str, lora: dict, dropout: bool,
+                           quantized, saves_quant_inputs: bool, dora: bool = False) -> float:
+    """Bytes one decoder layer keeps for backward, per token (see the module docstring).
+    lora: this layer's wrapped modules -> rank."""
     H, Q, K, I = a.hidden, a.q_dim, a.kv_dim, a.inter
     total = 2 * H * 4                                        # RMSNorms: fp32 copies of their inputs
     if eager:
@@ -95,17 +97,26 @@ def _layer_bytes_per_token(a: Arch, *, b: int, seq: int, eager: bool, method: st
         total += sum(width for _, width in groups.values()) * b + 2 * H * 4
     elif saves_quant_inputs:
         total += sum(width for mods, width in groups.values() if any(m in quantized for m in mods)) * b
-    for n in lora_names:
-        if n != "lm_head":
-            total += lin[n][0] * b * (2 if dropout else 1) + r * b
+    for n, r in lora.items():
+        # input twice (dropout mask + dropped input), A's output; DoRA: the pre-scale output W x + s·B A x
+        total += lin[n][0] * b * (2 if dropout else 1) + r * b + (lin[n][1] * b if dora else 0)
     return total
+
+
+def _lora_ranks(a: Arch, names, r: int, rank_of) -> tuple[list[dict], int]:
+    """([{module: rank} per decoder layer], rank of lm_head or 0): `rank_of(layer, name)` gives a
+    module's rank (0: not wrapped), for per-module rank (rank_pattern) and a subset of layers."""
+    rank_of = rank_of or (lambda _layer, _name: r)
+    body = [n for n in names if n != OUTPUT_LAYER]
+    layers = [{n: k for n in body if (k := rank_of(i, n))} for i in range(a.layers)]
+    return layers, (rank_of(None, OUTPUT_LAYER) if OUTPUT_LAYER in names else 0)
 
 
 def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="all-linear", seq: int = 512,
              batch: int = 1, optimizer: str = "adamw", precision: str = "bf16", grad_checkpointing: bool = False,
              device: str = "cuda", attention: str = "auto", lora_dropout: float = 0.05, quantize: str = "all-linear",
              qlora_saves_inputs: bool = True, loss_rows: int | None = None, sgd_momentum: bool = True,
-             grad_accum: int = 1) -> dict:
+             grad_accum: int = 1, dora: bool = False, init_copies: bool = False, rank_of=None) -> dict:
     """Predicted peak memory (bytes) of one training step, with its breakdown at that moment. Pure arithmetic.
 
     method lora | qlora (NF4 base) | full; targets a preset (qv, attn, mlp, all-linear, all-linear+head)
@@ -114,7 +125,11 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
     LoRA-wrapped ones, loralab's default); qlora_saves_inputs: the 4-bit matmul keeps its input for
     backward (bitsandbytes does); loss_rows: logit rows alive at once (default batch x seq);
     grad_accum: micro batches per optimizer step (> 1: earlier micro batches' gradients are alive
-    while the next one's activations are).
+    while the next one's activations are). Variants: dora (a trainable magnitude and a cached
+    ||W||^2 per output row, and each wrapped layer's pre-scale output kept for backward),
+    init_copies (PiSSA / OLoRA keep A0, B0 to save the adapter for the original base: one more
+    fp32 copy of the factors), rank_of(layer, module) -> rank (0: not wrapped), for rank_pattern
+    and a subset of layers (default: r everywhere). rsLoRA and LoRA+ cost nothing extra.
     """
     _check(method, optimizer, precision, device, attention, r, seq, batch, grad_accum)
     a = arch_from_config(model_config)
@@ -137,19 +152,26 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
         casts = trainable * 2 if precision == "bf16" else 0.0         # autocast's bf16 copies, held by the graph
         outside = params["embedding"] + params["lm_head"] + a.hidden  # + the final norm
     else:
-        trainable = params["lora"]
+        ranks, head_r = _lora_ranks(a, names, r, rank_of)
+        factors = sum(k * (lin[n][0] + lin[n][1]) for layer in ranks for n, k in layer.items())
+        factors += head_r * (a.hidden + a.vocab)
+        rows = sum(lin[n][1] for layer in ranks for n in layer) + (a.vocab if head_r else 0)
+        trainable = factors + (rows if dora else 0)             # DoRA: a magnitude per output row
         q_weights = sum(lin[n][0] * lin[n][1] for n in quantized) * a.layers
         frozen = (params["total"] - q_weights) * b + q_weights * NF4_BITS / 8
+        frozen += 4 * (rows if dora else 0) + 4 * (factors if init_copies else 0)  # ||W||^2 cache; A0, B0
         masters, casts = trainable * 4, 0.0
-        outside = r * (a.hidden + a.vocab) if "lm_head" in names else 0
+        outside = (head_r * (a.hidden + a.vocab) + (a.vocab if dora else 0)) if head_r else 0
     state = trainable * (OPTIMIZERS[optimizer] if optimizer != "sgd" or sgd_momentum else 0.0)
 
     # Activations
-    per_token = _layer_bytes_per_token(a, b=b, seq=seq, eager=eager, method=method, lora_names=names, r=r,
-                                       dropout=lora_dropout > 0, quantized=quantized,
-                                       saves_quant_inputs=qlora_saves_inputs)
+    per_layer = [_layer_bytes_per_token(a, b=b, seq=seq, eager=eager, method=method,
+                                        lora={} if method == "full" else ranks[i], dropout=lora_dropout > 0,
+                                        quantized=quantized, saves_quant_inputs=qlora_saves_inputs, dora=dora)
+                 for i in range(a.layers)]
+    per_token = sum(per_layer) / a.layers
     if grad_checkpointing:
-        layers_bytes = tokens * (a.layers * a.hidden * b + per_token)
+        layers_bytes = tokens * (a.layers * a.hidden * b + max(per_layer))
         slack = CPU_CKPT_SLACK * tokens * a.layers * per_token  # the discarded activations leave holes too
     else:
         layers_bytes = tokens * a.layers * per_token
@@ -188,6 +210,24 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
     }
 
 
+_BLOCK = {n: ("self_attn" if n in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp") for n in LLAMA_LINEARS}
+
+
+def _run_rank_of(cfg):
+    """rank_of for a run's lora.rank_pattern and lora.layers, on Llama-family module names."""
+    lo = cfg.lora
+    if not lo.rank_pattern and lo.layers is None:
+        return None
+    wanted = None if lo.layers is None else set([lo.layers] if isinstance(lo.layers, int) else lo.layers)
+
+    def rank_of(layer, name):
+        if wanted is not None and layer not in wanted:
+            return 0
+        return pattern_value(lo.rank_pattern, name if layer is None else f"model.layers.{layer}.{_BLOCK[name]}.{name}",
+                             lo.r)
+    return rank_of
+
+
 def estimate_for_run(cfg, model_config: dict, device, seq: int | None = None) -> dict:
     """The estimate for a loralab RunConfig on `device`, shaped like
     loralab trains: its attention choice, its chunked loss, NF4 on the LoRA targets unless
@@ -203,7 +243,8 @@ def estimate_for_run(cfg, model_config: dict, device, seq: int | None = None) ->
                     attention=cfg.model.attn_implementation, lora_dropout=cfg.lora.dropout,
                     quantize="all-linear" if cfg.model.quant_all_linear else "targets",
                     qlora_saves_inputs=False, loss_rows=CHUNK_ROWS, sgd_momentum=cfg.train.momentum > 0,
-                    grad_accum=cfg.train.grad_accum)
+                    grad_accum=cfg.train.grad_accum, dora=cfg.lora.use_dora, init_copies=mutates_base(cfg.lora.init),
+                    rank_of=_run_rank_of(cfg))
 
 
 def run_memory_breakdown(cfg, folder, device, seq: int | None = None) -> dict | None:

@@ -24,8 +24,8 @@ import torch
 from ..errors import UserError
 from ..io.fileio import atomic_save_safetensors, write_json
 from .lora import LoraSpec
+from .names import pattern_value
 from .presets import check_init
-from .targets import pattern_value
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -29,8 +29,9 @@ from .adapter_files import (
 )
 from .inject import inject, load_lora_state_dict
 from .lora import lora_modules
+from .names import layer_index, suffix_match
 from .presets import TARGET_PRESETS
-from .targets import layer_index, resolve_targets, suffix_match, visible_module_names
+from .targets import resolve_targets, visible_module_names
 
 __all__ = ["save_adapter", "load_adapter", "read_adapter_config", "CONFIG_NAME", "adapter_delta"]
 

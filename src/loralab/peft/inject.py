@@ -11,7 +11,8 @@ from torch import nn
 from ..errors import UserError
 from .init import check_base
 from .lora import LoRALinear, LoraSpec, is_quantized, lora_modules
-from .targets import pattern_value, resolve_targets
+from .names import pattern_value
+from .targets import resolve_targets
 
 SpecFor = LoraSpec | Callable[[str], LoraSpec]  # one spec for all, or a spec per full module name
 
