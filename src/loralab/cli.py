@@ -11,7 +11,7 @@ import os
 import sys
 
 from .errors import UserError
-from .peft.presets import TARGET_PRESETS
+from .peft.presets import COMBINE_METHODS, TARGET_PRESETS
 
 
 def cmd_train(args) -> int:
@@ -157,8 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("out_dir", help="new folder for the combined adapter")
     c.add_argument("--adapter", action="append", required=True, metavar="DIR:WEIGHT",
                    help="an adapter folder and its weight (default 1); repeat for each adapter")
-    c.add_argument("--method", default="svd", choices=["linear", "cat", "svd", "ties", "dare_linear", "dare_ties",
-                                                       "magnitude_prune"])
+    c.add_argument("--method", default="svd", choices=COMBINE_METHODS)
     c.add_argument("--density", type=float, default=None, help="share of entries kept (ties, dare_*, magnitude_prune)")
     c.add_argument("--svd-rank", type=int, default=None, help="svd result rank (default: the largest input rank)")
     c.add_argument("--seed", type=int, default=0, help="DARE's random masks")

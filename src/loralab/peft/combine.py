@@ -30,9 +30,8 @@ import torch
 from ..errors import UserError
 from .adapter_files import CONFIG_NAME, check_config, module_names, read_adapter_config, read_weights, write_adapter
 from .lora import LoraSpec
-
-METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
-NEEDS_DENSITY = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
+from .presets import COMBINE_METHODS as METHODS
+from .presets import NEEDS_DENSITY
 
 
 @dataclass

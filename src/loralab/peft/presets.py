@@ -46,3 +46,9 @@ def check_init(init) -> str:
 def mutates_base(init: str) -> bool:
     """PiSSA and OLoRA move part of the frozen weight into the factors."""
     return init == "olora" or init.startswith("pissa")
+
+
+# `loralab combine` methods (combine.py), as PEFT's add_weighted_adapter names them; the pruning
+# ones need a density.
+COMBINE_METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+NEEDS_DENSITY = ("ties", "dare_linear", "dare_ties", "magnitude_prune")

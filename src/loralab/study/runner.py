@@ -1,5 +1,6 @@
 """Running a study: every (cell, seed) as its own `loralab train` process (finished runs skipped),
-or a table of estimates; then the report.
+or a table of estimates; then the report. A combine cell runs after the training cells, as its
+own `python -m loralab.study.combine_cell` process (combine_cell.py).
 
 Folder layout (`--out`, default runs/studies/<name>-<scale>):
   study.json                      the expanded plan (so a report never needs the YAML again)
@@ -88,6 +89,12 @@ def run_study(study: Study, out: str | Path, *, parallel: int = 1, runner: Runne
             log(f"[{study.name}] start {cell.name} seed {seed}")
         t0 = time.perf_counter()
         cmd = [sys.executable, "-m", "loralab.cli", "train", str(run_dir / "cell.yaml")]
+        if cell.combine:  # earlier cells' adapters of the same seed, combined and evaluated
+            sources = [[str(out / "cells" / src / f"seed-{seed}" / "adapter"), w]
+                       for src, w in zip(cell.combine["adapters"], cell.combine["weights"])]
+            write_json(run_dir / "combine.json", {**cell.combine, "adapters": sources, "seed": seed})
+            cmd = [sys.executable, "-m", "loralab.study.combine_cell", str(run_dir / "cell.yaml"),
+                   str(run_dir / "combine.json")]
         try:
             code = runner(cmd, run_dir, run_dir / "train.log")
         except OSError as e:
@@ -105,8 +112,9 @@ def run_study(study: Study, out: str | Path, *, parallel: int = 1, runner: Runne
             log(f"[{study.name}] {done[0]}/{total} {cell.name} seed {seed} {what}; ETA {_fmt_s(eta)}")
         return rec
 
-    with ThreadPoolExecutor(max_workers=parallel) as pool:
-        records += list(pool.map(one, jobs))
+    with ThreadPoolExecutor(max_workers=parallel) as pool:  # combine cells after the cells they combine
+        records += list(pool.map(one, [j for j in jobs if not j[0].combine]))
+        records += list(pool.map(one, [j for j in jobs if j[0].combine]))
     write_json(out / "runs.json", records)
     return records
 
