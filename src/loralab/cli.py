@@ -106,7 +106,7 @@ def cmd_estimate(args) -> int:
 
     settings = dict(method=args.method, r=args.r, targets=args.targets, seq=args.seq, batch=args.batch,
                     optimizer=args.optimizer, precision=args.precision, grad_checkpointing=args.grad_checkpointing,
-                    device=args.device, grad_accum=args.grad_accum)
+                    device=args.device, grad_accum=args.grad_accum, dora=args.dora)
     model_config = resolve_model_config(args.model)
     result = estimate(model_config, **settings)
     fixes = suggest_fixes(model_config, args.gpu_gb, **settings) if args.gpu_gb else []
@@ -200,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "adamw8bit"])
     x.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     x.add_argument("--grad-checkpointing", action="store_true")
+    x.add_argument("--dora", action="store_true", help="DoRA: magnitude vectors, cached weight norms, one more "
+                   "saved output per layer")
     x.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     x.add_argument("--gpu-gb", type=float, default=None, help="GPU memory as on the card (GiB); says whether it "
                    "fits and, if not, the cheapest fixes")

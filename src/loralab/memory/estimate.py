@@ -206,7 +206,8 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
         "params": {"total": params["total"], "trainable": trainable, "quantized": len(quantized) * a.layers},
         "settings": {"method": method, "r": r, "targets": targets if isinstance(targets, str) else list(names),
                      "seq": seq, "batch": batch, "grad_accum": grad_accum, "optimizer": optimizer,
-                     "precision": precision, "grad_checkpointing": grad_checkpointing, "device": device},
+                     "precision": precision, "grad_checkpointing": grad_checkpointing, "device": device,
+                     "dora": dora},
     }
 
 
@@ -332,7 +333,7 @@ def _gib(n: float) -> str:
 
 def format_estimate(result: dict, name: str = "", gpu_gb: float | None = None, fixes: list | None = None) -> str:
     s = result["settings"]
-    lora = "" if s["method"] == "full" else f" r={s['r']} targets={s['targets']}"
+    lora = "" if s["method"] == "full" else f" r={s['r']} targets={s['targets']}" + (" DoRA" if s["dora"] else "")
     accum = f" x {s['grad_accum']} accumulated" if s["grad_accum"] > 1 else ""
     lines = [f"loralab estimate: {name} {s['method']}{lora}, seq {s['seq']} x micro batch {s['batch']}{accum}, "
              f"{s['optimizer']}, {s['precision']}{', grad checkpointing' if s['grad_checkpointing'] else ''}, "
