@@ -287,3 +287,8 @@ def test_bad_variant_settings_are_one_line_errors():
     with pytest.raises(UserError, match="lora.init.*r <= min"):
         inject(m, "qv", LoraSpec(r=20, alpha=8, init="pissa"))  # v_proj is 32 -> 16
     assert not list(lora_modules(m)) and torch.equal(logits(m), logits(tiny_llama(0)))
+    tied = tiny_llama(0, tie_word_embeddings=True)
+    emb = tied.model.embed_tokens.weight.detach().clone()
+    with pytest.raises(UserError, match="shared \\(tied\\)"):  # PiSSA would rewrite the input embeddings
+        inject(tied, "all-linear+head", LoraSpec(r=4, alpha=8, init="olora"))
+    assert torch.equal(tied.model.embed_tokens.weight, emb) and not list(lora_modules(tied))

@@ -3,6 +3,7 @@ the factors, count parameters."""
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 import torch
@@ -12,6 +13,7 @@ from ..errors import UserError
 from .init import check_base
 from .lora import LoRALinear, LoraSpec, is_quantized, lora_modules
 from .names import pattern_value
+from .presets import mutates_base
 from .targets import resolve_targets
 
 SpecFor = LoraSpec | Callable[[str], LoraSpec]  # one spec for all, or a spec per full module name
@@ -41,8 +43,14 @@ def inject(model: nn.Module, targets: str | Sequence[str], spec: SpecFor) -> lis
         if isinstance(model.get_submodule(name), LoRALinear):
             raise UserError(f"module {name} already has a LoRA adapter")
     specs = {name: spec_for(name) for name in names}  # every spec is checked before the model changes
+    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))  # tied weights: > 1
     for name in names:
-        check_base(specs[name].init, specs[name].r, model.get_submodule(name), name)
+        base = model.get_submodule(name)
+        check_base(specs[name].init, specs[name].r, base, name)
+        if mutates_base(specs[name].init) and uses[id(getattr(base, "weight", None))] > 1:
+            raise UserError(f"config key 'lora.init': {specs[name].init} would rewrite {name}'s weight, which is "
+                            f"shared (tied) with another module such as the input embeddings; leave {name} out "
+                            f"of lora.targets or use another init")
     model.requires_grad_(False)  # only the LoRA factors created below will train
     for name in names:
         set_submodule(model, name, LoRALinear(model.get_submodule(name), specs[name]))
