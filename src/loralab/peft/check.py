@@ -50,7 +50,10 @@ def runtime_support(adapter_dir: str | os.PathLike) -> list[dict]:
         rows.append(("PEFT", True, f"a {cfg.get('peft_type')} adapter (not checked further)"))
     else:
         notes = [n for n, on in (("use_dora needs PEFT >= 0.9", cfg.get("use_dora")),
-                                 ("use_rslora needs PEFT >= 0.7", cfg.get("use_rslora"))) if on]
+                                 ("use_rslora needs PEFT >= 0.7", cfg.get("use_rslora")),
+                                 (f"redoes the {init} init on the base when loading" + (
+                                     " (randomized: not reproducible)" if "niter" in str(init) else ""), unconverted))
+                 if on]
         rows.append(("PEFT", True, "; ".join(notes)))
 
     ranks = [t.shape[0] for k, t in weights.items() if k.endswith(".lora_A.weight")]
