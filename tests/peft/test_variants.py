@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from loralab.errors import UserError
@@ -292,3 +293,26 @@ def test_bad_variant_settings_are_one_line_errors():
     with pytest.raises(UserError, match="shared \\(tied\\)"):  # PiSSA would rewrite the input embeddings
         inject(tied, "all-linear+head", LoraSpec(r=4, alpha=8, init="olora"))
     assert torch.equal(tied.model.embed_tokens.weight, emb) and not list(lora_modules(tied))
+
+
+def test_dora_eval_caches_the_weight_norm_until_a_or_b_change(monkeypatch):
+    from loralab.peft.variants import Dora
+
+    ourl, _ = _dora_pair(False)
+    ourl.eval()
+    x = torch.randn(2, 24)
+    first = ourl(x)
+    calls, real = [], Dora.weight_norm
+    monkeypatch.setattr(Dora, "weight_norm", staticmethod(lambda layer: calls.append(1) or real(layer)))
+    assert torch.equal(ourl(x), first) and not calls  # cached
+    with torch.no_grad():
+        ourl.lora_B.weight.mul_(2)  # an in-place update, as an optimizer step
+    changed = ourl(x)
+    assert len(calls) == 1 and not torch.allclose(changed, first)
+    dense = ourl.base.weight + ourl.delta_weight()
+    want = F.linear(x, (ourl.lora_magnitude_vector / torch.linalg.norm(dense, dim=1))[:, None] * dense)
+    torch.testing.assert_close(changed, want, rtol=1e-5, atol=1e-6)
+    ourl.train()
+    ourl(x)
+    ourl(x)
+    assert len(calls) == 3  # training: computed every forward

@@ -104,8 +104,20 @@ class Dora(PlainLora):
         return sq.clamp_min(0).sqrt().clamp_min(1e-12)
 
     @staticmethod
+    def cached_weight_norm(layer) -> torch.Tensor:
+        """weight_norm, kept between forwards in eval mode until A or B change (their version
+        counters move with every in-place update): generation runs one forward per new token."""
+        if layer.training:
+            return Dora.weight_norm(layer)
+        key = (layer.lora_A.weight._version, layer.lora_B.weight._version, layer.lora_A.weight.data_ptr(),
+               layer.lora_B.weight.data_ptr(), layer.scaling)
+        if getattr(layer, "_norm_key", None) != key:
+            layer._norm_key, layer._norm = key, Dora.weight_norm(layer)
+        return layer._norm
+
+    @staticmethod
     def forward(layer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        g = layer.lora_magnitude_vector / Dora.weight_norm(layer)   # (out,), grad to m only
+        g = layer.lora_magnitude_vector / Dora.cached_weight_norm(layer)   # (out,), grad to m only
         bias = _bias(layer)
         t = (y if bias is None else y - bias) + lora_update(layer, x).to(y.dtype)  # W x + s·B A d(x)
         # g ⊙ t as t + (g - 1) ⊙ t: g is ~1, and g - 1 keeps its digits in a bf16 activation.
