@@ -98,9 +98,9 @@ class Dora(PlainLora):
         aw = layer.base(a.to(_base_dtype(layer)))  # A W^T (+ bias): the base applied to A's r rows
         bias = _bias(layer)
         aw = (aw if bias is None else aw - bias).float()
-        cross = (b * aw.t()).sum(dim=1)
-        square = ((b @ (a @ a.t())) * b).sum(dim=1)
-        sq = layer.lora_weight_sq_norm.float() + 2 * s * cross + s * s * square
+        # 2s <W_i, (BA)_i> + s^2 ||(BA)_i||^2 = sum_k B_ik (2s A W^T + s^2 (A A^T) B^T)_ki
+        terms = torch.addmm(aw, a @ a.t(), b.t(), beta=2 * s, alpha=s * s)
+        sq = (b * terms.t()).sum(dim=1) + layer.lora_weight_sq_norm
         return sq.clamp_min(0).sqrt().clamp_min(1e-12)
 
     @staticmethod
