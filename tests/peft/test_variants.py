@@ -126,6 +126,7 @@ def _perturb_peft(pm, seed=6):
     return pm
 
 
+@pytest.mark.filterwarnings("ignore:Using Rank-Stabilized LoRA with rank_pattern:UserWarning")  # PEFT's, on config
 @pytest.mark.parametrize("pattern", list(PATTERNS))
 @pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "pissa_niter"])
 def test_a_peft_saved_adapter_loads_in_ours(variant, pattern, tmp_path):
