@@ -202,3 +202,57 @@ def test_training_on_a_parquet_file_through_data_columns(tiny_folder, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["train_examples"] == 16 - round(0.05 * 16) and summary["steps"] == 2
     assert load_config(out / "config.yaml").data.columns == {"instruction": "question", "output": "answer"}
+
+
+def test_a_run_with_every_variant_saves_an_adapter_peft_loads_on_the_original_base(tiny_folder, tmp_path):
+    """DoRA + PiSSA + rsLoRA + rank/alpha patterns + two layers' modules + LoRA+: the run trains,
+    records its settings, and its adapter (converted for the original base) loads in PEFT and
+    merges (loralab merge) with the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    from loralab.inference import load_with_adapter
+    from peft import PeftModel
+
+    out = tmp_path / "run"
+    summary = run_training(_cfg(tiny_folder, out, "lora.dropout=0.0", "lora.use_dora=true", "lora.init=pissa",
+                                "lora.use_rslora=true", "lora.r=4", "lora.rank_pattern={q_proj: 8}",
+                                "lora.alpha_pattern={v_proj: 16}", "lora.layers=[1]",
+                                "train.loraplus_lr_ratio=4"), quiet=True)
+    cfg = json.loads((out / "adapter/adapter_config.json").read_text())
+    assert cfg["use_dora"] and cfg["use_rslora"] and cfg["layers_to_transform"] == [1]
+    assert (cfg["r"], cfg["rank_pattern"]) == (8, {"q_proj": 16})  # converted: rank doubled
+    assert summary["trainable_params"] > 0 and summary["memory_breakdown"]["estimated_peak_bytes"] > 0
+    base = AutoModelForCausalLM.from_pretrained(cfg["base_model_name_or_path"])
+    peft_model = PeftModel.from_pretrained(base, out / "adapter").eval()
+    ours, _ = load_with_adapter(None, str(out / "adapter"))
+    ids = torch.randint(3, 60, (2, 9))
+    with torch.no_grad():
+        want = peft_model(ids).logits
+        torch.testing.assert_close(ours(ids).logits, want, atol=1e-5, rtol=1e-5)
+        assert (want - AutoModelForCausalLM.from_pretrained(tiny_folder)(ids).logits).abs().max() > 1e-4
+    assert main(["merge", str(out / "adapter"), str(tmp_path / "merged"), "--dtype", "fp32"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, want, atol=1e-4, rtol=1e-4)
+
+
+def test_variant_run_stopped_and_resumed_ends_where_an_uninterrupted_one_does(tiny_folder, tmp_path, monkeypatch):
+    """PiSSA redoes its init on resume (same seed, same residual base); LoRA+'s two parameter
+    groups and DoRA's magnitudes come back from the checkpoint."""
+    import pytest
+
+    from loralab import pipeline
+    from loralab.errors import UserError
+    from loralab.peft.adapter_files import read_weights
+
+    extra = ("lora.use_dora=true", "lora.init=pissa_niter_2", "train.loraplus_lr_ratio=4", "train.max_steps=4",
+             "eval.before=false")
+    run_training(_cfg(tiny_folder, tmp_path / "straight", *extra), quiet=True)
+    polls = iter([False, True])  # stop after the second step
+    monkeypatch.setattr(pipeline.stop_flag, "is_set", lambda: next(polls, False))
+    with pytest.raises(UserError, match="interrupted at step 2"):
+        run_training(_cfg(tiny_folder, tmp_path / "resumed", *extra), quiet=True)
+    run_training(_cfg(tiny_folder, tmp_path / "resumed", *extra), quiet=True)
+    a, b = read_weights(tmp_path / "straight/adapter"), read_weights(tmp_path / "resumed/adapter")
+    assert a.keys() == b.keys() and any("magnitude" in k for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)

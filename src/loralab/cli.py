@@ -11,7 +11,7 @@ import os
 import sys
 
 from .errors import UserError
-from .peft.presets import TARGET_PRESETS
+from .peft.presets import COMBINE_METHODS, TARGET_PRESETS
 
 
 def cmd_train(args) -> int:
@@ -90,6 +90,23 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_combine(args) -> int:
+    from .peft.combine import combine_adapters, parse_adapter_arg
+
+    out = combine_adapters([parse_adapter_arg(a) for a in args.adapter], args.out_dir, method=args.method,
+                           density=args.density, svd_rank=args.svd_rank, seed=args.seed)
+    print(f"combined adapter written to {out}")
+    return 0
+
+
+def cmd_check(args) -> int:
+    from .peft.check import format_table, runtime_support
+
+    rows = runtime_support(args.adapter_dir)
+    print(json.dumps(rows, indent=2) if args.json else format_table(args.adapter_dir, rows))
+    return 0
+
+
 def cmd_study(args) -> int:
     from .study.runner import study_command
     from .study.spec import list_presets
@@ -119,14 +136,15 @@ def cmd_fetch(args) -> int:
 
 def cmd_estimate(args) -> int:
     from .memory.arch import resolve_model_config
-    from .memory.estimate import format_estimate, suggest_fixes
+    from .memory.fixes import format_estimate, suggest_fixes
     from .memory.sharding import estimate_per_gpu
 
     if args.fsdp and args.gpus < 2:
         raise UserError(f"--fsdp shards across GPUs: give --gpus 2 or more (got --gpus {args.gpus})")
     settings = dict(method=args.method, r=args.r, targets=args.targets, seq=args.seq, batch=args.batch,
                     optimizer=args.optimizer, precision=args.precision, grad_checkpointing=args.grad_checkpointing,
-                    device=args.device, grad_accum=args.grad_accum, gpus=args.gpus, fsdp=args.fsdp)
+                    device=args.device, grad_accum=args.grad_accum, gpus=args.gpus, fsdp=args.fsdp,
+                    dora=args.dora)
     model_config = resolve_model_config(args.model)
     result = estimate_per_gpu(model_config, **settings)
     fixes = suggest_fixes(model_config, args.gpu_gb, estimator=estimate_per_gpu, **settings) if args.gpu_gb else []
@@ -198,6 +216,23 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--model", default=None, help="base model (default: the adapter's base_model_name_or_path)")
     ex.set_defaults(func=cmd_export)
 
+    c = sub.add_parser("combine", help="combine adapters into one PEFT adapter (as PEFT's add_weighted_adapter)",
+                       description="Combine LoRA adapters with weights into one adapter folder, computed as PEFT's "
+                                   "add_weighted_adapter computes it (docs/variants.md).")
+    c.add_argument("out_dir", help="new folder for the combined adapter")
+    c.add_argument("--adapter", action="append", required=True, metavar="DIR:WEIGHT",
+                   help="an adapter folder and its weight (default 1); repeat for each adapter")
+    c.add_argument("--method", default="svd", choices=COMBINE_METHODS)
+    c.add_argument("--density", type=float, default=None, help="share of entries kept (ties, dare_*, magnitude_prune)")
+    c.add_argument("--svd-rank", type=int, default=None, help="svd result rank (default: the largest input rank)")
+    c.add_argument("--seed", type=int, default=0, help="DARE's random masks")
+    c.set_defaults(func=cmd_combine)
+
+    k = sub.add_parser("check", help="which runtimes (loralab, PEFT, vLLM, GGUF) load an adapter folder as is")
+    k.add_argument("adapter_dir")
+    k.add_argument("--json", action="store_true")
+    k.set_defaults(func=cmd_check)
+
     s = sub.add_parser("study", help="run a preset study (the article's experiments) and write a report",
                        description="Run a study: cells x seeds, each a `loralab train` in its own process; "
                                    "finished runs are skipped, so rerunning resumes. NAME: a preset "
@@ -236,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "adamw8bit"])
     x.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     x.add_argument("--grad-checkpointing", action="store_true")
+    x.add_argument("--dora", action="store_true", help="DoRA: magnitude vectors, cached weight norms, one more "
+                   "saved output per layer")
     x.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     x.add_argument("--gpu-gb", type=float, default=None, help="GPU memory as on the card (GiB); says whether it "
                    "fits and, if not, the cheapest fixes")

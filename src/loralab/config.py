@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from .errors import UserError
+from .peft.presets import check_init
 
 ARITHMETIC_DEFAULT = ["2da", "2ds"]
 
@@ -36,6 +37,12 @@ class LoRAConfig:
     alpha: float | None = None        # None means 2 * r (the article's rule of thumb)
     dropout: float = 0.05
     targets: Any = "all-linear"       # preset (qv, attn, mlp, all-linear, all-linear+head) or a list of names
+    use_rslora: bool = False          # scale alpha / sqrt(r) instead of alpha / r (rank-stabilized LoRA)
+    use_dora: bool = False            # weight-decomposed LoRA: a trainable magnitude per output row
+    init: str = "kaiming"             # kaiming | gaussian | pissa | pissa_niter_N | olora
+    rank_pattern: dict = field(default_factory=dict)   # module name or regex -> r (PEFT's semantics)
+    alpha_pattern: dict = field(default_factory=dict)  # module name or regex -> alpha
+    layers: Any = None                # decoder layers that get LoRA (an int or a list); None: all
 
 
 @dataclass
@@ -56,6 +63,7 @@ class TrainConfig:
     method: str = "lora"              # lora | full
     optimizer: str = "adamw"          # adamw | sgd
     lr: float = 3e-4
+    loraplus_lr_ratio: float | None = None  # LoRA+: B (and DoRA's magnitudes) learn at ratio x lr
     weight_decay: float = 0.0
     momentum: float = 0.9             # sgd only
     betas: list = field(default_factory=lambda: [0.9, 0.999])
@@ -176,6 +184,9 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     elif ann is str:
         if isinstance(value, str):
             return value
+    elif ann is dict or origin is dict:
+        if isinstance(value, dict):
+            return value
     elif ann is list or origin is list:
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
@@ -256,6 +267,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise UserError(f"config key 'train.tags' must map names to plain values, got {cfg.train.tags!r}")
     if cfg.data.columns is not None and not (isinstance(cfg.data.columns, dict) and cfg.data.columns):
         raise UserError(f"config key 'data.columns' must map loralab fields to column names, got {cfg.data.columns!r}")
+    _validate_variants(cfg)
     if not cfg.data.path and not cfg.data.tasks:
         raise UserError("config key 'data.path' or 'data.tasks' must be set")
     if cfg.resume not in ("auto", True, False):
@@ -263,6 +275,39 @@ def validate(cfg: RunConfig) -> RunConfig:
     if not str(cfg.output_dir).strip():
         raise UserError("config key 'output_dir' must not be empty")
     return cfg
+
+
+def _validate_pattern(key: str, pattern: dict, value_ok, what: str) -> None:
+    import re
+
+    for k, v in pattern.items():
+        if not isinstance(k, str) or not k:
+            raise UserError(f"config key '{key}' maps module names or regexes to values, got key {k!r}")
+        try:
+            re.compile(k)
+        except re.error as e:
+            raise UserError(f"config key '{key}': {k!r} is not a valid regular expression ({e})") from None
+        if isinstance(v, bool) or not value_ok(v):
+            raise UserError(f"config key '{key}': {k!r} must map to {what}, got {v!r}")
+
+
+def _validate_variants(cfg: RunConfig) -> None:
+    """The LoRA variants' keys: lora.init, rank/alpha patterns, lora.layers, train.loraplus_lr_ratio."""
+    check_init(cfg.lora.init)
+    _validate_pattern("lora.rank_pattern", cfg.lora.rank_pattern, lambda v: isinstance(v, int) and v > 0,
+                      "a positive integer rank")
+    _validate_pattern("lora.alpha_pattern", cfg.lora.alpha_pattern, lambda v: isinstance(v, (int, float)) and v > 0,
+                      "an alpha > 0")
+    layers = cfg.lora.layers
+    as_list = [layers] if isinstance(layers, int) else layers
+    if layers is not None and (not isinstance(as_list, list) or not as_list or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in as_list)):
+        raise UserError(f"config key 'lora.layers' must be a layer index or a non-empty list of them, got {layers!r}")
+    ratio = cfg.train.loraplus_lr_ratio
+    if ratio is not None and not ratio > 0:
+        raise UserError(f"config key 'train.loraplus_lr_ratio' must be > 0, got {ratio!r}")
+    if ratio is not None and cfg.train.method != "lora":
+        raise UserError("config key 'train.loraplus_lr_ratio' applies to LoRA only (train.method is full)")
 
 
 def from_dict(data: dict) -> RunConfig:

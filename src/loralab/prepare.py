@@ -17,8 +17,9 @@ from .data.tasks import make_task
 from .errors import UserError
 from .io.models import load_tokenizer, load_weights, resolve
 from .memory.preflight import check_rank, module_widths
-from .peft.inject import count_parameters, inject
+from .peft.inject import SpecFor, count_parameters, inject, per_module
 from .peft.lora import LoraSpec
+from .peft.names import filter_layers
 from .peft.targets import resolve_targets
 from .train import checkpoint
 from .train.precision import resolve_precision
@@ -69,8 +70,13 @@ def resolve_config(cfg: RunConfig, device: torch.device) -> RunConfig:
     return dataclasses.replace(cfg, train=train_cfg)
 
 
-def lora_spec(cfg: RunConfig) -> LoraSpec:
-    return LoraSpec(r=cfg.lora.r, alpha=cfg.lora_alpha, dropout=cfg.lora.dropout)
+def lora_spec(cfg: RunConfig) -> SpecFor:
+    """The run's LoRA spec: one LoraSpec, or (with lora.rank_pattern / alpha_pattern) a function
+    giving each full module name its own. Checks r, alpha, dropout, init before any model loads."""
+    lo = cfg.lora
+    spec = LoraSpec(r=lo.r, alpha=cfg.lora_alpha, dropout=lo.dropout, use_rslora=lo.use_rslora,
+                    use_dora=lo.use_dora, init=lo.init)
+    return per_module(spec, lo.rank_pattern, lo.alpha_pattern)
 
 
 def setup_model(cfg: RunConfig, device: torch.device, folder: Path | None = None, tok=None):
@@ -93,6 +99,8 @@ def setup_model(cfg: RunConfig, device: torch.device, folder: Path | None = None
         info["targets"] = []
     else:
         targets = resolve_targets(model, cfg.lora.targets)
+        if cfg.lora.layers is not None:
+            targets = filter_layers(targets, cfg.lora.layers)
         modules = dict(model.named_modules())
         widths = module_widths({n: modules[n] for n in targets})
         info["notes"] = [f"warning: {w}" for w in check_rank(cfg.lora.r, widths)]  # before any LoRA weight exists

@@ -11,6 +11,7 @@ from loralab.cli import main
 from loralab.errors import UserError
 from loralab.memory import arch as A
 from loralab.memory import estimate as E
+from loralab.memory import fixes as F
 from tinymodels import tiny_llama, tiny_llama_config
 
 GB = 1e9
@@ -173,19 +174,19 @@ def test_breakdown_sums_to_peak():
 def test_suggest_fixes_fit_and_are_empty_when_it_already_fits():
     cfg = A.resolve_model_config("llama-2-7b")
     kw = dict(method="lora", r=8, targets="qv", seq=2048, batch=4)
-    assert E.estimate(cfg, **kw)["peak_bytes"] > E.gpu_bytes(24)
-    fixes = E.suggest_fixes(cfg, 24, **kw)
-    assert fixes and all(f["fits"] and f["peak_bytes"] <= E.gpu_bytes(24) for f in fixes)
+    assert E.estimate(cfg, **kw)["peak_bytes"] > F.gpu_bytes(24)
+    fixes = F.suggest_fixes(cfg, 24, **kw)
+    assert fixes and all(f["fits"] and f["peak_bytes"] <= F.gpu_bytes(24) for f in fixes)
     assert fixes[0]["settings"]["batch"] < 4  # a smaller micro batch, the same batch by accumulation
     assert fixes[0]["settings"]["grad_accum"] == -(-4 // fixes[0]["settings"]["batch"])
     for f in fixes:  # each stated estimate is the estimate of the stated change
         assert E.estimate(cfg, **{**kw, **f["settings"]})["peak_bytes"] == f["peak_bytes"]
-    assert E.suggest_fixes(cfg, 80, **kw) == []
+    assert F.suggest_fixes(cfg, 80, **kw) == []
 
 
 def test_suggest_fixes_combines_when_no_single_change_fits():
     cfg = A.resolve_model_config("llama-3.1-8b")
-    fixes = E.suggest_fixes(cfg, 8, method="lora", seq=4096, batch=8)
+    fixes = F.suggest_fixes(cfg, 8, method="lora", seq=4096, batch=8)
     assert not any(f["fits"] for f in fixes[:-1])
     assert fixes[-1]["change"].startswith("all of") and fixes[-1]["fits"]
 
@@ -256,3 +257,35 @@ def test_run_memory_breakdown_is_none_for_an_unmodelled_architecture(tmp_path):
     (tmp_path / "gpt2").mkdir()
     (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 768}))
     assert E.run_memory_breakdown(cfg, tmp_path / "gpt2", "cpu") is None
+
+
+def test_variant_costs_follow_a_real_model_and_closed_forms():
+    """DoRA: a magnitude per output row (trainable), a cached ||W||^2 per row (frozen) and each
+    wrapped layer's output kept for backward; PiSSA / OLoRA: a copy of the factors; rank_pattern
+    and lora.layers: the real model's trainable count."""
+    from loralab.config import load_config
+    from loralab.peft.inject import count_parameters, inject
+    from loralab.peft.names import filter_layers
+    from loralab.peft.targets import resolve_targets
+    from loralab.prepare import lora_spec
+
+    hf = tiny_llama_config().to_dict()
+    kw = dict(r=4, targets="all-linear", seq=16, batch=2, device="cpu", precision="fp32")
+    plain, dora = E.estimate(hf, **kw), E.estimate(hf, dora=True, **kw)
+    rows_per_layer = 32 + 16 + 16 + 32 + 64 + 64 + 32  # out features of q k v o gate up down
+    assert dora["params"]["trainable"] - plain["params"]["trainable"] == 2 * rows_per_layer
+    assert dora["breakdown"]["frozen_weights"] - plain["breakdown"]["frozen_weights"] == 4 * 2 * rows_per_layer
+    extra = dora["activation_detail"]["layers_bytes"] - plain["activation_detail"]["layers_bytes"]
+    assert extra == 2 * 16 * 2 * rows_per_layer * 4  # tokens x layers x rows x fp32
+    pissa = E.estimate(hf, init_copies=True, **kw)
+    frozen = pissa["breakdown"]["frozen_weights"] - plain["breakdown"]["frozen_weights"]
+    assert frozen == 4 * plain["params"]["trainable"]
+    for overrides in (["lora.use_dora=true"], ["lora.rank_pattern={q_proj: 8, model.layers.1.mlp.down_proj: 2}"],
+                      ["lora.layers=[1]", "lora.use_dora=true"]):
+        cfg = load_config(None, ["lora.r=4", *overrides])
+        model = tiny_llama(0)
+        targets = resolve_targets(model, cfg.lora.targets)
+        if cfg.lora.layers is not None:
+            targets = filter_layers(targets, cfg.lora.layers)
+        inject(model, targets, lora_spec(cfg))
+        assert E.estimate_for_run(cfg, hf, "cpu")["params"]["trainable"] == count_parameters(model)[0], overrides

@@ -11,6 +11,7 @@ from loralab.cli import main
 from loralab.errors import UserError
 from loralab.memory import arch as A
 from loralab.memory import estimate as E
+from loralab.memory import fixes as F
 from loralab.memory.sharding import PREFETCH_LAYERS, estimate_per_gpu
 from tinymodels import tiny_llama, tiny_llama_config
 
@@ -124,7 +125,7 @@ def test_70b_lora_fits_40_gib_gpus_only_sharded_over_8_and_qlora_keeps_its_nf4_b
 
 def test_fixes_offer_sharding_and_the_fewest_gpus_that_fit(llama70b):
     kw = dict(LORA_70B, gpus=1, fsdp=False)
-    fixes = E.suggest_fixes(llama70b, 40, estimator=estimate_per_gpu, **kw)
+    fixes = F.suggest_fixes(llama70b, 40, estimator=estimate_per_gpu, **kw)
     more = [f for f in fixes if "gpus" in f["settings"]]
     assert len(more) == 1 and more[0]["fits"]
     n = more[0]["settings"]["gpus"]
@@ -132,10 +133,10 @@ def test_fixes_offer_sharding_and_the_fewest_gpus_that_fit(llama70b):
     for f in fixes:
         assert estimate_per_gpu(llama70b, **{**kw, **f["settings"]})["peak_bytes"] == f["peak_bytes"]
     # DDP over 8 GPUs that do not fit: sharding the same 8 is offered, and no more GPUs are needed
-    fixes = E.suggest_fixes(llama70b, 40, estimator=estimate_per_gpu, **{**kw, "gpus": 8})
+    fixes = F.suggest_fixes(llama70b, 40, estimator=estimate_per_gpu, **{**kw, "gpus": 8})
     assert fixes[0]["settings"] == {"fsdp": True} and fixes[0]["fits"]
     assert not any("gpus" in f["settings"] for f in fixes)
-    assert E.suggest_fixes(llama70b, 40, estimator=estimate_per_gpu, **{**kw, "gpus": 8, "fsdp": True}) == []
+    assert F.suggest_fixes(llama70b, 40, estimator=estimate_per_gpu, **{**kw, "gpus": 8, "fsdp": True}) == []
 
 
 def test_bad_gpu_counts_are_user_errors():

@@ -65,11 +65,19 @@ def test_target_modules_short_names_when_exact_else_full_name_regex(tmp_path):
     save(m, names, tmp_path / "a")
     assert json.loads((tmp_path / "a/adapter_config.json").read_text())["target_modules"] == [
         "down_proj", "gate_proj", "k_proj", "lm_head", "o_proj", "q_proj", "up_proj", "v_proj"]
-    # Only layer 0's q_proj: the short name would also catch layer 1's, so a full-name regex is written.
+    # Only layer 0's q_proj: the short name and PEFT's layers_to_transform say exactly that.
     m, names = trained(["model.layers.0.self_attn.q_proj"])
     save(m, names, tmp_path / "b")
-    tm = json.loads((tmp_path / "b/adapter_config.json").read_text())["target_modules"]
-    assert isinstance(tm, str) and "layers\\.0\\." in tm
+    cfg = json.loads((tmp_path / "b/adapter_config.json").read_text())
+    assert (cfg["target_modules"], cfg["layers_to_transform"]) == (["q_proj"], [0])
+    assert peft_wrapped(_peft_loads(tmp_path / "b")) == set(names)
+    # q_proj of layer 0 and up_proj of layer 1: no list + layers catches exactly that, a full-name regex does.
+    m, names = trained(["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj"])
+    save(m, names, tmp_path / "c")
+    cfg = json.loads((tmp_path / "c/adapter_config.json").read_text())
+    assert isinstance(cfg["target_modules"], str) and "layers\\.0\\." in cfg["target_modules"]
+    assert cfg["layers_to_transform"] is None
+    assert peft_wrapped(_peft_loads(tmp_path / "c")) == set(names)
 
 
 def test_our_loader_reads_a_peft_saved_adapter(tmp_path):
@@ -165,7 +173,7 @@ def test_our_per_module_ranks_load_in_peft(tmp_path):
 
 
 def test_pattern_keys_follow_peft_matching():
-    from loralab.peft.adapters import pattern_value
+    from loralab.peft.names import pattern_value
 
     assert pattern_value({"q_proj": 8}, "model.layers.0.self_attn.q_proj", 4) == 8
     assert pattern_value({"q_proj": 8}, "model.layers.0.self_attn.qq_proj", 4) == 4  # whole name parts only
@@ -204,7 +212,10 @@ def test_missing_and_unsafe_files_are_user_errors_naming_the_path(tmp_path):
         load_adapter(tiny_llama(0), ad)
 
 
-@pytest.mark.parametrize("change, needle", [({"use_dora": True}, "use_dora"), ({"bias": "all"}, "bias"),
+@pytest.mark.parametrize("change, needle", [({"lora_bias": True}, "lora_bias"), ({"bias": "all"}, "bias"),
+                                            ({"use_dora": True}, "no weight .*lora_magnitude_vector"),
+                                            ({"init_lora_weights": "loftq"}, "init_lora_weights='loftq'"),
+                                            ({"layers_to_transform": "0"}, "layers_to_transform"),
                                             ({"peft_type": "IA3"}, "IA3"), ({"r": 0}, "'r'"),
                                             ({"target_modules": []}, "target_modules")])
 def test_unsupported_or_bad_configs_are_refused(change, needle, tmp_path):

@@ -23,7 +23,7 @@ ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'lora
 from loralab.study.ray_runner import RayRunner  # noqa: E402  (needs ray)
 
 # Timings, throughput and memory change from run to run; everything else a run reports must not.
-VARYING = {"runtime_s", "tokens_per_s", "peak_memory_mb", "wall_s"}
+VARYING = {"runtime_s", "tokens_per_s", "peak_memory_mb", "wall_s", "step_s"}
 
 
 def _tiny_study(folder: Path, model: Path) -> Path:

@@ -15,7 +15,8 @@ from loralab.study import runner, spec
 from loralab.study.report import judge
 from loralab.study.stats import Stat, t_quantile
 
-PRESETS = ["consistency", "qlora", "optimizer", "epochs", "targets", "rank", "memory-7b", "data-size", "full"]
+PRESETS = ["consistency", "qlora", "optimizer", "epochs", "targets", "rank", "memory-7b", "data-size", "full",
+           "variants", "layer-rank", "combine"]
 
 
 # --- statistics --------------------------------------------------------------------------------
@@ -82,7 +83,7 @@ def test_bad_axes_are_one_line_user_errors(axes):
     assert "\n" not in str(e.value)
 
 
-def test_all_nine_presets_load_and_expand():
+def test_all_presets_load_and_expand():
     assert sorted(spec.list_presets()) == sorted(PRESETS)
     for name in PRESETS:
         for scale, extra in (("cpu", []), ("gpu", ["model.name=/models/llama-2-7b"])):
@@ -116,12 +117,86 @@ def test_cpu_budgets_fit_twenty_minutes():
         study = spec.load_study(name)
         total = 0.0
         for cell in study.cells:
+            if cell.combine:  # no training: combine, load, evaluate (~25 s)
+                total += len(cell.seeds) * 25
+                continue
             cfg = spec.run_config(study, cell, 1, Path("/tmp/x"))
             steps = cfg.train.max_steps or math.ceil(cfg.data.n_train * len(cfg.data.tasks) * 0.9 / cfg.train.batch_size
                                                      * cfg.train.epochs)
-            slow = 1.8 if cfg.train.method == "full" else 1.0
+            slow = 1.8 if cfg.train.method == "full" else (1.3 if cfg.lora.use_dora else 1.0)
             total += len(cell.seeds) * (20 + 0.92 * slow * steps * cfg.train.batch_size / 16)
         assert total < 20 * 60, (name, total)
+
+
+def test_presets_cells_are_the_variants_they_claim():
+    layer = spec.load_study("layer-rank")
+    cfgs = {c.name: spec.run_config(layer, c, 1, Path("/tmp/x")) for c in layer.cells}
+    assert cfgs["late-heavy"].lora.rank_pattern == {r"layers\.([0-9]|1[0-4])\..*": 8}
+    # every cell spends (about) the uniform cell's parameters: r x (in + out) summed, SmolLM2-135M
+    from loralab.memory.arch import resolve_model_config
+    from loralab.memory.estimate import estimate_for_run
+
+    model = resolve_model_config("smollm2-135m")
+    count = {n: estimate_for_run(c, model, "cpu")["params"]["trainable"] for n, c in cfgs.items()}
+    assert count["late-heavy"] == count["early-heavy"] == count["uniform"]
+    assert all(abs(v / count["uniform"] - 1) < 0.01 for v in count.values())
+    combine = spec.load_study("combine")
+    cells = {c.name: c for c in combine.cells}
+    assert cells["ties"].combine == {"adapters": ["add", "sub"], "weights": [1.0, 1.0], "method": "ties",
+                                     "density": 0.5, "svd_rank": None}
+    assert cells["add"].combine is None
+
+
+@pytest.mark.parametrize("item, needle", [
+    ({"name": "c", "combine": {"adapters": ["nope"]}}, "not a training cell"),
+    ({"name": "c", "combine": {"adapters": ["a"], "method": "ties"}}, "density"),
+    ({"name": "c", "combine": {"adapters": ["a"], "method": "mean"}}, "method must be one of"),
+    ({"name": "c", "combine": {"adapters": ["a"], "weights": [1, 2]}}, "one number per adapter"),
+    ({"name": "c", "combine": {"adapters": ["a"], "how": 1}}, "must be a mapping with keys")])
+def test_bad_combine_cells_are_one_line_errors(item, needle):
+    with pytest.raises(UserError, match=needle):
+        spec.expand_cells([{"name": "a", "set": []}, item], [1])
+
+
+def test_combine_cells_run_after_the_cells_they_combine(tmp_path):
+    calls = []
+    study = spec.load_study("combine", seeds=1)
+    fake = fake_runner(calls)
+
+    def run(cmd, run_dir, log_path):
+        if "loralab.study.combine_cell" in cmd:
+            plan = json.loads(Path(cmd[-1]).read_text())
+            assert all(Path(f).parent.joinpath("summary.json").exists() for f, _ in plan["adapters"])
+            assert plan["adapters"][0][0] == str(tmp_path / "cells/add/seed-1/adapter") and plan["seed"] == 1
+            calls.append((run_dir.parent.name, "combine"))
+            (run_dir / "summary.json").write_text(json.dumps({"eval": {"2da": {"after": 0.5}}}))
+            return 0
+        return fake(cmd, run_dir, log_path)
+
+    runner.run_study(study, tmp_path, parallel=3, runner=run, log=lambda m: None)
+    kinds = [c[1] for c in calls]
+    assert kinds.index("combine") == 3 and kinds.count("combine") == 7  # the 3 training cells first
+
+
+def test_a_combine_cell_combines_and_evaluates_for_real(tiny_folder, tmp_path):
+    """The smallest real combine study: two 2-step adapters, one cat cell, through the real runner."""
+    study_file = tmp_path / "mini.yaml"
+    study_file.write_text(yaml.safe_dump({
+        "name": "mini", "seeds": 1, "base": {"model": {"name": str(tiny_folder)}, "data": {"template": "raw"}},
+        "overrides": ["train.max_steps=2", "train.batch_size=4", "data.n_train=16", "eval.n=4", "eval.before=false",
+                      "eval.tasks=[2da, 2ds]", "train.progress=false", "train.precision=fp32"],
+        "axes": [{"name": "add", "set": ["data.tasks=[2da]"]}, {"name": "sub", "set": ["data.tasks=[2ds]"]},
+                 {"name": "cat", "combine": {"adapters": ["add", "sub"], "method": "cat"}}],
+        "findings": [{"claim": "c", "check": "higher", "a": "cat", "b": "add", "metric": "acc_mean"}]}))
+    result = runner.study_command(str(study_file), out=str(tmp_path / "out"), log=lambda m: None)
+    assert [r["status"] for r in result["runs"]] == ["ok"] * 3, result["runs"]
+    summary = json.loads((tmp_path / "out/cells/cat/seed-1/summary.json").read_text())
+    assert set(summary["eval"]) == {"2da", "2ds"} and summary["method"] == "cat"
+    adapter = json.loads((tmp_path / "out/cells/cat/seed-1/adapter/adapter_config.json").read_text())
+    sources = [json.loads((tmp_path / f"out/cells/{c}/seed-1/adapter/adapter_config.json").read_text())
+               for c in ("add", "sub")]
+    assert adapter["r"] == sum(s["r"] for s in sources)  # cat: the ranks add up
+    assert "acc_mean" in result["stats"]["cat"]
 
 
 def test_user_override_may_not_fight_an_axis():

@@ -140,3 +140,12 @@ def test_checkpoint_roundtrip_restores_rng_and_optimizer(tiny_folder, tmp_path):
     torch.set_rng_state(snap["rng"][0]["torch"])
     assert torch.equal(a, torch.rand(3))
     assert len(snap["result"]["history"]) == 3
+
+
+def test_a_checkpoint_older_than_a_config_key_counts_it_at_its_default():
+    current = load_config(None, []).to_dict()
+    older = {k: dict(v) if isinstance(v, dict) else v for k, v in current.items()}
+    del older["lora"]["use_dora"], older["train"]["loraplus_lr_ratio"]  # written before these keys existed
+    assert checkpoint.config_difference(older, current) is None
+    dora = load_config(None, ["lora.use_dora=true"]).to_dict()
+    assert checkpoint.config_difference(older, dora) == "lora.use_dora: False in the checkpoint vs True now"

@@ -42,10 +42,9 @@ The decoder's shape and parameter counts come from loralab.arch. Assumptions, in
 """
 from __future__ import annotations
 
-import math
-
 from ..errors import UserError
-from ..peft.presets import LLAMA_LINEARS
+from ..peft.names import pattern_value
+from ..peft.presets import LLAMA_LINEARS, OUTPUT_LAYER, mutates_base
 from ..train.loss import CHUNK_ROWS
 from ..train.precision import resolve_precision
 from .arch import Arch, arch_from_config, count_params, resolve_model_config, target_names
@@ -78,9 +77,10 @@ def _check(method, optimizer, precision, device, attention, r, seq, batch, grad_
             raise UserError(f"{key} must be a positive integer, got {value!r}")
 
 
-def _layer_bytes_per_token(a: Arch, *, b: int, seq: int, eager: bool, method: str, lora_names, r: int,
-                           dropout: bool, quantized, saves_quant_inputs: bool) -> float:
-    """Bytes one decoder layer keeps for backward, per token (see the module docstring)."""
+def _layer_bytes_per_token(a: Arch, *, b: int, seq: int, eager: bool, method: str, lora: dict, dropout: bool,
+                           quantized, saves_quant_inputs: bool, dora: bool = False) -> float:
+    """Bytes one decoder layer keeps for backward, per token (see the module docstring).
+    lora: this layer's wrapped modules -> rank."""
     H, Q, K, I = a.hidden, a.q_dim, a.kv_dim, a.inter
     total = 2 * H * 4                                        # RMSNorms: fp32 copies of their inputs
     if eager:
@@ -96,17 +96,26 @@ def _layer_bytes_per_token(a: Arch, *, b: int, seq: int, eager: bool, method: st
         total += sum(width for _, width in groups.values()) * b + 2 * H * 4
     elif saves_quant_inputs:
         total += sum(width for mods, width in groups.values() if any(m in quantized for m in mods)) * b
-    for n in lora_names:
-        if n != "lm_head":
-            total += lin[n][0] * b * (2 if dropout else 1) + r * b
+    for n, r in lora.items():
+        # input twice (dropout mask + dropped input), A's output; DoRA: the pre-scale output W x + s·B A x
+        total += lin[n][0] * b * (2 if dropout else 1) + r * b + (lin[n][1] * b if dora else 0)
     return total
+
+
+def _lora_ranks(a: Arch, names, r: int, rank_of) -> tuple[list[dict], int]:
+    """([{module: rank} per decoder layer], rank of lm_head or 0): `rank_of(layer, name)` gives a
+    module's rank (0: not wrapped), for per-module rank (rank_pattern) and a subset of layers."""
+    rank_of = rank_of or (lambda _layer, _name: r)
+    body = [n for n in names if n != OUTPUT_LAYER]
+    layers = [{n: k for n in body if (k := rank_of(i, n))} for i in range(a.layers)]
+    return layers, (rank_of(None, OUTPUT_LAYER) if OUTPUT_LAYER in names else 0)
 
 
 def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="all-linear", seq: int = 512,
              batch: int = 1, optimizer: str = "adamw", precision: str = "bf16", grad_checkpointing: bool = False,
              device: str = "cuda", attention: str = "auto", lora_dropout: float = 0.05, quantize: str = "all-linear",
              qlora_saves_inputs: bool = True, loss_rows: int | None = None, sgd_momentum: bool = True,
-             grad_accum: int = 1) -> dict:
+             grad_accum: int = 1, dora: bool = False, init_copies: bool = False, rank_of=None) -> dict:
     """Predicted peak memory (bytes) of one training step, with its breakdown at that moment. Pure arithmetic.
 
     method lora | qlora (NF4 base) | full; targets a preset (qv, attn, mlp, all-linear, all-linear+head)
@@ -115,7 +124,11 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
     LoRA-wrapped ones, loralab's default); qlora_saves_inputs: the 4-bit matmul keeps its input for
     backward (bitsandbytes does); loss_rows: logit rows alive at once (default batch x seq);
     grad_accum: micro batches per optimizer step (> 1: earlier micro batches' gradients are alive
-    while the next one's activations are).
+    while the next one's activations are). Variants: dora (a trainable magnitude and a cached
+    ||W||^2 per output row, and each wrapped layer's pre-scale output kept for backward),
+    init_copies (PiSSA / OLoRA keep A0, B0 to save the adapter for the original base: one more
+    fp32 copy of the factors), rank_of(layer, module) -> rank (0: not wrapped), for rank_pattern
+    and a subset of layers (default: r everywhere). rsLoRA and LoRA+ cost nothing extra.
     """
     _check(method, optimizer, precision, device, attention, r, seq, batch, grad_accum)
     a = arch_from_config(model_config)
@@ -138,19 +151,26 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
         casts = trainable * 2 if precision == "bf16" else 0.0         # autocast's bf16 copies, held by the graph
         outside = params["embedding"] + params["lm_head"] + a.hidden  # + the final norm
     else:
-        trainable = params["lora"]
+        ranks, head_r = _lora_ranks(a, names, r, rank_of)
+        factors = sum(k * (lin[n][0] + lin[n][1]) for layer in ranks for n, k in layer.items())
+        factors += head_r * (a.hidden + a.vocab)
+        rows = sum(lin[n][1] for layer in ranks for n in layer) + (a.vocab if head_r else 0)
+        trainable = factors + (rows if dora else 0)             # DoRA: a magnitude per output row
         q_weights = sum(lin[n][0] * lin[n][1] for n in quantized) * a.layers
         frozen = (params["total"] - q_weights) * b + q_weights * NF4_BITS / 8
+        frozen += 4 * (rows if dora else 0) + 4 * (factors if init_copies else 0)  # ||W||^2 cache; A0, B0
         masters, casts = trainable * 4, 0.0
-        outside = r * (a.hidden + a.vocab) if "lm_head" in names else 0
+        outside = (head_r * (a.hidden + a.vocab) + (a.vocab if dora else 0)) if head_r else 0
     state = trainable * (OPTIMIZERS[optimizer] if optimizer != "sgd" or sgd_momentum else 0.0)
 
     # Activations
-    per_token = _layer_bytes_per_token(a, b=b, seq=seq, eager=eager, method=method, lora_names=names, r=r,
-                                       dropout=lora_dropout > 0, quantized=quantized,
-                                       saves_quant_inputs=qlora_saves_inputs)
+    per_layer = [_layer_bytes_per_token(a, b=b, seq=seq, eager=eager, method=method,
+                                        lora={} if method == "full" else ranks[i], dropout=lora_dropout > 0,
+                                        quantized=quantized, saves_quant_inputs=qlora_saves_inputs, dora=dora)
+                 for i in range(a.layers)]
+    per_token = sum(per_layer) / a.layers
     if grad_checkpointing:
-        layers_bytes = tokens * (a.layers * a.hidden * b + per_token)
+        layers_bytes = tokens * (a.layers * a.hidden * b + max(per_layer))
         slack = CPU_CKPT_SLACK * tokens * a.layers * per_token  # the discarded activations leave holes too
     else:
         layers_bytes = tokens * a.layers * per_token
@@ -188,8 +208,27 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
         "units": units,
         "settings": {"method": method, "r": r, "targets": targets if isinstance(targets, str) else list(names),
                      "seq": seq, "batch": batch, "grad_accum": grad_accum, "optimizer": optimizer,
-                     "precision": precision, "grad_checkpointing": grad_checkpointing, "device": device},
+                     "precision": precision, "grad_checkpointing": grad_checkpointing, "device": device,
+                     "dora": dora},
     }
+
+
+_BLOCK = {n: ("self_attn" if n in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp") for n in LLAMA_LINEARS}
+
+
+def _run_rank_of(cfg):
+    """rank_of for a run's lora.rank_pattern and lora.layers, on Llama-family module names."""
+    lo = cfg.lora
+    if not lo.rank_pattern and lo.layers is None:
+        return None
+    wanted = None if lo.layers is None else set([lo.layers] if isinstance(lo.layers, int) else lo.layers)
+
+    def rank_of(layer, name):
+        if wanted is not None and layer not in wanted:
+            return 0
+        return pattern_value(lo.rank_pattern, name if layer is None else f"model.layers.{layer}.{_BLOCK[name]}.{name}",
+                             lo.r)
+    return rank_of
 
 
 def moments(p: dict) -> dict:
@@ -227,7 +266,8 @@ def run_settings(cfg, device, seq: int | None = None) -> dict:
                 attention=cfg.model.attn_implementation, lora_dropout=cfg.lora.dropout,
                 quantize="all-linear" if cfg.model.quant_all_linear else "targets",
                 qlora_saves_inputs=False, loss_rows=CHUNK_ROWS, sgd_momentum=cfg.train.momentum > 0,
-                grad_accum=cfg.train.grad_accum)
+                grad_accum=cfg.train.grad_accum, dora=cfg.lora.use_dora, init_copies=mutates_base(cfg.lora.init),
+                rank_of=_run_rank_of(cfg))
 
 
 def estimate_for_run(cfg, model_config: dict, device, seq: int | None = None) -> dict:
@@ -244,135 +284,3 @@ def run_memory_breakdown(cfg, folder, device, seq: int | None = None) -> dict | 
     except UserError:
         return None
     return {"estimated_peak_bytes": est["peak_bytes"], **est["breakdown"]}
-
-
-# ---------------------------------------------------------------------------------------------
-# Making it fit
-
-def gpu_bytes(gpu_gb: float) -> float:
-    """A GPU's memory as printed on the card: GPU makers' "GB" are GiB (a 24 GB card holds 24 x 2^30)."""
-    return gpu_gb * 2**30
-
-
-def _largest_fitting(lo: int, hi: int, fits) -> int | None:
-    """The largest n in [lo, hi] with fits(n), assuming fits is monotone (smaller always fits better)."""
-    if not fits(lo):
-        return None
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
-    return lo
-
-
-MAX_GPUS = 512  # the most GPUs a fix may propose
-
-
-def _smallest_fitting(lo: int, hi: int, fits) -> int | None:
-    """The smallest n in [lo, hi] with fits(n), assuming fits is monotone (larger always fits better)."""
-    if not fits(hi):
-        return None
-    while lo < hi:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if fits(mid) else (mid + 1, hi)
-    return lo
-
-
-def suggest_fixes(model_config: dict, gpu_gb: float, estimator=None, **settings) -> list[dict]:
-    """If the estimate exceeds gpu_gb, the cheapest single changes that make it fit, cheapest first
-    (each with its new estimate); if none fits alone, them combined in that order. [] if it fits.
-    estimator: the per-GPU estimate (memory.sharding.estimate_per_gpu) when settings hold gpus and
-    fsdp: then sharding over the same GPUs, and the fewest GPUs that fit with FSDP, are options too."""
-    limit = gpu_bytes(gpu_gb)
-    estimator = estimator or estimate
-    peak = lambda **kw: estimator(model_config, **{**settings, **kw})["peak_bytes"]
-    if peak() <= limit:
-        return []
-    s = {"method": "lora", "batch": 1, "seq": 512, "grad_checkpointing": False, "optimizer": "adamw",
-         "grad_accum": 1, **settings}
-    options = []  # (what, changes): cheapest (no quality cost, least slowdown) first
-    if s["batch"] > 1:
-        smaller = lambda n: {"batch": n, "grad_accum": s["grad_accum"] * math.ceil(s["batch"] / n)}  # noqa: E731
-        b = _largest_fitting(1, s["batch"] - 1, lambda n: peak(**smaller(n)) <= limit) or 1
-        options.append((f"micro batch {s['batch']} -> {b} (gradient accumulation x{math.ceil(s['batch'] / b)} "
-                        "keeps the batch)", smaller(b)))
-    if s.get("gpus", 1) > 1 and s.get("fsdp") is False:
-        options.append((f"FSDP over the same {s['gpus']} GPUs (--fsdp: weights, gradients and optimizer state "
-                        "sharded; more communication)", {"fsdp": True}))
-    if not s["grad_checkpointing"]:
-        options.append(("gradient checkpointing (recomputes activations: ~30% more compute)",
-                        {"grad_checkpointing": True}))
-    sharding_fits = s.get("gpus", 1) > 1 and peak(fsdp=True) <= limit
-    if "gpus" in s and s["gpus"] < MAX_GPUS and not sharding_fits:  # else sharding the GPUs at hand is enough
-        n = _smallest_fitting(s["gpus"] + 1, MAX_GPUS, lambda n: peak(gpus=n, fsdp=True) <= limit)
-        if n is not None:
-            options.append((f"{n} GPUs with --fsdp (more hardware; each holds 1/{n} of the weights and state)",
-                            {"gpus": n, "fsdp": True}))
-    if s["method"] == "full":
-        if s["optimizer"] == "adamw":
-            options.append(("8-bit AdamW (optimizer state 8 -> 2 bytes per parameter)", {"optimizer": "adamw8bit"}))
-        options.append(("LoRA instead of full fine-tuning", {"method": "lora"}))
-    elif s["method"] == "lora":
-        options.append(("QLoRA: NF4 base weights (slower steps, small quality cost)", {"method": "qlora"}))
-    if s["seq"] > 1:
-        n = _largest_fitting(1, s["seq"] - 1, lambda n: peak(seq=n) <= limit) or 1
-        options.append((f"shorter sequences {s['seq']} -> {n} tokens (longer examples are truncated)", {"seq": n}))
-    if s["method"] != "full" and s.get("r", 8) > 1:  # last: fewer trainable parameters may cost quality
-        n = _largest_fitting(1, s.get("r", 8) - 1, lambda n: peak(r=n) <= limit) or 1
-        options.append((f"lower rank r {s.get('r', 8)} -> {n} (may cost quality)", {"r": n}))
-    out = [{"change": what, "settings": ch, "peak_bytes": peak(**ch), "fits": peak(**ch) <= limit}
-           for what, ch in options]
-    fitting = [f for f in out if f["fits"]]
-    if fitting:
-        return fitting
-    combined, whats = {}, []
-    for what, ch in options:
-        key = next((k for k in ("seq", "r") if k in ch), None)
-        if key:  # shorten / lower only as much as the other changes leave necessary
-            label = {"seq": "shorter sequences", "r": "lower rank r"}[key]
-            top = s.get(key, 8)
-            n = _largest_fitting(1, top, lambda n, key=key: peak(**{**combined, key: n}) <= limit)
-            if n is None or n == top:
-                continue
-            ch, what = {key: n}, f"{label} {top} -> {n}" + (" tokens" if key == "seq" else "")
-        combined.update(ch)
-        whats.append(what.split(" (")[0])
-        if peak(**combined) <= limit:
-            break
-    p = peak(**combined)
-    return out + [{"change": "all of: " + "; ".join(whats), "settings": combined, "peak_bytes": p, "fits": p <= limit}]
-
-
-# ---------------------------------------------------------------------------------------------
-# Printing
-
-def _gib(n: float) -> str:
-    return f"{n / 2**30:8.2f} GiB"
-
-
-def format_estimate(result: dict, name: str = "", gpu_gb: float | None = None, fixes: list | None = None) -> str:
-    s = result["settings"]
-    lora = "" if s["method"] == "full" else f" r={s['r']} targets={s['targets']}"
-    accum = f" x {s['grad_accum']} accumulated" if s["grad_accum"] > 1 else ""
-    lines = [f"loralab estimate: {name} {s['method']}{lora}, seq {s['seq']} x micro batch {s['batch']}{accum}, "
-             f"{s['optimizer']}, {s['precision']}{', grad checkpointing' if s['grad_checkpointing'] else ''}, "
-             f"{s['device']}",
-             f"  parameters          {result['params']['total']:,} ({result['params']['trainable']:,} trainable)"]
-    shard = result.get("sharding")
-    if shard:
-        how = ("FSDP: weights, gradients, optimizer state sharded" if shard["strategy"] == "fsdp"
-               else "DDP: every GPU holds a full copy")
-        lines.append(f"  per GPU of {shard['gpus']} ({how}; each its own micro batch)")
-    for key, value in result["breakdown"].items():
-        lines.append(f"  {key.replace('_', ' '):<18}{_gib(value)}")
-    peak = result["peak_bytes"]
-    lines.append(f"  {'predicted peak':<18}{_gib(peak)}   ({peak / GB:.2f} GB, at the {result['phase']})")
-    if shard:
-        lines.append(f"  {'on one GPU':<18}{_gib(shard['single_gpu_peak_bytes'])}")
-    if gpu_gb is not None:
-        spare = gpu_bytes(gpu_gb) - peak
-        lines.append(f"  fits in {gpu_gb:g} GiB: " + (f"yes ({spare / 2**30:.2f} GiB to spare)" if spare >= 0
-                                                    else f"no ({-spare / 2**30:.2f} GiB over)"))
-        for f in fixes or []:
-            mark = "fits" if f["fits"] else "still over"
-            lines.append(f"    - {f['change']}: {f['peak_bytes'] / 2**30:.2f} GiB ({mark})")
-    return "\n".join(lines)

@@ -5,7 +5,7 @@
   cgroup's limit less its usage (v1 or v2, every level up the hierarchy) and `ulimit -v`
   (RLIMIT_AS less the address space already mapped); on CUDA the device's free memory. A run that
   will not fit is refused with one line: the estimate, what is available, and the cheapest changes
-  that fit as config overrides (memory.estimate.suggest_fixes). `train.preflight: warn` turns the
+  that fit as config overrides (memory.fixes.suggest_fixes). `train.preflight: warn` turns the
   refusal into a warning, `off` skips it. Architectures the estimate does not model get a warning,
   never a refusal.
 - **Disk** (`check_disk`): the checkpoint the run will write (and its adapter) against the free
@@ -26,7 +26,8 @@ from pathlib import Path
 
 from ..errors import UserError
 from .arch import arch_from_config, resolve_model_config, target_names
-from .estimate import CPU_RUNTIME_BYTES, OPTIMIZERS, estimate, run_settings, suggest_fixes
+from .estimate import CPU_RUNTIME_BYTES, OPTIMIZERS, estimate, run_settings
+from .fixes import suggest_fixes
 from .measure import current_rss_bytes, fmt_bytes
 
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")

@@ -2,16 +2,29 @@
 the factors, count parameters."""
 from __future__ import annotations
 
+import dataclasses
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import UserError
+from .init import check_base
 from .lora import LoRALinear, LoraSpec, is_quantized, lora_modules
+from .names import pattern_value
+from .presets import mutates_base
 from .targets import resolve_targets
 
 SpecFor = LoraSpec | Callable[[str], LoraSpec]  # one spec for all, or a spec per full module name
+
+
+def per_module(spec: LoraSpec, rank_pattern: dict | None = None, alpha_pattern: dict | None = None) -> SpecFor:
+    """`spec` with PEFT's rank_pattern / alpha_pattern applied per full module name (targets.pattern_value)."""
+    if not rank_pattern and not alpha_pattern:
+        return spec
+    return lambda name: dataclasses.replace(spec, r=pattern_value(rank_pattern or {}, name, spec.r),
+                                            alpha=pattern_value(alpha_pattern or {}, name, spec.alpha))
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -30,6 +43,14 @@ def inject(model: nn.Module, targets: str | Sequence[str], spec: SpecFor) -> lis
         if isinstance(model.get_submodule(name), LoRALinear):
             raise UserError(f"module {name} already has a LoRA adapter")
     specs = {name: spec_for(name) for name in names}  # every spec is checked before the model changes
+    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))  # tied weights: > 1
+    for name in names:
+        base = model.get_submodule(name)
+        check_base(specs[name].init, specs[name].r, base, name)
+        if mutates_base(specs[name].init) and uses[id(getattr(base, "weight", None))] > 1:
+            raise UserError(f"config key 'lora.init': {specs[name].init} would rewrite {name}'s weight, which is "
+                            f"shared (tied) with another module such as the input embeddings; leave {name} out "
+                            f"of lora.targets or use another init")
     model.requires_grad_(False)  # only the LoRA factors created below will train
     for name in names:
         set_submodule(model, name, LoRALinear(model.get_submodule(name), specs[name]))
@@ -37,11 +58,14 @@ def inject(model: nn.Module, targets: str | Sequence[str], spec: SpecFor) -> lis
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the LoRA factors, keyed by module path, e.g. 'model.layers.0.self_attn.q_proj.lora_A.weight'."""
+    """Only the trainable LoRA tensors, keyed by module path, e.g.
+    'model.layers.0.self_attn.q_proj.lora_A.weight' (and '...lora_magnitude_vector' for DoRA)."""
     sd = {}
     for name, m in lora_modules(model):
         sd[f"{name}.lora_A.weight"] = m.lora_A.weight.detach()
         sd[f"{name}.lora_B.weight"] = m.lora_B.weight.detach()
+        if m.spec.use_dora:
+            sd[f"{name}.lora_magnitude_vector"] = m.lora_magnitude_vector.detach()
     return sd
 
 

@@ -1,9 +1,11 @@
 """The LoRA layer: a frozen linear layer plus a trainable low-rank update, built from a LoraSpec.
 
-    y = base(x) + (B @ A) dropout(x) * scaling     A: r x in (Kaiming-uniform), B: out x r (zeros)
+    y = base(x) + (B @ A) dropout(x) * scaling     A: r x in, B: out x r (init.py: B = 0 or PiSSA/OLoRA)
     scaling = alpha / r   (rsLoRA: alpha / sqrt(r))
 
-B starts at zero, so an injected model computes exactly what the base did until it trains.
+What the layer does with its factors is its variant (variants.py: plain LoRA or DoRA); how they
+start is its init (init.py). With B = 0 at the start an injected model computes exactly what the
+base did until it trains (PiSSA / OLoRA keep that by moving s·B0·A0 out of the frozen weight).
 The base may be an nn.Linear or a quantized stand-in (anything with in_features, out_features,
 forward and `dequantize() -> (out, in) tensor`); the LoRA factors stay in their own dtype (fp32
 by default) so small updates are not rounded away in a bf16/4-bit base.
@@ -14,12 +16,12 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-
-INITS = ("kaiming",)  # A Kaiming-uniform, B zeros: PEFT's default (init_lora_weights=True)
+from .init import init_factors
+from .presets import check_init
+from .variants import variant_for
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,8 @@ class LoraSpec:
     alpha: float
     dropout: float = 0.0
     use_rslora: bool = False            # scale by alpha / sqrt(r) (rank-stabilized LoRA) instead of alpha / r
-    init: str = "kaiming"
+    use_dora: bool = False              # weight-decomposed: a trainable magnitude per output row (variants.py)
+    init: str = "kaiming"               # kaiming | gaussian | pissa | pissa_niter_N | olora (init.py)
     dtype: torch.dtype = torch.float32  # of the factors (fp32 masters even over a bf16 or NF4 base)
 
     def __post_init__(self):
@@ -42,8 +45,7 @@ class LoraSpec:
             raise UserError(f"config key 'lora.alpha' must be > 0, got {alpha!r}")
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise UserError(f"config key 'lora.dropout' must be in [0, 1), got {dropout!r}")
-        if self.init not in INITS:
-            raise UserError(f"LoRA init {self.init!r} is not supported (known: {', '.join(INITS)})")
+        check_init(self.init)
 
     @property
     def scaling(self) -> float:
@@ -87,11 +89,14 @@ class LoRALinear(nn.Module):
         device = anchor.device if anchor is not None else None
         self.lora_A = nn.Linear(self.in_features, spec.r, bias=False, device=device, dtype=spec.dtype)
         self.lora_B = nn.Linear(spec.r, self.out_features, bias=False, device=device, dtype=spec.dtype)
-        # A random, B zero -> the update starts at 0.
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
         self.lora_dropout = FastDropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
         self.merged = False
+        start = init_factors(self.lora_A.weight, self.lora_B.weight, base, spec.init, spec.scaling)
+        if start is not None:  # PiSSA / OLoRA: kept to save the adapter for the original base
+            self.register_buffer("lora_A0", start[0], persistent=False)
+            self.register_buffer("lora_B0", start[1], persistent=False)
+        self.variant = variant_for(spec)
+        self.variant.init(self)
 
     # Read-only views of the spec: the spec is the one source of truth.
     r = property(lambda self: self.spec.r)
@@ -106,15 +111,7 @@ class LoRALinear(nn.Module):
         if self.merged:
             return y
         # Dropout acts on the LoRA input only, so the frozen path is deterministic.
-        h = self.lora_dropout(x)
-        if x.dtype == self.lora_dtype:
-            return torch.add(y, self.lora_B(self.lora_A(h)).to(y.dtype), alpha=self.scaling)
-        # A bf16 activation meets fp32 factors: cast the two small factors (r x in, out x r) to the
-        # activation's dtype rather than the large activation to fp32 (as autocast would). The
-        # factors stay fp32 masters: their gradients flow back through the cast in fp32.
-        a = self.lora_A.weight.to(x.dtype)
-        b = (self.lora_B.weight * self.scaling).to(x.dtype)
-        return y + F.linear(F.linear(h, a), b).to(y.dtype)
+        return self.variant.forward(self, x, y)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A in fp32, shaped like the base weight (out, in)."""
@@ -128,7 +125,7 @@ class LoRALinear(nn.Module):
                             "which writes a dequantized weight")
         if not self.merged:
             w = self.base.weight
-            w.copy_(w.float() + self.delta_weight().to(w.device))
+            w.copy_(self.variant.merged_weight(self, w.float()))
             self.merged = True
 
     @torch.no_grad()
@@ -136,12 +133,14 @@ class LoRALinear(nn.Module):
         """Subtract the update again (exact in fp32; within rounding for bf16 bases). Idempotent."""
         if self.merged:
             w = self.base.weight
-            w.copy_(w.float() - self.delta_weight().to(w.device))
+            w.copy_(self.variant.unmerged_weight(self, w.float()))
             self.merged = False
 
     def extra_repr(self) -> str:
         rs = ", rslora" if self.spec.use_rslora else ""
-        return f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}{rs}, merged={self.merged}"
+        init = "" if self.spec.init == "kaiming" else f", init={self.spec.init}"
+        return (f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}{rs}, variant={self.variant.name}"
+                f"{init}, merged={self.merged}")
 
 
 def lora_modules(model: nn.Module):

@@ -33,7 +33,8 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """Replace every LoRALinear by a plain nn.Linear holding base + scaling * B @ A.
+    """Replace every LoRALinear by a plain nn.Linear holding base + scaling * B @ A (DoRA: that
+    rescaled per row to its magnitude vector).
 
     Quantized bases are dequantized (never re-quantized). The new weight's dtype is `dtype` if given,
     else the base's compute dtype (its weight dtype, or a quantized layer's `compute_dtype`/output).
@@ -51,7 +52,7 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
             untied_head |= m is head and _shared_weight(model, m)
         weight = w.detach().to(torch.float32, copy=True)  # fresh storage: never alias a tied/old weight
         if not m.merged:  # a merged plain base already contains the update
-            weight += m.delta_weight().to(weight.device)
+            weight = m.variant.merged_weight(m, weight)
         bias = getattr(base, "bias", None)
         with torch.device("meta"):  # skip the pointless random init of a layer we overwrite
             linear = nn.Linear(m.in_features, m.out_features, bias=bias is not None)

@@ -124,6 +124,11 @@ class NF4Linear(nn.Module):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     @torch.no_grad()
+    def requantize_(self, weight: torch.Tensor) -> None:
+        """Store a new dense (out, in) weight, quantized (PiSSA / OLoRA's residual: init.py)."""
+        self._buffers["weight"] = to_nf4(weight.to(self.weight.device), "weight")
+
+    @torch.no_grad()
     def dequantize(self) -> torch.Tensor:
         """The dense (out, in) weight in compute_dtype (a fresh tensor)."""
         return self.weight.get_original_weight().to(self.compute_dtype)

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..errors import UserError
 from .lora import LoRALinear, is_quantized
+from .names import suffix_match
 from .presets import TARGET_PRESETS, WITH_HEAD
 
 
@@ -41,11 +42,6 @@ def _output_layer_names(model: nn.Module, linear: dict[str, nn.Module]) -> set[s
     if head is None:  # not an HF model (or no head): fall back to the conventional name
         return {n for n in linear if n.rpartition(".")[2] == "lm_head"}
     return {n for n, m in linear.items() if m is head}
-
-
-def suffix_match(name: str, entry: str) -> bool:
-    # PEFT's list semantics: the full name, or a tail of it starting at a dot boundary.
-    return name == entry or name.endswith("." + entry)
 
 
 def resolve_targets(model: nn.Module, targets: str | Sequence[str]) -> list[str]:

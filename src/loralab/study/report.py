@@ -168,7 +168,7 @@ def render_html(sections: list, title: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # The report
 
-KEY_METRICS = ("final_val_loss", "best_val_loss", "final_train_loss", "acc_mean", "runtime_s", "wall_s",
+KEY_METRICS = ("final_val_loss", "best_val_loss", "final_train_loss", "acc_mean", "runtime_s", "step_s", "wall_s",
                "peak_memory_mb", "tokens_per_s", "trainable_params")
 SCALE_NOTE = {"cpu": "Scale: SmolLM2-135M on a 2-core CPU, short runs of synthetic arithmetic; the article "
                      "used Llama-2-7B on an A100 with Alpaca-sized data, so effects can differ in size and sign.",

@@ -29,6 +29,8 @@ def run_metrics(summary: dict, info: dict | None = None) -> dict[str, float]:
             if isinstance(r, dict) and isinstance(r.get("after"), (int, float))]
     if accs:
         m["acc_mean"] = sum(accs) / len(accs)
+    if m.get("steps") and "runtime_s" in m:
+        m["step_s"] = m["runtime_s"] / m["steps"]  # seconds per optimizer step
     if "final_val_loss" in m and "best_val_loss" in m:  # > 0: validation got worse after its best (overfitting)
         m["val_loss_rise"] = m["final_val_loss"] - m["best_val_loss"]
     if "stopped_early" in summary:

@@ -1,5 +1,6 @@
 """Running a study: every (cell, seed) as its own `loralab train` process (finished runs skipped),
-or a table of estimates; then the report.
+or a table of estimates; then the report. A combine cell runs after the training cells, as its
+own `python -m loralab.study.combine_cell` process (combine_cell.py).
 
 Folder layout (`--out`, default runs/studies/<name>-<scale>):
   study.json                      the expanded plan (so a report never needs the YAML again)
@@ -111,6 +112,12 @@ def run_study(study: Study, out: str | Path, *, parallel: int = 1, runner: Runne
         t0 = time.perf_counter()
         cmd = [sys.executable, "-m", "loralab.cli", "train", str(run_dir / "cell.yaml")]
         cmd += ["--nproc", str(nproc)] if nproc > 1 else []
+        if cell.combine:  # earlier cells' adapters of the same seed, combined and evaluated
+            sources = [[str(out / "cells" / src / f"seed-{seed}" / "adapter"), w]
+                       for src, w in zip(cell.combine["adapters"], cell.combine["weights"])]
+            write_json(run_dir / "combine.json", {**cell.combine, "adapters": sources, "seed": seed})
+            cmd = [sys.executable, "-m", "loralab.study.combine_cell", str(run_dir / "cell.yaml"),
+                   str(run_dir / "combine.json")]
         try:
             code = runner(cmd, run_dir, run_dir / "train.log")
         except OSError as e:
@@ -131,8 +138,9 @@ def run_study(study: Study, out: str | Path, *, parallel: int = 1, runner: Runne
         return rec
 
     with ThreadPoolExecutor(max_workers=parallel) as pool:
-        try:
-            records += list(pool.map(one, jobs))
+        try:  # combine cells after the cells they combine
+            records += list(pool.map(one, [j for j in jobs if not j[0].combine]))
+            records += list(pool.map(one, [j for j in jobs if j[0].combine]))
         except KeyboardInterrupt:  # runs not started never start; a runner that can stop its runs does
             pool.shutdown(wait=False, cancel_futures=True)
             getattr(runner, "stop", lambda: None)()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..config import apply_overrides, from_dict, parse_override, read_yaml
 from ..errors import UserError
+from ..peft.presets import COMBINE_METHODS, NEEDS_DENSITY
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"  # package data: found after any install
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "bundled" / "demo.yaml"  # the default base
@@ -30,6 +31,9 @@ class Cell:
     name: str
     overrides: list
     seeds: list
+    combine: dict | None = None  # a combine cell: earlier cells' adapters combined, then evaluated
+
+COMBINE_KEYS = {"adapters", "weights", "method", "density", "svd_rank"}
 
 
 @dataclass
@@ -113,15 +117,16 @@ def expand_cells(axes, seeds: list[int], where: str = "axes") -> list[Cell]:
             if isinstance(item, list):
                 cells.append(Cell(_slug("_".join(item)), _str_list(item, here), list(seeds)))
             elif isinstance(item, dict) and "name" in item:
-                unknown = set(item) - {"name", "set", "seeds"}
+                unknown = set(item) - {"name", "set", "seeds", "combine"}
                 if unknown:
-                    raise UserError(f"{here}: unknown key(s) {', '.join(sorted(unknown))} (known: name, set, seeds)")
+                    raise UserError(f"{here}: unknown key(s) {', '.join(sorted(unknown))} "
+                                    f"(known: name, set, seeds, combine)")
                 cell_seeds = list(seeds)
                 if "seeds" in item:
                     s = item["seeds"]
                     cell_seeds = seeds[:s] if isinstance(s, int) and s > 0 else parse_seeds(s, f"{here}.seeds")
                 cells.append(Cell(_slug(str(item["name"])), _str_list(item.get("set", []), f"{here}.set"),
-                                  cell_seeds))
+                                  cell_seeds, _combine_spec(item.get("combine"), f"{here}.combine")))
             else:
                 raise UserError(f"{here} must be a list of overrides or a mapping with name and set, got {item!r}")
     else:
@@ -130,7 +135,36 @@ def expand_cells(axes, seeds: list[int], where: str = "axes") -> list[Cell]:
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise UserError(f"{where}: two cells are named {', '.join(dupes)}; give them distinct names")
+    trained = {c.name: c for c in cells if c.combine is None}
+    for c in cells:
+        for src in (c.combine or {}).get("adapters", []):
+            if src not in trained:
+                raise UserError(f"{where}: cell {c.name} combines {src!r}, which is not a training cell of this study")
+            if set(c.seeds) - set(trained[src].seeds):
+                raise UserError(f"{where}: cell {c.name} runs seeds that cell {src} does not train")
     return cells
+
+
+def _combine_spec(spec, where: str) -> dict | None:
+    """A combine cell's settings: {adapters: [cell, ...], weights, method, density, svd_rank}."""
+    if spec is None:
+        return None
+    if not isinstance(spec, dict) or set(spec) - COMBINE_KEYS:
+        raise UserError(f"{where} must be a mapping with keys {', '.join(sorted(COMBINE_KEYS))}, got {spec!r}")
+    adapters = spec.get("adapters")
+    if not isinstance(adapters, list) or not adapters or not all(isinstance(a, str) for a in adapters):
+        raise UserError(f"{where}.adapters must list the cells whose adapters are combined, got {adapters!r}")
+    weights = spec.get("weights", [1.0] * len(adapters))
+    if not isinstance(weights, list) or len(weights) != len(adapters) or not all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):
+        raise UserError(f"{where}.weights must be one number per adapter, got {weights!r}")
+    method, density = spec.get("method", "svd"), spec.get("density")
+    if method not in COMBINE_METHODS:
+        raise UserError(f"{where}.method must be one of {', '.join(COMBINE_METHODS)}, got {method!r}")
+    if method in NEEDS_DENSITY and not (isinstance(density, (int, float)) and 0 < density <= 1):
+        raise UserError(f"{where}.density must be in (0, 1] for {method}, got {density!r}")
+    return {"adapters": [_slug(a) for a in adapters], "weights": [float(w) for w in weights],
+            "method": method, "density": density, "svd_rank": spec.get("svd_rank")}
 
 
 def load_study(name: str, *, scale: str = "cpu", seeds: int | None = None, overrides=()) -> Study:
@@ -194,7 +228,13 @@ def describe(study: Study) -> str:
     lines = [f"study {study.name} (scale {study.scale}): {len(study.cells)} cells, "
              f"{sum(len(c.seeds) for c in study.cells)} runs", "  common overrides: " + " ".join(study.overrides)]
     for c in study.cells:
-        lines.append(f"  {c.name:<28} seeds {','.join(map(str, c.seeds)):<8} {' '.join(c.overrides) or '(base)'}")
+        what = " ".join(c.overrides) or "(base)"
+        if c.combine:
+            k = c.combine
+            parts = ", ".join(f"{a} x{w:g}" for a, w in zip(k["adapters"], k["weights"]))
+            density = f" (density {k['density']})" if k["density"] is not None else ""
+            what = f"combine {k['method']} of {parts}{density}" + (f" {what}" if c.overrides else "")
+        lines.append(f"  {c.name:<28} seeds {','.join(map(str, c.seeds)):<8} {what}")
     return "\n".join(lines)
 
 

@@ -51,13 +51,18 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def config_difference(saved: dict, current: dict) -> str | None:
-    """The first trajectory-changing key whose value differs, as 'key: old vs new', else None."""
+    """The first trajectory-changing key whose value differs, as 'key: old vs new', else None.
+    A key the checkpoint lacks (it predates the key) counts as the key's default."""
+    from ..config import RunConfig
+
     a, b = _flatten(saved), _flatten(current)
+    defaults = _flatten(RunConfig().to_dict())
     for key in sorted(set(a) | set(b)):
         if key in NEUTRAL_KEYS or key.startswith(NEUTRAL_PREFIXES):
             continue
-        if a.get(key) != b.get(key):
-            return f"{key}: {a.get(key)!r} in the checkpoint vs {b.get(key)!r} now"
+        old = a.get(key, defaults.get(key))
+        if old != b.get(key):
+            return f"{key}: {old!r} in the checkpoint vs {b.get(key)!r} now"
     return None
 
 

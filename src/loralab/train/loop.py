@@ -98,8 +98,10 @@ def train(model: torch.nn.Module, train_data: list, cfg: TrainConfig, *, pad_id:
         compile_blocks(model)
     autocast = uses_autocast(cfg, next(model.parameters()).device)
     module = wrap(LossModule(model), model, dist)
-    params = [p for p in module.parameters() if p.requires_grad]  # after wrapping: FSDP2 shards them
-    optimizer = build_optimizer(params, cfg)
+    # after wrapping (FSDP2 shards them); named, for LoRA+'s groups
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    optimizer = build_optimizer(named, cfg)
     total = plan_steps(len(train_data), cfg, world=dist.world)
     scheduler = build_scheduler(optimizer, total, cfg)
     result, start = TrainResult(module=module), 0

@@ -8,7 +8,28 @@ import torch
 from ..config import TrainConfig
 
 
-def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+def is_loraplus_b(name: str, param: torch.nn.Parameter) -> bool:
+    """LoRA+'s fast group, by PEFT's rule: the B factors, and every vector parameter (DoRA's magnitudes)."""
+    return "lora_B" in name or param.ndim == 1
+
+
+def param_groups(params, cfg: TrainConfig) -> list:
+    """The optimizer's parameters: a plain list, or with train.loraplus_lr_ratio LoRA+'s two groups
+    (A at lr, B at ratio x lr; Hayou et al. 2024). `params`: parameters, or (name, parameter) pairs
+    (LoRA+ needs the names)."""
+    params = list(params)
+    if not cfg.loraplus_lr_ratio:
+        return [p[1] if isinstance(p, tuple) else p for p in params]
+    if not all(isinstance(p, tuple) for p in params):
+        raise ValueError("train.loraplus_lr_ratio needs (name, parameter) pairs")
+    fast = [p for n, p in params if is_loraplus_b(n, p)]
+    slow = [p for n, p in params if not is_loraplus_b(n, p)]
+    return [{"params": slow, "lr": cfg.lr}, {"params": fast, "lr": cfg.lr * cfg.loraplus_lr_ratio}]
+
+
+def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW or SGD over `params` (parameters or (name, parameter) pairs; see param_groups)."""
+    params = param_groups(params, cfg)
     if cfg.optimizer == "adamw":
         # foreach=True batches the many small LoRA tensors into a few kernels per step.
         return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,

@@ -1,0 +1,58 @@
+"""`loralab check`: which runtime loads which variant as is."""
+import json
+
+import pytest
+import torch
+
+from loralab.cli import main
+from loralab.peft.adapters import load_adapter
+from loralab.peft.check import runtime_support
+from tinymodels import tiny_llama
+
+
+def _saved(folder, **config):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    config = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], **config}
+    get_peft_model(tiny_llama(0), LoraConfig(lora_dropout=0.0, **config)).save_pretrained(folder)
+    return folder
+
+
+def _loads(folder) -> dict:
+    return {r["runtime"]: r["loads"] for r in runtime_support(folder)}
+
+
+# (PEFT config, loralab, vLLM, GGUF)
+CASES = {
+    "plain": ({}, True, True, True),
+    "rslora": ({"use_rslora": True}, True, True, False),
+    "dora": ({"use_dora": True}, True, False, False),
+    "rank_pattern": ({"rank_pattern": {"q_proj": 8}}, True, False, True),
+    "alpha_pattern": ({"alpha_pattern": {"q_proj": 32}}, True, False, False),
+    "layers": ({"layers_to_transform": [1]}, True, True, True),
+    "modules_to_save": ({"modules_to_save": ["lm_head"]}, False, False, False),
+    "pissa_unconverted": ({"init_lora_weights": "pissa"}, True, False, False),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_runtime_table_follows_each_loaders_rules(case, tmp_path):
+    config, ours, vllm, gguf = CASES[case]
+    folder = _saved(tmp_path / case, **config)
+    got = _loads(folder)
+    assert got == {"loralab": ours, "PEFT": True, "vLLM": vllm, "GGUF (llama.cpp)": gguf}
+    if ours:  # the table's "yes" for loralab is the loader's own verdict
+        load_adapter(tiny_llama(0), folder)
+
+
+def test_cli_prints_a_table_and_json(tmp_path, capsys):
+    folder = _saved(tmp_path / "d", use_dora=True, use_rslora=True)
+    assert main(["check", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "runtime" in out and "vLLM" in out and "DoRA (use_dora) is refused" in out and "fold the scale" in out
+    assert main(["check", str(folder), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["runtime"] for r in rows] == ["loralab", "PEFT", "vLLM", "GGUF (llama.cpp)"]
+    assert main(["check", str(tmp_path / "missing")]) == 2
+    assert "adapter folder not found" in capsys.readouterr().err
