@@ -26,6 +26,7 @@ def run_config(spec: dict, output_dir: str):
         "train": {"lr": spec["lr"], "batch_size": spec["batch"], "grad_accum": spec["grad_accum"],
                   "max_steps": spec["steps"], "warmup_steps": spec["warmup"], "scheduler": "cosine",
                   "seed": spec["seed"], "packing": spec.get("packed", False),
+                  "precision": spec.get("precision", "auto"),
                   "group_by_length": spec.get("group_window", 0), "compile": bool(spec.get("compile")),
                   "gradient_checkpointing": bool(spec.get("ckpt")), "threads": spec.get("threads"),
                   "progress": False},

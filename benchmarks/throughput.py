@@ -1,21 +1,27 @@
-"""Throughput, memory and MFU: loralab's training loop vs PEFT + transformers' Trainer, same data.
+"""Throughput, memory and MFU: loralab's training loop vs the Hugging Face stack, same data.
 
     .venv/bin/python benchmarks/throughput.py [--steps 16] [--batch 8] [--grad-accum 1] [--examples N]
-        [--sides baseline,loralab,packed] [--qlora-steps 6] [--json results.json]
+        [--precision auto|bf16|fp32] [--sides baseline,baseline-grouped,baseline-sft,loralab,packed]
+        [--qlora-steps 6] [--json results.json]
 
-Both sides fine-tune the default model (smollm2-135m, bf16 on this CPU) with LoRA r=16, alpha=32,
-dropout 0.05 on every linear layer, on the SAME encoded examples (the same tokens and loss masks),
-the same number of them (steps x batch x grad-accum: one epoch by default), the same seed, lr,
-warmup and cosine schedule:
-  - baseline: `peft.get_peft_model` (LoraConfig target_modules="all-linear") + `transformers.Trainer`
-    configured as a careful user would: bf16=True, DataCollatorForSeq2Seq (pads per batch, -100 on
-    prompt tokens and padding), no evaluation, logs to a list, report_to=[], use_cpu=True on the CPU,
-    0 dataloader workers. `--baseline-weights bf16` loads the base in bf16 too (default: fp32
-    weights with bf16 autocast, the textbook mixed precision that bf16=True switches on). It gets
-    the very micro batches loralab draws, in the same order (train_sampling_strategy="sequential"
-    over a dataset laid out in that order), so the loss curves compare implementations, not data
-    orders. Warmup defaults to 0: transformers' warmup gives step 0 lr 0 where loralab's gives
-    lr/warmup, a one-step offset that alone moves a short run's final loss by a few percent.
+Every side fine-tunes the default model (smollm2-135m) with LoRA r=16, alpha=32, dropout 0.05 on
+every linear layer, on the SAME encoded examples (the same tokens and loss masks), the same number
+of them (steps x batch x grad-accum: one epoch by default), the same seed, lr, warmup and cosine
+schedule, in the same precision: `--precision auto` picks it as a careful user would on this CPU
+(bf16 where the CPU has bf16 matmuls, AVX512-BF16 or AMX: `loralab.train.precision.cpu_has_fast_bf16`;
+else fp32), `--precision fp32` forces the path of CPUs without bf16 (AVX2-only) on any CPU.
+  - baseline sides (peft_baseline.py), configured as a careful user would: `bf16=True` (autocast)
+    only where the precision is bf16, no evaluation, logs to a list, report_to=[], use_cpu=True on
+    the CPU, 0 dataloader workers. `--baseline-weights bf16` loads the base in bf16 too (default: fp32
+    weights, the textbook mixed precision that bf16=True switches on). Warmup defaults to 0:
+    transformers' warmup gives step 0 lr 0 where loralab's gives lr/warmup, a one-step offset that
+    alone moves a short run's final loss by a few percent.
+      baseline          `peft.get_peft_model` (target_modules="all-linear") + `transformers.Trainer`
+                        with DataCollatorForSeq2Seq (pads per batch), fed the very micro batches loralab
+                        draws, in the same order: the loss curves compare implementations, not orders.
+      baseline-grouped  the same with the length-grouped sampler (group_by_length): less padding.
+      baseline-sft      TRL's SFTTrainer with packing (padding-free rows of one loralab step's tokens).
+    The headline ratios are against the FASTEST baseline side of the run.
   - loralab: `loralab.pipeline.run_training` (what `loralab train` runs) given the workload's
     examples, no evaluation; read back from its summary.json (runtime, tokens/s, peak memory) and
     metrics.jsonl (each step's elapsed time and loss). Levers are its config keys.
@@ -25,8 +31,8 @@ warmup and cosine schedule:
     train`; the plain side sets it false to show what packing gives).
 Each side runs in its own process, so its peak memory (peak RSS of the training phase, via
 `loralab.memory.measure.PeakMemory`, the same measurement for all: run_training's own for loralab)
-is clean. The bf16 matmul peak is measured in the same run (2048^3 GEMM, best of several) for
-model FLOPs utilisation (MFU):
+is clean. The matmul peaks (bf16 and fp32) are measured in the same run (2048^3 GEMM, best of
+several); model FLOPs utilisation (MFU) is against the peak of the precision in use:
 
   model FLOPs = sum over examples of
         (2 N + 2 N) T            frozen base: forward + backward input-gradient (no weight gradient)
@@ -39,8 +45,9 @@ model FLOPs utilisation (MFU):
 
 Also: QLoRA vs LoRA step time inside loralab (model.quant=nf4), short runs on the same batches
 (skipped, with the reason, when torchao is not installed). `--json PATH` writes everything,
-with top-level `tokens_per_s_ratio` and `peak_memory_ratio` (loralab / baseline; loralab = the
-`--headline` side, packed by default). Respects /tmp/loralab_cpu_lock (waits while someone times).
+with top-level `tokens_per_s_ratio` and `peak_memory_ratio` (loralab / the fastest baseline side;
+loralab = the `--headline` side, packed by default), `ratios` for every pair, the CPU's flags.
+Respects /tmp/loralab_cpu_lock (waits while someone times).
 """
 from __future__ import annotations
 
@@ -65,15 +72,19 @@ LOCK = Path("/tmp/loralab_cpu_lock")
 # ----------------------------------------------------------------------------------------------
 # Workers (each in its own process)
 
-SIDE_HELP = ("a side is baseline, or loralab | packed | grouped, optionally with modifiers joined by '+': "
+# The Hugging Face sides (peft_baseline.py's variants): the headline ratios are against the fastest.
+BASELINES = {"baseline": "trainer", "baseline-grouped": "grouped", "baseline-sft": "sft"}
+SIDE_HELP = ("a side is baseline (PEFT + Trainer, loralab's batches), baseline-grouped (+ length-grouped "
+             "sampler), baseline-sft (TRL SFTTrainer with packing), or loralab | packed | grouped, "
+             "optionally with modifiers joined by '+': "
              "sdpa (attention), ckpt (gradient checkpointing), compile (torch.compile of the decoder blocks), "
              "t1 (one thread), nodrop (LoRA dropout 0, changes the recipe: for reference), e.g. packed+sdpa")
 
 
 def side_spec(name: str, base: dict, group_window: int) -> dict:
     kind, *mods = name.split("+")
-    if kind == "baseline" and not mods:
-        return dict(base, name=name)
+    if name in BASELINES:
+        return dict(base, name=name, variant=BASELINES[name])
     known = {"sdpa", "ckpt", "compile", "t1", "nodrop"}
     if kind not in ("loralab", "packed", "grouped") or not set(mods) <= known:
         raise SystemExit(f"unknown side {name!r}: {SIDE_HELP}")
@@ -175,6 +186,31 @@ def _first_tokens(res: dict) -> int:
     return sum(t for t, _ in res["examples_trained"][:per_step])
 
 
+DEFAULT_SIDES = "baseline,baseline-grouped,baseline-sft,loralab,packed"
+
+
+def cpu_flags() -> list[str]:
+    """The CPU flags that decide the precision and the kernels: AVX2, AVX-512, AVX512-BF16, AMX."""
+    try:
+        have = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return []
+    return [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in have]
+
+
+def fastest_baseline(res: dict) -> str | None:
+    """The Hugging Face side with the most tokens/s: the one the headline ratios use."""
+    sides = [s for s in res if s in BASELINES]
+    return max(sides, key=lambda s: res[s]["tokens_per_s"]) if sides else None
+
+
+def ratios(r: dict, b: dict) -> dict:
+    return {"tokens_per_s_ratio": r["tokens_per_s"] / b["tokens_per_s"],
+            "peak_memory_ratio": r["peak_memory_bytes"] / b["peak_memory_bytes"],
+            "final_loss_diff_pct": 100 * (r["final_loss_tail_mean"] - b["final_loss_tail_mean"])
+            / b["final_loss_tail_mean"]}
+
+
 def fmt_mb(b: float) -> str:
     return f"{b / 2**20:,.0f} MB"
 
@@ -188,7 +224,11 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=0)
     ap.add_argument("--seed", type=int, default=42)
-    ap.add_argument("--sides", default="baseline,loralab,packed", help="comma list; " + SIDE_HELP)
+    ap.add_argument("--sides", default=DEFAULT_SIDES, help="comma list; " + SIDE_HELP)
+    ap.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                    help="of every side: auto = bf16 (autocast for the baselines) where the CPU has bf16 "
+                         "matmuls (AVX512-BF16 / AMX), else fp32, as a careful user picks; fp32 forces the "
+                         "path of CPUs without bf16 (AVX2-only) on any CPU")
     ap.add_argument("--headline", default="packed", help="the loralab side the top-level ratios use")
     ap.add_argument("--baseline-weights", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--group-window", type=int, default=16)
@@ -203,8 +243,11 @@ def main(argv=None) -> int:
         worker(*a.worker)
         return 0
     n_examples = a.examples or a.steps * a.batch * a.grad_accum
+    from loralab.train.precision import cpu_has_fast_bf16, resolve_precision
+
+    precision = resolve_precision(a.precision, "cpu")
     base = dict(steps=a.steps, batch=a.batch, grad_accum=a.grad_accum, examples=n_examples, lr=a.lr,
-                warmup=a.warmup, seed=a.seed, baseline_weights=a.baseline_weights)
+                warmup=a.warmup, seed=a.seed, baseline_weights=a.baseline_weights, precision=precision)
     sides = [s.strip() for s in a.sides.split(",") if s.strip()]
     specs = {s: side_spec(s, base, a.group_window) for s in sides}
     global USE_LOCK
@@ -215,7 +258,7 @@ def main(argv=None) -> int:
         raw = {}
         for s in sides:
             print(f"running {s}...", file=sys.stderr)
-            raw[s] = run_worker("baseline" if s == "baseline" else "loralab", specs[s],
+            raw[s] = run_worker("baseline" if s in BASELINES else "loralab", specs[s],
                                 1 if specs[s].get("threads") == 1 else a.threads)
             r = raw[s]
             print(f"  {s}: {r['tokens_per_s']:.1f} tokens/s, peak {fmt_mb(r['peak_memory_bytes'])}, "
@@ -244,35 +287,40 @@ def main(argv=None) -> int:
     peak = {"threads": peak_before["threads"],
             "bf16_gflops": max(peak_before["bf16_gflops"], peak_after["bf16_gflops"]),
             "fp32_gflops": max(peak_before["fp32_gflops"], peak_after["fp32_gflops"]),
-            "bf16_gflops_start_end": [peak_before["bf16_gflops"], peak_after["bf16_gflops"]]}
+            "bf16_gflops_start_end": [peak_before["bf16_gflops"], peak_after["bf16_gflops"]],
+            "fp32_gflops_start_end": [peak_before["fp32_gflops"], peak_after["fp32_gflops"]]}
+    # MFU against the peak of the precision the sides compute in
+    peak["mfu_gflops"] = peak[f"{precision}_gflops"]
     total_s = time.perf_counter() - t_start
 
     folder = next(iter(raw.values()))["folder"]
     shape = model_shape(folder)
-    res = {s: summarize(r, shape, peak["bf16_gflops"]) for s, r in raw.items()}
-    print_table(res, peak, qlora, a, n_examples, total_s)
+    res = {s: summarize(r, shape, peak["mfu_gflops"]) for s, r in raw.items()}
+    cpu = {"flags": cpu_flags(), "has_fast_bf16": cpu_has_fast_bf16(), "precision": precision}
+    print_table(res, peak, qlora, a, n_examples, total_s, cpu)
     out = {"config": {**base, "model": MODEL, "lora": LORA, "max_seq_len": MAX_SEQ_LEN, "sides": sides},
+           "cpu": cpu,
            "matmul_peak": peak, "flops_formula": FLOPS_FORMULA, "model_shape": shape, "sides": res,
            "qlora": qlora, "total_s": total_s}
     head = a.headline if a.headline in res else next((s for s in ("packed", "loralab") if s in res), None)
-    if "baseline" in res and head:
-        b, l = res["baseline"], res[head]
-        out.update(headline_side=head,
+    fastest = fastest_baseline(res)
+    if fastest and head:
+        b, l = res[fastest], res[head]
+        out.update(headline_side=head, headline_baseline=fastest,
                    tokens_per_s_ratio=l["tokens_per_s"] / b["tokens_per_s"],
                    peak_memory_ratio=l["peak_memory_bytes"] / b["peak_memory_bytes"],
                    final_loss_diff_pct=100 * (l["final_loss_tail_mean"] - b["final_loss_tail_mean"])
                    / b["final_loss_tail_mean"])
-        out["ratios"] = {s: {"tokens_per_s_ratio": r["tokens_per_s"] / b["tokens_per_s"],
-                             "peak_memory_ratio": r["peak_memory_bytes"] / b["peak_memory_bytes"],
-                             "final_loss_diff_pct": 100 * (r["final_loss_tail_mean"] - b["final_loss_tail_mean"])
-                             / b["final_loss_tail_mean"]} for s, r in res.items() if s != "baseline"}
+        # every loralab side against every baseline side
+        out["ratios"] = {s: {bs: ratios(r, res[bs]) for bs in res if bs in BASELINES}
+                         for s, r in res.items() if s not in BASELINES}
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
         print(f"\nwrote {a.json}")
     return 0
 
 
-def print_table(res: dict, peak: dict, qlora, a, n_examples: int, total_s: float) -> None:
+def print_table(res: dict, peak: dict, qlora, a, n_examples: int, total_s: float, cpu: dict) -> None:
     any_r = next(iter(res.values()))
     st = any_r["data_stats"]
     print(f"throughput: smollm2-135m, LoRA r={LORA['r']} alpha={LORA['alpha']} dropout={LORA['dropout']} "
@@ -280,10 +328,12 @@ def print_table(res: dict, peak: dict, qlora, a, n_examples: int, total_s: float
           f"{a.steps} steps x batch {a.batch} x accum {a.grad_accum}, {n_examples} examples "
           f"({st['n_tokens']:,} tokens, {st['n_label_tokens']:,} labelled), seed {a.seed}, lr {a.lr:g}, "
           f"warmup {a.warmup}, cosine; {peak['threads']} threads")
+    print(f"CPU flags: {', '.join(cpu['flags']) or '?'} (bf16 matmuls in hardware: {cpu['has_fast_bf16']}); "
+          f"precision of every side: {cpu['precision']} (--precision {a.precision})")
     print(f"matmul peak (2048^3, best of 8, higher of start/end): bf16 {peak['bf16_gflops']:.0f} GFLOP/s "
           f"(start {peak['bf16_gflops_start_end'][0]:.0f}, end {peak['bf16_gflops_start_end'][1]:.0f}), "
           f"fp32 {peak['fp32_gflops']:.0f} GFLOP/s")
-    print(f"MFU: {FLOPS_FORMULA}; / runtime / bf16 peak\n")
+    print(f"MFU: {FLOPS_FORMULA}; / runtime / {cpu['precision']} peak ({peak['mfu_gflops']:.0f} GFLOP/s)\n")
     cols = ["side", "tokens/s", "step (median)", "padding", "peak memory", "GFLOP/s", "MFU", "cores†", "final loss*"]
     rows = []
     for s, r in res.items():
@@ -291,9 +341,10 @@ def print_table(res: dict, peak: dict, qlora, a, n_examples: int, total_s: float
                      f"{100 * r['padding_fraction']:.0f}%", fmt_mb(r["peak_memory_bytes"]),
                      f"{r['achieved_gflops']:.1f}", f"{100 * r['mfu']:.1f}%", f"{r['cpu_s'] / r['runtime_s']:.2f}",
                      f"{r['final_loss_tail_mean']:.4f}"])
-    b = res.get("baseline")
-    if b:
-        cols += ["tok/s ratio", "memory ratio", "loss diff"]
+    fastest = fastest_baseline(res)
+    if fastest:
+        b = res[fastest]
+        cols += [f"tok/s ÷ {fastest}", "memory ratio", "loss diff"]
         for row, r in zip(rows, res.values()):
             loss_diff = (r["final_loss_tail_mean"] - b["final_loss_tail_mean"]) / b["final_loss_tail_mean"]
             row += [f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}x",
@@ -302,7 +353,8 @@ def print_table(res: dict, peak: dict, qlora, a, n_examples: int, total_s: float
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
     for row in rows:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
-    print("* mean training loss over the last 10% of steps; † CPU seconds / wall seconds of the training phase "
+    print("* mean training loss over the last 10% of steps (each side's own; the baseline sides other than "
+          "`baseline` order or pack the examples differently); † CPU seconds / wall seconds of the training phase "
           f"(below ~{0.9 * peak['threads']:.1f} with {peak['threads']} threads: another process took CPU, "
           "timings suspect)")
     for s, r in res.items():
