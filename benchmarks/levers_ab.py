@@ -2,6 +2,11 @@
 variants interleaved step by step, so slow drifts of a shared machine hit every variant alike.
 
     .venv/bin/python benchmarks/levers_ab.py [--rounds 6] [--batch 8] [--variants stock,chunk256,sdpa]
+        [--workload throughput|demo] [--precision auto|bf16|fp32]
+
+--workload demo steps the demo's micro batches (configs/demo.yaml's 2-digit addition / subtraction
+questions, ~20 tokens each; use --batch 16 for the demo's micro batch) instead of the throughput
+benchmark's mix of short and long examples. --precision fp32 forces the path of CPUs without bf16.
 
 Variants (switchable at run time on one loaded model; combine with '+', e.g. chunk256+sdpa):
   stock     loralab as it is (eager attention on the CPU, head chunks of 1024 labelled rows)
@@ -11,6 +16,8 @@ Variants (switchable at run time on one loaded model; combine with '+', e.g. chu
             heap holes left by freed temporaries back to the OS instead of letting RSS grow
   qlora     a second model with NF4 frozen weights (model.quant=nf4), stepped on the same batches
             (alone, not combined; its peak RSS includes the other model's weights, ~0.3 GB)
+  qlora_torchao  the same NF4 model stepping through torchao's `linear_nf4` (dequantization before
+            loralab.peft.quant.dequantize_nf4): the before of the QLoRA speed-up
 Each step: forward + backward of one micro batch (no optimizer: it is the same for all), timed,
 and its peak RSS (loralab.memory.measure.PeakMemory, reset before each step). Reports per variant the
 median step time, its median ratio to `stock` over the rounds (paired), and the median peak.
@@ -28,12 +35,29 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+def use_torchao_nf4(model) -> None:
+    """Make every NF4Linear of `model` run torchao's linear_nf4 (for the before/after comparison)."""
+    import types
+
+    from loralab.peft.quant import NF4Linear, _nf4_module
+
+    def forward(self, x):
+        y = _nf4_module().linear_nf4(x, self.weight)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    for m in model.modules():
+        if isinstance(m, NF4Linear):
+            m.forward = types.MethodType(forward, m)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--variants", default="stock,chunk256,sdpa")
     ap.add_argument("--unpacked", action="store_true", help="padded batches instead of packed ones")
+    ap.add_argument("--workload", choices=["throughput", "demo"], default="throughput")
+    ap.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
     ap.add_argument("--no-lock", action="store_true")
     a = ap.parse_args()
 
@@ -49,15 +73,26 @@ def main() -> int:
 
     cfg = RunConfig()
     cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout = LORA["r"], LORA["alpha"], LORA["dropout"]
-    cfg.train.batch_size, cfg.train.packing = a.batch, not a.unpacked
-    model, tok, _, _ = setup_model(cfg, torch.device("cpu"))
+    cfg.train.batch_size, cfg.train.packing, cfg.train.precision = a.batch, not a.unpacked, a.precision
+    model, tok, _, info = setup_model(cfg, torch.device("cpu"))
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]
     models = {"main": model}
-    if "qlora" in variants:
-        cfg.model.quant = "nf4"
-        models["qlora"] = setup_model(cfg, torch.device("cpu"))[0].train()
-        cfg.model.quant = "none"
-    enc, _ = encoded_data(tok, a.rounds * a.batch, 42)
+    for v in ("qlora", "qlora_torchao"):
+        if v in variants:
+            cfg.model.quant = "nf4"
+            models[v] = setup_model(cfg, torch.device("cpu"))[0].train()
+            cfg.model.quant = "none"
+    if "qlora_torchao" in variants:
+        use_torchao_nf4(models["qlora_torchao"])
+    if a.workload == "demo":
+        from loralab.data.prompts import encode_all
+        from loralab.data.tasks import make_task
+
+        examples = [e for t in ("2da", "2ds") for e in make_task(t, a.rounds * a.batch, 0, 42)[0]]
+        enc, _ = encode_all(examples, tok, template=cfg.data.template, system_prompt=cfg.data.system_prompt,
+                            max_seq_len=cfg.data.max_seq_len)
+    else:
+        enc, _ = encoded_data(tok, a.rounds * a.batch, 42)
     # the loop's own micro batches (train.packing decides the layout): one epoch, `rounds` of them
     stream = micro_batches(enc, cfg.train, tok.pad_token_id)
     batches = [next(stream) for _ in range(a.rounds)]
@@ -70,8 +105,8 @@ def main() -> int:
     libc = ctypes.CDLL("libc.so.6")
 
     def set_variant(v: str):
-        if v == "qlora":
-            current["model"] = models["qlora"]
+        if v in ("qlora", "qlora_torchao"):
+            current["model"] = models[v]
             v = "stock"
         else:
             current["model"] = model
@@ -106,6 +141,7 @@ def main() -> int:
         T.USE_LOCK = True
         T.acquire_lock("levers_ab")
     rows = {v: {"t": [], "peak": []} for v in variants}
+    load0 = f"{os.getloadavg()[0]:.2f}"
     cpu0, wall0 = time.process_time(), time.perf_counter()
     try:
         for v in variants:  # warm-up: one-time checks, allocator growth
@@ -127,8 +163,9 @@ def main() -> int:
             T.release_lock()
     busy = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
     shapes = [tuple(b["input_ids"].shape) for b in batches[:a.rounds]]
-    print(f"{a.rounds} rounds x {len(variants)} variants, {'padded' if a.unpacked else 'packed'} micro batches "
-          f"{shapes}; {busy:.2f} cores busy")
+    print(f"{a.rounds} rounds x {len(variants)} variants, {a.workload} workload, {info['precision']}, "
+          f"{'padded' if a.unpacked else 'packed'} micro batches {shapes}; {busy:.2f} cores busy; "
+          f"load average before {load0}, after {os.getloadavg()[0]:.2f}")
     base = rows.get("stock")
     print(f"{'variant':<22} {'step (median)':>14} {'vs stock (paired)':>18} {'peak RSS (median)':>18}")
     for v, r in rows.items():

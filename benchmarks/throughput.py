@@ -64,7 +64,7 @@ from pathlib import Path
 
 from loralab_side import worker_loralab
 from peft_baseline import worker_baseline
-from workload import FLOPS_FORMULA, LORA, MAX_SEQ_LEN, MODEL, matmul_peak, model_flops, model_shape
+from workload import AVX2_ONLY_ENV, FLOPS_FORMULA, LORA, MAX_SEQ_LEN, MODEL, matmul_peak, model_flops, model_shape
 
 HERE = Path(__file__).resolve()
 LOCK = Path("/tmp/loralab_cpu_lock")
@@ -229,6 +229,10 @@ def main(argv=None) -> int:
                     help="of every side: auto = bf16 (autocast for the baselines) where the CPU has bf16 "
                          "matmuls (AVX512-BF16 / AMX), else fp32, as a careful user picks; fp32 forces the "
                          "path of CPUs without bf16 (AVX2-only) on any CPU")
+    ap.add_argument("--isa", choices=["native", "avx2"], default="native",
+                    help="avx2: every worker's kernels held to AVX2 (oneDNN, ATen, MKL: " +
+                         " ".join(f"{k}={v}" for k, v in AVX2_ONLY_ENV.items()) +
+                         "), an AVX2-only CPU reproduced on this one; auto precision then picks fp32")
     ap.add_argument("--headline", default="packed", help="the loralab side the top-level ratios use")
     ap.add_argument("--baseline-weights", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--group-window", type=int, default=16)
@@ -243,6 +247,8 @@ def main(argv=None) -> int:
         worker(*a.worker)
         return 0
     n_examples = a.examples or a.steps * a.batch * a.grad_accum
+    if a.isa == "avx2":
+        os.environ.update(AVX2_ONLY_ENV)  # before the precision is resolved; the workers inherit it
     from loralab.train.precision import cpu_has_fast_bf16, resolve_precision
 
     precision = resolve_precision(a.precision, "cpu")
@@ -296,7 +302,7 @@ def main(argv=None) -> int:
     folder = next(iter(raw.values()))["folder"]
     shape = model_shape(folder)
     res = {s: summarize(r, shape, peak["mfu_gflops"]) for s, r in raw.items()}
-    cpu = {"flags": cpu_flags(), "has_fast_bf16": cpu_has_fast_bf16(), "precision": precision}
+    cpu = {"flags": cpu_flags(), "has_fast_bf16": cpu_has_fast_bf16(), "precision": precision, "isa": a.isa}
     print_table(res, peak, qlora, a, n_examples, total_s, cpu)
     out = {"config": {**base, "model": MODEL, "lora": LORA, "max_seq_len": MAX_SEQ_LEN, "sides": sides},
            "cpu": cpu,
@@ -328,7 +334,8 @@ def print_table(res: dict, peak: dict, qlora, a, n_examples: int, total_s: float
           f"{a.steps} steps x batch {a.batch} x accum {a.grad_accum}, {n_examples} examples "
           f"({st['n_tokens']:,} tokens, {st['n_label_tokens']:,} labelled), seed {a.seed}, lr {a.lr:g}, "
           f"warmup {a.warmup}, cosine; {peak['threads']} threads")
-    print(f"CPU flags: {', '.join(cpu['flags']) or '?'} (bf16 matmuls in hardware: {cpu['has_fast_bf16']}); "
+    print(f"CPU flags: {', '.join(cpu['flags']) or '?'}{' held to AVX2 (--isa avx2)' if a.isa == 'avx2' else ''} "
+          f"(fast bf16 matmuls: {cpu['has_fast_bf16']}); "
           f"precision of every side: {cpu['precision']} (--precision {a.precision})")
     print(f"matmul peak (2048^3, best of 8, higher of start/end): bf16 {peak['bf16_gflops']:.0f} GFLOP/s "
           f"(start {peak['bf16_gflops_start_end'][0]:.0f}, end {peak['bf16_gflops_start_end'][1]:.0f}), "

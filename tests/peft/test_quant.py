@@ -259,3 +259,31 @@ def test_adapter_trained_on_nf4_saves_as_peft_reloads_and_merges_exactly(tmp_pat
             assert type(merged.get_submodule(n)) is nn.Linear and w.dtype == torch.float32  # not re-quantized
             torch.testing.assert_close(w, expected[n], rtol=1e-5, atol=1e-6)
         assert (merged(ids).logits - want).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(576, 576), (1536, 576), (32, 320)])
+def test_fast_dequantization_equals_torchaos(shape, dtype):
+    from loralab.peft.quant import dequantize_nf4, to_nf4
+
+    torch.manual_seed(4)
+    t = to_nf4(torch.randn(shape) * 0.02)
+    ours = dequantize_nf4(t, dtype)
+    assert ours.shape == shape and ours.dtype == dtype
+    assert torch.equal(ours, t.get_original_weight().to(dtype))  # torchao's own dequantization: the oracle
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_and_input_gradient_equal_torchaos_linear_nf4(dtype):
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4
+
+    q = NF4Linear.from_linear(_linear(96, 128, bias=False), dtype)
+    x = torch.randn(3, 5, 128, dtype=dtype)
+    grads = []
+    for f in (q, lambda v: linear_nf4(v, q.weight)):
+        xi = x.clone().requires_grad_(True)
+        y = f(xi)
+        (y.float() ** 2).sum().backward()
+        grads.append((y.detach(), xi.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+    assert q.weight.grad is None

@@ -31,3 +31,14 @@ def test_full_fine_tuning_with_auto_uses_autocast_where_bf16_is_fast(monkeypatch
     assert seen == [fast_bf16] * 2
     cfg_lora = TrainConfig(method="lora", precision="auto")
     assert not loop.uses_autocast(cfg_lora, torch.device("cpu"))  # LoRA keeps bf16 weights instead
+
+
+@pytest.mark.parametrize("cap, capped", [("AVX2", True), ("avx512_core", True), ("AVX512_CORE_VNNI", True),
+                                         ("AVX512_CORE_BF16", False), ("AVX512_CORE_AMX", False), ("ALL", False),
+                                         ("", False)])
+def test_a_onednn_isa_cap_below_bf16_means_no_fast_bf16(monkeypatch, cap, capped):
+    """ONEDNN_MAX_CPU_ISA=AVX2 reproduces an AVX2-only CPU on a newer one: `auto` must pick fp32 there."""
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    assert precision.isa_capped_below_bf16() is capped
+    if capped:
+        assert precision.cpu_has_fast_bf16() is False and precision.resolve_precision("auto", "cpu") == "fp32"
