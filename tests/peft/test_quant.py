@@ -267,10 +267,26 @@ def test_fast_dequantization_equals_torchaos(shape, dtype):
     from loralab.peft.quant import dequantize_nf4, to_nf4
 
     torch.manual_seed(4)
-    t = to_nf4(torch.randn(shape) * 0.02)
+    t = to_nf4(torch.randn(shape) * 0.02)  # double-quantized scales in groups of 216, 256, 160
     ours = dequantize_nf4(t, dtype)
     assert ours.shape == shape and ours.dtype == dtype
     assert torch.equal(ours, t.get_original_weight().to(dtype))  # torchao's own dequantization: the oracle
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,block,scaler_block", [((64, 96), 32, 8), ((128, 256), 128, 64),
+                                                       ((48, 64), 16, 192), ((256, 64), 64, 256)])
+def test_dequantization_equals_torchaos_for_any_block_layout_and_its_own_levels(shape, block, scaler_block, dtype):
+    # Tensors torchao quantizes itself (its 4-decimal levels, other block and scale-group sizes):
+    # dequantize_nf4 reads whatever the tensor stores, so it still equals torchao bit for bit.
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4 as torchao_to_nf4
+
+    from loralab.peft.quant import dequantize_nf4
+
+    torch.manual_seed(5)
+    t = torchao_to_nf4(torch.randn(shape), block, scaler_block)
+    assert t.quantized_scalers.dtype == torch.int8  # the scales really are double-quantized
+    assert torch.equal(dequantize_nf4(t, dtype), t.get_original_weight().to(dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -8,11 +8,13 @@ exists transiently, in the compute dtype, inside forward and backward (it is not
 backward). Quantize the base model first, then inject LoRA: LoRALinear wraps an NF4Linear like
 an nn.Linear and merges through `dequantize()`.
 
-Dequantization is ours (`dequantize_nf4`), not torchao's `linear_nf4`: torchao widens every 4-bit
-code to int64 twice, gathers, scales and interleaves in separate passes (~0.5 s per pass over the
-default model's 106 M weights on 2 CPU cores, and pathologically slow into fp32); one gather of
-byte -> (high, low) level pairs, scaled in place per block, is ~7x faster and gives the very same
-values. That is what brings QLoRA's step near LoRA's (docs/performance.md).
+Dequantization is a few torch ops of ours (`dequantize_nf4`) over torchao's storage, not torchao's
+`linear_nf4`: torchao widens every 4-bit code to int64 twice, gathers, scales and interleaves in
+separate passes, in forward and again in backward (torchao 0.18 has no other dequantization:
+`linear_nf4` and `.to(dtype)` both call `get_original_weight`). One gather of byte -> (high, low)
+level pairs, scaled per block, gives bit for bit torchao's values (tests/peft/test_quant.py)
+several times faster (`benchmarks/nf4_dequant.py`; numbers in docs/performance.md). torchao
+still quantizes and stores.
 
 torchao is imported lazily (it takes seconds to import) and only needed when quantizing.
 """
@@ -96,16 +98,18 @@ def _clone_nf4(t, device=None):
 
 def dequantize_nf4(t, dtype: torch.dtype) -> torch.Tensor:
     """The dense weight of an NF4Tensor in `dtype`, equal to torchao's `get_original_weight()`
-    (fp32 math, one rounding into `dtype`), in three passes: each stored byte holds two codes, so
-    one gather from a 256-entry table of (high, low) level pairs decodes both; then each block of
-    64 is multiplied by its absmax scale (double quantization undone in fp32); then the cast."""
+    (fp32 math, one rounding into `dtype`), in two passes: each stored byte holds two codes, so
+    one gather from a 256-entry table of (high, low) level pairs decodes both; then each block is
+    multiplied by its absmax scale (double quantization undone in fp32), written into `dtype`."""
     levels = t.nf4.to(torch.float32)
     byte = torch.arange(256, device=levels.device)
     pairs = torch.stack((levels[byte >> 4], levels[byte & 15]), dim=1)  # (256, 2): high nibble first
     scales = t.dequantize_scalers(t.quantized_scalers, t.quantization_factor, t.scaler_block_size)
-    w = pairs.index_select(0, t.quantized_data.reshape(-1).to(torch.int32))  # (numel / 2, 2)
-    w = w.view(-1, t.block_size).mul_(scales.to(torch.float32).unsqueeze(-1))
-    return w.view(t.shape).to(dtype)
+    w = pairs.index_select(0, t.quantized_data.reshape(-1).to(torch.int32)).view(-1, t.block_size)
+    scales = scales.to(torch.float32).unsqueeze(-1)
+    if dtype == torch.float32:
+        return w.mul_(scales).view(t.shape)
+    return torch.mul(w, scales, out=torch.empty(w.shape, dtype=dtype, device=w.device)).view(t.shape)
 
 
 class _LinearNF4(torch.autograd.Function):
