@@ -12,9 +12,10 @@ Dequantization is a few torch ops of ours (`dequantize_nf4`) over torchao's stor
 `linear_nf4`: torchao widens every 4-bit code to int64 twice, gathers, scales and interleaves in
 separate passes, in forward and again in backward (torchao 0.18 has no other dequantization:
 `linear_nf4` and `.to(dtype)` both call `get_original_weight`). One gather of byte -> (high, low)
-level pairs, scaled per block, gives bit for bit torchao's values (tests/peft/test_quant.py)
-several times faster (`benchmarks/nf4_dequant.py`; numbers in docs/performance.md). torchao
-still quantizes and stores.
+level pairs, scaled per block, gives bit for bit torchao's values (tests/peft/test_quant.py);
+torchao's pass over the default model's 106 M weights measured 3.3x slower into bf16 and 2.4x into
+fp32 (`benchmarks/nf4_dequant.py --rounds 9`, paired; docs/performance.md). torchao still quantizes
+and stores.
 
 torchao is imported lazily (it takes seconds to import) and only needed when quantizing.
 """
