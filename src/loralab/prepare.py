@@ -13,7 +13,7 @@ from .config import RunConfig
 from .data.batching import split_validation
 from .data.prompts import encode_all
 from .data.sources import load_data
-from .data.tasks import make_task
+from .data.tasks import expand_tasks, make_task
 from .errors import UserError
 from .io.models import load_tokenizer, load_weights, resolve
 from .memory.preflight import check_rank, module_widths
@@ -45,13 +45,14 @@ class Datasets:
 
 def build_datasets(cfg: RunConfig) -> Datasets:
     d = cfg.data
-    eval_tasks = cfg.eval.tasks if cfg.eval.tasks is not None else ([] if d.path else list(d.tasks))
+    train_tasks = [] if d.path else expand_tasks(d.tasks)  # the suite's group names expanded
+    eval_tasks = expand_tasks(cfg.eval.tasks) if cfg.eval.tasks is not None else train_tasks
     tests = {}
     if d.path:
         examples = load_data(d.path, d.columns)
     else:
         examples = []
-        for name in d.tasks:
+        for name in train_tasks:
             train_set, test_set = make_task(name, d.n_train, cfg.eval.n, d.seed)
             examples += train_set
             tests[name] = test_set

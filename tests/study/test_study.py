@@ -12,8 +12,8 @@ import yaml
 from loralab.cli import main
 from loralab.errors import UserError
 from loralab.study import runner, spec
-from loralab.study.report import judge
 from loralab.study.stats import Stat, t_quantile
+from loralab.study.verdicts import judge
 
 PRESETS = ["consistency", "qlora", "optimizer", "epochs", "targets", "rank", "memory-7b", "data-size", "full",
            "variants", "layer-rank", "combine"]
@@ -47,7 +47,14 @@ def test_judge_verdicts():
     assert judge({"check": "lower", "a": "a", "b": "b", "metric": "m"}, stats)[1] == "agree"
     assert judge({"check": "higher", "a": "a", "b": "b", "metric": "m"}, stats)[1] == "disagree"
     assert judge({"check": "lower", "a": "a", "b": "c", "metric": "m"}, stats)[1] == "unclear"  # inside the noise
-    assert judge({"check": "similar", "a": "a", "b": "c", "metric": "m", "rel_tol": 0.1}, stats)[1] == "agree"
+    # similar is equivalence: the whole interval of the difference (-0.05 +- 0.28) inside the tolerance
+    assert judge({"check": "similar", "a": "a", "b": "c", "metric": "m", "rel_tol": 0.4}, stats)[1] == "agree"
+    assert judge({"check": "similar", "a": "a", "b": "c", "metric": "m", "rel_tol": 0.1}, stats)[1] == "unclear"
+    assert judge({"check": "similar", "a": "a", "b": "b", "metric": "m", "tol": 0.5}, stats)[1] == "disagree"
+    above = {"check": "above", "cell": "b", "metric": "m", "value": 1.5}
+    assert judge(above, stats)[1] == "agree" and judge({**above, "value": 2.0}, stats)[1] == "unclear"
+    assert judge({**above, "value": 2.5}, stats)[1] == "disagree"
+    assert judge({"check": "below", "cell": "a", "metric": "m", "value": 1.5}, stats)[1] == "agree"
     assert judge({"check": "consistent", "cell": "a", "metric": "m", "max_cv": 0.05}, stats)[1] == "disagree"
     assert judge({"check": "consistent", "cell": "a", "metric": "m", "max_cv": 0.2}, stats)[1] == "agree"
     best = {"check": "best", "cell": "a", "metric": "m", "direction": "min", "cells": ["a", "b"]}
@@ -101,12 +108,13 @@ def test_all_presets_load_and_expand():
 
 
 def test_gpu_scale_uses_the_articles_settings():
-    study = spec.load_study("targets", scale="gpu", overrides=["model.name=/models/llama-2-7b"])
-    cfg = spec.run_config(study, study.cells[0], 1, Path("/tmp/x"))
-    got = (cfg.train.lr, cfg.train.batch_size, cfg.train.grad_accum, cfg.lora.r, cfg.lora_alpha)
-    assert got == (3e-4, 1, 128, 8, 16)
-    assert cfg.model.name == "/models/llama-2-7b" and cfg.lora.targets == "qv"  # the cell's own axis value
+    study = spec.load_study("qlora", scale="gpu", overrides=["model.name=/models/llama-2-7b"])
+    cfg = spec.run_config(study, study.cells[1], 1, Path("/tmp/x"))
+    got = (cfg.train.lr, cfg.train.batch_size, cfg.train.grad_accum, cfg.lora.r, cfg.lora_alpha, cfg.lora.targets)
+    assert got == (3e-4, 1, 128, 8, 16, "qv")
+    assert cfg.model.name == "/models/llama-2-7b" and cfg.model.quant == "nf4"  # the cell's own axis value
     assert cfg.train.weight_decay == 0.01 and cfg.train.warmup_steps == 100
+    assert cfg.data.tasks == ["suite"] and cfg.data.n_train * 17 >= 50_000  # Alpaca-sized
     with pytest.raises(UserError, match="model.name"):
         spec.load_study("targets", scale="gpu")
 
@@ -187,7 +195,8 @@ def test_a_combine_cell_combines_and_evaluates_for_real(tiny_folder, tmp_path):
                       "eval.tasks=[2da, 2ds]", "train.progress=false", "train.precision=fp32"],
         "axes": [{"name": "add", "set": ["data.tasks=[2da]"]}, {"name": "sub", "set": ["data.tasks=[2ds]"]},
                  {"name": "cat", "combine": {"adapters": ["add", "sub"], "method": "cat"}}],
-        "findings": [{"claim": "c", "check": "higher", "a": "cat", "b": "add", "metric": "acc_mean"}]}))
+        "findings": [{"claim": "c", "check": "higher", "a": "cat", "b": "add", "metric": "acc_mean",
+                      "if_unclear": "more seeds"}]}))
     result = runner.study_command(str(study_file), out=str(tmp_path / "out"), log=lambda m: None)
     assert [r["status"] for r in result["runs"]] == ["ok"] * 3, result["runs"]
     summary = json.loads((tmp_path / "out/cells/cat/seed-1/summary.json").read_text())
@@ -208,10 +217,14 @@ def test_user_override_may_not_fight_an_axis():
         spec.load_study("qlra")
 
 
-def test_cli_dry_run_prints_cells(capsys):
-    assert main(["study", "optimizer", "--dry-run", "--seeds", "2", "train.lr=1e-3"]) == 0
+def test_cli_dry_run_prints_cells_sweeps_and_rules(capsys):
+    assert main(["study", "optimizer", "--dry-run", "--seeds", "2", "lora.dropout=0.1"]) == 0
     out = capsys.readouterr().out
-    assert "sgd-constant" in out and "train.lr=1e-3" in out and "seeds 1,2 " in out
+    assert "sgd-constant" in out and "lora.dropout=0.1" in out and "seeds 1,2 " in out
+    assert "train.lr=0.05 | train.lr=0.2 | train.lr=0.8" in out and "7 cells, 16 runs" in out  # 3 x (3 + 1) + 4
+    assert "F3. agree if the 95% interval of test_loss_seen_tasks(sgd-cosine)" in out
+    assert main(["study", "optimizer", "--dry-run", "train.lr=1e-3"]) == 2  # the sweep varies it
+    assert "train.lr, which this study varies" in capsys.readouterr().err
     assert main(["study", "qlora", "--scale", "gpu", "--dry-run"]) == 2
 
 
@@ -227,10 +240,14 @@ def fake_runner(calls, fail=()):
             log_path.write_text("loading...\nloralab: error: no NF4 here\n")
             return 2
         base = {"lora": 1.0, "qlora": 2.0}.get(cell, 3.0)
+        lr = cfg["train"]["lr"]
+        base += abs(lr - 2e-3) * 100  # a swept cell does best at lr 2e-3
         summary = {"final_val_loss": base + seed / 10, "best_val_loss": base, "final_train_loss": base / 2,
                    "runtime_s": 10.0 * seed, "peak_memory_bytes": (100 + seed) * 2**20, "trainable_params": 1000,
-                   "tokens_per_s": 50.0, "stopped_early": False, "warnings": [],
-                   "eval": {"2da": {"before": 0.0, "after": 0.1 * seed, "n": 10}}}
+                   "tokens_per_s": 50.0, "stopped_early": False, "warnings": [], "best_step": 5,
+                   "eval": {"2da": {"before": 0.0, "after": 0.1 * seed, "n": 10, "trained": True,
+                                    "test_loss": base + seed / 10}},
+                   "val_history": [{"step": s, "val_loss": base + abs(s - 5) / 10} for s in (2, 4, 6, 8, 10)]}
         lines = [{"step": s, "loss": 3.0 - s / 10, "lr": 1e-3} for s in range(1, 11)] + [{"step": 10, "val_loss": base}]
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
         (run_dir / "summary.json").write_text(json.dumps(summary))
@@ -293,12 +310,19 @@ def test_report_files_and_numbers(tmp_path):
     assert float(rows[("lora", "acc_2da")]["mean"]) == pytest.approx(20.0)  # percent
     md = (tmp_path / "report.md").read_text()
     findings = md[md.index("## Findings"):]
-    assert "| the article's claim | our measurement (mean ± std) | verdict | scale |" in findings
-    table = [l.strip("| ").split(" | ") for l in findings.splitlines() if l.startswith("| ") and "claim" not in l]
-    # the fake gives both cells the same memory and time (unclear) and qlora a val loss 1.0 higher
-    assert [r[2] for r in table] == ["unclear", "unclear", "disagree"]
-    assert table[2][1] == "qlora 2.2 ± 0.1 vs lora 1.2 ± 0.1, 1.83x"
-    assert "SmolLM2-135M" in findings and all(r[3] for r in table)  # every row has its scale note
+    assert ("| # | the article's claim | our measurement (mean ± std; difference [95% interval]) | verdict | "
+            "what would decide it | scale |") in findings
+    table = [l.strip("| ").split(" | ") for l in findings.splitlines() if l.startswith("| F")]
+    # the fake gives both cells the same memory and time (unclear) and qlora a test loss 1.0 higher
+    assert [r[3] for r in table] == ["unclear", "unclear", "disagree"]
+    hw = 2.776445105 * math.sqrt(0.01 / 3 + 0.01 / 3)  # Welch, df 4
+    assert table[2][2] == f"qlora 2.2 ± 0.1 vs lora 1.2 ± 0.1, 1.83x; difference 1 [{1 - hw:.4g}, {1 + hw:.4g}]"
+    assert table[0][4].startswith("more seeds") and table[2][4] == ""  # what decides it: for unclear ones only
+    assert "SmolLM2-135M" in findings and all(r[5] for r in table)  # every row has its scale note
+    rules = md[md.index("## Verdict rules"):md.index("## Results")]  # stated before the results
+    assert "agree if the 95% interval of test_loss_seen_tasks(qlora) - test_loss_seen_tasks(lora) lies within " \
+           "±5% of mean test_loss_seen_tasks(lora)" in rules
+    assert json.loads((tmp_path / "study.json").read_text())["findings"][2]["rule"].startswith("agree if")
     html = (tmp_path / "report.html").read_text()
     assert '<img src="plots/loss_curves.png"' in html and "<table>" in html and "Findings" in html
     again = runner.build_report(tmp_path)  # rebuilding from the folder alone gives the same numbers
