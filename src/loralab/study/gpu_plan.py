@@ -73,7 +73,7 @@ def plan_rows(study: Study, gpu: str | None = None) -> list[dict]:
 
 def _hm(seconds: float) -> str:
     minutes = round(seconds / 60)
-    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{max(minutes, 1)}m"
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else (f"{minutes}m" if minutes else "<1m")
 
 
 def plan_text(study: Study, gpu: str | None = None) -> str:
