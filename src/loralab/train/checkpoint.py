@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..io.fileio import _fsync_dir, atomic_save_safetensors, write_json
+from ..io.fileio import _fsync_dir, atomic_save_safetensors, file_sha256, write_json
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 TENSOR_FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors")
@@ -66,14 +66,6 @@ def config_difference(saved: dict, current: dict) -> str | None:
     return None
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _state_checksum(state: dict) -> str:
     """sha256 of state.json's content without its own checksum (canonical JSON: keys sorted)."""
     body = {k: v for k, v in state.items() if k != "checksum"}
@@ -105,7 +97,7 @@ def save(root: str | os.PathLike, snap: dict, config: dict, keep: int = 2, data_
         state = {"step": snap["step"], "total_steps": snap["total_steps"], "param_groups": opt["param_groups"],
                  "optimizer_scalars": scalars, "scheduler": snap["scheduler"],
                  "rng": rng_scalars, "result": snap["result"], "config": config,
-                 "data_sha256": data_sha256, "sha256": {name: _file_sha256(tmp / name) for name in TENSOR_FILES}}
+                 "data_sha256": data_sha256, "sha256": {name: file_sha256(tmp / name) for name in TENSOR_FILES}}
         state["checksum"] = _state_checksum(json.loads(json.dumps(state)))  # as it will read back
         write_json(tmp / "state.json", state)  # last: its presence marks the content complete
         if final.exists():  # a re-save of the same step (e.g. resumed at the end): replace it
@@ -169,7 +161,7 @@ def _verify(path: Path, state: dict) -> None:
     if "checksum" in state and state["checksum"] != _state_checksum(state):
         raise ValueError("state.json does not match its checksum")
     for name, digest in (state.get("sha256") or {}).items():
-        if _file_sha256(path / name) != digest:
+        if file_sha256(path / name) != digest:
             raise ValueError(f"{name} does not match its sha256 (bit rot or an incomplete copy)")
 
 
