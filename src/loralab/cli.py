@@ -177,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="exact-match accuracy of a model (plus adapter) on held-out tasks")
     e.add_argument("--model", default=None, help="base model (default: the adapter's base, or smollm2-135m)")
     e.add_argument("--adapter", default=None, help="adapter folder (PEFT format)")
-    e.add_argument("--tasks", default="2da,2ds")
+    e.add_argument("--tasks", default="2da,2ds", help="comma-separated: arithmetic (2da, ...), instruction-suite "
+                   "families (reverse_word, ...) or the groups suite / suite-held-out")
     e.add_argument("--n", type=int, default=100)
     e.add_argument("--batch-size", type=int, default=50)
     e.add_argument("--template", default="auto")

@@ -472,6 +472,9 @@ def test_a_sweep_chooses_on_validation_and_runs_the_other_seeds_there(tmp_path):
     md = (tmp_path / "out/report.md").read_text()
     assert "## Sweeps: each cell at its own best settings" in md and "lr-0.002 (chosen)" in md
     assert "a (sweep chose lr-0.002)" in md and "| a @ lr-0.001 | 1 | ok |" in md
+    assert "Cell **a** (seed 1): chose lr-0.002.\n" in md  # in the middle of its grid
+    assert "Cell **b** (seed 1): chose lr-0.003. It is at the end of the grid" in md
+    assert any("b: sweep chose lr-0.003" in m and m.endswith("at the end of its grid") for m in logs)
     assert md.index("## Verdict rules") < md.index("## Results") < md.index("## Findings")
     assert "## Validation loss along training" in md
 

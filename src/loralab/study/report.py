@@ -138,7 +138,10 @@ def _sweep_sections(plan: dict, sweeps: dict) -> list:
             rows.append([row["point"] + (" (chosen)" if row["point"] == choice["point"] else ""),
                          " ".join(f"`{o}`" for o in row["overrides"])]
                         + [_cell_text(st[m]) if m in st else "-" for m in (select, *SWEEP_METRICS)])
-        sec += [("p", f"Cell **{cell}** (seed {seeds}): chose {choice['point'] or 'nothing (no point finished)'}."),
+        edge = (" It is at the end of the grid: a better value may lie beyond it (a wider sweep would tell)."
+                if choice.get("edge") else "")
+        sec += [("p", f"Cell **{cell}** (seed {seeds}): chose {choice['point'] or 'nothing (no point finished)'}."
+                      + edge),
                 ("table", ["point", "overrides", select, *SWEEP_METRICS], rows)]
     return sec
 

@@ -80,8 +80,11 @@ def choose_point(study_dir: Path, cell: dict, select: str) -> dict:
         scores[point] = _mean(values)
     done = {p: v for p, v in scores.items() if v is not None}
     best = min(done, key=done.get) if done else None  # ties: the first listed
+    names = [p for p, _ in cell["points"]]
+    # the first or last point of the grid (a single key: its lowest or highest value): the best may lie beyond
+    edge = best is not None and best in (names[0], names[-1])
     return {"point": best, "overrides": dict(cell["points"]).get(best, []), "select": select,
-            "seeds": cell["sweep_seeds"], "scores": scores}
+            "seeds": cell["sweep_seeds"], "scores": scores, "edge": edge}
 
 
 def _read_run(run: Path) -> tuple[dict | None, dict]:

@@ -163,7 +163,8 @@ def run_study(study: Study, out: str | Path, *, parallel: int = 1, runner: Runne
                 log(f"[{study.name}] {cell.name}: no sweep point finished; its other seeds are not run")
                 continue
             log(f"[{study.name}] {cell.name}: sweep chose {choice['point']} ({study.select} "
-                + ", ".join(f"{p} {v:.4g}" if v is not None else f"{p} -" for p, v in choice["scores"].items()) + ")")
+                + ", ".join(f"{p} {v:.4g}" if v is not None else f"{p} -" for p, v in choice["scores"].items()) + ")"
+                + ("; at the end of its grid" if choice["edge"] else ""))
             jobs += [(cell, s, choice["point"]) for s in rest]
         return jobs
 
