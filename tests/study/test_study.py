@@ -55,6 +55,9 @@ def test_judge_verdicts():
     assert judge(above, stats)[1] == "agree" and judge({**above, "value": 2.0}, stats)[1] == "unclear"
     assert judge({**above, "value": 2.5}, stats)[1] == "disagree"
     assert judge({"check": "below", "cell": "a", "metric": "m", "value": 1.5}, stats)[1] == "agree"
+    stats["b"]["best"] = Stat([1.0, 1.0, 1.0])  # b may be another metric, named in the measurement
+    assert judge({"check": "lower", "a": "a", "b": "b", "metric": "m", "metric_b": "best"}, stats)[0].startswith(
+        "a 1 ± 0.1 vs b best 1 ± 0")
     assert judge({"check": "consistent", "cell": "a", "metric": "m", "max_cv": 0.05}, stats)[1] == "disagree"
     assert judge({"check": "consistent", "cell": "a", "metric": "m", "max_cv": 0.2}, stats)[1] == "agree"
     best = {"check": "best", "cell": "a", "metric": "m", "direction": "min", "cells": ["a", "b"]}

@@ -132,7 +132,7 @@ def judge(spec: dict, stats: dict) -> tuple[str, str]:
         a, b = get(spec["a"]), get(spec["b"], metric_b)
         d, hw = difference(a, b)
         ratio = f", {a.mean / b.mean:.2f}x" if b.mean else ""
-        b_name = spec["b"] if metric_b == metric else f"{metric_b}"
+        b_name = spec["b"] if metric_b == metric else f"{spec['b']} {metric_b}"  # another metric: say which
         text = f"{spec['a']} {_pm(a, unit)} vs {b_name} {_pm(b, unit)}{ratio}"
         if check == "ratio":  # the size of an effect: mean(a) / mean(b) near the article's ratio
             ok = b.mean and abs(a.mean / b.mean - float(spec["expect"])) <= float(spec.get("tol", 0.1))
