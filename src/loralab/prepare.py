@@ -17,6 +17,7 @@ from .data.tasks import expand_tasks, make_task
 from .errors import UserError
 from .io.models import load_tokenizer, load_weights, resolve
 from .memory.preflight import check_rank, module_widths
+from .peft.init import dropout_warning
 from .peft.inject import SpecFor, count_parameters, inject, per_module
 from .peft.lora import LoraSpec
 from .peft.names import filter_layers
@@ -105,6 +106,8 @@ def setup_model(cfg: RunConfig, device: torch.device, folder: Path | None = None
         modules = dict(model.named_modules())
         widths = module_widths({n: modules[n] for n in targets})
         info["notes"] = [f"warning: {w}" for w in check_rank(cfg.lora.r, widths)]  # before any LoRA weight exists
+        if note := dropout_warning(cfg.lora.init, cfg.lora.dropout):
+            info["notes"].append(f"warning: {note}")
         if cfg.model.quant == "nf4":
             from .peft.quant import quantize_model
 
