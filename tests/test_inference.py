@@ -73,3 +73,11 @@ def test_the_merged_folders_generation_config_stops_on_the_tokenizers_eos(traine
     tok.save_pretrained(base)
     assert main(["merge", str(trained), str(tmp_path / "m2"), "--model", str(base)]) == 0
     assert json.loads((tmp_path / "m2" / "generation_config.json").read_text())["eos_token_id"] == [0, 2]
+
+
+def test_eval_scores_the_suites_groups_family_by_family(tiny_folder):
+    from loralab.data.families import HELD_OUT
+    from loralab.inference import evaluate_model
+
+    result = evaluate_model(str(tiny_folder), None, tasks=["suite-held-out", "2da"], n=2)
+    assert list(result["eval"]) == [*HELD_OUT, "2da"] and all(r["n"] == 2 for r in result["eval"].values())

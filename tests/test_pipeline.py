@@ -1,6 +1,7 @@
 """End-to-end runs on a tiny model saved as an HF folder: files, summary, PEFT interop, CLI."""
 import json
 
+import pytest
 import torch
 
 from loralab.cli import main
@@ -256,3 +257,40 @@ def test_variant_run_stopped_and_resumed_ends_where_an_uninterrupted_one_does(ti
     a, b = read_weights(tmp_path / "straight/adapter"), read_weights(tmp_path / "resumed/adapter")
     assert a.keys() == b.keys() and any("magnitude" in k for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_suite_families_held_out_and_test_loss_match_peft(tiny_folder, tmp_path):
+    """Instruction-suite families, one never trained on: the summary marks it, validation along the
+    way skips exact match (eval.with_validation=false), and each task's test loss is the mean token
+    loss of its held-out answers under the saved adapter, as PEFT computes it."""
+    from transformers import AutoModelForCausalLM
+
+    from loralab.data.prompts import encode_all
+    from loralab.data.tasks import make_task
+    from peft import PeftModel
+
+    out = tmp_path / "run"
+    cfg = _cfg(tiny_folder, out, "data.tasks=[add, reverse_word]", "eval.tasks=[add, divide]", "data.n_train=24",
+               "data.template=auto", "lora.dropout=0.0", "train.eval_every=2", "train.max_steps=4",
+               "eval.with_validation=false", "eval.before=false")
+    summary = run_training(cfg, quiet=True)
+    assert {k: v["trained"] for k, v in summary["eval"].items()} == {"add": True, "divide": False}
+    vals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [v["step"] for v in vals if "val_loss" in v] == [2, 4] and not any("accuracy" in v for v in vals)
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_folder), torch_dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, out / "adapter").eval()
+    from loralab.io.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_folder))
+    for task in ("add", "divide"):
+        test = make_task(task, 24, cfg.eval.n, cfg.data.seed)[1]
+        encoded = encode_all(test, tok, template="auto", system_prompt=cfg.data.system_prompt,
+                             max_seq_len=cfg.data.max_seq_len)[0]
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for e in encoded:
+                labels = torch.tensor([e.labels])
+                n = int((labels[:, 1:] != -100).sum())
+                total += float(peft_model(torch.tensor([e.input_ids]), labels=labels).loss) * n
+                count += n
+        assert summary["eval"][task]["test_loss"] == pytest.approx(total / count, rel=1e-4), task

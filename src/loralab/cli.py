@@ -177,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="exact-match accuracy of a model (plus adapter) on held-out tasks")
     e.add_argument("--model", default=None, help="base model (default: the adapter's base, or smollm2-135m)")
     e.add_argument("--adapter", default=None, help="adapter folder (PEFT format)")
-    e.add_argument("--tasks", default="2da,2ds")
+    e.add_argument("--tasks", default="2da,2ds", help="comma-separated: arithmetic (2da, ...), instruction-suite "
+                   "families (reverse_word, ...) or the groups suite / suite-held-out")
     e.add_argument("--n", type=int, default=100)
     e.add_argument("--batch-size", type=int, default=50)
     e.add_argument("--template", default="auto")
@@ -237,8 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run a study: cells x seeds, each a `loralab train` in its own process; "
                                    "finished runs are skipped, so rerunning resumes. NAME: a preset "
                                    "(`loralab study list`) or a study YAML file.")
-    s.add_argument("name", help="preset (consistency, qlora, optimizer, epochs, targets, rank, memory-7b, "
-                                "data-size, full), a study YAML, or 'list'")
+    s.add_argument("name", help="a preset (`loralab study list` names them), a study YAML, or 'list'")
     s.add_argument("overrides", nargs="*", help="config overrides for every cell, e.g. model.name=/models/llama-2-7b")
     s.add_argument("--scale", default="cpu", choices=["cpu", "gpu"], help="cpu: minutes on a laptop CPU with the "
                    "default model; gpu: the article's Llama-2-7B settings (give model.name=...)")

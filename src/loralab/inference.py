@@ -8,7 +8,7 @@ import torch
 
 from .config import ModelConfig
 from .data.prompts import stop_token_ids
-from .data.tasks import make_task
+from .data.tasks import expand_tasks, make_task
 from .errors import UserError
 from .eval.metrics import exact_match, generate_answers
 from .io.export import new_output_folder, save_hf_folder
@@ -50,7 +50,7 @@ def evaluate_model(model: str | None, adapter_dir: str | None, *, tasks: list[st
     # data_seed matches DataConfig.seed, so these are the same held-out questions a run evaluated.
     m, tok = load_with_adapter(model, adapter_dir)
     results = {}
-    for name in tasks:
+    for name in expand_tasks(tasks):  # suite / suite-held-out: their families
         test = make_task(name, 1, n, data_seed)[1]
         r = exact_match(m, tok, test, template=template, batch_size=batch_size)
         results[name] = {k: r[k] for k in ("accuracy", "correct", "n")}

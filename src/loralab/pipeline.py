@@ -23,7 +23,7 @@ import torch
 
 from .config import RunConfig, dump_yaml
 from .data.formats import fingerprint
-from .data.prompts import render_prompt
+from .data.prompts import encode_all, render_prompt
 from .errors import UserError
 from .eval.metrics import generate, score
 from .eval.stops import stop_check, task_stops
@@ -49,6 +49,7 @@ from .track.names import flat_params
 from .train import checkpoint, distributed
 from .train.distributed import SINGLE, Dist, gather, trainable_state, unsharded
 from .train.loop import Hooks, NonFiniteLoss, train
+from .train.loss import mean_loss
 from .train.precision import default_device
 from .train.signals import StopFlag
 from .train.state import set_seed, snapshot
@@ -57,24 +58,40 @@ stop_flag = StopFlag()
 
 
 def run_evals(model, tok, tests: dict, cfg: RunConfig, dist: Dist = SINGLE, module=None) -> dict:
-    """Exact match on each task's held-out examples. With several ranks each generates for its share
-    (every world-th example) and the answers meet on every rank; a sharded (FSDP2) model generates in
-    lockstep, inside its root unit's unsharded scope (`module`: the wrapped LossModule)."""
+    """Exact match on each task's held-out examples, all tasks' prompts in one generate() call (one
+    fp32 upcast, full batches: many small suite families cost what one large task does). With
+    several ranks each generates for its share (every world-th prompt) and the answers meet on
+    every rank; a sharded (FSDP2) model generates in lockstep, inside its root unit's unsharded
+    scope (`module`: the wrapped LossModule)."""
     synced = dist.mode == "fsdp" and module is not None
-    results = {}
+    flat = [ex for examples in tests.values() for ex in examples]
+    mine = list(range(dist.rank, len(flat), dist.world))
+    n_mine = len(mine)
+    if synced:  # lockstep: every rank generates as many prompts (stand-ins' answers are dropped)
+        mine += [0] * (-(-len(flat) // dist.world) - n_mine)
+    prompts = [render_prompt(flat[i], tok, template=cfg.data.template, system_prompt=cfg.data.system_prompt)
+               for i in mine]
+    with unsharded(module, dist) if synced else nullcontext():
+        gens = generate(model, tok, prompts, batch_size=cfg.eval.batch_size,
+                        max_new_tokens=cfg.eval.max_new_tokens, synced_gpus=synced)
+    by_index = dict(pair for part in gather(dist, list(zip(mine, gens))[:n_mine]) for pair in part)
+    results, start = {}, 0
     for name, examples in tests.items():
-        mine = list(range(dist.rank, len(examples), dist.world))
-        n_mine = len(mine)
-        if synced:  # lockstep: every rank generates as many prompts (stand-ins' answers are dropped)
-            mine += [0] * (-(-len(examples) // dist.world) - n_mine)
-        prompts = [render_prompt(examples[i], tok, template=cfg.data.template, system_prompt=cfg.data.system_prompt)
-                   for i in mine]
-        with unsharded(module, dist) if synced else nullcontext():
-            gens = generate(model, tok, prompts, batch_size=cfg.eval.batch_size,
-                            max_new_tokens=cfg.eval.max_new_tokens, synced_gpus=synced)
-        by_index = dict(pair for part in gather(dist, list(zip(mine, gens))[:n_mine]) for pair in part)
-        results[name] = score(examples, [by_index[i] for i in range(len(examples))])
+        results[name] = score(examples, [by_index[start + i] for i in range(len(examples))])
+        start += len(examples)
     return results
+
+
+def test_losses(module, tok, tests: dict, cfg: RunConfig, dist: Dist = SINGLE) -> dict:
+    """Each task's mean token loss on its held-out answers (teacher forced, like the validation
+    loss): a held-out measure far less noisy than exact match on a few dozen questions."""
+    kw = dict(template=cfg.data.template, system_prompt=cfg.data.system_prompt, max_seq_len=cfg.data.max_seq_len)
+    out = {}
+    for name, examples in tests.items():
+        encoded = encode_all(examples, tok, **kw)[0]
+        out[name] = mean_loss(module, encoded, batch_size=cfg.eval.batch_size, pad_id=tok.pad_token_id,
+                              dist=dist) if encoded else None
+    return out
 
 
 def held_out_stops(model, tok, data: Datasets, after: dict, cfg: RunConfig, dist: Dist) -> dict | None:
@@ -184,7 +201,7 @@ def _train_and_report(cfg: RunConfig, dist: Dist, model, tok, folder, info, data
             save_adapter(model, out / folder_name, base_model_name_or_path=base_path, weights=weights)
 
     def on_eval(record: dict):
-        if cfg.train.eval_every and data.tests:  # task accuracy beside the validation loss
+        if cfg.train.eval_every and cfg.eval.with_validation and data.tests:  # accuracy beside the validation loss
             evals = run_evals(model, tok, data.tests, cfg, dist, loop["state"].result.module)
             record["accuracy"] = {name: r["accuracy"] for name, r in evals.items()}
         trackers.log(record)
@@ -217,6 +234,8 @@ def _train_and_report(cfg: RunConfig, dist: Dist, model, tok, folder, info, data
         # (each written atomically) rather than leaving the run to be redone from its last checkpoint.
         stop_flag.note = "finishing the final evaluation and save first (Ctrl-C again to abort)"
         after = run_evals(model, tok, data.tests, cfg, dist, result.module) if data.tests else {}
+        for name, loss in test_losses(result.module, tok, data.tests, cfg, dist).items():
+            after[name]["test_loss"] = loss
         trackers.log_eval(after, step=result.steps)
         stops = held_out_stops(model, tok, data, after, cfg, dist)
         if main:

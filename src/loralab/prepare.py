@@ -13,10 +13,11 @@ from .config import RunConfig
 from .data.batching import split_validation
 from .data.prompts import encode_all
 from .data.sources import load_data
-from .data.tasks import make_task
+from .data.tasks import expand_tasks, make_task
 from .errors import UserError
 from .io.models import load_tokenizer, load_weights, resolve
 from .memory.preflight import check_rank, module_widths
+from .peft.init import dropout_warning
 from .peft.inject import SpecFor, count_parameters, inject, per_module
 from .peft.lora import LoraSpec
 from .peft.names import filter_layers
@@ -45,13 +46,14 @@ class Datasets:
 
 def build_datasets(cfg: RunConfig) -> Datasets:
     d = cfg.data
-    eval_tasks = cfg.eval.tasks if cfg.eval.tasks is not None else ([] if d.path else list(d.tasks))
+    train_tasks = [] if d.path else expand_tasks(d.tasks)  # the suite's group names expanded
+    eval_tasks = expand_tasks(cfg.eval.tasks) if cfg.eval.tasks is not None else train_tasks
     tests = {}
     if d.path:
         examples = load_data(d.path, d.columns)
     else:
         examples = []
-        for name in d.tasks:
+        for name in train_tasks:
             train_set, test_set = make_task(name, d.n_train, cfg.eval.n, d.seed)
             examples += train_set
             tests[name] = test_set
@@ -104,6 +106,8 @@ def setup_model(cfg: RunConfig, device: torch.device, folder: Path | None = None
         modules = dict(model.named_modules())
         widths = module_widths({n: modules[n] for n in targets})
         info["notes"] = [f"warning: {w}" for w in check_rank(cfg.lora.r, widths)]  # before any LoRA weight exists
+        if note := dropout_warning(cfg.lora.init, cfg.lora.dropout):
+            info["notes"].append(f"warning: {note}")
         if cfg.model.quant == "nf4":
             from .peft.quant import quantize_model
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .config import RunConfig
+from .data.tasks import expand_tasks
 from .memory.measure import fmt_bytes
 from .train.optim import plan_steps
 from .train.state import TrainResult
@@ -53,6 +54,7 @@ def build_summary(cfg: RunConfig, *, device, info: dict, result: TrainResult, n_
                   out: Path, world: int = 1, stops: dict | None = None) -> dict:
     """summary.json: what the run did and cost, its losses, and the held-out accuracy before and after."""
     lora = cfg.train.method == "lora"
+    trained = set() if cfg.data.path else set(expand_tasks(cfg.data.tasks))
     best = min(result.val_history, key=lambda v: v["val_loss"]) if result.val_history else None
     return {
         "model": cfg.model.name,
@@ -85,8 +87,11 @@ def build_summary(cfg: RunConfig, *, device, info: dict, result: TrainResult, n_
         "best_val_loss": best["val_loss"] if best else None,
         "best_step": best["step"] if best else None,
         "best_adapter_dir": str(out / "best_adapter") if (out / "best_adapter").is_dir() else None,
+        # trained: the task's items were in the training data (its test items still held out); false:
+        # a task never trained on (the suite's held-out families). test_loss: on the held-out answers.
         "eval": {name: {"before": before[name]["accuracy"] if name in before else None,
-                        "after": after[name]["accuracy"], "n": after[name]["n"]} for name in after},
+                        "after": after[name]["accuracy"], "n": after[name]["n"], "trained": name in trained,
+                        "test_loss": after[name].get("test_loss")} for name in after},
         "eval_samples": {name: r["samples"] for name, r in after.items()},
         # held-out generations that ended on EOS / end of turn within the budget (eval/stops.py)
         "stops": stops,
@@ -128,10 +133,12 @@ def format_table(summary: dict, cfg: RunConfig) -> str:
         lines.append(f"  stops on EOS    {stops['stopped']}/{stops['n']} held-out generations "
                      f"({stops['held_out']}; within {stops['budget']})")
     if summary["eval"]:
-        lines += ["", "  task    before    after   change (exact match, held-out)"]
+        width = max(6, *map(len, summary["eval"]))
+        lines += ["", f"  {'task':<{width}}  before    after   change (exact match, held-out)"]
         for name, r in summary["eval"].items():
             change = "" if r["before"] is None else f"{100 * (r['after'] - r['before']):+.1f} pts"
-            lines.append(f"  {name:<6} {pct(r['before']):>7} {pct(r['after']):>8}   {change}")
+            new = "" if r.get("trained", True) else "   (task never trained on)"
+            lines.append(f"  {name:<{width}} {pct(r['before']):>7} {pct(r['after']):>8}   {change}{new}")
     if summary["adapter_dir"]:
         lines += ["", f"  adapter saved to {summary['adapter_dir']} (PEFT format)"]
     return "\n".join(lines)

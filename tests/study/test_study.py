@@ -12,8 +12,8 @@ import yaml
 from loralab.cli import main
 from loralab.errors import UserError
 from loralab.study import runner, spec
-from loralab.study.report import judge
 from loralab.study.stats import Stat, t_quantile
+from loralab.study.verdicts import judge
 
 PRESETS = ["consistency", "qlora", "optimizer", "epochs", "targets", "rank", "memory-7b", "data-size", "full",
            "variants", "layer-rank", "combine"]
@@ -47,7 +47,17 @@ def test_judge_verdicts():
     assert judge({"check": "lower", "a": "a", "b": "b", "metric": "m"}, stats)[1] == "agree"
     assert judge({"check": "higher", "a": "a", "b": "b", "metric": "m"}, stats)[1] == "disagree"
     assert judge({"check": "lower", "a": "a", "b": "c", "metric": "m"}, stats)[1] == "unclear"  # inside the noise
-    assert judge({"check": "similar", "a": "a", "b": "c", "metric": "m", "rel_tol": 0.1}, stats)[1] == "agree"
+    # similar is equivalence: the whole interval of the difference (-0.05 +- 0.28) inside the tolerance
+    assert judge({"check": "similar", "a": "a", "b": "c", "metric": "m", "rel_tol": 0.4}, stats)[1] == "agree"
+    assert judge({"check": "similar", "a": "a", "b": "c", "metric": "m", "rel_tol": 0.1}, stats)[1] == "unclear"
+    assert judge({"check": "similar", "a": "a", "b": "b", "metric": "m", "tol": 0.5}, stats)[1] == "disagree"
+    above = {"check": "above", "cell": "b", "metric": "m", "value": 1.5}
+    assert judge(above, stats)[1] == "agree" and judge({**above, "value": 2.0}, stats)[1] == "unclear"
+    assert judge({**above, "value": 2.5}, stats)[1] == "disagree"
+    assert judge({"check": "below", "cell": "a", "metric": "m", "value": 1.5}, stats)[1] == "agree"
+    stats["b"]["best"] = Stat([1.0, 1.0, 1.0])  # b may be another metric, named in the measurement
+    assert judge({"check": "lower", "a": "a", "b": "b", "metric": "m", "metric_b": "best"}, stats)[0].startswith(
+        "a 1 ± 0.1 vs b best 1 ± 0")
     assert judge({"check": "consistent", "cell": "a", "metric": "m", "max_cv": 0.05}, stats)[1] == "disagree"
     assert judge({"check": "consistent", "cell": "a", "metric": "m", "max_cv": 0.2}, stats)[1] == "agree"
     best = {"check": "best", "cell": "a", "metric": "m", "direction": "min", "cells": ["a", "b"]}
@@ -101,12 +111,13 @@ def test_all_presets_load_and_expand():
 
 
 def test_gpu_scale_uses_the_articles_settings():
-    study = spec.load_study("targets", scale="gpu", overrides=["model.name=/models/llama-2-7b"])
-    cfg = spec.run_config(study, study.cells[0], 1, Path("/tmp/x"))
-    got = (cfg.train.lr, cfg.train.batch_size, cfg.train.grad_accum, cfg.lora.r, cfg.lora_alpha)
-    assert got == (3e-4, 1, 128, 8, 16)
-    assert cfg.model.name == "/models/llama-2-7b" and cfg.lora.targets == "qv"  # the cell's own axis value
+    study = spec.load_study("qlora", scale="gpu", overrides=["model.name=/models/llama-2-7b"])
+    cfg = spec.run_config(study, study.cells[1], 1, Path("/tmp/x"))
+    got = (cfg.train.lr, cfg.train.batch_size, cfg.train.grad_accum, cfg.lora.r, cfg.lora_alpha, cfg.lora.targets)
+    assert got == (3e-4, 1, 128, 8, 16, "qv")
+    assert cfg.model.name == "/models/llama-2-7b" and cfg.model.quant == "nf4"  # the cell's own axis value
     assert cfg.train.weight_decay == 0.01 and cfg.train.warmup_steps == 100
+    assert cfg.data.tasks == ["suite"] and cfg.data.n_train * 17 >= 50_000  # Alpaca-sized
     with pytest.raises(UserError, match="model.name"):
         spec.load_study("targets", scale="gpu")
 
@@ -187,7 +198,8 @@ def test_a_combine_cell_combines_and_evaluates_for_real(tiny_folder, tmp_path):
                       "eval.tasks=[2da, 2ds]", "train.progress=false", "train.precision=fp32"],
         "axes": [{"name": "add", "set": ["data.tasks=[2da]"]}, {"name": "sub", "set": ["data.tasks=[2ds]"]},
                  {"name": "cat", "combine": {"adapters": ["add", "sub"], "method": "cat"}}],
-        "findings": [{"claim": "c", "check": "higher", "a": "cat", "b": "add", "metric": "acc_mean"}]}))
+        "findings": [{"claim": "c", "check": "higher", "a": "cat", "b": "add", "metric": "acc_mean",
+                      "if_unclear": "more seeds"}]}))
     result = runner.study_command(str(study_file), out=str(tmp_path / "out"), log=lambda m: None)
     assert [r["status"] for r in result["runs"]] == ["ok"] * 3, result["runs"]
     summary = json.loads((tmp_path / "out/cells/cat/seed-1/summary.json").read_text())
@@ -208,10 +220,14 @@ def test_user_override_may_not_fight_an_axis():
         spec.load_study("qlra")
 
 
-def test_cli_dry_run_prints_cells(capsys):
-    assert main(["study", "optimizer", "--dry-run", "--seeds", "2", "train.lr=1e-3"]) == 0
+def test_cli_dry_run_prints_cells_sweeps_and_rules(capsys):
+    assert main(["study", "optimizer", "--dry-run", "--seeds", "2", "lora.dropout=0.1"]) == 0
     out = capsys.readouterr().out
-    assert "sgd-constant" in out and "train.lr=1e-3" in out and "seeds 1,2 " in out
+    assert "sgd-constant" in out and "lora.dropout=0.1" in out and "seeds 1,2 " in out
+    assert "train.lr=0.05 | train.lr=0.2 | train.lr=0.8" in out and "7 cells, 16 runs" in out  # 3 x (3 + 1) + 4
+    assert "F3. agree if the 95% interval of test_loss_seen_tasks(sgd-cosine)" in out
+    assert main(["study", "optimizer", "--dry-run", "train.lr=1e-3"]) == 2  # the sweep varies it
+    assert "train.lr, which this study varies" in capsys.readouterr().err
     assert main(["study", "qlora", "--scale", "gpu", "--dry-run"]) == 2
 
 
@@ -227,10 +243,14 @@ def fake_runner(calls, fail=()):
             log_path.write_text("loading...\nloralab: error: no NF4 here\n")
             return 2
         base = {"lora": 1.0, "qlora": 2.0}.get(cell, 3.0)
+        lr = cfg["train"]["lr"]
+        base += abs(lr - 2e-3) * 100  # a swept cell does best at lr 2e-3
         summary = {"final_val_loss": base + seed / 10, "best_val_loss": base, "final_train_loss": base / 2,
                    "runtime_s": 10.0 * seed, "peak_memory_bytes": (100 + seed) * 2**20, "trainable_params": 1000,
-                   "tokens_per_s": 50.0, "stopped_early": False, "warnings": [],
-                   "eval": {"2da": {"before": 0.0, "after": 0.1 * seed, "n": 10}}}
+                   "tokens_per_s": 50.0, "stopped_early": False, "warnings": [], "best_step": 5,
+                   "eval": {"2da": {"before": 0.0, "after": 0.1 * seed, "n": 10, "trained": True,
+                                    "test_loss": base + seed / 10}},
+                   "val_history": [{"step": s, "val_loss": base + abs(s - 5) / 10} for s in (2, 4, 6, 8, 10)]}
         lines = [{"step": s, "loss": 3.0 - s / 10, "lr": 1e-3} for s in range(1, 11)] + [{"step": 10, "val_loss": base}]
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
         (run_dir / "summary.json").write_text(json.dumps(summary))
@@ -293,12 +313,19 @@ def test_report_files_and_numbers(tmp_path):
     assert float(rows[("lora", "acc_2da")]["mean"]) == pytest.approx(20.0)  # percent
     md = (tmp_path / "report.md").read_text()
     findings = md[md.index("## Findings"):]
-    assert "| the article's claim | our measurement (mean ± std) | verdict | scale |" in findings
-    table = [l.strip("| ").split(" | ") for l in findings.splitlines() if l.startswith("| ") and "claim" not in l]
-    # the fake gives both cells the same memory and time (unclear) and qlora a val loss 1.0 higher
-    assert [r[2] for r in table] == ["unclear", "unclear", "disagree"]
-    assert table[2][1] == "qlora 2.2 ± 0.1 vs lora 1.2 ± 0.1, 1.83x"
-    assert "SmolLM2-135M" in findings and all(r[3] for r in table)  # every row has its scale note
+    assert ("| # | the article's claim | our measurement (mean ± std; difference [95% interval]) | verdict | "
+            "what would decide it | scale |") in findings
+    table = [l.strip("| ").split(" | ") for l in findings.splitlines() if l.startswith("| F")]
+    # the fake gives both cells the same memory and time (unclear) and qlora a test loss 1.0 higher
+    assert [r[3] for r in table] == ["unclear", "unclear", "disagree"]
+    hw = 2.776445105 * math.sqrt(0.01 / 3 + 0.01 / 3)  # Welch, df 4
+    assert table[2][2] == f"qlora 2.2 ± 0.1 vs lora 1.2 ± 0.1, 1.83x; difference 1 [{1 - hw:.4g}, {1 + hw:.4g}]"
+    assert table[0][4].startswith("more seeds") and table[2][4] == ""  # what decides it: for unclear ones only
+    assert "SmolLM2-135M" in findings and all(r[5] for r in table)  # every row has its scale note
+    rules = md[md.index("## Verdict rules"):md.index("## Results")]  # stated before the results
+    assert "agree if the 95% interval of test_loss_seen_tasks(qlora) - test_loss_seen_tasks(lora) lies within " \
+           "±5% of mean test_loss_seen_tasks(lora)" in rules
+    assert json.loads((tmp_path / "study.json").read_text())["findings"][2]["rule"].startswith("agree if")
     html = (tmp_path / "report.html").read_text()
     assert '<img src="plots/loss_curves.png"' in html and "<table>" in html and "Findings" in html
     again = runner.build_report(tmp_path)  # rebuilding from the folder alone gives the same numbers
@@ -394,3 +421,127 @@ def test_every_study_run_is_tracked_tagged_with_study_cell_and_seed(tiny_folder,
         ("r2", "1", "tiny", "r2/seed-1"), ("r2", "2", "tiny", "r2/seed-2")]
     assert all(r.data.params["lora.r"] == "2" and r.info.status == "FINISHED" for r in runs)
     assert all(list((tmp_path / f"out/cells/r2/seed-{s}/tensorboard").glob("events.out.tfevents.*")) for s in (1, 2))
+
+
+# --- sweeps: each cell at its own best settings, chosen on validation ---------------------------
+
+def _sweep_study(tmp_path, **extra):
+    study_file = tmp_path / "sw.yaml"
+    study_file.write_text(yaml.safe_dump({
+        "name": "sw", "seeds": 3, "sweep_seeds": 1, "sweep": {"train.lr": [1.0e-3, 2.0e-3, 4.0e-3]},
+        "axes": [{"name": "a", "set": ["lora.r=4"]},
+                 {"name": "b", "set": ["lora.r=8"], "sweep": {"train.lr": [1.0e-4, 3.0e-3]}},
+                 {"name": "plain", "set": ["lora.r=2"], "sweep": {}}],
+        "findings": [{"claim": "a beats plain", "check": "lower", "a": "a", "b": "plain", "metric": "final_val_loss",
+                      "if_unclear": "more seeds: --seeds 6"}], **extra}))
+    return spec.load_study(str(study_file))
+
+
+def sweep_runner(calls):
+    """Validation loss is lowest at lr 2e-3 (3e-3 in b's grid); the test loss prefers lr 1e-3: the
+    choice must follow validation."""
+    def run(cmd, run_dir, log_path):
+        cfg = yaml.safe_load(Path(cmd[-1]).read_text())
+        lr, seed = cfg["train"]["lr"], cfg["train"]["seed"]
+        calls.append((cfg["output_dir"].split("/cells/")[1].split("/")[0], lr, seed))
+        val = 1.0 + abs(lr - 2e-3) * 100 + seed / 100
+        summary = {"final_val_loss": val, "best_val_loss": val - 0.01, "best_step": 8, "steps": 10,
+                   "eval": {"2da": {"after": 0.5, "n": 10, "trained": True, "test_loss": 1.0 + abs(lr - 1e-3) * 100}},
+                   "val_history": [{"step": s, "val_loss": val + abs(s - 8) / 10} for s in (2, 4, 6, 8, 10)]}
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+        return 0
+    return run
+
+
+def test_a_sweep_chooses_on_validation_and_runs_the_other_seeds_there(tmp_path):
+    study = _sweep_study(tmp_path)
+    assert [len(c.points or []) for c in study.cells] == [3, 2, 0] and spec.count_runs(study) == 5 + 4 + 3
+    calls, logs = [], []
+    records = runner.run_study(study, tmp_path / "out", runner=sweep_runner(calls), log=logs.append)
+    assert sorted(calls) == sorted([("a", lr, 1) for lr in (1e-3, 2e-3, 4e-3)] + [("a", 2e-3, 2), ("a", 2e-3, 3)]
+                          + [("b", lr, 1) for lr in (1e-4, 3e-3)] + [("b", 3e-3, 2), ("b", 3e-3, 3)]
+                          + [("plain", 2e-3, s) for s in (1, 2, 3)])  # plain: the base's lr
+    assert all(r["status"] == "ok" for r in records) and len(records) == 12
+    chosen = json.loads((tmp_path / "out/cells/a/chosen.json").read_text())
+    assert chosen["point"] == "lr-0.002" and chosen["overrides"] == ["train.lr=0.002"]
+    assert set(chosen["scores"]) == {"lr-0.001", "lr-0.002", "lr-0.004"}
+    assert (tmp_path / "out/cells/a/lr-0.002/seed-3/summary.json").is_file()
+    assert not (tmp_path / "out/cells/a/lr-0.001/seed-2").exists()  # other seeds only at the chosen point
+    assert any("a: sweep chose lr-0.002" in m for m in logs)
+
+    result = runner.build_report(tmp_path / "out")
+    assert result["stats"]["a"]["final_val_loss"].n == 3  # the cell is its chosen point's three seeds
+    assert result["sweeps"]["b"]["point"] == "lr-0.003"
+    md = (tmp_path / "out/report.md").read_text()
+    assert "## Sweeps: each cell at its own best settings" in md and "lr-0.002 (chosen)" in md
+    assert "a (sweep chose lr-0.002)" in md and "| a @ lr-0.001 | 1 | ok |" in md
+    assert "Cell **a** (seed 1): chose lr-0.002.\n" in md  # in the middle of its grid
+    assert "Cell **b** (seed 1): chose lr-0.003. It is at the end of the grid" in md
+    assert any("b: sweep chose lr-0.003" in m and m.endswith("at the end of its grid") for m in logs)
+    assert md.index("## Verdict rules") < md.index("## Results") < md.index("## Findings")
+    assert "## Validation loss along training" in md
+
+    calls.clear()  # resumed: nothing left to run
+    records = runner.run_study(_sweep_study(tmp_path), tmp_path / "out", runner=sweep_runner(calls), log=logs.append)
+    assert calls == [] and {r["status"] for r in records} == {"skipped"} and len(records) == 12
+
+
+def test_a_sweep_with_no_finished_point_fails_its_cell_not_the_study(tmp_path):
+    def failing_a(cmd, run_dir, log_path):
+        cfg = yaml.safe_load(Path(cmd[-1]).read_text())
+        if "/cells/a/" in cfg["output_dir"]:
+            return 1
+        return sweep_runner([])(cmd, run_dir, log_path)
+
+    records = runner.run_study(_sweep_study(tmp_path), tmp_path / "out", runner=failing_a, log=lambda m: None)
+    failed = [r for r in records if r["cell"] == "a"]
+    assert len(failed) == 5 and all(r["status"] == "failed" for r in failed)
+    assert any(r.get("error") == "no sweep point finished" for r in failed)
+    assert all(r["status"] == "ok" for r in records if r["cell"] != "a")
+    md = runner.build_report(tmp_path / "out")["report_md"].read_text()
+    assert "chose nothing (no point finished)" in md and "| F1 | a beats plain |" in md and "not measured" in md
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"select": "test_loss"}, "select must be one of final_val_loss, best_val_loss"),
+    ({"sweep_seeds": 0}, "sweep_seeds must be a positive number"),
+    ({"sweep": {"train.lr": [1e-3]}}, r"sweep.train.lr must list at least two values"),
+    ({"findings": [{"claim": "c", "check": "lower", "a": "a", "b": "plain", "metric": "m"}]},
+     r"findings\[0\]: check lower can come out unclear: say what would decide it \(if_unclear\)"),
+    ({"findings": [{"claim": "c", "check": "lower", "a": "a", "b": "gone", "metric": "m", "if_unclear": "x"}]},
+     r"findings\[0\]: names cell\(s\) gone, not in this study"),
+    ({"findings": [{"claim": "c", "check": "similar", "a": "a", "b": "plain", "metric": "m", "if_unclear": "x"}]},
+     "check similar needs tol"),
+    ({"findings": [{"claim": "c", "check": "lower", "a": "a", "metric": "m", "if_unclear": "x"}]},
+     "check lower needs b"),
+    ({"findings": [{"claim": "c", "check": "bigger"}]}, "check must be one of"),
+])
+def test_bad_sweeps_and_findings_are_refused_when_the_study_loads(tmp_path, extra, message):
+    with pytest.raises(UserError, match=message):
+        _sweep_study(tmp_path, **extra)
+
+
+def test_a_cell_may_not_set_what_it_sweeps():
+    with pytest.raises(UserError, match="cell a sets train.lr and also sweeps it"):
+        spec.expand_cells([{"name": "a", "set": ["train.lr=1e-3"]}], [1], sweep={"train.lr": [1e-3, 2e-3]})
+    with pytest.raises(UserError, match="cell c combines adapters; it cannot sweep"):
+        spec.expand_cells([{"name": "a", "set": []}, {"name": "b", "set": []},
+                           {"name": "c", "combine": {"adapters": ["a", "b"], "method": "cat"},
+                            "sweep": {"train.lr": [1e-3, 2e-3]}}], [1])
+
+
+def test_run_metrics_overfitting_and_seen_unseen_aggregates():
+    from loralab.study.results import run_metrics
+
+    summary = {"final_val_loss": 1.5, "best_val_loss": 1.2, "best_step": 40, "steps": 100,
+               "eval": {"add": {"after": 0.5, "trained": True, "test_loss": 1.0},
+                        "reverse_word": {"after": 0.25, "trained": True, "test_loss": 2.0},
+                        "divide": {"after": 0.0, "trained": False, "test_loss": 4.0}}}
+    m = run_metrics(summary)
+    assert m["val_loss_rise"] == pytest.approx(0.3) and m["best_val_step"] == 40
+    assert m["acc_mean"] == pytest.approx(25.0) and m["acc_seen_tasks"] == pytest.approx(37.5)
+    assert m["acc_unseen_tasks"] == 0.0 and m["acc_divide"] == 0.0
+    assert m["test_loss"] == pytest.approx(7 / 3)
+    assert m["test_loss_seen_tasks"] == 1.5 and m["test_loss_unseen_tasks"] == 4
+    only_trained = run_metrics({"eval": {"2da": {"after": 0.5, "test_loss": 1.0}}})  # older summaries: trained
+    assert only_trained["test_loss_seen_tasks"] == 1.0 and "test_loss_unseen_tasks" not in only_trained

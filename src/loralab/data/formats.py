@@ -40,6 +40,20 @@ class Example:
     def is_chat(self) -> bool:
         return self.messages is not None
 
+    @property
+    def answer(self) -> str:
+        """What exact match compares a generation with: the response, or the last assistant turn."""
+        if self.is_chat:
+            return next((m["content"] for m in reversed(self.messages) if m["role"] == "assistant"), "")
+        return self.response
+
+    @property
+    def question(self) -> str:
+        """The text asked, for samples in reports: the prompt, or the last user turn."""
+        if self.is_chat:
+            return next((m["content"] for m in reversed(self.messages) if m["role"] == "user"), "")
+        return self.prompt
+
 
 def fingerprint(examples: list[Example]) -> str:
     """sha256 of what the examples say, in order (not where they came from: `source` is left out).

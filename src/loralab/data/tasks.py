@@ -1,4 +1,5 @@
-"""Synthetic tasks: the GPT-3 arithmetic suite, generated deterministically from a seed.
+"""Synthetic tasks: the GPT-3 arithmetic suite, generated deterministically from a seed; and the
+entry to every synthetic task, the instruction suite's families (suite.py) included.
 
 Each task is a finite set of questions numbered 0..size-1 (`Task(index) -> (question, answer)`),
 so sampling is "draw distinct indices" and disjointness is exact. Examples are raw prompt/response
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 
 from ..errors import UserError
 from .formats import Example
+from .suite import GROUPS, expand_groups, is_family, make_family
 
 # Generation is cut here before comparing: the answer is one line, and a model that keeps talking
 # after it (a new line, or an end-of-turn marker the decoder left in) still answered correctly.
@@ -71,12 +73,26 @@ TASKS = {k: TASKS[k] for k in ("2da", "2ds", "2dm", "3da", "3ds", "4da", "4ds", 
 
 
 def is_task(name: str) -> bool:
-    return name in TASKS
+    """An arithmetic task or an instruction-suite family (the groups are names for several)."""
+    return name in TASKS or is_family(name)
+
+
+def expand_tasks(names) -> list[str]:
+    """data.tasks / eval.tasks as task names: the suite's groups (suite, suite-held-out) expanded,
+    repeats dropped, every name checked (one line naming the unknown one)."""
+    out = expand_groups(names)
+    for name in out:
+        if not is_task(name):
+            get_task(name)
+    return out
 
 
 def get_task(name: str) -> Task:
     if name not in TASKS:
-        raise UserError(f"unknown task {name!r} (known: {', '.join(TASKS)})")
+        from .families import FAMILIES
+
+        raise UserError(f"unknown task {name!r} (arithmetic: {', '.join(TASKS)}; instruction suite: "
+                        f"{', '.join(GROUPS)} or a family: {', '.join(FAMILIES)})")
     return TASKS[name]
 
 
@@ -101,6 +117,8 @@ def _draw(rng: random.Random, size: int, k: int, exclude: set[int]) -> list[int]
 
 def make_task(name: str, n_train: int, n_test: int, seed: int) -> tuple[list[Example], list[Example]]:
     """(train, test) Examples for one task: disjoint, no duplicates, deterministic from the seed."""
+    if is_family(name):
+        return make_family(name, n_train, n_test, seed)
     task = get_task(name)
     if n_train < 0 or n_test < 0:
         raise UserError(f"task {name}: n_train and n_test must be >= 0, got {n_train} and {n_test}")
@@ -122,7 +140,7 @@ def mix(names: list[str], n_train: int, n_test: int, seed: int) -> tuple[list[Ex
         raise UserError("no tasks to mix (data.tasks is empty)")
     train: list[Example] = []
     tests: dict[str, list[Example]] = {}
-    for name in dict.fromkeys(names):  # a repeated name would only duplicate its questions
+    for name in expand_tasks(names):  # a repeated name would only duplicate its questions
         tr, te = make_task(name, n_train, n_test, seed)
         train += tr
         tests[name] = te

@@ -103,8 +103,8 @@ def exact_match(model, tokenizer, examples: list, *, template: str = "auto", sys
 def score(examples: list, gens: list[Generation]) -> dict:
     """Exact-match accuracy of generations against the examples' responses, the first few as
     samples, and how many stopped on a stop token."""
-    hits = [answer_matches(g.text, ex.response) for g, ex in zip(gens, examples)]
-    samples = [{"prompt": ex.prompt, "target": ex.response, "output": g.text, "correct": h}
+    hits = [answer_matches(g.text, ex.answer) for g, ex in zip(gens, examples)]
+    samples = [{"prompt": ex.question, "target": ex.answer, "output": g.text, "correct": h}
                for ex, g, h in list(zip(examples, gens, hits))[:5]]
     return {"accuracy": sum(hits) / max(len(hits), 1), "n": len(hits), "correct": sum(hits), "samples": samples,
             "stopped": sum(g.stopped for g in gens)}

@@ -13,18 +13,12 @@ from ..data.prompts import render_prompt
 from .metrics import generate
 
 
-def _reply(example: Example) -> str:
-    if example.is_chat:
-        return [m for m in example.messages if m["role"] == "assistant"][-1]["content"]
-    return example.response
-
-
 def stop_check(model, tokenizer, examples: list[Example], *, template: str = "auto", system_prompt="default",
                slack: int = 8, batch_size: int = 32) -> dict:
     """Greedy generations for each example's prompt; `stopped` counts those that ended on a stop
     token within len(reference reply) + slack new tokens."""
     prompts = [render_prompt(ex, tokenizer, template=template, system_prompt=system_prompt) for ex in examples]
-    budgets = [len(tokenizer.encode(_reply(ex), add_special_tokens=False)) + slack for ex in examples]
+    budgets = [len(tokenizer.encode(ex.answer, add_special_tokens=False)) + slack for ex in examples]
     gens = generate(model, tokenizer, prompts, batch_size=batch_size, stop_at_newline=False, budgets=budgets)
     return {"stopped": sum(g.stopped for g in gens), "n": len(gens), "held_out": "validation",
             "budget": f"reply length + {slack} tokens"}
@@ -35,4 +29,5 @@ def task_stops(results: dict, max_new_tokens: int) -> dict | None:
     if not results:
         return None
     return {"stopped": sum(r["stopped"] for r in results.values()), "n": sum(r["n"] for r in results.values()),
-            "held_out": ",".join(results), "budget": f"{max_new_tokens} tokens"}
+            "held_out": ",".join(results) if len(results) <= 4 else f"{len(results)} tasks",
+            "budget": f"{max_new_tokens} tokens"}

@@ -1,6 +1,7 @@
-"""Study plots (PNG, matplotlib): loss curves per cell, held-out accuracy with 95% intervals, and
-peak memory against training time. Curves come from each run's metrics.jsonl; matplotlib is
-imported only here, so `loralab --help` and the studies' dry runs stay fast."""
+"""Study plots (PNG, matplotlib): loss curves per cell, the mean validation curve (where it turned
+up), held-out accuracy with 95% intervals, and peak memory against training time. Per-run curves
+come from each run's metrics.jsonl; matplotlib is imported only here, so `loralab --help` and the
+studies' dry runs stay fast."""
 from __future__ import annotations
 
 import io
@@ -29,7 +30,10 @@ def _read_metrics(run_dir: Path) -> tuple[list, list]:
     return train, val
 
 
-def make_plots(study_dir: Path, stats: dict, runs: list) -> list[tuple[Path, str]]:
+MAX_TASK_BARS = 6  # more tasks than this (the instruction suite): bars for the aggregates instead
+
+
+def make_plots(study_dir: Path, stats: dict, runs: list, val_curves: dict | None = None) -> list[tuple[Path, str]]:
     try:
         import matplotlib
     except ImportError:
@@ -76,6 +80,11 @@ def make_plots(study_dir: Path, stats: dict, runs: list) -> list[tuple[Path, str
             ax.legend(fontsize=7)
         save(fig, "loss_curves.png", "Training and validation loss per cell (one line per seed)")
     accs = sorted({m for s in stats.values() for m in s if m.startswith("acc_") and m != "acc_mean"})
+    groups = ("acc_seen_tasks", "acc_unseen_tasks")
+    if len(accs) > MAX_TASK_BARS:
+        accs = [m for m in ("acc_mean", *groups) if any(m in s for s in stats.values())]
+    else:
+        accs = [m for m in accs if m not in groups]
     cells = [c for c in stats if any(m in stats[c] for m in accs)]
     if accs and cells:
         fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(cells) * len(accs)), 4))
@@ -89,6 +98,19 @@ def make_plots(study_dir: Path, stats: dict, runs: list) -> list[tuple[Path, str
         ax.set(ylabel="exact match (%)", title="held-out accuracy after training (error bars: 95% interval)")
         ax.legend()
         save(fig, "eval_scores.png", "Held-out exact match per cell and task, mean with 95% interval")
+    val_curves = {c: by_step for c, by_step in (val_curves or {}).items() if len(by_step) >= 3}
+    if val_curves:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for c, by_step in val_curves.items():
+            steps = sorted(by_step)
+            means = [by_step[s].mean for s in steps]
+            ax.plot(steps, means, "o-", ms=3, lw=1.2, color=colors.get(c, "k"), label=c)
+            turn = min(range(len(means)), key=means.__getitem__)  # the best: where the curve turns up
+            ax.plot([steps[turn]], [means[turn]], "v", ms=8, color=colors.get(c, "k"))
+        ax.set(xlabel="step", ylabel="validation loss", title="validation loss, mean over seeds (v: its best)")
+        ax.legend(fontsize=7)
+        save(fig, "val_curves.png", "Validation loss at each evaluation, mean over seeds; the marker is its best, "
+                                    "after which it rose")
     if any("peak_memory_mb" in s and "runtime_s" in s for s in stats.values()):
         fig, ax = plt.subplots(figsize=(6.5, 4.5))
         for c, s in stats.items():

@@ -1,8 +1,10 @@
-"""Study reports: the Findings verdicts, results.csv, report.md / report.html, plots.
+"""Study reports: results.csv, report.md / report.html (verdict rules, sweeps, validation curves,
+Findings), plots.
 
 results.py reads a study folder (its plan and each run's summary.json) into per-cell `Stat`s
-(stats.py); this module turns those into files and knows nothing of how runs are launched. The
-PNGs come from plots.py. A report can be regenerated at any time without running anything.
+(stats.py); verdicts.py judges the findings; this module turns both into files and knows nothing
+of how runs are launched. The PNGs come from plots.py. A report can be regenerated at any time
+without running anything.
 """
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ import math
 from pathlib import Path
 
 from ..io.fileio import atomic_write_text
-from .stats import Stat, difference
+from .results import StudyResults
+from .stats import Stat, fmt
+from .verdicts import judge, rule_text
 
 
 def write_results_csv(path: Path, stats: dict) -> Path:
@@ -28,89 +32,27 @@ def write_results_csv(path: Path, stats: dict) -> Path:
     return atomic_write_text(path, buf.getvalue())
 
 
-# ---------------------------------------------------------------------------------------------
-# Findings: each spec in the study YAML names a check on the cells' statistics.
-
-def _pm(s: Stat, unit: str = "") -> str:
-    return f"{fmt(s.mean)}{unit}" if s.n < 2 else f"{fmt(s.mean)} ± {fmt(s.std)}{unit}"
-
-
-def judge(spec: dict, stats: dict) -> tuple[str, str]:
-    """(our measurement, verdict) for one finding. Verdicts: agree, disagree, unclear (inside the
-    noise of our seeds), not measured (a cell failed or the metric is missing)."""
-    check, metric, unit = spec.get("check", "none"), spec.get("metric", ""), spec.get("unit", "")
-    metric_b = spec.get("metric_b", metric)  # b may be another metric of the same cell (ours vs the article's)
-    needs = [(spec[k], metric_b if k == "b" else metric) for k in ("cell", "a", "b") if k in spec]
-    missing = [f"{m} of {c}" for c, m in needs if m not in stats.get(c, {})]
-    if check == "none":
-        return spec.get("measured", "-"), "not measured"
-    if missing:
-        return f"no {', '.join(missing)} (failed or not run)", "not measured"
-    get = lambda c, m=metric: stats[c][m]
-    if check == "consistent":
-        s = get(spec["cell"])
-        if s.n < 2:
-            return _pm(s, unit), "unclear"
-        cv = abs(s.std / s.mean) if s.mean else math.inf
-        limit = float(spec.get("max_cv", 0.05))
-        text = f"{_pm(s, unit)} over {s.n} seeds (CV {100 * cv:.1f}%; agree below {100 * limit:g}%)"
-        return text, "agree" if cv <= limit else "disagree"
-    if check in ("lower", "higher", "similar", "ratio"):
-        a, b = get(spec["a"]), get(spec["b"], metric_b)
-        d, hw = difference(a, b)
-        ratio = f", {a.mean / b.mean:.2f}x" if b.mean else ""
-        b_name = spec["b"] if metric_b == metric else f"{metric_b}"
-        text = f"{spec['a']} {_pm(a, unit)} vs {b_name} {_pm(b, unit)}{ratio}"
-        if check == "ratio":  # the size of an effect: mean(a) / mean(b) near the article's ratio
-            ok = b.mean and abs(a.mean / b.mean - float(spec["expect"])) <= float(spec.get("tol", 0.1))
-            return f"{text} (article {float(spec['expect']):.2f}x)", "agree" if ok else "disagree"
-        if check == "similar":
-            tol = float(spec.get("tol", 0.0)) if "tol" in spec else abs(b.mean) * float(spec.get("rel_tol", 0.05))
-            if abs(d) <= tol:
-                return text, "agree"
-            return text, "unclear" if abs(d) - hw <= tol else "disagree"
-        sign = -1 if check == "lower" else 1
-        if sign * d > hw:
-            return text, "agree"
-        return text, "disagree" if sign * d < -hw else "unclear"
-    if check in ("best", "ordered"):
-        cells = list(spec.get("cells") or [c for c in stats if metric in stats[c]])
-        present = [c for c in cells if metric in stats.get(c, {})]
-        if not present:
-            return f"no {metric} in any cell", "not measured"
-        want_max = spec.get("direction", "min") in ("max", "increasing")
-        text = ", ".join(f"{c} {_pm(get(c), unit)}" for c in present)
-        if check == "ordered":
-            means = [get(c).mean for c in present]
-            steps = [(y - x) * (1 if want_max else -1) for x, y in zip(means, means[1:])]
-            return text, "agree" if all(s > 0 for s in steps) else "disagree"
-        best = (max if want_max else min)(present, key=lambda c: get(c).mean)
-        if best == spec["cell"]:
-            return f"best: {best} ({text})", "agree"
-        d, hw = difference(get(best), get(spec["cell"]))
-        return f"best: {best} ({text})", "unclear" if abs(d) <= hw else "disagree"
-    return f"unknown check {check!r}", "not measured"
-
-
 def findings_rows(plan: dict, stats: dict) -> list[list[str]]:
-    """[claim, measurement, verdict, scale note]; a spec may carry a note per scale (scale_gpu: ...)."""
+    """[#, claim, measurement, verdict, what would decide it (unclear only), scale note]; a spec may
+    carry a note per scale (scale_gpu: ...)."""
     scale = plan.get("scale", "cpu")
-    return [[spec.get("claim", ""), *judge(spec, stats), spec.get(f"scale_{scale}") or spec.get("scale") or ""]
-            for spec in plan.get("findings", [])]
+    rows = []
+    for i, spec in enumerate(plan.get("findings", []), 1):
+        measured, verdict = judge(spec, stats)
+        rows.append([f"F{i}", spec.get("claim", ""), measured, verdict,
+                     spec.get("if_unclear", "") if verdict == "unclear" else "",
+                     spec.get(f"scale_{scale}") or spec.get("scale") or ""])
+    return rows
+
+
+def rules_rows(plan: dict) -> list[list[str]]:
+    """[#, claim, the verdict rule, what would decide an unclear one], as fixed before the run."""
+    return [[f"F{i}", spec.get("claim", ""), spec.get("rule") or rule_text(spec), spec.get("if_unclear", "")]
+            for i, spec in enumerate(plan.get("findings", []), 1)]
 
 
 # ---------------------------------------------------------------------------------------------
 # Rendering: a report is a list of sections, rendered to Markdown and to plain HTML alike.
-
-def fmt(x) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "-"
-    if isinstance(x, str):
-        return x
-    if abs(x) >= 1e5 and float(x).is_integer():
-        return f"{int(x):,}"
-    return f"{x:.4g}" if abs(x) < 1e4 else f"{x:,.0f}"
-
 
 def _cell_text(s: Stat) -> str:
     if s.n < 2:
@@ -168,31 +110,81 @@ def render_html(sections: list, title: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # The report
 
-KEY_METRICS = ("final_val_loss", "best_val_loss", "final_train_loss", "acc_mean", "runtime_s", "step_s", "wall_s",
-               "peak_memory_mb", "tokens_per_s", "trainable_params")
-SCALE_NOTE = {"cpu": "Scale: SmolLM2-135M on a 2-core CPU, short runs of synthetic arithmetic; the article "
-                     "used Llama-2-7B on an A100 with Alpaca-sized data, so effects can differ in size and sign.",
+KEY_METRICS = ("final_val_loss", "best_val_loss", "val_loss_rise", "best_val_step", "test_loss", "test_loss_seen_tasks",
+               "test_loss_unseen_tasks", "acc_mean", "acc_seen_tasks", "acc_unseen_tasks", "final_train_loss",
+               "runtime_s", "step_s", "wall_s", "peak_memory_mb", "tokens_per_s", "trainable_params", "steps")
+SCALE_NOTE = {"cpu": "Scale: SmolLM2-135M on a 2-core CPU, short runs on the instruction suite (or arithmetic); "
+                     "the article used Llama-2-7B on an A100 with Alpaca, so effects can differ in size and sign.",
               "gpu": "Scale: the article's settings (7B-class model on one GPU); data and evaluation are ours.",
               "estimate": "Scale: an analytic estimate for Llama-2-7B on one GPU, the article's own setting; "
                           "nothing was measured on this machine."}
+SWEEP_METRICS = ("acc_mean", "acc_unseen_tasks", "test_loss")  # shown beside the choice, for context only
+MAX_CURVE_ROWS = 24
 
 
-def make_report(study_dir: str | Path, plan: dict, stats: dict, runs: list) -> dict:
+def _sweep_sections(plan: dict, sweeps: dict) -> list:
+    if not sweeps:
+        return []
+    select = plan.get("select", "final_val_loss")
+    sec = [("h2", "Sweeps: each cell at its own best settings"),
+           ("p", f"Each swept cell ran every point on its sweep seed(s); the point with the lowest mean {select} "
+                 "(the validation set) is the cell, and its other seeds ran there. The held-out test never chose; "
+                 "its numbers here are context, the Findings compare chosen against chosen.")]
+    for cell, choice in sweeps.items():
+        seeds = ", ".join(map(str, choice["seeds"]))
+        rows = []
+        for row in choice["rows"]:
+            st = row["stats"]
+            rows.append([row["point"] + (" (chosen)" if row["point"] == choice["point"] else ""),
+                         " ".join(f"`{o}`" for o in row["overrides"])]
+                        + [_cell_text(st[m]) if m in st else "-" for m in (select, *SWEEP_METRICS)])
+        edge = (" It is at the end of the grid: a better value may lie beyond it (a wider sweep would tell)."
+                if choice.get("edge") else "")
+        sec += [("p", f"Cell **{cell}** (seed {seeds}): chose {choice['point'] or 'nothing (no point finished)'}."
+                      + edge),
+                ("table", ["point", "overrides", select, *SWEEP_METRICS], rows)]
+    return sec
+
+
+def _curve_sections(curves: dict) -> list:
+    """The validation loss at each evaluation, mean over seeds, when the runs validated along the way."""
+    curves = {c: steps for c, steps in curves.items() if len(steps) >= 3}
+    if not curves:
+        return []
+    steps = sorted({s for by_step in curves.values() for s in by_step})
+    if len(steps) > MAX_CURVE_ROWS:  # every k-th evaluation, and always the last
+        k = -(-len(steps) // MAX_CURVE_ROWS)
+        steps = sorted(set(steps[::k]) | {steps[-1]})
+    return [("h2", "Validation loss along training (mean over seeds)"),
+            ("p", "val_loss_rise (Results) is each run's last validation loss minus its best; best_val_step is "
+                  "where the curve turned up (the last step: it never did)."),
+            ("table", ["step"] + list(curves),
+             [[str(s)] + [fmt(curves[c][s].mean) if s in curves[c] else "" for c in curves] for s in steps])]
+
+
+def make_report(study_dir: str | Path, plan: dict, results: StudyResults) -> dict:
     """Write results.csv, report.md, report.html and plots/*.png into the study folder.
 
-    plan: the study.json dict; stats: {cell: {metric: Stat}}; runs: one dict per (cell, seed) with
-    cell, seed, dir, status, wall_s, error, warnings (results.collect builds both from the folder).
+    plan: the study.json dict; results: what results.collect read back from the folder (per-cell
+    statistics, one record per run, the sweeps' choices and the validation curves).
     """
     study_dir = Path(study_dir)
+    stats, runs = results.stats, results.runs
     estimate = plan.get("kind") == "estimate"
     write_results_csv(study_dir / "results.csv", stats)
     from .plots import make_plots  # matplotlib loads only when a report is written
 
-    plots = make_plots(study_dir, stats, runs)
+    plots = make_plots(study_dir, stats, runs, results.curves)
     sec = [("h1", f"Study: {plan['name']}" + ("" if estimate else f" (scale {plan.get('scale', 'cpu')})")),
            ("p", " ".join(plan.get("description", "").split()))]
     if plan.get("overrides"):
         sec.append(("p", "Common overrides: " + " ".join(f"`{o}`" for o in plan["overrides"])))
+    if plan.get("findings"):
+        sec += [("h2", "Verdict rules (fixed in the preset before the run)"),
+                ("p", "Intervals are 95% t intervals over the seeds (a difference's: Welch's); with one seed on "
+                      "a side the means alone decide."),
+                ("table", ["#", "the article's claim", "verdict rule", "if unclear, what would decide it"],
+                 rules_rows(plan))]
     if estimate:
         sec.append(("h2", "Estimated peak memory vs the article"))
         if plan.get("estimator_error"):
@@ -203,29 +195,35 @@ def make_report(study_dir: str | Path, plan: dict, stats: dict, runs: list) -> d
                       f"{100 * (r['peak_gb'] / r['article_gb'] - 1):+.0f}%"
                       if r.get("peak_gb") and r.get("article_gb") else "-"] for r in plan.get("estimates", [])]))
     else:
+        chosen = {c: f" (sweep chose {s['point']})" if s["point"] else " (sweep: no point finished)"
+                  for c, s in results.sweeps.items()}
         sec += [("h2", "Cells"), ("table", ["cell", "overrides", "seeds"],
-                                  [[c["name"], " ".join(f"`{o}`" for o in c["overrides"]) or "-",
+                                  [[c["name"] + chosen.get(c["name"], ""),
+                                    " ".join(f"`{o}`" for o in c["overrides"]) or "-",
                                     ", ".join(map(str, c["seeds"]))] for c in plan["cells"]])]
+        sec += _sweep_sections(plan, results.sweeps)
         failed = [r for r in runs if r["status"] != "ok"]
         wall = sum(r["wall_s"] or 0 for r in runs)
         sec += [("h2", "Runs"), ("p", f"{len(runs) - len(failed)} of {len(runs)} runs finished; "
                                       f"{wall / 60:.1f} min of run time in all (each run's own process)."),
                 ("table", ["cell", "seed", "status", "wall time (s)", "error"],
-                 [[r["cell"], r["seed"], r["status"], fmt(r["wall_s"]), r["error"] or ""] for r in runs])]
+                 [[r["cell"] + (f" @ {r['point']}" if r.get("point") else ""), r["seed"], r["status"],
+                   fmt(r["wall_s"]), r["error"] or ""] for r in runs])]
         metrics = [m for m in KEY_METRICS if any(m in s for s in stats.values())]
-        metrics += sorted({m for s in stats.values() for m in s if m.startswith("acc_") and m != "acc_mean"})
+        metrics += sorted({m for s in stats.values() for m in s if m.startswith("acc_") and m not in KEY_METRICS})
         sec += [("h2", "Results: mean ± std [95% interval] (n seeds)"),
                 ("table", ["metric"] + list(stats),
                  [[m] + [_cell_text(stats[c][m]) if m in stats[c] else "-" for c in stats] for m in metrics])]
+        sec += _curve_sections(results.curves)
         warnings = sorted({w for r in runs for w in r["warnings"]})
         if warnings:
             sec += [("h2", "Warnings from the runs")] + [("p", w) for w in warnings]
     if plots:
         sec += [("h2", "Plots")] + [("img", str(p.relative_to(study_dir)), cap) for p, cap in plots]
     sec += [("h2", "Findings"), ("p", SCALE_NOTE.get("estimate" if estimate else plan.get("scale", "cpu"), "")),
-            ("table", ["the article's claim", "our measurement (mean ± std)", "verdict", "scale"],
-             findings_rows(plan, stats))]
+            ("table", ["#", "the article's claim", "our measurement (mean ± std; difference [95% interval])",
+                       "verdict", "what would decide it", "scale"], findings_rows(plan, stats))]
     md = atomic_write_text(study_dir / "report.md", render_markdown(sec))
     html = atomic_write_text(study_dir / "report.html", render_html(sec, f"loralab study {plan['name']}"))
     return {"results_csv": study_dir / "results.csv", "report_md": md, "report_html": html,
-            "plots": [p for p, _ in plots], "stats": stats, "runs": runs}
+            "plots": [p for p, _ in plots], "stats": stats, "runs": runs, "sweeps": results.sweeps}

@@ -22,14 +22,16 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 
 from ..config import dump_yaml
 from ..errors import UserError
 from ..io.fileio import atomic_write_text, write_json
 from .report import make_report
-from .results import collect, estimate_stats, load_json
+from .results import StudyResults, choose_point, collect, estimate_stats, load_json
 from .spec import Study, describe, load_study, run_config, study_plan
+from .sweeps import chosen_path, read_chosen, run_dir
 
 # (command, run folder, log file) -> exit code, or a one-line reason the run could not run at all
 Runner = Callable[[list, Path, Path], "int | str"]
@@ -75,6 +77,8 @@ def _fmt_s(s: float) -> str:
 def run_study(study: Study, out: str | Path, *, parallel: int = 1, runner: Runner | None = None,
               threads: int | None = None, nproc: int = 1, log: Callable[[str], None] | None = None) -> list[dict]:
     """Run every (cell, seed) not yet done; returns one record per run (status ok/failed/skipped).
+    Three phases: plain cells and every sweep point (on its sweep seeds); then each swept cell's
+    other seeds at the point its sweep chose (sweeps.py); then combine cells.
     threads: each run's train.threads (default: this machine's cores shared by the parallel runs);
     nproc: processes per run (> 1: each run is data parallel, `loralab train --nproc`)."""
     out = Path(out).resolve()
@@ -90,57 +94,89 @@ def run_study(study: Study, out: str | Path, *, parallel: int = 1, runner: Runne
             extra = [f"train.threads={threads}"]
         elif parallel > 1:
             extra = [f"train.threads={max(1, (os.cpu_count() or 1) // parallel)}"]  # no oversubscription
-    jobs, records = [], []
-    for cell in study.cells:
-        for seed in cell.seeds:
-            run_dir = out / "cells" / cell.name / f"seed-{seed}"
-            if (run_dir / "summary.json").exists():
-                records.append({"cell": cell.name, "seed": seed, "status": "skipped"})
+    records: list[dict] = []
+    first = [(c, s, p) for c in study.cells if not c.combine
+             for p in ([p for p, _ in c.points] if c.points else [None]) for s in (c.sweep_seeds if p else c.seeds)]
+    n_rest = sum(len(c.seeds) - len(c.sweep_seeds) for c in study.cells if c.points)
+    n_combine = sum(len(c.seeds) for c in study.cells if c.combine)
+    progress = {"done": 0, "queued": 0, "later": 0, "durations": []}  # later: runs of phases not yet listed
+    lock = threading.Lock()
+
+    def pending(jobs, later: int):  # (cell, seed, point) -> the jobs to run (those with a summary.json skipped)
+        todo = []
+        for cell, seed, point in jobs:
+            if (run_dir(out, cell.name, seed, point) / "summary.json").exists():
+                records.append({"cell": cell.name, "seed": seed, "point": point, "status": "skipped"})
             else:
-                jobs.append((cell, seed, run_dir))
-    total, done, durations, lock = len(jobs), [0], [], threading.Lock()
-    if records:
-        log(f"[{study.name}] {len(records)} runs already done, skipped; {total} to run")
+                todo.append((cell, seed, point))
+        progress["queued"] += len(todo)
+        progress["later"] = later
+        return todo
 
     def one(job):
-        cell, seed, run_dir = job
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cfg = run_config(study, cell, seed, run_dir, extra + tracking_overrides(study, cell.name, seed, out))
-        atomic_write_text(run_dir / "cell.yaml", dump_yaml(cfg))
+        cell, seed, point = job
+        where = run_dir(out, cell.name, seed, point)
+        label = f"{cell.name}/{point}" if point else cell.name
+        where.mkdir(parents=True, exist_ok=True)
+        cfg = run_config(study, cell, seed, where, extra + tracking_overrides(study, label, seed, out), point=point)
+        atomic_write_text(where / "cell.yaml", dump_yaml(cfg))
         with lock:
-            log(f"[{study.name}] start {cell.name} seed {seed}")
+            log(f"[{study.name}] start {label} seed {seed}")
         t0 = time.perf_counter()
-        cmd = [sys.executable, "-m", "loralab.cli", "train", str(run_dir / "cell.yaml")]
+        cmd = [sys.executable, "-m", "loralab.cli", "train", str(where / "cell.yaml")]
         cmd += ["--nproc", str(nproc)] if nproc > 1 else []
-        if cell.combine:  # earlier cells' adapters of the same seed, combined and evaluated
-            sources = [[str(out / "cells" / src / f"seed-{seed}" / "adapter"), w]
+        if cell.combine:  # earlier cells' adapters of the same seed (a swept cell's at its chosen point)
+            sources = [[str(run_dir(out, src, seed, read_chosen(out, src)) / "adapter"), w]
                        for src, w in zip(cell.combine["adapters"], cell.combine["weights"])]
-            write_json(run_dir / "combine.json", {**cell.combine, "adapters": sources, "seed": seed})
-            cmd = [sys.executable, "-m", "loralab.study.combine_cell", str(run_dir / "cell.yaml"),
-                   str(run_dir / "combine.json")]
+            write_json(where / "combine.json", {**cell.combine, "adapters": sources, "seed": seed})
+            cmd = [sys.executable, "-m", "loralab.study.combine_cell", str(where / "cell.yaml"),
+                   str(where / "combine.json")]
         try:
-            code = runner(cmd, run_dir, run_dir / "train.log")
+            code = runner(cmd, where, where / "train.log")
         except OSError as e:
             code = f"could not start: {e}"
         except Exception as e:  # noqa: BLE001  a runner's own failure is this run's, never the study's
             code = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
         wall = time.perf_counter() - t0
-        ok = code == 0 and (run_dir / "summary.json").exists()
-        err = None if ok else (code if isinstance(code, str) else f"exit {code}: {_last_error(run_dir / 'train.log')}")
-        rec = write_json_rec(run_dir, cell=cell.name, seed=seed, status="ok" if ok else "failed",
+        ok = code == 0 and (where / "summary.json").exists()
+        err = None if ok else (code if isinstance(code, str) else f"exit {code}: {_last_error(where / 'train.log')}")
+        rec = write_json_rec(where, cell=cell.name, seed=seed, point=point, status="ok" if ok else "failed",
                              wall_s=round(wall, 1), error=err)
         with lock:
-            done[0] += 1
-            durations.append(wall)
-            eta = sum(durations) / len(durations) * (total - done[0]) / parallel
-            what = f"done in {wall:.0f} s" if ok else f"FAILED after {wall:.0f} s ({err}; log {run_dir / 'train.log'})"
-            log(f"[{study.name}] {done[0]}/{total} {cell.name} seed {seed} {what}; ETA {_fmt_s(eta)}")
+            progress["done"] += 1
+            progress["durations"].append(wall)
+            total = progress["queued"] + progress["later"]  # an upper bound while later phases may skip runs
+            eta = sum(progress["durations"]) / len(progress["durations"]) * (total - progress["done"]) / parallel
+            what = f"done in {wall:.0f} s" if ok else f"FAILED after {wall:.0f} s ({err}; log {where / 'train.log'})"
+            log(f"[{study.name}] {progress['done']}/{total} {label} seed {seed} {what}; ETA {_fmt_s(eta)}")
         return rec
 
+    def chosen_jobs():  # after the sweeps: each swept cell's other seeds at the point it chose
+        jobs = []
+        for cell in (c for c in study.cells if c.points):
+            choice = choose_point(out, asdict(cell), study.select)
+            write_json(chosen_path(out, cell.name), choice)
+            rest = [s for s in cell.seeds if s not in cell.sweep_seeds]
+            if choice["point"] is None:
+                records.extend({"cell": cell.name, "seed": s, "point": None, "status": "failed",
+                                "error": "no sweep point finished"} for s in rest)
+                log(f"[{study.name}] {cell.name}: no sweep point finished; its other seeds are not run")
+                continue
+            log(f"[{study.name}] {cell.name}: sweep chose {choice['point']} ({study.select} "
+                + ", ".join(f"{p} {v:.4g}" if v is not None else f"{p} -" for p, v in choice["scores"].items()) + ")"
+                + ("; at the end of its grid" if choice["edge"] else ""))
+            jobs += [(cell, s, choice["point"]) for s in rest]
+        return jobs
+
     with ThreadPoolExecutor(max_workers=parallel) as pool:
-        try:  # combine cells after the cells they combine
-            records += list(pool.map(one, [j for j in jobs if not j[0].combine]))
-            records += list(pool.map(one, [j for j in jobs if j[0].combine]))
+        try:
+            todo = pending(first, n_rest + n_combine)
+            if records:
+                log(f"[{study.name}] {len(records)} runs already done, skipped; {len(todo)} to run first")
+            records += list(pool.map(one, todo))
+            records += list(pool.map(one, pending(chosen_jobs(), n_combine)))
+            combine = [(c, s, None) for c in study.cells if c.combine for s in c.seeds]
+            records += list(pool.map(one, pending(combine, 0)))  # after the cells they combine
         except KeyboardInterrupt:  # runs not started never start; a runner that can stop its runs does
             pool.shutdown(wait=False, cancel_futures=True)
             getattr(runner, "stop", lambda: None)()
@@ -179,8 +215,9 @@ def build_report(study_dir: str | Path) -> dict:
     plan = load_json(study_dir / "study.json")
     if plan is None:
         raise UserError(f"{study_dir}: no readable study.json (not a study folder)")
-    stats, runs = (estimate_stats(plan), []) if plan.get("kind") == "estimate" else collect(study_dir, plan)
-    return make_report(study_dir, plan, stats, runs)
+    if plan.get("kind") == "estimate":
+        return make_report(study_dir, plan, StudyResults(estimate_stats(plan), [], {}, {}))
+    return make_report(study_dir, plan, collect(study_dir, plan))
 
 
 def _run_on_ray(study: Study, out_dir: Path, address: str, *, parallel: int, gpus_per_run: float,
@@ -212,8 +249,15 @@ def study_command(name: str, *, scale: str = "cpu", out: str | None = None, seed
     if ray is None and (gpus_per_run or cpus_per_run != 1):
         raise UserError("--gpus-per-run and --cpus-per-run place runs on a Ray cluster: add --ray auto|local|ADDRESS")
     study = load_study(name, scale=scale, seeds=seeds, overrides=overrides)
+    plan = None
+    if scale == "gpu" and study.kind == "train" and not report_only:  # before anything runs: memory and time
+        from .gpu_plan import plan_text
+
+        plan = plan_text(study)
     if dry_run:
-        return describe(study)
+        return describe(study) + (f"\n{plan}" if plan else "")
+    if plan:
+        log(f"[{study.name}] {plan}")
     out_dir = Path(out or f"runs/studies/{study.name}-{scale}").resolve()
     if report_only:
         return build_report(out_dir)

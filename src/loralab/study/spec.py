@@ -18,12 +18,14 @@ from pathlib import Path
 from ..config import apply_overrides, from_dict, parse_override, read_yaml
 from ..errors import UserError
 from ..peft.presets import COMBINE_METHODS, NEEDS_DENSITY
+from .sweeps import SELECT_METRICS, expand_points
+from .verdicts import rule_text, validate_findings
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"  # package data: found after any install
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "bundled" / "demo.yaml"  # the default base
 SCALES = ("cpu", "gpu")
 STUDY_KEYS = {"name", "description", "kind", "base", "seeds", "overrides", "scale", "axes", "findings", "rows",
-              "model"}
+              "model", "sweep", "sweep_seeds", "select"}
 
 
 @dataclass
@@ -32,6 +34,13 @@ class Cell:
     overrides: list
     seeds: list
     combine: dict | None = None  # a combine cell: earlier cells' adapters combined, then evaluated
+    points: list | None = None   # a swept cell: [[point name, [overrides]], ...] (sweeps.py)
+    sweep_seeds: list | None = None  # the seeds every point runs; the rest run at the chosen point only
+
+    def overrides_at(self, point: str | None) -> list:
+        """The cell's overrides, then its sweep point's."""
+        extra = dict(self.points or {}).get(point, []) if point else []
+        return self.overrides + extra
 
 COMBINE_KEYS = {"adapters", "weights", "method", "density", "svd_rank"}
 
@@ -48,6 +57,7 @@ class Study:
     findings: list      # specs for report.judge
     rows: list          # estimate rows (kind: estimate)
     model: str = ""     # estimate: the model the estimator resolves
+    select: str = "final_val_loss"  # what a sweep minimises (a validation metric)
 
 
 def list_presets() -> list[str]:
@@ -96,10 +106,28 @@ def parse_seeds(value, where: str = "seeds") -> list[int]:
     raise UserError(f"{where} must be a positive number or a list of distinct integers, got {value!r}")
 
 
-def expand_cells(axes, seeds: list[int], where: str = "axes") -> list[Cell]:
+def expand_cells(axes, seeds: list[int], where: str = "axes", sweep=None, sweep_seeds: int = 1) -> list[Cell]:
     """Axes -> cells. None: one 'default' cell. A dict: the full grid, cells named key-value_key-value
     after each key's last part. A list: named cells, each a list of overrides or
-    {name, set: [overrides], seeds: N or [..]} (seeds: a prefix count or a subset for that cell)."""
+    {name, set: [overrides], seeds: N or [..], sweep: {key: [values]}} (seeds: a prefix count or a
+    subset for that cell; sweep: its own grid, or {} for none, instead of the study's `sweep`)."""
+    cells = _expand(axes, seeds, where)
+    for c in cells:
+        own = c.points  # _expand parks a named cell's own sweep mapping here
+        grid = sweep if own is None else own
+        c.points = None
+        if grid and not c.combine:
+            c.points = expand_points(grid, f"{where}: cell {c.name}: sweep")
+            c.sweep_seeds = c.seeds[:sweep_seeds]
+            keys = {".".join(parse_override(o)[0]) for _, ovs in c.points for o in ovs}
+            if clash := sorted(k for k in keys if any(o.startswith(k + "=") for o in c.overrides)):
+                raise UserError(f"{where}: cell {c.name} sets {', '.join(clash)} and also sweeps it")
+        elif own and c.combine:
+            raise UserError(f"{where}: cell {c.name} combines adapters; it cannot sweep (the cells it combines can)")
+    return cells
+
+
+def _expand(axes, seeds: list[int], where: str) -> list[Cell]:
     if not axes:
         return [Cell("default", [], list(seeds))]
     cells = []
@@ -117,16 +145,17 @@ def expand_cells(axes, seeds: list[int], where: str = "axes") -> list[Cell]:
             if isinstance(item, list):
                 cells.append(Cell(_slug("_".join(item)), _str_list(item, here), list(seeds)))
             elif isinstance(item, dict) and "name" in item:
-                unknown = set(item) - {"name", "set", "seeds", "combine"}
+                unknown = set(item) - {"name", "set", "seeds", "combine", "sweep"}
                 if unknown:
                     raise UserError(f"{here}: unknown key(s) {', '.join(sorted(unknown))} "
-                                    f"(known: name, set, seeds, combine)")
+                                    f"(known: name, set, seeds, combine, sweep)")
                 cell_seeds = list(seeds)
                 if "seeds" in item:
                     s = item["seeds"]
                     cell_seeds = seeds[:s] if isinstance(s, int) and s > 0 else parse_seeds(s, f"{here}.seeds")
                 cells.append(Cell(_slug(str(item["name"])), _str_list(item.get("set", []), f"{here}.set"),
-                                  cell_seeds, _combine_spec(item.get("combine"), f"{here}.combine")))
+                                  cell_seeds, _combine_spec(item.get("combine"), f"{here}.combine"),
+                                  points=item.get("sweep")))  # the cell's own sweep, expanded by the caller
             else:
                 raise UserError(f"{here} must be a list of overrides or a mapping with name and set, got {item!r}")
     else:
@@ -187,46 +216,68 @@ def load_study(name: str, *, scale: str = "cpu", seeds: int | None = None, overr
     all_overrides = (_str_list(common.get(scale), f"{scales_file}: {scale}") + _str_list(spec.get("overrides"),
                      f"{path}: overrides") + _str_list(per_scale.get(scale), f"{path}: scale.{scale}") + user)
     seed_list = parse_seeds(seeds if seeds is not None else spec.get("seeds", 3), "--seeds" if seeds else "seeds")
-    cells = expand_cells(spec.get("axes"), seed_list, f"{path}: axes")
+    sweep_seeds, select = spec.get("sweep_seeds", 1), spec.get("select", "final_val_loss")
+    if type(sweep_seeds) is not int or sweep_seeds < 1:
+        raise UserError(f"{path}: sweep_seeds must be a positive number, got {sweep_seeds!r}")
+    if select not in SELECT_METRICS:
+        raise UserError(f"{path}: select must be one of {', '.join(SELECT_METRICS)} (a validation metric), "
+                        f"got {select!r}")
+    cells = expand_cells(spec.get("axes"), seed_list, f"{path}: axes", sweep=spec.get("sweep"),
+                         sweep_seeds=sweep_seeds)
     base = spec.get("base", str(DEMO_CONFIG))
     if isinstance(base, str):
         base = read_yaml((path.parent / base) if not Path(base).is_absolute() else base)
     elif not isinstance(base, dict):
         raise UserError(f"{path}: base must be a config path or a mapping, got {base!r}")
+    rows = list(spec.get("rows") or [])
+    names = [c.name for c in cells] if kind == "train" else [r.get("name") for r in rows]
+    findings = validate_findings(spec.get("findings") or [], names, str(path))
     study = Study(name=spec.get("name", path.stem), description=spec.get("description", ""), kind=kind,
                   scale=scale, base=base, overrides=all_overrides, cells=cells,
-                  findings=list(spec.get("findings") or []), rows=list(spec.get("rows") or []),
-                  model=spec.get("model", ""))
+                  findings=[{**f, "rule": rule_text(f)} for f in findings], rows=rows,
+                  model=spec.get("model", ""), select=select)
     if kind == "train":
-        axis_keys = {".".join(parse_override(o)[0]) for c in cells for o in c.overrides}
+        axis_keys = {".".join(parse_override(o)[0]) for c in cells
+                     for o in c.overrides + [o for _, ovs in c.points or [] for o in ovs]}
         for o in user:
             key = ".".join(parse_override(o)[0])
             if key in axis_keys:
                 raise UserError(f"override '{o}' sets {key}, which this study varies across cells")
         if scale == "gpu" and not any(o.startswith("model.name=") for o in user):
             raise UserError("--scale gpu needs the model: add model.name=/path/to/Llama-2-7B (an HF folder)")
-        for cell in cells:  # fail now, not an hour in, on a bad key in any cell
-            run_config(study, cell, cell.seeds[0], Path("runs/check"))
+        for cell in cells:  # fail now, not an hour in, on a bad key in any cell or sweep point
+            for point in [p for p, _ in cell.points] if cell.points else [None]:
+                run_config(study, cell, cell.seeds[0], Path("runs/check"), point=point)
     return study
 
 
-def run_config(study: Study, cell: Cell, seed: int, run_dir: Path, extra=()):
-    """One run's config: base, then the study's overrides, the cell's, and the run's own (seed, folder)."""
+def run_config(study: Study, cell: Cell, seed: int, run_dir: Path, extra=(), point: str | None = None):
+    """One run's config: base, then the study's overrides, the cell's (and its sweep point's), and
+    the run's own (seed, folder)."""
     extra = [*extra, f"train.seed={seed}", f"output_dir={run_dir}", "train.progress=false"]
     try:
-        return from_dict(apply_overrides(copy.deepcopy(study.base), study.overrides + cell.overrides + extra))
+        return from_dict(apply_overrides(copy.deepcopy(study.base), study.overrides + cell.overrides_at(point) + extra))
     except UserError as e:
-        raise UserError(f"study {study.name}, cell {cell.name}: {e}") from None
+        at = f" at {point}" if point else ""
+        raise UserError(f"study {study.name}, cell {cell.name}{at}: {e}") from None
+
+
+def count_runs(study: Study) -> int:
+    """Runs a study makes: every seed of a cell, plus a swept cell's other points on its sweep seeds."""
+    return sum(len(c.seeds) + (len(c.points) - 1) * len(c.sweep_seeds) if c.points else len(c.seeds)
+               for c in study.cells)
 
 
 def describe(study: Study) -> str:
     """The dry run's text: every cell with its overrides and seeds."""
+    rules = ["  verdict rules (fixed before the run):"] + [f"    F{i}. {f['rule']}"
+                                                          for i, f in enumerate(study.findings, 1)]
     if study.kind == "estimate":
         return "\n".join([f"study {study.name} (estimate, model {study.model}): {len(study.rows)} rows, no training"]
                          + [f"  {r.get('name')}: " + ", ".join(f"{k}={v}" for k, v in r.items() if k != "name")
-                            for r in study.rows])
-    lines = [f"study {study.name} (scale {study.scale}): {len(study.cells)} cells, "
-             f"{sum(len(c.seeds) for c in study.cells)} runs", "  common overrides: " + " ".join(study.overrides)]
+                            for r in study.rows] + rules)
+    lines = [f"study {study.name} (scale {study.scale}): {len(study.cells)} cells, {count_runs(study)} runs",
+             "  common overrides: " + " ".join(study.overrides)]
     for c in study.cells:
         what = " ".join(c.overrides) or "(base)"
         if c.combine:
@@ -235,11 +286,15 @@ def describe(study: Study) -> str:
             density = f" (density {k['density']})" if k["density"] is not None else ""
             what = f"combine {k['method']} of {parts}{density}" + (f" {what}" if c.overrides else "")
         lines.append(f"  {c.name:<28} seeds {','.join(map(str, c.seeds)):<8} {what}")
-    return "\n".join(lines)
+        if c.points:
+            lines.append(f"  {'':<28} sweep on seed(s) {','.join(map(str, c.sweep_seeds))}, lowest {study.select} "
+                         f"chosen: " + " | ".join(" ".join(ovs) for _, ovs in c.points))
+    return "\n".join(lines + (rules if study.findings else []))
 
 
 
 
 def study_plan(study: Study) -> dict:
     return {"name": study.name, "description": study.description, "kind": study.kind, "scale": study.scale,
-            "overrides": study.overrides, "cells": [asdict(c) for c in study.cells], "findings": study.findings}
+            "overrides": study.overrides, "cells": [asdict(c) for c in study.cells], "findings": study.findings,
+            "select": study.select}

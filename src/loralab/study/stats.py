@@ -73,7 +73,6 @@ class Stat:
         return self.mean - self.half_width, self.mean + self.half_width
 
 
-
 def difference(a: Stat, b: Stat) -> tuple[float, float]:
     """(mean(a) - mean(b), 95% half-width by Welch; 0 when either side has one value)."""
     d = a.mean - b.mean
@@ -84,4 +83,16 @@ def difference(a: Stat, b: Stat) -> tuple[float, float]:
     if se == 0:
         return d, 0.0
     df = se ** 4 / (va ** 2 / (a.n - 1) + vb ** 2 / (b.n - 1))
-    return d, t_quantile(0.975, max(1, int(df))) * se
+    # floored (conservative) to an integer df; the epsilon keeps 3.9999999 (float error for 4) at 4
+    return d, t_quantile(0.975, max(1, int(df + 1e-9))) * se
+
+
+def fmt(x) -> str:
+    """A number as reports print it: 4 significant digits, thousands separators for large ones."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    if isinstance(x, str):
+        return x
+    if abs(x) >= 1e5 and float(x).is_integer():
+        return f"{int(x):,}"
+    return f"{x:.4g}" if abs(x) < 1e4 else f"{x:,.0f}"

@@ -1,0 +1,69 @@
+"""How long a run will take on a GPU, before it starts: training FLOPs over an assumed utilisation
+of the GPU's dense bf16 peak, and greedy evaluation as memory-bound decoding. Pure arithmetic from
+the model's config.json (arch.py); a plan, not a promise (a factor of ~2 either way).
+
+Training, per token: forward 2 x (matmul weights), backward 2 x the same for the inputs' gradients
+plus 2 x the trainable weights for their own (all of them in full fine-tuning), attention's score
+and value products 4 x layers x width x context/2 forward (x3 with backward), one more forward with
+gradient checkpointing. QLoRA dequantizes the frozen weights at every matmul: the article's own
+ratio (10,060 s vs 6,686 s on an A100) stands for that cost.
+
+The utilisation is calibrated on the article's LoRA run (Llama-2-7B, q+v r=8, Alpaca's 52k
+examples of ~200 tokens in one epoch at micro batch 1 on an A100: 6,686 s), which is ~15% of the
+A100's 312 TFLOP/s; larger micro batches use a GPU better, so it is a conservative plan there.
+"""
+from __future__ import annotations
+
+from .arch import arch_from_config, count_params
+
+# name fragment (as torch.cuda.get_device_name says it) -> (dense bf16 FLOP/s, memory bytes/s)
+GPUS = {"H200": (989e12, 4.8e12), "H100": (989e12, 3.35e12), "A100": (312e12, 2.0e12), "L40S": (362e12, 0.86e12),
+        "A10G": (125e12, 0.6e12), "L4": (121e12, 0.3e12), "4090": (165e12, 1.0e12), "V100": (125e12, 0.9e12)}
+DEFAULT_GPU = "A100"                 # the article's; assumed when this machine has no GPU to ask
+UTILISATION = 0.15                   # of the peak, calibrated on the article's run (module docstring)
+QLORA_SLOWDOWN = 10_060 / 6_686      # the article's QLoRA / LoRA training time on the A100
+DECODE_EFFICIENCY = 0.5              # share of the memory bandwidth a decode step's weight reads reach
+
+
+def gpu_spec(name: str | None = None) -> tuple[str, float, float]:
+    """(label, peak FLOP/s, bytes/s) of the GPU `name` (default: this machine's first, else the A100)."""
+    if name is None:
+        try:
+            import torch
+
+            name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else DEFAULT_GPU
+        except Exception:  # noqa: BLE001  no CUDA runtime: the plan assumes the article's GPU
+            name = DEFAULT_GPU
+    for key, (flops, bandwidth) in GPUS.items():
+        if key.lower() in name.lower():
+            return key, flops, bandwidth
+    return f"{name} (as an {DEFAULT_GPU})", *GPUS[DEFAULT_GPU]
+
+
+def train_flops_per_token(model_config: dict, *, method: str, trainable: int, context: float,
+                          grad_checkpointing: bool = False) -> float:
+    """Training FLOPs per token (see the module docstring); context: the mean sequence length."""
+    a = arch_from_config(model_config)
+    counts = count_params(model_config, "all-linear", 1)
+    matmul = counts["layer_linears"] + a.vocab * a.hidden  # the output head is a matmul, tied or not
+    attention = 4 * a.layers * a.q_dim * context / 2       # causal: each token sees half the context on average
+    forward = 2 * matmul + attention
+    weight_grads = 2 * (matmul if method == "full" else trainable)
+    total = forward + (2 * matmul + 2 * attention) + weight_grads + (forward if grad_checkpointing else 0)
+    return total * (QLORA_SLOWDOWN if method == "qlora" else 1.0)
+
+
+def estimate_seconds(model_config: dict, *, method: str, trainable: int, train_tokens: float, context: float,
+                     grad_checkpointing: bool = False, eval_prompts: int = 0, eval_batch: int = 1,
+                     new_tokens: int = 0, gpu: str | None = None) -> dict:
+    """{gpu, train_s, eval_s}: the training loop, and greedy evaluation of eval_prompts in batches
+    (each decode step reads every weight once: memory-bound)."""
+    label, flops, bandwidth = gpu_spec(gpu)
+    per_token = train_flops_per_token(model_config, method=method, trainable=trainable, context=context,
+                                      grad_checkpointing=grad_checkpointing)
+    train_s = per_token * train_tokens / (flops * UTILISATION)
+    weight_bytes = 2 * count_params(model_config, "all-linear", 1)["total"]  # bf16
+    batches = -(-eval_prompts // max(1, eval_batch)) if eval_prompts else 0
+    decode_s = batches * new_tokens * weight_bytes / (bandwidth * DECODE_EFFICIENCY)
+    prefill_s = eval_prompts * context * 2 * weight_bytes / 2 / (flops * UTILISATION)  # 2 FLOPs per weight
+    return {"gpu": label, "train_s": train_s, "eval_s": decode_s + prefill_s}

@@ -1,0 +1,171 @@
+"""Findings: each claim's check, its verdict rule in words, and the verdict on the cells' statistics.
+
+A finding in a preset names a check and its parameters (the cells, the metric, a threshold); those
+are the rule, fixed before any run: `validate_findings` checks them when the study loads,
+`rule_text` says them in words (study.json keeps the words; the report prints them before the
+results), and `judge` applies them. Every check that can come out unclear carries `if_unclear`:
+what would decide it (more seeds, more steps, a larger model) and the flag or override that does.
+
+Intervals are 95% t intervals (stats.py); a difference's is Welch's. With one seed on a side there
+is no interval and the means alone decide (deterministic metrics: parameter counts, estimates).
+"""
+from __future__ import annotations
+
+import math
+
+from ..errors import UserError
+from .stats import Stat, difference, fmt
+
+# check -> the keys it needs (besides claim and metric)
+CHECKS = {"lower": ("a", "b"), "higher": ("a", "b"), "similar": ("a", "b"), "ratio": ("a", "b", "expect"),
+          "consistent": ("cell",), "best": ("cell", "cells"), "ordered": ("cells",), "above": ("cell", "value"),
+          "below": ("cell", "value"), "none": ()}
+CAN_BE_UNCLEAR = {"lower", "higher", "similar", "consistent", "best", "above", "below"}
+FINDING_KEYS = {"claim", "check", "metric", "metric_b", "unit", "a", "b", "cell", "cells", "expect", "tol", "rel_tol",
+                "max_cv", "direction", "value", "if_unclear", "scale", "scale_cpu", "scale_gpu", "measured"}
+
+
+def validate_findings(findings, cell_names, where: str) -> list[dict]:
+    """The findings of a study, checked: known check, its keys, cells that exist, an if_unclear."""
+    if not isinstance(findings, list):
+        raise UserError(f"{where}: findings must be a list, got {type(findings).__name__}")
+    known = set(cell_names)
+    for i, f in enumerate(findings):
+        here = f"{where}: findings[{i}]"
+        if not isinstance(f, dict):
+            raise UserError(f"{here} must be a mapping, got {f!r}")
+        if unknown := set(f) - FINDING_KEYS:
+            raise UserError(f"{here}: unknown key(s) {', '.join(sorted(unknown))}")
+        check = f.get("check", "none")
+        if check not in CHECKS:
+            raise UserError(f"{here}: check must be one of {', '.join(CHECKS)}, got {check!r}")
+        if missing := [k for k in CHECKS[check] if k not in f]:
+            raise UserError(f"{here}: check {check} needs {', '.join(missing)}")
+        if check != "none" and not isinstance(f.get("metric"), str):
+            raise UserError(f"{here}: metric must name what is compared (e.g. final_val_loss)")
+        if check == "similar" and "tol" not in f and "rel_tol" not in f:
+            raise UserError(f"{here}: check similar needs tol (absolute) or rel_tol (relative to b)")
+        named = [f[k] for k in ("a", "b", "cell") if k in f] + list(f.get("cells") or [])
+        if bad := [c for c in named if c not in known]:
+            raise UserError(f"{here}: names cell(s) {', '.join(map(str, bad))}, not in this study "
+                            f"(cells: {', '.join(sorted(known))})")
+        if check in CAN_BE_UNCLEAR and not str(f.get("if_unclear", "")).strip():
+            raise UserError(f"{here}: check {check} can come out unclear: say what would decide it (if_unclear)")
+    return findings
+
+
+def _tol(spec: dict) -> str:
+    if "tol" in spec:
+        return f"{float(spec['tol']):g}"
+    return f"{100 * float(spec['rel_tol']):g}% of mean {spec.get('metric_b', spec['metric'])}({spec['b']})"
+
+
+def rule_text(spec: dict) -> str:
+    """The verdict rule of one finding in words (from its check and parameters alone)."""
+    check, m = spec.get("check", "none"), spec.get("metric", "")
+    a, b = spec.get("a"), spec.get("b")
+    diff = f"the 95% interval of {m}({a}) - {spec.get('metric_b', m)}({b})"
+    if check in ("lower", "higher"):
+        side, other = ("below", "above") if check == "lower" else ("above", "below")
+        return f"agree if {diff} lies {side} 0; disagree if it lies {other} 0; else unclear"
+    if check == "similar":
+        return (f"agree if {diff} lies within ±{_tol(spec)}; disagree if it lies entirely outside; else unclear")
+    if check == "ratio":
+        return (f"agree if mean({a}) / mean({b}) of {m} is within {float(spec.get('tol', 0.1)):g} of "
+                f"{float(spec['expect']):g}; else disagree")
+    if check == "consistent":
+        return (f"agree if {m}'s coefficient of variation over the seeds of {spec['cell']} is at most "
+                f"{100 * float(spec.get('max_cv', 0.05)):g}%; else disagree (unclear below two seeds)")
+    if check == "best":
+        how = "highest" if spec.get("direction", "min") == "max" else "lowest"
+        return (f"agree if {spec['cell']} has the {how} {m} of {', '.join(spec['cells'])} and the 95% interval of "
+                f"its difference to each other cell excludes 0; disagree if another cell is better by such an "
+                f"interval; else unclear")
+    if check == "ordered":
+        how = "increases" if spec.get("direction", "increasing") in ("increasing", "max") else "decreases"
+        return f"agree if the mean {m} {how} strictly along {', '.join(spec['cells'])}; else disagree"
+    if check in ("above", "below"):
+        other = "at or below" if check == "above" else "at or above"
+        return (f"agree if the 95% interval of {m}({spec['cell']}) lies {check} {float(spec['value']):g}; disagree "
+                f"if it lies {other} it; else unclear")
+    return "not judged (reported for context)"
+
+
+def _pm(s: Stat, unit: str = "") -> str:
+    return f"{fmt(s.mean)}{unit}" if s.n < 2 else f"{fmt(s.mean)} ± {fmt(s.std)}{unit}"
+
+
+def _interval(d: float, hw: float, unit: str) -> str:
+    return f"{fmt(d)}{unit}" if not hw else f"{fmt(d)} [{fmt(d - hw)}, {fmt(d + hw)}]{unit}"
+
+
+def judge(spec: dict, stats: dict) -> tuple[str, str]:
+    """(our measurement, verdict) for one finding. Verdicts: agree, disagree, unclear (the rule's
+    interval straddles its threshold), not measured (a cell failed or the metric is missing)."""
+    check, metric, unit = spec.get("check", "none"), spec.get("metric", ""), spec.get("unit", "")
+    metric_b = spec.get("metric_b", metric)  # b may be another metric of the same cell (ours vs the article's)
+    needs = [(spec[k], metric_b if k == "b" else metric) for k in ("cell", "a", "b") if k in spec]
+    missing = [f"{m} of {c}" for c, m in needs if m not in stats.get(c, {})]
+    if check == "none":
+        return spec.get("measured", "-"), "not measured"
+    if missing:
+        return f"no {', '.join(missing)} (failed or not run)", "not measured"
+    get = lambda c, m=metric: stats[c][m]
+    if check == "consistent":
+        s = get(spec["cell"])
+        if s.n < 2:
+            return _pm(s, unit), "unclear"
+        cv = abs(s.std / s.mean) if s.mean else math.inf
+        limit = float(spec.get("max_cv", 0.05))
+        return f"{_pm(s, unit)} over {s.n} seeds (CV {100 * cv:.1f}%)", "agree" if cv <= limit else "disagree"
+    if check in ("above", "below"):
+        s = get(spec["cell"])
+        lo, hi = (s.ci if s.n >= 2 else (s.mean, s.mean))
+        text = f"{spec['cell']} {_pm(s, unit)}" + (f" [{fmt(lo)}, {fmt(hi)}]" if s.n >= 2 else "")
+        value = float(spec["value"])
+        if check == "above":  # all of the interval beyond the value agrees; all of it at or before disagrees
+            agree, disagree = lo > value, hi <= value
+        else:
+            agree, disagree = hi < value, lo >= value
+        return text, "agree" if agree else ("disagree" if disagree else "unclear")
+    if check in ("lower", "higher", "similar", "ratio"):
+        a, b = get(spec["a"]), get(spec["b"], metric_b)
+        d, hw = difference(a, b)
+        ratio = f", {a.mean / b.mean:.2f}x" if b.mean else ""
+        b_name = spec["b"] if metric_b == metric else f"{spec['b']} {metric_b}"  # another metric: say which
+        text = f"{spec['a']} {_pm(a, unit)} vs {b_name} {_pm(b, unit)}{ratio}"
+        if check == "ratio":  # the size of an effect: mean(a) / mean(b) near the article's ratio
+            ok = b.mean and abs(a.mean / b.mean - float(spec["expect"])) <= float(spec.get("tol", 0.1))
+            return f"{text} (article {float(spec['expect']):.2f}x)", "agree" if ok else "disagree"
+        text += f"; difference {_interval(d, hw, unit)}"
+        if check == "similar":  # equivalence: the whole interval inside the tolerance
+            tol = float(spec["tol"]) if "tol" in spec else abs(b.mean) * float(spec["rel_tol"])
+            if abs(d) + hw <= tol:
+                return text, "agree"
+            return text, "disagree" if abs(d) - hw > tol else "unclear"
+        sign = -1 if check == "lower" else 1
+        if sign * d > hw:
+            return text, "agree"
+        return text, "disagree" if sign * d < -hw else "unclear"
+    if check in ("best", "ordered"):
+        cells = list(spec.get("cells") or [c for c in stats if metric in stats[c]])
+        present = [c for c in cells if metric in stats.get(c, {})]
+        if not present:
+            return f"no {metric} in any cell", "not measured"
+        want_max = spec.get("direction", "min") in ("max", "increasing")
+        text = ", ".join(f"{c} {_pm(get(c), unit)}" for c in present)
+        if check == "ordered":
+            means = [get(c).mean for c in present]
+            steps = [(y - x) * (1 if want_max else -1) for x, y in zip(means, means[1:])]
+            return text, "agree" if all(s > 0 for s in steps) else "disagree"
+        sign = 1 if want_max else -1  # > 0: the first cell is better than the second
+        best = (max if want_max else min)(present, key=lambda c: get(c).mean)
+        cell = spec["cell"]
+        if cell not in present:
+            return text, "not measured"
+        gaps = [(sign * d, hw) for d, hw in (difference(get(cell), get(c)) for c in present if c != cell)]
+        if best == cell and all(g > hw for g, hw in gaps):
+            return f"best: {best} ({text})", "agree"
+        beaten = any(g < -hw for g, hw in gaps)
+        return f"best: {best} ({text})", "disagree" if beaten else "unclear"
+    return f"unknown check {check!r}", "not measured"
