@@ -104,9 +104,9 @@ def test_stop_gives_a_run_in_flight_sigterm(tmp_path, local_ray):
     thread.start()
     assert _wait_for(lambda: log.is_file() and "ready" in log.read_text())
     run.stop()
-    thread.join(timeout=30)
+    thread.join(timeout=90)  # Ray delivers the cancel asynchronously: seconds on a loaded 2-core machine
     assert not thread.is_alive() and result == ["stopped: the study was interrupted"]
-    assert _wait_for(marker.is_file, 10) and marker.read_text() == "yes"
+    assert _wait_for(marker.is_file, 30) and marker.read_text() == "yes"
     assert run([sys.executable, "-c", "0"], tmp_path, tmp_path / "x.log") == "stopped: the study was interrupted"
     assert not (tmp_path / "x.log").exists()  # nothing more is submitted
 
