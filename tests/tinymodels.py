@@ -41,3 +41,17 @@ def random_encoded(lengths, seed: int = 0) -> list[Encoded]:
         prompt = max(1, n // 3)
         out.append(Encoded(input_ids=ids, labels=[IGNORE_INDEX] * prompt + ids[prompt:]))
     return out
+
+
+def randomize_lora(model, seed=1, scale=0.2, generator=None):
+    """Non-zero A and B in every LoRA layer (as if trained), so the update really changes the output."""
+    import torch
+
+    from loralab.peft.lora import lora_modules
+
+    g = generator or torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, m in lora_modules(model):
+            for w in (m.lora_A.weight, m.lora_B.weight):
+                w.copy_(torch.randn(w.shape, generator=g) * scale)
+    return model

@@ -11,20 +11,13 @@ from loralab.peft.inject import count_parameters, inject, load_lora_state_dict, 
 from loralab.peft.lora import LoRALinear, LoraSpec, lora_modules
 from loralab.peft.merge import merge, merge_and_unload, unmerge
 from loralab.peft.targets import resolve_targets
+from tinymodels import randomize_lora as randomize
 from tinymodels import tiny_llama
 
 IDS = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(7))
 LLAMA_LINEAR = "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"
 
 
-def randomize(model, seed=1, scale=0.2):
-    """Non-zero A and B, so the update really changes the output."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, m in lora_modules(model):
-            for w in (m.lora_A.weight, m.lora_B.weight):
-                w.copy_(torch.randn(w.shape, generator=g) * scale)
-    return model
 
 
 def logits(model, ids=IDS):

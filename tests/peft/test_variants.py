@@ -13,7 +13,7 @@ from loralab.peft.adapters import load_adapter, save_adapter
 from loralab.peft.inject import inject, per_module
 from loralab.peft.lora import LoRALinear, LoraSpec, lora_modules
 from loralab.peft.merge import merge, merge_and_unload, unmerge
-from tinymodels import tiny_llama
+from tinymodels import randomize_lora, tiny_llama
 
 IDS = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(11))
 
@@ -43,10 +43,9 @@ def logits(model):
 def perturb(model, seed=3, scale=0.2):
     """As if trained: new random A and B, magnitudes off their start."""
     g = torch.Generator().manual_seed(seed)
+    randomize_lora(model, scale=scale, generator=g)
     with torch.no_grad():
         for _, m in lora_modules(model):
-            for w in (m.lora_A.weight, m.lora_B.weight):
-                w.copy_(torch.randn(w.shape, generator=g) * scale)
             if m.spec.use_dora:
                 m.lora_magnitude_vector.mul_(1 + 0.3 * torch.rand(m.out_features, generator=g))
     return model

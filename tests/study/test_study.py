@@ -6,7 +6,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from loralab.cli import main
@@ -343,45 +342,6 @@ def test_estimate_study_reports_without_training(tmp_path):
         assert plan["estimates"][1]["peak_gb"] < plan["estimates"][0]["peak_gb"]  # QLoRA below LoRA
 
 
-# --- the overfitting guard: early stopping on a scripted validation curve -----------------------
-
-def _scripted_training(monkeypatch, losses, patience, max_steps=40):
-    import loralab.train.loop as T
-    from loralab.config import TrainConfig
-    from loralab.data.prompts import Encoded
-    from loralab.peft.inject import inject
-    from loralab.peft.lora import LoraSpec
-    from tinymodels import tiny_llama
-
-    script = iter(losses)
-    monkeypatch.setattr(T, "mean_loss", lambda *a, **k: next(script))
-    model = tiny_llama(0)
-    inject(model, "qv", LoraSpec(r=2, alpha=4, dropout=0.0))
-    data = [Encoded(input_ids=list(range(3, 11)), labels=[-100] * 3 + list(range(6, 11)), truncated=False)] * 4
-    cfg = TrainConfig(max_steps=max_steps, eval_every=2, early_stopping_patience=patience, batch_size=2,
-                      progress=False, lr=1e-3)
-    return T.train(model, data, cfg, pad_id=0, val_data=data[:2])
-
-
-def test_early_stopping_after_patience_bad_evaluations(monkeypatch):
-    result = _scripted_training(monkeypatch, [1.0, 0.8, 0.85, 0.9, 0.95, 0.7, 0.6], patience=3)
-    assert result.stopped_early and not result.interrupted
-    assert result.steps == 10  # evaluations at 2, 4 (best), 6, 8, 10: three without improvement
-    assert [v["is_best"] for v in result.val_history[:5]] == [True, True, False, False, False]
-    assert len(result.val_history) == 6  # plus the final validation after stopping
-
-
-def test_an_improvement_resets_the_patience(monkeypatch):
-    result = _scripted_training(monkeypatch, [1.0, 1.1, 1.2, 0.9, 1.0, 1.1, 1.2, 0.5], patience=3)
-    assert result.stopped_early and result.steps == 14
-
-
-def test_no_patience_never_stops(monkeypatch):
-    result = _scripted_training(monkeypatch, itertools.count(1.0), patience=0, max_steps=12)
-    assert not result.stopped_early and result.steps == 12
-    assert torch.isfinite(torch.tensor(result.final_train_loss))
-
-
 def test_a_run_with_several_gpus_trains_data_parallel(tmp_path):
     cmds = []
 
@@ -421,113 +381,6 @@ def test_every_study_run_is_tracked_tagged_with_study_cell_and_seed(tiny_folder,
         ("r2", "1", "tiny", "r2/seed-1"), ("r2", "2", "tiny", "r2/seed-2")]
     assert all(r.data.params["lora.r"] == "2" and r.info.status == "FINISHED" for r in runs)
     assert all(list((tmp_path / f"out/cells/r2/seed-{s}/tensorboard").glob("events.out.tfevents.*")) for s in (1, 2))
-
-
-# --- sweeps: each cell at its own best settings, chosen on validation ---------------------------
-
-def _sweep_study(tmp_path, **extra):
-    study_file = tmp_path / "sw.yaml"
-    study_file.write_text(yaml.safe_dump({
-        "name": "sw", "seeds": 3, "sweep_seeds": 1, "sweep": {"train.lr": [1.0e-3, 2.0e-3, 4.0e-3]},
-        "axes": [{"name": "a", "set": ["lora.r=4"]},
-                 {"name": "b", "set": ["lora.r=8"], "sweep": {"train.lr": [1.0e-4, 3.0e-3]}},
-                 {"name": "plain", "set": ["lora.r=2"], "sweep": {}}],
-        "findings": [{"claim": "a beats plain", "check": "lower", "a": "a", "b": "plain", "metric": "final_val_loss",
-                      "if_unclear": "more seeds: --seeds 6"}], **extra}))
-    return spec.load_study(str(study_file))
-
-
-def sweep_runner(calls):
-    """Validation loss is lowest at lr 2e-3 (3e-3 in b's grid); the test loss prefers lr 1e-3: the
-    choice must follow validation."""
-    def run(cmd, run_dir, log_path):
-        cfg = yaml.safe_load(Path(cmd[-1]).read_text())
-        lr, seed = cfg["train"]["lr"], cfg["train"]["seed"]
-        calls.append((cfg["output_dir"].split("/cells/")[1].split("/")[0], lr, seed))
-        val = 1.0 + abs(lr - 2e-3) * 100 + seed / 100
-        summary = {"final_val_loss": val, "best_val_loss": val - 0.01, "best_step": 8, "steps": 10,
-                   "eval": {"2da": {"after": 0.5, "n": 10, "trained": True, "test_loss": 1.0 + abs(lr - 1e-3) * 100}},
-                   "val_history": [{"step": s, "val_loss": val + abs(s - 8) / 10} for s in (2, 4, 6, 8, 10)]}
-        (run_dir / "summary.json").write_text(json.dumps(summary))
-        return 0
-    return run
-
-
-def test_a_sweep_chooses_on_validation_and_runs_the_other_seeds_there(tmp_path):
-    study = _sweep_study(tmp_path)
-    assert [len(c.points or []) for c in study.cells] == [3, 2, 0] and spec.count_runs(study) == 5 + 4 + 3
-    calls, logs = [], []
-    records = runner.run_study(study, tmp_path / "out", runner=sweep_runner(calls), log=logs.append)
-    assert sorted(calls) == sorted([("a", lr, 1) for lr in (1e-3, 2e-3, 4e-3)] + [("a", 2e-3, 2), ("a", 2e-3, 3)]
-                          + [("b", lr, 1) for lr in (1e-4, 3e-3)] + [("b", 3e-3, 2), ("b", 3e-3, 3)]
-                          + [("plain", 2e-3, s) for s in (1, 2, 3)])  # plain: the base's lr
-    assert all(r["status"] == "ok" for r in records) and len(records) == 12
-    chosen = json.loads((tmp_path / "out/cells/a/chosen.json").read_text())
-    assert chosen["point"] == "lr-0.002" and chosen["overrides"] == ["train.lr=0.002"]
-    assert set(chosen["scores"]) == {"lr-0.001", "lr-0.002", "lr-0.004"}
-    assert (tmp_path / "out/cells/a/lr-0.002/seed-3/summary.json").is_file()
-    assert not (tmp_path / "out/cells/a/lr-0.001/seed-2").exists()  # other seeds only at the chosen point
-    assert any("a: sweep chose lr-0.002" in m for m in logs)
-
-    result = runner.build_report(tmp_path / "out")
-    assert result["stats"]["a"]["final_val_loss"].n == 3  # the cell is its chosen point's three seeds
-    assert result["sweeps"]["b"]["point"] == "lr-0.003"
-    md = (tmp_path / "out/report.md").read_text()
-    assert "## Sweeps: each cell at its own best settings" in md and "lr-0.002 (chosen)" in md
-    assert "a (sweep chose lr-0.002)" in md and "| a @ lr-0.001 | 1 | ok |" in md
-    assert "Cell **a** (seed 1): chose lr-0.002.\n" in md  # in the middle of its grid
-    assert "Cell **b** (seed 1): chose lr-0.003. It is at the end of the grid" in md
-    assert any("b: sweep chose lr-0.003" in m and m.endswith("at the end of its grid") for m in logs)
-    assert md.index("## Verdict rules") < md.index("## Results") < md.index("## Findings")
-    assert "## Validation loss along training" in md
-
-    calls.clear()  # resumed: nothing left to run
-    records = runner.run_study(_sweep_study(tmp_path), tmp_path / "out", runner=sweep_runner(calls), log=logs.append)
-    assert calls == [] and {r["status"] for r in records} == {"skipped"} and len(records) == 12
-
-
-def test_a_sweep_with_no_finished_point_fails_its_cell_not_the_study(tmp_path):
-    def failing_a(cmd, run_dir, log_path):
-        cfg = yaml.safe_load(Path(cmd[-1]).read_text())
-        if "/cells/a/" in cfg["output_dir"]:
-            return 1
-        return sweep_runner([])(cmd, run_dir, log_path)
-
-    records = runner.run_study(_sweep_study(tmp_path), tmp_path / "out", runner=failing_a, log=lambda m: None)
-    failed = [r for r in records if r["cell"] == "a"]
-    assert len(failed) == 5 and all(r["status"] == "failed" for r in failed)
-    assert any(r.get("error") == "no sweep point finished" for r in failed)
-    assert all(r["status"] == "ok" for r in records if r["cell"] != "a")
-    md = runner.build_report(tmp_path / "out")["report_md"].read_text()
-    assert "chose nothing (no point finished)" in md and "| F1 | a beats plain |" in md and "not measured" in md
-
-
-@pytest.mark.parametrize("extra, message", [
-    ({"select": "test_loss"}, "select must be one of final_val_loss, best_val_loss"),
-    ({"sweep_seeds": 0}, "sweep_seeds must be a positive number"),
-    ({"sweep": {"train.lr": [1e-3]}}, r"sweep.train.lr must list at least two values"),
-    ({"findings": [{"claim": "c", "check": "lower", "a": "a", "b": "plain", "metric": "m"}]},
-     r"findings\[0\]: check lower can come out unclear: say what would decide it \(if_unclear\)"),
-    ({"findings": [{"claim": "c", "check": "lower", "a": "a", "b": "gone", "metric": "m", "if_unclear": "x"}]},
-     r"findings\[0\]: names cell\(s\) gone, not in this study"),
-    ({"findings": [{"claim": "c", "check": "similar", "a": "a", "b": "plain", "metric": "m", "if_unclear": "x"}]},
-     "check similar needs tol"),
-    ({"findings": [{"claim": "c", "check": "lower", "a": "a", "metric": "m", "if_unclear": "x"}]},
-     "check lower needs b"),
-    ({"findings": [{"claim": "c", "check": "bigger"}]}, "check must be one of"),
-])
-def test_bad_sweeps_and_findings_are_refused_when_the_study_loads(tmp_path, extra, message):
-    with pytest.raises(UserError, match=message):
-        _sweep_study(tmp_path, **extra)
-
-
-def test_a_cell_may_not_set_what_it_sweeps():
-    with pytest.raises(UserError, match="cell a sets train.lr and also sweeps it"):
-        spec.expand_cells([{"name": "a", "set": ["train.lr=1e-3"]}], [1], sweep={"train.lr": [1e-3, 2e-3]})
-    with pytest.raises(UserError, match="cell c combines adapters; it cannot sweep"):
-        spec.expand_cells([{"name": "a", "set": []}, {"name": "b", "set": []},
-                           {"name": "c", "combine": {"adapters": ["a", "b"], "method": "cat"},
-                            "sweep": {"train.lr": [1e-3, 2e-3]}}], [1])
 
 
 def test_run_metrics_overfitting_and_seen_unseen_aggregates():
