@@ -16,8 +16,8 @@ Variants (switchable at run time on one loaded model; combine with '+', e.g. chu
             heap holes left by freed temporaries back to the OS instead of letting RSS grow
   qlora     a second model with NF4 frozen weights (model.quant=nf4), stepped on the same batches
             (alone, not combined; its peak RSS includes the other model's weights, ~0.3 GB)
-  qlora_torchao  the same NF4 model stepping through torchao's `linear_nf4` (dequantization before
-            loralab.peft.quant.dequantize_nf4): the before of the QLoRA speed-up
+  qlora_torch, qlora_torchao  the same, dequantizing with loralab's torch gather (what runs without
+            bitsandbytes) or with torchao's own code (what ran before: the QLoRA speed-up's before)
 Each step: forward + backward of one micro batch (no optimizer: it is the same for all), timed,
 and its peak RSS (loralab.memory.measure.PeakMemory, reset before each step). Reports per variant the
 median step time, its median ratio to `stock` over the rounds (paired), and the median peak.
@@ -35,19 +35,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def use_torchao_nf4(model) -> None:
-    """Make every NF4Linear of `model` run torchao's linear_nf4 (for the before/after comparison)."""
-    import types
+def set_nf4_kernel(model, kernel: str) -> None:
+    """Which code dequantizes every NF4Linear of `model` (loralab.peft.quant.KERNELS)."""
+    from loralab.peft.quant import KERNELS, NF4Linear
 
-    from loralab.peft.quant import NF4Linear, _nf4_module
-
-    def forward(self, x):
-        y = _nf4_module().linear_nf4(x, self.weight)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
-
+    if kernel not in KERNELS:
+        raise SystemExit(f"unknown NF4 kernel {kernel!r}: one of {', '.join(KERNELS)}")
     for m in model.modules():
         if isinstance(m, NF4Linear):
-            m.forward = types.MethodType(forward, m)
+            m.kernel = kernel
 
 
 def main() -> int:
@@ -77,13 +73,12 @@ def main() -> int:
     model, tok, _, info = setup_model(cfg, torch.device("cpu"))
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]
     models = {"main": model}
-    for v in ("qlora", "qlora_torchao"):
-        if v in variants:
+    for v in variants:
+        if v.startswith("qlora"):
             cfg.model.quant = "nf4"
             models[v] = setup_model(cfg, torch.device("cpu"))[0].train()
             cfg.model.quant = "none"
-    if "qlora_torchao" in variants:
-        use_torchao_nf4(models["qlora_torchao"])
+            set_nf4_kernel(models[v], v.partition("_")[2] or "auto")
     if a.workload == "demo":
         from loralab.data.prompts import encode_all
         from loralab.data.tasks import make_task
@@ -105,7 +100,7 @@ def main() -> int:
     libc = ctypes.CDLL("libc.so.6")
 
     def set_variant(v: str):
-        if v in ("qlora", "qlora_torchao"):
+        if v.startswith("qlora"):
             current["model"] = models[v]
             v = "stock"
         else:

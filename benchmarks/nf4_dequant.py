@@ -1,13 +1,15 @@
-"""NF4 dequantization speed: loralab.peft.quant.dequantize_nf4 against torchao's own, paired.
+"""NF4 dequantization speed: loralab.peft.quant.dequantize_nf4's kernels against torchao's own, paired.
 
     .venv/bin/python benchmarks/nf4_dequant.py [--rounds 9] [--threads 2] [--json out.json]
 
 Dequantizes the default model's (SmolLM2-135M) decoder weights once per pass, as QLoRA does in
 forward and again in backward: one decoder layer's seven linear shapes, random N(0, 0.02) weights
 quantized by loralab.peft.quant.to_nf4, timed over all of them and scaled by the 30 layers. Per
-round the two dequantizations alternate (torchao, loralab), so a shared machine's slow phases hit
-both; reported per output dtype (bf16, fp32): the median pass time of each and the median of the
-per-round ratios torchao / loralab. Both outputs are checked equal first. Holds /tmp/loralab_cpu_lock.
+round the kernels alternate (torchao; loralab's torch gather, `torch`; bitsandbytes' CPU kernel,
+`bitsandbytes`, where the qlora extra is installed), so a shared machine's slow phases hit all;
+reported per output dtype (bf16, fp32): the median pass time of each and the median of the
+per-round ratios torchao / kernel. Every output is checked equal to torchao's first. Holds
+/tmp/loralab_cpu_lock.
 """
 from __future__ import annotations
 
@@ -35,12 +37,14 @@ def main() -> int:
     import torch
 
     import throughput as T
-    from loralab.peft.quant import dequantize_nf4, to_nf4
+    from loralab.peft.quant import _bitsandbytes_op, dequantize_nf4, to_nf4
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     weights = [to_nf4(torch.randn(s) * 0.02) for s in SHAPES]
-    kinds = {"torchao": lambda t, d: t.get_original_weight().to(d), "loralab": dequantize_nf4}
+    kinds = {k: (lambda t, d, k=k: dequantize_nf4(t, d, k)) for k in ("torchao", "torch", "bitsandbytes")}
+    if _bitsandbytes_op() is None:
+        del kinds["bitsandbytes"]
     if not a.no_lock:
         T.acquire_lock("nf4_dequant")
     result = {"cpu_flags": T.cpu_flags(), "threads": a.threads, "weights": LAYERS * sum(r * c for r, c in SHAPES),
@@ -48,8 +52,9 @@ def main() -> int:
     try:
         for dtype in (torch.bfloat16, torch.float32):
             for t in weights:  # warm-up and the oracle check
-                if not torch.equal(kinds["loralab"](t, dtype), kinds["torchao"](t, dtype)):
-                    raise SystemExit(f"loralab's NF4 dequantization differs from torchao's ({dtype})")
+                for k, f in kinds.items():
+                    if not torch.equal(f(t, dtype), t.get_original_weight().to(dtype)):
+                        raise SystemExit(f"the {k} NF4 dequantization differs from torchao's ({dtype})")
             times = {k: [] for k in kinds}
             for _ in range(a.rounds):
                 for k, f in kinds.items():
@@ -57,10 +62,10 @@ def main() -> int:
                     for t in weights:
                         f(t, dtype)
                     times[k].append((time.perf_counter() - t0) * LAYERS)
-            ratios = [ta / tl for ta, tl in zip(times["torchao"], times["loralab"])]
             result["dtypes"][str(dtype).removeprefix("torch.")] = {
                 **{f"{k}_pass_s": round(statistics.median(v), 4) for k, v in times.items()},
-                "torchao_over_loralab": round(statistics.median(ratios), 2)}
+                **{f"torchao_over_{k}": round(statistics.median(ta / tk for ta, tk in zip(times["torchao"], v)), 2)
+                   for k, v in times.items() if k != "torchao"}}
     finally:
         if not a.no_lock:
             T.release_lock()

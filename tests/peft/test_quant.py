@@ -261,16 +261,34 @@ def test_adapter_trained_on_nf4_saves_as_peft_reloads_and_merges_exactly(tmp_pat
         assert (merged(ids).logits - want).abs().max() <= 1e-4
 
 
+def _kernel_or_skip(kernel):
+    from loralab.peft import quant
+
+    if kernel == "bitsandbytes" and quant._bitsandbytes_op() is None:
+        pytest.skip("bitsandbytes is not installed (the qlora extra)")
+    return kernel
+
+
+@pytest.mark.parametrize("kernel", ["torch", "bitsandbytes", "auto"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(576, 576), (1536, 576), (32, 320)])
-def test_fast_dequantization_equals_torchaos(shape, dtype):
+def test_fast_dequantization_equals_torchaos(shape, dtype, kernel):
     from loralab.peft.quant import dequantize_nf4, to_nf4
 
     torch.manual_seed(4)
     t = to_nf4(torch.randn(shape) * 0.02)  # double-quantized scales in groups of 216, 256, 160
-    ours = dequantize_nf4(t, dtype)
+    ours = dequantize_nf4(t, dtype, _kernel_or_skip(kernel))
     assert ours.shape == shape and ours.dtype == dtype
     assert torch.equal(ours, t.get_original_weight().to(dtype))  # torchao's own dequantization: the oracle
+
+
+def test_bitsandbytes_kernel_is_not_used_on_levels_it_does_not_have():
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4 as torchao_to_nf4
+
+    from loralab.peft.quant import dequantize_nf4
+
+    t = torchao_to_nf4(torch.randn(64, 128), 64, 128)  # torchao's table, rounded to 4 decimals
+    assert torch.equal(dequantize_nf4(t, torch.float32), t.get_original_weight())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -289,11 +307,13 @@ def test_dequantization_equals_torchaos_for_any_block_layout_and_its_own_levels(
     assert torch.equal(dequantize_nf4(t, dtype), t.get_original_weight().to(dtype))
 
 
+@pytest.mark.parametrize("kernel", ["torch", "bitsandbytes"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_forward_and_input_gradient_equal_torchaos_linear_nf4(dtype):
+def test_forward_and_input_gradient_equal_torchaos_linear_nf4(dtype, kernel):
     from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4
 
     q = NF4Linear.from_linear(_linear(96, 128, bias=False), dtype)
+    q.kernel = _kernel_or_skip(kernel)
     x = torch.randn(3, 5, 128, dtype=dtype)
     grads = []
     for f in (q, lambda v: linear_nf4(v, q.weight)):

@@ -8,20 +8,21 @@ exists transiently, in the compute dtype, inside forward and backward (it is not
 backward). Quantize the base model first, then inject LoRA: LoRALinear wraps an NF4Linear like
 an nn.Linear and merges through `dequantize()`.
 
-Dequantization is a few torch ops of ours (`dequantize_nf4`) over torchao's storage, not torchao's
-`linear_nf4`: torchao widens every 4-bit code to int64 twice, gathers, scales and interleaves in
-separate passes, in forward and again in backward (torchao 0.18 has no other dequantization:
-`linear_nf4` and `.to(dtype)` both call `get_original_weight`). One gather of byte -> (high, low)
-level pairs, scaled per block, gives bit for bit torchao's values (tests/peft/test_quant.py);
-torchao's pass over the default model's 106 M weights measured 3.3x slower into bf16 and 2.4x into
-fp32 (`benchmarks/nf4_dequant.py --rounds 9`, paired; docs/performance.md). torchao still quantizes
-and stores.
+Dequantization (`dequantize_nf4`, in forward and again in backward) is not torchao's `linear_nf4`:
+torchao widens every 4-bit code to int64 twice, gathers, scales and interleaves in separate passes
+(torchao 0.18 has no other dequantization: `linear_nf4` and `.to(dtype)` both call
+`get_original_weight`). On the CPU, bitsandbytes' dequantization kernel (the `qlora` extra) reads
+torchao's storage as it is (two codes per byte, high nibble first, one absmax per block); without
+it, one torch gather of four levels per two stored bytes, scaled per block, does the same. Both give
+bit for bit torchao's values (tests/peft/test_quant.py); the speed of each is in
+docs/performance.md (`benchmarks/nf4_dequant.py`). torchao still quantizes and stores.
 
 torchao is imported lazily (it takes seconds to import) and only needed when quantizing.
 """
 from __future__ import annotations
 
 import logging
+import sys
 
 import torch
 from torch import nn
@@ -97,20 +98,90 @@ def _clone_nf4(t, device=None):
     return mod.NF4Tensor(*mod.construct_nf4_args(t, attrs))
 
 
-def dequantize_nf4(t, dtype: torch.dtype) -> torch.Tensor:
+KERNELS = ("auto", "bitsandbytes", "torch", "torchao")  # NF4Linear.kernel: who dequantizes
+_BNB: list = []  # [the bitsandbytes op, or None when it is not installed], looked up once
+_DECODE_TABLES: dict = {}  # (device, levels) -> the 65,536 x 4 table of _decode_table
+
+
+def _decode_table(t) -> torch.Tensor:
+    """(65536, 4) fp32: the four levels two stored bytes (read as one 16-bit integer) decode to.
+    One table per device and level set, shared by every tensor (1 MB); each tensor keeps a reference."""
+    table = getattr(t, "_loralab_decode", None)
+    if table is None:
+        levels = t.nf4.detach().to("cpu", torch.float32)
+        key = (str(t.quantized_data.device), tuple(levels.tolist()))
+        table = _DECODE_TABLES.get(key)
+        if table is None:
+            byte = torch.arange(256)
+            pairs = torch.stack((levels[byte >> 4], levels[byte & 15]), dim=1)  # a byte: high nibble first
+            two = torch.arange(65536)
+            first, second = (two & 255, two >> 8) if sys.byteorder == "little" else (two >> 8, two & 255)
+            table = torch.cat((pairs[first], pairs[second]), dim=1).to(t.quantized_data.device)
+            _DECODE_TABLES[key] = table
+        t._loralab_decode = table
+    return table
+
+
+def _bitsandbytes_op():
+    """bitsandbytes' dequantize_4bit op (CPU: a vectorised C++ kernel), or None when not installed."""
+    if not _BNB:
+        log = logging.getLogger("bitsandbytes")  # its modules' loggers inherit this level
+        level = log.level
+        log.setLevel(logging.ERROR)  # its import warns about optional GPU / kernel-hub code we do not use
+        try:
+            import bitsandbytes  # noqa: F401  (registers torch.ops.bitsandbytes)
+
+            _BNB.append(torch.ops.bitsandbytes.dequantize_4bit.default)
+        except (ImportError, AttributeError, RuntimeError, OSError):
+            _BNB.append(None)
+        finally:
+            log.setLevel(level)
+    return _BNB[0]
+
+
+def _scales(t) -> torch.Tensor:
+    """Each block's absmax in fp32 (double quantization undone)."""
+    return t.dequantize_scalers(t.quantized_scalers, t.quantization_factor, t.scaler_block_size).to(torch.float32)
+
+
+def _bitsandbytes_applies(t, dtype: torch.dtype) -> bool:
+    """bitsandbytes' kernel has the paper's levels built in: only for tensors that carry exactly
+    those (ours do; torchao's own are rounded to 4 decimals), on the CPU, in a dtype it writes."""
+    ok = getattr(t, "_loralab_exact_levels", None)
+    if ok is None:
+        ok = torch.equal(t.nf4.detach().cpu().to(torch.float32), torch.tensor(NF4_LEVELS, dtype=torch.float32))
+        t._loralab_exact_levels = ok
+    return ok and t.quantized_data.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16, torch.float16)
+
+
+def dequantize_nf4(t, dtype: torch.dtype, kernel: str = "auto") -> torch.Tensor:
+    """The dense (out, in) weight of an NF4Tensor in `dtype`, equal to torchao's
+    `get_original_weight()` (fp32 math, one rounding into `dtype`). kernel: "auto" (bitsandbytes
+    where installed and applicable, else torch), "bitsandbytes", "torch", "torchao" (for comparison)."""
+    if kernel == "torchao":
+        return t.get_original_weight().to(dtype)
+    if kernel in ("auto", "bitsandbytes"):
+        op = _bitsandbytes_op() if _bitsandbytes_applies(t, dtype) else None
+        if op is not None:
+            return op(t.quantized_data.reshape(-1), _scales(t), t.block_size, "nf4", list(t.shape), dtype)
+        if kernel == "bitsandbytes":
+            raise UserError("quant: the bitsandbytes NF4 kernel is not available here (pip install bitsandbytes, "
+                            "on the CPU, with NF4Linear's exact levels)")
+    return _dequantize_torch(t, dtype)
+
+
+def _dequantize_torch(t, dtype: torch.dtype) -> torch.Tensor:
     """The dense weight of an NF4Tensor in `dtype`, equal to torchao's `get_original_weight()`
-    (fp32 math, one rounding into `dtype`), in two passes: each stored byte holds two codes, so
-    one gather from a 256-entry table of (high, low) level pairs decodes both; then each block is
-    multiplied by its absmax scale (double quantization undone in fp32), written into `dtype`."""
-    levels = t.nf4.to(torch.float32)
-    byte = torch.arange(256, device=levels.device)
-    pairs = torch.stack((levels[byte >> 4], levels[byte & 15]), dim=1)  # (256, 2): high nibble first
-    scales = t.dequantize_scalers(t.quantized_scalers, t.quantization_factor, t.scaler_block_size)
-    w = pairs.index_select(0, t.quantized_data.reshape(-1).to(torch.int32)).view(-1, t.block_size)
-    scales = scales.to(torch.float32).unsqueeze(-1)
+    (fp32 math, one rounding into `dtype`), in two passes: one gather decodes four codes (two
+    stored bytes) at a time from a 65,536-entry table, then each block of 64 is multiplied by its
+    absmax scale (double quantization undone in fp32), written straight into `dtype`."""
+    pairs_of_bytes = t.quantized_data.reshape(-1).view(torch.int16).to(torch.int32) & 0xFFFF
+    w = _decode_table(t).index_select(0, pairs_of_bytes).view(-1, t.block_size)
+    scales = _scales(t).unsqueeze(-1)
     if dtype == torch.float32:
         return w.mul_(scales).view(t.shape)
-    return torch.mul(w, scales, out=torch.empty(w.shape, dtype=dtype, device=w.device)).view(t.shape)
+    out = torch.empty(w.shape, dtype=dtype, device=w.device)
+    return torch.mul(w, scales, out=out).view(t.shape)
 
 
 class _LinearNF4(torch.autograd.Function):
@@ -118,13 +189,13 @@ class _LinearNF4(torch.autograd.Function):
     4-bit weight is saved, so the dense copy lives one matmul long."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight) -> torch.Tensor:
-        ctx.weight = weight  # not save_for_backward: a frozen buffer, never part of the graph
-        return nn.functional.linear(x, dequantize_nf4(weight, x.dtype))
+    def forward(ctx, x: torch.Tensor, weight, kernel: str) -> torch.Tensor:
+        ctx.weight, ctx.kernel = weight, kernel  # not save_for_backward: a frozen buffer, never in the graph
+        return nn.functional.linear(x, dequantize_nf4(weight, x.dtype, kernel))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad @ dequantize_nf4(ctx.weight, grad.dtype), None
+        return grad @ dequantize_nf4(ctx.weight, grad.dtype, ctx.kernel), None, None
 
 
 def nf4_nbytes(t) -> int:
@@ -148,6 +219,7 @@ class NF4Linear(nn.Module):
             raise UserError(f"quant: compute dtype for {name} must be float32 or bfloat16, not {compute_dtype}")
         self.out_features, self.in_features = weight.shape
         self.compute_dtype = compute_dtype
+        self.kernel = "auto"  # who dequantizes (KERNELS); benchmarks switch it to compare
         self.register_buffer("weight", to_nf4(weight, name), persistent=False)
         self.bias = None if bias is None else nn.Parameter(
             bias.detach().to(compute_dtype, copy=True), requires_grad=False)
@@ -158,7 +230,7 @@ class NF4Linear(nn.Module):
         return cls(linear.weight, linear.bias, compute_dtype, name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _LinearNF4.apply(x, self.weight)
+        y = _LinearNF4.apply(x, self.weight, self.kernel)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     @torch.no_grad()
@@ -169,7 +241,7 @@ class NF4Linear(nn.Module):
     @torch.no_grad()
     def dequantize(self) -> torch.Tensor:
         """The dense (out, in) weight in compute_dtype (a fresh tensor)."""
-        return dequantize_nf4(self.weight, self.compute_dtype)
+        return dequantize_nf4(self.weight, self.compute_dtype, self.kernel)
 
     def _apply(self, fn, recurse=True):
         # nn.Module.to(dtype)/.half() would dequantize the NF4 buffer through Tensor.to(dtype).
