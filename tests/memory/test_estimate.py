@@ -164,6 +164,16 @@ def test_eager_attention_grows_quadratically_and_sdpa_linearly():
     assert layer("eager", 1024) > 2.2 * layer("eager", 512)
 
 
+def test_auto_attention_on_the_cpu_is_eager_up_to_its_row_limit_and_sdpa_beyond():
+    from loralab.io.models import EAGER_MAX_ROW
+
+    cfg = A.resolve_model_config("smollm2-135m")
+    peak = lambda attn, seq, dev="cpu": E.estimate(cfg, seq=seq, attention=attn, device=dev)["peak_bytes"]
+    assert peak("auto", EAGER_MAX_ROW) == peak("eager", EAGER_MAX_ROW) != peak("sdpa", EAGER_MAX_ROW)
+    assert peak("auto", EAGER_MAX_ROW + 1) == peak("sdpa", EAGER_MAX_ROW + 1) != peak("eager", EAGER_MAX_ROW + 1)
+    assert peak("auto", 64, "cuda") == peak("sdpa", 64, "cuda")
+
+
 def test_breakdown_sums_to_peak():
     r = E.estimate(A.resolve_model_config("qwen2.5-7b"), method="qlora", seq=2048, batch=2)
     assert set(r["breakdown"]) == {"frozen_weights", "trainable_weights", "gradients", "optimizer_state",

@@ -20,7 +20,8 @@ The decoder's shape and parameter counts come from loralab.arch. Assumptions, in
       QLoRA        bitsandbytes-style 4-bit matmuls also keep the input of every quantized linear
       full FT      inputs of every linear (2H + Q + I) x b and the normalised input of each norm
     With gradient checkpointing: each layer's input (H x b) plus one full layer being recomputed.
-    Attention: SDPA on CUDA, eager on the CPU (loralab's default there, see io.models.pick_attention).
+    Attention: SDPA on CUDA; on the CPU eager up to io.models.EAGER_MAX_ROW tokens per row, SDPA
+    beyond (loralab's 'auto').
   - logits: rows x vocab x 12 (the saved fp32 log-softmax, its gradient, and the fp32 logits or their
     gradient: measured 12.0 on the CPU in bf16 and fp32), with rows = batch x seq (every position
     labelled, no chunking; loralab's own loss holds at most 1024 rows at once).
@@ -43,6 +44,7 @@ The decoder's shape and parameter counts come from loralab.arch. Assumptions, in
 from __future__ import annotations
 
 from ..errors import UserError
+from ..io.models import EAGER_MAX_ROW
 from ..peft.names import pattern_value
 from ..peft.presets import LLAMA_LINEARS, OUTPUT_LAYER, mutates_base
 from ..train.loss import CHUNK_ROWS
@@ -119,7 +121,7 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
     """Predicted peak memory (bytes) of one training step, with its breakdown at that moment. Pure arithmetic.
 
     method lora | qlora (NF4 base) | full; targets a preset (qv, attn, mlp, all-linear, all-linear+head)
-    or module names; attention auto (SDPA on cuda, eager on cpu) | eager | sdpa; quantize which frozen
+    or module names; attention auto (as loralab picks it) | eager | sdpa; quantize which frozen
     linears QLoRA stores in NF4 (all-linear: every decoder linear, as QLoRA does; targets: only the
     LoRA-wrapped ones, loralab's default); qlora_saves_inputs: the 4-bit matmul keeps its input for
     backward (bitsandbytes does); loss_rows: logit rows alive at once (default batch x seq);
@@ -135,7 +137,7 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
     names = () if method == "full" else target_names(targets)
     params = count_params(model_config, names or "qv", r)
     b = PRECISIONS[precision]
-    eager = attention == "eager" or (attention == "auto" and device == "cpu")
+    eager = attention == "eager" or (attention == "auto" and device == "cpu" and seq <= EAGER_MAX_ROW)
     tokens = batch * seq
     lin = a.linears()
     quantized = set()

@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..data.batching import collate, rank_share
 from ..data.prompts import IGNORE_INDEX
+from ..io.models import attention_for_rows
 from .distributed import SINGLE, Dist, all_sum
 from .packing import positions_into
 
@@ -109,7 +110,9 @@ def _plain_or_selected(model, batch: dict, chunk_rows: int) -> tuple[torch.Tenso
 
 def loss_sum(model, batch: dict, chunk_rows: int = CHUNK_ROWS) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over unmasked labels (fp32), and how many tokens it covers.
-    A packed batch (with position_ids) feeds every call of the decoder body its restarting positions."""
+    A packed batch (with position_ids) feeds every call of the decoder body its restarting positions.
+    A CPU model on 'auto' attention switches to what the batch's row length calls for."""
+    attention_for_rows(model, batch["input_ids"].shape[1])
     if "position_ids" not in batch:
         return _plain_or_selected(model, batch, chunk_rows)
     with positions_into(_body(model), batch["position_ids"]):
