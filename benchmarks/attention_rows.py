@@ -1,5 +1,6 @@
-"""Eager vs SDPA attention by row length: the measurement behind `model.attn_implementation=auto`
-on the CPU (eager up to `loralab.io.models.EAGER_MAX_ROW` tokens per row, SDPA beyond).
+"""Eager, eager with its core recomputed, and SDPA attention by row length: the measurement behind
+`model.attn_implementation=auto` on the CPU (eager_recompute up to `loralab.io.attention.EAGER_MAX_ROW`
+tokens per row, SDPA beyond).
 
     .venv/bin/python benchmarks/attention_rows.py [--lengths 128,256,512,1024,2048] [--tokens 1024]
         [--rounds 4] [--threads N] [--precision auto|bf16|fp32] [--json out.json]
@@ -7,9 +8,10 @@ on the CPU (eager up to `loralab.io.models.EAGER_MAX_ROW` tokens per row, SDPA b
 One model (loralab's default setup: LoRA r=16 on every linear layer, bf16 weights where the CPU has
 bf16) and the loop's loss; for each row length, micro batches of `--tokens` tokens (at least one
 row) stepped forward + backward with each implementation in turn, interleaved and rotated so a
-shared machine's drifts hit both alike. Prints one JSON object: per length the median step time of
-each and the median of the paired ratios sdpa / eager (< 1: SDPA faster). Peak memory per
-implementation is scaling.py's job (separate processes). Respects /tmp/loralab_cpu_lock.
+shared machine's drifts hit all alike. Prints one JSON object: per length the median step time of
+each, the median of the paired ratios to eager (< 1: faster than eager), and the bytes each keeps
+for backward (storages counted once, through autograd's saved-tensor hooks: exact, whatever the
+load). Respects /tmp/loralab_cpu_lock.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-IMPLS = ("eager", "sdpa")
+IMPLS = ("eager", "eager_recompute", "sdpa")
 
 
 def main() -> int:
@@ -41,7 +43,7 @@ def main() -> int:
 
     import throughput as T
     from loralab.config import RunConfig
-    from loralab.io.models import EAGER_MAX_ROW
+    from loralab.io.attention import EAGER_MAX_ROW, register
     from loralab.prepare import setup_model
     from loralab.train.loss import loss_sum
     from workload import LORA, MODEL
@@ -55,12 +57,23 @@ def main() -> int:
     cfg.model.attn_implementation = "eager"  # not auto: this benchmark sets the implementation itself
     model = setup_model(cfg, torch.device("cpu"))[0].train()
 
-    def step(batch) -> float:
+    register()
+
+    def step(batch) -> tuple[float, int]:
+        seen, saved = set(), [0]
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in seen:
+                seen.add(t.untyped_storage().data_ptr())
+                saved[0] += t.untyped_storage().nbytes()
+            return t
+
         t0 = time.perf_counter()
-        s, n = loss_sum(model, batch)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            s, n = loss_sum(model, batch)
         (s / n).backward()
         model.zero_grad(set_to_none=True)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, saved[0]
 
     if not a.no_lock:
         T.USE_LOCK = True
@@ -73,20 +86,23 @@ def main() -> int:
             ids = torch.randint(0, model.config.vocab_size, (max(1, a.tokens // length), length),
                                 generator=torch.Generator().manual_seed(length))
             batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-            times = {i: [] for i in IMPLS}
+            times, saved = {i: [] for i in IMPLS}, {}
             for r in range(a.rounds + 1):
-                for impl in IMPLS[r % 2:] + IMPLS[:r % 2]:  # rotate who goes first
+                k = r % len(IMPLS)
+                for impl in IMPLS[k:] + IMPLS[:k]:  # rotate who goes first
                     model.set_attn_implementation(impl)
-                    dt = step(batch)
+                    dt, saved[impl] = step(batch)
                     if r:  # round 0 warms up
                         times[impl].append(dt)
-            row = {"length": length, "rows": ids.shape[0],
-                   **{f"{i}_step_s": statistics.median(times[i]) for i in IMPLS},
-                   "sdpa_over_eager": statistics.median(s / e for s, e in zip(times["sdpa"], times["eager"]))}
+            row = {"length": length, "rows": ids.shape[0]}
+            for i in IMPLS:
+                row[f"{i}_step_s"] = statistics.median(times[i])
+                row[f"{i}_over_eager"] = statistics.median(t / e for t, e in zip(times[i], times["eager"]))
+                row[f"{i}_saved_mb"] = round(saved[i] / 2**20, 1)
             result["lengths"].append(row)
-            print(f"length {length} x {row['rows']} rows: eager {row['eager_step_s']:.2f} s, "
-                  f"sdpa {row['sdpa_step_s']:.2f} s, sdpa / eager {row['sdpa_over_eager']:.2f}",
-                  file=sys.stderr, flush=True)
+            print(f"length {length} x {row['rows']} rows: " + ", ".join(
+                f"{i} {row[f'{i}_step_s']:.2f} s ({row[f'{i}_over_eager']:.2f}x, saves {row[f'{i}_saved_mb']:.0f} MB)"
+                for i in IMPLS), file=sys.stderr, flush=True)
     finally:
         if not a.no_lock:
             T.release_lock()

@@ -28,7 +28,7 @@ class ModelConfig:
     quant: str = "none"               # none | nf4: how frozen base linears are stored (nf4 = QLoRA)
     quant_all_linear: bool = False    # with nf4: also quantize frozen linears LoRA does not wrap
     trust_remote_code: bool = False
-    attn_implementation: str = "auto"  # auto (sdpa on CUDA; CPU: eager up to 512 tokens per row) | eager | sdpa
+    attn_implementation: str = "auto"  # auto | eager | eager_recompute | sdpa (io/attention.py)
 
 
 @dataclass
@@ -134,7 +134,7 @@ class RunConfig:
 REPORT_TO = ("jsonl", "tensorboard", "mlflow")  # jsonl: metrics.jsonl in output_dir
 CHOICES = {
     "model.quant": ("none", "nf4"),
-    "model.attn_implementation": ("auto", "eager", "sdpa"),
+    "model.attn_implementation": ("auto", "eager", "eager_recompute", "sdpa"),
     "train.method": ("lora", "full"),
     "train.optimizer": ("adamw", "sgd"),
     "train.scheduler": ("cosine", "linear", "constant"),

@@ -164,14 +164,19 @@ def test_eager_attention_grows_quadratically_and_sdpa_linearly():
     assert layer("eager", 1024) > 2.2 * layer("eager", 512)
 
 
-def test_auto_attention_on_the_cpu_is_eager_up_to_its_row_limit_and_sdpa_beyond():
-    from loralab.io.models import EAGER_MAX_ROW
+def test_auto_attention_on_the_cpu_is_recomputed_eager_up_to_its_row_limit_and_sdpa_beyond():
+    from loralab.io.attention import EAGER_MAX_ROW, RECOMPUTE
 
     cfg = A.resolve_model_config("smollm2-135m")
-    peak = lambda attn, seq, dev="cpu": E.estimate(cfg, seq=seq, attention=attn, device=dev)["peak_bytes"]
-    assert peak("auto", EAGER_MAX_ROW) == peak("eager", EAGER_MAX_ROW) != peak("sdpa", EAGER_MAX_ROW)
+    est = lambda attn, seq, dev="cpu": E.estimate(cfg, seq=seq, attention=attn, device=dev)
+    peak = lambda *a: est(*a)["peak_bytes"]
+    assert peak("auto", EAGER_MAX_ROW) == peak(RECOMPUTE, EAGER_MAX_ROW) < peak("eager", EAGER_MAX_ROW)
     assert peak("auto", EAGER_MAX_ROW + 1) == peak("sdpa", EAGER_MAX_ROW + 1) != peak("eager", EAGER_MAX_ROW + 1)
     assert peak("auto", 64, "cuda") == peak("sdpa", 64, "cuda")
+    # recomputing keeps the per-layer activations of SDPA, plus one layer's scores during backward
+    r, s = est(RECOMPUTE, 256), est("sdpa", 256)
+    assert r["activation_detail"]["layers_bytes"] == s["activation_detail"]["layers_bytes"]
+    assert r["peak_bytes"] - s["peak_bytes"] == 256 * cfg["num_attention_heads"] * 256 * 10
 
 
 def test_breakdown_sums_to_peak():
@@ -209,7 +214,7 @@ def test_estimate_for_run_follows_the_run_config():
     r = E.estimate_for_run(cfg, A.resolve_model_config("smollm2-135m"), "cpu")
     assert r["settings"]["method"] == "qlora" and r["settings"]["batch"] == 2 and r["settings"]["seq"] == 128
     assert r["params"]["quantized"] == 2 * 30  # loralab quantizes the LoRA targets only by default
-    assert r["activation_detail"]["attention"] == "eager"
+    assert r["activation_detail"]["attention"] == "eager_recompute"  # auto on the CPU, short rows
 
 
 def test_resolve_model_config_paths_and_errors(tmp_path):

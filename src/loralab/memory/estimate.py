@@ -14,14 +14,16 @@ The decoder's shape and parameter counts come from loralab.arch. Assumptions, in
       norms        2 x 4H      (each RMSNorm keeps an fp32 copy of its input)
       attention    SDPA/flash: q, k, v, output (2Q + 2K) x b + a logsumexp per head (fp32);
                    eager:      q, k, v per head (3Q x b) + scores heads x seq x (4 + 2 if bf16),
-                               the fp32 softmax and its bf16 copy, i.e. quadratic in seq
+                               the fp32 softmax and its bf16 copy, i.e. quadratic in seq;
+                   eager_recompute: as SDPA (q, k, v, output), plus one layer's eager scores
+                               while backward recomputes them
       MLP          3I x b      (gate output, its SiLU, up output; frozen linears keep no input)
       LoRA         per target: its input twice (dropout mask + dropped input) x b, plus r x b
       QLoRA        bitsandbytes-style 4-bit matmuls also keep the input of every quantized linear
       full FT      inputs of every linear (2H + Q + I) x b and the normalised input of each norm
     With gradient checkpointing: each layer's input (H x b) plus one full layer being recomputed.
-    Attention: SDPA on CUDA; on the CPU eager up to io.models.EAGER_MAX_ROW tokens per row, SDPA
-    beyond (loralab's 'auto').
+    Attention 'auto': SDPA on CUDA; on the CPU eager_recompute up to io.attention.EAGER_MAX_ROW
+    tokens per row, SDPA beyond.
   - logits: rows x vocab x 12 (the saved fp32 log-softmax, its gradient, and the fp32 logits or their
     gradient: measured 12.0 on the CPU in bf16 and fp32), with rows = batch x seq (every position
     labelled, no chunking; loralab's own loss holds at most 1024 rows at once).
@@ -44,7 +46,7 @@ The decoder's shape and parameter counts come from loralab.arch. Assumptions, in
 from __future__ import annotations
 
 from ..errors import UserError
-from ..io.models import EAGER_MAX_ROW
+from ..io.attention import EAGER_MAX_ROW, RECOMPUTE
 from ..peft.names import pattern_value
 from ..peft.presets import LLAMA_LINEARS, OUTPUT_LAYER, mutates_base
 from ..train.loss import CHUNK_ROWS
@@ -71,7 +73,7 @@ GB = 1e9
 def _check(method, optimizer, precision, device, attention, r, seq, batch, grad_accum) -> None:
     for key, value, allowed in (("method", method, METHODS), ("optimizer", optimizer, tuple(OPTIMIZERS)),
                                 ("precision", precision, tuple(PRECISIONS)), ("device", device, DEVICES),
-                                ("attention", attention, ("auto", "eager", "sdpa"))):
+                                ("attention", attention, ("auto", "eager", RECOMPUTE, "sdpa"))):
         if value not in allowed:
             raise UserError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
     for key, value in (("r", r), ("seq", seq), ("batch", batch), ("grad_accum", grad_accum)):
@@ -121,7 +123,7 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
     """Predicted peak memory (bytes) of one training step, with its breakdown at that moment. Pure arithmetic.
 
     method lora | qlora (NF4 base) | full; targets a preset (qv, attn, mlp, all-linear, all-linear+head)
-    or module names; attention auto (as loralab picks it) | eager | sdpa; quantize which frozen
+    or module names; attention auto (as loralab picks it) | eager | eager_recompute | sdpa; quantize which frozen
     linears QLoRA stores in NF4 (all-linear: every decoder linear, as QLoRA does; targets: only the
     LoRA-wrapped ones, loralab's default); qlora_saves_inputs: the 4-bit matmul keeps its input for
     backward (bitsandbytes does); loss_rows: logit rows alive at once (default batch x seq);
@@ -137,7 +139,9 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
     names = () if method == "full" else target_names(targets)
     params = count_params(model_config, names or "qv", r)
     b = PRECISIONS[precision]
-    eager = attention == "eager" or (attention == "auto" and device == "cpu" and seq <= EAGER_MAX_ROW)
+    if attention == "auto":
+        attention = "sdpa" if device == "cuda" or seq > EAGER_MAX_ROW else RECOMPUTE
+    eager = attention == "eager"
     tokens = batch * seq
     lin = a.linears()
     quantized = set()
@@ -180,6 +184,8 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
     rows = tokens if loss_rows is None else min(loss_rows, tokens)
     logits = rows * a.vocab * 12
     activations = layers_bytes + logits + tokens * a.hidden * 4  # + the final norm's input
+    if attention == RECOMPUTE:  # one layer's scores, softmax and their gradients while recomputed
+        activations += tokens * a.heads * seq * (4 + 2 * (b == 2) + 4)
     runtime = CUDA_OTHER_BYTES if device == "cuda" else CPU_RUNTIME_BYTES
     slack = slack if device == "cpu" else 0.0  # the CPU's RSS keeps the heap's holes; CUDA's allocated bytes do not
 
@@ -204,7 +210,7 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
         "phase": phase,
         "activation_detail": {"per_layer_per_token_bytes": int(round(per_token)), "layers_bytes": int(layers_bytes),
                               "logits_bytes": int(logits), "heap_slack_bytes": int(slack),
-                              "attention": "eager" if eager else "sdpa"},
+                              "attention": attention},
         "params": {"total": params["total"], "trainable": trainable, "quantized": len(quantized) * a.layers},
         "parts": {k: int(round(v)) for k, v in parts.items()},
         "units": units,

@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..data.batching import collate, rank_share
 from ..data.prompts import IGNORE_INDEX
-from ..io.models import attention_for_rows
+from ..io.attention import attention_for_rows
 from .distributed import SINGLE, Dist, all_sum
 from .packing import positions_into
 

@@ -1,0 +1,79 @@
+"""Which attention a loaded model runs: `model.attn_implementation` (auto | eager | eager_recompute | sdpa).
+
+On CUDA 'auto' is SDPA (flash / memory-efficient kernels). On the CPU no implementation is best at
+every row length, so 'auto' switches per micro batch (`attention_for_rows`, called by the loss):
+  - rows of up to EAGER_MAX_ROW tokens: the model's own eager attention with its core (QK^T,
+    softmax, dropout, AV) recomputed in backward (`eager_recompute`). Plain eager is the fastest
+    on short rows, but keeps every layer's T x T probabilities for backward, in fp32 and in the
+    compute dtype: ~a quarter of a step's saved activations at 256 tokens. Recomputing them gives
+    the same values bit for bit and keeps only q, k, v and the output.
+  - longer rows: SDPA, faster than eager there, and linear in memory.
+Step times are in docs/performance.md (benchmarks/attention_rows.py).
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+EAGER_MAX_ROW = 512                 # 'auto' on the CPU: eager_recompute up to here, SDPA beyond
+RECOMPUTE = "eager_recompute"       # registered with transformers' AttentionInterface under this name
+CHOICES = ("auto", "eager", RECOMPUTE, "sdpa")
+_AUTO_ATTR = "_loralab_attention_auto"  # set on models whose attention follows the row length
+
+
+def _eager_recompute(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """The attention module's own `eager_attention_forward` (its model's file defines it: soft-capping,
+    sliding windows and all), run under non-reentrant checkpointing: backward recomputes it from
+    q, k, v and the mask, with the same dropout draws (the RNG state is replayed)."""
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if eager is None:  # a model without the standard eager function: SDPA is lean too
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      dropout=dropout, **kwargs)
+
+    def core(q, k, v, mask):
+        return eager(module, q, k, v, mask, scaling=scaling, dropout=dropout, **kwargs)[0]
+
+    if not torch.is_grad_enabled():
+        return core(query, key, value, attention_mask), None
+    return checkpoint(core, query, key, value, attention_mask, use_reentrant=False), None
+
+
+def register() -> None:
+    """Make RECOMPUTE a name transformers knows (attention function and the eager mask), once."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    if RECOMPUTE not in AttentionInterface._global_mapping:
+        AttentionInterface.register(RECOMPUTE, _eager_recompute)
+        AttentionMaskInterface.register(RECOMPUTE, eager_mask)
+
+
+def _for_rows(row_len: int) -> str:
+    return RECOMPUTE if row_len <= EAGER_MAX_ROW else "sdpa"
+
+
+def pick_attention(choice: str, device: str | torch.device) -> str:
+    """The implementation to load: 'auto' is SDPA on CUDA and, on the CPU, the short-row choice
+    (switched per batch by `attention_for_rows`)."""
+    name = choice if choice != "auto" else ("sdpa" if torch.device(device).type == "cuda" else _for_rows(1))
+    if name == RECOMPUTE:
+        register()
+    return name
+
+
+def mark_auto(model, choice: str, device: str | torch.device) -> None:
+    """Let a CPU model loaded with 'auto' follow its batches' row lengths."""
+    if choice == "auto" and torch.device(device).type == "cpu":
+        setattr(model, _AUTO_ATTR, True)
+
+
+def attention_for_rows(model, row_len: int) -> None:
+    """Switch a CPU 'auto' model to the attention its batch's rows call for (a no-op otherwise)."""
+    if getattr(model, _AUTO_ATTR, False):
+        want = _for_rows(row_len)
+        if model.config._attn_implementation != want:
+            model.set_attn_implementation(want)

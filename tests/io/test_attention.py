@@ -1,0 +1,61 @@
+"""The attention a loaded model runs: 'auto' per batch on the CPU, and eager with its core recomputed."""
+import pytest
+import torch
+
+from loralab.io import attention as A
+from loralab.io.models import load_weights
+from loralab.train.loss import loss_sum
+from tinymodels import tiny_llama
+
+
+def _batch(rows: int, length: int, vocab: int = 20) -> dict:
+    ids = torch.randint(3, vocab, (rows, length), generator=torch.Generator().manual_seed(length))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def test_auto_attention_follows_the_row_length_with_the_same_loss(tiny_folder, monkeypatch):
+    monkeypatch.setattr(A, "EAGER_MAX_ROW", 16)  # the tiny model's rows are short
+    auto = load_weights(tiny_folder, attn_implementation="auto")
+    fixed = {a: load_weights(tiny_folder, attn_implementation=a) for a in (A.RECOMPUTE, "sdpa")}
+    assert auto.config._attn_implementation == A.RECOMPUTE
+    for length, want in ((16, A.RECOMPUTE), (40, "sdpa"), (12, A.RECOMPUTE)):
+        batch = _batch(2, length)
+        got = loss_sum(auto, batch)[0]
+        assert auto.config._attn_implementation == want, length
+        assert torch.allclose(got, loss_sum(fixed[want], batch)[0], rtol=1e-6)
+    for a, m in fixed.items():  # a chosen implementation is kept whatever the rows
+        loss_sum(m, _batch(1, 40))
+        assert m.config._attn_implementation == a
+
+
+def _grads(model, batch, dropout_seed=None):
+    model.zero_grad(set_to_none=True)
+    if dropout_seed is not None:
+        torch.manual_seed(dropout_seed)
+    s, _ = loss_sum(model, batch)
+    s.backward()
+    return s.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_recomputed_eager_attention_gives_eager_values_bit_for_bit_and_saves_less(dtype):
+    eager = tiny_llama(seed=3, attn_implementation="eager", attention_dropout=0.1).to(dtype).train()
+    eager.requires_grad_(True)
+    batch = _batch(3, 24, vocab=100)
+    want_loss, want = _grads(eager, batch, dropout_seed=7)
+    saved = {}
+    for name in ("eager", A.pick_attention(A.RECOMPUTE, "cpu")):
+        eager.set_attn_implementation(name)
+        saved[name] = seen = set()
+        pack = lambda t, seen=seen: seen.add(t.untyped_storage().data_ptr()) or t  # noqa: E731
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss, grads = _grads(eager, batch, dropout_seed=7)
+        saved[name] = len(saved[name])
+        assert torch.equal(loss, want_loss)
+        assert grads.keys() == want.keys() and all(torch.equal(grads[k], want[k]) for k in want), name
+    assert saved[A.RECOMPUTE] < saved["eager"]  # the probabilities are not kept
+
+
+def test_auto_attention_is_sdpa_on_cuda_and_a_choice_is_kept():
+    assert A.pick_attention("auto", "cuda") == "sdpa" and A.pick_attention("auto", "cpu") == A.RECOMPUTE
+    assert A.pick_attention("sdpa", "cpu") == "sdpa" and A.pick_attention("eager", "cuda") == "eager"
