@@ -20,6 +20,8 @@ from ..errors import UserError
 
 POLL_S = 1.0         # how often a waiting run checks whether the study was interrupted
 STOP_GRACE_S = 60.0  # a cancelled run's time to write its checkpoint after SIGTERM, then it is killed
+STOP_FILE = ".stop-requested"  # in the run folder: the driver's request to the task to stop its run
+STOPPED = "stopped: the study was interrupted"
 
 
 def _import_ray():
@@ -54,12 +56,13 @@ def disconnect() -> None:
     ray.shutdown()
 
 
-def task_function():
+def task_function(stop_file: str = STOP_FILE, stopped: str = STOPPED):
     """The function a Ray task runs. Made here, so that Ray ships it by value: a worker needs
     loralab installed only for the `loralab train` it starts, not to unpickle this."""
     def run_in_task(cmd: list, run_dir: str, log_path: str, grace_s: float) -> int | str:
         """In the Ray worker: the training command, in this node's own Python, its output to the log.
-        Cancelled (ray.cancel raises KeyboardInterrupt here), it sends the run SIGTERM, on which
+        Asked to stop (the driver writes stop_file into the shared run folder; Ray's own cancel,
+        a KeyboardInterrupt here, can be lost while a task sleeps), it sends the run SIGTERM, on which
         loralab train writes a checkpoint and exits; after grace_s it is killed."""
         import os
         import socket
@@ -70,6 +73,17 @@ def task_function():
         if not os.path.isdir(run_dir):
             return (f"run folder {run_dir} is not visible on node {socket.gethostname()}: a Ray study needs "
                     "its folder on a filesystem shared by every node, at the same path")
+        stop_path = os.path.join(run_dir, stop_file)
+        if os.path.exists(stop_path):  # asked to stop before it started
+            return stopped
+
+        def end(proc):
+            proc.terminate()
+            try:
+                proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
         with open(log_path, "w") as log:
             try:
                 proc = subprocess.Popen([sys.executable, *cmd[1:]], stdout=log, stderr=subprocess.STDOUT,
@@ -77,15 +91,14 @@ def task_function():
             except OSError as e:
                 return f"could not start on node {socket.gethostname()}: {e}"
             try:
-                while proc.poll() is None:  # a short sleep, not a blocking wait: the cancel must get in
+                while proc.poll() is None:  # a short sleep, not a blocking wait: a stop must get in
+                    if os.path.exists(stop_path):
+                        end(proc)
+                        return stopped
                     time.sleep(0.2)
                 return proc.returncode
             except KeyboardInterrupt:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=grace_s)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+                end(proc)
                 raise
     return run_in_task
 
@@ -123,16 +136,22 @@ class RayRunner:
         import ray
 
         if self._stopping.is_set():
-            return "stopped: the study was interrupted"
+            return STOPPED
+        stop_path = Path(run_dir) / STOP_FILE
+        stop_path.unlink(missing_ok=True)  # a request left by an earlier, interrupted study
         try:
             ref = self._task.remote(list(cmd), str(run_dir), str(log_path), self.stop_grace_s)
             while not ray.wait([ref], timeout=POLL_S)[0]:
                 if self._stopping.is_set():
-                    ray.cancel(ref)
+                    stop_path.touch()  # the task ends its run (SIGTERM, checkpoint) and returns
+                    ray.cancel(ref)    # a task not started yet never runs
+                    if not ray.wait([ref], timeout=self.stop_grace_s + 30)[0]:
+                        ray.cancel(ref, force=True)  # neither reached it: end its worker
+                        return STOPPED
                     break
             return ray.get(ref)
         except ray.exceptions.TaskCancelledError:
-            return "stopped: the study was interrupted"
+            return STOPPED
         except ray.exceptions.RayError as e:
             first = (str(e).strip().splitlines() or [""])[0][:200]
             return f"Ray: {type(e).__name__}: {first}"
