@@ -13,19 +13,30 @@ def _batch(rows: int, length: int, vocab: int = 20) -> dict:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
-def test_auto_attention_follows_the_row_length_with_the_same_loss(tiny_folder, monkeypatch):
+def test_auto_attention_follows_the_row_length_in_bf16_with_the_same_loss(tiny_folder, monkeypatch):
     monkeypatch.setattr(A, "EAGER_MAX_ROW", 16)  # the tiny model's rows are short
-    auto = load_weights(tiny_folder, attn_implementation="auto")
-    fixed = {a: load_weights(tiny_folder, attn_implementation=a) for a in (A.RECOMPUTE, "sdpa")}
+    auto = load_weights(tiny_folder, torch.bfloat16, attn_implementation="auto")
+    fixed = {a: load_weights(tiny_folder, torch.bfloat16, attn_implementation=a) for a in (A.RECOMPUTE, "sdpa")}
     assert auto.config._attn_implementation == A.RECOMPUTE
     for length, want in ((16, A.RECOMPUTE), (40, "sdpa"), (12, A.RECOMPUTE)):
         batch = _batch(2, length)
         got = loss_sum(auto, batch)[0]
         assert auto.config._attn_implementation == want, length
-        assert torch.allclose(got, loss_sum(fixed[want], batch)[0], rtol=1e-6)
+        assert torch.equal(got, loss_sum(fixed[want], batch)[0])
     for a, m in fixed.items():  # a chosen implementation is kept whatever the rows
         loss_sum(m, _batch(1, 40))
         assert m.config._attn_implementation == a
+
+
+def test_auto_attention_in_fp32_is_sdpa_unless_bf16_autocast_computes(tiny_folder, monkeypatch):
+    monkeypatch.setattr(A, "EAGER_MAX_ROW", 16)
+    auto = load_weights(tiny_folder, torch.float32, attn_implementation="auto")
+    assert auto.config._attn_implementation == "sdpa"
+    loss_sum(auto, _batch(2, 12))
+    assert auto.config._attn_implementation == "sdpa"
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # full fine-tuning's bf16: fp32 weights, bf16 matmuls
+        loss_sum(auto, _batch(2, 12))
+    assert auto.config._attn_implementation == A.RECOMPUTE
 
 
 def _grads(model, batch, dropout_seed=None):
@@ -57,5 +68,7 @@ def test_recomputed_eager_attention_gives_eager_values_bit_for_bit_and_saves_les
 
 
 def test_auto_attention_is_sdpa_on_cuda_and_a_choice_is_kept():
-    assert A.pick_attention("auto", "cuda") == "sdpa" and A.pick_attention("auto", "cpu") == A.RECOMPUTE
+    assert A.pick_attention("auto", "cuda", torch.bfloat16) == "sdpa"
+    assert A.pick_attention("auto", "cpu", torch.bfloat16) == A.RECOMPUTE
+    assert A.pick_attention("auto", "cpu", torch.float32) == "sdpa"
     assert A.pick_attention("sdpa", "cpu") == "sdpa" and A.pick_attention("eager", "cuda") == "eager"

@@ -164,7 +164,7 @@ def test_eager_attention_grows_quadratically_and_sdpa_linearly():
     assert layer("eager", 1024) > 2.2 * layer("eager", 512)
 
 
-def test_auto_attention_on_the_cpu_is_recomputed_eager_up_to_its_row_limit_and_sdpa_beyond():
+def test_auto_attention_on_a_bf16_cpu_is_recomputed_eager_up_to_its_row_limit_and_sdpa_beyond():
     from loralab.io.attention import EAGER_MAX_ROW, RECOMPUTE
 
     cfg = A.resolve_model_config("smollm2-135m")
@@ -173,6 +173,8 @@ def test_auto_attention_on_the_cpu_is_recomputed_eager_up_to_its_row_limit_and_s
     assert peak("auto", EAGER_MAX_ROW) == peak(RECOMPUTE, EAGER_MAX_ROW) < peak("eager", EAGER_MAX_ROW)
     assert peak("auto", EAGER_MAX_ROW + 1) == peak("sdpa", EAGER_MAX_ROW + 1) != peak("eager", EAGER_MAX_ROW + 1)
     assert peak("auto", 64, "cuda") == peak("sdpa", 64, "cuda")
+    fp32 = lambda attn: E.estimate(cfg, seq=64, attention=attn, precision="fp32")["peak_bytes"]
+    assert fp32("auto") == fp32("sdpa") != fp32(RECOMPUTE)  # fp32 on the CPU: SDPA at every length
     # recomputing keeps the per-layer activations of SDPA, plus one layer's scores during backward
     r, s = est(RECOMPUTE, 256), est("sdpa", 256)
     assert r["activation_detail"]["layers_bytes"] == s["activation_detail"]["layers_bytes"]

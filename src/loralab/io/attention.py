@@ -1,14 +1,16 @@
 """Which attention a loaded model runs: `model.attn_implementation` (auto | eager | eager_recompute | sdpa).
 
-On CUDA 'auto' is SDPA (flash / memory-efficient kernels). On the CPU no implementation is best at
-every row length, so 'auto' switches per micro batch (`attention_for_rows`, called by the loss):
-  - rows of up to EAGER_MAX_ROW tokens: the model's own eager attention with its core (QK^T,
+On CUDA 'auto' is SDPA (flash / memory-efficient kernels). On the CPU it depends on the compute
+dtype, and in bf16 on the row length, switched per micro batch (`attention_for_rows`, called by the loss):
+  - fp32: SDPA at every length, as fast as eager or faster, and linear in memory;
+  - bf16, rows of up to EAGER_MAX_ROW tokens: the model's own eager attention with its core (QK^T,
     softmax, dropout, AV) recomputed in backward (`eager_recompute`). Plain eager is the fastest
-    on short rows, but keeps every layer's T x T probabilities for backward, in fp32 and in the
-    compute dtype: ~a quarter of a step's saved activations at 256 tokens. Recomputing them gives
-    the same values bit for bit and keeps only q, k, v and the output.
-  - longer rows: SDPA, faster than eager there, and linear in memory.
-Step times are in docs/performance.md (benchmarks/attention_rows.py).
+    there (SDPA's bf16 kernels are 8-16% slower per step), but keeps every layer's T x T
+    probabilities for backward, in fp32 and bf16: a quarter of a step's saved activations at 256
+    tokens. Recomputing them gives the same values bit for bit, keeps only q, k, v and the output,
+    and costs 1-5% of a step;
+  - bf16, longer rows: SDPA, faster than eager there.
+Paired step times and saved bytes are in docs/performance.md (benchmarks/attention_rows.py).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import sys
 import torch
 from torch.utils.checkpoint import checkpoint
 
-EAGER_MAX_ROW = 512                 # 'auto' on the CPU: eager_recompute up to here, SDPA beyond
+EAGER_MAX_ROW = 512                 # 'auto' on a bf16 CPU: eager_recompute up to here, SDPA beyond
 RECOMPUTE = "eager_recompute"       # registered with transformers' AttentionInterface under this name
 CHOICES = ("auto", "eager", RECOMPUTE, "sdpa")
 _AUTO_ATTR = "_loralab_attention_auto"  # set on models whose attention follows the row length
@@ -52,14 +54,16 @@ def register() -> None:
         AttentionMaskInterface.register(RECOMPUTE, eager_mask)
 
 
-def _for_rows(row_len: int) -> str:
-    return RECOMPUTE if row_len <= EAGER_MAX_ROW else "sdpa"
+def cpu_choice(row_len: int, bf16: bool) -> str:
+    """What 'auto' runs on the CPU for rows of row_len tokens, computing in bf16 or fp32."""
+    return RECOMPUTE if bf16 and row_len <= EAGER_MAX_ROW else "sdpa"
 
 
-def pick_attention(choice: str, device: str | torch.device) -> str:
-    """The implementation to load: 'auto' is SDPA on CUDA and, on the CPU, the short-row choice
-    (switched per batch by `attention_for_rows`)."""
-    name = choice if choice != "auto" else ("sdpa" if torch.device(device).type == "cuda" else _for_rows(1))
+def pick_attention(choice: str, device: str | torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """The implementation to load: 'auto' is SDPA on CUDA and, on the CPU, the short-row choice for
+    weights of `dtype` (switched per batch by `attention_for_rows`)."""
+    name = choice if choice != "auto" else (
+        "sdpa" if torch.device(device).type == "cuda" else cpu_choice(1, dtype == torch.bfloat16))
     if name == RECOMPUTE:
         register()
     return name
@@ -74,6 +78,8 @@ def mark_auto(model, choice: str, device: str | torch.device) -> None:
 def attention_for_rows(model, row_len: int) -> None:
     """Switch a CPU 'auto' model to the attention its batch's rows call for (a no-op otherwise)."""
     if getattr(model, _AUTO_ATTR, False):
-        want = _for_rows(row_len)
+        bf16 = model.dtype == torch.bfloat16 or (
+            torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        want = cpu_choice(row_len, bf16)
         if model.config._attn_implementation != want:
             model.set_attn_implementation(want)

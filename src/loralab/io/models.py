@@ -187,8 +187,9 @@ def load_weights(folder: Path, dtype: torch.dtype = torch.float32, *, trust_remo
 
     hf_logging.disable_progress_bar()  # our own progress output is enough
     try:
+        attention = pick_attention(attn_implementation, device, dtype)
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, trust_remote_code=trust_remote_code,
-                                                     attn_implementation=pick_attention(attn_implementation, device))
+                                                     attn_implementation=attention)
     except ValueError as e:
         raise _load_error(folder, e, trust_remote_code) from None
     except (OSError, RuntimeError, json.JSONDecodeError) as e:

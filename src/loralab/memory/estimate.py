@@ -22,8 +22,8 @@ The decoder's shape and parameter counts come from loralab.arch. Assumptions, in
       QLoRA        bitsandbytes-style 4-bit matmuls also keep the input of every quantized linear
       full FT      inputs of every linear (2H + Q + I) x b and the normalised input of each norm
     With gradient checkpointing: each layer's input (H x b) plus one full layer being recomputed.
-    Attention 'auto': SDPA on CUDA; on the CPU eager_recompute up to io.attention.EAGER_MAX_ROW
-    tokens per row, SDPA beyond.
+    Attention 'auto': as loralab picks it (io.attention): SDPA on CUDA and in fp32 on the CPU;
+    in bf16 on the CPU eager_recompute up to EAGER_MAX_ROW tokens per row, SDPA beyond.
   - logits: rows x vocab x 12 (the saved fp32 log-softmax, its gradient, and the fp32 logits or their
     gradient: measured 12.0 on the CPU in bf16 and fp32), with rows = batch x seq (every position
     labelled, no chunking; loralab's own loss holds at most 1024 rows at once).
@@ -46,7 +46,7 @@ The decoder's shape and parameter counts come from loralab.arch. Assumptions, in
 from __future__ import annotations
 
 from ..errors import UserError
-from ..io.attention import EAGER_MAX_ROW, RECOMPUTE
+from ..io.attention import RECOMPUTE, cpu_choice
 from ..peft.names import pattern_value
 from ..peft.presets import LLAMA_LINEARS, OUTPUT_LAYER, mutates_base
 from ..train.loss import CHUNK_ROWS
@@ -140,7 +140,7 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
     params = count_params(model_config, names or "qv", r)
     b = PRECISIONS[precision]
     if attention == "auto":
-        attention = "sdpa" if device == "cuda" or seq > EAGER_MAX_ROW else RECOMPUTE
+        attention = "sdpa" if device == "cuda" else cpu_choice(seq, precision == "bf16")
     eager = attention == "eager"
     tokens = batch * seq
     lin = a.linears()
