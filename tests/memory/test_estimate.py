@@ -219,6 +219,18 @@ def test_estimate_for_run_follows_the_run_config():
     assert r["activation_detail"]["attention"] == "eager_recompute"  # auto on the CPU, short rows
 
 
+def test_estimate_for_run_keeps_one_small_chunk_of_logits_for_a_frozen_output_layer():
+    from loralab.config import load_config
+    from loralab.train.loss import CHUNK_ROWS, FROZEN_HEAD_ROWS
+
+    arch = A.resolve_model_config("smollm2-135m")
+    logits = lambda targets: E.estimate_for_run(load_config(None, [
+        f"lora.targets={targets}", "train.batch_size=2", "data.max_seq_len=1024"]), arch, "cpu")[
+        "activation_detail"]["logits_bytes"]
+    assert logits("all-linear") == FROZEN_HEAD_ROWS * arch["vocab_size"] * 12
+    assert logits("all-linear+head") == CHUNK_ROWS * arch["vocab_size"] * 12  # a trained head keeps a chunk
+
+
 def test_resolve_model_config_paths_and_errors(tmp_path):
     tiny_llama_config().save_pretrained(tmp_path)
     assert A.resolve_model_config(str(tmp_path))["hidden_size"] == 32

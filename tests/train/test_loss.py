@@ -90,3 +90,60 @@ def test_the_one_time_path_check_looks_at_a_few_positions_only():
     checks = [shape for training, shape in seen if not training]
     assert checks and all(shape == (1, loss_mod.CHECK_POSITIONS) for shape in checks)
     assert [shape for training, shape in seen if training] == [(3, 64)]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("chunk_rows", [8, 1000])
+def test_frozen_head_keeps_no_logits_and_gives_the_autograd_loss_and_gradient(bias, chunk_rows):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=bias).requires_grad_(False)
+    hidden = (3 * torch.randn(37, 16)).requires_grad_(True)  # large logits: log-softmax, not log(softmax)
+    labels = torch.randint(0, 50, (37,))
+    want = loss_mod._head_ce_sum(head, hidden, labels)
+    (g_want,) = torch.autograd.grad(2.5 * want, [hidden])
+    shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+        got = selected_head_loss(head, hidden, labels, chunk_rows=chunk_rows)
+    assert all(50 not in s for s in shapes) and shapes  # nothing vocabulary-wide is kept for backward
+    (g_got,) = torch.autograd.grad(2.5 * got, [hidden])
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_head_in_bf16_matches_autograd_within_rounding():
+    torch.manual_seed(1)
+    head = torch.nn.Linear(32, 300, bias=False).to(torch.bfloat16).requires_grad_(False)
+    hidden = torch.randn(20, 32, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 300, (20,))
+    want = loss_mod._head_ce_sum(head, hidden, labels)
+    got = selected_head_loss(head, hidden, labels)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)  # the same fp32 loss of the same logits
+    (g_want,) = torch.autograd.grad(want, [hidden])
+    (g_got,) = torch.autograd.grad(got, [hidden])
+    torch.testing.assert_close(g_got.float(), g_want.float(), rtol=2e-2, atol=2e-3)
+
+
+def test_lora_model_with_the_frozen_head_equals_the_full_logits_path():
+    from loralab.peft.inject import inject
+    from loralab.peft.lora import LoraSpec
+
+    def lora_model():
+        m = tiny_llama(0)  # seeds the RNG, so both models' LoRA factors are drawn alike
+        inject(m, ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"], LoraSpec(r=4, alpha=8))
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(3))
+        return m
+
+    batch = _batch(seed=2)
+    a, b = lora_model(), lora_model()
+    assert not b.lm_head.weight.requires_grad
+    sa, _ = full_logits_loss_sum(a, batch)
+    sb, _ = loss_sum(b, batch)
+    assert sb.item() == pytest.approx(sa.item(), rel=1e-5)
+    sa.backward()
+    sb.backward()
+    ga, gb = _grads(a), _grads(b)
+    assert ga.keys() == gb.keys() and len(ga) == 4
+    for k in ga:
+        torch.testing.assert_close(gb[k], ga[k], rtol=1e-4, atol=1e-6)

@@ -49,7 +49,7 @@ from ..errors import UserError
 from ..io.attention import RECOMPUTE, cpu_choice
 from ..peft.names import pattern_value
 from ..peft.presets import LLAMA_LINEARS, OUTPUT_LAYER, mutates_base
-from ..train.loss import CHUNK_ROWS
+from ..train.loss import CHUNK_ROWS, FROZEN_HEAD_ROWS
 from ..train.precision import resolve_precision
 from .arch import Arch, arch_from_config, count_params, resolve_model_config, target_names
 
@@ -267,13 +267,16 @@ def run_settings(cfg, device, seq: int | None = None) -> dict:
     seq: the longest sequence of the run (default data.max_seq_len)."""
     dev = "cuda" if str(device).startswith("cuda") else "cpu"
     method = "full" if cfg.train.method == "full" else ("qlora" if cfg.model.quant == "nf4" else "lora")
+    # A frozen output layer's logits live one chunk at a time inside forward (train.loss._FrozenHeadCE).
+    frozen_head = method != "full" and OUTPUT_LAYER not in target_names(cfg.lora.targets)
     return dict(method=method, r=cfg.lora.r, targets=cfg.lora.targets, seq=seq or cfg.data.max_seq_len,
                 batch=cfg.train.batch_size, optimizer=cfg.train.optimizer,
                 precision=resolve_precision(cfg.train.precision, device),
                 grad_checkpointing=cfg.train.gradient_checkpointing, device=dev,
                 attention=cfg.model.attn_implementation, lora_dropout=cfg.lora.dropout,
                 quantize="all-linear" if cfg.model.quant_all_linear else "targets",
-                qlora_saves_inputs=False, loss_rows=CHUNK_ROWS, sgd_momentum=cfg.train.momentum > 0,
+                qlora_saves_inputs=False, loss_rows=FROZEN_HEAD_ROWS if frozen_head else CHUNK_ROWS,
+                sgd_momentum=cfg.train.momentum > 0,
                 grad_accum=cfg.train.grad_accum, dora=cfg.lora.use_dora, init_copies=mutates_base(cfg.lora.init),
                 rank_of=_run_rank_of(cfg))
 

@@ -24,6 +24,7 @@ from .distributed import SINGLE, Dist, all_sum
 from .packing import positions_into
 
 CHUNK_ROWS = 1024  # labelled positions per output-layer chunk: bounds logits memory to rows x vocab
+FROZEN_HEAD_ROWS = 256  # a frozen head's chunks: its logits live only inside forward, so smaller is free
 CHECK_POSITIONS = 16  # positions the one-time fast-path check compares
 _OK_ATTR = "_loralab_selected_loss_ok"  # cached on the model: does the selected-positions path match?
 
@@ -38,10 +39,46 @@ def _head_ce_sum(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tens
     return F.cross_entropy(head(hidden).float(), labels, reduction="sum")
 
 
+class _FrozenHeadCE(torch.autograd.Function):
+    """Sum of cross-entropy of a frozen linear head over rows, its gradient with respect to the
+    hidden states computed in forward, chunk by chunk ((softmax - one-hot) @ W, what backward
+    would compute): only that (rows x hidden) gradient is kept, no logits, and nothing is
+    recomputed. Backward scales it by the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, labels, weight, bias, chunk_rows: int):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden)
+        for i in range(0, hidden.shape[0], chunk_rows):
+            logits = F.linear(hidden[i:i + chunk_rows], weight, bias)
+            y = labels[i:i + chunk_rows, None]
+            z = logits.float()  # fp32, as _head_ce_sum's loss
+            lse = torch.logsumexp(z, -1, keepdim=True)
+            total += (lse - z.gather(1, y)).sum()
+            probs = z.sub_(lse).exp_()  # softmax, in place of the fp32 copy
+            probs.scatter_add_(1, y, probs.new_full(y.shape, -1.0))  # d(sum of CE)/d(logits)
+            grad[i:i + chunk_rows] = probs.to(logits.dtype) @ weight.to(logits.dtype)
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        (grad,) = ctx.saved_tensors
+        return grad * g.to(grad.dtype), None, None, None, None
+
+
+def _frozen_linear(head: torch.nn.Module) -> bool:
+    return type(head) is torch.nn.Linear and not any(p.requires_grad for p in head.parameters())
+
+
 def selected_head_loss(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
                        chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
     """Sum of cross-entropy of head(hidden) against labels over rows, never holding more than
-    chunk_rows x vocab logits: with several chunks each one's logits are recomputed in backward."""
+    chunk_rows x vocab logits. A frozen linear head (LoRA's) keeps none for backward
+    (_FrozenHeadCE, chunks of FROZEN_HEAD_ROWS); a trained one keeps one chunk's, and with several
+    chunks each one's logits are recomputed in backward."""
+    if _frozen_linear(head):
+        return _FrozenHeadCE.apply(hidden, labels, head.weight, head.bias, min(chunk_rows, FROZEN_HEAD_ROWS))
     if hidden.shape[0] <= chunk_rows:
         return _head_ce_sum(head, hidden, labels)
     total = hidden.new_zeros((), dtype=torch.float32)
