@@ -96,7 +96,7 @@ def side_spec(name: str, base: dict, group_window: int) -> dict:
 def worker(kind: str, spec_path: str, out_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     if kind == "matmul":
-        res = matmul_peak()
+        res = matmul_peak(precisions=spec.get("precisions", ("bf16", "fp32")))
     elif kind == "baseline":
         res = worker_baseline(spec)
     else:
@@ -260,7 +260,8 @@ def main(argv=None) -> int:
     USE_LOCK = not a.no_lock
     t_start = time.perf_counter()
     try:
-        peak_before = run_worker("matmul", {}, a.threads)
+        peaks_of = {"precisions": ["fp32"] if precision == "fp32" else ["bf16", "fp32"]}
+        peak_before = run_worker("matmul", peaks_of, a.threads)
         raw = {}
         for s in sides:
             print(f"running {s}...", file=sys.stderr)
@@ -287,14 +288,13 @@ def main(argv=None) -> int:
                      "lora_losses": lo["losses"], "qlora_losses": ql["losses"]}
         # Measured again at the end: on a shared (virtual) machine the attainable peak drifts; MFU
         # divides by the higher of the two, so it is never flattered by a slow measurement.
-        peak_after = run_worker("matmul", {}, a.threads)
+        peak_after = run_worker("matmul", peaks_of, a.threads)
     finally:
         release_lock()
-    peak = {"threads": peak_before["threads"],
-            "bf16_gflops": max(peak_before["bf16_gflops"], peak_after["bf16_gflops"]),
-            "fp32_gflops": max(peak_before["fp32_gflops"], peak_after["fp32_gflops"]),
-            "bf16_gflops_start_end": [peak_before["bf16_gflops"], peak_after["bf16_gflops"]],
-            "fp32_gflops_start_end": [peak_before["fp32_gflops"], peak_after["fp32_gflops"]]}
+    peak = {"threads": peak_before["threads"]}
+    for name in peaks_of["precisions"]:  # bf16 is not measured where it would be emulated
+        peak[f"{name}_gflops"] = max(peak_before[f"{name}_gflops"], peak_after[f"{name}_gflops"])
+        peak[f"{name}_gflops_start_end"] = [peak_before[f"{name}_gflops"], peak_after[f"{name}_gflops"]]
     # MFU against the peak of the precision the sides compute in
     peak["mfu_gflops"] = peak[f"{precision}_gflops"]
     total_s = time.perf_counter() - t_start
@@ -337,9 +337,9 @@ def print_table(res: dict, peak: dict, qlora, a, n_examples: int, total_s: float
     print(f"CPU flags: {', '.join(cpu['flags']) or '?'}{' held to AVX2 (--isa avx2)' if a.isa == 'avx2' else ''} "
           f"(fast bf16 matmuls: {cpu['has_fast_bf16']}); "
           f"precision of every side: {cpu['precision']} (--precision {a.precision})")
-    print(f"matmul peak (2048^3, best of 8, higher of start/end): bf16 {peak['bf16_gflops']:.0f} GFLOP/s "
-          f"(start {peak['bf16_gflops_start_end'][0]:.0f}, end {peak['bf16_gflops_start_end'][1]:.0f}), "
-          f"fp32 {peak['fp32_gflops']:.0f} GFLOP/s")
+    print("matmul peak (2048^3, best of 8, higher of start/end): " + ", ".join(
+        f"{n} {peak[f'{n}_gflops']:.0f} GFLOP/s (start {peak[f'{n}_gflops_start_end'][0]:.0f}, "
+        f"end {peak[f'{n}_gflops_start_end'][1]:.0f})" for n in ("bf16", "fp32") if f"{n}_gflops" in peak))
     print(f"MFU: {FLOPS_FORMULA}; / runtime / {cpu['precision']} peak ({peak['mfu_gflops']:.0f} GFLOP/s)\n")
     cols = ["side", "tokens/s", "step (median)", "padding", "peak memory", "GFLOP/s", "MFU", "cores†", "final loss*"]
     rows = []
