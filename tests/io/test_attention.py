@@ -29,7 +29,12 @@ def test_auto_attention_follows_the_row_length_in_bf16_with_the_same_loss(tiny_f
 
 
 def test_auto_attention_in_fp32_is_sdpa_unless_bf16_autocast_computes(tiny_folder, monkeypatch):
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
     monkeypatch.setattr(A, "EAGER_MAX_ROW", 16)
+    for interface in (AttentionInterface, AttentionMaskInterface):  # as in a fresh process
+        monkeypatch.delitem(interface._global_mapping, A.RECOMPUTE, raising=False)
     auto = load_weights(tiny_folder, torch.float32, attn_implementation="auto")
     assert auto.config._attn_implementation == "sdpa"
     loss_sum(auto, _batch(2, 12))
@@ -65,6 +70,12 @@ def test_recomputed_eager_attention_gives_eager_values_bit_for_bit_and_saves_les
         assert torch.equal(loss, want_loss)
         assert grads.keys() == want.keys() and all(torch.equal(grads[k], want[k]) for k in want), name
     assert saved[A.RECOMPUTE] < saved["eager"]  # the probabilities are not kept
+
+
+def test_the_config_offers_every_implementation():
+    from loralab.config import CHOICES
+
+    assert set(CHOICES["model.attn_implementation"]) == {"auto", "eager", A.RECOMPUTE, "sdpa"}
 
 
 def test_auto_attention_is_sdpa_on_cuda_and_a_choice_is_kept():

@@ -21,7 +21,6 @@ from torch.utils.checkpoint import checkpoint
 
 EAGER_MAX_ROW = 512                 # 'auto' on a bf16 CPU: eager_recompute up to here, SDPA beyond
 RECOMPUTE = "eager_recompute"       # registered with transformers' AttentionInterface under this name
-CHOICES = ("auto", "eager", RECOMPUTE, "sdpa")
 _AUTO_ATTR = "_loralab_attention_auto"  # set on models whose attention follows the row length
 
 
@@ -82,4 +81,6 @@ def attention_for_rows(model, row_len: int) -> None:
             torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
         want = cpu_choice(row_len, bf16)
         if model.config._attn_implementation != want:
+            if want == RECOMPUTE:
+                register()  # a model loaded as SDPA (fp32 weights) meets bf16 autocast here
             model.set_attn_implementation(want)
