@@ -110,17 +110,22 @@ def test_frozen_head_keeps_no_logits_and_gives_the_autograd_loss_and_gradient(bi
     torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-6)
 
 
-def test_frozen_head_in_bf16_matches_autograd_within_rounding():
+def test_frozen_head_in_bf16_rounds_as_autograd_when_told_the_gradient_scale():
     torch.manual_seed(1)
-    head = torch.nn.Linear(32, 300, bias=False).to(torch.bfloat16).requires_grad_(False)
-    hidden = torch.randn(20, 32, dtype=torch.bfloat16, requires_grad=True)
-    labels = torch.randint(0, 300, (20,))
+    head = torch.nn.Linear(64, 3000, bias=False).to(torch.bfloat16).requires_grad_(False)
+    hidden = torch.randn(200, 64, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 3000, (200,))
+    norm = 37.0  # the step divides the loss sum by its label count
     want = loss_mod._head_ce_sum(head, hidden, labels)
-    got = selected_head_loss(head, hidden, labels)
-    assert got.item() == pytest.approx(want.item(), rel=1e-5)  # the same fp32 loss of the same logits
-    (g_want,) = torch.autograd.grad(want, [hidden])
-    (g_got,) = torch.autograd.grad(got, [hidden])
-    torch.testing.assert_close(g_got.float(), g_want.float(), rtol=2e-2, atol=2e-3)
+    (g_want,) = torch.autograd.grad(want / norm, [hidden])
+    differ = {}
+    for scale in (1.0, 1 / norm):
+        got = selected_head_loss(head, hidden, labels, grad_scale=scale)
+        assert got.item() == pytest.approx(want.item(), rel=1e-5)  # the same fp32 loss of the same logits
+        (g_got,) = torch.autograd.grad(got / norm, [hidden])
+        torch.testing.assert_close(g_got.float(), g_want.float(), rtol=2e-2, atol=2e-5)
+        differ[scale] = (g_got != g_want).float().mean().item()
+    assert differ[1 / norm] < 0.005 < differ[1.0]  # told the scale, all but a few elements are autograd's
 
 
 def test_lora_model_with_the_frozen_head_equals_the_full_logits_path():

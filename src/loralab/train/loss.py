@@ -39,14 +39,19 @@ def _head_ce_sum(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tens
     return F.cross_entropy(head(hidden).float(), labels, reduction="sum")
 
 
+GRAD_SCALE = "loss_grad_scale"  # batch key: the factor backward will bring (1 / the step's label count)
+
+
 class _FrozenHeadCE(torch.autograd.Function):
     """Sum of cross-entropy of a frozen linear head over rows, its gradient with respect to the
-    hidden states computed in forward, chunk by chunk ((softmax - one-hot) @ W, what backward
-    would compute): only that (rows x hidden) gradient is kept, no logits, and nothing is
-    recomputed. Backward scales it by the incoming gradient."""
+    hidden states computed in forward, chunk by chunk (scale x (softmax - one-hot) @ W, what
+    backward would compute): only that (rows x hidden) gradient is kept, no logits, and nothing
+    is recomputed. `scale` is the gradient backward is expected to bring (the step's 1 / label
+    count), applied before the rounding into the compute dtype as autograd applies it, so bf16
+    gradients round as autograd's do; backward corrects for any other incoming gradient."""
 
     @staticmethod
-    def forward(ctx, hidden, labels, weight, bias, chunk_rows: int):
+    def forward(ctx, hidden, labels, weight, bias, chunk_rows: int, scale: float):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad = torch.empty_like(hidden)
         for i in range(0, hidden.shape[0], chunk_rows):
@@ -56,15 +61,19 @@ class _FrozenHeadCE(torch.autograd.Function):
             lse = torch.logsumexp(z, -1, keepdim=True)
             total += (lse - z.gather(1, y)).sum()
             probs = z.sub_(lse).exp_()  # softmax, in place of the fp32 copy
-            probs.scatter_add_(1, y, probs.new_full(y.shape, -1.0))  # d(sum of CE)/d(logits)
+            probs.scatter_add_(1, y, probs.new_full(y.shape, -1.0)).mul_(scale)  # d(scale x CE sum)/d(logits)
             grad[i:i + chunk_rows] = probs.to(logits.dtype) @ weight.to(logits.dtype)
         ctx.save_for_backward(grad)
+        ctx.scale = scale
         return total
 
     @staticmethod
     def backward(ctx, g):
         (grad,) = ctx.saved_tensors
-        return grad * g.to(grad.dtype), None, None, None, None
+        ratio = g.float() / ctx.scale
+        if bool(ratio == 1):  # the expected gradient: already applied, exactly
+            return grad, None, None, None, None, None
+        return grad * ratio.to(grad.dtype), None, None, None, None, None
 
 
 def _frozen_linear(head: torch.nn.Module) -> bool:
@@ -72,13 +81,15 @@ def _frozen_linear(head: torch.nn.Module) -> bool:
 
 
 def selected_head_loss(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
-                       chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
+                       chunk_rows: int = CHUNK_ROWS, grad_scale: float = 1.0) -> torch.Tensor:
     """Sum of cross-entropy of head(hidden) against labels over rows, never holding more than
     chunk_rows x vocab logits. A frozen linear head (LoRA's) keeps none for backward
     (_FrozenHeadCE, chunks of FROZEN_HEAD_ROWS); a trained one keeps one chunk's, and with several
-    chunks each one's logits are recomputed in backward."""
-    if _frozen_linear(head):
-        return _FrozenHeadCE.apply(hidden, labels, head.weight, head.bias, min(chunk_rows, FROZEN_HEAD_ROWS))
+    chunks each one's logits are recomputed in backward. grad_scale: the gradient backward will
+    bring to the sum (see _FrozenHeadCE; any value is correct, the expected one rounds as autograd)."""
+    if _frozen_linear(head) and torch.is_grad_enabled() and hidden.requires_grad:
+        return _FrozenHeadCE.apply(hidden, labels, head.weight, head.bias, min(chunk_rows, FROZEN_HEAD_ROWS),
+                                   float(grad_scale))
     if hidden.shape[0] <= chunk_rows:
         return _head_ce_sum(head, hidden, labels)
     total = hidden.new_zeros((), dtype=torch.float32)
@@ -112,7 +123,8 @@ def _selected_loss_sum(model, batch: dict, parts, chunk_rows: int) -> tuple[torc
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE_INDEX
     hidden = out.last_hidden_state[:, :-1][keep]
-    return selected_head_loss(head, hidden, labels[keep], chunk_rows), int(keep.sum())
+    return (selected_head_loss(head, hidden, labels[keep], chunk_rows, batch.get(GRAD_SCALE, 1.0)),
+            int(keep.sum()))
 
 
 @torch.no_grad()
@@ -122,7 +134,7 @@ def _path_matches(model, batch: dict, parts) -> bool:
     twice, would be the step's largest allocation (~1 GB at 1,024 tokens x 49k vocabulary)."""
     was_training = model.training
     model.eval()
-    small = {k: v[:1, :CHECK_POSITIONS] for k, v in batch.items()}
+    small = {k: v[:1, :CHECK_POSITIONS] for k, v in batch.items() if torch.is_tensor(v)}
     ref = model(input_ids=small["input_ids"], attention_mask=small["attention_mask"], use_cache=False).logits
     body, head = parts
     mine = head(body(input_ids=small["input_ids"], attention_mask=small["attention_mask"],

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from .distributed import SINGLE, Dist, all_sum, full, grad_sync
-from .loss import as_loss_module, count_label_tokens
+from .loss import GRAD_SCALE, as_loss_module, count_label_tokens
 
 WEIGHT = "loss_weight"  # a micro batch's weight in the step: 0 for a rank's stand-in when its share is empty
 
@@ -42,6 +42,7 @@ def accumulate_gradients(model, micro_batches: list[dict], *, autocast: bool = F
     total, n_tokens = 0.0, 0.0
     for i, (w, b) in enumerate(zip(weights, micro_batches)):
         b = {k: v.to(device, non_blocking=True) for k, v in b.items() if k != WEIGHT}
+        b[GRAD_SCALE] = 1.0 / norm  # what backward brings to the loss sum (a frozen head rounds as autograd)
         with grad_sync(module, dist, sync=i == len(micro_batches) - 1), \
                 torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             s, _ = module(b)
