@@ -140,8 +140,13 @@ def _bitsandbytes_op():
 
 
 def _scales(t) -> torch.Tensor:
-    """Each block's absmax in fp32 (double quantization undone)."""
-    return t.dequantize_scalers(t.quantized_scalers, t.quantization_factor, t.scaler_block_size).to(torch.float32)
+    """Each block's absmax in fp32 (double quantization undone), computed once per tensor: every
+    forward and backward needs them, and they cost 4 bytes per 64 weights (~7 MB for 106 M)."""
+    scales = getattr(t, "_loralab_scales", None)
+    if scales is None:
+        scales = t.dequantize_scalers(t.quantized_scalers, t.quantization_factor, t.scaler_block_size)
+        scales = t._loralab_scales = scales.to(torch.float32)
+    return scales
 
 
 def _bitsandbytes_applies(t, dtype: torch.dtype) -> bool:
