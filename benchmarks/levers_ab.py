@@ -14,6 +14,8 @@ Variants (switchable at run time on one loaded model; combine with '+', e.g. chu
   sdpa      torch's scaled_dot_product_attention instead of eager attention
   trim      glibc malloc_trim(0) before every decoder block's forward and backward: hands the
             heap holes left by freed temporaries back to the OS instead of letting RSS grow
+  plaindrop LoRA's dropout as the plain composition (dropout module, then A and B): a float mask
+            and the dropped input kept per layer, what peft/dropout.low_rank's bool mask replaced
   qlora     a second model with NF4 frozen weights (model.quant=nf4), stepped on the same batches
             (alone, not combined; its peak RSS includes the other model's weights, ~0.3 GB)
   qlora_torch, qlora_torchao  the same, dequantizing with loralab's torch gather (what runs without
@@ -97,6 +99,15 @@ def main() -> int:
     hooks = []
     import ctypes
 
+    import torch.nn.functional as F
+
+    import loralab.peft.variants as lora_variants
+
+    fused_low_rank = lora_variants.low_rank
+
+    def plain_low_rank(dropout, x, a, b):
+        return F.linear(F.linear(dropout(x), a), b)
+
     libc = ctypes.CDLL("libc.so.6")
 
     def set_variant(v: str):
@@ -106,10 +117,13 @@ def main() -> int:
         else:
             current["model"] = model
         mods = set(v.split("+")) - {"stock"}
-        unknown = mods - {"chunk256", "sdpa", "trim"}
+        unknown = mods - {"chunk256", "sdpa", "trim", "plaindrop"}
         if unknown:
             raise SystemExit(f"unknown variant part(s) {sorted(unknown)}")
         current["chunk_rows"] = 256 if "chunk256" in mods else CHUNK_ROWS
+        # plaindrop: LoRA's dropout as the plain autograd composition (float mask and dropped input
+        # kept per layer), what peft/dropout.low_rank replaces
+        lora_variants.low_rank = plain_low_rank if "plaindrop" in mods else fused_low_rank
         model.set_attn_implementation("sdpa" if "sdpa" in mods else eager)
         while hooks:
             hooks.pop().remove()

@@ -19,7 +19,7 @@ GB = 1e9
 # Its peak is set by the longest Alpaca example (Lit-GPT runs it first); we assume 1304 tokens
 # (docs/memory.md: which lengths reproduce both numbers and what stays unexplained).
 ARTICLE = dict(r=8, targets="qv", seq=1304, batch=1, grad_accum=128, optimizer="adamw", precision="bf16",
-               device="cuda")
+               device="cuda", plain_dropout=True)  # Lit-GPT's LoRA dropout keeps a float mask and its output
 
 
 def _hf_dict(model) -> dict:
@@ -260,7 +260,7 @@ def test_cli_json_prints_one_parseable_object():
     obj = json.loads(out)  # exactly one object: anything else around it would fail to parse
     assert obj["peak_bytes"] == sum(obj["breakdown"].values())
     assert obj["peak_bytes"] == E.estimate(A.resolve_model_config("llama-2-7b"), method="qlora",
-                                           **ARTICLE)["peak_bytes"]
+                                           **{**ARTICLE, "plain_dropout": False})["peak_bytes"]
 
 
 def test_cli_table_says_whether_it_fits_and_how_to(capsys):
@@ -318,3 +318,36 @@ def test_variant_costs_follow_a_real_model_and_closed_forms():
             targets = filter_layers(targets, cfg.lora.layers)
         inject(model, targets, lora_spec(cfg))
         assert E.estimate_for_run(cfg, hf, "cpu")["params"]["trainable"] == count_parameters(model)[0], overrides
+
+
+def test_lora_dropout_costs_one_byte_per_input_element_as_measured():
+    """LoRA's dropout keeps a bool mask per wrapped layer (peft/dropout.py): a real tiny model's saved
+    tensors grow by exactly that, and so does the estimate."""
+    from loralab.peft.inject import inject
+    from loralab.peft.lora import LoraSpec
+    from loralab.peft.targets import resolve_targets
+
+    batch, seq = 2, 16
+    ids = torch.randint(3, 128, (batch, seq), generator=torch.Generator().manual_seed(0))
+
+    def saved_bytes(dropout: float) -> int:
+        model = tiny_llama(0, attn_implementation="sdpa")
+        model.requires_grad_(False)
+        inject(model, resolve_targets(model, "all-linear"), LoraSpec(r=4, alpha=8, dropout=dropout))
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        seen = {}
+
+        def pack(t):
+            if (ptr := t.untyped_storage().data_ptr()) not in params:
+                seen[ptr] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model.train()(input_ids=ids).logits.float().sum()
+        return sum(seen.values())
+
+    mask_bytes = batch * seq * 2 * (6 * 32 + 64)  # tokens x layers x in_features of q k v o gate up (32), down (64)
+    assert saved_bytes(0.1) - saved_bytes(0.0) == mask_bytes
+    hf = tiny_llama_config().to_dict()
+    kw = dict(r=4, targets="all-linear", seq=seq, batch=batch, device="cpu", precision="fp32", attention="sdpa")
+    layers = [E.estimate(hf, lora_dropout=p, **kw)["activation_detail"]["layers_bytes"] for p in (0.1, 0.0)]
+    assert layers[0] - layers[1] == mask_bytes

@@ -22,20 +22,20 @@ dropout (tested against PEFT); with dropout the regularisation differs slightly.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .dropout import low_rank
 
 
 def lora_update(layer, x: torch.Tensor) -> torch.Tensor:
     """s·B A d(x) in x's dtype. A bf16 activation meets fp32 factors: the two small factors are
     cast to the activation's dtype rather than the large activation to fp32; they stay fp32
     masters, their gradients flow back through the cast in fp32."""
-    h = layer.lora_dropout(x)
     if x.dtype == layer.lora_dtype:
-        return layer.lora_B(layer.lora_A(h)) * layer.scaling
+        return low_rank(layer.lora_dropout, x, layer.lora_A.weight, layer.lora_B.weight) * layer.scaling
     a = layer.lora_A.weight.to(x.dtype)
     b = (layer.lora_B.weight * layer.scaling).to(x.dtype)
-    return F.linear(F.linear(h, a), b)
+    return low_rank(layer.lora_dropout, x, a, b)
 
 
 class PlainLora:
@@ -49,7 +49,8 @@ class PlainLora:
     @staticmethod
     def forward(layer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if x.dtype == layer.lora_dtype:  # one fused scale-and-add
-            return torch.add(y, layer.lora_B(layer.lora_A(layer.lora_dropout(x))).to(y.dtype), alpha=layer.scaling)
+            u = low_rank(layer.lora_dropout, x, layer.lora_A.weight, layer.lora_B.weight)
+            return torch.add(y, u.to(y.dtype), alpha=layer.scaling)
         return y + lora_update(layer, x).to(y.dtype)
 
     @staticmethod

@@ -1,0 +1,84 @@
+"""LoRA's dropout: a cheap mask on the CPU, and kept for backward as one byte per element.
+
+    u = B A (x ⊙ m / (1 - p))      m ~ Bernoulli(1 - p), one mask per wrapped layer
+
+Written as a plain composition (dropout module, then the two matmuls), autograd keeps for every
+wrapped layer the float mask (saved by the multiply) and the dropped input (saved by A's matmul):
+two activation-sized tensors per layer, six copies of x for q, k and v, which read the same x.
+`dropped_low_rank` keeps x itself (one storage, whoever reads it), the mask as bool and A's r-wide
+output, and rebuilds the dropped input in backward with one multiply: the same values and gradients
+as the composition, bit for bit (tests/peft/test_dropout.py), at a third of the saved bytes of the
+LoRA inputs in fp32 (docs/memory.md).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """A bool mask shaped like x, each element kept with probability 1 - p.
+
+    On the CPU, drawing one random number per element dominates a LoRA step (the bernoulli kernel
+    draws ~100M numbers/s; 210 LoRA inputs per step on the default model). Here each 64-bit draw is
+    split into four 16-bit uniforms: the same independent Bernoulli(1 - p) mask, with p rounded to a
+    multiple of 1/65536. Elsewhere the RNG is cheap and one uniform per element is drawn.
+    """
+    if x.device.type != "cpu":
+        return torch.rand(x.shape, device=x.device) >= p
+    n = x.numel()
+    bits = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
+    uniform16 = bits.view(torch.int16)[:n].view(x.shape)  # each value uniform on [-32768, 32767]
+    return uniform16 >= round(p * 65536) - 32768
+
+
+def _scaled(keep: torch.Tensor, p: float, dtype: torch.dtype) -> torch.Tensor:
+    """The mask as x's dtype holds it: 1 / (1 - p) where kept, else 0 (one pass over the mask)."""
+    one, zero = torch.tensor([1.0 / (1.0 - p), 0.0], dtype=dtype, device=keep.device)
+    return torch.where(keep, one, zero)
+
+
+class FastDropout(nn.Dropout):
+    """nn.Dropout with keep_mask's cheaper draw (and torch's own kernel off the CPU)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu":
+            return super().forward(x)
+        return x * _scaled(keep_mask(x, self.p), self.p, x.dtype)
+
+
+class _DroppedLowRank(torch.autograd.Function):
+    """F.linear(F.linear(x * m, a), b) that saves x, the bool mask and A's output. The backward
+    matmuls are the ones autograd runs for F.linear (mm of the flattened operands, in its order),
+    so the gradients are the composition's bit for bit."""
+
+    @staticmethod
+    def forward(ctx, x, keep, p, a, b):
+        t = F.linear(x * _scaled(keep, p, x.dtype), a)
+        ctx.p = p
+        ctx.save_for_backward(x, keep, a, b, t)
+        return F.linear(t, b)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, keep, a, b, t = ctx.saved_tensors
+        g2, t2 = g.reshape(-1, g.shape[-1]), t.reshape(-1, t.shape[-1])
+        grad_b = g2.t().mm(t2) if ctx.needs_input_grad[4] else None
+        gt = g2.mm(b)                                         # gradient of A's output
+        m = _scaled(keep, ctx.p, x.dtype)
+        grad_a = None
+        if ctx.needs_input_grad[3]:
+            h2 = (x * m).reshape(-1, x.shape[-1])             # the dropped input, rebuilt
+            grad_a = gt.t().mm(h2)
+        grad_x = gt.mm(a).view(x.shape) * m if ctx.needs_input_grad[0] else None
+        return grad_x, None, None, grad_a, grad_b
+
+
+def low_rank(dropout: nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """b @ a @ dropout(x) (F.linear twice) for LoRA factors a, b in x's dtype. While training with
+    gradients the mask is drawn here and kept as bool (_DroppedLowRank); otherwise the modules run."""
+    p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+    if p > 0 and dropout.training and torch.is_grad_enabled():
+        return _DroppedLowRank.apply(x, keep_mask(x, p), p, a, b)
+    return F.linear(F.linear(dropout(x), a), b)

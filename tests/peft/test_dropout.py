@@ -1,0 +1,105 @@
+"""The LoRA hot path's speed and memory tricks keep their meaning: the cheap dropout mask, the
+bool-mask dropout in backward, and the bf16 path."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from loralab.peft.dropout import FastDropout, low_rank
+from loralab.peft.lora import LoRALinear, LoraSpec
+
+
+def test_fast_dropout_is_bernoulli_with_rate_p_and_unbiased():
+    torch.manual_seed(0)
+    d = FastDropout(0.05).train()
+    x = torch.ones(400, 1000)
+    y = d(x)
+    kept = (y != 0).float()
+    assert abs(kept.mean().item() - 0.95) < 0.002                  # rate p (n = 400k, sd ~ 0.0003)
+    assert abs(y.mean().item() - 1.0) < 0.005                       # scaled by 1 / (1 - p): unbiased
+    assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / 0.95))
+    # neighbours are independent: P(both dropped) ~ p^2, not p (a mask repeated across lanes)
+    both = ((y[:, :-1] == 0) & (y[:, 1:] == 0)).float().mean().item()
+    assert both < 0.005
+    # every column and row sees drops (no stuck lanes from the 64 -> 16 bit split)
+    assert (kept.mean(0) < 1).all() and (kept.mean(1) < 1).all()
+
+
+def test_fast_dropout_is_seeded_and_identity_in_eval():
+    d = FastDropout(0.3).train()
+    x = torch.randn(7, 33)
+    torch.manual_seed(5)
+    a = d(x)
+    torch.manual_seed(5)
+    b = d(x)
+    assert torch.equal(a, b)
+    assert torch.equal(d.eval()(x), x)
+
+
+def test_bf16_activation_path_matches_fp32_math_and_keeps_fp32_grads():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(64, 48, bias=False)
+    layer = LoRALinear(base, LoraSpec(r=4, alpha=8, dropout=0.0))
+    torch.nn.init.normal_(layer.lora_B.weight, std=0.1)
+    x = torch.randn(10, 64)
+    ref = layer(x)  # all fp32
+    layer.base.to(torch.bfloat16)
+    out = layer(x.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=0.05, rtol=0.02)
+    out.float().sum().backward()
+    assert layer.lora_A.weight.grad.dtype == torch.float32 and layer.lora_B.weight.grad.dtype == torch.float32
+    assert layer.lora_A.weight.grad.abs().sum() > 0
+
+
+def _composition(x, p, a, b):
+    """The plain autograd composition low_rank replaces: dropout module, then two matmuls."""
+    return F.linear(F.linear(FastDropout(p).train()(x), a), b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_rank_equals_the_composition_bit_for_bit(dtype):
+    torch.manual_seed(0)
+    x0 = torch.randn(3, 37, 64).to(dtype)
+    a0, b0 = torch.randn(8, 64) * 0.1, torch.randn(48, 8) * 0.1   # fp32 masters, cast as lora_update does
+    grads, outs = [], []
+    for fn in (low_rank, None):
+        x, a, b = x0.clone().requires_grad_(), a0.clone().requires_grad_(), b0.clone().requires_grad_()
+        torch.manual_seed(7)
+        ac, bc = a.to(dtype), b.to(dtype)
+        out = fn(FastDropout(0.3).train(), x, ac, bc) if fn else _composition(x, 0.3, ac, bc)
+        out.backward(torch.randn_like(out))
+        outs.append(out)
+        grads.append((x.grad, a.grad, b.grad))
+    assert torch.equal(outs[0], outs[1])
+    for mine, ref in zip(*grads):
+        assert torch.equal(mine, ref)
+    assert (outs[0] != 0).any() and (grads[0][1] != 0).any()
+
+
+def test_low_rank_keeps_x_once_and_bool_masks():
+    """Three layers reading one x (q, k, v) keep x once plus three 1-byte masks, where the
+    composition keeps a float mask and a dropped input per layer: six copies of x."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 128, 64, requires_grad=True)
+    weights = [(torch.randn(8, 64, requires_grad=True), torch.randn(64, 8, requires_grad=True)) for _ in range(3)]
+
+    def saved_bytes(fn):
+        seen = {}
+
+        def pack(t):
+            if not any(t is w for pair in weights for w in pair):
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            sum(fn(x, a, b).sum() for a, b in weights)
+        return sum(seen.values())
+
+    xb = x.numel() * 4
+    mine = saved_bytes(lambda x, a, b: low_rank(FastDropout(0.1).train(), x, a, b))
+    ref = saved_bytes(lambda x, a, b: _composition(x, 0.1, a, b))
+    assert ref >= 6 * xb
+    assert mine <= xb + 3 * x.numel() + 3 * 4 * 128 * 8 * 4          # x, three bool masks, A's outputs
+    # not training, or no gradients: the module runs (identity in eval), nothing drawn
+    d = FastDropout(0.5).eval()
+    a, b = weights[0]
+    assert torch.equal(low_rank(d, x, a, b), F.linear(F.linear(x, a), b))
