@@ -16,6 +16,7 @@ Variants (switchable at run time on one loaded model; combine with '+', e.g. chu
             heap holes left by freed temporaries back to the OS instead of letting RSS grow
   plaindrop LoRA's dropout as the plain composition (dropout module, then A and B): a float mask
             and the dropped input kept per layer, what peft/dropout.low_rank's bool mask replaced
+  plainmlp  the model's own SwiGLU forward (keeps SiLU's output too), what io/mlp.py replaced
   qlora     a second model with NF4 frozen weights (model.quant=nf4), stepped on the same batches
             (alone, not combined; its peak RSS includes the other model's weights, ~0.3 GB)
   qlora_torch, qlora_torchao  the same, dequantizing with loralab's torch gather (what runs without
@@ -104,6 +105,7 @@ def main() -> int:
     import loralab.peft.variants as lora_variants
 
     fused_low_rank = lora_variants.low_rank
+    lean_mlps = [(m, vars(m)["forward"]) for m in model.modules() if "forward" in vars(m)]
 
     def plain_low_rank(dropout, x, a, b):
         return F.linear(F.linear(dropout(x), a), b)
@@ -117,13 +119,18 @@ def main() -> int:
         else:
             current["model"] = model
         mods = set(v.split("+")) - {"stock"}
-        unknown = mods - {"chunk256", "sdpa", "trim", "plaindrop"}
+        unknown = mods - {"chunk256", "sdpa", "trim", "plaindrop", "plainmlp"}
         if unknown:
             raise SystemExit(f"unknown variant part(s) {sorted(unknown)}")
         current["chunk_rows"] = 256 if "chunk256" in mods else CHUNK_ROWS
         # plaindrop: LoRA's dropout as the plain autograd composition (float mask and dropped input
         # kept per layer), what peft/dropout.low_rank replaces
         lora_variants.low_rank = plain_low_rank if "plaindrop" in mods else fused_low_rank
+        for mlp, lean in lean_mlps:  # plainmlp: the model's own MLP forward (SiLU's output kept)
+            if "plainmlp" in mods:
+                vars(mlp).pop("forward", None)
+            else:
+                mlp.forward = lean
         model.set_attn_implementation("sdpa" if "sdpa" in mods else eager)
         while hooks:
             hooks.pop().remove()

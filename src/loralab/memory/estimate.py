@@ -17,10 +17,12 @@ The decoder's shape and parameter counts come from loralab.arch. Assumptions, in
                                the fp32 softmax and its bf16 copy, i.e. quadratic in seq;
                    eager_recompute: as SDPA (q, k, v, output), plus one layer's eager scores
                                while backward recomputes them
-      MLP          3I x b      (gate output, its SiLU, up output; frozen linears keep no input)
+      MLP          2I x b      (gate and up outputs, io/mlp.py; the plain composition also keeps the
+                               SiLU's output: 3I x b; frozen linears keep no input)
       LoRA         per distinct input (q/k/v share one, gate/up one) its width x b, kept once for
                    every reader; per target its dropout mask, 1 byte per element, plus r x b
-                   (plain_dropout: per target a float mask and the dropped input, 2 x width x b)
+                   (stock_autograd, what plain autograd keeps (PEFT, Lit-GPT): per target a float
+                   mask and the dropped input, 2 x width x b)
       QLoRA        bitsandbytes-style 4-bit matmuls also keep the input of every quantized linear
       full FT      inputs of every linear (2H + Q + I) x b and the normalised input of each norm
     With gradient checkpointing: each layer's input (H x b) plus one full layer being recomputed.
@@ -85,7 +87,7 @@ def _check(method, optimizer, precision, device, attention, r, seq, batch, grad_
 
 def _layer_bytes_per_token(a: Arch, *, b: int, seq: int, eager: bool, method: str, lora: dict, dropout: bool,
                            quantized, saves_quant_inputs: bool, dora: bool = False,
-                           plain_dropout: bool = False) -> float:
+                           stock_autograd: bool = False) -> float:
     """Bytes one decoder layer keeps for backward, per token (see the module docstring).
     lora: this layer's wrapped modules -> rank."""
     H, Q, K, I = a.hidden, a.q_dim, a.kv_dim, a.inter
@@ -94,14 +96,14 @@ def _layer_bytes_per_token(a: Arch, *, b: int, seq: int, eager: bool, method: st
         total += 3 * Q * b + a.heads * seq * (4 + (2 if b == 2 else 0))
     else:
         total += (2 * Q + 2 * K) * b + a.heads * 4
-    total += 3 * I * b                                        # SwiGLU
+    total += (3 if stock_autograd else 2) * I * b             # SwiGLU: gate, up (io/mlp.py; stock: + SiLU's output)
     lin = a.linears()
     # Distinct linear inputs: q/k/v share the first norm's output, gate/up the second's.
     groups = {"attn_in": (("q_proj", "k_proj", "v_proj"), H), "o_in": (("o_proj",), Q),
               "mlp_in": (("gate_proj", "up_proj"), H), "down_in": (("down_proj",), I)}
     if method == "full":
         return total + sum(width for _, width in groups.values()) * b + 2 * H * 4
-    plain = plain_dropout and dropout
+    plain = stock_autograd and dropout
     for mods, width in groups.values():
         wrapped = [m for m in mods if m in lora]
         if (wrapped and not plain) or (saves_quant_inputs and any(m in quantized for m in mods)):
@@ -127,7 +129,7 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
              device: str = "cuda", attention: str = "auto", lora_dropout: float = 0.05, quantize: str = "all-linear",
              qlora_saves_inputs: bool = True, loss_rows: int | None = None, sgd_momentum: bool = True,
              grad_accum: int = 1, dora: bool = False, init_copies: bool = False, rank_of=None,
-             plain_dropout: bool = False) -> dict:
+             stock_autograd: bool = False) -> dict:
     """Predicted peak memory (bytes) of one training step, with its breakdown at that moment. Pure arithmetic.
 
     method lora | qlora (NF4 base) | full; targets a preset (qv, attn, mlp, all-linear, all-linear+head)
@@ -135,8 +137,9 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
     linears QLoRA stores in NF4 (all-linear: every decoder linear, as QLoRA does; targets: only the
     LoRA-wrapped ones, loralab's default); qlora_saves_inputs: the 4-bit matmul keeps its input for
     backward (bitsandbytes does); loss_rows: logit rows alive at once (default batch x seq);
-    plain_dropout: LoRA's dropout kept as the plain composition keeps it (a float mask and the
-    dropped input per target: PEFT, Lit-GPT; the article's runs) instead of loralab's bool mask;
+    stock_autograd: LoRA's dropout and SwiGLU keep what plain autograd compositions keep (a float
+    mask and the dropped input per target, SiLU's output: PEFT, Lit-GPT, the article's runs)
+    instead of what loralab's functions keep (peft/dropout.py, io/mlp.py);
     grad_accum: micro batches per optimizer step (> 1: earlier micro batches' gradients are alive
     while the next one's activations are). Variants: dora (a trainable magnitude and a cached
     ||W||^2 per output row, and each wrapped layer's pre-scale output kept for backward),
@@ -183,7 +186,7 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
     per_layer = [_layer_bytes_per_token(a, b=b, seq=seq, eager=eager, method=method,
                                         lora={} if method == "full" else ranks[i], dropout=lora_dropout > 0,
                                         quantized=quantized, saves_quant_inputs=qlora_saves_inputs, dora=dora,
-                                        plain_dropout=plain_dropout)
+                                        stock_autograd=stock_autograd)
                  for i in range(a.layers)]
     per_token = sum(per_layer) / a.layers
     if grad_checkpointing:

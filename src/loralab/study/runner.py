@@ -188,7 +188,7 @@ def run_study(study: Study, out: str | Path, *, parallel: int = 1, runner: Runne
 def run_estimates(study: Study) -> tuple[list[dict], str | None]:
     """Each row through loralab.estimate; rows keep the article's numbers."""
     keys = ("method", "r", "targets", "seq", "batch", "grad_accum", "optimizer", "precision", "grad_checkpointing",
-            "device", "plain_dropout")
+            "device", "stock_autograd")
     rows = [{**r, "settings": ", ".join(f"{k}={r[k]}" for k in keys if k in r)} for r in study.rows]
     from ..memory.arch import resolve_model_config
     from ..memory.estimate import estimate

@@ -1,0 +1,69 @@
+"""SwiGLU that keeps two of its three intermediates for backward.
+
+A Llama-style MLP computes down(silu(gate(x)) * up(x)). Autograd keeps gate(x) (for SiLU's
+backward), silu(gate(x)) and up(x) (for the product's): three intermediate-wide tensors per layer,
+the widest activations of a LoRA step. `swiglu` keeps gate(x) and up(x) and recomputes the SiLU in
+backward (one elementwise pass over what the product's backward reads anyway); its values and
+gradients are the composition's bit for bit (aten's own silu_backward).
+
+`use_lean_swiglu(model)` gives each MLP whose forward is that composition the lean forward. Which
+ones are is checked, not assumed from names: the module must have gate_proj, up_proj, down_proj and
+act_fn, and its own forward must return exactly the lean one's on a small seeded input; any other
+MLP (GELU, a fused gate_up_proj, a remote-code variant) keeps its forward.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PARTS = ("gate_proj", "up_proj", "down_proj", "act_fn")
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, g):
+        gate, up = ctx.saved_tensors
+        grad_gate = torch.ops.aten.silu_backward(g * up, gate) if ctx.needs_input_grad[0] else None
+        grad_up = g * F.silu(gate) if ctx.needs_input_grad[1] else None
+        return grad_gate, grad_up
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, keeping only gate and up for backward."""
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return _SwiGLU.apply(gate, up)
+    return F.silu(gate) * up
+
+
+def _lean_forward(self, x: torch.Tensor) -> torch.Tensor:
+    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+@torch.no_grad()
+def _computes_swiglu(m: nn.Module) -> bool:
+    w = m.gate_proj.weight
+    g = torch.Generator(device=w.device).manual_seed(0)  # not the global RNG: training's draws stay as they were
+    x = torch.randn(2, 3, m.gate_proj.in_features, generator=g, device=w.device).to(w.dtype)
+    try:
+        return torch.equal(m(x), _lean_forward(m, x))
+    except Exception:  # noqa: BLE001 - a module whose forward takes other inputs is simply not switched
+        return False
+
+
+def use_lean_swiglu(model: nn.Module) -> int:
+    """Switch every SwiGLU MLP of `model` to the lean forward (per instance); returns how many."""
+    n = 0
+    for m in model.modules():
+        if all(hasattr(m, a) for a in PARTS) and isinstance(getattr(m.gate_proj, "weight", None), torch.Tensor) \
+                and _computes_swiglu(m):
+            m.forward = types.MethodType(_lean_forward, m)
+            n += 1
+    return n
