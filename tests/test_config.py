@@ -49,6 +49,9 @@ def test_yaml_file_and_override(tmp_path):
     (["train.scheduler=cosin"], "'train.scheduler' must be one of"),
     (["lora.r=2.5"], "'lora.r' must be int"),
     (["lora.targets=[]"], "'lora.targets'"),
+    (["data.n_train=0"], "'data.n_train' must be a count > 0 or a mapping"),
+    (["data.n_train={2da: -1}"], "'data.n_train' must be a count > 0 or a mapping"),
+    (["data.n_train=many"], "'data.n_train' must be int"),
 ])
 def test_bad_values_are_one_line_errors_naming_the_key(override, needle):
     with pytest.raises(UserError) as e:
@@ -127,3 +130,25 @@ def test_preflight_modes_including_yaml_off():
     assert load_config(None, ["train.preflight=warn"]).train.preflight == "warn"
     with pytest.raises(UserError, match="'train.preflight' must be one of error, warn, off"):
         load_config(None, ["train.preflight=strict"])
+
+
+def test_n_train_per_task_mixes_the_tasks():
+    from loralab.prepare import build_datasets
+
+    cfg = load_config(None, ["data.tasks=[2da, 2ds]", "data.n_train={2da: 30, 2ds: 90}", "data.val_fraction=0",
+                             "eval.n=5"])
+    data = build_datasets(cfg)
+    subtractions = sum("minus" in e.prompt for e in data.train)
+    assert (len(data.train), subtractions) == (120, 90)
+    # the same 2ds questions as a run giving every task 90: a mix takes each task's first n
+    even = build_datasets(load_config(None, ["data.tasks=[2da, 2ds]", "data.n_train=90", "data.val_fraction=0",
+                                             "eval.n=5"]))
+    def subtraction_prompts(examples):
+        return [e.prompt for e in examples if "minus" in e.prompt]
+
+    assert subtraction_prompts(data.train) == subtraction_prompts(even.train)
+    assert data.tests == even.tests
+    for bad, needle in (("{2da: 30}", "no count for task 2ds"),
+                        ("{2da: 30, 2ds: 9, 3da: 1}", "'3da' is not in data.tasks")):
+        with pytest.raises(UserError, match=needle):
+            build_datasets(load_config(None, ["data.tasks=[2da, 2ds]", f"data.n_train={bad}"]))

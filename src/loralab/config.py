@@ -50,7 +50,7 @@ class DataConfig:
     path: str | None = None           # alpaca/chat/prompt-response json(l), txt; datasets folder, .parquet, .csv
     columns: dict | None = None       # loralab field -> the data's column, e.g. {instruction: question, output: answer}
     tasks: list = field(default_factory=lambda: list(ARITHMETIC_DEFAULT))  # synthetic tasks when no path
-    n_train: int = 2000               # training examples per synthetic task
+    n_train: int | dict = 2000        # training examples per synthetic task, or {task: count} for a mix
     val_fraction: float = 0.05        # held-out share of the training data for validation loss
     max_seq_len: int = 512
     template: str = "auto"            # auto | chat | alpaca | raw
@@ -164,6 +164,11 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         args = [a for a in typing.get_args(ann) if a is not type(None)]
         if value is None:
             return None
+        for alternative in args[1:]:  # int | dict: the first that fits, errors named after the first
+            try:
+                return _coerce(key, value, alternative)
+            except UserError:
+                pass
         ann = args[0]
         origin = typing.get_origin(ann)
     if ann is Any:
@@ -246,11 +251,14 @@ def validate(cfg: RunConfig) -> RunConfig:
         ("train.keep_checkpoints", cfg.train.keep_checkpoints >= 1, "must be >= 1"),
         ("train.distributed_timeout_s", cfg.train.distributed_timeout_s > 0, "must be > 0"),
         ("data.max_seq_len", cfg.data.max_seq_len > 0, "must be > 0"),
-        ("data.n_train", cfg.data.n_train > 0, "must be > 0"),
         ("data.val_fraction", 0 <= cfg.data.val_fraction < 1, "must be in [0, 1)"),
         ("eval.n", cfg.eval.n >= 0, "must be >= 0"),
         ("eval.batch_size", cfg.eval.batch_size > 0, "must be > 0"),
     ]
+    n = cfg.data.n_train
+    if not (isinstance(n, int) and n > 0 or isinstance(n, dict) and n and all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v > 0 for k, v in n.items())):
+        raise UserError(f"config key 'data.n_train' must be a count > 0 or a mapping task -> count > 0, got {n!r}")
     for key, ok, why in checks:
         if not ok:
             section, name = key.split(".")

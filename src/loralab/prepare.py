@@ -44,6 +44,17 @@ class Datasets:
     tests: dict          # task name -> list[Example] (held-out, exact match)
 
 
+def _train_counts(n_train, tasks: list[str]) -> dict[str, int]:
+    """data.n_train per task: one count for all, or a mapping that names each task (suite groups expanded)."""
+    if isinstance(n_train, int):
+        return dict.fromkeys(tasks, n_train)
+    missing, unknown = [t for t in tasks if t not in n_train], sorted(set(n_train) - set(tasks))
+    if missing or unknown:
+        what = f"no count for task {missing[0]}" if missing else f"{unknown[0]!r} is not in data.tasks"
+        raise UserError(f"config key 'data.n_train': {what} (tasks: {', '.join(tasks)})")
+    return {t: n_train[t] for t in tasks}
+
+
 def build_datasets(cfg: RunConfig) -> Datasets:
     d = cfg.data
     train_tasks = [] if d.path else expand_tasks(d.tasks)  # the suite's group names expanded
@@ -53,8 +64,9 @@ def build_datasets(cfg: RunConfig) -> Datasets:
         examples = load_data(d.path, d.columns)
     else:
         examples = []
+        counts = _train_counts(d.n_train, train_tasks)
         for name in train_tasks:
-            train_set, test_set = make_task(name, d.n_train, cfg.eval.n, d.seed)
+            train_set, test_set = make_task(name, counts[name], cfg.eval.n, d.seed)
             examples += train_set
             tests[name] = test_set
     for name in eval_tasks:
