@@ -13,7 +13,7 @@ this CPU. Each runs in its own process (throughput.py's `--worker baseline`); `s
             turns it on by default: it trades ~30% speed for memory, and this side is the fast one).
 
 Precision as a careful user picks it on this CPU (`spec["precision"]`, resolved by throughput.py:
-bf16 only where the CPU has bf16 matmuls, `loralab.train.precision.cpu_has_fast_bf16`): bf16 means
+bf16 only where the CPU has bf16 matmuls faster than fp32's, `loralab.train.precision.cpu_has_fast_bf16`): bf16 means
 `bf16=True` (bf16 autocast over fp32 weights, the textbook mixed precision; `--baseline-weights bf16`
 loads bf16 weights instead), fp32 means `bf16=False`: on a CPU without bf16, autocast makes torch
 emulate it, many times slower than fp32.

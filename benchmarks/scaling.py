@@ -169,11 +169,11 @@ def main() -> int:
     ap.add_argument("--no-lock", action="store_true")
     a = ap.parse_args()
     import throughput as T
-    from loralab.train.precision import cpu_has_fast_bf16
+    from loralab.train.precision import resolve_precision
 
     lengths = [int(x) for x in a.lengths.split(",")]
     batches = [int(x) for x in a.batches.split(",")]
-    precision = a.precision if a.precision != "auto" else ("bf16" if cpu_has_fast_bf16() else "fp32")
+    precision = resolve_precision(a.precision, "cpu")
     t0 = time.perf_counter()
     result = {"precision": precision, "steps": a.steps, "cpu_flags": T.cpu_flags(), "batch_length": lengths[0],
               "load_average_before": os.getloadavg()[0], "sweeps": {"length": {}, "batch": {}}}

@@ -8,8 +8,9 @@ Every side fine-tunes the default model (smollm2-135m) with LoRA r=16, alpha=32,
 every linear layer, on the SAME encoded examples (the same tokens and loss masks), the same number
 of them (steps x batch x grad-accum: one epoch by default), the same seed, lr, warmup and cosine
 schedule, in the same precision: `--precision auto` picks it as a careful user would on this CPU
-(bf16 where the CPU has bf16 matmuls, AVX512-BF16 or AMX: `loralab.train.precision.cpu_has_fast_bf16`;
-else fp32), `--precision fp32` forces the path of CPUs without bf16 (AVX2-only) on any CPU.
+(bf16 where the CPU has bf16 matmuls, AVX512-BF16 or AMX, that measure faster than fp32's:
+`loralab.train.precision.cpu_has_fast_bf16`; else fp32), `--precision fp32` forces the path of CPUs
+without bf16 (AVX2-only) on any CPU.
   - baseline sides (peft_baseline.py), configured as a careful user would: `bf16=True` (autocast)
     only where the precision is bf16, no evaluation, logs to a list, report_to=[], use_cpu=True on
     the CPU, 0 dataloader workers. `--baseline-weights bf16` loads the base in bf16 too (default: fp32
@@ -249,7 +250,7 @@ def main(argv=None) -> int:
     n_examples = a.examples or a.steps * a.batch * a.grad_accum
     if a.isa == "avx2":
         os.environ.update(AVX2_ONLY_ENV)  # before the precision is resolved; the workers inherit it
-    from loralab.train.precision import cpu_has_fast_bf16, resolve_precision
+    from loralab.train.precision import bf16_speedup, cpu_has_fast_bf16, resolve_precision
 
     precision = resolve_precision(a.precision, "cpu")
     base = dict(steps=a.steps, batch=a.batch, grad_accum=a.grad_accum, examples=n_examples, lr=a.lr,
@@ -302,7 +303,9 @@ def main(argv=None) -> int:
     folder = next(iter(raw.values()))["folder"]
     shape = model_shape(folder)
     res = {s: summarize(r, shape, peak["mfu_gflops"]) for s, r in raw.items()}
-    cpu = {"flags": cpu_flags(), "has_fast_bf16": cpu_has_fast_bf16(), "precision": precision, "isa": a.isa}
+    flags = cpu_flags()
+    cpu = {"flags": flags, "has_fast_bf16": cpu_has_fast_bf16(), "precision": precision, "isa": a.isa,
+           "bf16_speedup": bf16_speedup() if {"avx512_bf16", "amx_bf16"} & set(flags) else None}
     print_table(res, peak, qlora, a, n_examples, total_s, cpu)
     out = {"config": {**base, "model": MODEL, "lora": LORA, "max_seq_len": MAX_SEQ_LEN, "sides": sides},
            "cpu": cpu,
@@ -335,7 +338,7 @@ def print_table(res: dict, peak: dict, qlora, a, n_examples: int, total_s: float
           f"({st['n_tokens']:,} tokens, {st['n_label_tokens']:,} labelled), seed {a.seed}, lr {a.lr:g}, "
           f"warmup {a.warmup}, cosine; {peak['threads']} threads")
     print(f"CPU flags: {', '.join(cpu['flags']) or '?'}{' held to AVX2 (--isa avx2)' if a.isa == 'avx2' else ''} "
-          f"(fast bf16 matmuls: {cpu['has_fast_bf16']}); "
+          f"(fast bf16 matmuls: {cpu['has_fast_bf16']}; measured bf16 speed-up {cpu['bf16_speedup']}); "
           f"precision of every side: {cpu['precision']} (--precision {a.precision})")
     print("matmul peak (2048^3, best of 8, higher of start/end): " + ", ".join(
         f"{n} {peak[f'{n}_gflops']:.0f} GFLOP/s (start {peak[f'{n}_gflops_start_end'][0]:.0f}, "

@@ -1,4 +1,6 @@
 """`train.precision: auto` is decided in one place, and every caller (the loop, the pipeline) uses it."""
+import json
+
 import pytest
 import torch
 
@@ -42,3 +44,42 @@ def test_a_onednn_isa_cap_below_bf16_means_no_fast_bf16(monkeypatch, cap, capped
     assert precision.isa_capped_below_bf16() is capped
     if capped:
         assert precision.cpu_has_fast_bf16() is False and precision.resolve_precision("auto", "cpu") == "fp32"
+
+
+BF16_CPU = "model name\t: Some Xeon\nflags\t\t: fpu avx2 avx512f avx512_bf16\n"
+
+
+@pytest.mark.parametrize("speedup, fast", [(0.62, False), (1.9, True)])
+def test_bf16_flags_are_not_enough_the_speed_is_measured_once(monkeypatch, tmp_path, speedup, fast):
+    """A CPU with AVX512-BF16 whose bf16 matmuls are slower than fp32's (seen: an Intel Xeon VM, 0.62x)
+    trains in fp32; the measurement runs once per machine and is cached."""
+    monkeypatch.setenv("LORALAB_CACHE", str(tmp_path))
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.setattr(precision, "_cpu_info", lambda: BF16_CPU)
+    calls = []
+    monkeypatch.setattr(precision, "measure_bf16_speedup", lambda: calls.append(1) or speedup)
+    assert precision.cpu_has_fast_bf16() is fast and precision.resolve_precision("auto", "cpu") == (
+        "bf16" if fast else "fp32")
+    assert len(calls) == 1  # the second call read the cache
+    (tmp_path / "cpu_bf16.json").write_text("{not json")  # a damaged cache is measured again, not fatal
+    assert precision.cpu_has_fast_bf16() is fast and len(calls) == 2
+    assert list(json.loads((tmp_path / "cpu_bf16.json").read_text()).values()) == [speedup]
+
+
+def test_no_bf16_instructions_means_fp32_without_measuring(monkeypatch, tmp_path):
+    monkeypatch.setenv("LORALAB_CACHE", str(tmp_path))
+    monkeypatch.setattr(precision, "_cpu_info", lambda: BF16_CPU.replace(" avx512_bf16", ""))
+    monkeypatch.setattr(precision, "measure_bf16_speedup", lambda: pytest.fail("measured on an AVX2-only CPU"))
+    assert precision.cpu_has_fast_bf16() is False and not (tmp_path / "cpu_bf16.json").exists()
+
+
+def test_the_measurement_is_a_positive_ratio():
+    assert 0 < precision.measure_bf16_speedup(rounds=1) < float("inf")
+
+
+def test_an_unwritable_cache_folder_measures_instead_of_failing(monkeypatch, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("LORALAB_CACHE", str(blocker / "cache"))  # under a file: cannot be created
+    monkeypatch.setattr(precision, "measure_bf16_speedup", lambda: 1.5)
+    assert precision.bf16_speedup() == 1.5
