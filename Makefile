@@ -36,6 +36,7 @@ test: $(TSTAMP)
 	$(BIN)/python -m pytest
 
 bench: $(TSTAMP)
+	$(BIN)/python -c "import trl" 2>/dev/null || $(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python benchmarks/throughput.py
 
 # llama.cpp loads `loralab export`'s GGUFs and continues 20 held-out prompts as loralab does. Not part of

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 import loralab
-from loralab.config import RunConfig, apply_overrides, from_dict, load_config
+from loralab.config import DataConfig, RunConfig, apply_overrides, from_dict, load_config
 from loralab.errors import UserError
 
 
@@ -132,23 +132,28 @@ def test_preflight_modes_including_yaml_off():
         load_config(None, ["train.preflight=strict"])
 
 
-def test_n_train_per_task_mixes_the_tasks():
+def _subtractions(examples) -> list[str]:
+    return [e.prompt for e in examples if "minus" in e.prompt]
+
+
+def _datasets(*overrides):
     from loralab.prepare import build_datasets
+    return build_datasets(load_config(None, ["data.tasks=[2da, 2ds]", "data.val_fraction=0", "eval.n=5",
+                                             *overrides]))
 
-    cfg = load_config(None, ["data.tasks=[2da, 2ds]", "data.n_train={2da: 30, 2ds: 90}", "data.val_fraction=0",
-                             "eval.n=5"])
-    data = build_datasets(cfg)
-    subtractions = sum("minus" in e.prompt for e in data.train)
-    assert (len(data.train), subtractions) == (120, 90)
-    # the same 2ds questions as a run giving every task 90: a mix takes each task's first n
-    even = build_datasets(load_config(None, ["data.tasks=[2da, 2ds]", "data.n_train=90", "data.val_fraction=0",
-                                             "eval.n=5"]))
-    def subtraction_prompts(examples):
-        return [e.prompt for e in examples if "minus" in e.prompt]
 
-    assert subtraction_prompts(data.train) == subtraction_prompts(even.train)
-    assert data.tests == even.tests
-    for bad, needle in (("{2da: 30}", "no count for task 2ds"),
-                        ("{2da: 30, 2ds: 9, 3da: 1}", "'3da' is not in data.tasks")):
-        with pytest.raises(UserError, match=needle):
-            build_datasets(load_config(None, ["data.tasks=[2da, 2ds]", f"data.n_train={bad}"]))
+def test_n_train_per_task_mixes_the_tasks():
+    mix = _datasets("data.n_train={2da: 30, 2ds: 90}")
+    assert (len(mix.train), len(_subtractions(mix.train))) == (120, 90)
+    # the same 2ds questions and held-out sets as a run giving every task 90: a mix takes each task's first n
+    even = _datasets("data.n_train=90")
+    assert _subtractions(mix.train) == _subtractions(even.train) and mix.tests == even.tests
+
+
+def test_n_train_mapping_survives_other_tasks_but_not_typos():
+    """Tasks the mapping leaves out get the default count and tasks it names but the run does not train are
+    ignored (a config's mix survives `data.tasks=...`); a name that is no task is an error."""
+    other = _datasets("data.n_train={2ds: 9, 3da: 1}")
+    assert (len(other.train), len(_subtractions(other.train))) == (DataConfig.n_train + 9, 9)
+    with pytest.raises(UserError, match="'data.n_train': '2sd' is not a task"):
+        _datasets("data.n_train={2sd: 30}")

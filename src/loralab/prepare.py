@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch
 
-from .config import RunConfig
+from .config import DataConfig, RunConfig
 from .data.batching import split_validation
 from .data.prompts import encode_all
 from .data.sources import load_data
-from .data.tasks import expand_tasks, make_task
+from .data.tasks import expand_tasks, is_task, make_task
 from .errors import UserError
 from .io.models import load_tokenizer, load_weights, resolve
 from .memory.preflight import check_rank, module_widths
@@ -45,14 +45,15 @@ class Datasets:
 
 
 def _train_counts(n_train, tasks: list[str]) -> dict[str, int]:
-    """data.n_train per task: one count for all, or a mapping that names each task (suite groups expanded)."""
+    """data.n_train per task: one count for all, or a mapping. Tasks the mapping leaves out get the default
+    count, and tasks it names but the run does not train are ignored, so a config's mix survives a
+    `data.tasks=...` override; a name that is no task at all is a typo and an error."""
     if isinstance(n_train, int):
         return dict.fromkeys(tasks, n_train)
-    missing, unknown = [t for t in tasks if t not in n_train], sorted(set(n_train) - set(tasks))
-    if missing or unknown:
-        what = f"no count for task {missing[0]}" if missing else f"{unknown[0]!r} is not in data.tasks"
-        raise UserError(f"config key 'data.n_train': {what} (tasks: {', '.join(tasks)})")
-    return {t: n_train[t] for t in tasks}
+    unknown = sorted(name for name in n_train if not is_task(name))
+    if unknown:
+        raise UserError(f"config key 'data.n_train': {unknown[0]!r} is not a task")
+    return {t: n_train.get(t, DataConfig.n_train) for t in tasks}
 
 
 def build_datasets(cfg: RunConfig) -> Datasets:

@@ -5,7 +5,7 @@
 Written as a plain composition (dropout module, then the two matmuls), autograd keeps for every
 wrapped layer the float mask (saved by the multiply) and the dropped input (saved by A's matmul):
 two activation-sized tensors per layer, six copies of x for q, k and v, which read the same x.
-`dropped_low_rank` keeps x itself (one storage, whoever reads it), the mask as bool and A's r-wide
+`low_rank` keeps x itself (one storage, whoever reads it), the mask as bool and A's r-wide
 output, and rebuilds the dropped input in backward with one multiply: the same values and gradients
 as the composition, bit for bit (tests/peft/test_dropout.py), at a third of the saved bytes of the
 LoRA inputs in fp32 (docs/memory.md).
