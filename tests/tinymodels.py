@@ -1,4 +1,5 @@
 """Tiny random-init Llama models (instant, offline) and a tiny model folder on disk, for any test."""
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -55,3 +56,18 @@ def randomize_lora(model, seed=1, scale=0.2, generator=None):
             for w in (m.lora_A.weight, m.lora_B.weight):
                 w.copy_(torch.randn(w.shape, generator=g) * scale)
     return model
+
+
+@contextmanager
+def saved_bytes(exclude=()):
+    """Bytes autograd keeps for backward while the block runs: each storage once, `exclude`'s tensors'
+    storages (parameters, weights) left out. Yields a dict storage -> bytes, filled as the block runs."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if (ptr := t.untyped_storage().data_ptr()) not in skip:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield seen

@@ -8,7 +8,7 @@ from loralab.io.mlp import swiglu, use_lean_swiglu
 from loralab.peft.inject import inject
 from loralab.peft.lora import LoraSpec
 from loralab.peft.targets import resolve_targets
-from tinymodels import tiny_llama
+from tinymodels import saved_bytes, tiny_llama
 
 IDS = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
 
@@ -26,15 +26,8 @@ def _lora_model(dtype, lean: bool):
 
 
 def _saved_and_grads(model):
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
-
-    def pack(t):
-        if (ptr := t.untyped_storage().data_ptr()) not in params:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
     torch.manual_seed(2)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_bytes(exclude=model.parameters()) as seen:
         logits = model(input_ids=IDS).logits
     logits.float().square().mean().backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}

@@ -12,7 +12,7 @@ from loralab.errors import UserError
 from loralab.memory import arch as A
 from loralab.memory import estimate as E
 from loralab.memory import fixes as F
-from tinymodels import tiny_llama, tiny_llama_config
+from tinymodels import saved_bytes, tiny_llama, tiny_llama_config
 
 GB = 1e9
 # The article (Llama-2-7B, Lit-GPT, one A100): r=8 on q and v, micro batch 1, AdamW, bf16, Alpaca.
@@ -330,23 +330,16 @@ def test_lora_dropout_costs_one_byte_per_input_element_as_measured():
     batch, seq = 2, 16
     ids = torch.randint(3, 128, (batch, seq), generator=torch.Generator().manual_seed(0))
 
-    def saved_bytes(dropout: float) -> int:
+    def lora_saved_bytes(dropout: float) -> int:
         model = tiny_llama(0, attn_implementation="sdpa")
         model.requires_grad_(False)
         inject(model, resolve_targets(model, "all-linear"), LoraSpec(r=4, alpha=8, dropout=dropout))
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        seen = {}
-
-        def pack(t):
-            if (ptr := t.untyped_storage().data_ptr()) not in params:
-                seen[ptr] = t.untyped_storage().nbytes()
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with saved_bytes(exclude=model.parameters()) as seen:
             model.train()(input_ids=ids).logits.float().sum()
         return sum(seen.values())
 
     mask_bytes = batch * seq * 2 * (6 * 32 + 64)  # tokens x layers x in_features of q k v o gate up (32), down (64)
-    assert saved_bytes(0.1) - saved_bytes(0.0) == mask_bytes
+    assert lora_saved_bytes(0.1) - lora_saved_bytes(0.0) == mask_bytes
     hf = tiny_llama_config().to_dict()
     kw = dict(r=4, targets="all-linear", seq=seq, batch=batch, device="cpu", precision="fp32", attention="sdpa")
     layers = [E.estimate(hf, lora_dropout=p, **kw)["activation_detail"]["layers_bytes"] for p in (0.1, 0.0)]

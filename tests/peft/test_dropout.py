@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from loralab.peft.dropout import FastDropout, low_rank
 from loralab.peft.lora import LoRALinear, LoraSpec
+from tinymodels import saved_bytes
 
 
 def test_fast_dropout_is_bernoulli_with_rate_p_and_unbiased():
@@ -83,20 +84,14 @@ def test_low_rank_keeps_x_once_and_bool_masks():
     x = torch.randn(4, 128, 64, requires_grad=True)
     weights = [(torch.randn(8, 64, requires_grad=True), torch.randn(64, 8, requires_grad=True)) for _ in range(3)]
 
-    def saved_bytes(fn):
-        seen = {}
-
-        def pack(t):
-            if not any(t is w for pair in weights for w in pair):
-                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    def kept(fn):
+        with saved_bytes(exclude=[w for pair in weights for w in pair]) as seen:
             sum(fn(x, a, b).sum() for a, b in weights)
         return sum(seen.values())
 
     xb = x.numel() * 4
-    mine = saved_bytes(lambda x, a, b: low_rank(FastDropout(0.1).train(), x, a, b))
-    ref = saved_bytes(lambda x, a, b: _composition(x, 0.1, a, b))
+    mine = kept(lambda x, a, b: low_rank(FastDropout(0.1).train(), x, a, b))
+    ref = kept(lambda x, a, b: _composition(x, 0.1, a, b))
     assert ref >= 6 * xb
     assert mine <= xb + 3 * x.numel() + 3 * 4 * 128 * 8 * 4          # x, three bool masks, A's outputs
     # not training, or no gradients: the module runs (identity in eval), nothing drawn
