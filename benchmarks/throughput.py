@@ -303,9 +303,8 @@ def main(argv=None) -> int:
     folder = next(iter(raw.values()))["folder"]
     shape = model_shape(folder)
     res = {s: summarize(r, shape, peak["mfu_gflops"]) for s, r in raw.items()}
-    flags = cpu_flags()
-    cpu = {"flags": flags, "has_fast_bf16": cpu_has_fast_bf16(), "precision": precision, "isa": a.isa,
-           "bf16_speedup": bf16_speedup() if {"avx512_bf16", "amx_bf16"} & set(flags) else None}
+    cpu = {"flags": cpu_flags(), "has_fast_bf16": cpu_has_fast_bf16(), "precision": precision, "isa": a.isa,
+           "bf16_speedup": bf16_speedup()}
     print_table(res, peak, qlora, a, n_examples, total_s, cpu)
     out = {"config": {**base, "model": MODEL, "lora": LORA, "max_seq_len": MAX_SEQ_LEN, "sides": sides},
            "cpu": cpu,

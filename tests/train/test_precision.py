@@ -71,6 +71,7 @@ def test_no_bf16_instructions_means_fp32_without_measuring(monkeypatch, tmp_path
     monkeypatch.setattr(precision, "_cpu_info", lambda: BF16_CPU.replace(" avx512_bf16", ""))
     monkeypatch.setattr(precision, "measure_bf16_speedup", lambda: pytest.fail("measured on an AVX2-only CPU"))
     assert precision.cpu_has_fast_bf16() is False and not (tmp_path / "cpu_bf16.json").exists()
+    assert precision.bf16_speedup() is None
 
 
 def test_the_measurement_is_a_positive_ratio():
@@ -81,5 +82,7 @@ def test_an_unwritable_cache_folder_measures_instead_of_failing(monkeypatch, tmp
     blocker = tmp_path / "file"
     blocker.write_text("")
     monkeypatch.setenv("LORALAB_CACHE", str(blocker / "cache"))  # under a file: cannot be created
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.setattr(precision, "_cpu_info", lambda: BF16_CPU)
     monkeypatch.setattr(precision, "measure_bf16_speedup", lambda: 1.5)
     assert precision.bf16_speedup() == 1.5

@@ -72,10 +72,16 @@ def _probe_key(info: str) -> str:
     return f"{model} | torch {torch.__version__} | {torch.get_num_threads()} threads" + (f" | {cap}" if cap else "")
 
 
-def bf16_speedup() -> float:
-    """This CPU's measured bf16 speed-up, measured once per CPU model, torch version and thread count and
-    cached under loralab's cache folder; a file lock makes the ranks of a distributed run agree."""
-    key = _probe_key(_cpu_info())
+def bf16_speedup() -> float | None:
+    """This CPU's measured bf16 speed-up over fp32, or None where it has no bf16 instructions (AVX2-only
+    CPUs, or oneDNN capped below them): torch emulates bf16 there, hundreds of times slower than fp32 (0.2
+    vs 71 GFLOP/s on one core, docs/performance.md), so there is nothing to measure. Measured once per CPU
+    model, torch version, thread count and oneDNN cap, and cached under loralab's cache folder; a file
+    lock makes the ranks of a distributed run agree."""
+    info = _cpu_info()
+    if isa_capped_below_bf16() or ("amx_bf16" not in info and "avx512_bf16" not in info):
+        return None
+    key = _probe_key(info)
     path = cache_root() / _PROBE_FILE
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -98,15 +104,9 @@ def bf16_speedup() -> float:
 
 
 def cpu_has_fast_bf16() -> bool:
-    """bf16 matmuls in hardware (AMX or AVX512-BF16) that measure faster than fp32's. Without the
-    instructions (AVX2-only CPUs) torch emulates bf16, hundreds of times slower than fp32 (0.2 vs 71
-    GFLOP/s on one core, docs/performance.md): nothing to measure there."""
-    if isa_capped_below_bf16():
-        return False
-    info = _cpu_info()
-    if "amx_bf16" not in info and "avx512_bf16" not in info:
-        return False
-    return bf16_speedup() >= BF16_MIN_SPEEDUP
+    """bf16 matmuls in hardware (AMX or AVX512-BF16) that measure faster than fp32's."""
+    speedup = bf16_speedup()
+    return speedup is not None and speedup >= BF16_MIN_SPEEDUP
 
 
 def resolve_precision(precision: str, device: torch.device | str) -> str:
