@@ -16,6 +16,19 @@ def _cfg(folder, out, *extra):
                               f"output_dir={out}", *extra])
 
 
+def test_test_loss_is_skipped_when_switched_off(tiny_folder, tmp_path, monkeypatch):
+    import loralab.pipeline as pipeline
+
+    calls = []
+    real = pipeline.test_losses
+    monkeypatch.setattr(pipeline, "test_losses", lambda *a, **k: calls.append(1) or real(*a, **k))
+    on = run_training(_cfg(tiny_folder, tmp_path / "on", "eval.before=false"), quiet=True)
+    off = run_training(_cfg(tiny_folder, tmp_path / "off", "eval.before=false", "eval.test_loss=false"), quiet=True)
+    assert calls == [1]  # one forward over the held-out answers, in the first run only
+    assert on["eval"]["2da"]["test_loss"] > 0 and off["eval"]["2da"]["test_loss"] is None
+    assert off["eval"]["2da"]["after"] == on["eval"]["2da"]["after"]  # exact match is unaffected
+
+
 def test_run_writes_every_artifact(tiny_folder, tmp_path):
     out = tmp_path / "run"
     cfg = _cfg(tiny_folder, out)

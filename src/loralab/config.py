@@ -108,6 +108,8 @@ class EvalConfig:
     batch_size: int = 50
     max_new_tokens: int = 8
     stop_check: bool = True           # after training: how many held-out generations stop on EOS (summary, table)
+    test_loss: bool = True            # after training: each task's mean token loss on its held-out answers
+                                      # (one teacher-forced forward over them; studies compare it)
     with_validation: bool = True      # exact match at every validation of train.eval_every too (false: after only)
 
 

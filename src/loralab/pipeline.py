@@ -234,8 +234,9 @@ def _train_and_report(cfg: RunConfig, dist: Dist, model, tok, folder, info, data
         # (each written atomically) rather than leaving the run to be redone from its last checkpoint.
         stop_flag.note = "finishing the final evaluation and save first (Ctrl-C again to abort)"
         after = run_evals(model, tok, data.tests, cfg, dist, result.module) if data.tests else {}
-        for name, loss in test_losses(result.module, tok, data.tests, cfg, dist).items():
-            after[name]["test_loss"] = loss
+        if cfg.eval.test_loss:
+            for name, loss in test_losses(result.module, tok, data.tests, cfg, dist).items():
+                after[name]["test_loss"] = loss
         trackers.log_eval(after, step=result.steps)
         stops = held_out_stops(model, tok, data, after, cfg, dist)
         if main:

@@ -53,3 +53,25 @@ def test_mean_loss_is_per_label_token(tiny_tokenizer):
     both = mean_loss(model, enc, batch_size=2, pad_id=tok.pad_token_id)
     n = [e.n_labels for e in enc]
     assert abs(both - (one[0] * n[0] + one[1] * n[1]) / sum(n)) < 1e-5
+
+
+def test_generation_feeds_the_output_layer_contiguous_rows_and_removes_its_hook(tiny_tokenizer):
+    tok = tiny_tokenizer
+    model = tiny_llama(1, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    head = model.get_output_embeddings()
+    seen = []
+    probe = head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].is_contiguous()))  # what it got
+    prompts = ["Question: What is 1 plus 2?\nAnswer:", "Question: What is 33 minus 4?\nAnswer:"]
+    try:
+        head(torch.zeros(2, 4, head.in_features)[:, -1:])
+        assert seen == [False]  # the probe sees a strided slice as it is
+        seen.clear()
+        answers = generate_answers(model, tok, prompts, batch_size=2, max_new_tokens=3, stop_at_newline=False)
+    finally:
+        probe.remove()
+    assert seen and all(seen)  # the prefill's last-position slice arrives copied
+    assert not head._forward_pre_hooks  # nothing left behind
+    plain = [tok.decode(model.generate(**tok(p, return_tensors="pt"), max_new_tokens=3, do_sample=False,
+                                       pad_token_id=tok.pad_token_id)[0, len(tok(p).input_ids):],
+                        skip_special_tokens=True) for p in prompts]
+    assert answers == plain  # same greedy answers as transformers' own generate

@@ -173,6 +173,17 @@ def test_no_training_example_left_is_refused(tiny_folder):
         P.check_before_loading(load_config(None, []), tiny_folder, "cpu", [])
 
 
+def test_nf4_without_torchao_is_refused_before_any_weight_loads(tiny_folder, monkeypatch):
+    cfg = load_config(None, ["model.quant=nf4", "train.preflight=off"])
+    enc = random_encoded([20])
+    assert P.check_before_loading(cfg, tiny_folder, "cpu", enc) == []  # the test extras install it
+    real = P.importlib.util.find_spec
+    monkeypatch.setattr(P.importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
+    with pytest.raises(UserError, match=r"'model.quant' is nf4, which needs torchao: pip install 'loralab\[qlora\]'"):
+        P.check_before_loading(cfg, tiny_folder, "cpu", enc)
+    assert P.check_before_loading(load_config(None, ["train.preflight=off"]), tiny_folder, "cpu", enc) == []
+
+
 def test_preflight_modes(tiny_folder, monkeypatch):
     monkeypatch.setattr(P, "device_room", lambda device: P.Room(0, "test room"))
     enc = random_encoded([20, 30])

@@ -313,3 +313,23 @@ def test_state_dict_round_trip_is_strict():
         load_lora_state_dict(b, {k: v[:1] for k, v in sd.items()})
     with pytest.raises(UserError, match="already has a LoRA"):
         inject(b, "qv", LoraSpec(r=2, alpha=4))
+
+
+def test_zero_updates_skipped_gives_the_same_outputs_and_restores_every_layer():
+    from loralab.peft.lora import zero_updates_skipped
+
+    model = tiny_llama(3)
+    inject(model, "all-linear", LoraSpec(r=4, alpha=8, dropout=0.0))
+    layers = dict(lora_modules(model))
+    trained = layers["model.layers.0.self_attn.q_proj"]
+    with torch.no_grad():
+        trained.lora_B.weight.normal_()
+    x = torch.randint(0, model.config.vocab_size, (2, 7))
+    model.eval()
+    with torch.no_grad():
+        want = model(x).logits
+        with zero_updates_skipped(model):
+            assert {n for n, m in layers.items() if m.merged} == set(layers) - {"model.layers.0.self_attn.q_proj"}
+            got = model(x).logits
+    assert torch.equal(got, want)  # base + 0 is base; the nonzero layer still ran
+    assert not any(m.merged for m in layers.values())

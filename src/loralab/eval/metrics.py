@@ -11,6 +11,7 @@ import torch
 from ..data.batching import left_pad
 from ..data.prompts import render_prompt, stop_token_ids
 from ..data.tasks import answer_matches
+from ..peft.lora import zero_updates_skipped
 
 
 def perplexity(loss: float) -> float:
@@ -36,6 +37,24 @@ def fp32_decoding_on_cpu(model):
     finally:
         for t in cast:
             t.data = t.data.to(torch.bfloat16)
+
+
+@contextmanager
+def contiguous_head_input(model):
+    """Feed the output layer a contiguous input while generating. transformers' prefill keeps the
+    logits of the last position only, a strided (batch, 1, hidden) view of the hidden states, which
+    torch's CPU linear multiplies as a batched matmul: ~5x slower than copying those rows first
+    (100 prompts x 15 tokens, SmolLM2's 49k-vocabulary head: 1.33 s vs 0.26 s, one thread, AMD
+    EPYC AVX2). The copy is a few rows; on an already contiguous input it is a no-op."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        yield
+        return
+    handle = head.register_forward_pre_hook(lambda _m, args: (args[0].contiguous(), *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @dataclass
@@ -69,7 +88,9 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 32, max_
     # Longest prompts first keeps the padding per batch small.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     results: dict[int, Generation] = {}
-    with nullcontext() if synced_gpus else fp32_decoding_on_cpu(model):  # sharded weights stay as they are
+    unsharded = not synced_gpus  # sharded (FSDP2) weights stay as they are
+    with (fp32_decoding_on_cpu(model) if unsharded else nullcontext(), contiguous_head_input(model),
+          zero_updates_skipped(model) if unsharded else nullcontext()):
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             ids = [tokenizer.encode(prompts[i], add_special_tokens=False) for i in idx]

@@ -18,6 +18,7 @@ known) and before the model's weights load, and `check_disk` once the trainable 
 """
 from __future__ import annotations
 
+import importlib.util
 import re
 import resource
 import shutil
@@ -238,6 +239,8 @@ def _context(model_config: dict) -> tuple[str, int] | None:
 def check_before_loading(cfg, folder, device, train_enc: list) -> list[str]:
     """Every check that needs the encoded data and config.json but no weights. Raises UserError for
     a run that cannot work; returns lines to log (warnings, the memory verdict)."""
+    if cfg.model.quant == "nf4" and importlib.util.find_spec("torchao") is None:
+        raise UserError("config key 'model.quant' is nf4, which needs torchao: pip install 'loralab[qlora]'")
     if not train_enc:
         raise UserError("no training examples left after truncation and drops (config key 'data.path' or "
                         "'data.tasks' gives none)")

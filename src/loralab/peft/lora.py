@@ -13,6 +13,7 @@ by default) so small updates are not rounded away in a bf16/4-bit base.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -130,3 +131,21 @@ def lora_modules(model: nn.Module):
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear):
             yield name, m
+
+
+@contextmanager
+def zero_updates_skipped(model: nn.Module):
+    """For the duration, LoRA layers whose update is exactly zero (plain LoRA with B = 0, as every
+    run starts) return their base layer's output without the two low-rank matmuls, the scale and
+    the add: the same values (base + 0), about 15% less time for the base model's evaluation before
+    training (SmolLM2, 200 prompts: 10.9 s vs 12.8 s, 2 threads, AMD EPYC AVX2). For no-grad use:
+    a skipped layer gets no gradient. DoRA layers always run (their row norms rescale even at B = 0)."""
+    skipped = [m for _, m in lora_modules(model)
+               if not m.merged and m.variant.name == "lora" and not bool(m.lora_B.weight.any())]
+    for m in skipped:
+        m.merged = True  # a zero update is trivially folded in: forward returns base(x)
+    try:
+        yield
+    finally:
+        for m in skipped:
+            m.merged = False

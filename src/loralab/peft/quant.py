@@ -51,7 +51,7 @@ def _nf4_module():
     try:
         from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor
     except ImportError as e:
-        raise UserError(f"quant: nf4 needs torchao; pip install torchao ({e})") from None
+        raise UserError(f"model.quant: nf4 needs torchao: pip install 'loralab[qlora]' ({e})") from None
     finally:
         for lg in loggers:
             lg.removeFilter(quiet)
