@@ -202,7 +202,7 @@ def test_quantize_after_lora_refused():
 
 def test_missing_torchao_is_a_user_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchao.quantization.quantize_.workflows.nf4", None)
-    with pytest.raises(UserError, match="pip install torchao"):
+    with pytest.raises(UserError, match=r"needs torchao: pip install 'loralab\[qlora\]'"):
         NF4Linear.from_linear(_linear(64, 64))
 
 
