@@ -56,6 +56,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -111,6 +112,20 @@ def worker(kind: str, spec_path: str, out_path: str) -> None:
 USE_LOCK = True
 
 
+def _holder_gone(holder: str) -> bool:
+    """The lock names a process of this machine that no longer runs."""
+    m = re.search(r"pid (\d+)", holder)
+    if not m:
+        return False
+    try:
+        os.kill(int(m.group(1)), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, owned by someone else
+        return False
+    return False
+
+
 def acquire_lock(what: str) -> None:
     """Wait while a colleague times something, then hold the lock for one worker (a few minutes
     at most, so nobody waits long for this benchmark)."""
@@ -118,11 +133,14 @@ def acquire_lock(what: str) -> None:
         return
     said = False
     while LOCK.exists():
+        try:
+            holder = LOCK.read_text().strip()[:80]
+        except OSError:
+            holder = "?"
+        if _holder_gone(holder):  # a killed run leaves its lock behind: it would block every later run
+            LOCK.unlink(missing_ok=True)
+            continue
         if not said:
-            try:
-                holder = LOCK.read_text().strip()[:80]
-            except OSError:
-                holder = "?"
             print(f"waiting for {LOCK} ({holder})...", file=sys.stderr)
             said = True
         time.sleep(5)
