@@ -41,7 +41,7 @@ def main() -> int:
 
     import torch
 
-    import throughput as T
+    import cpu_lock
     from loralab.config import RunConfig
     from loralab.io.attention import EAGER_MAX_ROW, register
     from loralab.prepare import setup_model
@@ -76,8 +76,7 @@ def main() -> int:
         return time.perf_counter() - t0, saved[0]
 
     if not a.no_lock:
-        T.USE_LOCK = True
-        T.acquire_lock("attention_rows")
+        cpu_lock.acquire("attention_rows")
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     result = {"precision": dtype, "threads": torch.get_num_threads(), "eager_max_row": EAGER_MAX_ROW,
               "load_average_before": os.getloadavg()[0], "lengths": []}
@@ -105,7 +104,7 @@ def main() -> int:
                 for i in IMPLS), file=sys.stderr, flush=True)
     finally:
         if not a.no_lock:
-            T.release_lock()
+            cpu_lock.release()
     result["load_average_after"] = os.getloadavg()[0]
     text = json.dumps(result, indent=1)
     if a.json:

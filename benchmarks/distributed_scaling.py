@@ -50,17 +50,17 @@ def main() -> int:
     ap.add_argument("--global-batch", type=int, default=16, help="examples per micro batch, all ranks together")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
-    from throughput import acquire_lock, release_lock
+    from cpu_lock import acquire, release
 
     load = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory(prefix="loralab-dist-") as tmp:
-        acquire_lock("distributed_scaling")
+        acquire("distributed_scaling")
         try:
             sides = [run_side(Path(tmp) / "one", 1, "auto", a.steps, a.global_batch)]
             for mode in ("ddp", "fsdp"):
                 sides.append(run_side(Path(tmp) / mode, a.nproc, mode, a.steps, a.global_batch))
         finally:
-            release_lock()
+            release()
     load.append(os.getloadavg()[0])
     base = sides[0]
     for s in sides:

@@ -62,7 +62,7 @@ def main() -> int:
 
     import torch
 
-    import throughput as T
+    import cpu_lock
     from loralab.config import RunConfig
     from loralab.memory.measure import PeakMemory
     from loralab.prepare import setup_model
@@ -154,8 +154,7 @@ def main() -> int:
         m.zero_grad(set_to_none=True)
 
     if not a.no_lock:
-        T.USE_LOCK = True
-        T.acquire_lock("levers_ab")
+        cpu_lock.acquire("levers_ab")
     rows = {v: {"t": [], "peak": []} for v in variants}
     load0 = f"{os.getloadavg()[0]:.2f}"
     cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -176,7 +175,7 @@ def main() -> int:
                 rows[v]["peak"].append(pm.result()["peak_memory_bytes"])
     finally:
         if not a.no_lock:
-            T.release_lock()
+            cpu_lock.release()
     busy = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
     shapes = [tuple(b["input_ids"].shape) for b in batches[:a.rounds]]
     print(f"{a.rounds} rounds x {len(variants)} variants, {a.workload} workload, {info['precision']}, "

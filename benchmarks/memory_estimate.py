@@ -21,10 +21,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-LOCK = Path("/tmp/loralab_cpu_lock")
+import cpu_lock  # benchmarks/ is on sys.path when run as a script
+
 TINY = {  # random-init Llama shapes: a small tied one and a wider untied one with full multi-head attention
     "tiny-a": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=2, tie_word_embeddings=True),
@@ -56,11 +56,6 @@ GRID = [
     ("tiny-b-r8-all-s1024-b2-ckpt", "tiny-b", ["data.max_seq_len=1024", "train.batch_size=2",
                                                "train.gradient_checkpointing=true"]),
 ]
-
-
-def wait_for_lock() -> None:
-    while LOCK.exists():
-        time.sleep(5)
 
 
 def write_data(path: Path, n: int = 48) -> None:
@@ -118,7 +113,7 @@ def run_one(name: str, model: str, overrides: list[str], tmp: Path, data: Path, 
                           f"output_dir={tmp / 'runs' / name}", "resume=false", *overrides]}
     results = []
     for _ in range(repeat):
-        wait_for_lock()
+        cpu_lock.wait()
         proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
         lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:

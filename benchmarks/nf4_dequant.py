@@ -36,6 +36,7 @@ def main() -> int:
     a = ap.parse_args()
     import torch
 
+    import cpu_lock
     import throughput as T
     from loralab.peft.quant import _bitsandbytes_op, dequantize_nf4, to_nf4
 
@@ -46,7 +47,7 @@ def main() -> int:
     if _bitsandbytes_op() is None:
         del kinds["bitsandbytes"]
     if not a.no_lock:
-        T.acquire_lock("nf4_dequant")
+        cpu_lock.acquire("nf4_dequant")
     result = {"cpu_flags": T.cpu_flags(), "threads": a.threads, "weights": LAYERS * sum(r * c for r, c in SHAPES),
               "load_average_before": os.getloadavg()[0], "dtypes": {}}
     try:
@@ -68,7 +69,7 @@ def main() -> int:
                    for k, v in times.items() if k != "torchao"}}
     finally:
         if not a.no_lock:
-            T.release_lock()
+            cpu_lock.release()
     result["load_average_after"] = os.getloadavg()[0]
     text = json.dumps(result, indent=1)
     print(text)

@@ -40,7 +40,7 @@ def main() -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    import throughput as T
+    import cpu_lock
     from loralab.config import RunConfig
     from loralab.prepare import setup_model
     from loralab.train.loop import micro_batches
@@ -62,8 +62,7 @@ def main() -> int:
         model.zero_grad(set_to_none=True)
 
     if not a.no_lock:
-        T.USE_LOCK = True
-        T.acquire_lock("profile_step")
+        cpu_lock.acquire("profile_step")
     try:
         step()  # warm up (and loss.py's one-time head check)
         times = []
@@ -77,7 +76,7 @@ def main() -> int:
         wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     finally:
         if not a.no_lock:
-            T.release_lock()
+            cpu_lock.release()
     totals: dict[str, float] = {}
     for ev in prof.key_averages():
         group = next((g for g, keys in GROUPS if any(k in ev.key for k in keys)), "rest")

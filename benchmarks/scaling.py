@@ -109,10 +109,10 @@ def worker(side: str, points: list[list[int]], steps: int, precision: str) -> li
 
 
 def run(side: str, points: list[tuple[int, int]], steps: int, precision: str, lock: bool) -> list[dict]:
-    import throughput as T
+    import cpu_lock
 
-    T.USE_LOCK = lock
-    T.acquire_lock(f"scaling {side}")
+    cpu_lock.enabled = lock
+    cpu_lock.acquire(f"scaling {side}")
     try:
         with tempfile.TemporaryDirectory(prefix="scaling-") as tmp:
             out = Path(tmp) / "out.json"
@@ -124,7 +124,7 @@ def run(side: str, points: list[tuple[int, int]], steps: int, precision: str, lo
                                  + "\n".join(proc.stderr.strip().splitlines()[-15:]))
             return json.loads(out.read_text())
     finally:
-        T.release_lock()
+        cpu_lock.release()
 
 
 def plot(result: dict, path: Path) -> None:

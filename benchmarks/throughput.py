@@ -56,7 +56,6 @@ import argparse
 import importlib.util
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -64,12 +63,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import cpu_lock
 from loralab_side import worker_loralab
 from peft_baseline import worker_baseline
 from workload import AVX2_ONLY_ENV, FLOPS_FORMULA, LORA, MAX_SEQ_LEN, MODEL, matmul_peak, model_flops, model_shape
 
 HERE = Path(__file__).resolve()
-LOCK = Path("/tmp/loralab_cpu_lock")
 
 # ----------------------------------------------------------------------------------------------
 # Workers (each in its own process)
@@ -109,59 +108,12 @@ def worker(kind: str, spec_path: str, out_path: str) -> None:
 # ----------------------------------------------------------------------------------------------
 # Driver
 
-USE_LOCK = True
-
-
-def _holder_gone(holder: str) -> bool:
-    """The lock names a process of this machine that no longer runs."""
-    m = re.search(r"pid (\d+)", holder)
-    if not m:
-        return False
-    try:
-        os.kill(int(m.group(1)), 0)
-    except ProcessLookupError:
-        return True
-    except OSError:  # exists, owned by someone else
-        return False
-    return False
-
-
-def acquire_lock(what: str) -> None:
-    """Wait while a colleague times something, then hold the lock for one worker (a few minutes
-    at most, so nobody waits long for this benchmark)."""
-    if not USE_LOCK:
-        return
-    said = False
-    while LOCK.exists():
-        try:
-            holder = LOCK.read_text().strip()[:80]
-        except OSError:
-            holder = "?"
-        if _holder_gone(holder):  # a killed run leaves its lock behind: it would block every later run
-            LOCK.unlink(missing_ok=True)
-            continue
-        if not said:
-            print(f"waiting for {LOCK} ({holder})...", file=sys.stderr)
-            said = True
-        time.sleep(5)
-    LOCK.write_text(f"benchmarks/throughput.py {what} (pid {os.getpid()}, {time.strftime('%H:%M:%S')})\n")
-
-
-def release_lock() -> None:
-    if USE_LOCK:
-        try:
-            if f"pid {os.getpid()}" in LOCK.read_text():
-                LOCK.unlink()
-        except OSError:
-            pass
-
-
 def run_worker(kind: str, spec: dict, threads: int | None) -> dict:
-    acquire_lock(f"{kind}/{spec.get('name', '')}")
+    cpu_lock.acquire(f"{kind}/{spec.get('name', '')}")
     try:
         return _run_worker(kind, spec, threads)
     finally:
-        release_lock()
+        cpu_lock.release()
 
 
 def _run_worker(kind: str, spec: dict, threads: int | None) -> dict:
@@ -275,8 +227,7 @@ def main(argv=None) -> int:
                 warmup=a.warmup, seed=a.seed, baseline_weights=a.baseline_weights, precision=precision)
     sides = [s.strip() for s in a.sides.split(",") if s.strip()]
     specs = {s: side_spec(s, base, a.group_window) for s in sides}
-    global USE_LOCK
-    USE_LOCK = not a.no_lock
+    cpu_lock.enabled = not a.no_lock
     t_start = time.perf_counter()
     try:
         peaks_of = {"precisions": ["fp32"] if precision == "fp32" else ["bf16", "fp32"]}
@@ -309,7 +260,7 @@ def main(argv=None) -> int:
         # divides by the higher of the two, so it is never flattered by a slow measurement.
         peak_after = run_worker("matmul", peaks_of, a.threads)
     finally:
-        release_lock()
+        cpu_lock.release()
     peak = {"threads": peak_before["threads"]}
     for name in peaks_of["precisions"]:  # bf16 is not measured where it would be emulated
         peak[f"{name}_gflops"] = max(peak_before[f"{name}_gflops"], peak_after[f"{name}_gflops"])
