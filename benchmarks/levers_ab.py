@@ -6,7 +6,8 @@ variants interleaved step by step, so slow drifts of a shared machine hit every 
 
 --workload demo steps the demo's micro batches (configs/demo.yaml's 2-digit addition / subtraction
 questions, ~20 tokens each; use --batch 16 for the demo's micro batch) instead of the throughput
-benchmark's mix of short and long examples. --precision fp32 forces the path of CPUs without bf16.
+benchmark's mix of short and long examples, with the demo's LoRA (rank 16, no dropout; else the
+throughput benchmark's, with dropout 0.05). --precision fp32 forces the path of CPUs without bf16.
 
 Variants (switchable at run time on one loaded model; combine with '+', e.g. chunk256+sdpa):
   stock     loralab as it is (eager attention on the CPU, head chunks of 1024 labelled rows)
@@ -16,6 +17,9 @@ Variants (switchable at run time on one loaded model; combine with '+', e.g. chu
             heap holes left by freed temporaries back to the OS instead of letting RSS grow
   plaindrop LoRA's dropout as the plain composition (dropout module, then A and B): a float mask
             and the dropped input kept per layer, what peft/dropout.low_rank's bool mask replaced
+            (implies unfused: the fused layer draws its own bool mask)
+  unfused   each LoRA layer as base layer, then A and B, then an add (autograd's composition),
+            what peft/fused.py's one function per layer replaced
   plainmlp  the model's own SwiGLU forward (keeps SiLU's output too), what io/mlp.py replaced
   qlora     a second model with NF4 frozen weights (model.quant=nf4), stepped on the same batches
             (alone, not combined; its peak RSS includes the other model's weights, ~0.3 GB)
@@ -63,7 +67,7 @@ def main() -> int:
     import torch
 
     import cpu_lock
-    from loralab.config import RunConfig
+    from loralab.config import RunConfig, load_config
     from loralab.memory.measure import PeakMemory
     from loralab.prepare import setup_model
     from loralab.train.loop import micro_batches
@@ -72,6 +76,8 @@ def main() -> int:
 
     cfg = RunConfig()
     cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout = LORA["r"], LORA["alpha"], LORA["dropout"]
+    if a.workload == "demo":  # the demo's own LoRA (its rank, no dropout)
+        cfg.lora = load_config(Path(__file__).parents[1] / "configs" / "demo.yaml").lora
     cfg.train.batch_size, cfg.train.packing, cfg.train.precision = a.batch, not a.unpacked, a.precision
     model, tok, _, info = setup_model(cfg, torch.device("cpu"))
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]
@@ -102,6 +108,7 @@ def main() -> int:
 
     import torch.nn.functional as F
 
+    import loralab.peft.fused as lora_fused
     import loralab.peft.variants as lora_variants
 
     fused_low_rank = lora_variants.low_rank
@@ -119,10 +126,12 @@ def main() -> int:
         else:
             current["model"] = model
         mods = set(v.split("+")) - {"stock"}
-        unknown = mods - {"chunk256", "sdpa", "trim", "plaindrop", "plainmlp"}
+        unknown = mods - {"chunk256", "sdpa", "trim", "plaindrop", "plainmlp", "unfused"}
         if unknown:
             raise SystemExit(f"unknown variant part(s) {sorted(unknown)}")
         current["chunk_rows"] = 256 if "chunk256" in mods else CHUNK_ROWS
+        # unfused: LoRA as base layer + two matmuls + add, autograd's composition (peft/fused.py)
+        lora_fused.ENABLED = not {"unfused", "plaindrop"} & mods
         # plaindrop: LoRA's dropout as the plain autograd composition (float mask and dropped input
         # kept per layer), what peft/dropout.low_rank replaces
         lora_variants.low_rank = plain_low_rank if "plaindrop" in mods else fused_low_rank

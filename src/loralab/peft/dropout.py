@@ -33,7 +33,7 @@ def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     return uniform16 >= round(p * 65536) - 32768
 
 
-def _scaled(keep: torch.Tensor, p: float, dtype: torch.dtype) -> torch.Tensor:
+def scaled_mask(keep: torch.Tensor, p: float, dtype: torch.dtype) -> torch.Tensor:
     """The mask as x's dtype holds it: 1 / (1 - p) where kept, else 0 (one pass over the mask)."""
     one, zero = torch.tensor([1.0 / (1.0 - p), 0.0], dtype=dtype, device=keep.device)
     return torch.where(keep, one, zero)
@@ -45,7 +45,7 @@ class FastDropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0 or x.device.type != "cpu":
             return super().forward(x)
-        return x * _scaled(keep_mask(x, self.p), self.p, x.dtype)
+        return x * scaled_mask(keep_mask(x, self.p), self.p, x.dtype)
 
 
 class _DroppedLowRank(torch.autograd.Function):
@@ -55,7 +55,7 @@ class _DroppedLowRank(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, keep, p, a, b):
-        t = F.linear(x * _scaled(keep, p, x.dtype), a)
+        t = F.linear(x * scaled_mask(keep, p, x.dtype), a)
         ctx.p = p
         ctx.save_for_backward(x, keep, a, b, t)
         return F.linear(t, b)
@@ -66,7 +66,7 @@ class _DroppedLowRank(torch.autograd.Function):
         g2, t2 = g.reshape(-1, g.shape[-1]), t.reshape(-1, t.shape[-1])
         grad_b = g2.t().mm(t2) if ctx.needs_input_grad[4] else None
         gt = g2.mm(b)                                         # gradient of A's output
-        m = _scaled(keep, ctx.p, x.dtype)
+        m = scaled_mask(keep, ctx.p, x.dtype)
         grad_a = None
         if ctx.needs_input_grad[3]:
             h2 = (x * m).reshape(-1, x.shape[-1])             # the dropped input, rebuilt

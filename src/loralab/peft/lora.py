@@ -21,9 +21,10 @@ from torch import nn
 
 from ..errors import UserError
 from .dropout import FastDropout
+from .fused import fusable, fused_forward
 from .init import init_factors
 from .presets import check_init
-from .variants import variant_for
+from .variants import PlainLora, variant_for
 
 
 @dataclass(frozen=True)
@@ -90,9 +91,11 @@ class LoRALinear(nn.Module):
     # Deliberately no `weight` attribute: code doing F.linear(x, m.weight) would silently skip LoRA.
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         if self.merged:
-            return y
+            return self.base(x)
+        if self.variant is PlainLora and fusable(self, x):  # one function, no extra activations
+            return fused_forward(self, x)
+        y = self.base(x)
         # Dropout acts on the LoRA input only, so the frozen path is deterministic.
         return self.variant.forward(self, x, y)
 

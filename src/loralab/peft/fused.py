@@ -1,0 +1,83 @@
+"""Plain LoRA over a frozen dense nn.Linear as one autograd function: the low-rank update is added
+into the base's output, and its input gradient into the base's, by in-place matmul-accumulate.
+
+    y = x W^T + b + s (d(x) A^T) B^T            (d: dropout on the LoRA input; s: scaling)
+
+Written as a composition (base layer, LoRA's two matmuls, an add), each LoRA layer allocates two
+activation-sized tensors more per step (B's output in forward, the scaled output gradient in
+backward), adds them in separate passes, and runs B's r-wide matmul into a fresh out-sized
+buffer, which the CPU's BLAS does several times slower than accumulating onto an existing one.
+On 2 AVX2 cores in fp32 the demo's step is ~5% faster this way (benchmarks/levers_ab.py
+--workload demo --batch 16 --variants stock,unfused; docs/performance.md). Here:
+
+    forward   y = addmm(b, x, W^T);  t = d(x) A^T;  y += s t B^T                 (in place)
+    backward  g_t = s g B;  grad_B = s g^T t;  grad_A = g_t^T d(x);  grad_x = g W + d'(g_t A)
+
+saving x (one storage, as the base already does), the dropout mask as bool and the r-wide t.
+The same values as the composition up to the order of the float sums (tests/peft/test_fused.py
+compares it with the composition and with PEFT). It runs for plain-LoRA layers whose base is an
+nn.Linear with frozen weight and bias in x's dtype (fp32 factors over a bf16 base enter cast, as
+variants.lora_update casts them); QLoRA's and DoRA's layers, and a trained base, keep their path.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .dropout import keep_mask, scaled_mask
+
+ENABLED = True  # benchmarks/levers_ab.py's `unfused` variant turns it off to compare
+
+
+class _LoraLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b, scaling: float, keep, p: float):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2.mm(weight.t())
+        h = x2 if keep is None else x2 * scaled_mask(keep.reshape(x2.shape), p, x2.dtype)
+        t = h.mm(a.t())
+        y.addmm_(t, b.t(), alpha=scaling)
+        ctx.scaling, ctx.p = scaling, p
+        ctx.save_for_backward(x2, keep, weight, a, b, t)
+        ctx.in_shape = shape
+        return y.view(*shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, keep, weight, a, b, t = ctx.saved_tensors
+        s = ctx.scaling
+        g2 = g.reshape(-1, g.shape[-1])
+        mask = None if keep is None else scaled_mask(keep.reshape(x2.shape), ctx.p, x2.dtype)
+        gt = g2.mm(b).mul_(s)                                   # gradient of t = d(x) A^T
+        grad_b = g2.t().mm(t).mul_(s) if ctx.needs_input_grad[4] else None
+        grad_a = None
+        if ctx.needs_input_grad[3]:
+            grad_a = gt.t().mm(x2 if mask is None else x2 * mask)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = g2.mm(weight)
+            if mask is None:
+                grad_x.addmm_(gt, a)
+            else:
+                grad_x.add_(gt.mm(a).mul_(mask))
+            grad_x = grad_x.view(ctx.in_shape)
+        return grad_x, None, None, grad_a, grad_b, None, None, None
+
+
+def fusable(layer, x: torch.Tensor) -> bool:
+    """Whether `layer` (a LoRALinear) may run as one fused function on x."""
+    base = layer.base
+    return (ENABLED and type(base) is nn.Linear and not base.weight.requires_grad
+            and (base.bias is None or not base.bias.requires_grad) and x.dtype == base.weight.dtype)
+
+
+def fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
+    """The layer's output, base plus update, through _LoraLinearFn (fusable(layer, x) holds)."""
+    drop = layer.lora_dropout
+    p = drop.p if isinstance(drop, nn.Dropout) else 0.0
+    keep = keep_mask(x, p) if p > 0 and drop.training else None
+    a, b, scaling = layer.lora_A.weight, layer.lora_B.weight, float(layer.scaling)
+    if a.dtype != x.dtype:  # fp32 factors over a bf16 base: cast the small factors, as variants.lora_update
+        a, b, scaling = a.to(x.dtype), (b * scaling).to(x.dtype), 1.0
+    return _LoraLinearFn.apply(x, layer.base.weight, layer.base.bias, a, b, scaling, keep, p)
