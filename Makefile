@@ -27,8 +27,10 @@ install: $(STAMP)
 fetch: $(STAMP)
 	$(BIN)/loralab fetch
 
-demo: $(STAMP)  # train fetches the default model itself the first time (a separate fetch costs ~3 s of imports)
-	$(BIN)/loralab train configs/demo.yaml
+# train fetches the default model itself the first time (a separate fetch costs ~3 s of imports); every
+# `make demo` trains anew: a run of an earlier demo recipe in runs/demo must not stop it
+demo: $(STAMP)
+	$(BIN)/loralab train configs/demo.yaml resume=false
 
 test: $(TSTAMP)
 	$(BIN)/ruff check src tests benchmarks

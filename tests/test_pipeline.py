@@ -307,3 +307,15 @@ def test_suite_families_held_out_and_test_loss_match_peft(tiny_folder, tmp_path)
                 total += float(peft_model(torch.tensor([e.input_ids]), labels=labels).loss) * n
                 count += n
         assert summary["eval"][task]["test_loss"] == pytest.approx(total / count, rel=1e-4), task
+
+
+@pytest.mark.parametrize("layers, shown", [(None, ""), (7, " layers=7"), ([3, 1, 2], " layers=1-3"),
+                                           ([1, 2], " layers=1,2"), ([0, 2, 5], " layers=0,2,5")])
+def test_the_table_names_the_decoder_layers_lora_was_given(layers, shown):
+    from loralab.summary import _layers
+
+    cfg = load_config("configs/demo.yaml", [f"lora.layers={json.dumps(layers)}"] if layers is not None else [])
+    if layers is None:
+        cfg.lora.layers = None
+    assert _layers(cfg) == shown
+    assert _layers(load_config("configs/demo.yaml")) == " layers=10-29"  # the demo's top 20

@@ -108,12 +108,22 @@ def _breakdown_lines(parts: dict | None) -> list[str]:
             "                  " + ", ".join(f"{n.replace('_', ' ')} {fmt_bytes(parts[n])}" for n in names[3:])]
 
 
+def _layers(cfg: RunConfig) -> str:
+    """' layers=10-29' (or a list) when lora.layers picks a subset of the decoder layers."""
+    layers = cfg.lora.layers
+    if layers is None:
+        return ""
+    ids = sorted([layers] if isinstance(layers, int) else layers)
+    run = len(ids) > 2 and ids == list(range(ids[0], ids[-1] + 1))
+    return f" layers={ids[0]}-{ids[-1]}" if run else " layers=" + ",".join(map(str, ids))
+
+
 def format_table(summary: dict, cfg: RunConfig) -> str:
     pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"
     lines = [
         f"loralab run -> {cfg.output_dir}",
         f"  model           {summary['model']} ({summary['method']}, {summary['precision']}, {summary['device']})",
-        f"  LoRA            r={cfg.lora.r} alpha={cfg.lora_alpha:g} targets={cfg.lora.targets}"
+        f"  LoRA            r={cfg.lora.r} alpha={cfg.lora_alpha:g} targets={cfg.lora.targets}{_layers(cfg)}"
         if summary["method"] != "full" else "  method          full fine-tuning",
         f"  trainable       {summary['trainable_params']:,} / {summary['total_params']:,} params "
         f"({100 * summary['trainable_params'] / summary['total_params']:.2f}%)",
