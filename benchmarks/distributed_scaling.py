@@ -27,8 +27,8 @@ def run_side(out: Path, nproc: int, mode: str, steps: int, global_batch: int) ->
     threads = max(1, (os.cpu_count() or 1) // nproc)
     cmd = [sys.executable, "-m", "loralab.cli", "train", str(ROOT / "configs" / "demo.yaml"), f"output_dir={out}",
            f"train.max_steps={steps}", f"train.batch_size={global_batch // nproc}", "eval.before=false",
-           "lora.layers=null", "eval.tasks=[]", "data.val_fraction=0", "train.progress=false",
-           f"train.threads={threads}", "resume=false", f"train.distributed={mode}",
+           "eval.tasks=[]", "data.val_fraction=0", "train.progress=false", f"train.threads={threads}",
+           "resume=false", f"train.distributed={mode}",
            # LoRA dropout draws its masks per rank, so with dropout the sides would differ by the
            # dropout noise: without it the final losses must agree (bf16 rounding aside)
            "lora.dropout=0"]

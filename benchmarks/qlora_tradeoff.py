@@ -35,7 +35,7 @@ SKIP_STEPS = 3  # the first steps pay one-time costs (allocator growth, kernel s
 def run_side(quant: str, out: Path, steps: int, batch: int) -> dict:
     wait_for_lock()
     cmd = [sys.executable, "-m", "loralab.cli", "train", str(ROOT / "configs" / "demo.yaml"),
-           f"model.quant={quant}", f"train.max_steps={steps}", f"train.batch_size={batch}", "lora.layers=null",
+           f"model.quant={quant}", f"train.max_steps={steps}", f"train.batch_size={batch}",
            "eval.tasks=[]", "eval.before=false", "train.progress=false", f"output_dir={out}", "resume=false"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:

@@ -35,7 +35,6 @@ from memory_estimate import wait_for_lock  # benchmarks/ is on sys.path when run
 
 ROOT = Path(__file__).resolve().parent.parent
 SKIP_STEPS = 3  # the first steps pay one-time costs (allocator growth, kernel selection)
-EVERY_LAYER = ["lora.layers=null"]  # the demo trains its top 20 layers; the variants are compared on every one
 SIDES = {"lora": [], "rslora": ["lora.use_rslora=true"], "dora": ["lora.use_dora=true"],
          "pissa": ["lora.init=pissa_niter_4"], "loraplus": ["train.loraplus_lr_ratio=8"]}
 TARGET_DORA_RATIO = 1.3
@@ -43,8 +42,8 @@ TARGET_DORA_RATIO = 1.3
 
 def run_side(name: str, out: Path, steps: int, batch: int) -> dict:
     wait_for_lock()
-    cmd = [sys.executable, "-m", "loralab.cli", "train", str(ROOT / "configs" / "demo.yaml"), *EVERY_LAYER,
-           *SIDES[name], f"train.max_steps={steps}", f"train.batch_size={batch}", "eval.tasks=[]", "eval.before=false",
+    cmd = [sys.executable, "-m", "loralab.cli", "train", str(ROOT / "configs" / "demo.yaml"), *SIDES[name],
+           f"train.max_steps={steps}", f"train.batch_size={batch}", "eval.tasks=[]", "eval.before=false",
            "train.progress=false", f"output_dir={out}", "resume=false"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -78,8 +77,8 @@ def interleaved(names: list[str], rounds: int, batch: int) -> dict:
     device = torch.device("cpu")
     sides = {}
     for name in names:
-        overrides = [*EVERY_LAYER, *SIDES[name], f"train.batch_size={batch}"]
-        cfg = resolve_config(load_config(ROOT / "configs" / "demo.yaml", overrides), device)
+        cfg = resolve_config(load_config(ROOT / "configs" / "demo.yaml", [*SIDES[name], f"train.batch_size={batch}"]),
+                             device)
         set_seed(cfg.train.seed)
         model, tok, _, _ = setup_model(cfg, device)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]

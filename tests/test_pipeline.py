@@ -318,4 +318,15 @@ def test_the_table_names_the_decoder_layers_lora_was_given(layers, shown):
     if layers is None:
         cfg.lora.layers = None
     assert _layers(cfg) == shown
-    assert _layers(load_config("configs/demo.yaml")) == " layers=10-29"  # the demo's top 20
+
+
+def test_make_demo_trains_the_top_20_layers_and_the_demo_config_every_layer():
+    from pathlib import Path
+
+    from loralab.summary import _layers
+
+    make = (Path(__file__).parents[1] / "Makefile").read_text()
+    layers = next(l.split("=", 1)[1].strip() for l in make.splitlines() if l.startswith("DEMO_LAYERS ="))
+    assert '"lora.layers=$(DEMO_LAYERS)"' in make
+    assert _layers(load_config("configs/demo.yaml", [f"lora.layers={layers}"])) == " layers=10-29"
+    assert load_config("configs/demo.yaml").lora.layers is None  # any model, studies: every layer

@@ -7,8 +7,9 @@ Written as a composition (base layer, LoRA's two matmuls, an add), each LoRA lay
 activation-sized tensors more per step (B's output in forward, the scaled output gradient in
 backward), adds them in separate passes, and runs B's r-wide matmul into a fresh out-sized
 buffer, which the CPU's BLAS does several times slower than accumulating onto an existing one.
-On 2 AVX2 cores in fp32 the demo's step is ~5% faster this way (benchmarks/levers_ab.py
---workload demo --batch 16 --variants stock,unfused; docs/performance.md). Here:
+On 2 AVX2 cores in fp32 the demo's step is 1.03-1.07x faster this way, the throughput bench's
+1.06x with an 11% lower peak (benchmarks/levers_ab.py --variants stock,unfused; docs/performance.md).
+Here:
 
     forward   y = addmm(b, x, W^T);  t = d(x) A^T;  y += s t B^T                 (in place)
     backward  g_t = s g B;  grad_B = s g^T t;  grad_A = g_t^T d(x);  grad_x = g W + d'(g_t A)
