@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .dropout import keep_mask, scaled_mask
+from .variants import PlainLora
 
 ENABLED = True  # benchmarks/levers_ab.py's `unfused` variant turns it off to compare
 
@@ -67,9 +68,10 @@ class _LoraLinearFn(torch.autograd.Function):
 
 
 def fusable(layer, x: torch.Tensor) -> bool:
-    """Whether `layer` (a LoRALinear) may run as one fused function on x."""
+    """Whether `layer` (a LoRALinear) may run as one fused function on x: plain LoRA exactly (DoRA
+    subclasses it), over a frozen dense base in x's dtype."""
     base = layer.base
-    return (ENABLED and type(base) is nn.Linear and not base.weight.requires_grad
+    return (ENABLED and layer.variant is PlainLora and type(base) is nn.Linear and not base.weight.requires_grad
             and (base.bias is None or not base.bias.requires_grad) and x.dtype == base.weight.dtype)
 
 

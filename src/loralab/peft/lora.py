@@ -24,7 +24,7 @@ from .dropout import FastDropout
 from .fused import fusable, fused_forward
 from .init import init_factors
 from .presets import check_init
-from .variants import PlainLora, variant_for
+from .variants import variant_for
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base(x)
-        if self.variant is PlainLora and fusable(self, x):  # one function, no extra activations
+        if fusable(self, x):  # plain LoRA over a frozen nn.Linear: one function, no extra activations
             return fused_forward(self, x)
         y = self.base(x)
         # Dropout acts on the LoRA input only, so the frozen path is deterministic.
