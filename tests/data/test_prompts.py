@@ -237,3 +237,18 @@ def test_encode_all_counts_examples_that_learn_to_stop(tiny_tokenizer):
     assert stats["n_kept"] == 2 and stats["n_truncated"] == 1 and stats["n_end_with_stop"] == 1
     _, stats = encode_all(exs, tiny_tokenizer, template="chat", max_seq_len=1000)
     assert stats["n_end_with_stop"] == 2  # chat: the reply's <|im_end|> is learned
+
+
+def test_encoding_many_at_once_equals_one_at_a_time(tiny_tokenizer):
+    examples = [chat("hi", "yo"), Example(prompt="Question: What is 1 plus 2?\nAnswer:", response=" 3"),
+                chat("a longer question here", "and a long answer", "more?", "yes"),
+                Example(prompt="x" * 40, response=" y")]
+    for kw in ({}, {"max_seq_len": 64}, {"template": "raw", "system_prompt": None}):  # 64: cuts one, drops one
+        if kw.get("template") == "raw":
+            examples = [ex for ex in examples if ex.messages is None]
+        together, _ = encode_all(examples, tiny_tokenizer, **kw)
+        alone = [encode(ex, tiny_tokenizer, **kw) for ex in examples]
+        kept = [e for e in alone if e.n_labels]
+        assert kw.get("max_seq_len") is None or any(e.truncated for e in kept) and len(kept) < len(alone)
+        assert [(e.input_ids, e.labels, e.truncated) for e in together] == \
+            [(e.input_ids, e.labels, e.truncated) for e in kept]

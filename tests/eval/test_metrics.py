@@ -75,3 +75,36 @@ def test_generation_feeds_the_output_layer_contiguous_rows_and_removes_its_hook(
                                        pad_token_id=tok.pad_token_id)[0, len(tok(p).input_ids):],
                         skip_special_tokens=True) for p in prompts]
     assert answers == plain  # same greedy answers as transformers' own generate
+
+
+def test_shared_prefix_length_leaves_every_prompt_a_token_of_its_own():
+    from loralab.eval.metrics import shared_prefix_length
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # identical prompts: the last token is each row's
+    assert shared_prefix_length([[7], [7, 8]]) == 0
+    assert shared_prefix_length([[1, 2], [3, 2]]) == 0
+
+
+def test_a_shared_prompt_prefix_is_prefilled_once_and_answers_stay_the_same(tiny_tokenizer, monkeypatch):
+    import loralab.eval.metrics as ev
+    tok = tiny_tokenizer
+    model = tiny_llama(3, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    prompts = ["Question: What is 1 plus 2?\nAnswer:", "Question: What is 33 minus 4?\nAnswer:",
+               "Question: What is 5 plus 61?\nAnswer:", "Question: What is 7?\nAnswer:"]
+    ids = [tok.encode(p, add_special_tokens=False) for p in prompts]
+    shared = ev.shared_prefix_length(ids)
+    assert shared >= 5
+    widths = []
+    probe = model.model.embed_tokens.register_forward_hook(lambda _m, args, _o: widths.append(tuple(args[0].shape)))
+    monkeypatch.setattr(ev, "MIN_SHARED_ROWS", 1)
+    try:
+        once = generate_answers(model, tok, prompts, batch_size=4, max_new_tokens=5, stop_at_newline=False)
+    finally:
+        probe.remove()
+    longest = max(len(x) for x in ids)
+    assert widths[0] == (1, shared) and widths[1] == (4, longest - shared)  # the prefix at batch 1, then the rest
+    monkeypatch.setattr(ev, "MIN_SHARED_ROWS", 10**9)  # every row prefilled whole
+    assert once == generate_answers(model, tok, prompts, batch_size=4, max_new_tokens=5, stop_at_newline=False)
+    single = [generate_answers(model, tok, [p], batch_size=1, max_new_tokens=5, stop_at_newline=False)[0]
+              for p in prompts]
+    assert once == single  # and transformers' generate, one prompt at a time

@@ -308,19 +308,20 @@ def render_prompt(example_or_text, tokenizer, template: str = "auto", system_pro
 # ---------------------------------------------------------------------------------------------
 # Tokens
 
-def encode(example: Example, tokenizer, *, template: str = "auto", system_prompt="default",
-           max_seq_len: int | None = None) -> Encoded:
-    if max_seq_len is not None and max_seq_len <= 0:
-        raise UserError(f"config key 'data.max_seq_len' must be > 0, got {max_seq_len}")
-    text, spans = render_example(example, tokenizer, template=template, system_prompt=system_prompt)
+def _tokenize(tokenizer, texts: list[str]) -> dict:
+    """Token ids and character offsets of each text, in one call (a fast tokenizer batches it)."""
     try:
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
     except NotImplementedError:
         raise UserError("the model's tokenizer has no character offsets (a slow tokenizer); "
                         "loss masks need a fast tokenizer (tokenizer.json)") from None
-    ids = list(enc["input_ids"])
+
+
+def _labelled(ids: list[int], offsets, spans, max_seq_len: int | None) -> Encoded:
+    """Labels are the tokens that overlap a reply span, the rest IGNORE_INDEX; cut at max_seq_len."""
+    ids = list(ids)
     labels = [IGNORE_INDEX] * len(ids)
-    for k, (a, b) in enumerate(enc["offset_mapping"]):
+    for k, (a, b) in enumerate(offsets):
         # Overlap, not containment: a token merged across a boundary still carries the reply.
         if b > a and any(a < e and b > s for s, e in spans):
             labels[k] = ids[k]
@@ -328,6 +329,23 @@ def encode(example: Example, tokenizer, *, template: str = "auto", system_prompt
     if truncated:
         ids, labels = ids[:max_seq_len], labels[:max_seq_len]  # right: keep the prompt's start
     return Encoded(input_ids=ids, labels=labels, truncated=truncated)
+
+
+def _encode_many(examples: list[Example], tokenizer, *, template: str = "auto", system_prompt="default",
+                 max_seq_len: int | None = None) -> list[Encoded]:
+    if max_seq_len is not None and max_seq_len <= 0:
+        raise UserError(f"config key 'data.max_seq_len' must be > 0, got {max_seq_len}")
+    rendered = [render_example(ex, tokenizer, template=template, system_prompt=system_prompt) for ex in examples]
+    if not rendered:
+        return []
+    enc = _tokenize(tokenizer, [text for text, _ in rendered])
+    return [_labelled(ids, offsets, spans, max_seq_len)
+            for ids, offsets, (_, spans) in zip(enc["input_ids"], enc["offset_mapping"], rendered)]
+
+
+def encode(example: Example, tokenizer, **kw) -> Encoded:
+    """One example's token ids and labels (keywords: template, system_prompt, max_seq_len)."""
+    return _encode_many([example], tokenizer, **kw)[0]
 
 
 def encode_all(examples: list[Example], tokenizer, **kw) -> tuple[list[Encoded], dict]:
@@ -341,8 +359,7 @@ def encode_all(examples: list[Example], tokenizer, **kw) -> tuple[list[Encoded],
     stats = {"n": len(examples), "n_kept": 0, "n_truncated": 0, "n_dropped": 0,
              "n_tokens": 0, "n_label_tokens": 0, "first_dropped": None, "n_end_with_stop": 0}
     stops = set(stop_token_ids(tokenizer))
-    for ex in examples:
-        e = encode(ex, tokenizer, **kw)
+    for ex, e in zip(examples, _encode_many(examples, tokenizer, **kw)):
         stats["n_truncated"] += e.truncated
         n_labels = e.n_labels
         if n_labels == 0:
