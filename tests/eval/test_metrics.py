@@ -108,3 +108,15 @@ def test_a_shared_prompt_prefix_is_prefilled_once_and_answers_stay_the_same(tiny
     single = [generate_answers(model, tok, [p], batch_size=1, max_new_tokens=5, stop_at_newline=False)[0]
               for p in prompts]
     assert once == single  # and transformers' generate, one prompt at a time
+
+
+def test_a_sliding_window_model_prefills_every_row_whole(tiny_tokenizer, monkeypatch):
+    import loralab.eval.metrics as ev
+    tok = tiny_tokenizer
+    model = tiny_llama(3, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    model.config.layer_types = ["sliding_attention"] * model.config.num_hidden_layers
+    model.config.sliding_window = 64
+    monkeypatch.setattr(ev, "MIN_SHARED_ROWS", 1)
+    ids = [tok.encode(p, add_special_tokens=False) for p in ["Question: 1?", "Question: 22?"]]
+    inputs = ev._batch_inputs(model, ids, tok.pad_token_id, torch.device("cpu"), share=True)
+    assert set(inputs) == {"input_ids", "attention_mask"} and inputs["input_ids"].shape[1] == max(map(len, ids))

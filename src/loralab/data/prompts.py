@@ -22,6 +22,7 @@ string from `render_prompt`, encoded with add_special_tokens=False, is exactly w
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 from ..errors import UserError
@@ -87,13 +88,28 @@ def _as_messages(example: Example) -> list[dict]:
             {"role": "assistant", "content": example.response.strip()}]
 
 
+_BOS_TEXT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # per tokenizer: asked once, not per example
+
+
 def _bos_text(tok) -> str:
     """The BOS token's text when the tokenizer's own encode would prepend it (Llama), else ""."""
     bos = getattr(tok, "bos_token", None)
     if not bos:
         return ""
+    key = (bos, tok.bos_token_id)
+    try:
+        seen_key, text = _BOS_TEXT[tok]
+        if seen_key == key:
+            return text
+    except (KeyError, TypeError):  # TypeError: an object weakref cannot track (then it is asked every time)
+        pass
     ids = tok("a", add_special_tokens=True)["input_ids"]
-    return bos if ids and ids[0] == tok.bos_token_id else ""
+    text = bos if ids and ids[0] == tok.bos_token_id else ""
+    try:
+        _BOS_TEXT[tok] = (key, text)
+    except TypeError:
+        pass
+    return text
 
 
 def _special_strings(tok) -> list[str]:

@@ -94,8 +94,12 @@ def _batch_inputs(model, ids: list[list[int]], pad_id: int, device, share: bool)
         return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
     from transformers import DynamicCache
 
-    prefix = torch.tensor([ids[0][:p]], dtype=torch.long, device=device)
     cache = DynamicCache(config=model.config)
+    if any(getattr(cache, "is_sliding", ())) or any(getattr(cache, "is_linear", ())):
+        # a sliding window counts the pads between the prefix and a row's tokens as distance; a
+        # linear-attention (recurrent) state cannot skip them: such models get plain left padding
+        return _batch_inputs(model, ids, pad_id, device, share=False)
+    prefix = torch.tensor([ids[0][:p]], dtype=torch.long, device=device)
     model(input_ids=prefix, use_cache=True, **{key: cache})
     cache.batch_repeat_interleave(len(ids))
     own_ids, own_mask = left_pad([x[p:] for x in ids], pad_id)
