@@ -29,9 +29,9 @@ def main() -> int:
     ap.add_argument("--no-lock", action="store_true")
     a = ap.parse_args()
 
-    import cpu_lock
     import torch
 
+    import cpu_lock
     import loralab.eval.metrics as metrics
     from loralab.config import load_config
     from loralab.data.prompts import render_prompt
