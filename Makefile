@@ -28,8 +28,8 @@ fetch: $(STAMP)
 	$(BIN)/loralab fetch
 
 # The demo trains LoRA on the top 20 of SmolLM2's 30 decoder layers: backward stops at the lowest LoRA
-# layer, so a third of it is never run (loop -20% on 2 AVX2 cores; seeds 42/1/2: 2da +83/+79/+79, 2ds
-# +42/+40/+41; every layer: 2da +74, 2ds +41 at seed 42; the top 15: 2ds +31). configs/demo.yaml keeps
+# layer, so a third of it is never run (loop -20% on 2 AVX2 cores; seeds 42/1/2: 2da +82/+80/+79, 2ds
+# +42/+39/+41; every layer: 2da +74, 2ds +41 at seed 42; the top 15: 2ds +31). configs/demo.yaml keeps
 # every layer, the library's default, so it fits any model and studies start from it.
 DEMO_LAYERS = [10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29]
 

@@ -1,8 +1,8 @@
 """Paired A/B of held-out generation with and without the shared-prefix prefill
 (loralab.eval.metrics: prompts' common first tokens run once at batch 1), on the demo's evaluation:
 configs/demo.yaml's 100 + 100 held-out 2da / 2ds questions, one batch of 200, eval.max_new_tokens
-new tokens, the default model with the demo's (zero-initialised) LoRA layers, as the base model's
-evaluation runs. Rounds alternate the two ways, so a shared machine's drift hits both alike.
+new tokens, the default model with `make demo`'s (zero-initialised) LoRA layers, as the base
+model's evaluation runs. Rounds alternate the two ways, so a shared machine's drift hits both alike.
 
     .venv/bin/python benchmarks/generate_prefix.py [--rounds 3] [--no-lock]
 
@@ -20,7 +20,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
 def main() -> int:
@@ -36,9 +35,11 @@ def main() -> int:
     from loralab.config import load_config
     from loralab.data.prompts import render_prompt
     from loralab.prepare import build_datasets, resolve_config, setup_model
+    from loralab.study.spec import DEMO_CONFIG
+    from workload import demo_overrides
 
     cpu_lock.enabled = not a.no_lock
-    cfg = resolve_config(load_config(DEMO), torch.device("cpu"))
+    cfg = resolve_config(load_config(DEMO_CONFIG, demo_overrides()), torch.device("cpu"))
     data = build_datasets(cfg)
     model, tok, _, _ = setup_model(cfg, torch.device("cpu"))
     prompts = [render_prompt(ex, tok, template=cfg.data.template, system_prompt=cfg.data.system_prompt)

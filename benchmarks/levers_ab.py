@@ -70,6 +70,7 @@ def main() -> int:
     from loralab.config import RunConfig, load_config
     from loralab.memory.measure import PeakMemory
     from loralab.prepare import setup_model
+    from loralab.study.spec import DEMO_CONFIG
     from loralab.train.loop import micro_batches
     from loralab.train.loss import CHUNK_ROWS, loss_sum
     from workload import LORA, encoded_data
@@ -77,7 +78,7 @@ def main() -> int:
     cfg = RunConfig()
     cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout = LORA["r"], LORA["alpha"], LORA["dropout"]
     if a.workload == "demo":  # the demo's own LoRA (its rank, no dropout)
-        cfg.lora = load_config(Path(__file__).parents[1] / "configs" / "demo.yaml").lora
+        cfg.lora = load_config(DEMO_CONFIG).lora
     cfg.train.batch_size, cfg.train.packing, cfg.train.precision = a.batch, not a.unpacked, a.precision
     model, tok, _, info = setup_model(cfg, torch.device("cpu"))
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]

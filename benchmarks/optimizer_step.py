@@ -19,8 +19,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
-TOP_20 = "lora.layers=[" + ",".join(str(i) for i in range(10, 30)) + "]"  # the Makefile's DEMO_LAYERS
 
 
 def main() -> int:
@@ -37,9 +35,12 @@ def main() -> int:
     import loralab.train.optim as optim
     from loralab.config import load_config
     from loralab.prepare import resolve_config, setup_model
+    from loralab.study.spec import DEMO_CONFIG
+    from workload import demo_overrides
 
     cpu_lock.enabled = not a.no_lock
-    cfg = resolve_config(load_config(DEMO, [TOP_20, f"train.optimizer={a.optimizer}"]), torch.device("cpu"))
+    overrides = demo_overrides() + [f"train.optimizer={a.optimizer}"]
+    cfg = resolve_config(load_config(DEMO_CONFIG, overrides), torch.device("cpu"))
     model, _, _, _ = setup_model(cfg, torch.device("cpu"))
     trained = [p for p in model.parameters() if p.requires_grad]
     gen = torch.Generator().manual_seed(0)

@@ -7,8 +7,10 @@ from __future__ import annotations
 import math
 import random
 import time
+from pathlib import Path
 
 MODEL = "smollm2-135m"
+MAKEFILE = Path(__file__).resolve().parents[1] / "Makefile"
 # An AVX2-only CPU reproduced on a newer one: oneDNN, ATen's own kernels and MKL held to AVX2, so bf16
 # matmuls are emulated (0.2 GFLOP/s) and fp32 ones run AVX2 code (~70% of AVX-512's on a 2-core EPYC).
 AVX2_ONLY_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
@@ -16,6 +18,14 @@ LORA = dict(r=16, alpha=32, dropout=0.05)
 MAX_SEQ_LEN = 512
 # How examples become tokens (loralab's `data.*` keys): both sides, and loralab's RunConfig, use these.
 ENCODING = {"template": "auto", "system_prompt": "default", "max_seq_len": MAX_SEQ_LEN}
+
+
+
+def demo_overrides() -> list[str]:
+    """What `make demo` adds to configs/demo.yaml: the Makefile's DEMO_LAYERS (its one home)."""
+    line = next(x for x in MAKEFILE.read_text().splitlines() if x.startswith("DEMO_LAYERS ="))
+    return [f"lora.layers={line.split('=', 1)[1].strip()}"]
+
 
 # ----------------------------------------------------------------------------------------------
 # The data: arithmetic questions plus longer chat / Alpaca-style instructions, all deterministic

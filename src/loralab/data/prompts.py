@@ -97,19 +97,11 @@ def _bos_text(tok) -> str:
     if not bos:
         return ""
     key = (bos, tok.bos_token_id)
-    try:
-        seen_key, text = _BOS_TEXT[tok]
-        if seen_key == key:
-            return text
-    except (KeyError, TypeError):  # TypeError: an object weakref cannot track (then it is asked every time)
-        pass
-    ids = tok("a", add_special_tokens=True)["input_ids"]
-    text = bos if ids and ids[0] == tok.bos_token_id else ""
-    try:
-        _BOS_TEXT[tok] = (key, text)
-    except TypeError:
-        pass
-    return text
+    seen = _BOS_TEXT.get(tok)
+    if seen is None or seen[0] != key:  # first ask, or the tokenizer's BOS changed since
+        ids = tok("a", add_special_tokens=True)["input_ids"]
+        seen = _BOS_TEXT[tok] = (key, bos if ids and ids[0] == tok.bos_token_id else "")
+    return seen[1]
 
 
 def _special_strings(tok) -> list[str]:
