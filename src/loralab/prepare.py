@@ -15,7 +15,7 @@ from .data.prompts import encode_all
 from .data.sources import load_data
 from .data.tasks import expand_tasks, is_task, make_task
 from .errors import UserError
-from .io.models import load_tokenizer, load_weights, resolve
+from .io.models import copy_out_of_file, load_tokenizer, load_weights, resolve
 from .memory.preflight import check_rank, module_widths
 from .peft.init import dropout_warning
 from .peft.inject import SpecFor, count_parameters, inject, per_module
@@ -126,6 +126,7 @@ def setup_model(cfg: RunConfig, device: torch.device, folder: Path | None = None
 
             info["quantized_modules"] = quantize_model(model, None if cfg.model.quant_all_linear else targets,
                                                        compute_dtype=dtype)
+            copy_out_of_file(model)  # the fp32 file's pages that quantization read are released
         info["targets"] = inject(model, targets, spec)
     trainable, total = count_parameters(model)
     info.update(trainable_params=trainable, total_params=total)

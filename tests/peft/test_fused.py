@@ -110,10 +110,60 @@ def test_no_grad_and_eval_give_the_training_output():
     torch.testing.assert_close(b, layer.base(x) + update, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("case", ["dora", "merged", "trained_base", "nf4"])
+def _nf4_layer(bias: bool, dtype=torch.float32, dropout=0.0):
+    g = torch.Generator().manual_seed(5)
+    dense = torch.nn.Linear(128, 64, bias=bias)
+    with torch.no_grad():
+        dense.weight.copy_(torch.randn(64, 128, generator=g) * 0.1)
+    layer = LoRALinear(NF4Linear.from_linear(dense, compute_dtype=dtype), LoraSpec(r=4, alpha=8, dropout=dropout))
+    with torch.no_grad():
+        layer.lora_B.weight.copy_(torch.randn(64, 4, generator=g) * 0.3)
+    return layer.train()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fused_over_an_nf4_base_equals_the_composition(bias, dropout, monkeypatch):
+    """QLoRA's layers run fused too: the same output and gradients as NF4Linear + the LoRA
+    composition, W dequantized in forward and backward and never kept (only x, the bool mask and t
+    are saved: no weight-sized tensor)."""
+    layer = _nf4_layer(bias, dropout=dropout)
+    x = torch.randn(3, 5, 128, generator=torch.Generator().manual_seed(1))
+    seen = _calls(monkeypatch)
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        got = _run(layer, x)
+    assert seen, "the fused function did not run over the NF4 base"
+    assert (64, 128) not in saved, f"a dense weight was kept for backward: {saved}"
+    monkeypatch.setattr(fused, "ENABLED", False)  # NF4Linear's own function + the composition
+    want = _run(layer, x)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert got[1].abs().sum() > 0 and got[2].abs().sum() > 0
+
+
+def test_fused_over_a_bf16_nf4_base_matches_the_composition(monkeypatch):
+    layer = _nf4_layer(True, torch.bfloat16)
+    x = torch.randn(4, 128, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    seen = _calls(monkeypatch)
+    got = _run(layer, x)
+    assert seen and got[0].dtype == torch.bfloat16 and got[2].dtype == torch.float32
+    monkeypatch.setattr(fused, "ENABLED", False)
+    want = _run(layer, x)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("case", ["dora", "merged", "trained_base", "nf4_other_dtype"])
 def test_other_layers_keep_their_own_path(case, monkeypatch):
-    if case == "nf4":
-        layer = LoRALinear(NF4Linear.from_linear(torch.nn.Linear(64, 64)), LoraSpec(r=4, alpha=8))
+    if case == "nf4_other_dtype":  # an NF4 base computing in bf16 fed fp32: NF4Linear's own cast path
+        layer = LoRALinear(NF4Linear.from_linear(torch.nn.Linear(64, 64), compute_dtype=torch.bfloat16),
+                           LoraSpec(r=4, alpha=8))
         x = torch.randn(2, 64)
     else:
         layer = _layer(True, use_dora=case == "dora")

@@ -207,6 +207,17 @@ def load_weights(folder: Path, dtype: torch.dtype = torch.float32, *, trust_remo
     return model
 
 
+def copy_out_of_file(model) -> None:
+    """Copy the model's plain CPU tensors into memory of their own, so the file they were loaded
+    from can be unmapped. transformers maps a safetensors file and keeps weights of the stored dtype
+    as views of that map; once quantization has replaced most of them, the few left dense
+    (embeddings, norms) would keep the whole map alive, and with it every page of the full-precision
+    weights that quantization read (~400 MB resident for the default model in fp32)."""
+    for t in list(model.parameters()) + list(model.buffers()):
+        if type(t.data) is torch.Tensor and t.device.type == "cpu":
+            t.data = t.data.clone()
+
+
 def load_model(spec: str, dtype: torch.dtype = torch.float32, *, trust_remote_code: bool = False,
                device: str | torch.device = "cpu", attn_implementation: str = "auto"):
     """Returns (model, tokenizer, folder). The model is in eval mode with every parameter frozen."""

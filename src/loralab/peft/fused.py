@@ -18,7 +18,9 @@ saving x (one storage, as the base already does), the dropout mask as bool and t
 The same values as the composition up to the order of the float sums (tests/peft/test_fused.py
 compares it with the composition and with PEFT). It runs for plain-LoRA layers whose base is an
 nn.Linear with frozen weight and bias in x's dtype (fp32 factors over a bf16 base enter cast, as
-variants.lora_update casts them); QLoRA's and DoRA's layers, and a trained base, keep their path.
+variants.lora_update casts them), or QLoRA's NF4Linear computing in x's dtype: there W is
+dequantized in forward and again in backward, as NF4Linear does alone, and only the 4-bit weight
+is kept. DoRA's layers and a trained base keep their path.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 
 from .dropout import keep_mask, scaled_mask
+from .quant import NF4Linear, dequantize_nf4
 from .variants import PlainLora
 
 ENABLED = True  # benchmarks/levers_ab.py's `unfused` variant turns it off to compare
@@ -33,21 +36,30 @@ ENABLED = True  # benchmarks/levers_ab.py's `unfused` variant turns it off to co
 
 class _LoraLinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, a, b, scaling: float, keep, p: float):
+    def forward(ctx, x, weight, bias, a, b, scaling: float, keep, p: float, nf4_kernel: str | None):
+        # nf4_kernel: None for a dense weight; else `weight` is an NF4Tensor, dequantized by that kernel
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2.mm(weight.t())
+        dense = weight if nf4_kernel is None else dequantize_nf4(weight, x.dtype, nf4_kernel)
+        y = torch.addmm(bias, x2, dense.t()) if bias is not None else x2.mm(dense.t())
+        del dense  # an NF4 weight's dense copy lives one matmul long
         h = x2 if keep is None else x2 * scaled_mask(keep.reshape(x2.shape), p, x2.dtype)
         t = h.mm(a.t())
         y.addmm_(t, b.t(), alpha=scaling)
-        ctx.scaling, ctx.p = scaling, p
-        ctx.save_for_backward(x2, keep, weight, a, b, t)
+        ctx.scaling, ctx.p, ctx.nf4_kernel = scaling, p, nf4_kernel
+        if nf4_kernel is None:
+            ctx.save_for_backward(x2, keep, weight, a, b, t)
+        else:  # a frozen buffer, never in the graph (as NF4Linear's own function keeps it)
+            ctx.nf4_weight = weight
+            ctx.save_for_backward(x2, keep, None, a, b, t)
         ctx.in_shape = shape
         return y.view(*shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, g):
         x2, keep, weight, a, b, t = ctx.saved_tensors
+        if ctx.nf4_kernel is not None:
+            weight = ctx.nf4_weight
         s = ctx.scaling
         g2 = g.reshape(-1, g.shape[-1])
         mask = None if keep is None else scaled_mask(keep.reshape(x2.shape), ctx.p, x2.dtype)
@@ -58,21 +70,30 @@ class _LoraLinearFn(torch.autograd.Function):
             grad_a = gt.t().mm(x2 if mask is None else x2 * mask)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = g2.mm(weight)
+            grad_x = g2.mm(weight if ctx.nf4_kernel is None else dequantize_nf4(weight, g2.dtype, ctx.nf4_kernel))
             if mask is None:
                 grad_x.addmm_(gt, a)
             else:
                 grad_x.add_(gt.mm(a).mul_(mask))
             grad_x = grad_x.view(ctx.in_shape)
-        return grad_x, None, None, grad_a, grad_b, None, None, None
+        return grad_x, None, None, grad_a, grad_b, None, None, None, None
 
 
 def fusable(layer, x: torch.Tensor) -> bool:
     """Whether `layer` (a LoRALinear) may run as one fused function on x: plain LoRA exactly (DoRA
-    subclasses it), over a frozen dense base in x's dtype."""
+    subclasses it), over a frozen dense or NF4 base computing in x's dtype."""
     base = layer.base
-    return (ENABLED and layer.variant is PlainLora and type(base) is nn.Linear and not base.weight.requires_grad
-            and (base.bias is None or not base.bias.requires_grad) and x.dtype == base.weight.dtype)
+    if not ENABLED or layer.variant is not PlainLora:
+        return False
+    if type(base) is nn.Linear:
+        dtype = base.weight.dtype
+        if base.weight.requires_grad:
+            return False
+    elif type(base) is NF4Linear:
+        dtype = base.compute_dtype
+    else:
+        return False
+    return x.dtype == dtype and (base.bias is None or (not base.bias.requires_grad and base.bias.dtype == dtype))
 
 
 def fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
@@ -83,4 +104,5 @@ def fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
     a, b, scaling = layer.lora_A.weight, layer.lora_B.weight, float(layer.scaling)
     if a.dtype != x.dtype:  # fp32 factors over a bf16 base: cast the small factors, as variants.lora_update
         a, b, scaling = a.to(x.dtype), (b * scaling).to(x.dtype), 1.0
-    return _LoraLinearFn.apply(x, layer.base.weight, layer.base.bias, a, b, scaling, keep, p)
+    kernel = layer.base.kernel if type(layer.base) is NF4Linear else None
+    return _LoraLinearFn.apply(x, layer.base.weight, layer.base.bias, a, b, scaling, keep, p, kernel)

@@ -1,0 +1,38 @@
+"""io/models.py: copy_out_of_file lets a loaded safetensors file's memory map close."""
+import gc
+from pathlib import Path
+
+import pytest
+import torch
+
+from loralab.io.models import copy_out_of_file, load_weights
+
+MAPS = Path("/proc/self/maps")
+
+
+def _mapped_ranges(path: Path) -> list[tuple[int, int]]:
+    out = []
+    for line in MAPS.read_text().splitlines():
+        if line.endswith(str(path)):
+            lo, hi = line.split()[0].split("-")
+            out.append((int(lo, 16), int(hi, 16)))
+    return out
+
+
+def _in_file(model, ranges) -> int:
+    return sum(any(lo <= t.data_ptr() < hi for lo, hi in ranges) for t in model.parameters())
+
+
+@pytest.mark.skipif(not MAPS.exists(), reason="needs /proc/self/maps (Linux)")
+def test_copy_out_of_file_releases_the_weights_file_and_keeps_the_values(tiny_folder):
+    weights = Path(tiny_folder).resolve() / "model.safetensors"
+    model = load_weights(tiny_folder, torch.float32)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert _in_file(model, _mapped_ranges(weights)) > 0  # the premise: weights are views of the map
+    copy_out_of_file(model)
+    gc.collect()
+    assert _in_file(model, _mapped_ranges(weights)) == 0
+    assert _mapped_ranges(weights) == []  # nothing else held the map: it closed
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    assert not any(p.requires_grad for p in model.parameters())  # still frozen parameters
