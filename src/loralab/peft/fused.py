@@ -34,13 +34,18 @@ from .variants import PlainLora
 ENABLED = True  # benchmarks/levers_ab.py's `unfused` variant turns it off to compare
 
 
+def _dense(weight, dtype: torch.dtype, nf4_kernel: str | None) -> torch.Tensor:
+    """The base weight as a dense matrix: itself, or an NF4Tensor dequantized (a fresh copy)."""
+    return weight if nf4_kernel is None else dequantize_nf4(weight, dtype, nf4_kernel)
+
+
 class _LoraLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, a, b, scaling: float, keep, p: float, nf4_kernel: str | None):
         # nf4_kernel: None for a dense weight; else `weight` is an NF4Tensor, dequantized by that kernel
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        dense = weight if nf4_kernel is None else dequantize_nf4(weight, x.dtype, nf4_kernel)
+        dense = _dense(weight, x.dtype, nf4_kernel)
         y = torch.addmm(bias, x2, dense.t()) if bias is not None else x2.mm(dense.t())
         del dense  # an NF4 weight's dense copy lives one matmul long
         h = x2 if keep is None else x2 * scaled_mask(keep.reshape(x2.shape), p, x2.dtype)
@@ -58,8 +63,7 @@ class _LoraLinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x2, keep, weight, a, b, t = ctx.saved_tensors
-        if ctx.nf4_kernel is not None:
-            weight = ctx.nf4_weight
+        weight = weight if ctx.nf4_kernel is None else ctx.nf4_weight
         s = ctx.scaling
         g2 = g.reshape(-1, g.shape[-1])
         mask = None if keep is None else scaled_mask(keep.reshape(x2.shape), ctx.p, x2.dtype)
@@ -70,7 +74,7 @@ class _LoraLinearFn(torch.autograd.Function):
             grad_a = gt.t().mm(x2 if mask is None else x2 * mask)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = g2.mm(weight if ctx.nf4_kernel is None else dequantize_nf4(weight, g2.dtype, ctx.nf4_kernel))
+            grad_x = g2.mm(_dense(weight, g2.dtype, ctx.nf4_kernel))
             if mask is None:
                 grad_x.addmm_(gt, a)
             else:
