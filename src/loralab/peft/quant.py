@@ -291,9 +291,9 @@ def quantize_model(model: nn.Module, module_names: list[str] | None = None, *,
     except the output layer (model.get_output_embeddings()). compute_dtype defaults to each
     layer's weight dtype. Run this before LoRA injection. All layers are checked before any is
     replaced, so a UserError leaves the model untouched."""
-    from .lora import LoRALinear
     modules = dict(model.named_modules())
-    if any(isinstance(m, LoRALinear) for m in modules.values()):
+    # a LoRA layer by its factors (peft.lora imports this module through peft.fused: no import back)
+    if any(hasattr(m, "lora_A") and hasattr(m, "base") for m in modules.values()):
         raise UserError("quant: quantize the base model before injecting LoRA (LoRA layers found)")
     if module_names is None:
         get_head = getattr(model, "get_output_embeddings", None)
