@@ -12,7 +12,8 @@ throughput benchmark's, with dropout 0.05). --precision fp32 forces the path of 
 Variants (switchable at run time on one loaded model; combine with '+', e.g. chunk256+sdpa):
   stock     loralab as it is (eager attention on the CPU, head chunks of 1024 labelled rows)
   chunk256  the output layer in chunks of 256 labelled rows (logits recomputed in backward)
-  sdpa      torch's scaled_dot_product_attention instead of eager attention
+  sdpa      torch's scaled_dot_product_attention for every micro batch (stock: `auto`, by row length)
+  recompute eager attention with its core recomputed in backward for every micro batch
   trim      glibc malloc_trim(0) before every decoder block's forward and backward: hands the
             heap holes left by freed temporaries back to the OS instead of letting RSS grow
   plaindrop LoRA's dropout as the plain composition (dropout module, then A and B): a float mask
@@ -68,6 +69,8 @@ def main() -> int:
 
     import cpu_lock
     from loralab.config import RunConfig, load_config
+    from loralab.io.attention import _AUTO_ATTR as AUTO_ATTR
+    from loralab.io.attention import RECOMPUTE, register
     from loralab.memory.measure import PeakMemory
     from loralab.prepare import setup_model
     from loralab.study.spec import DEMO_CONFIG
@@ -102,6 +105,7 @@ def main() -> int:
     stream = micro_batches(enc, cfg.train, tok.pad_token_id)
     batches = [next(stream) for _ in range(a.rounds)]
     eager = model.config._attn_implementation
+    auto = getattr(model, AUTO_ATTR, False)
 
     current = {"model": model, "chunk_rows": CHUNK_ROWS}
     hooks = []
@@ -127,7 +131,7 @@ def main() -> int:
         else:
             current["model"] = model
         mods = set(v.split("+")) - {"stock"}
-        unknown = mods - {"chunk256", "sdpa", "trim", "plaindrop", "plainmlp", "unfused"}
+        unknown = mods - {"chunk256", "sdpa", "recompute", "trim", "plaindrop", "plainmlp", "unfused"}
         if unknown:
             raise SystemExit(f"unknown variant part(s) {sorted(unknown)}")
         current["chunk_rows"] = 256 if "chunk256" in mods else CHUNK_ROWS
@@ -141,7 +145,12 @@ def main() -> int:
                 vars(mlp).pop("forward", None)
             else:
                 mlp.forward = lean
-        model.set_attn_implementation("sdpa" if "sdpa" in mods else eager)
+        # a fixed attention must not be switched back by `auto`'s per-batch choice (io/attention.py)
+        fixed = "sdpa" if "sdpa" in mods else RECOMPUTE if "recompute" in mods else None
+        setattr(model, AUTO_ATTR, auto and fixed is None)
+        if fixed == RECOMPUTE:
+            register()
+        model.set_attn_implementation(fixed or eager)
         while hooks:
             hooks.pop().remove()
         if "trim" in mods:

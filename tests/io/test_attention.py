@@ -14,7 +14,7 @@ def _batch(rows: int, length: int, vocab: int = 20) -> dict:
 
 
 def test_auto_attention_follows_the_row_length_in_bf16_with_the_same_loss(tiny_folder, monkeypatch):
-    monkeypatch.setattr(A, "EAGER_MAX_ROW", 16)  # the tiny model's rows are short
+    monkeypatch.setattr(A, "eager_max_row", lambda: 16)  # the tiny model's rows are short
     auto = load_weights(tiny_folder, torch.bfloat16, attn_implementation="auto")
     fixed = {a: load_weights(tiny_folder, torch.bfloat16, attn_implementation=a) for a in (A.RECOMPUTE, "sdpa")}
     assert auto.config._attn_implementation == A.RECOMPUTE
@@ -32,7 +32,7 @@ def test_auto_attention_in_fp32_is_sdpa_unless_bf16_autocast_computes(tiny_folde
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    monkeypatch.setattr(A, "EAGER_MAX_ROW", 16)
+    monkeypatch.setattr(A, "eager_max_row", lambda: 16)
     for interface in (AttentionInterface, AttentionMaskInterface):  # as in a fresh process
         monkeypatch.delitem(interface._global_mapping, A.RECOMPUTE, raising=False)
     auto = load_weights(tiny_folder, torch.float32, attn_implementation="auto")

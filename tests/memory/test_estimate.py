@@ -165,13 +165,14 @@ def test_eager_attention_grows_quadratically_and_sdpa_linearly():
 
 
 def test_auto_attention_on_a_bf16_cpu_is_recomputed_eager_up_to_its_row_limit_and_sdpa_beyond():
-    from loralab.io.attention import EAGER_MAX_ROW, RECOMPUTE
+    from loralab.io.attention import RECOMPUTE, eager_max_row
 
+    limit = eager_max_row()  # this CPU's (AMX or not)
     cfg = A.resolve_model_config("smollm2-135m")
     est = lambda attn, seq, dev="cpu": E.estimate(cfg, seq=seq, attention=attn, device=dev)
     peak = lambda *a: est(*a)["peak_bytes"]
-    assert peak("auto", EAGER_MAX_ROW) == peak(RECOMPUTE, EAGER_MAX_ROW) < peak("eager", EAGER_MAX_ROW)
-    assert peak("auto", EAGER_MAX_ROW + 1) == peak("sdpa", EAGER_MAX_ROW + 1) != peak("eager", EAGER_MAX_ROW + 1)
+    assert peak("auto", limit) == peak(RECOMPUTE, limit) < peak("eager", limit)
+    assert peak("auto", limit + 1) == peak("sdpa", limit + 1) != peak("eager", limit + 1)
     assert peak("auto", 64, "cuda") == peak("sdpa", 64, "cuda")
     fp32 = lambda attn: E.estimate(cfg, seq=64, attention=attn, precision="fp32")["peak_bytes"]
     assert fp32("auto") == fp32("sdpa") != fp32(RECOMPUTE)  # fp32 on the CPU: SDPA at every length

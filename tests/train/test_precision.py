@@ -8,6 +8,7 @@ import loralab.train.loop as loop
 import loralab.train.precision as precision
 from loralab.config import TrainConfig
 from loralab.data.prompts import Encoded
+from loralab.io import cpu
 from tinymodels import tiny_llama
 
 
@@ -55,7 +56,7 @@ def test_bf16_flags_are_not_enough_the_speed_is_measured_once(monkeypatch, tmp_p
     trains in fp32; the measurement runs once per machine and is cached."""
     monkeypatch.setenv("LORALAB_CACHE", str(tmp_path))
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
-    monkeypatch.setattr(precision, "_cpu_info", lambda: BF16_CPU)
+    monkeypatch.setattr(cpu, "cpu_info", lambda: BF16_CPU)
     calls = []
     monkeypatch.setattr(precision, "measure_bf16_speedup", lambda: calls.append(1) or speedup)
     assert precision.cpu_has_fast_bf16() is fast and precision.resolve_precision("auto", "cpu") == (
@@ -68,7 +69,7 @@ def test_bf16_flags_are_not_enough_the_speed_is_measured_once(monkeypatch, tmp_p
 
 def test_no_bf16_instructions_means_fp32_without_measuring(monkeypatch, tmp_path):
     monkeypatch.setenv("LORALAB_CACHE", str(tmp_path))
-    monkeypatch.setattr(precision, "_cpu_info", lambda: BF16_CPU.replace(" avx512_bf16", ""))
+    monkeypatch.setattr(cpu, "cpu_info", lambda: BF16_CPU.replace(" avx512_bf16", ""))
     monkeypatch.setattr(precision, "measure_bf16_speedup", lambda: pytest.fail("measured on an AVX2-only CPU"))
     assert precision.cpu_has_fast_bf16() is False and not (tmp_path / "cpu_bf16.json").exists()
     assert precision.bf16_speedup() is None
@@ -83,6 +84,6 @@ def test_an_unwritable_cache_folder_measures_instead_of_failing(monkeypatch, tmp
     blocker.write_text("")
     monkeypatch.setenv("LORALAB_CACHE", str(blocker / "cache"))  # under a file: cannot be created
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
-    monkeypatch.setattr(precision, "_cpu_info", lambda: BF16_CPU)
+    monkeypatch.setattr(cpu, "cpu_info", lambda: BF16_CPU)
     monkeypatch.setattr(precision, "measure_bf16_speedup", lambda: 1.5)
     assert precision.bf16_speedup() == 1.5

@@ -3,13 +3,14 @@
 On CUDA 'auto' is SDPA (flash / memory-efficient kernels). On the CPU it depends on the compute
 dtype, and in bf16 on the row length, switched per micro batch (`attention_for_rows`, called by the loss):
   - fp32: SDPA at every length, as fast as eager or faster, and linear in memory;
-  - bf16, rows of up to EAGER_MAX_ROW tokens: the model's own eager attention with its core (QK^T,
+  - bf16, rows of up to `eager_max_row()` tokens: the model's own eager attention with its core (QK^T,
     softmax, dropout, AV) recomputed in backward (`eager_recompute`). Plain eager is the fastest
     there (SDPA's bf16 kernels are 8-16% slower per step), but keeps every layer's T x T
     probabilities for backward, in fp32 and bf16: a quarter of a step's saved activations at 256
     tokens. Recomputing them gives the same values bit for bit, keeps only q, k, v and the output,
     and costs 1-5% of a step;
-  - bf16, longer rows: SDPA, faster than eager there.
+  - bf16, longer rows: SDPA, faster than eager there. Where SDPA's bf16 kernels run on AMX tiles
+    the crossing comes sooner (~200-300 tokens instead of ~1,000 with AVX512-BF16 alone).
 Paired step times and saved bytes are in docs/performance.md (benchmarks/attention_rows.py).
 """
 from __future__ import annotations
@@ -19,7 +20,10 @@ import sys
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from .cpu import has_amx
+
 EAGER_MAX_ROW = 512                 # 'auto' on a bf16 CPU: eager_recompute up to here, SDPA beyond
+EAGER_MAX_ROW_AMX = 256             # the same on a CPU with AMX, whose tiles run SDPA's block matmuls
 RECOMPUTE = "eager_recompute"       # registered with transformers' AttentionInterface under this name
 _AUTO_ATTR = "_loralab_attention_auto"  # set on models whose attention follows the row length
 
@@ -53,9 +57,14 @@ def register() -> None:
         AttentionMaskInterface.register(RECOMPUTE, eager_mask)
 
 
+def eager_max_row() -> int:
+    """The longest row 'auto' runs as eager_recompute on this bf16 CPU (SDPA beyond)."""
+    return EAGER_MAX_ROW_AMX if has_amx() else EAGER_MAX_ROW
+
+
 def cpu_choice(row_len: int, bf16: bool) -> str:
     """What 'auto' runs on the CPU for rows of row_len tokens, computing in bf16 or fp32."""
-    return RECOMPUTE if bf16 and row_len <= EAGER_MAX_ROW else "sdpa"
+    return RECOMPUTE if bf16 and row_len <= eager_max_row() else "sdpa"
 
 
 def pick_attention(choice: str, device: str | torch.device, dtype: torch.dtype = torch.float32) -> str:

@@ -27,7 +27,7 @@ The decoder's shape and parameter counts come from loralab.arch. Assumptions, in
       full FT      inputs of every linear (2H + Q + I) x b and the normalised input of each norm
     With gradient checkpointing: each layer's input (H x b) plus one full layer being recomputed.
     Attention 'auto': as loralab picks it (io.attention): SDPA on CUDA and in fp32 on the CPU;
-    in bf16 on the CPU eager_recompute up to EAGER_MAX_ROW tokens per row, SDPA beyond.
+    in bf16 on the CPU eager_recompute up to io.attention.eager_max_row() tokens per row, SDPA beyond.
   - logits: rows x vocab x 12 (the saved fp32 log-softmax, its gradient, and the fp32 logits or their
     gradient: measured 12.0 on the CPU in bf16 and fp32), with rows = batch x seq (every position
     labelled, no chunking; loralab's own loss holds at most 1024 rows at once).

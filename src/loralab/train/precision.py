@@ -6,11 +6,12 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from ..io import cpu
+from ..io.cpu import isa_capped_below_bf16
 from ..io.fileio import write_json
 from ..io.models import cache_root
 
@@ -21,31 +22,12 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-# oneDNN's ISA names (ONEDNN_MAX_CPU_ISA) from which its matmuls have bf16 instructions
-_BF16_ISA_MARKS = ("BF16", "AMX", "FP16", "AVX10")
-
-
-def isa_capped_below_bf16() -> bool:
-    """ONEDNN_MAX_CPU_ISA (oneDNN's cap on the instructions its kernels may use, e.g. AVX2) set
-    below AVX512_CORE_BF16: bf16 matmuls are emulated even where the CPU has them. It is how an
-    AVX2-only CPU is reproduced on a newer one (docs/performance.md)."""
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
-    return bool(cap) and cap not in ("ALL", "DEFAULT") and not any(m in cap for m in _BF16_ISA_MARKS)
-
-
 # A CPU with bf16 instructions trains in bf16 only where its bf16 matmuls measure at least this much faster
 # than fp32's. Flags alone mislead: an Intel Xeon VM with AVX512-BF16 (AMX hidden) ran them at 0.62x
 # fp32's speed (142 vs 228 GFLOP/s), where an AMD EPYC with the same flag runs them ~2x faster.
 BF16_MIN_SPEEDUP = 1.0
 _PROBE = (640, 576, 1536)  # rows x in x out: the demo's micro batch through a 576-wide model's MLP layer
 _PROBE_FILE = "cpu_bf16.json"
-
-
-def _cpu_info() -> str:
-    try:
-        return Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
 
 
 def measure_bf16_speedup(rounds: int = 5) -> float:
@@ -78,7 +60,7 @@ def bf16_speedup() -> float | None:
     vs 71 GFLOP/s on one core, docs/performance.md), so there is nothing to measure. Measured once per CPU
     model, torch version, thread count and oneDNN cap, and cached under loralab's cache folder; a file
     lock makes the ranks of a distributed run agree."""
-    info = _cpu_info()
+    info = cpu.cpu_info()
     if isa_capped_below_bf16() or ("amx_bf16" not in info and "avx512_bf16" not in info):
         return None
     key = _probe_key(info)
