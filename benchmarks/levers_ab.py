@@ -6,7 +6,8 @@ variants interleaved step by step, so slow drifts of a shared machine hit every 
 
 --workload demo steps the demo's micro batches (configs/demo.yaml's 2-digit addition / subtraction
 questions, ~20 tokens each; use --batch 16 for the demo's micro batch) instead of the throughput
-benchmark's mix of short and long examples, with the demo's LoRA (rank 16, no dropout; else the
+benchmark's mix of short and long examples, with the demo's LoRA (rank 16, no dropout, the layers `make demo`
+trains; else the
 throughput benchmark's, with dropout 0.05). --precision fp32 forces the path of CPUs without bf16.
 
 Variants (switchable at run time on one loaded model; combine with '+', e.g. chunk256+sdpa):
@@ -76,12 +77,12 @@ def main() -> int:
     from loralab.study.spec import DEMO_CONFIG
     from loralab.train.loop import micro_batches
     from loralab.train.loss import CHUNK_ROWS, loss_sum
-    from workload import LORA, encoded_data
+    from workload import LORA, demo_overrides, encoded_data
 
     cfg = RunConfig()
     cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout = LORA["r"], LORA["alpha"], LORA["dropout"]
-    if a.workload == "demo":  # the demo's own LoRA (its rank, no dropout)
-        cfg.lora = load_config(DEMO_CONFIG).lora
+    if a.workload == "demo":  # the demo's own LoRA (its rank, no dropout, `make demo`'s layers)
+        cfg.lora = load_config(DEMO_CONFIG, demo_overrides()).lora
     cfg.train.batch_size, cfg.train.packing, cfg.train.precision = a.batch, not a.unpacked, a.precision
     model, tok, _, info = setup_model(cfg, torch.device("cpu"))
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]
