@@ -6,9 +6,9 @@ variants interleaved step by step, so slow drifts of a shared machine hit every 
 
 --workload demo steps the demo's micro batches (configs/demo.yaml's 2-digit addition / subtraction
 questions, ~20 tokens each; use --batch 16 for the demo's micro batch) instead of the throughput
-benchmark's mix of short and long examples, with the demo's LoRA (rank 16, no dropout, the layers `make demo`
-trains; else the
-throughput benchmark's, with dropout 0.05). --precision fp32 forces the path of CPUs without bf16.
+benchmark's mix of short and long examples, with the demo's LoRA (rank 16, no dropout, the layers
+`make demo` trains; else the throughput benchmark's, with dropout 0.05). --precision fp32 forces the
+path of CPUs without bf16.
 
 Variants (switchable at run time on one loaded model; combine with '+', e.g. chunk256+sdpa):
   stock     loralab as it is (eager attention on the CPU, head chunks of 1024 labelled rows)
