@@ -20,6 +20,8 @@ Variants (switchable at run time on one loaded model; combine with '+', e.g. chu
   plaindrop LoRA's dropout as the plain composition (dropout module, then A and B): a float mask
             and the dropped input kept per layer, what peft/dropout.low_rank's bool mask replaced
             (implies unfused: the fused layer draws its own bool mask)
+  wheremask the fused layer's dropout mask made by torch.where over the bool mask (the same values), as it
+            was before peft/fused._kept read the mask as bytes
   unfused   each LoRA layer as base layer, then A and B, then an add (autograd's composition),
             what peft/fused.py's one function per layer replaced
   plainmlp  the model's own SwiGLU forward (keeps SiLU's output too), what io/mlp.py replaced
@@ -116,8 +118,13 @@ def main() -> int:
 
     import loralab.peft.fused as lora_fused
     import loralab.peft.variants as lora_variants
+    from loralab.peft.dropout import scaled_mask
 
     fused_low_rank = lora_variants.low_rank
+    bytes_mask = lora_fused._kept
+
+    def where_mask(keep, x2):  # 0 / 1 in x's dtype, as torch.where over the bool mask makes it
+        return scaled_mask(keep.reshape(x2.shape), 0.0, x2.dtype)
     lean_mlps = [(m, vars(m)["forward"]) for m in model.modules() if "forward" in vars(m)]
 
     def plain_low_rank(dropout, x, a, b):
@@ -132,12 +139,13 @@ def main() -> int:
         else:
             current["model"] = model
         mods = set(v.split("+")) - {"stock"}
-        unknown = mods - {"chunk256", "sdpa", "recompute", "trim", "plaindrop", "plainmlp", "unfused"}
+        unknown = mods - {"chunk256", "sdpa", "recompute", "trim", "plaindrop", "plainmlp", "unfused", "wheremask"}
         if unknown:
             raise SystemExit(f"unknown variant part(s) {sorted(unknown)}")
         current["chunk_rows"] = 256 if "chunk256" in mods else CHUNK_ROWS
         # unfused: LoRA as base layer + two matmuls + add, autograd's composition (peft/fused.py)
         lora_fused.ENABLED = not {"unfused", "plaindrop"} & mods
+        lora_fused._kept = where_mask if "wheremask" in mods else bytes_mask
         # plaindrop: LoRA's dropout as the plain autograd composition (float mask and dropped input
         # kept per layer), what peft/dropout.low_rank replaces
         lora_variants.low_rank = plain_low_rank if "plaindrop" in mods else fused_low_rank

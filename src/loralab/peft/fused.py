@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .dropout import keep_mask, scaled_mask
+from .dropout import keep_mask
 from .quant import NF4Linear, dequantize_nf4
 from .variants import PlainLora
 
@@ -39,6 +39,13 @@ def _dense(weight, dtype: torch.dtype, nf4_kernel: str | None) -> torch.Tensor:
     return weight if nf4_kernel is None else dequantize_nf4(weight, dtype, nf4_kernel)
 
 
+def _kept(keep: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    """Dropout's bool mask as 0 / 1 in x's dtype and shape. Read as bytes, the conversion is one cheap
+    pass; torch.where(keep, 1/(1-p), 0) over a bool tensor ran ~4x slower on the CPU (310 vs 76 us at
+    1,136 x 576 in bf16), once in forward and again in backward, for every LoRA layer."""
+    return keep.reshape(x2.shape).view(torch.uint8).to(x2.dtype)
+
+
 class _LoraLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, a, b, scaling: float, keep, p: float, nf4_kernel: str | None):
@@ -48,8 +55,10 @@ class _LoraLinearFn(torch.autograd.Function):
         dense = _dense(weight, x.dtype, nf4_kernel)
         y = torch.addmm(bias, x2, dense.t()) if bias is not None else x2.mm(dense.t())
         del dense  # an NF4 weight's dense copy lives one matmul long
-        h = x2 if keep is None else x2 * scaled_mask(keep.reshape(x2.shape), p, x2.dtype)
-        t = h.mm(a.t())
+        if keep is None:
+            t = x2.mm(a.t())
+        else:  # the 1/(1-p) of inverted dropout goes on the r-wide t, not on the input (see _kept)
+            t = (x2 * _kept(keep, x2)).mm(a.t()).mul_(1.0 / (1.0 - p))
         y.addmm_(t, b.t(), alpha=scaling)
         ctx.scaling, ctx.p, ctx.nf4_kernel = scaling, p, nf4_kernel
         if nf4_kernel is None:
@@ -66,9 +75,10 @@ class _LoraLinearFn(torch.autograd.Function):
         weight = weight if ctx.nf4_kernel is None else ctx.nf4_weight
         s = ctx.scaling
         g2 = g.reshape(-1, g.shape[-1])
-        mask = None if keep is None else scaled_mask(keep.reshape(x2.shape), ctx.p, x2.dtype)
-        gt = g2.mm(b).mul_(s)                                   # gradient of t = d(x) A^T
+        mask = None if keep is None else _kept(keep, x2)
         grad_b = g2.t().mm(t).mul_(s) if ctx.needs_input_grad[4] else None
+        # gradient of t = d(x) A^T, with dropout's 1/(1-p) folded in: d(x) = (x * mask) / (1-p)
+        gt = g2.mm(b).mul_(s if keep is None else s / (1.0 - ctx.p))
         grad_a = None
         if ctx.needs_input_grad[3]:
             grad_a = gt.t().mm(x2 if mask is None else x2 * mask)
