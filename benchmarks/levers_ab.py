@@ -25,6 +25,7 @@ Variants (switchable at run time on one loaded model; combine with '+', e.g. chu
   unfused   each LoRA layer as base layer, then A and B, then an add (autograd's composition),
             what peft/fused.py's one function per layer replaced
   plainmlp  the model's own SwiGLU forward (keeps SiLU's output too), what io/mlp.py replaced
+  plainnorm the model's own RMSNorm forward (keeps an fp32 copy of its input), what io/norm.py replaced
   qlora     a second model with NF4 frozen weights (model.quant=nf4), stepped on the same batches
             (alone, not combined; its peak RSS includes the other model's weights, ~0.3 GB)
   qlora_torch, qlora_torchao  the same, dequantizing with loralab's torch gather (what runs without
@@ -125,7 +126,9 @@ def main() -> int:
 
     def where_mask(keep, x2):  # 0 / 1 in x's dtype, as torch.where over the bool mask makes it
         return scaled_mask(keep.reshape(x2.shape), 0.0, x2.dtype)
-    lean_mlps = [(m, vars(m)["forward"]) for m in model.modules() if "forward" in vars(m)]
+    lean = [(m, vars(m)["forward"]) for m in model.modules() if "forward" in vars(m)]
+    lean_mlps = [(m, f) for m, f in lean if hasattr(m, "gate_proj")]
+    lean_norms = [(m, f) for m, f in lean if hasattr(m, "variance_epsilon")]
 
     def plain_low_rank(dropout, x, a, b):
         return F.linear(F.linear(dropout(x), a), b)
@@ -139,7 +142,8 @@ def main() -> int:
         else:
             current["model"] = model
         mods = set(v.split("+")) - {"stock"}
-        unknown = mods - {"chunk256", "sdpa", "recompute", "trim", "plaindrop", "plainmlp", "unfused", "wheremask"}
+        unknown = mods - {"chunk256", "sdpa", "recompute", "trim", "plaindrop", "plainmlp", "plainnorm", "unfused",
+                          "wheremask"}
         if unknown:
             raise SystemExit(f"unknown variant part(s) {sorted(unknown)}")
         current["chunk_rows"] = 256 if "chunk256" in mods else CHUNK_ROWS
@@ -149,11 +153,13 @@ def main() -> int:
         # plaindrop: LoRA's dropout as the plain autograd composition (float mask and dropped input
         # kept per layer), what peft/dropout.low_rank replaces
         lora_variants.low_rank = plain_low_rank if "plaindrop" in mods else fused_low_rank
-        for mlp, lean in lean_mlps:  # plainmlp: the model's own MLP forward (SiLU's output kept)
-            if "plainmlp" in mods:
-                vars(mlp).pop("forward", None)
-            else:
-                mlp.forward = lean
+        # plainmlp / plainnorm: the model's own MLP (SiLU's output kept) / RMSNorm (an fp32 copy kept) forward
+        for part, modules in (("plainmlp", lean_mlps), ("plainnorm", lean_norms)):
+            for m, forward in modules:
+                if part in mods:
+                    vars(m).pop("forward", None)
+                else:
+                    m.forward = forward
         # a fixed attention must not be switched back by `auto`'s per-batch choice (io/attention.py)
         fixed = "sdpa" if "sdpa" in mods else RECOMPUTE if "recompute" in mods else None
         setattr(model, AUTO_ATTR, auto and fixed is None)

@@ -11,7 +11,8 @@ The decoder's shape and parameter counts come from loralab.arch. Assumptions, in
     gradients fp32 (4); optimizer state AdamW 8 (two fp32 moments), SGD with momentum 4, 8-bit AdamW 2
     (+ an fp32 absmax per 256 per moment); the foreach optimizer step's temporary, 4.
   - activations saved for backward, per layer and token (b = 2 bf16 / 4 fp32):
-      norms        2 x 4H      (each RMSNorm keeps an fp32 copy of its input)
+      norms        2 x H x b   (each RMSNorm keeps its input, io/norm.py; the plain composition keeps
+                               an fp32 copy: 2 x 4H)
       attention    SDPA/flash: q, k, v, output (2Q + 2K) x b + a logsumexp per head (fp32);
                    eager:      q, k, v per head (3Q x b) + scores heads x seq x (4 + 2 if bf16),
                                the fp32 softmax and its bf16 copy, i.e. quadratic in seq;
@@ -91,7 +92,7 @@ def _layer_bytes_per_token(a: Arch, *, b: int, seq: int, eager: bool, method: st
     """Bytes one decoder layer keeps for backward, per token (see the module docstring).
     lora: this layer's wrapped modules -> rank."""
     H, Q, K, I = a.hidden, a.q_dim, a.kv_dim, a.inter
-    total = 2 * H * 4                                        # RMSNorms: fp32 copies of their inputs
+    total = 2 * H * (4 if stock_autograd else b)             # RMSNorms: their inputs (io/norm.py; stock: fp32 copies)
     if eager:
         total += 3 * Q * b + a.heads * seq * (4 + (2 if b == 2 else 0))
     else:
@@ -137,9 +138,10 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
     linears QLoRA stores in NF4 (all-linear: every decoder linear, as QLoRA does; targets: only the
     LoRA-wrapped ones, loralab's default); qlora_saves_inputs: the 4-bit matmul keeps its input for
     backward (bitsandbytes does); loss_rows: logit rows alive at once (default batch x seq);
-    stock_autograd: LoRA's dropout and SwiGLU keep what plain autograd compositions keep (a float
-    mask and the dropped input per target, SiLU's output: PEFT, Lit-GPT, the article's runs)
-    instead of what loralab's functions keep (peft/dropout.py, io/mlp.py);
+    stock_autograd: LoRA's dropout, SwiGLU and RMSNorm keep what plain autograd compositions keep (a float
+    mask and the dropped input per target, SiLU's output, fp32 copies of the norms' inputs: PEFT, Lit-GPT, the
+    article's runs)
+    instead of what loralab's functions keep (peft/dropout.py, io/mlp.py, io/norm.py);
     grad_accum: micro batches per optimizer step (> 1: earlier micro batches' gradients are alive
     while the next one's activations are). Variants: dora (a trainable magnitude and a cached
     ||W||^2 per output row, and each wrapped layer's pre-scale output kept for backward),
@@ -197,7 +199,7 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
         slack = CPU_HEAP_SLACK * layers_bytes
     rows = tokens if loss_rows is None else min(loss_rows, tokens)
     logits = rows * a.vocab * 12
-    activations = layers_bytes + logits + tokens * a.hidden * 4  # + the final norm's input
+    activations = layers_bytes + logits + tokens * a.hidden * (4 if stock_autograd else b)  # + the final norm's input
     if attention == RECOMPUTE:  # one layer's scores, softmax and their gradients while recomputed
         activations += tokens * a.heads * seq * (4 + 2 * (b == 2) + 4)
     runtime = CUDA_OTHER_BYTES if device == "cuda" else CPU_RUNTIME_BYTES

@@ -1,0 +1,70 @@
+"""RMSNorm that keeps its input in the compute dtype for backward, not an fp32 copy.
+
+A Llama-style RMSNorm computes weight * (x / rms(x)) with the statistics in fp32. Autograd keeps the fp32
+copy of x (read by the square and by the scaling) and the reciprocal rms: in bf16 twice the input's bytes
+for each of a layer's two norms, and its backward is half a dozen elementwise passes. `_RMSNorm` keeps x
+itself (the bf16 tensor) and the reciprocal rms, and forms the input gradient in closed form:
+
+    y = w * (x r),  r = 1 / sqrt(mean(x^2) + eps)   =>   dx = r (gh - xhat mean(gh xhat)),  gh = g w,  xhat = x r
+
+Its forward is the module's own, bit for bit; its gradients equal autograd's up to the order of float sums
+(tests/io/test_norm.py). `use_lean_rmsnorm(model)` switches each norm whose forward is exactly that (checked on
+a seeded input, as io/mlp.py checks SwiGLU); others (Gemma's 1 + w, LayerNorm, remote code) keep theirs.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import nn
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        xf = x.to(torch.float32)
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (xf * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, rstd = ctx.saved_tensors
+        xhat = x.to(torch.float32) * rstd
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            gh = (g * weight).to(torch.float32)
+            grad_x = (rstd * (gh - xhat * (gh * xhat).mean(-1, keepdim=True))).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = (g * xhat.to(x.dtype)).reshape(-1, g.shape[-1]).sum(0).to(weight.dtype)
+        return grad_x, grad_w, None
+
+
+def _lean_forward(self, x: torch.Tensor) -> torch.Tensor:
+    if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+        return _RMSNorm.apply(x, self.weight, self.variance_epsilon)
+    xf = x.to(torch.float32)
+    return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)).to(x.dtype)
+
+
+@torch.no_grad()
+def _computes_rmsnorm(m: nn.Module) -> bool:
+    w = m.weight
+    g = torch.Generator(device=w.device).manual_seed(0)  # not the global RNG: training's draws stay as they were
+    x = torch.randn(2, 3, w.shape[0], generator=g, device=w.device).to(w.dtype)
+    try:
+        return torch.equal(m(x), _lean_forward(m, x))
+    except Exception:  # noqa: BLE001 - a module whose forward takes other inputs is simply not switched
+        return False
+
+
+def use_lean_rmsnorm(model: nn.Module) -> int:
+    """Switch every Llama-style RMSNorm of `model` to the lean forward (per instance); returns how many."""
+    n = 0
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        if isinstance(w, torch.Tensor) and w.dim() == 1 and isinstance(getattr(m, "variance_epsilon", None), float) \
+                and "forward" not in vars(m) and _computes_rmsnorm(m):
+            m.forward = types.MethodType(_lean_forward, m)
+            n += 1
+    return n
