@@ -48,12 +48,13 @@ def _lean_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _computes_swiglu(m: nn.Module) -> bool:
-    w = m.gate_proj.weight
-    g = torch.Generator(device=w.device).manual_seed(0)  # not the global RNG: training's draws stay as they were
-    x = torch.randn(2, 3, m.gate_proj.in_features, generator=g, device=w.device).to(w.dtype)
+def forward_matches(m: nn.Module, lean_forward, width: int, like: torch.Tensor) -> bool:
+    """Whether m's own forward returns exactly lean_forward(m, x) on a small seeded input of `width`
+    features in `like`'s dtype and device (also io/norm.py's check)."""
+    g = torch.Generator(device=like.device).manual_seed(0)  # not the global RNG: training's draws stay as they were
+    x = torch.randn(2, 3, width, generator=g, device=like.device).to(like.dtype)
     try:
-        return torch.equal(m(x), _lean_forward(m, x))
+        return torch.equal(m(x), lean_forward(m, x))
     except Exception:  # noqa: BLE001 - a module whose forward takes other inputs is simply not switched
         return False
 
@@ -63,7 +64,7 @@ def use_lean_swiglu(model: nn.Module) -> int:
     n = 0
     for m in model.modules():
         if all(hasattr(m, a) for a in PARTS) and isinstance(getattr(m.gate_proj, "weight", None), torch.Tensor) \
-                and _computes_swiglu(m):
+                and forward_matches(m, _lean_forward, m.gate_proj.in_features, m.gate_proj.weight):
             m.forward = types.MethodType(_lean_forward, m)
             n += 1
     return n

@@ -18,6 +18,8 @@ import types
 import torch
 from torch import nn
 
+from .mlp import forward_matches
+
 
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
@@ -47,24 +49,13 @@ def _lean_forward(self, x: torch.Tensor) -> torch.Tensor:
     return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)).to(x.dtype)
 
 
-@torch.no_grad()
-def _computes_rmsnorm(m: nn.Module) -> bool:
-    w = m.weight
-    g = torch.Generator(device=w.device).manual_seed(0)  # not the global RNG: training's draws stay as they were
-    x = torch.randn(2, 3, w.shape[0], generator=g, device=w.device).to(w.dtype)
-    try:
-        return torch.equal(m(x), _lean_forward(m, x))
-    except Exception:  # noqa: BLE001 - a module whose forward takes other inputs is simply not switched
-        return False
-
-
 def use_lean_rmsnorm(model: nn.Module) -> int:
     """Switch every Llama-style RMSNorm of `model` to the lean forward (per instance); returns how many."""
     n = 0
     for m in model.modules():
         w = getattr(m, "weight", None)
         if isinstance(w, torch.Tensor) and w.dim() == 1 and isinstance(getattr(m, "variance_epsilon", None), float) \
-                and "forward" not in vars(m) and _computes_rmsnorm(m):
+                and "forward" not in vars(m) and forward_matches(m, _lean_forward, w.shape[0], w):
             m.forward = types.MethodType(_lean_forward, m)
             n += 1
     return n
