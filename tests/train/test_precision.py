@@ -42,7 +42,7 @@ def test_full_fine_tuning_with_auto_uses_autocast_where_bf16_is_fast(monkeypatch
 def test_a_onednn_isa_cap_below_bf16_means_no_fast_bf16(monkeypatch, cap, capped):
     """ONEDNN_MAX_CPU_ISA=AVX2 reproduces an AVX2-only CPU on a newer one: `auto` must pick fp32 there."""
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
-    assert precision.isa_capped_below_bf16() is capped
+    assert cpu.isa_capped_below_bf16() is capped
     if capped:
         assert precision.cpu_has_fast_bf16() is False and precision.resolve_precision("auto", "cpu") == "fp32"
 

@@ -21,13 +21,19 @@ from torch import nn
 from .mlp import forward_matches
 
 
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Llama RMSNorm's output (its own op order, so bit for bit) and the reciprocal rms."""
+    xf = x.to(torch.float32)
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (xf * rstd).to(x.dtype), rstd
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps: float):
-        xf = x.to(torch.float32)
-        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        y, rstd = _rms_norm(x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
-        return weight * (xf * rstd).to(x.dtype)
+        return y
 
     @staticmethod
     def backward(ctx, g):
@@ -45,8 +51,7 @@ class _RMSNorm(torch.autograd.Function):
 def _lean_forward(self, x: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
         return _RMSNorm.apply(x, self.weight, self.variance_epsilon)
-    xf = x.to(torch.float32)
-    return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)).to(x.dtype)
+    return _rms_norm(x, self.weight, self.variance_epsilon)[0]
 
 
 def use_lean_rmsnorm(model: nn.Module) -> int:

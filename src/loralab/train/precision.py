@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 
 from ..io import cpu
-from ..io.cpu import isa_capped_below_bf16
 from ..io.fileio import write_json
 from ..io.models import cache_root
 
@@ -61,7 +60,7 @@ def bf16_speedup() -> float | None:
     model, torch version, thread count and oneDNN cap, and cached under loralab's cache folder; a file
     lock makes the ranks of a distributed run agree."""
     info = cpu.cpu_info()
-    if isa_capped_below_bf16() or ("amx_bf16" not in info and "avx512_bf16" not in info):
+    if cpu.isa_capped_below_bf16() or ("amx_bf16" not in info and "avx512_bf16" not in info):
         return None
     key = _probe_key(info)
     path = cache_root() / _PROBE_FILE
