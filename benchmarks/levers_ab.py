@@ -26,6 +26,8 @@ Variants (switchable at run time on one loaded model; combine with '+', e.g. chu
             what peft/fused.py's one function per layer replaced
   plainmlp  the model's own SwiGLU forward (keeps SiLU's output too), what io/mlp.py replaced
   plainnorm the model's own RMSNorm forward (keeps an fp32 copy of its input), what io/norm.py replaced
+  noprefix  the same examples without a shared prefix (train.shared_prefix=false): every row runs the
+            first tokens all examples share, what loralab.train.prefix spares
   qlora     a second model with NF4 frozen weights (model.quant=nf4), stepped on the same batches
             (alone, not combined; its peak RSS includes the other model's weights, ~0.3 GB)
   qlora_torch, qlora_torchao  the same, dequantizing with loralab's torch gather (what runs without
@@ -38,6 +40,7 @@ Respects /tmp/loralab_cpu_lock.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -108,10 +111,12 @@ def main() -> int:
     # the loop's own micro batches (train.packing decides the layout): one epoch, `rounds` of them
     stream = micro_batches(enc, cfg.train, tok.pad_token_id)
     batches = [next(stream) for _ in range(a.rounds)]
+    stream = micro_batches(enc, dataclasses.replace(cfg.train, shared_prefix=False), tok.pad_token_id)
+    no_prefix = [next(stream) for _ in range(a.rounds)]
     eager = model.config._attn_implementation
     auto = getattr(model, AUTO_ATTR, False)
 
-    current = {"model": model, "chunk_rows": CHUNK_ROWS}
+    current = {"model": model, "chunk_rows": CHUNK_ROWS, "batches": batches}
     hooks = []
     import ctypes
 
@@ -143,10 +148,11 @@ def main() -> int:
             current["model"] = model
         mods = set(v.split("+")) - {"stock"}
         unknown = mods - {"chunk256", "sdpa", "recompute", "trim", "plaindrop", "plainmlp", "plainnorm", "unfused",
-                          "wheremask"}
+                          "wheremask", "noprefix"}
         if unknown:
             raise SystemExit(f"unknown variant part(s) {sorted(unknown)}")
         current["chunk_rows"] = 256 if "chunk256" in mods else CHUNK_ROWS
+        current["batches"] = no_prefix if "noprefix" in mods else batches
         # unfused: LoRA as base layer + two matmuls + add, autograd's composition (peft/fused.py)
         lora_fused.ENABLED = not {"unfused", "plaindrop"} & mods
         lora_fused._kept = where_mask if "wheremask" in mods else bytes_mask
@@ -181,8 +187,8 @@ def main() -> int:
 
     # what train.step.accumulate_gradients does for one micro batch, with the output layer's chunk size
     # as a lever (loss_sum takes it; accumulate_gradients does not)
-    def step(b):
-        m = current["model"]
+    def step(i):
+        m, b = current["model"], current["batches"][i % a.rounds]
         s, n = loss_sum(m, b, chunk_rows=current["chunk_rows"])
         (s / n).backward()
         m.zero_grad(set_to_none=True)
@@ -195,15 +201,14 @@ def main() -> int:
     try:
         for v in variants:  # warm-up: one-time checks, allocator growth
             set_variant(v)
-            step(batches[0])
+            step(0)
         for r in range(a.rounds):
-            b = batches[r % len(batches)]
             order = variants[r % len(variants):] + variants[:r % len(variants)]  # rotate who goes first
             for v in order:
                 set_variant(v)
                 with PeakMemory("cpu") as pm:
                     t0 = time.perf_counter()
-                    step(b)
+                    step(r)
                     dt = time.perf_counter() - t0
                 rows[v]["t"].append(dt)
                 rows[v]["peak"].append(pm.result()["peak_memory_bytes"])
@@ -211,9 +216,10 @@ def main() -> int:
         if not a.no_lock:
             cpu_lock.release()
     busy = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
-    shapes = [tuple(b["input_ids"].shape) for b in batches[:a.rounds]]
+    shapes = [(int(b.get("shared_prefix", 0)), *b["input_ids"].shape) for b in batches]
     print(f"{a.rounds} rounds x {len(variants)} variants, {a.workload} workload, {info['precision']}, "
-          f"{'padded' if a.unpacked else 'packed'} micro batches {shapes}; {busy:.2f} cores busy; "
+          f"{'padded' if a.unpacked else 'packed'} micro batches (shared prefix, rows, width) {shapes}; "
+          f"{busy:.2f} cores busy; "
           f"load average before {load0}, after {os.getloadavg()[0]:.2f}")
     base = rows.get("stock")
     print(f"{'variant':<22} {'step (median)':>14} {'vs stock (paired)':>18} {'peak RSS (median)':>18}")

@@ -2,7 +2,6 @@
 is the training loss's: loralab.train.loss.mean_loss.)"""
 from __future__ import annotations
 
-import inspect
 import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -10,8 +9,10 @@ from dataclasses import dataclass
 import torch
 
 from ..data.batching import left_pad
+from ..data.layout import shared_prefix_length
 from ..data.prompts import render_prompt, stop_token_ids
 from ..data.tasks import answer_matches
+from ..io.prefix import MIN_SHARED_ROWS, cache_kwarg, prefix_cache
 from ..peft.lora import zero_updates_skipped
 
 
@@ -58,28 +59,6 @@ def contiguous_head_input(model):
         handle.remove()
 
 
-# Prefill a batch's common first tokens once (batch 1) when that spares at least this many token
-# rows: below it the batch-1 pass's skinny matmuls cost about what they save.
-MIN_SHARED_ROWS = 64
-
-
-def shared_prefix_length(ids: list[list[int]]) -> int:
-    """How many first tokens every prompt shares, leaving each at least one token of its own."""
-    n = min(len(x) for x in ids) - 1
-    first = ids[0]
-    for k in range(max(n, 0)):
-        if any(x[k] != first[k] for x in ids):
-            return k
-    return max(n, 0)
-
-
-def _cache_kwarg(model) -> str | None:
-    """The forward's name for a KV cache (transformers 5.x renamed `past_key_values` to `cache`;
-    the old name warns), None when it takes none (nothing to share then)."""
-    params = inspect.signature(model.forward).parameters
-    return next((name for name in ("cache", "past_key_values") if name in params), None)
-
-
 def _batch_inputs(model, ids: list[list[int]], pad_id: int, device, share: bool) -> dict:
     """generate()'s inputs for one batch. When the prompts share their first tokens (a task's
     "Question: What is", a chat template's system prompt), those are run once at batch 1 and their
@@ -87,27 +66,21 @@ def _batch_inputs(model, ids: list[list[int]], pad_id: int, device, share: bool)
     shared part (the attention mask skips the pads and the positions continue past them, as with
     plain left padding), so the prefill multiplies only the rows' own tokens: a third fewer on the
     arithmetic tasks' prompts."""
-    key = _cache_kwarg(model) if share else None
-    p = shared_prefix_length(ids) if key else 0
-    if p * (len(ids) - 1) < MIN_SHARED_ROWS:
+    p = shared_prefix_length(ids) if share else 0
+    cache = None
+    if p * (len(ids) - 1) >= MIN_SHARED_ROWS:
+        prefix = torch.tensor([ids[0][:p]], dtype=torch.long, device=device)
+        cache = prefix_cache(model, prefix)
+    if cache is None:  # nothing worth sharing, or a model whose cache cannot be shared (io.prefix)
         input_ids, attention_mask = left_pad(ids, pad_id)
         return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    if any(getattr(cache, "is_sliding", ())) or any(getattr(cache, "is_linear", ())):
-        # a sliding window counts the pads between the prefix and a row's tokens as distance; a
-        # linear-attention (recurrent) state cannot skip them: such models get plain left padding
-        return _batch_inputs(model, ids, pad_id, device, share=False)
-    prefix = torch.tensor([ids[0][:p]], dtype=torch.long, device=device)
-    model(input_ids=prefix, use_cache=True, **{key: cache})
     cache.batch_repeat_interleave(len(ids))
     own_ids, own_mask = left_pad([x[p:] for x in ids], pad_id)
     n = len(ids)
     return {"input_ids": torch.cat([prefix.expand(n, p), own_ids.to(device)], dim=1),
             "attention_mask": torch.cat([torch.ones(n, p, dtype=own_mask.dtype, device=device),
                                          own_mask.to(device)], dim=1),
-            key: cache}
+            cache_kwarg(model): cache}
 
 
 @dataclass

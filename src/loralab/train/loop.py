@@ -18,13 +18,14 @@ import torch
 
 from ..config import TrainConfig
 from ..data.batching import collate, micro_batch_indices, rank_share
-from ..data.layout import collate_packed
+from ..data.layout import collate_packed, collate_shared, label_free_prefix, shared_slots
 from ..errors import UserError
 from .distributed import SINGLE, Dist, all_sum, wrap
 from .loss import LossModule, mean_loss
 from .optim import build_optimizer, build_scheduler, plan_steps
 from .packing import packing_supported
 from .precision import resolve_precision
+from .prefix import shared_prefix_supported
 from .state import LoopState, TrainResult, restore, set_rng, set_seed
 from .step import WEIGHT, train_step
 
@@ -47,15 +48,24 @@ class Hooks:
     should_stop: Callable[[], bool] | None = None           # e.g. a signal arrived: checkpoint and stop
 
 
+def collate_micro_batch(examples: list, pad_id: int, cfg: TrainConfig) -> dict:
+    """One micro batch's layout: packed or padded rows, or, where the examples share first tokens
+    and that computes fewer token positions, rows that hold those once (data.layout.collate_shared)."""
+    plain = (collate_packed if cfg.packing else collate)(examples, pad_id)
+    k = label_free_prefix(examples) if cfg.shared_prefix else 0
+    if k and shared_slots(examples, k) < plain["input_ids"].numel():
+        return collate_shared(examples, pad_id, k)
+    return plain
+
+
 def micro_batches(data, cfg: TrainConfig, pad_id: int, skip: int = 0, dist: Dist = SINGLE) -> Iterator[dict]:
     """Endless stream of this rank's collated micro batches: each global micro batch (batch_size x
     world examples, data.batching.micro_batch_indices) split into the ranks' shares. Packing changes
-    only the layout of a micro batch, never which examples it holds."""
-    make = collate_packed if cfg.packing else collate
+    only the layout of a micro batch, never which examples it holds; so does a shared prefix."""
     for idx in micro_batch_indices(data, cfg.batch_size * dist.world, seed=cfg.seed,
                                    group_window=cfg.group_by_length, skip=skip):
         share, weight = rank_share(idx, dist.rank, dist.world)
-        batch = make([data[i] for i in share], pad_id)
+        batch = collate_micro_batch([data[i] for i in share], pad_id, cfg)
         if weight != 1.0:
             batch[WEIGHT] = weight
         yield batch
@@ -92,6 +102,8 @@ def train(model: torch.nn.Module, train_data: list, cfg: TrainConfig, *, pad_id:
         warnings.warn("train.packing: this model ignores packed position ids; training on padded batches",
                       stacklevel=2)
         cfg = dataclasses.replace(cfg, packing=False)
+    if cfg.shared_prefix and not shared_prefix_supported(model, pad_id):
+        cfg = dataclasses.replace(cfg, shared_prefix=False)  # a speed-up only: the plain layout, silently
     if cfg.compile:
         from .compile import compile_blocks
 

@@ -9,7 +9,8 @@ runs the decoder body, keeps only the hidden states of labelled positions, and a
 layer to those alone, in row chunks whose logits are recomputed in backward instead of stored.
 Models whose head does more than a linear map (logit soft-capping, scaling) are detected by a
 one-time comparison with the model's own logits and fall back to the plain path. Packed batches
-(restarting position ids, loralab.train.packing) go through the same code.
+(restarting position ids, loralab.train.packing) and batches with a shared prefix
+(loralab.train.prefix) go through the same code.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from ..data.prompts import IGNORE_INDEX
 from ..io.attention import attention_for_rows
 from .distributed import SINGLE, Dist, all_sum
 from .packing import positions_into
+from .prefix import shared_prefix_inputs
 
 CHUNK_ROWS = 1024  # labelled positions per output-layer chunk: bounds logits memory to rows x vocab
 FROZEN_HEAD_ROWS = 256  # a frozen head's chunks: its logits live only inside forward, so smaller is free
@@ -107,9 +109,13 @@ def _body_and_head(model):
     return body, head
 
 
-def full_logits_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
+def _plain_inputs(batch: dict) -> dict:
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+
+
+def full_logits_loss_sum(model, batch: dict, inputs: dict | None = None) -> tuple[torch.Tensor, int]:
     """The plain path: the model's own logits at every position."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    out = model(**(inputs or _plain_inputs(batch)))
     logits = out.logits[:, :-1, :]
     labels = batch["labels"][:, 1:]
     total = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
@@ -117,9 +123,9 @@ def full_logits_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
     return total, int((labels != IGNORE_INDEX).sum())
 
 
-def _selected_loss_sum(model, batch: dict, parts, chunk_rows: int) -> tuple[torch.Tensor, int]:
+def _selected_loss_sum(parts, batch: dict, inputs: dict, chunk_rows: int) -> tuple[torch.Tensor, int]:
     body, head = parts
-    out = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    out = body(**inputs)
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE_INDEX
     hidden = out.last_hidden_state[:, :-1][keep]
@@ -134,7 +140,7 @@ def _path_matches(model, batch: dict, parts) -> bool:
     twice, would be the step's largest allocation (~1 GB at 1,024 tokens x 49k vocabulary)."""
     was_training = model.training
     model.eval()
-    small = {k: v[:1, :CHECK_POSITIONS] for k, v in batch.items() if torch.is_tensor(v)}
+    small = {k: batch[k][:1, :CHECK_POSITIONS] for k in ("input_ids", "attention_mask")}
     ref = model(input_ids=small["input_ids"], attention_mask=small["attention_mask"], use_cache=False).logits
     body, head = parts
     mine = head(body(input_ids=small["input_ids"], attention_mask=small["attention_mask"],
@@ -149,20 +155,21 @@ def _body(model):
 
 def _plain_or_selected(model, batch: dict, chunk_rows: int) -> tuple[torch.Tensor, int]:
     parts = _body_and_head(model)
-    if parts is not None:
-        if not hasattr(model, _OK_ATTR):
-            setattr(model, _OK_ATTR, _path_matches(model, batch, parts))
-        if getattr(model, _OK_ATTR):
-            return _selected_loss_sum(model, batch, parts, chunk_rows)
-    return full_logits_loss_sum(model, batch)
+    if parts is not None and not hasattr(model, _OK_ATTR):
+        setattr(model, _OK_ATTR, _path_matches(model, batch, parts))
+    inputs = shared_prefix_inputs(model, batch) if "shared_prefix" in batch else _plain_inputs(batch)
+    if parts is not None and getattr(model, _OK_ATTR):
+        return _selected_loss_sum(parts, batch, inputs, chunk_rows)
+    return full_logits_loss_sum(model, batch, inputs)
 
 
 def loss_sum(model, batch: dict, chunk_rows: int = CHUNK_ROWS) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over unmasked labels (fp32), and how many tokens it covers.
-    A packed batch (with position_ids) feeds every call of the decoder body its restarting positions.
+    A packed batch (with position_ids) feeds every call of the decoder body its restarting positions;
+    one with a shared prefix (in each row once) gets its mask from loralab.train.prefix.
     A CPU model on 'auto' attention switches to what the batch's row length calls for."""
     attention_for_rows(model, batch["input_ids"].shape[1])
-    if "position_ids" not in batch:
+    if "position_ids" not in batch or "shared_prefix" in batch:
         return _plain_or_selected(model, batch, chunk_rows)
     with positions_into(_body(model), batch["position_ids"]):
         return _plain_or_selected(model, batch, chunk_rows)

@@ -33,7 +33,7 @@ def set_rng(rng: dict) -> None:
 @dataclass
 class TrainResult:
     steps: int = 0
-    train_tokens: int = 0             # non-padding tokens fed to the model
+    train_tokens: int = 0             # the examples' tokens trained on (no padding; a shared prefix once per example)
     runtime_s: float = 0.0
     history: list = field(default_factory=list)      # one dict per logged step
     val_history: list = field(default_factory=list)  # {"step", "val_loss"}

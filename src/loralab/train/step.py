@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..data.layout import input_tokens
 from .distributed import SINGLE, Dist, all_sum, full, grad_sync
 from .loss import GRAD_SCALE, as_loss_module, count_label_tokens
 
@@ -48,7 +49,7 @@ def accumulate_gradients(model, micro_batches: list[dict], *, autocast: bool = F
             s, _ = module(b)
         (s / norm if w else s * 0.0).backward()
         total += w * float(s.detach())
-        n_tokens += w * int(b["attention_mask"].sum())
+        n_tokens += w * input_tokens(b)
     total, n_tokens = all_sum(dist, total, n_tokens)
     return total, int(n_label), int(n_tokens)
 

@@ -1,0 +1,52 @@
+"""First tokens that many sequences share, run once: at batch 1, their keys/values cached, the
+cache repeated to every row, each row's own tokens run after it.
+
+Causal attention makes a shared prefix's states the same in every row, so this is the same
+computation with fewer tokens (evaluation prompts: "Question: What is", a chat template's system
+prompt). Models whose layers do not all attend fully (sliding windows, linear attention) are left
+alone, here and by training's shared prefix (loralab.train.prefix).
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+# Run a prefix once when that spares at least this many token rows: below it the batch-1 pass's
+# skinny matmuls cost about what they save.
+MIN_SHARED_ROWS = 64
+
+
+def cache_kwarg(model) -> str | None:
+    """The forward's name for a KV cache (transformers 5.x renamed `past_key_values` to `cache`;
+    the old name warns), None when it takes none (nothing to share then)."""
+    params = inspect.signature(model.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
+
+
+def full_attention_only(config) -> bool:
+    """Whether every layer attends to all earlier tokens through a plain key/value cache: a sliding
+    window counts the gap between a prefix and a row's own tokens as distance (and a custom mask
+    would hide the window), a recurrent state cannot be repeated and extended as one."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=config)
+    return not any(getattr(cache, "is_sliding", ())) and not any(getattr(cache, "is_linear", ()))
+
+
+def prefix_cache(model, prefix_ids: torch.Tensor):
+    """The cache after running `prefix_ids` (1 x k) through `model` (a causal LM or its decoder
+    body), or None where a shared prefix does not apply: no cache argument, or a layer whose cache
+    is not plain keys/values (a sliding window counts the gap to a row's own tokens as distance; a
+    recurrent state cannot be repeated and extended as one). Gradients flow through the cached
+    tensors when grad is on."""
+    key = cache_kwarg(model)
+    if key is None:
+        return None
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    if any(getattr(cache, "is_sliding", ())) or any(getattr(cache, "is_linear", ())):
+        return None
+    model(input_ids=prefix_ids, use_cache=True, **{key: cache})
+    return cache
