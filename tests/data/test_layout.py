@@ -66,3 +66,11 @@ def test_grouped_batches_cover_each_example_once_and_cut_padding():
     assert sorted(i for b in one for i in b) == list(range(200))
     with pytest.raises(UserError, match="train.group_by_length"):
         list(grouped_batches(examples, 8, seed=4, epoch=0, window=0))
+
+
+def test_shared_prefix_length_leaves_every_sequence_a_token_of_its_own():
+    from loralab.data.layout import shared_prefix_length
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # identical sequences: the last token is each row's
+    assert shared_prefix_length([[7], [7, 8]]) == 0
+    assert shared_prefix_length([[1, 2], [3, 2]]) == 0

@@ -77,14 +77,6 @@ def test_generation_feeds_the_output_layer_contiguous_rows_and_removes_its_hook(
     assert answers == plain  # same greedy answers as transformers' own generate
 
 
-def test_shared_prefix_length_leaves_every_prompt_a_token_of_its_own():
-    from loralab.eval.metrics import shared_prefix_length
-    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
-    assert shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # identical prompts: the last token is each row's
-    assert shared_prefix_length([[7], [7, 8]]) == 0
-    assert shared_prefix_length([[1, 2], [3, 2]]) == 0
-
-
 def test_a_shared_prompt_prefix_is_prefilled_once_and_answers_stay_the_same(tiny_tokenizer, monkeypatch):
     import loralab.eval.metrics as ev
     tok = tiny_tokenizer

@@ -144,9 +144,12 @@ def test_the_loop_shares_a_prefix_only_where_it_computes_fewer_positions():
         == collate(examples, 0).keys()
 
 
-def test_training_with_a_shared_prefix_matches_training_without():
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_training_with_a_shared_prefix_matches_training_without(checkpointing):
     examples = _prefixed([6, 9, 4, 7, 5, 8, 6, 7] * 2, prefix_len=12, seed=6)
-    cfg = TrainConfig(batch_size=8, max_steps=3, lr=1e-2, warmup_steps=0, progress=False, log_every=1)
+    cfg = TrainConfig(batch_size=8, max_steps=3, lr=1e-2, warmup_steps=0, progress=False, log_every=1,
+                      gradient_checkpointing=checkpointing)
+    assert "shared_prefix" in collate_micro_batch(examples[:8], 0, cfg)
     losses = []
     for share in (True, False):
         model = _lora_model("sdpa")
