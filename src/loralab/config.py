@@ -79,7 +79,7 @@ class TrainConfig:
     precision: str = "auto"           # auto | bf16 | fp32 (bf16: frozen weights stored in bf16)
     gradient_checkpointing: bool = False
     packing: bool = True              # each micro batch's examples end to end in fewer rows: same math, less padding
-    shared_prefix: bool = True        # first tokens all of a micro batch's examples share (a system prompt) run once
+    shared_prefix: bool = True        # first tokens all examples of a micro batch share (a system prompt): once per row
     group_by_length: int = 0          # > 0: sort by length within windows of this many batches (changes batch mixes)
     compile: bool = False             # torch.compile the decoder blocks: ~25% less memory after a one-time compile
     log_every: int = 10
