@@ -145,7 +145,7 @@ def test_the_loop_shares_a_prefix_only_where_it_computes_fewer_positions():
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_training_with_a_shared_prefix_matches_training_without(checkpointing):
+def test_training_with_a_shared_prefix_matches_training_without(checkpointing, monkeypatch):
     examples = _prefixed([6, 9, 4, 7, 5, 8, 6, 7] * 2, prefix_len=12, seed=6)
     cfg = TrainConfig(batch_size=8, max_steps=3, lr=1e-2, warmup_steps=0, progress=False, log_every=1,
                       gradient_checkpointing=checkpointing)
@@ -153,11 +153,17 @@ def test_training_with_a_shared_prefix_matches_training_without(checkpointing):
     losses = []
     for share in (True, False):
         model = _lora_model("sdpa")
-        result = train(model, examples, dataclasses.replace(cfg, shared_prefix=share), pad_id=0)
-        losses.append(([h["loss"] for h in result.history], result.train_tokens))
-    (with_prefix, tokens), (without, tokens0) = losses
+        if share:  # validation takes the loop's layout, not mean_loss's padded default
+            monkeypatch.setattr("loralab.train.loss.collate", lambda *a: pytest.fail("padded validation"))
+        else:
+            monkeypatch.undo()
+        result = train(model, examples, dataclasses.replace(cfg, shared_prefix=share), pad_id=0,
+                       val_data=examples[:8])  # validation in the same layout as training
+        losses.append(([h["loss"] for h in result.history], result.train_tokens, result.final_val_loss))
+    (with_prefix, tokens, val), (without, tokens0, val0) = losses
     assert tokens == tokens0  # tokens/s counts the data's tokens either way
     assert with_prefix == pytest.approx(without, rel=1e-4)
+    assert val == pytest.approx(val0, rel=1e-4)
     assert with_prefix[-1] < with_prefix[0]  # and it trains
 
 

@@ -193,7 +193,8 @@ def _validate(module, val_data, cfg, pad_id, step, result: TrainResult, on_eval,
               dist: Dist) -> float:
     """Validation loss into result (and on_eval); returns the seconds it took."""
     t0 = time.perf_counter()
-    val = mean_loss(module, val_data, batch_size=cfg.batch_size, pad_id=pad_id, dist=dist)
+    val = mean_loss(module, val_data, batch_size=cfg.batch_size, pad_id=pad_id, dist=dist,
+                    layout=lambda examples: collate_micro_batch(examples, pad_id, cfg))
     result.final_val_loss = val
     record = {"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50)), "is_best": val < best}
     result.val_history.append(record)

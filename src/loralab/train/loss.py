@@ -14,6 +14,8 @@ one-time comparison with the model's own logits and fall back to the plain path.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -196,9 +198,11 @@ def as_loss_module(module: torch.nn.Module) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def mean_loss(module, data: list, *, batch_size: int, pad_id: int, dist: Dist = SINGLE) -> float:
+def mean_loss(module, data: list, *, batch_size: int, pad_id: int, dist: Dist = SINGLE,
+              layout: Callable[[list], dict] | None = None) -> float:
     """Mean next-token loss per unmasked label token over encoded examples (validation). With
-    several ranks each takes its share of every batch_size x world examples, and the sums meet."""
+    several ranks each takes its share of every batch_size x world examples, and the sums meet.
+    `layout` collates a batch's examples (default: padded rows; the loop passes training's layout)."""
     module = as_loss_module(module)
     was_training = module.training
     module.eval()
@@ -206,7 +210,8 @@ def mean_loss(module, data: list, *, batch_size: int, pad_id: int, dist: Dist = 
     total, count = 0.0, 0
     for i in range(0, len(data), batch_size * dist.world):
         share, weight = rank_share(data[i:i + batch_size * dist.world], dist.rank, dist.world)
-        s, n = module({k: v.to(device) for k, v in collate(share, pad_id).items()})
+        batch = layout(share) if layout else collate(share, pad_id)
+        s, n = module({k: v.to(device) for k, v in batch.items()})
         total, count = total + weight * float(s), count + weight * n
     total, count = all_sum(dist, total, count)
     module.train(was_training)
