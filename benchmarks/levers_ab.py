@@ -28,6 +28,7 @@ Variants (switchable at run time on one loaded model; combine with '+', e.g. chu
   plainnorm the model's own RMSNorm forward (keeps an fp32 copy of its input), what io/norm.py replaced
   noprefix  the same examples without a shared prefix (train.shared_prefix=false): every row runs the
             first tokens all examples share, what loralab.train.prefix spares
+  rowsN     shared-prefix rows of at least N tokens instead of data.layout.SHARED_ROW_TOKENS (e.g. rows128)
   qlora     a second model with NF4 frozen weights (model.quant=nf4), stepped on the same batches
             (alone, not combined; its peak RSS includes the other model's weights, ~0.3 GB)
   qlora_torch, qlora_torchao  the same, dequantizing with loralab's torch gather (what runs without
@@ -109,10 +110,21 @@ def main() -> int:
     else:
         enc, _ = encoded_data(tok, a.rounds * a.batch, 42)
     # the loop's own micro batches (train.packing decides the layout): one epoch, `rounds` of them
-    stream = micro_batches(enc, cfg.train, tok.pad_token_id)
-    batches = [next(stream) for _ in range(a.rounds)]
-    stream = micro_batches(enc, dataclasses.replace(cfg.train, shared_prefix=False), tok.pad_token_id)
-    no_prefix = [next(stream) for _ in range(a.rounds)]
+    import loralab.data.layout as layout
+
+    def loop_batches(shared_prefix=True, row_tokens=layout.SHARED_ROW_TOKENS):
+        default, layout.SHARED_ROW_TOKENS = layout.SHARED_ROW_TOKENS, row_tokens
+        try:
+            stream = micro_batches(enc, dataclasses.replace(cfg.train, shared_prefix=shared_prefix), tok.pad_token_id)
+            return [next(stream) for _ in range(a.rounds)]
+        finally:
+            layout.SHARED_ROW_TOKENS = default
+
+    batches = loop_batches()
+    other_batches = {"noprefix": loop_batches(shared_prefix=False)}
+    for v in variants:
+        other_batches.update({p: loop_batches(row_tokens=int(p[4:])) for p in v.split("+")
+                              if p.startswith("rows") and p[4:].isdigit()})
     eager = model.config._attn_implementation
     auto = getattr(model, AUTO_ATTR, False)
 
@@ -148,11 +160,11 @@ def main() -> int:
             current["model"] = model
         mods = set(v.split("+")) - {"stock"}
         unknown = mods - {"chunk256", "sdpa", "recompute", "trim", "plaindrop", "plainmlp", "plainnorm", "unfused",
-                          "wheremask", "noprefix"}
+                          "wheremask"} - set(other_batches)
         if unknown:
             raise SystemExit(f"unknown variant part(s) {sorted(unknown)}")
         current["chunk_rows"] = 256 if "chunk256" in mods else CHUNK_ROWS
-        current["batches"] = no_prefix if "noprefix" in mods else batches
+        current["batches"] = next((other_batches[m] for m in mods if m in other_batches), batches)
         # unfused: LoRA as base layer + two matmuls + add, autograd's composition (peft/fused.py)
         lora_fused.ENABLED = not {"unfused", "plaindrop"} & mods
         lora_fused._kept = where_mask if "wheremask" in mods else bytes_mask
@@ -216,9 +228,10 @@ def main() -> int:
         if not a.no_lock:
             cpu_lock.release()
     busy = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
-    shapes = [(int(b.get("shared_prefix", 0)), *b["input_ids"].shape) for b in batches]
+    shapes = {name: [(int(b.get("shared_prefix", 0)), *b["input_ids"].shape) for b in bs][:3]
+              for name, bs in {"stock": batches, **other_batches}.items() if name == "stock" or name in a.variants}
     print(f"{a.rounds} rounds x {len(variants)} variants, {a.workload} workload, {info['precision']}, "
-          f"{'padded' if a.unpacked else 'packed'} micro batches (shared prefix, rows, width) {shapes}; "
+          f"{'padded' if a.unpacked else 'packed'} micro batches (shared prefix, rows, width; the first 3) {shapes}; "
           f"{busy:.2f} cores busy; "
           f"load average before {load0}, after {os.getloadavg()[0]:.2f}")
     base = rows.get("stock")

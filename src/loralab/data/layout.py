@@ -29,8 +29,9 @@ from .prompts import IGNORE_INDEX, Encoded
 # Rows of a shared-prefix micro batch hold at least this many tokens (more when an example is
 # longer): the prefix is computed once per row, so short examples must share rows to spare it, and
 # wider rows cost attention over the whole row. The demo's micro batch (5 shared + 16 x ~14 own
-# tokens), paired: rows of 64 tokens 1.09x (bf16, AMX) / 1.18x (fp32, AVX2 proxy) against plain
-# rows; 40 or 256 tokens gave less (docs/performance.md).
+# tokens) in rows of 64, paired against plain rows: 1.16-1.20x fp32 (AVX-512; AVX2 proxy), 1.06-1.10x
+# bf16 (AMX). Rows of 40 were 6-7% slower on both; 128 or 256 7-8% slower in bf16, 0-2% faster in
+# fp32 (benchmarks/levers_ab.py --variants stock,rows40,rows128,rows256; docs/performance.md).
 SHARED_ROW_TOKENS = 64
 
 
@@ -150,10 +151,8 @@ def collate_shared(encoded_list: Sequence, pad_id: int, k: int, capacity: int | 
     label_free_prefix(encoded_list)."""
     _checked_lengths(encoded_list, pad_id)
     prefix = list(encoded_list[0].input_ids[:k])
-    cap = max(max(len(e.input_ids) for e in encoded_list), SHARED_ROW_TOKENS) if capacity is None else capacity
     own = [Encoded(e.input_ids[k:], e.labels[k:]) for e in encoded_list]
-    rows = pack_rows([len(e.input_ids) for e in own], cap - k)
-    width = max(k + sum(len(own[i].input_ids) for i in row) for row in rows)
+    rows, width = _shared_rows([len(e.input_ids) for e in own], k, capacity)
     batch = _empty(len(rows), width, pad_id)
     for r, row in enumerate(rows):
         batch["input_ids"][r, :k] = torch.tensor(prefix, dtype=torch.long)
@@ -166,12 +165,17 @@ def collate_shared(encoded_list: Sequence, pad_id: int, k: int, capacity: int | 
     return batch
 
 
+def _shared_rows(own: list[int], k: int, capacity: int | None = None) -> tuple[list[list[int]], int]:
+    """collate_shared's rows (indices into `own`, the examples' own lengths) and their width."""
+    cap = max(max(own) + k, SHARED_ROW_TOKENS) if capacity is None else capacity
+    rows = pack_rows(own, cap - k)
+    return rows, max(k + sum(own[i] for i in row) for row in rows)
+
+
 def shared_slots(encoded_list: Sequence, k: int) -> int:
     """Token positions collate_shared's rows would compute (rows x width), to compare layouts."""
-    lengths = [len(e.input_ids) - k for e in encoded_list]
-    cap = max(max(lengths) + k, SHARED_ROW_TOKENS)
-    rows = pack_rows(lengths, cap - k)
-    return len(rows) * max(k + sum(lengths[i] for i in row) for row in rows)
+    rows, width = _shared_rows([len(e.input_ids) - k for e in encoded_list], k)
+    return len(rows) * width
 
 
 def input_tokens(batch: dict) -> int:
