@@ -1,5 +1,5 @@
-"""First tokens that many sequences share, run once: at batch 1, their keys/values cached, the
-cache repeated to every row, each row's own tokens run after it.
+"""First tokens that many prompts share, prefilled once: at batch 1, their keys/values cached, the
+cache repeated to every row, each row's own tokens run after it (evaluation's generation).
 
 Causal attention makes a shared prefix's states the same in every row, so this is the same
 computation with fewer tokens (evaluation prompts: "Question: What is", a chat template's system
@@ -36,17 +36,13 @@ def full_attention_only(config) -> bool:
 
 def prefix_cache(model, prefix_ids: torch.Tensor):
     """The cache after running `prefix_ids` (1 x k) through `model` (a causal LM or its decoder
-    body), or None where a shared prefix does not apply: no cache argument, or a layer whose cache
-    is not plain keys/values (a sliding window counts the gap to a row's own tokens as distance; a
-    recurrent state cannot be repeated and extended as one). Gradients flow through the cached
-    tensors when grad is on."""
+    body), or None where a shared prefix does not apply: no cache argument, or not every layer
+    full_attention_only."""
     key = cache_kwarg(model)
-    if key is None:
+    if key is None or not full_attention_only(model.config):
         return None
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
-    if any(getattr(cache, "is_sliding", ())) or any(getattr(cache, "is_linear", ())):
-        return None
     model(input_ids=prefix_ids, use_cache=True, **{key: cache})
     return cache
