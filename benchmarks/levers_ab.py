@@ -109,7 +109,7 @@ def main() -> int:
                             max_seq_len=cfg.data.max_seq_len)
     else:
         enc, _ = encoded_data(tok, a.rounds * a.batch, 42)
-    # the loop's own micro batches (train.packing decides the layout): one epoch, `rounds` of them
+    # the loop's own micro batches (train.packing and train.shared_prefix decide the layout): `rounds` of them
     import loralab.data.layout as layout
 
     def loop_batches(shared_prefix=True, row_tokens=layout.SHARED_ROW_TOKENS):
