@@ -65,15 +65,7 @@ def collate_packed(encoded_list: Sequence, pad_id: int, capacity: int | None = N
     position_ids instead, see `packed_inputs`), position_ids (0, 1, ... per example; the padding
     at a row's end is one more segment, so no real token attends to it)."""
     lengths = _checked_lengths(encoded_list, pad_id)
-    rows = pack_rows(lengths, capacity)
-    width = max(sum(lengths[i] for i in row) for row in rows)
-    batch = _empty(len(rows), width, pad_id)
-    for r, row in enumerate(rows):
-        at = _fill(batch, r, 0, [encoded_list[i] for i in row], first_position=0)
-        batch["attention_mask"][r, :at] = 1
-        batch["position_ids"][r, at:] = torch.arange(width - at)
-    _check_labels(batch["labels"])
-    return batch
+    return _lay_out(encoded_list, pad_id, [], pack_rows(lengths, capacity))
 
 
 def _checked_lengths(encoded_list: Sequence, pad_id: int) -> list[int]:
@@ -90,23 +82,30 @@ def _checked_lengths(encoded_list: Sequence, pad_id: int) -> list[int]:
     return lengths
 
 
-def _empty(rows: int, width: int, pad_id: int) -> dict[str, torch.Tensor]:
-    return {"input_ids": torch.full((rows, width), int(pad_id), dtype=torch.long),
-            "labels": torch.full((rows, width), IGNORE_INDEX, dtype=torch.long),
-            "attention_mask": torch.zeros((rows, width), dtype=torch.long),
-            "position_ids": torch.zeros((rows, width), dtype=torch.long)}
-
-
-def _fill(batch: dict, r: int, at: int, examples: Sequence, first_position: int) -> int:
-    """Lay examples end to end in row r from column `at`, each example's positions counting from
-    first_position and its first label masked (nothing in the row predicts it). Returns the end."""
-    for e in examples:
-        k = len(e.input_ids)
-        batch["input_ids"][r, at:at + k] = torch.tensor(e.input_ids, dtype=torch.long)
-        batch["labels"][r, at + 1:at + k] = torch.tensor(e.labels[1:], dtype=torch.long)
-        batch["position_ids"][r, at:at + k] = torch.arange(first_position, first_position + k)
-        at += k
-    return at
+def _lay_out(examples: Sequence, pad_id: int, prefix: list[int], rows: list[list[int]]) -> dict[str, torch.Tensor]:
+    """Rows of `prefix` followed by the examples of each row end to end: positions 0.. on the
+    prefix, each example's counting on from there, its first label masked (nothing in the row
+    predicts it), a row's padding one more segment restarting at 0. Int64 tensors."""
+    k = len(prefix)
+    width = max(k + sum(len(examples[i].input_ids) for i in row) for row in rows)
+    batch = {"input_ids": torch.full((len(rows), width), int(pad_id), dtype=torch.long),
+             "labels": torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long),
+             "attention_mask": torch.zeros((len(rows), width), dtype=torch.long),
+             "position_ids": torch.zeros((len(rows), width), dtype=torch.long)}
+    for r, row in enumerate(rows):
+        batch["input_ids"][r, :k] = torch.tensor(prefix, dtype=torch.long)
+        batch["position_ids"][r, :k] = torch.arange(k)
+        at = k
+        for i in row:
+            e, n = examples[i], len(examples[i].input_ids)
+            batch["input_ids"][r, at:at + n] = torch.tensor(e.input_ids, dtype=torch.long)
+            batch["labels"][r, at + 1:at + n] = torch.tensor(e.labels[1:], dtype=torch.long)
+            batch["position_ids"][r, at:at + n] = torch.arange(k, k + n)
+            at += n
+        batch["attention_mask"][r, :at] = 1
+        batch["position_ids"][r, at:] = torch.arange(width - at)
+    _check_labels(batch["labels"])
+    return batch
 
 
 def _check_labels(labels: torch.Tensor) -> None:
@@ -150,17 +149,9 @@ def collate_shared(encoded_list: Sequence, pad_id: int, k: int, capacity: int | 
     builds the mask (each example sees the prefix and itself). k must not exceed
     label_free_prefix(encoded_list)."""
     _checked_lengths(encoded_list, pad_id)
-    prefix = list(encoded_list[0].input_ids[:k])
     own = [Encoded(e.input_ids[k:], e.labels[k:]) for e in encoded_list]
-    rows, width = _shared_rows([len(e.input_ids) for e in own], k, capacity)
-    batch = _empty(len(rows), width, pad_id)
-    for r, row in enumerate(rows):
-        batch["input_ids"][r, :k] = torch.tensor(prefix, dtype=torch.long)
-        batch["position_ids"][r, :k] = torch.arange(k)
-        at = _fill(batch, r, k, [own[i] for i in row], first_position=k)
-        batch["attention_mask"][r, :at] = 1
-        batch["position_ids"][r, at:] = torch.arange(width - at)
-    _check_labels(batch["labels"])
+    rows, _ = _shared_rows([len(e.input_ids) for e in own], k, capacity)
+    batch = _lay_out(own, pad_id, list(encoded_list[0].input_ids[:k]), rows)
     batch["shared_prefix"] = torch.tensor([k], dtype=torch.long)
     return batch
 

@@ -24,7 +24,7 @@ from ..data.batching import collate, rank_share
 from ..data.prompts import IGNORE_INDEX
 from ..io.attention import attention_for_rows
 from .distributed import SINGLE, Dist, all_sum
-from .packing import positions_into
+from .packing import packed_inputs, positions_into
 from .prefix import shared_prefix_inputs
 
 CHUNK_ROWS = 1024  # labelled positions per output-layer chunk: bounds logits memory to rows x vocab
@@ -112,7 +112,7 @@ def _body_and_head(model):
 
 
 def _plain_inputs(batch: dict) -> dict:
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    return {**packed_inputs(batch), "use_cache": False}
 
 
 def full_logits_loss_sum(model, batch: dict, inputs: dict | None = None) -> tuple[torch.Tensor, int]:
