@@ -1,4 +1,4 @@
-"""io/models.py: copy_out_of_file lets a loaded safetensors file's memory map close."""
+"""io/models.py: copy_out_of_file lets a loaded safetensors file's memory map close; loading keeps the lean forwards."""
 import gc
 from pathlib import Path
 
@@ -36,3 +36,15 @@ def test_copy_out_of_file_releases_the_weights_file_and_keeps_the_values(tiny_fo
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
     assert not any(p.requires_grad for p in model.parameters())  # still frozen parameters
+
+
+def test_the_lean_norm_and_mlp_survive_train_and_eval(tiny_folder):
+    # transformers re-kernelizes a loaded model on each train()/eval() when the `kernels` package is
+    # installed, putting the class's forward back on every RMSNorm; load_weights must prevent that
+    model = load_weights(tiny_folder, torch.float32)
+    norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
+    mlps = [m for m in model.modules() if hasattr(m, "gate_proj")]
+    assert norms and mlps
+    for mode in (True, False, True):
+        model.train(mode)
+        assert all("forward" in vars(m) for m in norms + mlps)

@@ -190,8 +190,11 @@ def load_weights(folder: Path, dtype: torch.dtype = torch.float32, *, trust_remo
     hf_logging.disable_progress_bar()  # our own progress output is enough
     try:
         attention = pick_attention(attn_implementation, device, dtype)
+        # use_kernels=False: with the `kernels` package installed (transformers pulls it in) each
+        # model.train() / eval() re-kernelizes the decorated layers, which puts the class's forward back
+        # on every RMSNorm (undoing use_lean_rmsnorm), and on a GPU would fetch kernel code from the Hub.
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, trust_remote_code=trust_remote_code,
-                                                     attn_implementation=attention)
+                                                     attn_implementation=attention, use_kernels=False)
     except ValueError as e:
         raise _load_error(folder, e, trust_remote_code) from None
     except (OSError, RuntimeError, json.JSONDecodeError) as e:
