@@ -15,8 +15,11 @@ Variants (switchable at run time on one loaded model; combine with '+', e.g. chu
   chunk256  the output layer in chunks of 256 labelled rows (logits recomputed in backward)
   sdpa      torch's scaled_dot_product_attention for every micro batch (stock: `auto`, by row length)
   recompute eager attention with its core recomputed in backward for every micro batch
-  trim      glibc malloc_trim(0) before every decoder block's forward and backward: hands the
-            heap holes left by freed temporaries back to the OS instead of letting RSS grow
+  trimheap  the loop's heap trims in forward (train.trim_heap=true, loralab.train.heap). The heap a
+            variant leaves is the next one's, and this A/B understates the trims' cost (+2% here, 13%
+            in the loop, throughput.py --sides packed,packed+trim): use the loop's numbers
+  trim      glibc malloc_trim(0) before every decoder block's forward and backward (instead of the
+            loop's trims before every 10th block in forward only)
   plaindrop LoRA's dropout as the plain composition (dropout module, then A and B): a float mask
             and the dropped input kept per layer, what peft/dropout.low_rank's bool mask replaced
             (implies unfused: the fused layer draws its own bool mask)
@@ -82,6 +85,7 @@ def main() -> int:
     from loralab.memory.measure import PeakMemory
     from loralab.prepare import setup_model
     from loralab.study.spec import DEMO_CONFIG
+    from loralab.train.heap import trim_heap_in_forward
     from loralab.train.loop import micro_batches
     from loralab.train.loss import CHUNK_ROWS, loss_sum
     from workload import LORA, demo_overrides, encoded_data
@@ -160,7 +164,7 @@ def main() -> int:
             current["model"] = model
         mods = set(v.split("+")) - {"stock"}
         unknown = mods - {"chunk256", "sdpa", "recompute", "trim", "plaindrop", "plainmlp", "plainnorm", "unfused",
-                          "wheremask"} - set(other_batches)
+                          "wheremask", "trimheap"} - set(other_batches)
         if unknown:
             raise SystemExit(f"unknown variant part(s) {sorted(unknown)}")
         current["chunk_rows"] = 256 if "chunk256" in mods else CHUNK_ROWS
@@ -194,6 +198,8 @@ def main() -> int:
             for block in decoder_blocks(model):
                 hooks.append(block.register_forward_pre_hook(trim))
                 hooks.append(block.register_full_backward_pre_hook(trim))
+        elif "trimheap" in mods:
+            hooks.extend(trim_heap_in_forward(current["model"]))
 
     model.train()
 

@@ -29,6 +29,7 @@ def run_config(spec: dict, output_dir: str):
                   "precision": spec.get("precision", "auto"),
                   "group_by_length": spec.get("group_window", 0), "compile": bool(spec.get("compile")),
                   "gradient_checkpointing": bool(spec.get("ckpt")), "threads": spec.get("threads"),
+                  "trim_heap": bool(spec.get("trim_heap")),
                   "progress": False},
         "eval": {"before": False},
         "output_dir": output_dir, "resume": False})
@@ -80,6 +81,7 @@ def worker_loralab(spec: dict) -> dict:
     mods = [m for m, on in (("train.compile (decoder blocks, cold cache)", t.compile),
                             ("sdpa attention", cfg.model.attn_implementation == "sdpa"),
                             ("gradient checkpointing", t.gradient_checkpointing), ("1 thread", t.threads == 1),
+                            ("heap trims in forward", t.trim_heap),
                             ("LoRA dropout 0", cfg.lora.dropout == 0.0)) if on]
     memory = ("peak_memory_bytes", "memory_method", "memory_at_start_bytes", "cuda_peak_reserved_bytes")
     return {"side": spec["name"], "how": how + "".join(f" + {m}" for m in mods),

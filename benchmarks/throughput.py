@@ -79,19 +79,21 @@ SIDE_HELP = ("a side is baseline (PEFT + Trainer, loralab's batches), baseline-g
              "sampler), baseline-sft (TRL SFTTrainer with packing), or loralab | packed | grouped, "
              "optionally with modifiers joined by '+': "
              "sdpa (attention), ckpt (gradient checkpointing), compile (torch.compile of the decoder blocks), "
-             "t1 (one thread), nodrop (LoRA dropout 0, changes the recipe: for reference), e.g. packed+sdpa")
+             "t1 (one thread), trim (heap trims in forward: train.trim_heap=true), nodrop (LoRA dropout 0, changes the "
+             "recipe: for reference), e.g. packed+sdpa")
 
 
 def side_spec(name: str, base: dict, group_window: int) -> dict:
     kind, *mods = name.split("+")
     if name in BASELINES:
         return dict(base, name=name, variant=BASELINES[name])
-    known = {"sdpa", "ckpt", "compile", "t1", "nodrop"}
+    known = {"sdpa", "ckpt", "compile", "t1", "trim", "nodrop"}
     if kind not in ("loralab", "packed", "grouped") or not set(mods) <= known:
         raise SystemExit(f"unknown side {name!r}: {SIDE_HELP}")
     return dict(base, name=name, packed=kind == "packed", group_window=group_window if kind == "grouped" else 0,
                 attn="sdpa" if "sdpa" in mods else "auto", ckpt="ckpt" in mods, compile="compile" in mods,
-                threads=1 if "t1" in mods else None, dropout=0.0 if "nodrop" in mods else LORA["dropout"])
+                threads=1 if "t1" in mods else None, trim_heap="trim" in mods,
+                dropout=0.0 if "nodrop" in mods else LORA["dropout"])
 
 
 def worker(kind: str, spec_path: str, out_path: str) -> None:

@@ -21,6 +21,7 @@ from ..data.batching import collate, micro_batch_indices, rank_share
 from ..data.layout import collate_packed, collate_shared, label_free_prefix, shared_slots
 from ..errors import UserError
 from .distributed import SINGLE, Dist, all_sum, wrap
+from .heap import trim_heap_in_forward
 from .loss import LossModule, mean_loss
 from .optim import build_optimizer, build_scheduler, plan_steps
 from .packing import packing_supported
@@ -108,6 +109,8 @@ def train(model: torch.nn.Module, train_data: list, cfg: TrainConfig, *, pad_id:
         from .compile import compile_blocks
 
         compile_blocks(model)
+    # not with compile: a hook calling into the C library would break the compiled graph
+    trims = trim_heap_in_forward(model) if cfg.trim_heap and not cfg.compile else []
     autocast = uses_autocast(cfg, next(model.parameters()).device)
     module = wrap(LossModule(model), model, dist)
     # after wrapping (FSDP2 shards them); named, for LoRA+'s groups
@@ -184,6 +187,8 @@ def train(model: torch.nn.Module, train_data: list, cfg: TrainConfig, *, pad_id:
     if val_data and not result.interrupted:
         _validate(module, val_data, cfg, pad_id, result.steps, result, hooks.on_eval, best, dist)
     model.eval()
+    for handle in trims:
+        handle.remove()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_disable()
     return result
