@@ -1,5 +1,8 @@
 """The lean SwiGLU keeps gate and up only, computes what the model's own MLP computes bit for bit,
 and leaves any other MLP alone."""
+import gc
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -71,3 +74,36 @@ def test_an_mlp_that_is_not_swiglu_keeps_its_forward():
     assert use_lean_swiglu(outer) == 0
     assert "forward" not in vars(outer[0])
     assert torch.equal(torch.get_rng_state(), rng)  # the check draws from its own generator
+
+
+def _product_alive_after_forward(model, outer_hooks: bool):
+    """Runs forward + backward; returns whether each layer's product h (down_proj's input) was still
+    alive after forward, the logits and the LoRA gradients."""
+    refs = []
+    for layer in model.model.layers:
+        layer.mlp.down_proj.register_forward_pre_hook(lambda m, args: refs.append(weakref.ref(args[0])))
+    torch.manual_seed(2)
+    if outer_hooks:  # activation checkpointing's kind: the product must keep h itself
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            logits = model(input_ids=IDS).logits
+    else:
+        logits = model(input_ids=IDS).logits
+    gc.collect()
+    alive = [r() is not None for r in refs]
+    logits.float().square().mean().backward()
+    return alive, logits, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_down_proj_rebuilds_the_product_in_backward_bit_for_bit(dtype):
+    """Down's LoRA needs its input h = silu(gate) * up in backward; the lean MLP hands it gate and up
+    (kept anyway) instead, so h is freed after forward, and the gradients are the plain MLP's exactly."""
+    plain, _ = _lora_model(dtype, False)
+    _, out0, grads0 = _product_alive_after_forward(plain, False)
+    for outer in (False, True):
+        lean, _ = _lora_model(dtype, True)
+        alive, out1, grads1 = _product_alive_after_forward(lean, outer)
+        assert alive == [outer, outer]
+        assert torch.equal(out0, out1)
+        for name in grads0:
+            assert torch.equal(grads0[name], grads1[name]), (outer, name)
