@@ -19,7 +19,8 @@ The decoder's shape and parameter counts come from loralab.arch. Assumptions, in
                    eager_recompute: as SDPA (q, k, v, output), plus one layer's eager scores
                                while backward recomputes them
       MLP          2I x b      (gate and up outputs, io/mlp.py; the plain composition also keeps the
-                               SiLU's output: 3I x b; frozen linears keep no input)
+                               SiLU's output: 3I x b; frozen linears keep no input; down_proj's input,
+                               the product, is rebuilt from gate and up, so not kept: stock keeps it)
       LoRA         per distinct input (q/k/v share one, gate/up one) its width x b, kept once for
                    every reader; per target its dropout mask, 1 byte per element, plus r x b
                    (stock_autograd, what plain autograd keeps (PEFT, Lit-GPT): per target a float
@@ -102,12 +103,15 @@ def _layer_bytes_per_token(a: Arch, *, b: int, seq: int, eager: bool, method: st
     # Distinct linear inputs: q/k/v share the first norm's output, gate/up the second's.
     groups = {"attn_in": (("q_proj", "k_proj", "v_proj"), H), "o_in": (("o_proj",), Q),
               "mlp_in": (("gate_proj", "up_proj"), H), "down_in": (("down_proj",), I)}
+    # down_proj's input, the SwiGLU product, is rebuilt from gate and up in backward (io/mlp.py)
+    rebuilt = set() if stock_autograd else {"down_in"}
     if method == "full":
-        return total + sum(width for _, width in groups.values()) * b + 2 * H * 4
+        return total + sum(width for g, (_, width) in groups.items() if g not in rebuilt) * b + 2 * H * 4
     plain = stock_autograd and dropout
-    for mods, width in groups.values():
+    for group, (mods, width) in groups.items():
         wrapped = [m for m in mods if m in lora]
-        if (wrapped and not plain) or (saves_quant_inputs and any(m in quantized for m in mods)):
+        if group not in rebuilt and ((wrapped and not plain) or
+                                     (saves_quant_inputs and any(m in quantized for m in mods))):
             total += width * b  # the input, one storage for every reader (peft/dropout.py)
         for m in wrapped:  # its dropout mask (bool; plain: a float mask and the dropped input), A's output;
             # DoRA: the pre-scale output W x + s·B A x
@@ -192,7 +196,8 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
                  for i in range(a.layers)]
     per_token = sum(per_layer) / a.layers
     if grad_checkpointing:
-        layers_bytes = tokens * (a.layers * a.hidden * b + max(per_layer))
+        # the layer being recomputed keeps down_proj's input: io/mlp.py rebuilds it only outside checkpointing
+        layers_bytes = tokens * (a.layers * a.hidden * b + max(per_layer) + (0 if stock_autograd else a.inter * b))
         slack = CPU_CKPT_SLACK * tokens * a.layers * per_token  # the discarded activations leave holes too
     else:
         layers_bytes = tokens * a.layers * per_token
