@@ -56,16 +56,24 @@ class _Product:
         self.gate, self.up, self.shape = gate, up, shape
 
 
+def _under_saved_tensor_hooks() -> bool:
+    """Whether saved-tensor hooks are active (checkpointing's, a measurement's). torch's query is private:
+    where it is missing or differs, answer yes, which only gives up the rebuild."""
+    try:
+        return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+    except (AttributeError, TypeError):
+        return True
+
+
 def _down_of_product(down: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """down(silu(gate) * up), where whatever down keeps of its input h for backward (LoRA's A needs it)
     is rebuilt from gate and up, which the product keeps anyway: one intermediate-wide tensor per layer
     less, for one SiLU and one product more in backward. Not inside other saved-tensor hooks
     (activation checkpointing, which already drops h) nor while compiling."""
     h = swiglu(gate, up)
-    if not h.requires_grad or torch.compiler.is_compiling() or \
-            torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+    if not h.requires_grad or torch.compiler.is_compiling() or _under_saved_tensor_hooks():
         return down(h)
-    storage = h.untyped_storage().data_ptr()  # not h itself: the hooks must not keep it alive
+    storage, h_numel = h.untyped_storage().data_ptr(), h.numel()  # not h itself: the hooks must not keep it alive
 
     def pack(t):
         same = t.untyped_storage().data_ptr() == storage and t.numel() == h_numel
@@ -77,7 +85,6 @@ def _down_of_product(down: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> t
         with torch.no_grad():
             return (F.silu(p.gate) * p.up).reshape(p.shape)  # swiglu's forward: the same values bit for bit
 
-    h_numel = h.numel()
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         return down(h)
 

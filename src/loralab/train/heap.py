@@ -21,9 +21,9 @@ from torch import nn
 
 from .compile import decoder_blocks
 
-TRIM_EVERY = 10  # blocks between trims: one trim before the last block alone saved half as much (-10%) for -8%
+TRIM_EVERY = 10  # blocks between trims: one trim before the last block alone saved half as much (-10%) for 4-8%
 # Below this many token positions per micro batch the holes are small and a trim costs more than it frees
-# (the demo's 4 x 64, paired: 3-8% slower for 2% less peak).
+# (the demo's 4 x 64, one process each: 3-8% slower for 2% less peak).
 MIN_POSITIONS = 512
 
 
