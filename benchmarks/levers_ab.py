@@ -85,7 +85,7 @@ def main() -> int:
     from loralab.memory.measure import PeakMemory
     from loralab.prepare import setup_model
     from loralab.study.spec import DEMO_CONFIG
-    from loralab.train.heap import trim_heap_in_forward
+    from loralab.train.heap import malloc_trim, trim_heap_in_forward
     from loralab.train.loop import micro_batches
     from loralab.train.loss import CHUNK_ROWS, loss_sum
     from workload import LORA, demo_overrides, encoded_data
@@ -134,7 +134,6 @@ def main() -> int:
 
     current = {"model": model, "chunk_rows": CHUNK_ROWS, "batches": batches}
     hooks = []
-    import ctypes
 
     import torch.nn.functional as F
 
@@ -154,7 +153,6 @@ def main() -> int:
     def plain_low_rank(dropout, x, a, b):
         return F.linear(F.linear(dropout(x), a), b)
 
-    libc = ctypes.CDLL("libc.so.6")
 
     def set_variant(v: str):
         if v.startswith("qlora"):
@@ -194,7 +192,7 @@ def main() -> int:
             from loralab.train.compile import decoder_blocks
 
             def trim(*args):  # returns None: the hook must not replace the inputs
-                libc.malloc_trim(0)
+                malloc_trim()(0)
             for block in decoder_blocks(model):
                 hooks.append(block.register_forward_pre_hook(trim))
                 hooks.append(block.register_full_backward_pre_hook(trim))

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from loralab.data.batching import collate, grouped_batches, iterate_batches
-from loralab.data.layout import collate_packed, pack_rows, padding_stats
+from loralab.data.layout import collate_packed, pack_rows, padding_stats, plain_slots
 from loralab.data.prompts import Encoded
 from loralab.errors import UserError
 from tinymodels import random_encoded
@@ -74,3 +74,11 @@ def test_shared_prefix_length_leaves_every_sequence_a_token_of_its_own():
     assert shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # identical sequences: the last token is each row's
     assert shared_prefix_length([[7], [7, 8]]) == 0
     assert shared_prefix_length([[1, 2], [3, 2]]) == 0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_plain_slots_are_what_the_plain_layouts_compute(seed):
+    lengths = torch.randint(3, 40, (9,), generator=torch.Generator().manual_seed(seed)).tolist()
+    ex = random_encoded(lengths, seed=seed)
+    assert plain_slots(ex, packed=True) == collate_packed(ex, pad_id=0)["input_ids"].numel()
+    assert plain_slots(ex, packed=False) == collate(ex, pad_id=0)["input_ids"].numel()

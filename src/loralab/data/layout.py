@@ -163,6 +163,15 @@ def _shared_rows(own: list[int], k: int, capacity: int | None = None) -> tuple[l
     return rows, max(k + sum(own[i] for i in row) for row in rows)
 
 
+def plain_slots(encoded_list: Sequence, packed: bool) -> int:
+    """Token positions collate_packed's rows (packed) or batching.collate's padded rows would compute."""
+    lengths = [len(e.input_ids) for e in encoded_list]
+    if not packed:
+        return len(lengths) * max(lengths)
+    rows = pack_rows(lengths)
+    return len(rows) * max(sum(lengths[i] for i in row) for row in rows)
+
+
 def shared_slots(encoded_list: Sequence, k: int) -> int:
     """Token positions collate_shared's rows would compute (rows x width), to compare layouts."""
     rows, width = _shared_rows([len(e.input_ids) - k for e in encoded_list], k)

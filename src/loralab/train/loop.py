@@ -18,7 +18,7 @@ import torch
 
 from ..config import TrainConfig
 from ..data.batching import collate, micro_batch_indices, rank_share
-from ..data.layout import collate_packed, collate_shared, label_free_prefix, shared_slots
+from ..data.layout import collate_packed, collate_shared, label_free_prefix, plain_slots, shared_slots
 from ..errors import UserError
 from .distributed import SINGLE, Dist, all_sum, wrap
 from .heap import trim_heap_in_forward
@@ -52,11 +52,10 @@ class Hooks:
 def collate_micro_batch(examples: list, pad_id: int, cfg: TrainConfig) -> dict:
     """One micro batch's layout: packed or padded rows, or, where the examples share first tokens
     and that computes fewer token positions, rows that hold those once (data.layout.collate_shared)."""
-    plain = (collate_packed if cfg.packing else collate)(examples, pad_id)
-    k = label_free_prefix(examples) if cfg.shared_prefix else 0
-    if k and shared_slots(examples, k) < plain["input_ids"].numel():
+    k = label_free_prefix(examples) if cfg.shared_prefix and examples else 0
+    if k and shared_slots(examples, k) < plain_slots(examples, cfg.packing):
         return collate_shared(examples, pad_id, k)
-    return plain
+    return (collate_packed if cfg.packing else collate)(examples, pad_id)
 
 
 def micro_batches(data, cfg: TrainConfig, pad_id: int, skip: int = 0, dist: Dist = SINGLE) -> Iterator[dict]:
