@@ -3,10 +3,10 @@
 oneDNN, torch's CPU backend for bf16 matmuls, caches every primitive it builds (one per exact shape,
 dtype and layout), 1,024 of them by default, each with its own buffers. Packed and length-grouped micro
 batches have a new token count almost every step, so the cache fills with the primitives of shapes
-that never come back, and the heap around them cannot shrink. One step of a decoder needs fewer than 32
-distinct primitives (the same shapes in all its blocks), so a small cache keeps every hit that
-matters. Measured on the throughput benchmark's packed side (AMX Xeon, bf16, docs/performance.md):
-peak RSS 3,071 -> 2,630 MB at the same tokens/s with 32; 16 was too few (-19% tokens/s).
+that never come back, and the heap around them cannot shrink. Measured (AMX Xeon, bf16,
+docs/performance.md): the throughput benchmark's packed step needs fewer than 32 primitives (its peak RSS
+3,160 -> 2,929 MB with 256, 2,709 with 64, 2,630 with 32; 16: -19% tokens/s), but the demo's, whose
+attention runs per row length, needs more than 64 (64: -10% tokens/s; 256: -2%, within noise).
 
 oneDNN reads the capacity once, when it builds its first primitive, so loralab sets it on import
 (before any matmul), and never over a value the user set (either of oneDNN's two names).
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 
-PRIMITIVE_CACHE_CAPACITY = 64  # twice what one step needs: headroom for models and variants with more shapes
+PRIMITIVE_CACHE_CAPACITY = 256  # the demo's step thrashes 64; a quarter of oneDNN's default still saves memory
 _NAMES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY")
 
 
