@@ -6,18 +6,17 @@
 Runs the throughput benchmark's loralab side (`loralab_side.worker_loralab`: `run_training` on the
 workload, packed by default) with hooks on every decoder block (forward start and end, backward
 start) and on the optimizer step. At each hook it reads the RSS (/proc/self/statm) and glibc's
-`mallinfo2` (main heap: bytes in use, in mmapped chunks, size of the heap); a thread samples the RSS
-every 2 ms in between. Prints one JSON object: the run's peak RSS (run_training's own VmHWM), the most
+`mallinfo2` (main heap: bytes in use, in mmapped chunks, size of the heap). Prints one JSON object: the
+run's peak RSS (run_training's own VmHWM), the most
 malloc had in use at any hook and where, the heap's largest size, and per optimizer step the RSS and
 heap at its end, so one sees whether the peak follows live tensors or the heap's high-water mark.
-The sampling thread and the hooks cost time: this is a memory trace, not a speed benchmark.
+The hooks cost time: this is a memory trace, not a speed benchmark.
 """
 from __future__ import annotations
 
 import argparse
 import ctypes
 import json
-import threading
 import time
 
 from loralab_side import worker_loralab
@@ -57,21 +56,19 @@ def main() -> None:
     from loralab.train.compile import decoder_blocks
 
     mallinfo2 = _mallinfo2()
-    marks, steps, peak_rss = [], [], [0]  # marks: (label, in use, heap); steps: per optimizer step
-    stop = threading.Event()
+    marks, steps = [], []  # marks: (label, in use, heap) at each block hook; steps: after each optimizer step
 
-    def sample():
-        while not stop.wait(0.002):
-            peak_rss[0] = max(peak_rss[0], current_rss_bytes())
+    def heap() -> tuple[int, int]:  # bytes malloc has in use, bytes it holds (heap + mmapped chunks)
+        m = mallinfo2()
+        return m.uordblks + m.hblkhd, m.arena + m.hblkhd
 
     def mark(label: str) -> None:
-        m = mallinfo2()
-        marks.append((label, m.uordblks + m.hblkhd, m.arena + m.hblkhd))
+        marks.append((label, *heap()))
 
     def after_step(*_):
-        m = mallinfo2()
-        steps.append({"rss_mb": round(current_rss_bytes() / MB), "in_use_mb": round((m.uordblks + m.hblkhd) / MB),
-                      "heap_mb": round((m.arena + m.hblkhd) / MB)})
+        in_use, held = heap()
+        steps.append({"rss_mb": round(current_rss_bytes() / MB), "in_use_mb": round(in_use / MB),
+                      "heap_mb": round(held / MB)})
 
     train = pipeline.train
 
@@ -86,12 +83,8 @@ def main() -> None:
     pipeline.train = traced_train
     spec = dict(name="packed" if a.packed else "loralab", packed=bool(a.packed), examples=a.examples, seed=42,
                 lr=a.lr, batch=a.batch, grad_accum=a.grad_accum, steps=a.steps, warmup=0, precision="auto")
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
     t0 = time.perf_counter()
     out = worker_loralab(spec)
-    stop.set()
-    thread.join()
     top = max(marks, key=lambda m: m[1])
     print(json.dumps({
         "config": spec, "precision": out["precision"], "threads": torch.get_num_threads(),
@@ -100,7 +93,7 @@ def main() -> None:
         "rss_at_start_mb": round(out["memory_at_start_bytes"] / MB),
         "max_in_use_mb": round(top[1] / MB), "max_in_use_at": top[0],
         "max_heap_mb": round(max(m[2] for m in marks) / MB),
-        "sampled_peak_rss_mb": round(peak_rss[0] / MB), "after_each_step": steps}, indent=1))
+        "after_each_step": steps}, indent=1))
 
 
 if __name__ == "__main__":
