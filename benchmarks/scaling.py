@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from workload import worker_env  # noqa: E402
 
 HERE = Path(__file__).resolve()
 SIDES = ("loralab", "baseline")
@@ -116,7 +117,7 @@ def run(side: str, points: list[tuple[int, int]], steps: int, precision: str, lo
     try:
         with tempfile.TemporaryDirectory(prefix="scaling-") as tmp:
             out = Path(tmp) / "out.json"
-            env = dict(os.environ, PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
+            env = worker_env(side == "loralab")
             cmd = [sys.executable, str(HERE), "--worker", side, json.dumps(points), str(steps), precision, str(out)]
             proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             if proc.returncode != 0 or not out.exists():

@@ -66,7 +66,17 @@ from pathlib import Path
 import cpu_lock
 from loralab_side import worker_loralab
 from peft_baseline import worker_baseline
-from workload import AVX2_ONLY_ENV, FLOPS_FORMULA, LORA, MAX_SEQ_LEN, MODEL, matmul_peak, model_flops, model_shape
+from workload import (
+    AVX2_ONLY_ENV,
+    FLOPS_FORMULA,
+    LORA,
+    MAX_SEQ_LEN,
+    MODEL,
+    matmul_peak,
+    model_flops,
+    model_shape,
+    worker_env,
+)
 
 HERE = Path(__file__).resolve()
 
@@ -122,7 +132,8 @@ def _run_worker(kind: str, spec: dict, threads: int | None) -> dict:
     with tempfile.TemporaryDirectory(prefix="throughput-") as tmp:
         sp, op = Path(tmp) / "spec.json", Path(tmp) / "out.json"
         sp.write_text(json.dumps(spec))
-        env = dict(os.environ, PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
+        # the baselines on loralab's malloc too with --baseline-allocator same (for reference; users' default: system)
+        env = worker_env(kind == "loralab" or (kind == "baseline" and spec.get("allocator") == "same"))
         if spec.get("compile"):
             env["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tmp) / "inductor")  # cold: a first run's compile
         if threads:
@@ -211,6 +222,9 @@ def main(argv=None) -> int:
     ap.add_argument("--group-window", type=int, default=16)
     ap.add_argument("--qlora-steps", type=int, default=6, help="0 skips the QLoRA vs LoRA step-time check")
     ap.add_argument("--qlora-batch", type=int, default=None, help="micro batch of the QLoRA check (default --batch)")
+    ap.add_argument("--baseline-allocator", choices=["system", "same"], default="system",
+                    help="the Hugging Face sides' malloc: the system's (as their users run them) or the one "
+                         "the loralab command preloads (LORALAB_ALLOCATOR, loralab/allocator.py)")
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the workers")
     ap.add_argument("--no-lock", action="store_true", help="do not wait for / take /tmp/loralab_cpu_lock")
     ap.add_argument("--json", default=None)
@@ -226,7 +240,8 @@ def main(argv=None) -> int:
 
     precision = resolve_precision(a.precision, "cpu")
     base = dict(steps=a.steps, batch=a.batch, grad_accum=a.grad_accum, examples=n_examples, lr=a.lr,
-                warmup=a.warmup, seed=a.seed, baseline_weights=a.baseline_weights, precision=precision)
+                warmup=a.warmup, seed=a.seed, baseline_weights=a.baseline_weights, precision=precision,
+                allocator=a.baseline_allocator)
     sides = [s.strip() for s in a.sides.split(",") if s.strip()]
     specs = {s: side_spec(s, base, a.group_window) for s in sides}
     cpu_lock.enabled = not a.no_lock

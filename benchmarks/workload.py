@@ -21,6 +21,17 @@ ENCODING = {"template": "auto", "system_prompt": "default", "max_seq_len": MAX_S
 
 
 
+def worker_env(loralab_side: bool, **extra: str) -> dict:
+    """A worker process's environment: a loralab side runs on the malloc the `loralab` command picks
+    (loralab/allocator.py), the Hugging Face sides on the system's, as their users run them."""
+    import os
+
+    from loralab.allocator import preload_env
+
+    env = dict(os.environ, PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false", **extra)
+    return (preload_env(env) or env) if loralab_side else env
+
+
 def demo_overrides() -> list[str]:
     """What `make demo` adds to configs/demo.yaml: the Makefile's DEMO_LAYERS (its one home)."""
     line = next(x for x in MAKEFILE.read_text().splitlines() if x.startswith("DEMO_LAYERS ="))

@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 
+from .allocator import reexec_with_allocator
 from .errors import UserError
 from .peft.presets import COMBINE_METHODS, TARGET_PRESETS
 
@@ -286,6 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and "torch" not in sys.modules:  # the `loralab` command itself, not a caller's main([...])
+        try:
+            reexec_with_allocator()  # allocator.py: tcmalloc or mimalloc, before torch loads
+        except UserError as e:
+            print(f"loralab: error: {e}", file=sys.stderr)
+            return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub is reachable: never wait on one
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     # transformers imports torchao (when installed) while loading any model; its CUDA-only

@@ -133,6 +133,7 @@ def format_table(summary: dict, cfg: RunConfig) -> str:
         f"  runtime         {summary['runtime_s']:.1f} s (training loop)",
         f"  tokens/s        {summary['tokens_per_s']:,.0f}",
         f"  peak memory     {fmt_bytes(summary['peak_memory_bytes'])} ({summary['memory_method']}"
+        + (f", malloc: {summary['allocator']}" if summary.get("allocator") else "")
         + (", the largest rank's)" if summary.get("processes", 1) > 1 else ")"),
         *_breakdown_lines(summary.get("memory_breakdown")),
         f"  loss            train {summary['final_train_loss']:.4f}, val "

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from ..allocator import active as active_allocator
+
 _STATUS = Path("/proc/self/status")
 
 
@@ -107,6 +109,8 @@ class PeakMemory:
                "memory_at_start_bytes": int(self.start_bytes)}
         if self.reserved is not None:
             out["cuda_peak_reserved_bytes"] = int(self.reserved)
+        else:
+            out["allocator"] = active_allocator()  # the CPU peak depends on the malloc (allocator.py)
         return out
 
 
