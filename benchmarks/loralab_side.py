@@ -83,7 +83,7 @@ def worker_loralab(spec: dict) -> dict:
                             ("gradient checkpointing", t.gradient_checkpointing), ("1 thread", t.threads == 1),
                             ("heap trims in forward", t.trim_heap),
                             ("LoRA dropout 0", cfg.lora.dropout == 0.0)) if on]
-    memory = ("peak_memory_bytes", "memory_method", "memory_at_start_bytes", "cuda_peak_reserved_bytes")
+    memory = ("peak_memory_bytes", "memory_method", "memory_at_start_bytes", "cuda_peak_reserved_bytes", "allocator")
     return {"side": spec["name"], "how": how + "".join(f" + {m}" for m in mods),
             "load_s": wall - summary["runtime_s"],  # loading, encoding, saving: all but the loop
             "runtime_s": summary["runtime_s"], "cpu_s": summary["train_cpu_s"], "steps": summary["steps"],

@@ -5,9 +5,9 @@ packed micro batch; glibc splits its heap around them and leaves holes it cannot
 returns large blocks to the OS (mmap) only to fault the pages in, zeroed, on the next step. Measured on
 the throughput benchmark's packed side (AMX Xeon, bf16, one process each, docs/performance.md):
 glibc 298-310 tokens/s at a 2,925-3,056 MB peak; tcmalloc 402-419 tokens/s at 2,163-2,172 MB;
-mimalloc 328 at 2,247 MB, and 398 at 2,300 MB when it keeps freed pages (MIMALLOC_PURGE_DELAY=-1,
-set here); jemalloc 318-321 at 2,148-2,252 MB, but it halved the bf16 matmul benchmark, so it is
-used only when asked for.
+mimalloc 328 at 2,247 MB with its defaults, 393 at 2,245 MB when it keeps freed pages for 10 s
+(MIMALLOC_PURGE_DELAY=10000, set here; 406 at 2,284 MB never returning them); jemalloc 318-321 at
+2,148-2,252 MB, but it halved the bf16 matmul benchmark, so it is used only when asked for.
 
 A malloc is chosen before the process starts (LD_PRELOAD), so the command line re-executes itself once,
 with the allocator preloaded, before it imports torch. LORALAB_ALLOCATOR picks it: auto (tcmalloc where
@@ -17,6 +17,7 @@ user preloaded is kept. Linux only; library use (`import loralab`) runs on whate
 """
 from __future__ import annotations
 
+import ctypes
 import ctypes.util
 import os
 import sys
@@ -31,9 +32,10 @@ AUTO_ORDER = ("tcmalloc", "mimalloc")  # fastest and leanest first (measured abo
 _LIBS = {"tcmalloc": ("tcmalloc_minimal", "tcmalloc"), "jemalloc": ("jemalloc",), "mimalloc": ("mimalloc",)}
 # Each allocator's settings, set unless the user set them: tcmalloc reports every allocation of 1 GiB and
 # more on stderr (a 7B model's embedding is one); mimalloc returns freed pages after 10 ms by default and
-# then faults them back in on the next step (-18% tokens/s measured above).
+# then faults them back in on the next step (-17% tokens/s measured above). Not -1 (never): then mi_collect
+# cannot hand memory back either (release_free_memory, before a peak is measured).
 _SETTINGS = {"tcmalloc": {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40)},
-             "mimalloc": {"MIMALLOC_PURGE_DELAY": "-1"}}
+             "mimalloc": {"MIMALLOC_PURGE_DELAY": "10000"}}
 
 
 def _pip_mimalloc() -> str | None:
@@ -99,6 +101,21 @@ def reexec_with_allocator() -> None:
     if env is None:
         return
     os.execve(sys.executable, sys.orig_argv, env)
+
+
+# How each preloaded malloc hands its freed pages back to the OS (glibc's malloc_trim does it for glibc's heap).
+_RELEASE = {"tcmalloc": ("MallocExtension_ReleaseFreeMemory", ()), "mimalloc": ("mi_collect", (ctypes.c_bool(True),))}
+
+
+def release_free_memory() -> None:
+    """Hand the pages malloc holds free back to the OS, on whichever malloc the process runs."""
+    try:
+        libc = ctypes.CDLL(None)  # the process's global symbols: a preloaded malloc's among them
+        if entry := _RELEASE.get(active()):
+            getattr(libc, entry[0])(*entry[1])
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def active() -> str:

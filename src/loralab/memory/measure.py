@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..allocator import active as active_allocator
+from ..allocator import release_free_memory as release_heap
 
 _STATUS = Path("/proc/self/status")
 
@@ -37,16 +38,12 @@ def _vm_hwm_bytes() -> int | None:
 
 
 def release_free_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc malloc_trim), so RSS measures live memory and
-    not what earlier phases (loading, evaluation) freed but the allocator kept."""
-    import ctypes
+    """Hand freed heap pages back to the OS (glibc's malloc_trim, or the preloaded malloc's own call), so RSS
+    measures live memory and not what earlier phases (loading, evaluation) freed but the allocator kept."""
     import gc
 
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    release_heap()
 
 
 def _reset_hwm() -> bool:
