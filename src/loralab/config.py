@@ -82,7 +82,7 @@ class TrainConfig:
     shared_prefix: bool = True        # first tokens all examples of a micro batch share (a system prompt): once per row
     group_by_length: int = 0          # > 0: sort by length within windows of this many batches (changes batch mixes)
     compile: bool = False             # torch.compile the decoder blocks: ~25% less memory after a one-time compile
-    trim_heap: bool = False           # CPU: free heap pages handed back during forward: -20% peak, -13% speed
+    trim_heap: bool = False           # CPU, glibc's malloc: free pages handed back in forward: -20% peak, -13% speed
     log_every: int = 10
     eval_every: int = 0               # validation loss every N steps (0: only at the end)
     early_stopping_patience: int = 0  # stop after N validations without improvement (0: never)

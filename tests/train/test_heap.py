@@ -77,3 +77,9 @@ def test_the_loop_trims_per_micro_batch_when_asked_and_leaves_no_hook(calls, tri
     # 2 steps x 2 micro batches x 2 trims (the one-time layout checks run before on_start)
     assert len(calls) - seen[0] == (8 if trim_heap else 0)
     assert all(not b._forward_pre_hooks for b in model.model.layers)
+
+
+def test_on_a_preloaded_malloc_it_warns_and_does_nothing(calls, monkeypatch):
+    monkeypatch.setattr(heap, "active_allocator", lambda: "tcmalloc")
+    with pytest.warns(UserWarning, match="runs on tcmalloc: ignored"):
+        assert heap.trim_heap_in_forward(_model()) == []

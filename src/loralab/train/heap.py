@@ -8,17 +8,20 @@ the free pages inside the heap (madvise), not only at its top. Called before eve
 block and the last one, in forward only, for micro batches of at least MIN_POSITIONS token positions, it
 cut the throughput benchmark's peak by 20% (3.2 -> 2.6 GB, AMX bf16) but cost 13% of its tokens/s: the
 pages it releases, most of them the previous step's backward memory, fault back in (zeroed) when reused.
-So it is a memory option, like activation checkpointing (-59% for -29%), not a default. glibc only:
-elsewhere (musl, macOS) nothing is done.
+So it is a memory option, like activation checkpointing (-59% for -29%), not a default. glibc's malloc only:
+elsewhere (musl, macOS) nothing is done, and on the malloc the `loralab` command preloads (allocator.py:
+tcmalloc or mimalloc, whose heap has no such holes: peak -26% and faster) it warns and does nothing.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
+import warnings
 
 import torch
 from torch import nn
 
+from ..allocator import active as active_allocator
 from .compile import decoder_blocks
 
 TRIM_EVERY = 10  # blocks between trims: one trim before the last block alone saved half as much (-10%) for 4-8%
@@ -56,6 +59,10 @@ def _trim(module, args, kwargs) -> None:  # a forward pre-hook: returning None k
 def trim_heap_in_forward(model: nn.Module) -> list:
     """Register the trims on `model`'s decoder blocks; returns the hook handles (remove them to undo).
     Nothing on a model not on the CPU, without decoder blocks, or without glibc."""
+    if (name := active_allocator()) != "system":
+        warnings.warn(f"train.trim_heap: trims glibc's malloc, and this process runs on {name}: ignored "
+                      "(LORALAB_ALLOCATOR=system runs on glibc's)", stacklevel=2)
+        return []
     blocks = decoder_blocks(model)
     if malloc_trim() is None or not blocks or next(model.parameters()).device.type != "cpu":
         return []
