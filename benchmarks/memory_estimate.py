@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 import cpu_lock  # benchmarks/ is on sys.path when run as a script
+from workload import worker_env
 
 TINY = {  # random-init Llama shapes: a small tied one and a wider untied one with full multi-head attention
     "tiny-a": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
@@ -102,6 +103,7 @@ def child(spec: dict) -> None:
     summary = run_training(cfg, quiet=True)
     est = estimate_for_run(cfg, resolve_model_config(str(resolve(cfg.model.name))), "cpu")
     print("RESULT " + json.dumps({"measured": summary["peak_memory_bytes"], "start": summary["memory_at_start_bytes"],
+                                  "allocator": summary.get("allocator"),
                                   "estimate": est, "method": summary["method"], "precision": summary["precision"]}))
 
 
@@ -114,7 +116,8 @@ def run_one(name: str, model: str, overrides: list[str], tmp: Path, data: Path, 
     results = []
     for _ in range(repeat):
         cpu_lock.wait()
-        proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
+                              env=worker_env(True))  # on the malloc the `loralab` command runs on
         lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
             tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -125,7 +128,8 @@ def run_one(name: str, model: str, overrides: list[str], tmp: Path, data: Path, 
     r = results[0]
     est = r["estimate"]["peak_bytes"]
     return {"name": name, "model": model, "overrides": overrides, "measured_bytes": measured, "measured_all": peaks,
-            "start_bytes": r["start"], "estimated_bytes": est, "error": (est - measured) / measured,
+            "start_bytes": r["start"], "allocator": r.get("allocator"), "estimated_bytes": est,
+            "error": (est - measured) / measured,
             "breakdown": r["estimate"]["breakdown"], "activation_detail": r["estimate"]["activation_detail"]}
 
 

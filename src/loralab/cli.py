@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 
+from .allocator import active as active_allocator
 from .allocator import reexec_with_allocator
 from .errors import UserError
 from .peft.presets import COMBINE_METHODS, TARGET_PRESETS
@@ -145,7 +146,7 @@ def cmd_estimate(args) -> int:
     settings = dict(method=args.method, r=args.r, targets=args.targets, seq=args.seq, batch=args.batch,
                     optimizer=args.optimizer, precision=args.precision, grad_checkpointing=args.grad_checkpointing,
                     device=args.device, grad_accum=args.grad_accum, gpus=args.gpus, fsdp=args.fsdp,
-                    dora=args.dora)
+                    dora=args.dora, malloc=active_allocator())  # the malloc a `loralab train` here runs on
     model_config = resolve_model_config(args.model)
     result = estimate_per_gpu(model_config, **settings)
     fixes = suggest_fixes(model_config, args.gpu_gb, estimator=estimate_per_gpu, **settings) if args.gpu_gb else []

@@ -144,17 +144,25 @@ def test_full_fine_tuning_peaks_at_the_step_that_holds_the_most():
     assert accum["peak_bytes"] - long["peak_bytes"] == 4 * (n["total"] - outside)
 
 
-def test_cpu_heap_slack_closed_forms():
+@pytest.mark.parametrize("malloc", ["system", "tcmalloc", "mimalloc", "jemalloc"])
+def test_cpu_heap_slack_closed_forms(malloc):
     cfg = A.resolve_model_config("smollm2-135m")
-    kw = dict(seq=512, batch=4, device="cpu")
+    kw = dict(seq=512, batch=4, device="cpu", malloc=malloc)
     off, on = E.estimate(cfg, **kw), E.estimate(cfg, grad_checkpointing=True, **kw)
     layers = off["activation_detail"]["layers_bytes"]
-    assert off["activation_detail"]["heap_slack_bytes"] == int(E.CPU_HEAP_SLACK * layers)
+    plain, ckpt = E.CPU_HEAP_SLACK.get(malloc, E.CPU_HEAP_SLACK["system"])  # jemalloc: not fitted, glibc's
+    assert off["activation_detail"]["heap_slack_bytes"] == int(plain * layers)
     # checkpointing: a fraction of what the layers would have saved, freed by the checkpointed forward
-    assert on["activation_detail"]["heap_slack_bytes"] == int(E.CPU_CKPT_SLACK * layers)
+    assert on["activation_detail"]["heap_slack_bytes"] == int(ckpt * layers)
     assert off["breakdown"]["other"] == E.CPU_RUNTIME_BYTES + off["activation_detail"]["heap_slack_bytes"]
-    cuda = E.estimate(cfg, seq=512, batch=4, device="cuda")
+    cuda = E.estimate(cfg, seq=512, batch=4, device="cuda", malloc=malloc)
     assert cuda["activation_detail"]["heap_slack_bytes"] == 0 and cuda["breakdown"]["other"] == E.CUDA_OTHER_BYTES
+
+
+def test_glibc_leaves_more_slack_than_the_preloaded_mallocs():
+    cfg = A.resolve_model_config("smollm2-135m")
+    peak = lambda m: E.estimate(cfg, seq=512, batch=4, device="cpu", malloc=m)["peak_bytes"]  # noqa: E731
+    assert peak("system") > peak("mimalloc") >= peak("tcmalloc") and peak("jemalloc") == peak("system")
 
 
 def test_eager_attention_grows_quadratically_and_sdpa_linearly():

@@ -41,16 +41,17 @@ The decoder's shape and parameter counts come from loralab.arch. Assumptions, in
     fine-tuning it depends).
   - other: CUDA: the CUDA context + cuBLAS workspace (0.5 GB, typical, not calibrated here: the
     article's numbers are torch.cuda.max_memory_allocated, which excludes it). CPU: the Python,
-    torch, transformers and tokenizer runtime in the peak RSS (370 MiB measured), plus glibc heap
-    slack, the freed temporaries that stay resident as holes between live tensors (measured with
-    MALLOC_MMAP_THRESHOLD_=65536, which makes RSS track live tensors): 0.45 x the layers' saved bytes
-    without checkpointing (0.2-0.7 measured), and with it 0.22 x the bytes the layers would have
-    saved (0.18-0.25 measured on three runs): the checkpointed forward frees them, as holes.
+    torch, transformers and tokenizer runtime in the peak RSS, plus heap slack, the freed temporaries
+    that stay resident as holes between live tensors, which depends on the malloc (`malloc`; the
+    `loralab` command preloads tcmalloc or mimalloc, allocator.py): a share of the layers' saved
+    bytes, and with checkpointing of the bytes the layers would have saved (the checkpointed forward
+    frees them, as holes). Both fitted to benchmarks/memory_estimate.py's grid of real runs, per malloc.
     See docs/memory.md and benchmarks/memory_estimate.py. Per GPU of several (DDP, FSDP2):
     memory/sharding.py rearranges this estimate's `parts` and `units`.
 """
 from __future__ import annotations
 
+from ..allocator import active as active_allocator
 from ..errors import UserError
 from ..io.attention import RECOMPUTE, cpu_choice
 from ..peft.names import pattern_value
@@ -61,9 +62,11 @@ from .arch import Arch, arch_from_config, count_params, resolve_model_config, ta
 
 NF4_BITS = 4.127
 CUDA_OTHER_BYTES = 0.5e9         # CUDA context + cuBLAS workspace (typical; no GPU here to calibrate)
-CPU_RUNTIME_BYTES = 370 * 2**20  # RSS of the runtime after loading a model (measured, docs/memory.md)
-CPU_HEAP_SLACK = 0.45            # glibc keeps freed forward temporaries as heap holes: RSS = saved x 1.45
-CPU_CKPT_SLACK = 0.22            # with checkpointing: x what the layers would save without it (holes)
+CPU_RUNTIME_BYTES = 560 * 2**20  # RSS of the runtime besides the run's tensors (fitted: docs/memory.md)
+# Heap slack per malloc: (x the layers' saved bytes, x what they would save under checkpointing). Fitted on
+# memory_estimate.py's grid, 2026-12-04 (docs/memory.md). glibc ("system") keeps freed forward temporaries as
+# holes; tcmalloc and mimalloc reuse them. A malloc not measured (jemalloc) is given glibc's, the larger.
+CPU_HEAP_SLACK = {"system": (0.80, 0.45), "tcmalloc": (0.05, 0.05), "mimalloc": (0.40, 0.10)}
 OPTIMIZER_TEMP_BYTES = 4.0       # foreach AdamW's sqrt(v) buffer (SGD's decayed gradient): fp32 per parameter
 
 METHODS = ("lora", "qlora", "full")
@@ -134,7 +137,7 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
              device: str = "cuda", attention: str = "auto", lora_dropout: float = 0.05, quantize: str = "all-linear",
              qlora_saves_inputs: bool = True, loss_rows: int | None = None, sgd_momentum: bool = True,
              grad_accum: int = 1, dora: bool = False, init_copies: bool = False, rank_of=None,
-             stock_autograd: bool = False) -> dict:
+             stock_autograd: bool = False, malloc: str = "system") -> dict:
     """Predicted peak memory (bytes) of one training step, with its breakdown at that moment. Pure arithmetic.
 
     method lora | qlora (NF4 base) | full; targets a preset (qv, attn, mlp, all-linear, all-linear+head)
@@ -151,7 +154,8 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
     ||W||^2 per output row, and each wrapped layer's pre-scale output kept for backward),
     init_copies (PiSSA / OLoRA keep A0, B0 to save the adapter for the original base: one more
     fp32 copy of the factors), rank_of(layer, module) -> rank (0: not wrapped), for rank_pattern
-    and a subset of layers (default: r everywhere). rsLoRA and LoRA+ cost nothing extra.
+    and a subset of layers (default: r everywhere). rsLoRA and LoRA+ cost nothing extra. malloc: the CPU
+    run's (allocator.py's names; "system" is glibc's), which sets the heap slack.
     """
     _check(method, optimizer, precision, device, attention, r, seq, batch, grad_accum)
     a = arch_from_config(model_config)
@@ -195,13 +199,14 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
                                         stock_autograd=stock_autograd)
                  for i in range(a.layers)]
     per_token = sum(per_layer) / a.layers
+    heap_slack, ckpt_slack = CPU_HEAP_SLACK.get(malloc, CPU_HEAP_SLACK["system"])
     if grad_checkpointing:
         # the layer being recomputed keeps down_proj's input: io/mlp.py rebuilds it only outside checkpointing
         layers_bytes = tokens * (a.layers * a.hidden * b + max(per_layer) + (0 if stock_autograd else a.inter * b))
-        slack = CPU_CKPT_SLACK * tokens * a.layers * per_token  # the discarded activations leave holes too
+        slack = ckpt_slack * tokens * a.layers * per_token  # the discarded activations leave holes too
     else:
         layers_bytes = tokens * a.layers * per_token
-        slack = CPU_HEAP_SLACK * layers_bytes
+        slack = heap_slack * layers_bytes
     rows = tokens if loss_rows is None else min(loss_rows, tokens)
     logits = rows * a.vocab * 12
     activations = layers_bytes + logits + tokens * a.hidden * (4 if stock_autograd else b)  # + the final norm's input
@@ -238,7 +243,7 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
         "settings": {"method": method, "r": r, "targets": targets if isinstance(targets, str) else list(names),
                      "seq": seq, "batch": batch, "grad_accum": grad_accum, "optimizer": optimizer,
                      "precision": precision, "grad_checkpointing": grad_checkpointing, "device": device,
-                     "dora": dora},
+                     "dora": dora, "malloc": malloc if device == "cpu" else None},
     }
 
 
@@ -299,7 +304,7 @@ def run_settings(cfg, device, seq: int | None = None) -> dict:
                 qlora_saves_inputs=False, loss_rows=FROZEN_HEAD_ROWS if frozen_head else CHUNK_ROWS,
                 sgd_momentum=cfg.train.momentum > 0,
                 grad_accum=cfg.train.grad_accum, dora=cfg.lora.use_dora, init_copies=mutates_base(cfg.lora.init),
-                rank_of=_run_rank_of(cfg))
+                rank_of=_run_rank_of(cfg), malloc=active_allocator())  # this process's: the run's
 
 
 def estimate_for_run(cfg, model_config: dict, device, seq: int | None = None) -> dict:

@@ -115,7 +115,7 @@ def format_estimate(result: dict, name: str = "", gpu_gb: float | None = None, f
     accum = f" x {s['grad_accum']} accumulated" if s["grad_accum"] > 1 else ""
     lines = [f"loralab estimate: {name} {s['method']}{lora}, seq {s['seq']} x micro batch {s['batch']}{accum}, "
              f"{s['optimizer']}, {s['precision']}{', grad checkpointing' if s['grad_checkpointing'] else ''}, "
-             f"{s['device']}",
+             f"{s['device']}" + (f" (malloc: {s['malloc']})" if s.get("malloc") else ""),
              f"  parameters          {result['params']['total']:,} ({result['params']['trainable']:,} trainable)"]
     shard = result.get("sharding")
     if shard:
