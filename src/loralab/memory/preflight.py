@@ -158,7 +158,7 @@ def check_memory(cfg, model_config: dict, device, seq: int, room: Room | None) -
     """Does the run's estimated peak fit `room` (device_room) plus what this process already holds?
 
     The estimate counts the whole process, but `room` starts from now, when this process already
-    holds the Python/torch/transformers runtime and the tokenizer (~0.4 GB, the estimate's runtime
+    holds the Python/torch/transformers runtime and the tokenizer (~0.55 GB, the estimate's runtime
     term; no weights yet). So on the CPU the budget is room + min(RSS now, that term). On CUDA the
     room is counted after the context exists and nothing of the run is allocated: no credit
     (conservative by the estimate's cuBLAS workspace, a few hundred MB)."""
