@@ -364,7 +364,8 @@ def print_table(res: dict, peak: dict, qlora, a, n_examples: int, total_s: float
         print(f"QLoRA vs LoRA (loralab, packed, batch {qlora['batch']}, {qlora['steps']} steps each, "
               "median step after the first): "
               f"LoRA {qlora['lora_step_s']:.2f} s, QLoRA {qlora['qlora_step_s']:.2f} s -> {qlora['ratio']:.2f}x; "
-              f"peak memory {fmt_mb(qlora['lora_peak_memory_bytes'])} vs {fmt_mb(qlora['qlora_peak_memory_bytes'])}")
+              f"peak memory LoRA {fmt_mb(qlora['lora_peak_memory_bytes'])}, "
+              f"QLoRA {fmt_mb(qlora['qlora_peak_memory_bytes'])}")
     print(f"total {total_s:.0f} s")
 
 
