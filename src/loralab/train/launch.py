@@ -55,6 +55,20 @@ def _follow(log_dir: Path, name: str, sink, done: threading.Event) -> None:
             sink.flush()
 
 
+CRASH_SIGNALS = ("SIGABRT", "SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL")  # the process itself says why, on stderr
+
+
+def _last_words(log_dir: Path, rank: str, signal_name: str) -> str:
+    """What a rank that crashed (not one killed from outside) last wrote on stderr, as '; it said: ...'."""
+    if signal_name not in CRASH_SIGNALS:
+        return ""
+    for err in log_dir.glob(f"*/attempt_*/{rank}/stderr.log"):
+        lines = [ln.strip() for ln in err.read_text(errors="replace").splitlines() if ln.strip()]
+        if lines:
+            return f"; it said: {lines[-1][:200]}"
+    return ""
+
+
 def failure_line(log_dir: Path, torchrun_err: str) -> str:
     """The one line that says why the job failed: a rank that was killed first (torchrun's root
     cause), then the ranks' own error lines, each once."""
@@ -69,7 +83,8 @@ def failure_line(log_dir: Path, torchrun_err: str) -> str:
         return "; ".join(said)  # the ranks said what went wrong
     if ended and int(ended.group(2)) < 0:
         name = signal.Signals(-int(ended.group(2))).name if -int(ended.group(2)) in signal.valid_signals() else ""
-        said.insert(0, f"rank {ended.group(1)} was killed ({name or ended.group(2)})")
+        said.insert(0, f"rank {ended.group(1)} was killed ({name or ended.group(2)})"
+                    + _last_words(log_dir, ended.group(1), name))
     else:
         said.append(f"rank {ended.group(1)} ended with exit code {ended.group(2)}" if ended else "torchrun failed")
     return "; ".join(said) + ". Checkpoints already written are intact: the same command resumes"
