@@ -4,7 +4,7 @@ glibc's malloc serves a training step badly. Activations come and go in sizes th
 packed micro batch; glibc splits its heap around them and leaves holes it cannot hand back, and it
 returns large blocks to the OS (mmap) only to fault the pages in, zeroed, on the next step. Measured on
 the throughput benchmark's packed side (AMX Xeon, bf16, one process each, docs/performance.md):
-glibc 298-310 tokens/s at a 2,925-3,056 MB peak; tcmalloc 402-419 tokens/s at 2,163-2,172 MB;
+glibc 299-310 tokens/s at a 2,925-3,056 MB peak; tcmalloc 402-419 tokens/s at 2,163-2,172 MB;
 mimalloc 328 at 2,247 MB with its defaults, 393 at 2,245 MB when it keeps freed pages for 10 s
 (MIMALLOC_PURGE_DELAY=10000, set here; 406 at 2,284 MB never returning them); jemalloc 318-321 at
 2,148-2,252 MB, but it halved the bf16 matmul benchmark, so it is used only when asked for.
@@ -31,7 +31,7 @@ CHOICES = ("auto", "tcmalloc", "mimalloc", "jemalloc", "system")
 AUTO_ORDER = ("tcmalloc", "mimalloc")  # fastest and leanest first (measured above)
 _LIBS = {"tcmalloc": ("tcmalloc_minimal", "tcmalloc"), "jemalloc": ("jemalloc",), "mimalloc": ("mimalloc",)}
 # Each allocator's settings, set unless the user set them: tcmalloc reports every allocation of 1 GiB and
-# more on stderr (a 7B model's embedding is one); mimalloc returns freed pages after 10 ms by default and
+# more on stderr (Llama 3 8B's embedding, 128k x 4,096, is one); mimalloc returns freed pages after 10 ms by default and
 # then faults them back in on the next step (-17% tokens/s measured above). Not -1 (never): then mi_collect
 # cannot hand memory back either (release_free_memory, before a peak is measured).
 _SETTINGS = {"tcmalloc": {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40)},
