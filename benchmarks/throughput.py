@@ -133,7 +133,7 @@ def _run_worker(kind: str, spec: dict, threads: int | None) -> dict:
         sp, op = Path(tmp) / "spec.json", Path(tmp) / "out.json"
         sp.write_text(json.dumps(spec))
         # the baselines on loralab's malloc too with --baseline-allocator same (for reference; users' default: system)
-        env = worker_env(kind == "loralab" or (kind == "baseline" and spec.get("allocator") == "same"))
+        env = worker_env(kind == "loralab" or (kind == "baseline" and spec.get("baseline_allocator") == "same"))
         if spec.get("compile"):
             env["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tmp) / "inductor")  # cold: a first run's compile
         if threads:
@@ -241,7 +241,7 @@ def main(argv=None) -> int:
     precision = resolve_precision(a.precision, "cpu")
     base = dict(steps=a.steps, batch=a.batch, grad_accum=a.grad_accum, examples=n_examples, lr=a.lr,
                 warmup=a.warmup, seed=a.seed, baseline_weights=a.baseline_weights, precision=precision,
-                allocator=a.baseline_allocator)
+                baseline_allocator=a.baseline_allocator)
     sides = [s.strip() for s in a.sides.split(",") if s.strip()]
     specs = {s: side_spec(s, base, a.group_window) for s in sides}
     cpu_lock.enabled = not a.no_lock

@@ -21,14 +21,14 @@ ENCODING = {"template": "auto", "system_prompt": "default", "max_seq_len": MAX_S
 
 
 
-def worker_env(loralab_side: bool, **extra: str) -> dict:
+def worker_env(loralab_side: bool) -> dict:
     """A worker process's environment: a loralab side runs on the malloc the `loralab` command picks
     (loralab/allocator.py), the Hugging Face sides on the system's, as their users run them."""
     import os
 
     from loralab.allocator import preload_env
 
-    env = dict(os.environ, PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false", **extra)
+    env = dict(os.environ, PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
     return (preload_env(env) or env) if loralab_side else env
 
 

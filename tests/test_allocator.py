@@ -94,10 +94,10 @@ def test_loralab_train_reports_the_malloc_it_ran_on(tiny_folder, tmp_path):
     assert "malloc: mimalloc" in proc.stdout
 
 
-RELEASE = ("import os; from loralab.allocator import reexec_with_allocator, active, release_free_memory; "
+RELEASE = ("import os; from loralab.allocator import reexec_with_allocator, active, release_free_pages; "
     "reexec_with_allocator(); "
     "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE') >> 20; "
-    "blocks = [bytearray(65536) for _ in range(8000)]; full = rss(); del blocks; release_free_memory(); "
+    "blocks = [bytearray(65536) for _ in range(8000)]; full = rss(); del blocks; release_free_pages(); "
     "print(active(), full, rss())")
 
 

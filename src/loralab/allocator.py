@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 from importlib import metadata
@@ -33,7 +34,7 @@ _LIBS = {"tcmalloc": ("tcmalloc_minimal", "tcmalloc"), "jemalloc": ("jemalloc",)
 # Each allocator's settings, set unless the user set them: tcmalloc reports every allocation of 1 GiB and
 # more on stderr (Llama 3 8B's embedding, 128k x 4,096, is one); mimalloc returns freed pages after 10 ms by default and
 # then faults them back in on the next step (-17% tokens/s measured above). Not -1 (never): then mi_collect
-# cannot hand memory back either (release_free_memory, before a peak is measured).
+# cannot hand memory back either (release_free_pages, before a peak is measured).
 _SETTINGS = {"tcmalloc": {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40)},
              "mimalloc": {"MIMALLOC_PURGE_DELAY": "10000"}}
 
@@ -107,15 +108,24 @@ def reexec_with_allocator() -> None:
 _RELEASE = {"tcmalloc": ("MallocExtension_ReleaseFreeMemory", ()), "mimalloc": ("mi_collect", (ctypes.c_bool(True),))}
 
 
-def release_free_memory() -> None:
+@functools.cache
+def malloc_trim():
+    """glibc's malloc_trim, or None where the C library has none."""
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):
+        return None
+
+
+def release_free_pages() -> None:
     """Hand the pages malloc holds free back to the OS, on whichever malloc the process runs."""
     try:
-        libc = ctypes.CDLL(None)  # the process's global symbols: a preloaded malloc's among them
-        if entry := _RELEASE.get(active()):
-            getattr(libc, entry[0])(*entry[1])
-        libc.malloc_trim(0)
+        if entry := _RELEASE.get(active()):  # the process's global symbols hold a preloaded malloc's
+            getattr(ctypes.CDLL(None), entry[0])(*entry[1])
     except (OSError, AttributeError):
         pass
+    if trim := malloc_trim():
+        trim(0)
 
 
 def active() -> str:

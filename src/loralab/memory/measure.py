@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..allocator import active as active_allocator
-from ..allocator import release_free_memory as release_heap
+from ..allocator import release_free_pages
 
 _STATUS = Path("/proc/self/status")
 
@@ -43,7 +43,7 @@ def release_free_memory() -> None:
     import gc
 
     gc.collect()
-    release_heap()
+    release_free_pages()
 
 
 def _reset_hwm() -> bool:

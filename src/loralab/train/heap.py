@@ -14,29 +14,19 @@ tcmalloc or mimalloc, whose heap has no such holes: peak -26% and faster) it war
 """
 from __future__ import annotations
 
-import ctypes
-import functools
 import warnings
 
 import torch
 from torch import nn
 
 from ..allocator import active as active_allocator
+from ..allocator import malloc_trim
 from .compile import decoder_blocks
 
 TRIM_EVERY = 10  # blocks between trims: one trim before the last block alone saved half as much (-10%) for 4-8%
 # Below this many token positions per micro batch the holes are small and a trim costs more than it frees
 # (the demo's 4 x 64, one process each: 3-8% slower for 2% less peak).
 MIN_POSITIONS = 512
-
-
-@functools.cache
-def malloc_trim():
-    """glibc's malloc_trim, or None where the C library has none."""
-    try:
-        return ctypes.CDLL(None).malloc_trim
-    except (AttributeError, OSError):
-        return None
 
 
 def trim_points(n_blocks: int, every: int = TRIM_EVERY) -> list[int]:
