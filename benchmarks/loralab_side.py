@@ -67,7 +67,10 @@ def worker_loralab(spec: dict) -> dict:
     enc, stats = encode_all(examples, tok, template=cfg.data.template, system_prompt=cfg.data.system_prompt,
                             max_seq_len=cfg.data.max_seq_len)
     n_micro = t.max_steps * t.grad_accum
-    slots = sum(b["input_ids"].numel() for b in islice(micro_batches(enc, t, tok.pad_token_id), n_micro))
+    # the loop packs in one row where 'auto' picks the attention on the CPU (io.attention.packs_one_row)
+    one_row = t.packing and not t.compile and cfg.model.attn_implementation == "auto"
+    stream = micro_batches(enc, t, tok.pad_token_id, one_row=one_row)
+    slots = sum(b["input_ids"].numel() for b in islice(stream, n_micro))
     trained = examples_of(enc, trained_batches(enc, t.batch_size, t.seed, n_micro, t.group_by_length))
     if sum(n for n, _ in trained) != summary["train_tokens"]:
         raise SystemExit(f"examples_trained hold {sum(n for n, _ in trained):,} tokens, the run trained on "

@@ -88,7 +88,7 @@ def main() -> int:
     print(f"{'group':<30} {'self CPU s':>10} {'share':>7}   (profiler self time; sums over ops)")
     for g, v in sorted(totals.items(), key=lambda kv: -kv[1]):
         print(f"{g:<30} {v:>10.2f} {100 * v / all_s:>6.1f}%")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=int(os.environ.get("PROFILE_ROWS", "12"))))
     return 0
 
 

@@ -33,12 +33,13 @@ def save_tiny_folder(folder: Path, **overrides) -> Path:
     return folder
 
 
-def random_encoded(lengths, seed: int = 0) -> list[Encoded]:
-    """Encoded examples of the given lengths: random token ids, the first third of each masked as prompt."""
+def random_encoded(lengths, seed: int = 0, vocab: int = 128) -> list[Encoded]:
+    """Encoded examples of the given lengths: random token ids (3 .. vocab - 1), the first third of each
+    masked as prompt."""
     rng = torch.Generator().manual_seed(seed)
     out = []
     for n in lengths:
-        ids = torch.randint(3, 128, (n,), generator=rng).tolist()
+        ids = torch.randint(3, vocab, (n,), generator=rng).tolist()
         prompt = max(1, n // 3)
         out.append(Encoded(input_ids=ids, labels=[IGNORE_INDEX] * prompt + ids[prompt:]))
     return out

@@ -37,6 +37,9 @@ def test_collate_packed_layout():
     assert int((batch["labels"][:, 1:] != -100).sum()) == int((plain["labels"][:, 1:] != -100).sum())
     assert padding_stats([batch])["padding_fraction"] == pytest.approx(1 / 12)
     assert padding_stats([plain])["padding_fraction"] == pytest.approx(7 / 18)
+    one = collate_packed([a, b, c], pad_id=0, one_row=True)  # those rows end to end, the padding gone
+    for key in ("input_ids", "labels", "position_ids", "attention_mask"):
+        assert one[key].tolist() == [batch[key][0].tolist() + batch[key][1, :5].tolist()], key
 
 
 def test_collate_packed_errors():
@@ -82,3 +85,4 @@ def test_plain_slots_are_what_the_plain_layouts_compute(seed):
     ex = random_encoded(lengths, seed=seed)
     assert plain_slots(ex, packed=True) == collate_packed(ex, pad_id=0)["input_ids"].numel()
     assert plain_slots(ex, packed=False) == collate(ex, pad_id=0)["input_ids"].numel()
+    assert plain_slots(ex, packed=True, one_row=True) == collate_packed(ex, 0, one_row=True)["input_ids"].numel()

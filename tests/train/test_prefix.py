@@ -7,11 +7,12 @@ from loralab.config import TrainConfig
 from loralab.data.batching import collate
 from loralab.data.layout import collate_packed, collate_shared, input_tokens, label_free_prefix, shared_slots
 from loralab.data.prompts import IGNORE_INDEX, Encoded
+from loralab.io.attention import visible
 from loralab.peft.inject import inject
 from loralab.peft.lora import LoraSpec, lora_modules
 from loralab.train.loop import collate_micro_batch, train
 from loralab.train.loss import loss_sum
-from loralab.train.prefix import shared_prefix_supported, visible
+from loralab.train.prefix import shared_prefix_supported
 from tinymodels import random_encoded, tiny_llama
 
 

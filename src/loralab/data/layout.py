@@ -58,14 +58,17 @@ def pack_rows(lengths: Sequence[int], capacity: int | None = None) -> list[list[
     return rows
 
 
-def collate_packed(encoded_list: Sequence, pad_id: int, capacity: int | None = None) -> dict[str, torch.Tensor]:
+def collate_packed(encoded_list: Sequence, pad_id: int, capacity: int | None = None,
+                   one_row: bool = False) -> dict[str, torch.Tensor]:
     """Like `batching.collate`, but several examples share a row. Returns int64 tensors:
     input_ids, labels (IGNORE_INDEX on pads and on each example's first token), attention_mask
     (1 on real tokens, 0 on the padding at a row's end: it counts tokens; the model gets
     position_ids instead, see `packed_inputs`), position_ids (0, 1, ... per example; the padding
-    at a row's end is one more segment, so no real token attends to it)."""
-    lengths = _checked_lengths(encoded_list, pad_id)
-    return _lay_out(encoded_list, pad_id, [], pack_rows(lengths, capacity))
+    at a row's end is one more segment, so no real token attends to it). one_row: those rows end
+    to end in a single row, without padding (for an attention that computes them as blocks:
+    io.attention.BLOCKS)."""
+    rows = pack_rows(_checked_lengths(encoded_list, pad_id), capacity)
+    return _lay_out(encoded_list, pad_id, [], [[i for row in rows for i in row]] if one_row else rows)
 
 
 def _checked_lengths(encoded_list: Sequence, pad_id: int) -> list[int]:
@@ -163,9 +166,12 @@ def _shared_rows(own: list[int], k: int, capacity: int | None = None) -> tuple[l
     return rows, max(k + sum(own[i] for i in row) for row in rows)
 
 
-def plain_slots(encoded_list: Sequence, packed: bool) -> int:
-    """Token positions collate_packed's rows (packed) or batching.collate's padded rows would compute."""
+def plain_slots(encoded_list: Sequence, packed: bool, one_row: bool = False) -> int:
+    """Token positions collate_packed's rows (packed; one_row: its single row) or batching.collate's
+    padded rows would compute."""
     lengths = [len(e.input_ids) for e in encoded_list]
+    if packed and one_row:
+        return sum(lengths)
     if not packed:
         return len(lengths) * max(lengths)
     rows = pack_rows(lengths)

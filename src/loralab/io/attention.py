@@ -1,4 +1,5 @@
-"""Which attention a loaded model runs: `model.attn_implementation` (auto | eager | eager_recompute | sdpa).
+"""Which attention a loaded model runs: `model.attn_implementation` (auto | eager | eager_recompute | sdpa),
+and the attention of a packed micro batch laid out as one row (`packed_blocks`).
 
 On CUDA 'auto' is SDPA (flash / memory-efficient kernels). On the CPU it depends on the compute
 dtype, and in bf16 on the row length, switched per micro batch (`attention_for_rows`, called by the loss):
@@ -12,6 +13,15 @@ dtype, and in bf16 on the row length, switched per micro batch (`attention_for_r
   - bf16, longer rows: SDPA, faster than eager there. Where SDPA's bf16 kernels run on AMX tiles
     the crossing comes sooner (~200-300 tokens instead of ~1,000 with AVX512-BF16 alone).
 Paired step times and saved bytes are in docs/performance.md (benchmarks/attention_rows.py).
+
+A CPU 'auto' model trains on packed micro batches laid out as ONE row with no padding
+(data.layout.collate_packed(one_row=True)): rows as wide as the longest example leave 4-23% of the
+throughput bench's positions as padding, which every linear layer, norm and LoRA product computes.
+Attention over the one row with a block-diagonal mask would cost the square of the micro batch's
+tokens, so `packed_blocks` takes the row apart: its examples (where position ids restart at 0), in
+order, in blocks no wider than the longest example (first-fit-decreasing rows, as the data laid
+them out), as a batch of blocks with each block's causal block-diagonal mask, through what 'auto'
+runs for rows that wide; the outputs go back in place. The same values as the padded rows.
 """
 from __future__ import annotations
 
@@ -25,6 +35,7 @@ from .cpu import has_amx
 EAGER_MAX_ROW = 512                 # 'auto' on a bf16 CPU: eager_recompute up to here, SDPA beyond
 EAGER_MAX_ROW_AMX = 256             # the same on a CPU with AMX, whose tiles run SDPA's block matmuls
 RECOMPUTE = "eager_recompute"       # registered with transformers' AttentionInterface under this name
+BLOCKS = "packed_blocks"            # the same, for a packed micro batch in one row
 _AUTO_ATTR = "_loralab_attention_auto"  # set on models whose attention follows the row length
 
 
@@ -47,14 +58,107 @@ def _eager_recompute(module, query, key, value, attention_mask, scaling, dropout
     return checkpoint(core, query, key, value, attention_mask, use_reentrant=False), None
 
 
+def visible(position_ids: torch.Tensor, attention_mask: torch.Tensor, k: int = 0) -> torch.Tensor:
+    """(rows, n, n) bool: which positions each position sees. Every row starts with a k-token
+    prefix (k = 0: none); an example starts where the position is k. Real tokens see the earlier
+    tokens of the prefix and of their own example; a padding position sees the same plus itself
+    (never empty)."""
+    n = position_ids.shape[1]
+    example = (position_ids == k).cumsum(1)  # 0 on the prefix, i on the i-th example of the row
+    same = example[:, :, None] == example[:, None, :]
+    prefix = (example == 0)[:, None, :]
+    causal = torch.ones(n, n, dtype=torch.bool, device=position_ids.device).tril()
+    see = (same | prefix) & causal & attention_mask.bool()[:, None, :]
+    return see | torch.eye(n, dtype=torch.bool, device=position_ids.device)
+
+
+def mask_for(see: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:
+    """visible()'s answer as the 4D mask attention `kind` takes as is: bool for SDPA, additive for eager."""
+    see = see[:, None]
+    if kind == "sdpa":
+        return see
+    return torch.zeros(see.shape, dtype=dtype, device=see.device).masked_fill_(~see, torch.finfo(dtype).min)
+
+
+class _Blocks:
+    """Where one packed row's examples go in the batch of blocks, and the blocks' mask: the last
+    layout only (a micro batch's layers all share it)."""
+    key = None
+
+    @classmethod
+    def of(cls, position_ids: torch.Tensor) -> _Blocks:
+        starts = (position_ids == 0).nonzero().flatten().tolist()
+        n = position_ids.numel()
+        if not starts or starts[0] != 0:
+            starts = [0, *starts]
+        lengths = tuple(b - a for a, b in zip(starts, [*starts[1:], n]))
+        if cls.key != (lengths, position_ids.device):
+            cls.key, cls.last = (lengths, position_ids.device), cls(lengths, position_ids.device)
+        return cls.last
+
+    def __init__(self, lengths: tuple, device: torch.device):
+        self.width = max(lengths)
+        blocks = [[]]
+        for length in lengths:  # in order: each block as many whole examples as fit
+            if sum(blocks[-1]) + length > self.width:
+                blocks.append([])
+            blocks[-1].append(length)
+        self.count = len(blocks)
+        gather = torch.zeros(self.count, self.width, dtype=torch.long)  # padding reads position 0 (masked away)
+        positions = torch.zeros(self.count, self.width, dtype=torch.long)
+        real = torch.zeros(self.count, self.width, dtype=torch.long)
+        at = 0
+        for b, block in enumerate(blocks):
+            used = 0
+            for length in block:
+                gather[b, used:used + length] = torch.arange(at, at + length)
+                positions[b, used:used + length] = torch.arange(length)
+                real[b, used:used + length] = 1
+                used, at = used + length, at + length
+        self.gather = gather.flatten().to(device)
+        self.scatter = real.flatten().nonzero().flatten().to(device)  # each position's place among the blocks
+        self.see = visible(positions, real).to(device)
+        self.masks: dict = {}
+
+    def mask(self, kind: str, dtype: torch.dtype) -> torch.Tensor:
+        if (kind, dtype) not in self.masks:
+            self.masks[(kind, dtype)] = mask_for(self.see, kind, dtype)
+        return self.masks[(kind, dtype)]
+
+
+def _packed_blocks(module, query, key, value, attention_mask, scaling, dropout=0.0, position_ids=None, **kwargs):
+    """Attention of a packed one-row batch in blocks of whole examples (see the module's docstring).
+    Anything else (several rows, a KV cache, no position ids) runs SDPA with the mask given."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if (position_ids is None or query.shape[0] != 1 or key.shape[2] != query.shape[2]
+            or position_ids.shape[-1] != query.shape[2]):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      dropout=dropout, **kwargs)
+    blocks = _Blocks.of(position_ids.reshape(-1))
+
+    def split(t):  # (1, heads, n, d) -> (blocks, heads, width, d)
+        return t[0].index_select(1, blocks.gather).unflatten(1, (blocks.count, blocks.width)).transpose(0, 1)
+
+    kind = cpu_choice(blocks.width, query.dtype == torch.bfloat16)
+    inner = _eager_recompute if kind == RECOMPUTE else sdpa_attention_forward
+    out, _ = inner(module, split(query), split(key), split(value), blocks.mask(kind, query.dtype),
+                   scaling=scaling, dropout=dropout, **kwargs)
+    return out.flatten(0, 1).index_select(0, blocks.scatter).unsqueeze(0), None  # (1, n, heads, d)
+
+
 def register() -> None:
-    """Make RECOMPUTE a name transformers knows (attention function and the eager mask), once."""
+    """Make RECOMPUTE and BLOCKS names transformers knows (attention function and mask), once.
+    BLOCKS gets SDPA's mask for the calls it hands to SDPA; its own blocks build theirs."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
     if RECOMPUTE not in AttentionInterface._global_mapping:
         AttentionInterface.register(RECOMPUTE, _eager_recompute)
         AttentionMaskInterface.register(RECOMPUTE, eager_mask)
+    if BLOCKS not in AttentionInterface._global_mapping:
+        AttentionInterface.register(BLOCKS, _packed_blocks)
+        AttentionMaskInterface.register(BLOCKS, sdpa_mask)
 
 
 def eager_max_row() -> int:
@@ -83,13 +187,19 @@ def mark_auto(model, choice: str, device: str | torch.device) -> None:
         setattr(model, _AUTO_ATTR, True)
 
 
-def attention_for_rows(model, row_len: int) -> None:
-    """Switch a CPU 'auto' model to the attention its batch's rows call for (a no-op otherwise)."""
-    if getattr(model, _AUTO_ATTR, False):
+def packs_one_row(model) -> bool:
+    """Whether `model` trains on packed micro batches laid out as one row (a CPU 'auto' model)."""
+    return getattr(model, _AUTO_ATTR, False)
+
+
+def attention_for_rows(model, row_len: int, one_packed_row: bool = False) -> None:
+    """Switch a CPU 'auto' model to the attention its batch's rows call for (a no-op otherwise):
+    BLOCKS for a packed micro batch in one row."""
+    if packs_one_row(model):
         bf16 = model.dtype == torch.bfloat16 or (
             torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
-        want = cpu_choice(row_len, bf16)
+        want = BLOCKS if one_packed_row else cpu_choice(row_len, bf16)
         if model.config._attn_implementation != want:
-            if want == RECOMPUTE:
+            if want != "sdpa":
                 register()  # a model loaded as SDPA (fp32 weights) meets bf16 autocast here
             model.set_attn_implementation(want)

@@ -169,10 +169,12 @@ def loss_sum(model, batch: dict, chunk_rows: int = CHUNK_ROWS) -> tuple[torch.Te
     """Summed next-token cross-entropy over unmasked labels (fp32), and how many tokens it covers.
     A packed batch (with position_ids) feeds every call of the decoder body its restarting positions;
     one with a shared prefix (in each row once) gets its mask from loralab.train.prefix.
-    A CPU model on 'auto' attention switches to what the batch's row length calls for."""
-    attention_for_rows(model, batch["input_ids"].shape[1])
+    A CPU model on 'auto' attention switches to what the batch's row length calls for, or, for a
+    packed micro batch in one row, to the attention that computes its examples as blocks."""
     if "position_ids" not in batch or "shared_prefix" in batch:
+        attention_for_rows(model, batch["input_ids"].shape[1])
         return _plain_or_selected(model, batch, chunk_rows)
+    attention_for_rows(model, batch["input_ids"].shape[1], one_packed_row=batch["input_ids"].shape[0] == 1)
     with positions_into(_body(model), batch["position_ids"]):
         return _plain_or_selected(model, batch, chunk_rows)
 

@@ -14,6 +14,7 @@ import torch
 
 from ..data.layout import collate_packed
 from ..data.prompts import Encoded
+from ..io.attention import attention_for_rows
 
 
 def packed_inputs(batch: dict) -> dict:
@@ -48,7 +49,7 @@ def packing_supported(model, pad_id: int, vocab_size: int | None = None) -> bool
     block-diagonal causal mask): two short random examples packed in one row must give the logits
     each gives alone. False for models whose attention ignores them; the loop then falls back to
     padded batches (with a warning), since packing would let examples attend to each other."""
-    was_training = model.training
+    was_training, attention = model.training, getattr(getattr(model, "config", None), "_attn_implementation", None)
     model.eval()
     try:
         vocab = vocab_size or model.get_input_embeddings().num_embeddings
@@ -56,6 +57,7 @@ def packing_supported(model, pad_id: int, vocab_size: int | None = None) -> bool
         g = torch.Generator().manual_seed(0)
         examples = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (7, 5)]
         batch = collate_packed([Encoded(e, e) for e in examples], pad_id, capacity=12)  # one row
+        attention_for_rows(model, 12, one_packed_row=True)  # what training will run on it
         batch = {k: v.to(device) for k, v in batch.items()}
         packed = model(**packed_inputs(batch), use_cache=False).logits[0].float()
         at = 0
@@ -67,3 +69,5 @@ def packing_supported(model, pad_id: int, vocab_size: int | None = None) -> bool
         return True
     finally:
         model.train(was_training)
+        if attention is not None and model.config._attn_implementation != attention:
+            model.set_attn_implementation(attention)

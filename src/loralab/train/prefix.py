@@ -17,30 +17,10 @@ import torch
 
 from ..data.layout import collate_shared
 from ..data.prompts import Encoded
+from ..io.attention import mask_for, visible
 from ..io.prefix import full_attention_only
 
 MASKED_KINDS = ("eager", "eager_recompute", "sdpa")  # attention that takes a 4D mask as given
-
-
-def visible(position_ids: torch.Tensor, attention_mask: torch.Tensor, k: int) -> torch.Tensor:
-    """(rows, n, n) bool: which positions each position sees. Every row starts with the k-token
-    prefix; an example starts where the position is k. Real tokens see the earlier tokens of the
-    prefix and of their own example; a padding position sees the same plus itself (never empty)."""
-    n = position_ids.shape[1]
-    example = (position_ids == k).cumsum(1)  # 0 on the prefix, i on the i-th example of the row
-    same = example[:, :, None] == example[:, None, :]
-    prefix = (example == 0)[:, None, :]
-    causal = torch.ones(n, n, dtype=torch.bool, device=position_ids.device).tril()
-    see = (same | prefix) & causal & attention_mask.bool()[:, None, :]
-    return see | torch.eye(n, dtype=torch.bool, device=position_ids.device)
-
-
-def _mask(see: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:
-    """The 4D mask transformers passes to the attention as is: bool for SDPA, additive for eager."""
-    see = see[:, None]
-    if kind == "sdpa":
-        return see
-    return torch.zeros(see.shape, dtype=dtype, device=see.device).masked_fill_(~see, torch.finfo(dtype).min)
 
 
 def shared_prefix_inputs(model, batch: dict) -> dict:
@@ -48,7 +28,7 @@ def shared_prefix_inputs(model, batch: dict) -> dict:
     see = visible(batch["position_ids"], batch["attention_mask"], int(batch["shared_prefix"]))
     dtype = model.get_input_embeddings().weight.dtype
     return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False,
-            "attention_mask": _mask(see, model.config._attn_implementation, dtype)}
+            "attention_mask": mask_for(see, model.config._attn_implementation, dtype)}
 
 
 @torch.no_grad()
