@@ -33,6 +33,7 @@ def test_fast_dropout_is_seeded_and_identity_in_eval():
     torch.manual_seed(5)
     b = d(x)
     assert torch.equal(a, b)
+    assert not torch.equal(d(x), b)  # each mask draws afresh from torch's generator
     assert torch.equal(d.eval()(x), x)
 
 

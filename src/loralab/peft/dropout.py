@@ -12,6 +12,7 @@ LoRA inputs in fp32 (docs/memory.md).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,13 +24,17 @@ def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     On the CPU, drawing one random number per element dominates a LoRA step (the bernoulli kernel
     draws ~100M numbers/s; 210 LoRA inputs per step on the default model). Here each 64-bit draw is
     split into four 16-bit uniforms: the same independent Bernoulli(1 - p) mask, with p rounded to a
-    multiple of 1/65536. Elsewhere the RNG is cheap and one uniform per element is drawn.
+    multiple of 1/65536. The 64-bit draws come from numpy's PCG64DXSM, seeded by one draw of torch's
+    generator (so torch.manual_seed and a checkpoint's RNG state still decide every mask): 1.4-1.5x
+    faster than torch's mt19937 at the LoRA inputs of the bench's micro batch (benchmarks/dropout_mask.py).
+    Elsewhere the RNG is cheap and one uniform per element is drawn.
     """
     if x.device.type != "cpu":
         return torch.rand(x.shape, device=x.device) >= p
     n = x.numel()
-    bits = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
-    uniform16 = bits.view(torch.int16)[:n].view(x.shape)  # each value uniform on [-32768, 32767]
+    seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+    bits = np.random.PCG64DXSM(seed).random_raw((n + 3) // 4)
+    uniform16 = torch.from_numpy(bits.view(np.int16)[:n]).view(x.shape)  # each uniform on [-32768, 32767]
     return uniform16 >= round(p * 65536) - 32768
 
 
