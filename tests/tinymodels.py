@@ -22,6 +22,20 @@ def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
     return model.eval()
 
 
+def with_lora(model, seed: int | None = None):
+    """`model` with LoRA (r=4, alpha=8, no dropout) on every linear layer and a non-zero update (B drawn
+    small), so every LoRA gradient is non-trivial; in training mode. seed: draws A and B from it."""
+    from loralab.peft.inject import inject
+    from loralab.peft.lora import LoraSpec, lora_modules
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    inject(model, "all-linear", LoraSpec(r=4, alpha=8, dropout=0.0))
+    for _, m in lora_modules(model):
+        torch.nn.init.normal_(m.lora_B.weight, std=0.02)
+    return model.train()
+
+
 def save_tiny_folder(folder: Path, **overrides) -> Path:
     """An HF model folder (weights + the tiny tokenizer) that `model.name=<folder>` loads."""
     from tiny_tokenizer import make_tiny_tokenizer

@@ -6,22 +6,15 @@ from loralab.data.batching import collate
 from loralab.data.layout import collate_packed, pack_rows
 from loralab.io import attention as A
 from loralab.io.models import load_weights
-from loralab.peft.inject import inject
-from loralab.peft.lora import LoraSpec, lora_modules
 from loralab.train.loss import loss_sum
 from loralab.train.packing import packed_inputs, packing_supported
-from tinymodels import random_encoded
+from tinymodels import random_encoded, with_lora
 
 LENGTHS = [17, 5, 9, 3, 12, 4, 8, 6, 15]
 
 
 def _auto_lora_model(folder, dtype, attention="auto"):
-    model = load_weights(folder, dtype, attn_implementation=attention)
-    torch.manual_seed(0)
-    inject(model, "all-linear", LoraSpec(r=4, alpha=8, dropout=0.0))
-    for _, m in lora_modules(model):  # a non-zero update, so every LoRA gradient is non-trivial
-        torch.nn.init.normal_(m.lora_B.weight, std=0.02)
-    return model.train()
+    return with_lora(load_weights(folder, dtype, attn_implementation=attention), seed=0)
 
 
 def _loss_and_grads(model, batch):

@@ -3,12 +3,10 @@ import torch
 
 from loralab.data.batching import collate
 from loralab.data.layout import collate_packed, pack_rows
-from loralab.peft.inject import inject
-from loralab.peft.lora import LoraSpec, lora_modules
 from loralab.train.loss import loss_sum
 from loralab.train.loss import loss_sum as packed_loss_sum
 from loralab.train.packing import packed_inputs, packing_supported
-from tinymodels import random_encoded, tiny_llama
+from tinymodels import random_encoded, tiny_llama, with_lora
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -31,11 +29,7 @@ def test_packed_logits_equal_unpacked_logits(attn):
 
 
 def _lora_model(attn="eager"):
-    model = tiny_llama(seed=2, attn_implementation=attn).float()
-    inject(model, "all-linear", LoraSpec(r=4, alpha=8, dropout=0.0))
-    for _, m in lora_modules(model):  # a non-zero update, so LoRA gradients are non-trivial
-        torch.nn.init.normal_(m.lora_B.weight, std=0.02)
-    return model.train()
+    return with_lora(tiny_llama(seed=2, attn_implementation=attn).float())
 
 
 def _loss_and_grads(model, batch, fn):

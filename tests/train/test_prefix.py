@@ -8,12 +8,10 @@ from loralab.data.batching import collate
 from loralab.data.layout import collate_packed, collate_shared, input_tokens, label_free_prefix, shared_slots
 from loralab.data.prompts import IGNORE_INDEX, Encoded
 from loralab.io.attention import visible
-from loralab.peft.inject import inject
-from loralab.peft.lora import LoraSpec, lora_modules
 from loralab.train.loop import collate_micro_batch, train
 from loralab.train.loss import loss_sum
 from loralab.train.prefix import shared_prefix_supported
-from tinymodels import random_encoded, tiny_llama
+from tinymodels import random_encoded, tiny_llama, with_lora
 
 
 def _prefixed(lengths, prefix_len=9, seed=0):
@@ -24,11 +22,7 @@ def _prefixed(lengths, prefix_len=9, seed=0):
 
 
 def _lora_model(attn="eager", dtype=torch.float32):
-    model = tiny_llama(seed=2, attn_implementation=attn).to(dtype)
-    inject(model, "all-linear", LoraSpec(r=4, alpha=8, dropout=0.0))
-    for _, m in lora_modules(model):  # a non-zero update, so every LoRA gradient is non-trivial
-        torch.nn.init.normal_(m.lora_B.weight, std=0.02)
-    return model.train()
+    return with_lora(tiny_llama(seed=2, attn_implementation=attn).to(dtype))
 
 
 def _loss_and_grads(model, batch):
