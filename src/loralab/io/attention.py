@@ -83,7 +83,7 @@ def mask_for(see: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:
 class _Blocks:
     """Where one packed row's examples go in the batch of blocks, and the blocks' mask: the last
     layout only (a micro batch's layers all share it)."""
-    key = None
+    key, last = None, None
 
     @classmethod
     def of(cls, position_ids: torch.Tensor) -> _Blocks:

@@ -5,6 +5,8 @@ A packed batch has `position_ids` that restart at 0 for each example. Passed wit
 mask, transformers (Llama, Qwen2, Mistral, ... via `masking_utils`) detects the restarts and builds
 the block-diagonal causal mask for eager and SDPA attention, so examples sharing a row never see
 each other. A model that ignores them would let examples mix: `packing_supported` finds out.
+A CPU 'auto' model gets a micro batch's rows end to end in one row instead, and its attention
+computes them as blocks (io.attention.BLOCKS); the check then runs that attention.
 """
 from __future__ import annotations
 
