@@ -42,6 +42,7 @@ def main() -> int:
 
     import cpu_lock
     from loralab.config import RunConfig
+    from loralab.io.attention import packs_one_row
     from loralab.prepare import setup_model
     from loralab.train.loop import micro_batches
     from loralab.train.step import accumulate_gradients
@@ -53,7 +54,8 @@ def main() -> int:
     cfg.train.batch_size, cfg.train.packing = a.batch, a.packed
     model, tok, _, _ = setup_model(cfg, torch.device("cpu"))
     enc, _ = encoded_data(tok, a.examples, 42)
-    batch = next(micro_batches(enc, cfg.train, tok.pad_token_id))  # the first micro batch a run trains on
+    one_row = a.packed and packs_one_row(model)  # the layout the loop gives this model
+    batch = next(micro_batches(enc, cfg.train, tok.pad_token_id, one_row=one_row))  # a run's first micro batch
     real = int(batch["attention_mask"].sum())
     model.train()
 
