@@ -29,20 +29,13 @@ def _loss_and_grads(model, batch):
 def test_one_packed_row_gives_the_padded_batchs_loss_and_gradients(tiny_folder, monkeypatch, dtype, max_row, inner):
     monkeypatch.setattr(A, "eager_max_row", lambda: max_row)
     calls = []
-    for name in ("_eager_recompute", "sdpa_attention_forward"):
-        real = getattr(A, name, None)
-        if real is None:  # SDPA is imported where it is used
-            from transformers.integrations import sdpa_attention
-
-            real = sdpa_attention.sdpa_attention_forward
-            target = sdpa_attention
-        else:
-            target = A
+    for name in ("_eager_recompute", "_sdpa_blocks"):
+        real = getattr(A, name)
 
         def spy(*args, _real=real, _name=name, **kwargs):
             calls.append((_name, args[1].shape[0]))  # which inner ran, on how many rows (blocks)
             return _real(*args, **kwargs)
-        monkeypatch.setattr(target, name, spy)
+        monkeypatch.setattr(A, name, spy)
     model = _auto_lora_model(tiny_folder, dtype)
     examples = random_encoded(LENGTHS, seed=5, vocab=60)
     one_row = collate_packed(examples, pad_id=0, one_row=True)
@@ -52,7 +45,7 @@ def test_one_packed_row_gives_the_padded_batchs_loss_and_gradients(tiny_folder, 
     s1, n1, g1 = _loss_and_grads(model, one_row)
     assert model.config._attn_implementation == A.BLOCKS
     blocks = len(pack_rows(LENGTHS))
-    want = "_eager_recompute" if inner == A.RECOMPUTE else "sdpa_attention_forward"
+    want = "_eager_recompute" if inner == A.RECOMPUTE else "_sdpa_blocks"
     assert calls and all(c == (want, blocks) for c in calls), calls
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert n1 == n0 and s1 == pytest.approx(s0, rel=tol)
@@ -118,3 +111,41 @@ def test_training_a_cpu_auto_model_on_one_row_matches_training_on_rows(tiny_fold
         losses[attention] = [*(h["loss"] for h in result.history), result.final_val_loss]
     assert losses["auto"] == pytest.approx(losses["sdpa"], rel=1e-5)
     assert losses["auto"][1] < losses["auto"][0]  # and it trains
+
+
+def _saved_shapes(fn):
+    """Output of fn() and the shapes of the distinct storages autograd keeps for its backward."""
+    kept = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = tuple(t.shape)
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, kept
+
+
+def test_sdpa_blocks_keep_grouped_kv_and_one_mask_for_every_layer():
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.manual_seed(0)
+    blocks, heads, kv_heads, width, d = 3, 6, 2, 10, 8
+    module = SimpleNamespace(num_key_value_groups=heads // kv_heads, is_causal=True, training=True)
+    q = torch.randn(blocks, heads, width, d, requires_grad=True)
+    k, v = (torch.randn(blocks, kv_heads, width, d, requires_grad=True) for _ in range(2))
+    see = torch.ones(width, width, dtype=torch.bool).tril().expand(blocks, 1, width, width)
+    mask = A.additive(see, torch.float32, -torch.inf)
+    theirs, kept_theirs = _saved_shapes(lambda: sdpa_attention_forward(module, q, k, v, see, scaling=d ** -0.5)[0])
+    ours, kept = _saved_shapes(lambda: A._sdpa_blocks(module, q, k, v, mask, scaling=d ** -0.5)[0])
+    assert torch.equal(ours, theirs)  # (blocks, width, heads, d), the same values
+    g = torch.randn_like(ours)
+    for a, b in zip(torch.autograd.grad(ours, (q, k, v), g), torch.autograd.grad(theirs, (q, k, v), g)):
+        torch.testing.assert_close(a, b)
+    wide = (blocks, heads, width, d)
+    assert list(kept_theirs.values()).count(wide) == 4  # q, K and V repeated to every head, the output
+    assert list(kept.values()).count(wide) == 2  # q and the output; K and V at their own head count:
+    assert kept[k.untyped_storage().data_ptr()] == tuple(k.shape)
+    assert mask.untyped_storage().data_ptr() in kept  # the mask as given, not a per-layer float copy
+    assert (blocks, 1, width, width) in kept_theirs.values()  # transformers' path: the kernel's own copy

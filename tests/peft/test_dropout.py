@@ -1,10 +1,10 @@
 """The LoRA hot path's speed and memory tricks keep their meaning: the cheap dropout mask, the
-bool-mask dropout in backward, and the bf16 path."""
+bit-packed dropout mask in backward, and the bf16 path."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from loralab.peft.dropout import FastDropout, low_rank
+from loralab.peft.dropout import FastDropout, keep_mask, low_rank, pack_mask, unpack_mask
 from loralab.peft.lora import LoRALinear, LoraSpec
 from tinymodels import saved_bytes
 
@@ -78,8 +78,8 @@ def test_low_rank_equals_the_composition_bit_for_bit(dtype):
     assert (outs[0] != 0).any() and (grads[0][1] != 0).any()
 
 
-def test_low_rank_keeps_x_once_and_bool_masks():
-    """Three layers reading one x (q, k, v) keep x once plus three 1-byte masks, where the
+def test_low_rank_keeps_x_once_and_masks_as_bits():
+    """Three layers reading one x (q, k, v) keep x once plus three masks of a bit per element, where the
     composition keeps a float mask and a dropped input per layer: six copies of x."""
     torch.manual_seed(0)
     x = torch.randn(4, 128, 64, requires_grad=True)
@@ -94,8 +94,17 @@ def test_low_rank_keeps_x_once_and_bool_masks():
     mine = kept(lambda x, a, b: low_rank(FastDropout(0.1).train(), x, a, b))
     ref = kept(lambda x, a, b: _composition(x, 0.1, a, b))
     assert ref >= 6 * xb
-    assert mine <= xb + 3 * x.numel() + 3 * 4 * 128 * 8 * 4          # x, three bool masks, A's outputs
+    assert mine <= xb + 3 * x.numel() // 8 + 3 * 4 * 128 * 8 * 4     # x, three masks' bits, A's outputs
     # not training, or no gradients: the module runs (identity in eval), nothing drawn
     d = FastDropout(0.5).eval()
     a, b = weights[0]
     assert torch.equal(low_rank(d, x, a, b), F.linear(F.linear(x, a), b))
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 5), (1, 1537), (986, 64)])
+def test_packed_masks_give_back_the_mask(shape):
+    torch.manual_seed(1)
+    keep = keep_mask(torch.empty(shape), 0.3)
+    bits = pack_mask(keep)
+    assert bits.dtype == torch.uint8 and bits.numel() == -(-keep.numel() // 8)
+    assert torch.equal(unpack_mask(bits, keep.shape), keep)

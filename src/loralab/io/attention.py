@@ -75,9 +75,13 @@ def visible(position_ids: torch.Tensor, attention_mask: torch.Tensor, k: int = 0
 def mask_for(see: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:
     """visible()'s answer as the 4D mask attention `kind` takes as is: bool for SDPA, additive for eager."""
     see = see[:, None]
-    if kind == "sdpa":
-        return see
-    return torch.zeros(see.shape, dtype=dtype, device=see.device).masked_fill_(~see, torch.finfo(dtype).min)
+    return see if kind == "sdpa" else additive(see, dtype)
+
+
+def additive(see: torch.Tensor, dtype: torch.dtype, hidden: float | None = None) -> torch.Tensor:
+    """A bool mask as the additive one: 0 where seen, `hidden` elsewhere (default dtype's lowest)."""
+    fill = torch.finfo(dtype).min if hidden is None else hidden
+    return torch.zeros(see.shape, dtype=dtype, device=see.device).masked_fill_(~see, fill)
 
 
 class _Blocks:
@@ -121,9 +125,29 @@ class _Blocks:
         self.masks: dict = {}
 
     def mask(self, kind: str, dtype: torch.dtype) -> torch.Tensor:
+        """The blocks' mask for attention `kind`: additive in `dtype`, built once for every layer (SDPA
+        too: given a bool mask, torch's CPU kernel builds and keeps a float copy in each layer)."""
         if (kind, dtype) not in self.masks:
-            self.masks[(kind, dtype)] = mask_for(self.see, kind, dtype)
+            # -inf for SDPA: what torch's own conversion of a bool mask fills in
+            self.masks[(kind, dtype)] = additive(self.see[:, None], dtype, -torch.inf if kind == "sdpa" else None)
         return self.masks[(kind, dtype)]
+
+
+def _sdpa_blocks(module, query, key, value, mask, scaling, dropout=0.0, **kwargs):
+    """SDPA over the batch of blocks, with K and V at their own head count (enable_gqa): transformers'
+    SDPA path repeats them to every query head when a mask is given, and the kernel keeps the
+    repeated copies for backward (3.5 MB per layer in fp32 at the throughput bench's micro batch, for
+    SmolLM2's 3 KV heads of 9). The same outputs; K's and V's gradients sum over their heads in
+    another order. Options this call does not take go to transformers' path."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if any(kwargs.get(k) is not None for k in ("softcap", "position_bias", "sliding_window", "s_aux")) \
+            or kwargs.get("output_attentions"):
+        return sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
+        enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous(), None
 
 
 def _packed_blocks(module, query, key, value, attention_mask, scaling, dropout=0.0, position_ids=None, **kwargs):
@@ -141,7 +165,7 @@ def _packed_blocks(module, query, key, value, attention_mask, scaling, dropout=0
         return t[0].index_select(1, blocks.gather).unflatten(1, (blocks.count, blocks.width)).transpose(0, 1)
 
     kind = cpu_choice(blocks.width, query.dtype == torch.bfloat16)
-    inner = _eager_recompute if kind == RECOMPUTE else sdpa_attention_forward
+    inner = _eager_recompute if kind == RECOMPUTE else _sdpa_blocks
     out, _ = inner(module, split(query), split(key), split(value), blocks.mask(kind, query.dtype),
                    scaling=scaling, dropout=dropout, **kwargs)
     return out.flatten(0, 1).index_select(0, blocks.scatter).unsqueeze(0), None  # (1, n, heads, d)

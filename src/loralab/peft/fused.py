@@ -14,7 +14,8 @@ Here:
     forward   y = addmm(b, x, W^T);  t = d(x) A^T;  y += s t B^T                 (in place)
     backward  g_t = s g B;  grad_B = s g^T t;  grad_A = g_t^T d(x);  grad_x = g W + d'(g_t A)
 
-saving x (one storage, as the base already does), the dropout mask as bool and the r-wide t.
+saving x (one storage, as the base already does), the dropout mask as bits (dropout.pack_mask) and
+the r-wide t.
 The same values as the composition up to the order of the float sums (tests/peft/test_fused.py
 compares it with the composition and with PEFT). It runs for plain-LoRA layers whose base is an
 nn.Linear with frozen weight and bias in x's dtype (fp32 factors over a bf16 base enter cast, as
@@ -27,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .dropout import keep_mask
+from .dropout import keep_mask, pack_mask, unpack_mask
 from .quant import NF4Linear, dequantize_nf4
 from .variants import PlainLora
 
@@ -61,17 +62,19 @@ class _LoraLinearFn(torch.autograd.Function):
             t = (x2 * _kept(keep, x2)).mm(a.t()).mul_(1.0 / (1.0 - p))
         y.addmm_(t, b.t(), alpha=scaling)
         ctx.scaling, ctx.p, ctx.nf4_kernel = scaling, p, nf4_kernel
+        bits = None if keep is None else pack_mask(keep)
         if nf4_kernel is None:
-            ctx.save_for_backward(x2, keep, weight, a, b, t)
+            ctx.save_for_backward(x2, bits, weight, a, b, t)
         else:  # a frozen buffer, never in the graph (as NF4Linear's own function keeps it)
             ctx.nf4_weight = weight
-            ctx.save_for_backward(x2, keep, None, a, b, t)
+            ctx.save_for_backward(x2, bits, None, a, b, t)
         ctx.in_shape = shape
         return y.view(*shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, g):
-        x2, keep, weight, a, b, t = ctx.saved_tensors
+        x2, bits, weight, a, b, t = ctx.saved_tensors
+        keep = None if bits is None else unpack_mask(bits, x2.shape)
         weight = weight if ctx.nf4_kernel is None else ctx.nf4_weight
         s = ctx.scaling
         g2 = g.reshape(-1, g.shape[-1])
