@@ -329,9 +329,9 @@ def test_variant_costs_follow_a_real_model_and_closed_forms():
         assert E.estimate_for_run(cfg, hf, "cpu")["params"]["trainable"] == count_parameters(model)[0], overrides
 
 
-def test_lora_dropout_costs_one_byte_per_input_element_as_measured():
-    """LoRA's dropout keeps a bool mask per wrapped layer (peft/dropout.py): a real tiny model's saved
-    tensors grow by exactly that, and so does the estimate."""
+def test_lora_dropout_costs_one_bit_per_input_element_on_the_cpu_as_measured():
+    """LoRA's dropout keeps a mask per wrapped layer, packed to bits on the CPU (peft/dropout.py): a real tiny
+    model's saved tensors grow by exactly that, and so does the estimate (a byte per element elsewhere)."""
     from loralab.peft.inject import inject
     from loralab.peft.lora import LoraSpec
     from loralab.peft.targets import resolve_targets
@@ -347,9 +347,13 @@ def test_lora_dropout_costs_one_byte_per_input_element_as_measured():
             model.train()(input_ids=ids).logits.float().sum()
         return sum(seen.values())
 
-    mask_bytes = batch * seq * 2 * (6 * 32 + 64)  # tokens x layers x in_features of q k v o gate up (32), down (64)
+    mask_bits = batch * seq * 2 * (6 * 32 + 64)  # tokens x layers x in_features of q k v o gate up (32), down (64)
+    mask_bytes = mask_bits // 8  # each mask's 32 x 32 or 32 x 64 bits fill whole bytes
     assert lora_saved_bytes(0.1) - lora_saved_bytes(0.0) == mask_bytes
     hf = tiny_llama_config().to_dict()
     kw = dict(r=4, targets="all-linear", seq=seq, batch=batch, device="cpu", precision="fp32", attention="sdpa")
     layers = [E.estimate(hf, lora_dropout=p, **kw)["activation_detail"]["layers_bytes"] for p in (0.1, 0.0)]
     assert layers[0] - layers[1] == mask_bytes
+    on_gpu = [E.estimate(hf, lora_dropout=p, **{**kw, "device": "cuda"})["activation_detail"]["layers_bytes"]
+              for p in (0.1, 0.0)]
+    assert on_gpu[0] - on_gpu[1] == mask_bits  # bool masks there
