@@ -8,7 +8,7 @@ from loralab.io import attention as A
 from loralab.io.models import load_weights
 from loralab.train.loss import loss_sum
 from loralab.train.packing import packed_inputs, packing_supported
-from tinymodels import random_encoded, with_lora
+from tinymodels import random_encoded, saved_bytes, with_lora
 
 LENGTHS = [17, 5, 9, 3, 12, 4, 8, 6, 15]
 
@@ -113,18 +113,6 @@ def test_training_a_cpu_auto_model_on_one_row_matches_training_on_rows(tiny_fold
     assert losses["auto"][1] < losses["auto"][0]  # and it trains
 
 
-def _saved_shapes(fn):
-    """Output of fn() and the shapes of the distinct storages autograd keeps for its backward."""
-    kept = {}
-
-    def pack(t):
-        kept[t.untyped_storage().data_ptr()] = tuple(t.shape)
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, kept
-
-
 def test_sdpa_blocks_keep_grouped_kv_and_one_mask_for_every_layer():
     from types import SimpleNamespace
 
@@ -137,15 +125,17 @@ def test_sdpa_blocks_keep_grouped_kv_and_one_mask_for_every_layer():
     k, v = (torch.randn(blocks, kv_heads, width, d, requires_grad=True) for _ in range(2))
     see = torch.ones(width, width, dtype=torch.bool).tril().expand(blocks, 1, width, width)
     mask = A.additive(see, torch.float32, -torch.inf)
-    theirs, kept_theirs = _saved_shapes(lambda: sdpa_attention_forward(module, q, k, v, see, scaling=d ** -0.5)[0])
-    ours, kept = _saved_shapes(lambda: A._sdpa_blocks(module, q, k, v, mask, scaling=d ** -0.5)[0])
+    with saved_bytes() as kept_theirs:
+        theirs = sdpa_attention_forward(module, q, k, v, see, scaling=d ** -0.5)[0]
+    with saved_bytes() as kept:
+        ours = A._sdpa_blocks(module, q, k, v, mask, scaling=d ** -0.5)[0]
     assert torch.equal(ours, theirs)  # (blocks, width, heads, d), the same values
     g = torch.randn_like(ours)
     for a, b in zip(torch.autograd.grad(ours, (q, k, v), g), torch.autograd.grad(theirs, (q, k, v), g)):
         torch.testing.assert_close(a, b)
-    wide = (blocks, heads, width, d)
+    wide = blocks * heads * width * d * 4  # bytes of a tensor with every query head
     assert list(kept_theirs.values()).count(wide) == 4  # q, K and V repeated to every head, the output
     assert list(kept.values()).count(wide) == 2  # q and the output; K and V at their own head count:
-    assert kept[k.untyped_storage().data_ptr()] == tuple(k.shape)
+    assert kept[k.untyped_storage().data_ptr()] == k.numel() * 4
     assert mask.untyped_storage().data_ptr() in kept  # the mask as given, not a per-layer float copy
-    assert (blocks, 1, width, width) in kept_theirs.values()  # transformers' path: the kernel's own copy
+    assert blocks * width * width * 4 in kept_theirs.values()  # transformers' path: the kernel's own float copy
