@@ -2,7 +2,10 @@
 throughput benchmark's data, ops grouped into matmul / attention softmax / output softmax /
 dropout RNG / casts / other elementwise.
 
-    .venv/bin/python benchmarks/profile_step.py [--packed] [--attn eager|sdpa] [--batch 8]
+    .venv/bin/python benchmarks/profile_step.py [--packed] [--attn eager|sdpa] [--batch 8] [--precision fp32]
+                                                [--shapes] [--rows 12]
+
+--shapes splits the op table by input shape (which GEMMs the matmul time is spent in).
 
 Runs on the malloc the `loralab` command preloads (loralab/allocator.py). Respects /tmp/loralab_cpu_lock
 (waits, then holds it for the ~1 minute it runs).
@@ -35,6 +38,9 @@ def main() -> int:
     ap.add_argument("--attn", default="auto")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--examples", type=int, default=128)
+    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    ap.add_argument("--shapes", action="store_true", help="one table row per op and input shapes")
+    ap.add_argument("--rows", type=int, default=12, help="rows of the op table")
     ap.add_argument("--no-lock", action="store_true")
     a = ap.parse_args()
 
@@ -52,7 +58,7 @@ def main() -> int:
     cfg = RunConfig()
     cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout = LORA["r"], LORA["alpha"], LORA["dropout"]
     cfg.model.attn_implementation = a.attn
-    cfg.train.batch_size, cfg.train.packing = a.batch, a.packed
+    cfg.train.batch_size, cfg.train.packing, cfg.train.precision = a.batch, a.packed, a.precision
     model, tok, _, _ = setup_model(cfg, torch.device("cpu"))
     enc, _ = encoded_data(tok, a.examples, 42)
     one_row = a.packed and packs_one_row(model)  # the layout the loop gives this model
@@ -74,7 +80,7 @@ def main() -> int:
             step()
             times.append(time.perf_counter() - t0)
         cpu0, t0 = time.process_time(), time.perf_counter()
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=a.shapes) as prof:
             step()
         wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     finally:
@@ -91,7 +97,8 @@ def main() -> int:
     print(f"{'group':<30} {'self CPU s':>10} {'share':>7}   (profiler self time; sums over ops)")
     for g, v in sorted(totals.items(), key=lambda kv: -kv[1]):
         print(f"{g:<30} {v:>10.2f} {100 * v / all_s:>6.1f}%")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=int(os.environ.get("PROFILE_ROWS", "12"))))
+    averages = prof.key_averages(group_by_input_shape=a.shapes)
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=a.rows))
     return 0
 
 
