@@ -1,10 +1,11 @@
 """The LoRA hot path's speed and memory tricks keep their meaning: the cheap dropout mask, the
 bit-packed dropout mask in backward, and the bf16 path."""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from loralab.peft.dropout import FastDropout, keep_mask, low_rank, pack_mask, unpack_mask
+from loralab.peft.dropout import FastDropout, _pack_bits, _unpack_bits, keep_mask, low_rank, pack_mask, unpack_mask
 from loralab.peft.lora import LoRALinear, LoraSpec
 from tinymodels import saved_bytes
 
@@ -108,3 +109,36 @@ def test_packed_masks_give_back_the_mask(shape):
     bits = pack_mask(keep)
     assert bits.dtype == torch.uint8 and bits.numel() == -(-keep.numel() // 8)
     assert torch.equal(unpack_mask(bits, keep.shape), keep)
+
+
+@pytest.mark.parametrize("n", [1, 8, 13, 986 * 64 + 5])
+def test_torch_bit_packing_off_the_cpu_matches_numpy(n):
+    """CUDA masks are packed by torch ops (`_pack_bits`): run here on CPU tensors, against numpy's packbits
+    and unpackbits, the CPU path and the oracle."""
+    keep = torch.rand(n, generator=torch.Generator().manual_seed(n)) >= 0.3
+    bits = _pack_bits(keep)
+    assert torch.equal(bits, torch.from_numpy(np.packbits(keep.numpy())))
+    assert torch.equal(_unpack_bits(bits, n), keep)
+    assert torch.equal(_unpack_bits(pack_mask(keep), n), keep)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_masks_are_kept_as_bits_with_the_same_gradients():
+    """On CUDA the LoRA input's mask is kept as bits (torch ops) and backward rebuilds the same mask: the
+    gradients equal the float composition's under the same draw."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 37, 32, device="cuda", requires_grad=True)
+    a = torch.randn(8, 32, device="cuda", requires_grad=True)
+    b = torch.randn(16, 8, device="cuda", requires_grad=True)
+    drop = FastDropout(0.25).train()
+    torch.cuda.manual_seed(3)
+    low_rank(drop, x, a, b).square().sum().backward()
+    mine = [t.grad.clone() for t in (x, a, b)]
+    for t in (x, a, b):
+        t.grad = None
+    torch.cuda.manual_seed(3)
+    keep = keep_mask(x, 0.25)
+    F.linear(F.linear(x * keep / 0.75, a), b).square().sum().backward()
+    for got, want in zip(mine, (x.grad, a.grad, b.grad)):
+        torch.testing.assert_close(got, want)
+    assert pack_mask(keep).numel() == -(-keep.numel() // 8)

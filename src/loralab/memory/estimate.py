@@ -22,8 +22,8 @@ The decoder's shape and parameter counts come from loralab.arch. Assumptions, in
                                SiLU's output: 3I x b; frozen linears keep no input; down_proj's input,
                                the product, is rebuilt from gate and up, so not kept: stock keeps it)
       LoRA         per distinct input (q/k/v share one, gate/up one) its width x b, kept once for
-                   every reader; per target its dropout mask, a bit per element on the CPU (packed,
-                   peft/dropout.pack_mask) and a byte elsewhere, plus r x b
+                   every reader; per target its dropout mask, a bit per element (packed,
+                   peft/dropout.pack_mask), plus r x b
                    (stock_autograd, what plain autograd keeps (PEFT, Lit-GPT): per target a float
                    mask and the dropped input, 2 x width x b)
       QLoRA        bitsandbytes-style 4-bit matmuls also keep the input of every quantized linear
@@ -93,9 +93,9 @@ def _check(method, optimizer, precision, device, attention, r, seq, batch, grad_
 
 def _layer_bytes_per_token(a: Arch, *, b: int, seq: int, eager: bool, method: str, lora: dict, dropout: bool,
                            quantized, saves_quant_inputs: bool, dora: bool = False,
-                           stock_autograd: bool = False, mask_bytes: float = 1.0) -> float:
+                           stock_autograd: bool = False) -> float:
     """Bytes one decoder layer keeps for backward, per token (see the module docstring).
-    lora: this layer's wrapped modules -> rank; mask_bytes: a kept dropout mask's bytes per element."""
+    lora: this layer's wrapped modules -> rank."""
     H, Q, K, I = a.hidden, a.q_dim, a.kv_dim, a.inter
     total = 2 * H * (4 if stock_autograd else b)             # RMSNorms: their inputs (io/norm.py; stock: fp32 copies)
     if eager:
@@ -117,9 +117,9 @@ def _layer_bytes_per_token(a: Arch, *, b: int, seq: int, eager: bool, method: st
         if group not in rebuilt and ((wrapped and not plain) or
                                      (saves_quant_inputs and any(m in quantized for m in mods))):
             total += width * b  # the input, one storage for every reader (peft/dropout.py)
-        for m in wrapped:  # its dropout mask (bits or bool; plain: a float mask and the dropped input), A's output;
+        for m in wrapped:  # its dropout mask's bits (plain: a float mask and the dropped input), A's output;
             # DoRA: the pre-scale output W x + s·B A x
-            total += (2 * width * b if plain else width * mask_bytes if dropout else 0) + lora[m] * b
+            total += (2 * width * b if plain else width / 8 if dropout else 0) + lora[m] * b
             total += lin[m][1] * b if dora else 0
     return total
 
@@ -197,7 +197,7 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
     per_layer = [_layer_bytes_per_token(a, b=b, seq=seq, eager=eager, method=method,
                                         lora={} if method == "full" else ranks[i], dropout=lora_dropout > 0,
                                         quantized=quantized, saves_quant_inputs=qlora_saves_inputs, dora=dora,
-                                        stock_autograd=stock_autograd, mask_bytes=1 / 8 if device == "cpu" else 1)
+                                        stock_autograd=stock_autograd)
                  for i in range(a.layers)]
     per_token = sum(per_layer) / a.layers
     heap_slack, ckpt_slack = CPU_HEAP_SLACK.get(malloc, CPU_HEAP_SLACK["system"])

@@ -1,4 +1,4 @@
-"""LoRA's dropout: a cheap mask on the CPU, and kept for backward as one bit per element.
+"""LoRA's dropout: a cheap mask on the CPU, and kept for backward as one bit per element (on every device).
 
     u = B A (x ⊙ m / (1 - p))      m ~ Bernoulli(1 - p), one mask per wrapped layer
 
@@ -44,19 +44,37 @@ def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def pack_mask(keep: torch.Tensor) -> torch.Tensor:
-    """A CPU bool mask as its bits (uint8, 8 elements per byte), for keeping over the step; other
-    devices' masks are kept as they are."""
-    if keep.device.type != "cpu":
-        return keep
-    return torch.from_numpy(np.packbits(keep.numpy().reshape(-1)))
+    """A bool mask as its bits (uint8, 8 elements per byte, the first in the high bit as numpy's packbits
+    orders them), for keeping over the step: numpy on the CPU, torch's elementwise ops elsewhere."""
+    flat = keep.reshape(-1)
+    if keep.device.type == "cpu":
+        return torch.from_numpy(np.packbits(flat.numpy()))
+    return _pack_bits(flat)
 
 
 def unpack_mask(kept: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """pack_mask's bits back as the bool mask of `shape`."""
-    if kept.dtype == torch.bool:
-        return kept.view(shape)
     n = shape.numel()
-    return torch.from_numpy(np.unpackbits(kept.numpy(), count=n).view(np.bool_)).view(shape)
+    if kept.device.type == "cpu":
+        return torch.from_numpy(np.unpackbits(kept.numpy(), count=n).view(np.bool_)).view(shape)
+    return _unpack_bits(kept, n).view(shape)
+
+
+def _bit_values(device: torch.device) -> torch.Tensor:
+    return torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=device)
+
+
+def _pack_bits(flat: torch.Tensor) -> torch.Tensor:
+    """np.packbits in torch ops, for masks off the CPU: the bools' bytes (0 or 1) times each place's
+    value, summed per 8 (a CUDA mask of N elements: three elementwise passes, N / 8 bytes kept)."""
+    ones = flat.view(torch.uint8)
+    ones = F.pad(ones, (0, -ones.numel() % 8))
+    return (ones.view(-1, 8) * _bit_values(flat.device)).sum(1, dtype=torch.uint8)
+
+
+def _unpack_bits(bits: torch.Tensor, n: int) -> torch.Tensor:
+    """np.unpackbits(bits, count=n) as bool, in torch ops."""
+    return (bits[:, None] & _bit_values(bits.device)).ne(0).view(-1)[:n]
 
 
 def scaled_mask(keep: torch.Tensor, p: float, dtype: torch.dtype) -> torch.Tensor:
@@ -104,7 +122,7 @@ class _DroppedLowRank(torch.autograd.Function):
 
 def low_rank(dropout: nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """b @ a @ dropout(x) (F.linear twice) for LoRA factors a, b in x's dtype. While training with
-    gradients the mask is drawn here and kept as bool (_DroppedLowRank); otherwise the modules run."""
+    gradients the mask is drawn here and kept as bits (_DroppedLowRank); otherwise the modules run."""
     p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
     if p > 0 and dropout.training and torch.is_grad_enabled():
         return _DroppedLowRank.apply(x, keep_mask(x, p), p, a, b)
