@@ -29,7 +29,7 @@ def _loss_and_grads(model, batch):
 def test_one_packed_row_gives_the_padded_batchs_loss_and_gradients(tiny_folder, monkeypatch, dtype, max_row, inner):
     monkeypatch.setattr(A, "eager_max_row", lambda: max_row)
     calls = []
-    for name in ("_eager_recompute", "_sdpa_blocks"):
+    for name in ("_grouped_recompute", "_sdpa_blocks"):
         real = getattr(A, name)
 
         def spy(*args, _real=real, _name=name, **kwargs):
@@ -45,7 +45,7 @@ def test_one_packed_row_gives_the_padded_batchs_loss_and_gradients(tiny_folder, 
     s1, n1, g1 = _loss_and_grads(model, one_row)
     assert model.config._attn_implementation == A.BLOCKS
     blocks = len(pack_rows(LENGTHS))
-    want = "_eager_recompute" if inner == A.RECOMPUTE else "_sdpa_blocks"
+    want = "_grouped_recompute" if inner == A.RECOMPUTE else "_sdpa_blocks"
     assert calls and all(c == (want, blocks) for c in calls), calls
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert n1 == n0 and s1 == pytest.approx(s0, rel=tol)
@@ -139,3 +139,34 @@ def test_sdpa_blocks_keep_grouped_kv_and_one_mask_for_every_layer():
     assert kept[k.untyped_storage().data_ptr()] == k.numel() * 4
     assert mask.untyped_storage().data_ptr() in kept  # the mask as given, not a per-layer float copy
     assert blocks * width * width * 4 in kept_theirs.values()  # transformers' path: the kernel's own float copy
+
+
+def test_grouped_core_is_the_models_eager_attention_without_repeated_kv(monkeypatch):
+    """The blocks' eager_recompute computes what the model's eager function does (fp32: to float rounding,
+    gradients too), keeps for backward only q, K and V at their own head count and the mask, and hands
+    calls with attention dropout or soft-capping to the model's function."""
+    from types import SimpleNamespace
+
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    torch.manual_seed(0)
+    blocks, heads, kv_heads, width, d = 3, 6, 2, 10, 8
+    module = SimpleNamespace(num_key_value_groups=heads // kv_heads, training=True)
+    q = torch.randn(blocks, heads, width, d, requires_grad=True)
+    k, v = (torch.randn(blocks, kv_heads, width, d, requires_grad=True) for _ in range(2))
+    see = torch.ones(width, width, dtype=torch.bool).tril().expand(blocks, 1, width, width).clone()
+    see[0, 0, 6:, :6] = False  # the first block holds two examples
+    mask = A.additive(see, torch.float32)
+    theirs = eager_attention_forward(module, q, k, v, mask, scaling=d ** -0.5)[0]
+    with saved_bytes() as kept:
+        ours = A._grouped_recompute(module, q, k, v, mask, scaling=d ** -0.5)[0]
+    torch.testing.assert_close(ours, theirs)  # (blocks, width, heads, d)
+    g = torch.randn_like(ours)
+    for a, b in zip(torch.autograd.grad(ours, (q, k, v), g), torch.autograd.grad(theirs, (q, k, v), g)):
+        torch.testing.assert_close(a, b)
+    assert sorted(kept.values()) == sorted(t.numel() * 4 for t in (q, k, v, mask))
+    calls = []
+    monkeypatch.setattr(A, "_eager_recompute", lambda *a, **kw: calls.append(kw) or (None, None))
+    A._grouped_recompute(module, q, k, v, mask, scaling=1.0, dropout=0.1)
+    A._grouped_recompute(module, q, k, v, mask, scaling=1.0, softcap=30.0)
+    assert len(calls) == 2
