@@ -29,6 +29,7 @@ Variants (switchable at run time on one loaded model; combine with '+', e.g. chu
             what peft/fused.py's one function per layer replaced
   plainmlp  the model's own SwiGLU forward (keeps SiLU's output too), what io/mlp.py replaced
   plainnorm the model's own RMSNorm forward (keeps an fp32 copy of its input), what io/norm.py replaced
+  keepnorm  the norms' outputs kept for their readers' backward, what io/rebuild.py rebuilds instead
   noprefix  the same examples without a shared prefix (train.shared_prefix=false): every row runs the
             first tokens all examples share, what loralab.train.prefix spares
   rowsN     shared-prefix rows of at least N tokens instead of data.layout.SHARED_ROW_TOKENS (e.g. rows128)
@@ -80,6 +81,7 @@ def main() -> int:
 
     import cpu_lock
     from loralab.config import RunConfig, load_config
+    from loralab.io import rebuild
     from loralab.io.attention import _AUTO_ATTR as AUTO_ATTR
     from loralab.io.attention import RECOMPUTE, register
     from loralab.memory.measure import PeakMemory
@@ -162,7 +164,7 @@ def main() -> int:
             current["model"] = model
         mods = set(v.split("+")) - {"stock"}
         unknown = mods - {"chunk256", "sdpa", "recompute", "trim", "plaindrop", "plainmlp", "plainnorm", "unfused",
-                          "wheremask", "trimheap"} - set(other_batches)
+                          "wheremask", "trimheap", "keepnorm"} - set(other_batches)
         if unknown:
             raise SystemExit(f"unknown variant part(s) {sorted(unknown)}")
         current["chunk_rows"] = 256 if "chunk256" in mods else CHUNK_ROWS
@@ -170,6 +172,7 @@ def main() -> int:
         # unfused: LoRA as base layer + two matmuls + add, autograd's composition (peft/fused.py)
         lora_fused.ENABLED = not {"unfused", "plaindrop"} & mods
         lora_fused._kept = where_mask if "wheremask" in mods else bytes_mask
+        rebuild.ENABLED = "keepnorm" not in mods  # keepnorm: the norms' outputs kept, not rebuilt (io/rebuild.py)
         # plaindrop: LoRA's dropout as the plain autograd composition (float mask and dropped input
         # kept per layer), what peft/dropout.low_rank replaces
         lora_variants.low_rank = plain_low_rank if "plaindrop" in mods else fused_low_rank

@@ -151,9 +151,9 @@ def test_cpu_heap_slack_closed_forms(malloc):
     off, on = E.estimate(cfg, **kw), E.estimate(cfg, grad_checkpointing=True, **kw)
     layers = off["activation_detail"]["layers_bytes"]
     plain, ckpt = E.CPU_HEAP_SLACK.get(malloc, E.CPU_HEAP_SLACK["system"])  # jemalloc: not fitted, glibc's
-    assert off["activation_detail"]["heap_slack_bytes"] == int(plain * layers)
+    assert off["activation_detail"]["heap_slack_bytes"] == round(plain * layers)
     # checkpointing: a fraction of what the layers would have saved, freed by the checkpointed forward
-    assert on["activation_detail"]["heap_slack_bytes"] == int(ckpt * layers)
+    assert on["activation_detail"]["heap_slack_bytes"] == round(ckpt * layers)
     assert off["breakdown"]["other"] == E.CPU_RUNTIME_BYTES + off["activation_detail"]["heap_slack_bytes"]
     cuda = E.estimate(cfg, seq=512, batch=4, device="cuda", malloc=malloc)
     assert cuda["activation_detail"]["heap_slack_bytes"] == 0 and cuda["breakdown"]["other"] == E.CUDA_OTHER_BYTES
@@ -357,3 +357,26 @@ def test_lora_dropout_costs_one_bit_per_input_element_as_measured():
     on_gpu = [E.estimate(hf, lora_dropout=p, **{**kw, "device": "cuda"})["activation_detail"]["layers_bytes"]
               for p in (0.1, 0.0)]
     assert on_gpu[0] - on_gpu[1] == mask_bytes
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_norm_outputs_rebuilt_in_backward_leave_the_estimate_where_gradient_reaches_the_norm(precision):
+    """io/rebuild.py keeps no norm output where the norm has a gradient to rebuild it from: every norm but the
+    first LoRA layer's first one (it reads frozen activations); full fine-tuning in bf16 keeps autocast's
+    copies instead (tests/io/test_rebuild.py: what is freed)."""
+    hf = tiny_llama_config(num_hidden_layers=4).to_dict()
+    a, H, b = E.arch_from_config(hf), 32, E.PRECISIONS[precision]
+    kw = dict(r=4, seq=16, batch=1, device="cpu", precision=precision, attention="sdpa")
+
+    def per_layer(**k):  # the estimate's per-layer bytes per token, summed over the 4 layers
+        return 4 * E.estimate(hf, **{**kw, **k})["activation_detail"]["per_layer_per_token_bytes"]
+
+    def kept(lora, method="lora"):  # one layer's bytes with only down_proj's input rebuilt
+        return E._layer_bytes_per_token(a, b=b, seq=16, eager=False, method=method, lora=lora, dropout=True,
+                                        quantized=set(), saves_quant_inputs=True, rebuilt=frozenset({"down_in"}))
+    lora = {m: 4 for m in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
+    assert per_layer() == round(4 * kept(lora) - 7 * H * b)  # 8 norms; the first one's output kept
+    upper_two = per_layer(rank_of=lambda layer, name: 4 if layer >= 2 else 0)
+    assert upper_two == round(2 * kept({}) + 2 * kept(lora) - 3 * H * b)  # layer 2's first norm reads frozen ones
+    rebuilt_in_full = 8 * H * b if precision == "fp32" else 0
+    assert per_layer(method="full") == round(4 * kept({}, "full") - rebuilt_in_full)

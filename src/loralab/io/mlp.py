@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .rebuild import rebuilt_saves, under_saved_tensor_hooks
+
 PARTS = ("gate_proj", "up_proj", "down_proj", "act_fn")
 
 
@@ -56,22 +58,13 @@ class _Product:
         self.gate, self.up, self.shape = gate, up, shape
 
 
-def _under_saved_tensor_hooks() -> bool:
-    """Whether saved-tensor hooks are active (checkpointing's, a measurement's). torch's query is private:
-    where it is missing or differs, answer yes, which only gives up the rebuild."""
-    try:
-        return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
-    except (AttributeError, TypeError):
-        return True
-
-
 def _down_of_product(down: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """down(silu(gate) * up), where whatever down keeps of its input h for backward (LoRA's A needs it)
     is rebuilt from gate and up, which the product keeps anyway: one intermediate-wide tensor per layer
     less, for one SiLU and one product more in backward. Not inside other saved-tensor hooks
     (activation checkpointing, which already drops h) nor while compiling."""
     h = swiglu(gate, up)
-    if not h.requires_grad or torch.compiler.is_compiling() or _under_saved_tensor_hooks():
+    if not h.requires_grad or torch.compiler.is_compiling() or under_saved_tensor_hooks():
         return down(h)
     storage, h_numel = h.untyped_storage().data_ptr(), h.numel()  # not h itself: the hooks must not keep it alive
 
@@ -90,7 +83,9 @@ def _down_of_product(down: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> t
 
 
 def _lean_forward(self, x: torch.Tensor) -> torch.Tensor:
-    return _down_of_product(self.down_proj, self.gate_proj(x), self.up_proj(x))
+    with rebuilt_saves(x):  # x, the norm's output, rebuilt in backward rather than kept (io/rebuild.py)
+        gate, up = self.gate_proj(x), self.up_proj(x)
+    return _down_of_product(self.down_proj, gate, up)
 
 
 @torch.no_grad()

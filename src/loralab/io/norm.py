@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .mlp import forward_matches
+from .rebuild import mark
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,12 +29,24 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.
     return weight * (xf * rstd).to(x.dtype), rstd
 
 
+class _Output:
+    """The norm's output computed again from what _RMSNorm keeps (its input, weight and 1/rms): the recipe
+    io/rebuild.py runs in backward instead of keeping the output for its readers."""
+    __slots__ = ("x", "weight", "rstd")
+
+    def __init__(self, x, weight, rstd):
+        self.x, self.weight, self.rstd = x, weight, rstd
+
+    def __call__(self) -> torch.Tensor:
+        return self.weight * (self.x.to(torch.float32) * self.rstd).to(self.x.dtype)  # _rms_norm's ops
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps: float):
         y, rstd = _rms_norm(x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
-        return y
+        return mark(y, _Output(x, weight, rstd))  # its readers' saves may keep this instead (io/rebuild.py)
 
     @staticmethod
     def backward(ctx, g):

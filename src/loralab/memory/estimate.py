@@ -22,8 +22,10 @@ The decoder's shape and parameter counts come from loralab.arch. Assumptions, in
                                SiLU's output: 3I x b; frozen linears keep no input; down_proj's input,
                                the product, is rebuilt from gate and up, so not kept: stock keeps it)
       LoRA         per distinct input (q/k/v share one, gate/up one) its width x b, kept once for
-                   every reader; per target its dropout mask, a bit per element (packed,
-                   peft/dropout.pack_mask), plus r x b
+                   every reader, except a norm's output where gradient reaches the norm (rebuilt from
+                   the norm's input in backward, io/rebuild.py: all but the first LoRA layer's first norm,
+                   and none in a layer checkpointing recomputes); per target its dropout mask, a bit per
+                   element (packed, peft/dropout.pack_mask), plus r x b
                    (stock_autograd, what plain autograd keeps (PEFT, Lit-GPT): per target a float
                    mask and the dropped input, 2 x width x b)
       QLoRA        bitsandbytes-style 4-bit matmuls also keep the input of every quantized linear
@@ -93,9 +95,9 @@ def _check(method, optimizer, precision, device, attention, r, seq, batch, grad_
 
 def _layer_bytes_per_token(a: Arch, *, b: int, seq: int, eager: bool, method: str, lora: dict, dropout: bool,
                            quantized, saves_quant_inputs: bool, dora: bool = False,
-                           stock_autograd: bool = False) -> float:
+                           stock_autograd: bool = False, rebuilt: frozenset = frozenset()) -> float:
     """Bytes one decoder layer keeps for backward, per token (see the module docstring).
-    lora: this layer's wrapped modules -> rank."""
+    lora: this layer's wrapped modules -> rank; rebuilt: the input groups backward rebuilds (_rebuilt_inputs)."""
     H, Q, K, I = a.hidden, a.q_dim, a.kv_dim, a.inter
     total = 2 * H * (4 if stock_autograd else b)             # RMSNorms: their inputs (io/norm.py; stock: fp32 copies)
     if eager:
@@ -107,21 +109,40 @@ def _layer_bytes_per_token(a: Arch, *, b: int, seq: int, eager: bool, method: st
     # Distinct linear inputs: q/k/v share the first norm's output, gate/up the second's.
     groups = {"attn_in": (("q_proj", "k_proj", "v_proj"), H), "o_in": (("o_proj",), Q),
               "mlp_in": (("gate_proj", "up_proj"), H), "down_in": (("down_proj",), I)}
-    # down_proj's input, the SwiGLU product, is rebuilt from gate and up in backward (io/mlp.py)
-    rebuilt = set() if stock_autograd else {"down_in"}
     if method == "full":
         return total + sum(width for g, (_, width) in groups.items() if g not in rebuilt) * b + 2 * H * 4
     plain = stock_autograd and dropout
     for group, (mods, width) in groups.items():
         wrapped = [m for m in mods if m in lora]
-        if group not in rebuilt and ((wrapped and not plain) or
-                                     (saves_quant_inputs and any(m in quantized for m in mods))):
-            total += width * b  # the input, one storage for every reader (peft/dropout.py)
+        # the input, one storage for every reader (peft/dropout.py); bitsandbytes-style 4-bit matmuls keep
+        # theirs outside autograd's saves, where no rebuild reaches but down_proj's (io/mlp.py passes it h)
+        by_quant = saves_quant_inputs and any(m in quantized for m in mods) \
+            and not (group == "down_in" and group in rebuilt)
+        if (wrapped and not plain and group not in rebuilt) or by_quant:
+            total += width * b
         for m in wrapped:  # its dropout mask's bits (plain: a float mask and the dropped input), A's output;
             # DoRA: the pre-scale output W x + s·B A x
             total += (2 * width * b if plain else width / 8 if dropout else 0) + lora[m] * b
             total += lin[m][1] * b if dora else 0
     return total
+
+
+def _rebuilt_inputs(ranks: list[dict], method: str, precision: str) -> list[frozenset]:
+    """Per decoder layer, the linear-input groups loralab's backward rebuilds instead of keeping: a norm's
+    output where gradient flows into the norm (io/rebuild.py; the first LoRA layer's norm reads frozen
+    activations), down_proj's input, the SwiGLU product, where it has a gradient (io/mlp.py). Full
+    fine-tuning in bf16 runs its fp32 weights under autocast: its linears keep bf16 copies of the norms'
+    outputs, not the outputs themselves, so only the product is rebuilt there."""
+    flows, out = method == "full", []  # full fine-tuning: every norm's weight trains
+    norms = {"attn_in", "mlp_in"} if method != "full" or precision == "fp32" else set()
+    for lora in ranks:
+        groups = {"attn_in"} & norms if flows else set()
+        flows = flows or any(m in lora for m in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        groups |= ({"mlp_in"} & norms) | {"down_in"} if flows else set()
+        flows = flows or any(m in lora for m in ("gate_proj", "up_proj", "down_proj"))
+        groups |= {"down_in"} if any(m in lora for m in ("gate_proj", "up_proj")) else set()
+        out.append(frozenset(groups))
+    return out
 
 
 def _lora_ranks(a: Arch, names, r: int, rank_of) -> tuple[list[dict], int]:
@@ -194,16 +215,21 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
     state = trainable * (OPTIMIZERS[optimizer] if optimizer != "sgd" or sgd_momentum else 0.0)
 
     # Activations
-    per_layer = [_layer_bytes_per_token(a, b=b, seq=seq, eager=eager, method=method,
-                                        lora={} if method == "full" else ranks[i], dropout=lora_dropout > 0,
-                                        quantized=quantized, saves_quant_inputs=qlora_saves_inputs, dora=dora,
-                                        stock_autograd=stock_autograd)
-                 for i in range(a.layers)]
+    layer_ranks = [{} for _ in range(a.layers)] if method == "full" else ranks
+    rebuilt = [frozenset()] * a.layers if stock_autograd else _rebuilt_inputs(layer_ranks, method, precision)
+
+    def layer_bytes(i: int, rebuilt_inputs: frozenset) -> float:
+        return _layer_bytes_per_token(a, b=b, seq=seq, eager=eager, method=method, lora=layer_ranks[i],
+                                      dropout=lora_dropout > 0, quantized=quantized,
+                                      saves_quant_inputs=qlora_saves_inputs, dora=dora,
+                                      stock_autograd=stock_autograd, rebuilt=rebuilt_inputs)
+    per_layer = [layer_bytes(i, rebuilt[i]) for i in range(a.layers)]
     per_token = sum(per_layer) / a.layers
     heap_slack, ckpt_slack = CPU_HEAP_SLACK.get(malloc, CPU_HEAP_SLACK["system"])
     if grad_checkpointing:
-        # the layer being recomputed keeps down_proj's input: io/mlp.py rebuilds it only outside checkpointing
-        layers_bytes = tokens * (a.layers * a.hidden * b + max(per_layer) + (0 if stock_autograd else a.inter * b))
+        # the layer being recomputed keeps every input: nothing is rebuilt under checkpointing's hooks
+        recomputed = max(layer_bytes(i, frozenset()) for i in range(a.layers))
+        layers_bytes = tokens * (a.layers * a.hidden * b + recomputed)
         slack = ckpt_slack * tokens * a.layers * per_token  # the discarded activations leave holes too
     else:
         layers_bytes = tokens * a.layers * per_token
@@ -236,7 +262,7 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
         "breakdown": breakdown,
         "phase": phase,
         "activation_detail": {"per_layer_per_token_bytes": int(round(per_token)), "layers_bytes": int(layers_bytes),
-                              "logits_bytes": int(logits), "heap_slack_bytes": int(slack),
+                              "logits_bytes": int(logits), "heap_slack_bytes": int(round(slack)),
                               "attention": attention},
         "params": {"total": params["total"], "trainable": trainable, "quantized": len(quantized) * a.layers},
         "parts": {k: int(round(v)) for k, v in parts.items()},
