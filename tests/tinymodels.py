@@ -86,3 +86,21 @@ def saved_bytes(exclude=()):
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         yield seen
+
+
+def alive_after_forward(model, ids, refs: list, outer_hooks: bool = False):
+    """Forward (inside a pass-through saved-tensor hook, activation checkpointing's kind, if outer_hooks), then
+    backward of the logits' mean square. `refs`: weakrefs the model's forward hooks append to. Returns whether
+    each was still alive after forward, the logits and the trainable parameters' gradients."""
+    import gc
+
+    torch.manual_seed(2)
+    if outer_hooks:
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            logits = model(input_ids=ids).logits
+    else:
+        logits = model(input_ids=ids).logits
+    gc.collect()
+    alive = [r() is not None for r in refs]
+    logits.float().square().mean().backward()
+    return alive, logits, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}

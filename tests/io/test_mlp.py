@@ -1,6 +1,5 @@
 """The lean SwiGLU keeps gate and up only, computes what the model's own MLP computes bit for bit,
 and leaves any other MLP alone."""
-import gc
 import weakref
 
 import pytest
@@ -11,7 +10,7 @@ from loralab.io.mlp import swiglu, use_lean_swiglu
 from loralab.peft.inject import inject
 from loralab.peft.lora import LoraSpec
 from loralab.peft.targets import resolve_targets
-from tinymodels import saved_bytes, tiny_llama
+from tinymodels import alive_after_forward, saved_bytes, tiny_llama
 
 IDS = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
 
@@ -77,21 +76,12 @@ def test_an_mlp_that_is_not_swiglu_keeps_its_forward():
 
 
 def _product_alive_after_forward(model, outer_hooks: bool):
-    """Runs forward + backward; returns whether each layer's product h (down_proj's input) was still
-    alive after forward, the logits and the LoRA gradients."""
+    """Forward + backward; whether each layer's product h (down_proj's input) was still alive after forward
+    (with outer hooks, checkpointing's kind, the product must keep h itself), the logits, the LoRA gradients."""
     refs = []
     for layer in model.model.layers:
         layer.mlp.down_proj.register_forward_pre_hook(lambda m, args: refs.append(weakref.ref(args[0])))
-    torch.manual_seed(2)
-    if outer_hooks:  # activation checkpointing's kind: the product must keep h itself
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-            logits = model(input_ids=IDS).logits
-    else:
-        logits = model(input_ids=IDS).logits
-    gc.collect()
-    alive = [r() is not None for r in refs]
-    logits.float().square().mean().backward()
-    return alive, logits, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    return alive_after_forward(model, IDS, refs, outer_hooks)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

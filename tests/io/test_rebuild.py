@@ -1,6 +1,5 @@
 """The norms' outputs rebuilt in backward: not kept after forward, gradients bit for bit those of keeping them."""
 import contextlib
-import gc
 import weakref
 
 import pytest
@@ -12,14 +11,18 @@ from loralab.io.norm import use_lean_rmsnorm
 from loralab.io.rebuild import mark, rebuild_attention_inputs, rebuilt_saves
 from loralab.peft.inject import inject
 from loralab.peft.lora import LoraSpec
-from tinymodels import tiny_llama
+from loralab.peft.quant import quantize_model
+from tinymodels import alive_after_forward, tiny_llama
 
 IDS = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
-def _model(dtype, rebuild: bool, attn="sdpa"):
-    model = tiny_llama(0, num_hidden_layers=3, attn_implementation=attn).to(dtype)
+def _model(dtype, rebuild: bool, attn="sdpa", nf4=False):
+    model = tiny_llama(0, num_hidden_layers=3, attn_implementation=attn, hidden_size=64, intermediate_size=128)
+    model = model.to(dtype)
     model.requires_grad_(False)
+    if nf4:  # QLoRA: the frozen linears in NF4 (blocks of 64), computing in dtype
+        quantize_model(model)
     use_lean_swiglu(model)
     use_lean_rmsnorm(model)
     if rebuild:
@@ -39,23 +42,14 @@ def _run(model, outer_hooks=False):
     for layer in model.model.layers:
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
             norm.register_forward_hook(lambda m, args, out: refs.append(weakref.ref(out)))
-    torch.manual_seed(2)
-    if outer_hooks:  # activation checkpointing's kind: the saves keep the outputs themselves
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-            logits = model(input_ids=IDS).logits
-    else:
-        logits = model(input_ids=IDS).logits
-    gc.collect()
-    alive = [r() is not None for r in refs]
-    logits.float().square().mean().backward()
-    return alive, logits, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    return alive_after_forward(model, IDS, refs, outer_hooks)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn,nf4", [("sdpa", False), ("eager", False), ("sdpa", True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_norm_outputs_are_rebuilt_in_backward_bit_for_bit(dtype, attn):
-    _, out0, grads0 = _run(_model(dtype, False, attn))
-    alive, out1, grads1 = _run(_model(dtype, True, attn))
+def test_norm_outputs_are_rebuilt_in_backward_bit_for_bit(dtype, attn, nf4):
+    _, out0, grads0 = _run(_model(dtype, False, attn, nf4))
+    alive, out1, grads1 = _run(_model(dtype, True, attn, nf4))
     # layer 0's first norm reads the frozen embeddings (no gradient flows into it: nothing to rebuild from);
     # every other norm's output is gone after forward, its readers' saves rebuild it
     assert alive == [True] + [False] * 5
