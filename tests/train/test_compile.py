@@ -1,7 +1,11 @@
+import pytest
 import torch
 
 from loralab.data.layout import collate_packed
 from loralab.data.prompts import Encoded
+from loralab.io.mlp import use_lean_swiglu
+from loralab.io.norm import use_lean_rmsnorm
+from loralab.io.rebuild import rebuild_attention_inputs
 from loralab.peft.inject import inject
 from loralab.peft.lora import LoraSpec, lora_modules
 from loralab.train.compile import compile_blocks, decoder_blocks
@@ -16,11 +20,15 @@ def test_decoder_blocks_finds_the_repeated_layers():
     assert decoder_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2))) == []
 
 
-def test_compiled_blocks_train_like_eager_ones():
+@pytest.mark.parametrize("lean", [False, True], ids=["stock", "lean"])
+def test_compiled_blocks_train_like_eager_ones(lean):
     """Dynamo's tracing (the 'eager' backend: fast, no code generation) over LoRA-wrapped blocks
-    gives the eager loss and gradients, on packed batches of two different lengths."""
+    gives the eager loss and gradients, on packed batches of two different lengths; also with the
+    lean norms, SwiGLU and rebuilt attention inputs that io/models.load_weights switches on."""
     def run(compiled):
         model = tiny_llama(seed=5).float()
+        if lean:
+            use_lean_rmsnorm(model), use_lean_swiglu(model), rebuild_attention_inputs(model)
         inject(model, "all-linear", LoraSpec(r=4, alpha=8, dropout=0.0))
         for _, m in lora_modules(model):
             torch.nn.init.normal_(m.lora_B.weight, std=0.02)

@@ -35,8 +35,11 @@ def under_saved_tensor_hooks() -> bool:
 
 
 def mark(t: torch.Tensor, recipe) -> torch.Tensor:
-    """t, carrying `recipe` (called without arguments under no_grad, it returns t's values again)."""
-    setattr(t, _RECIPE, recipe)
+    """t, carrying `recipe` (called without arguments under no_grad, it returns t's values again); while
+    compiling t carries nothing (rebuilt_saves does nothing there, and an attribute set on a traced tensor
+    would break the graph)."""
+    if not torch.compiler.is_compiling():
+        setattr(t, _RECIPE, recipe)
     return t
 
 
