@@ -81,7 +81,7 @@ def main() -> int:
 
     import cpu_lock
     from loralab.config import RunConfig, load_config
-    from loralab.io import rebuild
+    from loralab.io import norm as lean_norm
     from loralab.io.attention import _AUTO_ATTR as AUTO_ATTR
     from loralab.io.attention import RECOMPUTE, register
     from loralab.memory.measure import PeakMemory
@@ -172,7 +172,7 @@ def main() -> int:
         # unfused: LoRA as base layer + two matmuls + add, autograd's composition (peft/fused.py)
         lora_fused.ENABLED = not {"unfused", "plaindrop"} & mods
         lora_fused._kept = where_mask if "wheremask" in mods else bytes_mask
-        rebuild.ENABLED = "keepnorm" not in mods  # keepnorm: the norms' outputs kept, not rebuilt (io/rebuild.py)
+        lean_norm.REBUILT = "keepnorm" not in mods  # keepnorm: the norms' outputs kept, not rebuilt (io/rebuild.py)
         # plaindrop: LoRA's dropout as the plain autograd composition (float mask and dropped input
         # kept per layer), what peft/dropout.low_rank replaces
         lora_variants.low_rank = plain_low_rank if "plaindrop" in mods else fused_low_rank

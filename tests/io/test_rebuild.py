@@ -96,7 +96,7 @@ def test_a_loaded_models_packed_row_trains_bit_for_bit_as_when_the_outputs_are_k
     fp32, the grouped eager core under checkpointing in bf16) gives the same loss and gradients either way."""
     from loralab.data.layout import collate_packed
     from loralab.io import attention as A
-    from loralab.io import rebuild
+    from loralab.io import norm, rebuild
     from loralab.io.models import load_weights
     from loralab.train.loss import loss_sum
     from tinymodels import random_encoded, with_lora
@@ -105,17 +105,20 @@ def test_a_loaded_models_packed_row_trains_bit_for_bit_as_when_the_outputs_are_k
     model = with_lora(load_weights(tiny_folder, dtype), seed=0)
     row = collate_packed(random_encoded([17, 5, 9, 3, 12], seed=5, vocab=60), pad_id=0, one_row=True)
     rebuilt, get = [], rebuild._Rebuilt.get
-    monkeypatch.setattr(rebuild._Rebuilt, "get", lambda self: rebuilt.append(1) or get(self))
-    results = []
-    for enabled in (False, True):
-        monkeypatch.setattr(rebuild, "ENABLED", enabled)
+    monkeypatch.setattr(rebuild._Rebuilt, "get", lambda self: rebuilt.append(type(self.recipe)) or get(self))
+    results, outputs = [], []
+    for kept in (True, False):
+        monkeypatch.setattr(norm, "REBUILT", not kept)
+        rebuilt.clear()
         model.zero_grad(set_to_none=True)
         s, _ = loss_sum(model, row)
         s.backward()
         results.append((s.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}))
+        outputs.append(rebuilt.count(norm._Output))
+        assert len(rebuilt) - outputs[-1] == model.config.num_hidden_layers  # each layer's product, once (io/mlp.py)
     assert model.config._attn_implementation == A.BLOCKS
     layers = model.config.num_hidden_layers  # q, k, v each ask for the first norm's output; gate, up the second's
-    assert len(rebuilt) == 5 * layers - 3  # but the first layer's first norm reads the frozen embeddings
+    assert outputs == [0, 5 * layers - 3]  # but the first layer's first norm reads the frozen embeddings
     (s0, g0), (s1, g1) = results
     assert torch.equal(s0, s1) and g0.keys() == g1.keys() and len(g0) > 0
     for k in g0:

@@ -7,8 +7,8 @@ backward (one elementwise pass over what the product's backward reads anyway); i
 gradients are the composition's bit for bit (aten's own silu_backward).
 
 down_proj's LoRA needs the product h = silu(gate) * up in backward too (A's gradient), so the lean
-forward also hands down_proj's saved input back as gate and up and rebuilds h when backward asks
-(`_down_of_product`): bit for bit, with one intermediate-wide tensor less per layer kept over the step
+forward marks h with how to compute it again from gate and up, and backward rebuilds it
+(`_down_of_product`, io/rebuild.py): bit for bit, with one intermediate-wide tensor less per layer kept over the step
 (the throughput benchmark's peak -4 to -7%, the same step time).
 
 `use_lean_swiglu(model)` gives each MLP whose forward is that composition the lean forward. Which
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .rebuild import rebuilt_saves, under_saved_tensor_hooks
+from .rebuild import mark, rebuilt_saves
 
 PARTS = ("gate_proj", "up_proj", "down_proj", "act_fn")
 
@@ -51,34 +51,25 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 class _Product:
-    """What down_proj's backward gets back instead of the product h: rebuilt from gate and up."""
-    __slots__ = ("gate", "up", "shape")
+    """The product h = silu(gate) * up computed again from gate and up, which the SwiGLU keeps anyway: the
+    recipe io/rebuild.py runs in backward instead of keeping h for down_proj's LoRA."""
+    __slots__ = ("gate", "up")
 
-    def __init__(self, gate, up, shape):
-        self.gate, self.up, self.shape = gate, up, shape
+    def __init__(self, gate, up):
+        self.gate, self.up = gate, up
+
+    def __call__(self) -> torch.Tensor:
+        return F.silu(self.gate) * self.up  # swiglu's forward: the same values bit for bit
 
 
 def _down_of_product(down: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """down(silu(gate) * up), where whatever down keeps of its input h for backward (LoRA's A needs it)
-    is rebuilt from gate and up, which the product keeps anyway: one intermediate-wide tensor per layer
-    less, for one SiLU and one product more in backward. Not inside other saved-tensor hooks
-    (activation checkpointing, which already drops h) nor while compiling."""
+    is rebuilt from gate and up (io/rebuild.py): one intermediate-wide tensor per layer less, for one
+    SiLU and one product more in backward."""
     h = swiglu(gate, up)
-    if not h.requires_grad or torch.compiler.is_compiling() or under_saved_tensor_hooks():
-        return down(h)
-    storage, h_numel = h.untyped_storage().data_ptr(), h.numel()  # not h itself: the hooks must not keep it alive
-
-    def pack(t):
-        same = t.untyped_storage().data_ptr() == storage and t.numel() == h_numel
-        return _Product(gate, up, t.shape) if same else t
-
-    def unpack(p):
-        if not isinstance(p, _Product):
-            return p
-        with torch.no_grad():
-            return (F.silu(p.gate) * p.up).reshape(p.shape)  # swiglu's forward: the same values bit for bit
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+    if h.requires_grad:
+        mark(h, _Product(gate, up))
+    with rebuilt_saves(h):
         return down(h)
 
 

@@ -11,7 +11,8 @@ the forward's values. Nothing changes inside other saved-tensor hooks (activatio
 drops these saves anyway; a measurement's) nor while compiling.
 
 `rebuild_attention_inputs(model)` puts every decoder layer's attention under it (its input is the first
-norm's output); io/mlp.py's lean forward does the same for gate and up.
+norm's output); io/mlp.py's lean forward does the same for gate and up, and marks its product h
+(rebuilt from gate and up for down_proj).
 """
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ import types
 import torch
 from torch import nn
 
-ENABLED = True  # benchmarks/levers_ab.py's `keepnorm` variant turns it off to compare
 _RECIPE = "_loralab_rebuild"  # the attribute a marked tensor carries: a no-argument function of its values
 
 
@@ -60,7 +60,7 @@ class _Rebuilt:
 def rebuilt_saves(y: torch.Tensor | None):
     """A context under which saves of the marked tensor y keep its recipe (a no-op for anything else)."""
     recipe = getattr(y, _RECIPE, None)
-    if recipe is None or not ENABLED or torch.compiler.is_compiling() or under_saved_tensor_hooks():
+    if recipe is None or torch.compiler.is_compiling() or under_saved_tensor_hooks():
         return contextlib.nullcontext()
     # y's place, not y itself: the hooks must not keep it alive
     place = (y.untyped_storage().data_ptr(), y.storage_offset(), y.numel())
