@@ -1,5 +1,5 @@
 """The packed blocks' attention core in bf16: the model's own eager function under checkpointing
-(`loralab.io.attention._eager_recompute`, what the blocks ran before 2026-12-05) against the core they run
+(`loralab.model.attention._eager_recompute`, what the blocks ran before 2026-12-05) against the core they run
 now (`_grouped_recompute`: q's heads grouped per K/V head instead of K and V repeated, the scale applied to
 q, the mask added in place, softmax written in bf16).
 
@@ -37,8 +37,8 @@ def main() -> int:
 
     import cpu_lock
     from loralab.config import RunConfig
-    from loralab.io.attention import RECOMPUTE, _Blocks, _eager_recompute, _grouped_recompute
     from loralab.io.models import load_tokenizer, resolve
+    from loralab.model.attention import RECOMPUTE, _Blocks, _eager_recompute, _grouped_recompute
     from loralab.train.loop import micro_batches
     from workload import MODEL, encoded_data
 
@@ -47,7 +47,7 @@ def main() -> int:
     module = LlamaAttention(config, layer_idx=0).train()
     tok = load_tokenizer(folder)
     cfg = RunConfig()
-    cfg.train.batch_size, cfg.train.packing = 8, True
+    cfg.train.batch_size, cfg.model.packing = 8, True
     batch = next(islice(micro_batches(encoded_data(tok, 128, 42)[0], cfg.train, tok.pad_token_id, one_row=True),
                         a.batch, None))
     blocks = _Blocks.of(batch["position_ids"].reshape(-1))
@@ -89,7 +89,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    from loralab.allocator import reexec_with_allocator
+    from loralab.runtime.allocator import reexec_with_allocator
 
     reexec_with_allocator()
     sys.exit(main())

@@ -1,5 +1,5 @@
 """Eager, eager with its core recomputed, and SDPA attention by row length: the measurement behind
-`model.attn_implementation=auto` on the CPU (eager_recompute up to `loralab.io.attention.eager_max_row()`
+`model.attn_implementation=auto` on the CPU (eager_recompute up to `loralab.model.attention.eager_max_row()`
 tokens per row, SDPA beyond).
 
     .venv/bin/python benchmarks/attention_rows.py [--lengths 128,256,512,1024,2048] [--tokens 1024]
@@ -43,7 +43,7 @@ def main() -> int:
 
     import cpu_lock
     from loralab.config import RunConfig
-    from loralab.io.attention import eager_max_row, register
+    from loralab.model.attention import eager_max_row, register
     from loralab.prepare import setup_model
     from loralab.train.loss import loss_sum
     from workload import LORA, MODEL

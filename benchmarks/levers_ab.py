@@ -27,11 +27,11 @@ Variants (switchable at run time on one loaded model; combine with '+', e.g. chu
             was before peft/fused._kept read the mask as bytes
   unfused   each LoRA layer as base layer, then A and B, then an add (autograd's composition),
             what peft/fused.py's one function per layer replaced
-  plainmlp  the model's own SwiGLU forward (keeps SiLU's output too), what io/mlp.py replaced
-  plainnorm the model's own RMSNorm forward (keeps an fp32 copy of its input), what io/norm.py replaced
-  keepnorm  the norms' outputs kept for their readers' backward, what io/rebuild.py rebuilds instead
+  plainmlp  the model's own SwiGLU forward (keeps SiLU's output too), what model/mlp.py replaced
+  plainnorm the model's own RMSNorm forward (keeps an fp32 copy of its input), what model/norm.py replaced
+  keepnorm  the norms' outputs kept for their readers' backward, what model/rebuild.py rebuilds instead
   noprefix  the same examples without a shared prefix (train.shared_prefix=false): every row runs the
-            first tokens all examples share, what loralab.train.prefix spares
+            first tokens all examples share, what loralab.model.shared_prefix spares
   rowsN     shared-prefix rows of at least N tokens instead of data.layout.SHARED_ROW_TOKENS (e.g. rows128)
   qlora     a second model with NF4 frozen weights (model.quant=nf4), stepped on the same batches
             (alone, not combined; its peak RSS includes the other model's weights, ~0.3 GB)
@@ -81,10 +81,10 @@ def main() -> int:
 
     import cpu_lock
     from loralab.config import RunConfig, load_config
-    from loralab.io import norm as lean_norm
-    from loralab.io.attention import _AUTO_ATTR as AUTO_ATTR
-    from loralab.io.attention import RECOMPUTE, register
     from loralab.memory.measure import PeakMemory
+    from loralab.model import norm as lean_norm
+    from loralab.model.attention import _AUTO_ATTR as AUTO_ATTR
+    from loralab.model.attention import RECOMPUTE, register
     from loralab.prepare import setup_model
     from loralab.study.spec import DEMO_CONFIG
     from loralab.train.heap import malloc_trim, trim_heap_in_forward
@@ -96,7 +96,7 @@ def main() -> int:
     cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout = LORA["r"], LORA["alpha"], LORA["dropout"]
     if a.workload == "demo":  # the demo's own LoRA (its rank, no dropout, `make demo`'s layers)
         cfg.lora = load_config(DEMO_CONFIG, demo_overrides()).lora
-    cfg.train.batch_size, cfg.train.packing, cfg.train.precision = a.batch, not a.unpacked, a.precision
+    cfg.train.batch_size, cfg.model.packing, cfg.train.precision = a.batch, not a.unpacked, a.precision
     model, tok, _, info = setup_model(cfg, torch.device("cpu"))
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]
     models = {"main": model}
@@ -115,7 +115,7 @@ def main() -> int:
                             max_seq_len=cfg.data.max_seq_len)
     else:
         enc, _ = encoded_data(tok, a.rounds * a.batch, 42)
-    # the loop's own micro batches (train.packing and train.shared_prefix decide the layout): `rounds` of them
+    # the loop's own micro batches (model.packing and train.shared_prefix decide the layout): `rounds` of them
     import loralab.data.layout as layout
 
     def loop_batches(shared_prefix=True, row_tokens=layout.SHARED_ROW_TOKENS):
@@ -172,7 +172,7 @@ def main() -> int:
         # unfused: LoRA as base layer + two matmuls + add, autograd's composition (peft/fused.py)
         lora_fused.ENABLED = not {"unfused", "plaindrop"} & mods
         lora_fused._kept = where_mask if "wheremask" in mods else bytes_mask
-        lean_norm.REBUILT = "keepnorm" not in mods  # keepnorm: the norms' outputs kept, not rebuilt (io/rebuild.py)
+        lean_norm.REBUILT = "keepnorm" not in mods  # keepnorm: the norms' outputs kept, not rebuilt (model/rebuild.py)
         # plaindrop: LoRA's dropout as the plain autograd composition (float mask and dropped input
         # kept per layer), what peft/dropout.low_rank replaces
         lora_variants.low_rank = plain_low_rank if "plaindrop" in mods else fused_low_rank
@@ -183,7 +183,7 @@ def main() -> int:
                     vars(m).pop("forward", None)
                 else:
                     m.forward = forward
-        # a fixed attention must not be switched back by `auto`'s per-batch choice (io/attention.py)
+        # a fixed attention must not be switched back by `auto`'s per-batch choice (model/attention.py)
         fixed = "sdpa" if "sdpa" in mods else RECOMPUTE if "recompute" in mods else None
         setattr(model, AUTO_ATTR, auto and fixed is None)
         if fixed == RECOMPUTE:

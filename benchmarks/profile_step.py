@@ -49,7 +49,7 @@ def main() -> int:
 
     import cpu_lock
     from loralab.config import RunConfig
-    from loralab.io.attention import packs_one_row
+    from loralab.model.attention import packs_one_row
     from loralab.prepare import setup_model
     from loralab.train.loop import micro_batches
     from loralab.train.step import accumulate_gradients
@@ -58,7 +58,7 @@ def main() -> int:
     cfg = RunConfig()
     cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout = LORA["r"], LORA["alpha"], LORA["dropout"]
     cfg.model.attn_implementation = a.attn
-    cfg.train.batch_size, cfg.train.packing, cfg.train.precision = a.batch, a.packed, a.precision
+    cfg.train.batch_size, cfg.model.packing, cfg.train.precision = a.batch, a.packed, a.precision
     model, tok, _, _ = setup_model(cfg, torch.device("cpu"))
     enc, _ = encoded_data(tok, a.examples, 42)
     one_row = a.packed and packs_one_row(model)  # the layout the loop gives this model
@@ -104,7 +104,7 @@ def main() -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from loralab.allocator import reexec_with_allocator
+    from loralab.runtime.allocator import reexec_with_allocator
 
     # the malloc the `loralab` command runs on: on glibc's, the output layer's fresh 50 MB buffers fault
     # their pages in on every use, and its dtype copies showed 6-8% of a bf16 step instead of <1%

@@ -28,7 +28,7 @@ without bf16 (AVX2-only) on any CPU.
     metrics.jsonl (each step's elapsed time and loss). Levers are its config keys.
   - packed: the same, with the packing lever (`loralab.data.layout`): each micro batch (the very
     examples of the unpacked run) laid end to end in fewer rows, position ids restarting per
-    example, block-diagonal causal attention: `train.packing=true` (the default of `loralab
+    example, block-diagonal causal attention: `model.packing=true` (the default of `loralab
     train`; the plain side sets it false to show what packing gives).
 Each side runs in its own process, so its peak memory (peak RSS of the training phase, via
 `loralab.memory.measure.PeakMemory`, the same measurement for all: run_training's own for loralab)
@@ -224,7 +224,7 @@ def main(argv=None) -> int:
     ap.add_argument("--qlora-batch", type=int, default=None, help="micro batch of the QLoRA check (default --batch)")
     ap.add_argument("--baseline-allocator", choices=["system", "same"], default="system",
                     help="the Hugging Face sides' malloc: the system's (as their users run them) or the one "
-                         "the loralab command preloads (LORALAB_ALLOCATOR, loralab/allocator.py)")
+                         "the loralab command preloads (LORALAB_ALLOCATOR, loralab/runtime/allocator.py)")
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the workers")
     ap.add_argument("--no-lock", action="store_true", help="do not wait for / take /tmp/loralab_cpu_lock")
     ap.add_argument("--json", default=None)

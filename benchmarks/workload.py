@@ -26,7 +26,7 @@ def worker_env(loralab_side: bool) -> dict:
     (loralab/allocator.py), the Hugging Face sides on the system's, as their users run them."""
     import os
 
-    from loralab.allocator import preload_env
+    from loralab.runtime.allocator import preload_env
 
     env = dict(os.environ, PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
     return (preload_env(env) or env) if loralab_side else env

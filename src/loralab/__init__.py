@@ -1,5 +1,5 @@
 """loralab: a LoRA/QLoRA fine-tuning lab for causal language models."""
-from .onednn import bound_primitive_cache
+from .runtime.onednn import bound_primitive_cache
 
 bound_primitive_cache()  # before torch builds any matmul primitive (onednn.py says why)
 

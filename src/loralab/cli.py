@@ -10,10 +10,10 @@ import logging
 import os
 import sys
 
-from .allocator import active as active_allocator
-from .allocator import reexec_with_allocator
 from .errors import UserError
 from .peft.presets import COMBINE_METHODS, TARGET_PRESETS
+from .runtime.allocator import active as active_allocator
+from .runtime.allocator import reexec_with_allocator
 
 
 def cmd_train(args) -> int:

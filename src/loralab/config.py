@@ -28,7 +28,7 @@ class ModelConfig:
     quant: str = "none"               # none | nf4: how frozen base linears are stored (nf4 = QLoRA)
     quant_all_linear: bool = False    # with nf4: also quantize frozen linears LoRA does not wrap
     trust_remote_code: bool = False
-    attn_implementation: str = "auto"  # auto | eager | eager_recompute | sdpa (io/attention.py)
+    attn_implementation: str = "auto"  # auto | eager | eager_recompute | sdpa (model/attention.py)
 
 
 @dataclass

@@ -173,7 +173,7 @@ def test_eager_attention_grows_quadratically_and_sdpa_linearly():
 
 
 def test_auto_attention_on_a_bf16_cpu_is_recomputed_eager_up_to_its_row_limit_and_sdpa_beyond():
-    from loralab.io.attention import RECOMPUTE, eager_max_row
+    from loralab.model.attention import RECOMPUTE, eager_max_row
 
     limit = eager_max_row()  # this CPU's (AMX or not)
     cfg = A.resolve_model_config("smollm2-135m")
@@ -361,9 +361,9 @@ def test_lora_dropout_costs_one_bit_per_input_element_as_measured():
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_norm_outputs_rebuilt_in_backward_leave_the_estimate_where_gradient_reaches_the_norm(precision):
-    """io/rebuild.py keeps no norm output where the norm has a gradient to rebuild it from: every norm but the
+    """model/rebuild.py keeps no norm output where the norm has a gradient to rebuild it from: every norm but the
     first LoRA layer's first one (it reads frozen activations); full fine-tuning in bf16 keeps autocast's
-    copies instead (tests/io/test_rebuild.py: what is freed)."""
+    copies instead (tests/model/test_rebuild.py: what is freed)."""
     hf = tiny_llama_config(num_hidden_layers=4).to_dict()
     a, H, b = E.arch_from_config(hf), 32, E.PRECISIONS[precision]
     kw = dict(r=4, seq=16, batch=1, device="cpu", precision=precision, attention="sdpa")

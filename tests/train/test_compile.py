@@ -3,9 +3,9 @@ import torch
 
 from loralab.data.layout import collate_packed
 from loralab.data.prompts import Encoded
-from loralab.io.mlp import use_lean_swiglu
-from loralab.io.norm import use_lean_rmsnorm
-from loralab.io.rebuild import rebuild_attention_inputs
+from loralab.model.mlp import use_lean_swiglu
+from loralab.model.norm import use_lean_rmsnorm
+from loralab.model.rebuild import rebuild_attention_inputs
 from loralab.peft.inject import inject
 from loralab.peft.lora import LoraSpec, lora_modules
 from loralab.train.compile import compile_blocks, decoder_blocks

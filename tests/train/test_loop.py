@@ -122,7 +122,7 @@ def test_eval_every_records_validation_history():
 
 
 def test_packed_training_equals_padded_training():
-    """train.packing changes only the layout of each micro batch: same losses, same adapter."""
+    """model.packing changes only the layout of each micro batch: same losses, same adapter."""
     data = _examples(12)
     runs = {}
     for packing in (False, True):
@@ -149,7 +149,7 @@ def test_packing_falls_back_to_padding_for_a_model_that_ignores_positions(monkey
     monkeypatch.setattr(step_mod, "accumulate_gradients",
                         lambda model, micro, **kw: (seen.extend(micro), real(model, micro, **kw))[1])
     cfg = TrainConfig(lr=1e-2, batch_size=4, max_steps=2, progress=False, packing=True)
-    with pytest.warns(UserWarning, match="train.packing"):
+    with pytest.warns(UserWarning, match="model.packing"):
         train(_lora_model(), _examples(8), cfg, pad_id=0)
     assert seen and all("position_ids" not in b for b in seen)
 

@@ -8,7 +8,7 @@ import loralab.train.loop as loop
 import loralab.train.precision as precision
 from loralab.config import TrainConfig
 from loralab.data.prompts import Encoded
-from loralab.io import cpu
+from loralab.runtime import cpu
 from tinymodels import tiny_llama
 
 

@@ -2,19 +2,19 @@
 
 Instruction data mixes very short and long examples (a 20-token arithmetic question next to a
 300-token chat answer); padded to the longest, most of a batch is padding that the model still
-computes. `collate_packed` (config `train.packing`) takes the examples of ONE micro batch, the same
+computes. `collate_packed` (config `model.packing`) takes the examples of ONE micro batch, the same
 ones `batching.collate` would get, and lays them end to end in as few rows as possible (first-fit
 decreasing into rows as wide as the longest example), a pure function of the data. Position ids
 restart at 0 for every example; with block-diagonal causal attention (each token sees only earlier
 tokens of its own example) every example's logits, loss and gradient are those of the unpacked
 batch: the same computation with less padding. The first label of each example is masked, as the
 loss never predicts position 0 of an unpacked row. How the model is fed such a batch, and the check
-that it honours restarting positions, is the model's half: loralab.train.packing.
+that it honours restarting positions, is the model's half: loralab.model.packing.
 
 A shared prefix (`collate_shared`, config `train.shared_prefix`): when every example of a micro
 batch starts with the same tokens that no label needs (a chat template's system prompt, a task's
 "Question: What is"), each row holds them once, followed by several examples' own tokens (positions
-from k). The model's mask lets each example see the prefix and itself (loralab.train.prefix), so
+from k). The model's mask lets each example see the prefix and itself (loralab.model.shared_prefix), so
 every example's logits are again those of the plain batch, computed over fewer tokens.
 """
 from __future__ import annotations
@@ -66,7 +66,7 @@ def collate_packed(encoded_list: Sequence, pad_id: int, capacity: int | None = N
     position_ids instead, see `packed_inputs`), position_ids (0, 1, ... per example; the padding
     at a row's end is one more segment, so no real token attends to it). one_row: those rows end
     to end in a single row, without padding (for an attention that computes them as blocks:
-    io.attention.BLOCKS)."""
+    model.attention.BLOCKS)."""
     rows = pack_rows(_checked_lengths(encoded_list, pad_id), capacity)
     return _lay_out(encoded_list, pad_id, [], [[i for row in rows for i in row]] if one_row else rows)
 

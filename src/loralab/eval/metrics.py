@@ -12,7 +12,7 @@ from ..data.batching import left_pad
 from ..data.layout import shared_prefix_length
 from ..data.prompts import render_prompt, stop_token_ids
 from ..data.tasks import answer_matches
-from ..io.prefix import MIN_SHARED_ROWS, cache_kwarg, prefix_cache
+from ..model.prefix_cache import MIN_SHARED_ROWS, cache_kwarg, prefix_cache
 from ..peft.lora import zero_updates_skipped
 
 
@@ -71,7 +71,7 @@ def _batch_inputs(model, ids: list[list[int]], pad_id: int, device, share: bool)
     if p * (len(ids) - 1) >= MIN_SHARED_ROWS:
         prefix = torch.tensor([ids[0][:p]], dtype=torch.long, device=device)
         cache = prefix_cache(model, prefix)
-    if cache is None:  # nothing worth sharing, or a model whose cache cannot be shared (io.prefix)
+    if cache is None:  # nothing worth sharing, or a model whose cache cannot be shared (model.prefix_cache)
         input_ids, attention_mask = left_pad(ids, pad_id)
         return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
     cache.batch_repeat_interleave(len(ids))

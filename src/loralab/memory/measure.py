@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from ..allocator import active as active_allocator
-from ..allocator import release_free_pages
+from ..runtime.allocator import active as active_allocator
+from ..runtime.allocator import release_free_pages
 
 _STATUS = Path("/proc/self/status")
 

@@ -19,8 +19,8 @@ import warnings
 import torch
 from torch import nn
 
-from ..allocator import active as active_allocator
-from ..allocator import malloc_trim
+from ..runtime.allocator import active as active_allocator
+from ..runtime.allocator import malloc_trim
 from .compile import decoder_blocks
 
 TRIM_EVERY = 10  # blocks between trims: one trim before the last block alone saved half as much (-10%) for 4-8%

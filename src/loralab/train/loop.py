@@ -20,14 +20,14 @@ from ..config import TrainConfig
 from ..data.batching import collate, micro_batch_indices, rank_share
 from ..data.layout import collate_packed, collate_shared, label_free_prefix, plain_slots, shared_slots
 from ..errors import UserError
-from ..io.attention import packs_one_row
+from ..model.attention import packs_one_row
+from ..model.packing import packing_supported
+from ..model.shared_prefix import shared_prefix_supported
 from .distributed import SINGLE, Dist, all_sum, wrap
 from .heap import trim_heap_in_forward
 from .loss import LossModule, mean_loss
 from .optim import build_optimizer, build_scheduler, plan_steps
-from .packing import packing_supported
 from .precision import resolve_precision
-from .prefix import shared_prefix_supported
 from .state import LoopState, TrainResult, restore, set_rng, set_seed
 from .step import WEIGHT, train_step
 
@@ -108,7 +108,7 @@ def train(model: torch.nn.Module, train_data: list, cfg: TrainConfig, *, pad_id:
     one_row = cfg.packing and not cfg.compile and packs_one_row(model)
     if cfg.packing and not packing_supported(model, pad_id):
         # packing relies on the model honouring restarting position ids; otherwise examples would mix
-        warnings.warn("train.packing: this model ignores packed position ids; training on padded batches",
+        warnings.warn("model.packing: this model ignores packed position ids; training on padded batches",
                       stacklevel=2)
         cfg = dataclasses.replace(cfg, packing=False)
     if cfg.shared_prefix and not shared_prefix_supported(model, pad_id):

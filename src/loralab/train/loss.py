@@ -9,8 +9,8 @@ runs the decoder body, keeps only the hidden states of labelled positions, and a
 layer to those alone, in row chunks whose logits are recomputed in backward instead of stored.
 Models whose head does more than a linear map (logit soft-capping, scaling) are detected by a
 one-time comparison with the model's own logits and fall back to the plain path. Packed batches
-(restarting position ids, loralab.train.packing) and batches with a shared prefix
-(loralab.train.prefix) go through the same code.
+(restarting position ids, loralab.model.packing) and batches with a shared prefix
+(loralab.model.shared_prefix) go through the same code.
 """
 from __future__ import annotations
 
@@ -22,10 +22,10 @@ from torch.utils.checkpoint import checkpoint
 
 from ..data.batching import collate, rank_share
 from ..data.prompts import IGNORE_INDEX
-from ..io.attention import attention_for_rows
+from ..model.attention import attention_for_rows
+from ..model.packing import packed_inputs, positions_into
+from ..model.shared_prefix import shared_prefix_inputs
 from .distributed import SINGLE, Dist, all_sum
-from .packing import packed_inputs, positions_into
-from .prefix import shared_prefix_inputs
 
 CHUNK_ROWS = 1024  # labelled positions per output-layer chunk: bounds logits memory to rows x vocab
 FROZEN_HEAD_ROWS = 256  # a frozen head's chunks: its logits live only inside forward, so smaller is free
@@ -168,7 +168,7 @@ def _plain_or_selected(model, batch: dict, chunk_rows: int) -> tuple[torch.Tenso
 def loss_sum(model, batch: dict, chunk_rows: int = CHUNK_ROWS) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over unmasked labels (fp32), and how many tokens it covers.
     A packed batch (with position_ids) feeds every call of the decoder body its restarting positions;
-    one with a shared prefix (in each row once) gets its mask from loralab.train.prefix.
+    one with a shared prefix (in each row once) gets its mask from loralab.model.shared_prefix.
     A CPU model on 'auto' attention switches to what the batch's row length calls for, or, for a
     packed micro batch in one row, to the attention that computes its examples as blocks."""
     if "position_ids" not in batch or "shared_prefix" in batch:

@@ -10,9 +10,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ..io import cpu
 from ..io.fileio import write_json
 from ..io.models import cache_root
+from ..runtime import cpu
 
 PRECISIONS = ("bf16", "fp32")
 

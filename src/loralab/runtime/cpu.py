@@ -1,6 +1,6 @@
 """What the CPU offers: its flags (/proc/cpuinfo) and the instructions oneDNN is allowed to use.
 
-The one home of these checks: train/precision.py decides bf16 from them, io/attention.py the attention
+The one home of these checks: train/precision.py decides bf16 from them, model/attention.py the attention
 kernel (SDPA's bf16 kernels run on AMX tiles where the CPU has them)."""
 from __future__ import annotations
 

@@ -7,8 +7,8 @@ import pytest
 import yaml
 
 from cli_cases import base_config
-from loralab import allocator
 from loralab.errors import UserError
+from loralab.runtime import allocator
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is Linux's")
 
@@ -63,7 +63,7 @@ def test_the_dependency_ships_mimalloc():
     assert allocator.find("mimalloc") is not None
 
 
-REEXEC = ("import os, sys; from loralab.allocator import reexec_with_allocator, active; "
+REEXEC = ("import os, sys; from loralab.runtime.allocator import reexec_with_allocator, active; "
           "pid = os.getpid(); reexec_with_allocator(); print(pid, os.getpid(), active(), sys.argv[1:])")
 
 
@@ -94,7 +94,7 @@ def test_loralab_train_reports_the_malloc_it_ran_on(tiny_folder, tmp_path):
     assert "malloc: mimalloc" in proc.stdout
 
 
-RELEASE = ("import os; from loralab.allocator import reexec_with_allocator, active, release_free_pages; "
+RELEASE = ("import os; from loralab.runtime.allocator import reexec_with_allocator, active, release_free_pages; "
     "reexec_with_allocator(); "
     "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE') >> 20; "
     "blocks = [bytearray(65536) for _ in range(8000)]; full = rss(); del blocks; release_free_pages(); "

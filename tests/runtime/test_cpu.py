@@ -1,8 +1,8 @@
-"""The CPU's flags and oneDNN's cap decide bf16 (train/precision.py) and the attention kernel (io/attention.py)."""
+"""The CPU's flags and oneDNN's cap decide bf16 (train/precision.py) and the attention kernel (model/attention.py)."""
 import pytest
 
-from loralab.io import attention as A
-from loralab.io import cpu
+from loralab.model import attention as A
+from loralab.runtime import cpu
 
 AMX_CPU = "model name\t: Some Xeon\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
 BF16_CPU = AMX_CPU.replace(" amx_bf16 amx_tile", "")

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from loralab.io.mlp import use_lean_swiglu
-from loralab.io.norm import use_lean_rmsnorm
-from loralab.io.rebuild import mark, rebuild_attention_inputs, rebuilt_saves
+from loralab.model.mlp import use_lean_swiglu
+from loralab.model.norm import use_lean_rmsnorm
+from loralab.model.rebuild import mark, rebuild_attention_inputs, rebuilt_saves
 from loralab.peft.inject import inject
 from loralab.peft.lora import LoraSpec
 from loralab.peft.quant import quantize_model
@@ -95,9 +95,9 @@ def test_a_loaded_models_packed_row_trains_bit_for_bit_as_when_the_outputs_are_k
     """load_weights puts every attention under rebuilt_saves; a packed row (its attention in blocks: SDPA in
     fp32, the grouped eager core under checkpointing in bf16) gives the same loss and gradients either way."""
     from loralab.data.layout import collate_packed
-    from loralab.io import attention as A
-    from loralab.io import norm, rebuild
     from loralab.io.models import load_weights
+    from loralab.model import attention as A
+    from loralab.model import norm, rebuild
     from loralab.train.loss import loss_sum
     from tinymodels import random_encoded, with_lora
 
@@ -115,7 +115,7 @@ def test_a_loaded_models_packed_row_trains_bit_for_bit_as_when_the_outputs_are_k
         s.backward()
         results.append((s.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}))
         outputs.append(rebuilt.count(norm._Output))
-        assert len(rebuilt) - outputs[-1] == model.config.num_hidden_layers  # each layer's product, once (io/mlp.py)
+        assert len(rebuilt) - outputs[-1] == model.config.num_hidden_layers  # each layer's product, once (model/mlp.py)
     assert model.config._attn_implementation == A.BLOCKS
     layers = model.config.num_hidden_layers  # q, k, v each ask for the first norm's output; gate, up the second's
     assert outputs == [0, 5 * layers - 3]  # but the first layer's first norm reads the frozen embeddings

@@ -1,13 +1,13 @@
-"""A packed micro batch in one row, its attention computed as blocks of whole examples (io.attention.BLOCKS)."""
+"""A packed micro batch in one row, its attention computed as blocks of whole examples (model.attention.BLOCKS)."""
 import pytest
 import torch
 
 from loralab.data.batching import collate
 from loralab.data.layout import collate_packed, pack_rows
-from loralab.io import attention as A
 from loralab.io.models import load_weights
+from loralab.model import attention as A
+from loralab.model.packing import packed_inputs, packing_supported
 from loralab.train.loss import loss_sum
-from loralab.train.packing import packed_inputs, packing_supported
 from tinymodels import random_encoded, saved_bytes, with_lora
 
 LENGTHS = [17, 5, 9, 3, 12, 4, 8, 6, 15]

@@ -25,7 +25,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 ENV = "LORALAB_ALLOCATOR"
 CHOICES = ("auto", "tcmalloc", "mimalloc", "jemalloc", "system")

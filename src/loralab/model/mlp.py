@@ -8,7 +8,7 @@ gradients are the composition's bit for bit (aten's own silu_backward).
 
 down_proj's LoRA needs the product h = silu(gate) * up in backward too (A's gradient), so the lean
 forward marks h with how to compute it again from gate and up, and backward rebuilds it
-(`_down_of_product`, io/rebuild.py): bit for bit, with one intermediate-wide tensor less per layer kept over the step
+(`_down_of_product`, model/rebuild.py): bit for bit, with one intermediate-wide tensor less per layer kept over the step
 (the throughput benchmark's peak -4 to -7%, the same step time).
 
 `use_lean_swiglu(model)` gives each MLP whose forward is that composition the lean forward. Which
@@ -52,7 +52,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 class _Product:
     """The product h = silu(gate) * up computed again from gate and up, which the SwiGLU keeps anyway: the
-    recipe io/rebuild.py runs in backward instead of keeping h for down_proj's LoRA."""
+    recipe model/rebuild.py runs in backward instead of keeping h for down_proj's LoRA."""
     __slots__ = ("gate", "up")
 
     def __init__(self, gate, up):
@@ -64,7 +64,7 @@ class _Product:
 
 def _down_of_product(down: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """down(silu(gate) * up), where whatever down keeps of its input h for backward (LoRA's A needs it)
-    is rebuilt from gate and up (io/rebuild.py): one intermediate-wide tensor per layer less, for one
+    is rebuilt from gate and up (model/rebuild.py): one intermediate-wide tensor per layer less, for one
     SiLU and one product more in backward."""
     h = swiglu(gate, up)
     if h.requires_grad:
@@ -74,7 +74,7 @@ def _down_of_product(down: nn.Module, gate: torch.Tensor, up: torch.Tensor) -> t
 
 
 def _lean_forward(self, x: torch.Tensor) -> torch.Tensor:
-    with rebuilt_saves(x):  # x, the norm's output, rebuilt in backward rather than kept (io/rebuild.py)
+    with rebuilt_saves(x):  # x, the norm's output, rebuilt in backward rather than kept (model/rebuild.py)
         gate, up = self.gate_proj(x), self.up_proj(x)
     return _down_of_product(self.down_proj, gate, up)
 
@@ -82,7 +82,7 @@ def _lean_forward(self, x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def forward_matches(m: nn.Module, lean_forward, width: int, like: torch.Tensor) -> bool:
     """Whether m's own forward returns exactly lean_forward(m, x) on a small seeded input of `width`
-    features in `like`'s dtype and device (also io/norm.py's check)."""
+    features in `like`'s dtype and device (also model/norm.py's check)."""
     g = torch.Generator(device=like.device).manual_seed(0)  # not the global RNG: training's draws stay as they were
     x = torch.randn(2, 3, width, generator=g, device=like.device).to(like.dtype)
     try:

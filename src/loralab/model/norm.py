@@ -8,8 +8,8 @@ itself (the bf16 tensor) and the reciprocal rms, and forms the input gradient in
     y = w * (x r),  r = 1 / sqrt(mean(x^2) + eps)   =>   dx = r (gh - xhat mean(gh xhat)),  gh = g w,  xhat = x r
 
 Its forward is the module's own, bit for bit; its gradients equal autograd's up to the order of float sums
-(tests/io/test_norm.py). `use_lean_rmsnorm(model)` switches each norm whose forward is exactly that (checked on
-a seeded input, as io/mlp.py checks SwiGLU); others (Gemma's 1 + w, LayerNorm, remote code) keep theirs.
+(tests/model/test_norm.py). `use_lean_rmsnorm(model)` switches each norm whose forward is exactly that (checked on
+a seeded input, as model/mlp.py checks SwiGLU); others (Gemma's 1 + w, LayerNorm, remote code) keep theirs.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ REBUILT = True  # benchmarks/levers_ab.py's `keepnorm` variant turns it off: out
 
 class _Output:
     """The norm's output computed again from what _RMSNorm keeps (its input, weight and 1/rms): the recipe
-    io/rebuild.py runs in backward instead of keeping the output for its readers."""
+    model/rebuild.py runs in backward instead of keeping the output for its readers."""
     __slots__ = ("x", "weight", "rstd")
 
     def __init__(self, x, weight, rstd):
@@ -49,7 +49,7 @@ class _RMSNorm(torch.autograd.Function):
     def forward(ctx, x, weight, eps: float):
         y, rstd = _rms_norm(x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
-        # its readers' saves may keep this recipe instead of y (io/rebuild.py)
+        # its readers' saves may keep this recipe instead of y (model/rebuild.py)
         return mark(y, _Output(x, weight, rstd)) if REBUILT else y
 
     @staticmethod

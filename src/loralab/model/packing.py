@@ -6,7 +6,7 @@ mask, transformers (Llama, Qwen2, Mistral, ... via `masking_utils`) detects the 
 the block-diagonal causal mask for eager and SDPA attention, so examples sharing a row never see
 each other. A model that ignores them would let examples mix: `packing_supported` finds out.
 A CPU 'auto' model gets a micro batch's rows end to end in one row instead, and its attention
-computes them as blocks (io.attention.BLOCKS); the check then runs that attention.
+computes them as blocks (model.attention.BLOCKS); the check then runs that attention.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 
 from ..data.layout import collate_packed
 from ..data.prompts import Encoded
-from ..io.attention import attention_for_rows
+from .attention import attention_for_rows
 
 
 def packed_inputs(batch: dict) -> dict:

@@ -3,9 +3,9 @@ import torch
 
 from loralab.data.batching import collate
 from loralab.data.layout import collate_packed, pack_rows
+from loralab.model.packing import packed_inputs, packing_supported
 from loralab.train.loss import loss_sum
 from loralab.train.loss import loss_sum as packed_loss_sum
-from loralab.train.packing import packed_inputs, packing_supported
 from tinymodels import random_encoded, tiny_llama, with_lora
 
 

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from loralab.io import attention as A
 from loralab.io.models import load_weights
+from loralab.model import attention as A
 from loralab.train.loss import loss_sum
 from tinymodels import tiny_llama
 

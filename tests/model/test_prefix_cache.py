@@ -1,4 +1,4 @@
-from loralab.io.prefix import full_attention_only
+from loralab.model.prefix_cache import full_attention_only
 from tinymodels import tiny_llama
 
 

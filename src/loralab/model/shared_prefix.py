@@ -17,8 +17,8 @@ import torch
 
 from ..data.layout import collate_shared
 from ..data.prompts import Encoded
-from ..io.attention import mask_for, visible
-from ..io.prefix import full_attention_only
+from .attention import mask_for, visible
+from .prefix_cache import full_attention_only
 
 MASKED_KINDS = ("eager", "eager_recompute", "sdpa")  # attention that takes a 4D mask as given
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from loralab.io.mlp import swiglu, use_lean_swiglu
+from loralab.model.mlp import swiglu, use_lean_swiglu
 from loralab.peft.inject import inject
 from loralab.peft.lora import LoraSpec
 from loralab.peft.targets import resolve_targets

@@ -4,7 +4,7 @@ cache repeated to every row, each row's own tokens run after it (evaluation's ge
 Causal attention makes a shared prefix's states the same in every row, so this is the same
 computation with fewer tokens (evaluation prompts: "Question: What is", a chat template's system
 prompt). Models whose layers do not all attend fully (sliding windows, linear attention) are left
-alone, here and by training's shared prefix (loralab.train.prefix).
+alone, here and by training's shared prefix (loralab.model.shared_prefix).
 """
 from __future__ import annotations
 

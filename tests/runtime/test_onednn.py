@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from loralab.onednn import PRIMITIVE_CACHE_CAPACITY
+from loralab.runtime.onednn import PRIMITIVE_CACHE_CAPACITY
 
 # bf16 matmuls of n_shapes distinct row counts, then the first shape again: does oneDNN still hold it?
 PROBE = """

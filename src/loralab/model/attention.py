@@ -32,7 +32,7 @@ import sys
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .cpu import has_amx
+from ..runtime.cpu import has_amx
 
 EAGER_MAX_ROW = 512                 # 'auto' on a bf16 CPU: eager_recompute up to here, SDPA beyond
 EAGER_MAX_ROW_AMX = 256             # the same on a CPU with AMX, whose tiles run SDPA's block matmuls

@@ -7,10 +7,10 @@ from loralab.config import TrainConfig
 from loralab.data.batching import collate
 from loralab.data.layout import collate_packed, collate_shared, input_tokens, label_free_prefix, shared_slots
 from loralab.data.prompts import IGNORE_INDEX, Encoded
-from loralab.io.attention import visible
+from loralab.model.attention import visible
+from loralab.model.shared_prefix import shared_prefix_supported
 from loralab.train.loop import collate_micro_batch, train
 from loralab.train.loss import loss_sum
-from loralab.train.prefix import shared_prefix_supported
 from tinymodels import random_encoded, tiny_llama, with_lora
 
 
@@ -78,7 +78,7 @@ def test_visible_mask_keeps_examples_apart():
 @pytest.mark.parametrize("attn", ["eager", "sdpa", "eager_recompute"])
 @pytest.mark.parametrize("capacity", [None, 40])
 def test_shared_prefix_loss_and_gradients_equal_the_plain_batch(attn, capacity):
-    from loralab.io.attention import register
+    from loralab.model.attention import register
 
     register()
     model = _lora_model(attn)

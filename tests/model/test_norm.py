@@ -3,7 +3,7 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from loralab.io.norm import use_lean_rmsnorm
+from loralab.model.norm import use_lean_rmsnorm
 from tinymodels import tiny_llama
 
 
