@@ -47,7 +47,7 @@ def main() -> int:
     module = LlamaAttention(config, layer_idx=0).train()
     tok = load_tokenizer(folder)
     cfg = RunConfig()
-    cfg.train.batch_size, cfg.model.packing = 8, True
+    cfg.train.batch_size, cfg.train.packing = 8, True
     batch = next(islice(micro_batches(encoded_data(tok, 128, 42)[0], cfg.train, tok.pad_token_id, one_row=True),
                         a.batch, None))
     blocks = _Blocks.of(batch["position_ids"].reshape(-1))

@@ -96,7 +96,7 @@ def main() -> int:
     cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout = LORA["r"], LORA["alpha"], LORA["dropout"]
     if a.workload == "demo":  # the demo's own LoRA (its rank, no dropout, `make demo`'s layers)
         cfg.lora = load_config(DEMO_CONFIG, demo_overrides()).lora
-    cfg.train.batch_size, cfg.model.packing, cfg.train.precision = a.batch, not a.unpacked, a.precision
+    cfg.train.batch_size, cfg.train.packing, cfg.train.precision = a.batch, not a.unpacked, a.precision
     model, tok, _, info = setup_model(cfg, torch.device("cpu"))
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]
     models = {"main": model}
@@ -115,7 +115,7 @@ def main() -> int:
                             max_seq_len=cfg.data.max_seq_len)
     else:
         enc, _ = encoded_data(tok, a.rounds * a.batch, 42)
-    # the loop's own micro batches (model.packing and train.shared_prefix decide the layout): `rounds` of them
+    # the loop's own micro batches (train.packing and train.shared_prefix decide the layout): `rounds` of them
     import loralab.data.layout as layout
 
     def loop_batches(shared_prefix=True, row_tokens=layout.SHARED_ROW_TOKENS):

@@ -58,7 +58,7 @@ def worker_loralab(spec: dict) -> dict:
         wall = time.perf_counter() - t0
         records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     t = cfg.train
-    if t.packing and any("model.packing" in str(w.message) for w in caught):
+    if t.packing and any("train.packing" in str(w.message) for w in caught):
         raise SystemExit("this model does not honour packed position ids; the run fell back to padded batches")
     # What was trained on, from the same encoding run_training applies (its data.* keys) and the
     # loop's own micro batch stream: padding (slots) and the examples the FLOPs count.
@@ -77,7 +77,7 @@ def worker_loralab(spec: dict) -> dict:
                          f"{summary['train_tokens']:,}: the benchmark's encoding differs from run_training's")
     steps = [r for r in records if "loss" in r]
     elapsed = [r["elapsed_s"] for r in steps]
-    how = "run_training()" + (" with model.packing=true" if t.packing else "") + \
+    how = "run_training()" + (" with train.packing=true" if t.packing else "") + \
         (f" with train.group_by_length={t.group_by_length}" if t.group_by_length else "")
     # compile happens in the first step and is counted in the runtime; the worker starts from an
     # empty inductor cache (run_worker), i.e. a first run's cost.

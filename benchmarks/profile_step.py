@@ -58,7 +58,7 @@ def main() -> int:
     cfg = RunConfig()
     cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout = LORA["r"], LORA["alpha"], LORA["dropout"]
     cfg.model.attn_implementation = a.attn
-    cfg.train.batch_size, cfg.model.packing, cfg.train.precision = a.batch, a.packed, a.precision
+    cfg.train.batch_size, cfg.train.packing, cfg.train.precision = a.batch, a.packed, a.precision
     model, tok, _, _ = setup_model(cfg, torch.device("cpu"))
     enc, _ = encoded_data(tok, a.examples, 42)
     one_row = a.packed and packs_one_row(model)  # the layout the loop gives this model

@@ -28,7 +28,7 @@ without bf16 (AVX2-only) on any CPU.
     metrics.jsonl (each step's elapsed time and loss). Levers are its config keys.
   - packed: the same, with the packing lever (`loralab.data.layout`): each micro batch (the very
     examples of the unpacked run) laid end to end in fewer rows, position ids restarting per
-    example, block-diagonal causal attention: `model.packing=true` (the default of `loralab
+    example, block-diagonal causal attention: `train.packing=true` (the default of `loralab
     train`; the plain side sets it false to show what packing gives).
 Each side runs in its own process, so its peak memory (peak RSS of the training phase, via
 `loralab.memory.measure.PeakMemory`, the same measurement for all: run_training's own for loralab)

@@ -29,6 +29,7 @@ class ModelConfig:
     quant_all_linear: bool = False    # with nf4: also quantize frozen linears LoRA does not wrap
     trust_remote_code: bool = False
     attn_implementation: str = "auto"  # auto | eager | eager_recompute | sdpa (model/attention.py)
+    converters: Any = "auto"          # auto | off | a list of names: the rewrites of how it computes (model/convert.py)
 
 
 @dataclass
@@ -148,7 +149,8 @@ CHOICES = {
     "data.template": ("auto", "chat", "alpaca", "raw"),
 }
 
-YAML_BOOL_WORDS = {"train.preflight": {False: "off", True: "error"}}  # `preflight: off` reads as False
+YAML_BOOL_WORDS = {"train.preflight": {False: "off", True: "error"},  # `preflight: off` reads as False
+                   "model.converters": {False: "off", True: "auto"}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,6 +283,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.data.columns is not None and not (isinstance(cfg.data.columns, dict) and cfg.data.columns):
         raise UserError(f"config key 'data.columns' must map loralab fields to column names, got {cfg.data.columns!r}")
     _validate_variants(cfg)
+    _validate_converters(cfg.model.converters)
     if not cfg.data.path and not cfg.data.tasks:
         raise UserError("config key 'data.path' or 'data.tasks' must be set")
     if cfg.resume not in ("auto", True, False):
@@ -288,6 +291,21 @@ def validate(cfg: RunConfig) -> RunConfig:
     if not str(cfg.output_dir).strip():
         raise UserError("config key 'output_dir' must not be empty")
     return cfg
+
+
+def _validate_converters(value) -> None:
+    from .model.convert import NAMES
+
+    if value in ("auto", "off"):
+        return
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise UserError(f"config key 'model.converters' must be auto, off or a list of names ({', '.join(NAMES)}), "
+                        f"got {value!r}")
+    for name in value:
+        if name not in NAMES:
+            close = difflib.get_close_matches(name, NAMES, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else f" (known: {', '.join(NAMES)})"
+            raise UserError(f"config key 'model.converters': unknown converter {name!r}{hint}")
 
 
 def _validate_pattern(key: str, pattern: dict, value_ok, what: str) -> None:

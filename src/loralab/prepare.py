@@ -17,6 +17,7 @@ from .data.tasks import expand_tasks, is_task, make_task
 from .errors import UserError
 from .io.models import copy_out_of_file, load_tokenizer, load_weights, resolve
 from .memory.preflight import check_rank, module_widths
+from .model.convert import Target, convert
 from .peft.init import dropout_warning
 from .peft.inject import SpecFor, count_parameters, inject, per_module
 from .peft.lora import LoraSpec
@@ -106,7 +107,9 @@ def setup_model(cfg: RunConfig, device: torch.device, folder: Path | None = None
     tok = tok or load_tokenizer(folder, cfg.model.trust_remote_code)
     model = load_weights(folder, dtype, trust_remote_code=cfg.model.trust_remote_code, device=device,
                          attn_implementation=cfg.model.attn_implementation)
-    info = {"precision": precision, "weights_dtype": str(dtype).replace("torch.", ""), "notes": []}
+    rewrites = convert(model, cfg.model.converters, Target(torch.device(device), cfg.model.attn_implementation))
+    info = {"precision": precision, "weights_dtype": str(dtype).replace("torch.", ""), "notes": [],
+            "converters": rewrites.as_dict()}
     if full:
         if cfg.model.quant != "none":
             raise UserError("config key 'model.quant': a quantized base cannot be fully fine-tuned (use lora)")
@@ -128,6 +131,7 @@ def setup_model(cfg: RunConfig, device: torch.device, folder: Path | None = None
                                                        compute_dtype=dtype)
             copy_out_of_file(model)  # the fp32 file's pages that quantization read are released
         info["targets"] = inject(model, targets, spec)
+    info["notes"].insert(0, rewrites.line())
     trainable, total = count_parameters(model)
     info.update(trainable_params=trainable, total_params=total)
     return model, tok, folder, info

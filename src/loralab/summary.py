@@ -64,6 +64,7 @@ def build_summary(cfg: RunConfig, *, device, info: dict, result: TrainResult, n_
         "distributed": cfg.train.distributed if world > 1 else None,
         "precision": info["precision"],
         "weights_dtype": info["weights_dtype"],
+        "converters": info.get("converters"),  # the model rewrites applied and declined, with reasons
         "steps": result.steps,
         "train_examples": n_train,
         "truncated_examples": train_stats["n_truncated"],

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from loralab.io.models import copy_out_of_file, load_weights
+from tinymodels import load_converted
 
 MAPS = Path("/proc/self/maps")
 
@@ -41,7 +42,7 @@ def test_copy_out_of_file_releases_the_weights_file_and_keeps_the_values(tiny_fo
 def test_the_lean_norm_and_mlp_survive_train_and_eval(tiny_folder):
     # transformers re-kernelizes a loaded model on each train()/eval() when the `kernels` package is
     # installed, putting the class's forward back on every RMSNorm; load_weights must prevent that
-    model = load_weights(tiny_folder, torch.float32)
+    model = load_converted(tiny_folder, torch.float32)
     norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
     mlps = [m for m in model.modules() if hasattr(m, "gate_proj")]
     assert norms and mlps

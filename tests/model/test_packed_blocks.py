@@ -4,17 +4,16 @@ import torch
 
 from loralab.data.batching import collate
 from loralab.data.layout import collate_packed, pack_rows
-from loralab.io.models import load_weights
 from loralab.model import attention as A
 from loralab.model.packing import packed_inputs, packing_supported
 from loralab.train.loss import loss_sum
-from tinymodels import random_encoded, saved_bytes, with_lora
+from tinymodels import load_converted, random_encoded, saved_bytes, with_lora
 
 LENGTHS = [17, 5, 9, 3, 12, 4, 8, 6, 15]
 
 
 def _auto_lora_model(folder, dtype, attention="auto"):
-    return with_lora(load_weights(folder, dtype, attn_implementation=attention), seed=0)
+    return with_lora(load_converted(folder, dtype, attn_implementation=attention), seed=0)
 
 
 def _loss_and_grads(model, batch):
@@ -71,8 +70,8 @@ def test_blocks_are_the_rows_first_fit_decreasing_laid_out():
 
 
 def test_blocks_hand_anything_but_one_packed_row_to_sdpa(tiny_folder):
-    model = load_weights(tiny_folder, torch.float32, attn_implementation="auto").eval()
-    sdpa = load_weights(tiny_folder, torch.float32, attn_implementation="sdpa").eval()
+    model = load_converted(tiny_folder, torch.float32, attn_implementation="auto").eval()
+    sdpa = load_converted(tiny_folder, torch.float32, attn_implementation="sdpa").eval()
     A.attention_for_rows(model, 0, one_packed_row=True)
     assert model.config._attn_implementation == A.BLOCKS
     examples = random_encoded(LENGTHS, seed=2, vocab=60)
@@ -86,7 +85,7 @@ def test_blocks_hand_anything_but_one_packed_row_to_sdpa(tiny_folder):
 
 
 def test_packing_check_runs_the_blocks_and_leaves_the_attention_as_it_was(tiny_folder):
-    model = load_weights(tiny_folder, torch.float32, attn_implementation="auto")
+    model = load_converted(tiny_folder, torch.float32, attn_implementation="auto")
     before = model.config._attn_implementation
     assert A.packs_one_row(model) and packing_supported(model, pad_id=0)
     assert model.config._attn_implementation == before

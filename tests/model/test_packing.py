@@ -59,7 +59,7 @@ def test_packed_loss_and_gradients_equal_padded(attn):
 
 
 def test_the_first_packed_batch_runs_the_one_time_path_check_on_a_prefix():
-    # The check compares a prefix of one row (loss.CHECK_POSITIONS); the packed positions must be
+    # The check compares a prefix of one row (model.head.CHECK_POSITIONS); the packed positions must be
     # cut to that prefix too, or rotary embeddings see a length mismatch.
     model = _lora_model()
     examples = random_encoded([40, 30, 25, 6], seed=3)

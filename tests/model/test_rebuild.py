@@ -12,7 +12,7 @@ from loralab.model.rebuild import mark, rebuild_attention_inputs, rebuilt_saves
 from loralab.peft.inject import inject
 from loralab.peft.lora import LoraSpec
 from loralab.peft.quant import quantize_model
-from tinymodels import alive_after_forward, tiny_llama
+from tinymodels import alive_after_forward, load_converted, tiny_llama
 
 IDS = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
 
@@ -92,17 +92,16 @@ def test_an_unmarked_tensor_or_one_under_other_hooks_pushes_no_hooks():
 @pytest.mark.parametrize("dtype,max_row", [(torch.float32, 16), (torch.bfloat16, 32)])
 def test_a_loaded_models_packed_row_trains_bit_for_bit_as_when_the_outputs_are_kept(
         tiny_folder, monkeypatch, dtype, max_row):
-    """load_weights puts every attention under rebuilt_saves; a packed row (its attention in blocks: SDPA in
+    """the converters put every attention under rebuilt_saves; a packed row (its attention in blocks: SDPA in
     fp32, the grouped eager core under checkpointing in bf16) gives the same loss and gradients either way."""
     from loralab.data.layout import collate_packed
-    from loralab.io.models import load_weights
     from loralab.model import attention as A
     from loralab.model import norm, rebuild
     from loralab.train.loss import loss_sum
     from tinymodels import random_encoded, with_lora
 
     monkeypatch.setattr(A, "eager_max_row", lambda: max_row)
-    model = with_lora(load_weights(tiny_folder, dtype), seed=0)
+    model = with_lora(load_converted(tiny_folder, dtype), seed=0)
     row = collate_packed(random_encoded([17, 5, 9, 3, 12], seed=5, vocab=60), pad_id=0, one_row=True)
     rebuilt, get = [], rebuild._Rebuilt.get
     monkeypatch.setattr(rebuild._Rebuilt, "get", lambda self: rebuilt.append(type(self.recipe)) or get(self))

@@ -122,7 +122,7 @@ def test_eval_every_records_validation_history():
 
 
 def test_packed_training_equals_padded_training():
-    """model.packing changes only the layout of each micro batch: same losses, same adapter."""
+    """train.packing changes only the layout of each micro batch: same losses, same adapter."""
     data = _examples(12)
     runs = {}
     for packing in (False, True):
@@ -140,16 +140,16 @@ def test_packed_training_equals_padded_training():
 
 
 def test_packing_falls_back_to_padding_for_a_model_that_ignores_positions(monkeypatch):
-    import loralab.train.loop as train_mod
+    import loralab.model.convert as convert_mod
     import loralab.train.step as step_mod
 
-    monkeypatch.setattr(train_mod, "packing_supported", lambda model, pad_id: False)
+    monkeypatch.setattr(convert_mod, "packing_supported", lambda model, pad_id: False)
     seen = []
     real = step_mod.accumulate_gradients
     monkeypatch.setattr(step_mod, "accumulate_gradients",
                         lambda model, micro, **kw: (seen.extend(micro), real(model, micro, **kw))[1])
     cfg = TrainConfig(lr=1e-2, batch_size=4, max_steps=2, progress=False, packing=True)
-    with pytest.warns(UserWarning, match="model.packing"):
+    with pytest.warns(UserWarning, match="packed_rows converter declined"):
         train(_lora_model(), _examples(8), cfg, pad_id=0)
     assert seen and all("position_ids" not in b for b in seen)
 

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from loralab.model import head as head_mod
 from loralab.train import loss as loss_mod
 from loralab.train.loss import full_logits_loss_sum, loss_sum, selected_head_loss
 from tinymodels import tiny_llama
@@ -28,7 +29,7 @@ def test_selected_positions_equal_full_logits_loss_and_grads():
         m.requires_grad_(True)
     sa, na = full_logits_loss_sum(a, batch)
     sb, nb = loss_sum(b, batch)
-    assert getattr(b, loss_mod._OK_ATTR) is True  # the fast path was taken
+    assert getattr(b, head_mod.SELECTED_HEAD) is True  # the fast path was taken
     assert na == nb == int((batch["labels"][:, 1:] != -100).sum())
     assert sb.item() == pytest.approx(sa.item(), rel=1e-5)
     sa.backward()
@@ -74,7 +75,7 @@ def test_head_that_is_not_a_plain_linear_falls_back():
     batch = _batch()
     s, n = loss_sum(m, batch)
     ref, _ = full_logits_loss_sum(m, batch)
-    assert getattr(m, loss_mod._OK_ATTR) is False
+    assert getattr(m, head_mod.SELECTED_HEAD) is False
     assert s.item() == pytest.approx(ref.item(), rel=1e-6)
 
 
@@ -88,7 +89,7 @@ def test_the_one_time_path_check_looks_at_a_few_positions_only():
     m.train()
     loss_sum(m, _batch(length=64))
     checks = [shape for training, shape in seen if not training]
-    assert checks and all(shape == (1, loss_mod.CHECK_POSITIONS) for shape in checks)
+    assert checks and all(shape == (1, head_mod.CHECK_POSITIONS) for shape in checks)
     assert [shape for training, shape in seen if training] == [(3, 64)]
 
 

@@ -2,7 +2,7 @@
 
 Instruction data mixes very short and long examples (a 20-token arithmetic question next to a
 300-token chat answer); padded to the longest, most of a batch is padding that the model still
-computes. `collate_packed` (config `model.packing`) takes the examples of ONE micro batch, the same
+computes. `collate_packed` (config `train.packing`) takes the examples of ONE micro batch, the same
 ones `batching.collate` would get, and lays them end to end in as few rows as possible (first-fit
 decreasing into rows as wide as the longest example), a pure function of the data. Position ids
 restart at 0 for every example; with block-diagonal causal attention (each token sees only earlier

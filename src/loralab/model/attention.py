@@ -27,6 +27,7 @@ The same values as the padded rows.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import torch
@@ -126,20 +127,42 @@ class _Blocks:
         self.see = visible(positions, real).to(device)
         self.masks: dict = {}
 
-    def mask(self, kind: str, dtype: torch.dtype) -> torch.Tensor:
+    def mask(self, kind: str, dtype: torch.dtype, window: int | None = None) -> torch.Tensor:
         """The blocks' mask for attention `kind`: additive in `dtype`, built once for every layer (SDPA
-        too: given a bool mask, torch's CPU kernel builds and keeps a float copy in each layer)."""
-        if (kind, dtype) not in self.masks:
+        too: given a bool mask, torch's CPU kernel builds and keeps a float copy in each layer). A sliding
+        window hides what lies `window` or more positions back, as transformers' sliding_window_overlay."""
+        window = window if window and window < self.width else None  # no row reaches that far: no window
+        if (kind, dtype, window) not in self.masks:
+            see = self.see
+            if window is not None:
+                at = torch.arange(self.width, device=see.device)
+                see = see & (at[:, None] - at[None, :] < window) | torch.eye(self.width, dtype=torch.bool,
+                                                                              device=see.device)
             # -inf for SDPA: what torch's own conversion of a bool mask fills in
-            self.masks[(kind, dtype)] = additive(self.see[:, None], dtype, -torch.inf if kind == "sdpa" else None)
-        return self.masks[(kind, dtype)]
+            self.masks[(kind, dtype, window)] = additive(see[:, None], dtype, -torch.inf if kind == "sdpa" else None)
+        return self.masks[(kind, dtype, window)]
 
 
 def _plain(kwargs: dict) -> bool:
     """Whether an attention call's options ask for no more than softmax(q k^T · scale + mask) v: no
-    soft-capping, bias, sliding window, sinks or returned weights (the blocks' own kernels compute only that)."""
+    soft-capping, bias, sinks or returned weights (the blocks' own kernels compute only that; a sliding
+    window lives in the mask). Sinks are an `s_aux` argument or a `sinks` parameter of the module."""
     return not kwargs.get("output_attentions") and \
-        all(kwargs.get(k) is None for k in ("softcap", "position_bias", "sliding_window", "s_aux"))
+        all(kwargs.get(k) is None for k in ("softcap", "position_bias", "s_aux"))
+
+
+_FORCED: list = [None]  # the probe's choice of the blocks' kernel, else the row length's (cpu_choice)
+
+
+@contextlib.contextmanager
+def forced_kind(kind: str):
+    """While active, packed blocks run `kind` (sdpa or eager_recompute) whatever the dtype and width: the
+    converters' probe (model/probe.py) proves both kernels in fp32 on a tiny twin."""
+    _FORCED[0] = kind
+    try:
+        yield
+    finally:
+        _FORCED[0] = None
 
 
 def _grouped_core(query, key, value, mask, scaling):
@@ -190,34 +213,41 @@ def _packed_blocks(module, query, key, value, attention_mask, scaling, dropout=0
     Anything else (several rows, a KV cache, no position ids) runs SDPA with the mask given."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    window = kwargs.pop("sliding_window", None)  # in the masks: transformers' own (eager_mask) and the blocks'
+    plain = _plain(kwargs) and getattr(module, "sinks", None) is None
     if (position_ids is None or query.shape[0] != 1 or key.shape[2] != query.shape[2]
             or position_ids.shape[-1] != query.shape[2]):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
-                                      dropout=dropout, **kwargs)
+        if plain:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                          dropout=dropout, **kwargs)
+        return _eager_recompute(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
     blocks = _Blocks.of(position_ids.reshape(-1))
 
     def split(t):  # (1, heads, n, d) -> (blocks, heads, width, d)
         return t[0].index_select(1, blocks.gather).unflatten(1, (blocks.count, blocks.width)).transpose(0, 1)
 
-    kind = cpu_choice(blocks.width, query.dtype == torch.bfloat16)
-    inner = _grouped_recompute if kind == RECOMPUTE else _sdpa_blocks
-    out, _ = inner(module, split(query), split(key), split(value), blocks.mask(kind, query.dtype),
+    kind = _FORCED[0] or cpu_choice(blocks.width, query.dtype == torch.bfloat16)
+    if not plain:  # soft-capping, sinks, ...: the model's own eager function, on the blocks, with their mask
+        kind, inner = "eager", _eager_recompute
+    else:
+        inner = _grouped_recompute if kind == RECOMPUTE else _sdpa_blocks
+    out, _ = inner(module, split(query), split(key), split(value), blocks.mask(kind, query.dtype, window),
                    scaling=scaling, dropout=dropout, **kwargs)
     return out.flatten(0, 1).index_select(0, blocks.scatter).unsqueeze(0), None  # (1, n, heads, d)
 
 
 def register() -> None:
     """Make RECOMPUTE and BLOCKS names transformers knows (attention function and mask), once.
-    BLOCKS gets SDPA's mask for the calls it hands to SDPA; its own blocks build theirs."""
+    BLOCKS gets eager's (additive) mask for the calls it hands on whole; its own blocks build theirs."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
     if RECOMPUTE not in AttentionInterface._global_mapping:
         AttentionInterface.register(RECOMPUTE, _eager_recompute)
         AttentionMaskInterface.register(RECOMPUTE, eager_mask)
     if BLOCKS not in AttentionInterface._global_mapping:
         AttentionInterface.register(BLOCKS, _packed_blocks)
-        AttentionMaskInterface.register(BLOCKS, sdpa_mask)
+        AttentionMaskInterface.register(BLOCKS, eager_mask)  # never None: an eager fallback needs its mask
 
 
 def eager_max_row() -> int:
@@ -230,20 +260,14 @@ def cpu_choice(row_len: int, bf16: bool) -> str:
     return RECOMPUTE if bf16 and row_len <= eager_max_row() else "sdpa"
 
 
-def pick_attention(choice: str, device: str | torch.device, dtype: torch.dtype = torch.float32) -> str:
-    """The implementation to load: 'auto' is SDPA on CUDA and, on the CPU, the short-row choice for
-    weights of `dtype` (switched per batch by `attention_for_rows`)."""
-    name = choice if choice != "auto" else (
-        "sdpa" if torch.device(device).type == "cuda" else cpu_choice(1, dtype == torch.bfloat16))
-    if name == RECOMPUTE:
+def pick_attention(choice: str, model_class=None) -> str:
+    """The implementation to load: `choice`, where 'auto' is SDPA, or eager for a class that does not run SDPA
+    (the `cpu_attention` converter then switches per micro batch, model/convert.py)."""
+    if choice == "auto":
+        return "sdpa" if getattr(model_class, "_supports_sdpa", True) else "eager"
+    if choice == RECOMPUTE:
         register()
-    return name
-
-
-def mark_auto(model, choice: str, device: str | torch.device) -> None:
-    """Let a CPU model loaded with 'auto' follow its batches' row lengths."""
-    if choice == "auto" and torch.device(device).type == "cpu":
-        setattr(model, _AUTO_ATTR, True)
+    return choice
 
 
 def packs_one_row(model) -> bool:
@@ -258,6 +282,8 @@ def attention_for_rows(model, row_len: int, one_packed_row: bool = False) -> Non
         bf16 = model.dtype == torch.bfloat16 or (
             torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
         want = BLOCKS if one_packed_row else cpu_choice(row_len, bf16)
+        if want == "sdpa" and not getattr(model, "_supports_sdpa", True):
+            want = "eager"  # soft-capping models (Gemma 2), sinks (gpt-oss): transformers runs them eager only
         if model.config._attn_implementation != want:
             if want != "sdpa":
                 register()  # a model loaded as SDPA (fp32 weights) meets bf16 autocast here

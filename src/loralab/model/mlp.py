@@ -91,12 +91,17 @@ def forward_matches(m: nn.Module, lean_forward, width: int, like: torch.Tensor) 
         return False
 
 
+def lean_mlps(model: nn.Module) -> list[nn.Module]:
+    """The SwiGLU MLPs of `model` whose own forward is exactly the lean one's (checked on a seeded input)."""
+    return [m for m in model.modules()
+            if all(hasattr(m, a) for a in PARTS) and isinstance(getattr(m.gate_proj, "weight", None), torch.Tensor)
+            and "forward" not in vars(m)
+            and forward_matches(m, _lean_forward, m.gate_proj.in_features, m.gate_proj.weight)]
+
+
 def use_lean_swiglu(model: nn.Module) -> int:
     """Switch every SwiGLU MLP of `model` to the lean forward (per instance); returns how many."""
-    n = 0
-    for m in model.modules():
-        if all(hasattr(m, a) for a in PARTS) and isinstance(getattr(m.gate_proj, "weight", None), torch.Tensor) \
-                and forward_matches(m, _lean_forward, m.gate_proj.in_features, m.gate_proj.weight):
-            m.forward = types.MethodType(_lean_forward, m)
-            n += 1
-    return n
+    mlps = lean_mlps(model)
+    for m in mlps:
+        m.forward = types.MethodType(_lean_forward, m)
+    return len(mlps)

@@ -71,13 +71,20 @@ def _lean_forward(self, x: torch.Tensor) -> torch.Tensor:
     return _rms_norm(x, self.weight, self.variance_epsilon)[0]
 
 
-def use_lean_rmsnorm(model: nn.Module) -> int:
-    """Switch every Llama-style RMSNorm of `model` to the lean forward (per instance); returns how many."""
-    n = 0
+def lean_norms(model: nn.Module) -> list[nn.Module]:
+    """The Llama-style RMSNorms of `model` whose own forward is exactly the lean one's (checked on a seeded input)."""
+    found = []
     for m in model.modules():
         w = getattr(m, "weight", None)
         if isinstance(w, torch.Tensor) and w.dim() == 1 and isinstance(getattr(m, "variance_epsilon", None), float) \
                 and "forward" not in vars(m) and forward_matches(m, _lean_forward, w.shape[0], w):
-            m.forward = types.MethodType(_lean_forward, m)
-            n += 1
-    return n
+            found.append(m)
+    return found
+
+
+def use_lean_rmsnorm(model: nn.Module) -> int:
+    """Switch every Llama-style RMSNorm of `model` to the lean forward (per instance); returns how many."""
+    norms = lean_norms(model)
+    for m in norms:
+        m.forward = types.MethodType(_lean_forward, m)
+    return len(norms)

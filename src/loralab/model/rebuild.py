@@ -83,15 +83,19 @@ def _attention_forward(self, *args, **kwargs):
         return self._loralab_attention_forward(*args, **kwargs)
 
 
+def attention_layers(model: nn.Module) -> list[nn.Module]:
+    """The attention modules of `model` that read a decoder layer's first norm: a child `self_attn` beside an
+    `input_layernorm`, not yet put under rebuilt_saves."""
+    return [layer.self_attn for layer in model.modules()
+            if isinstance(getattr(layer, "self_attn", None), nn.Module) and hasattr(layer, "input_layernorm")
+            and "_loralab_attention_forward" not in vars(layer.self_attn)]
+
+
 def rebuild_attention_inputs(model: nn.Module) -> int:
-    """Run each decoder layer's attention (a child `self_attn` beside an `input_layernorm`) under
-    rebuilt_saves of its input; returns how many. Its input is rebuilt only where the norm marked it."""
-    n = 0
-    for layer in model.modules():
-        attn = getattr(layer, "self_attn", None)
-        if isinstance(attn, nn.Module) and hasattr(layer, "input_layernorm") \
-                and "_loralab_attention_forward" not in vars(attn):
-            attn._loralab_attention_forward = attn.forward
-            attn.forward = types.MethodType(_attention_forward, attn)
-            n += 1
-    return n
+    """Run each decoder layer's attention under rebuilt_saves of its input; returns how many. Its input is
+    rebuilt only where the norm marked it."""
+    layers = attention_layers(model)
+    for attn in layers:
+        attn._loralab_attention_forward = attn.forward
+        attn.forward = types.MethodType(_attention_forward, attn)
+    return len(layers)

@@ -21,8 +21,7 @@ from ..data.batching import collate, micro_batch_indices, rank_share
 from ..data.layout import collate_packed, collate_shared, label_free_prefix, plain_slots, shared_slots
 from ..errors import UserError
 from ..model.attention import packs_one_row
-from ..model.packing import packing_supported
-from ..model.shared_prefix import shared_prefix_supported
+from ..model.convert import PACKED_ROWS, REPORT, SHARED_PREFIX, Target, convert, converted
 from .distributed import SINGLE, Dist, all_sum, wrap
 from .heap import trim_heap_in_forward
 from .loss import LossModule, mean_loss
@@ -103,16 +102,18 @@ def train(model: torch.nn.Module, train_data: list, cfg: TrainConfig, *, pad_id:
                         f"{dist.world}; resume with the same number of processes")
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not hasattr(model, REPORT):  # handed in as loaded: the default rewrites, each proven first (model/convert.py)
+        convert(model, "auto", Target(next(model.parameters()).device))
     # a CPU 'auto' model packs a micro batch in one row, its attention computing the rows as blocks
     # (not compiled: finding the blocks reads the position ids, which would break the graph)
     one_row = cfg.packing and not cfg.compile and packs_one_row(model)
-    if cfg.packing and not packing_supported(model, pad_id):
+    if cfg.packing and not converted(model, PACKED_ROWS):
         # packing relies on the model honouring restarting position ids; otherwise examples would mix
-        warnings.warn("model.packing: this model ignores packed position ids; training on padded batches",
-                      stacklevel=2)
+        warnings.warn("train.packing: the packed_rows converter declined for this model (see the model rewrites "
+                      "line); training on padded batches", stacklevel=2)
         cfg = dataclasses.replace(cfg, packing=False)
-    if cfg.shared_prefix and not shared_prefix_supported(model, pad_id):
-        cfg = dataclasses.replace(cfg, shared_prefix=False)  # a speed-up only: the plain layout, silently
+    if cfg.shared_prefix and not converted(model, SHARED_PREFIX):
+        cfg = dataclasses.replace(cfg, shared_prefix=False)  # a speed-up only: the rewrites line says why not
     if cfg.compile:
         from .compile import compile_blocks
 

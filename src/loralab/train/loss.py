@@ -23,14 +23,13 @@ from torch.utils.checkpoint import checkpoint
 from ..data.batching import collate, rank_share
 from ..data.prompts import IGNORE_INDEX
 from ..model.attention import attention_for_rows
+from ..model.head import SELECTED_HEAD, body, body_and_head, head_matches
 from ..model.packing import packed_inputs, positions_into
 from ..model.shared_prefix import shared_prefix_inputs
 from .distributed import SINGLE, Dist, all_sum
 
 CHUNK_ROWS = 1024  # labelled positions per output-layer chunk: bounds logits memory to rows x vocab
 FROZEN_HEAD_ROWS = 256  # a frozen head's chunks: its logits live only inside forward, so smaller is free
-CHECK_POSITIONS = 16  # positions the one-time fast-path check compares
-_OK_ATTR = "_loralab_selected_loss_ok"  # cached on the model: does the selected-positions path match?
 
 
 def count_label_tokens(labels: torch.Tensor) -> int:
@@ -103,14 +102,6 @@ def selected_head_loss(head: torch.nn.Module, hidden: torch.Tensor, labels: torc
     return total
 
 
-def _body_and_head(model):
-    body = getattr(model, getattr(model, "base_model_prefix", "model"), None)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if body is None or head is None or body is model:
-        return None
-    return body, head
-
-
 def _plain_inputs(batch: dict) -> dict:
     return {**packed_inputs(batch), "use_cache": False}
 
@@ -135,32 +126,12 @@ def _selected_loss_sum(parts, batch: dict, inputs: dict, chunk_rows: int) -> tup
             int(keep.sum()))
 
 
-@torch.no_grad()
-def _path_matches(model, batch: dict, parts) -> bool:
-    """One-time check that body -> head reproduces the model's logits (catches soft-capping etc.).
-    A few positions of one row suffice, and keep it cheap: a whole row's logits in fp32, compared
-    twice, would be the step's largest allocation (~1 GB at 1,024 tokens x 49k vocabulary)."""
-    was_training = model.training
-    model.eval()
-    small = {k: batch[k][:1, :CHECK_POSITIONS] for k in ("input_ids", "attention_mask")}
-    ref = model(input_ids=small["input_ids"], attention_mask=small["attention_mask"], use_cache=False).logits
-    body, head = parts
-    mine = head(body(input_ids=small["input_ids"], attention_mask=small["attention_mask"],
-                     use_cache=False).last_hidden_state)
-    model.train(was_training)
-    return ref.shape == mine.shape and torch.allclose(ref.float(), mine.float(), rtol=1e-3, atol=1e-3)
-
-
-def _body(model):
-    return getattr(model, getattr(model, "base_model_prefix", "model"), None) or model
-
-
 def _plain_or_selected(model, batch: dict, chunk_rows: int) -> tuple[torch.Tensor, int]:
-    parts = _body_and_head(model)
-    if parts is not None and not hasattr(model, _OK_ATTR):
-        setattr(model, _OK_ATTR, _path_matches(model, batch, parts))
+    parts = body_and_head(model)
+    if parts is not None and not hasattr(model, SELECTED_HEAD):  # not converted (model/convert.py): check once
+        setattr(model, SELECTED_HEAD, head_matches(model, batch["input_ids"]))
     inputs = shared_prefix_inputs(model, batch) if "shared_prefix" in batch else _plain_inputs(batch)
-    if parts is not None and getattr(model, _OK_ATTR):
+    if parts is not None and getattr(model, SELECTED_HEAD):
         return _selected_loss_sum(parts, batch, inputs, chunk_rows)
     return full_logits_loss_sum(model, batch, inputs)
 
@@ -175,7 +146,7 @@ def loss_sum(model, batch: dict, chunk_rows: int = CHUNK_ROWS) -> tuple[torch.Te
         attention_for_rows(model, batch["input_ids"].shape[1])
         return _plain_or_selected(model, batch, chunk_rows)
     attention_for_rows(model, batch["input_ids"].shape[1], one_packed_row=batch["input_ids"].shape[0] == 1)
-    with positions_into(_body(model), batch["position_ids"]):
+    with positions_into(body(model), batch["position_ids"]):
         return _plain_or_selected(model, batch, chunk_rows)
 
 
