@@ -49,11 +49,12 @@ def save_tiny_folder(folder: Path, **overrides) -> Path:
 
 def tiny_gpt2(seed: int = 0, **overrides):
     """A tiny random-init GPT-2: its attention and MLP layers are transformers' Conv1D (weights (in, out)),
-    its lm_head an nn.Linear tied to the input embeddings."""
+    its lm_head an nn.Linear tied to the input embeddings. GPT-2's own dropouts are off, so a model in
+    training mode is deterministic (as tiny_llama's, which has none)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = dict(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=128, bos_token_id=1, eos_token_id=2,
-               pad_token_id=2)
+               pad_token_id=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     cfg.update(overrides)
     torch.manual_seed(seed)
     return GPT2LMHeadModel(GPT2Config(**cfg)).eval()
