@@ -59,8 +59,9 @@ def peft_twin(model, targets=BODY, **config):
 
 
 def test_all_linear_selects_every_conv1d_and_never_the_head():
-    from peft import LoraConfig, get_peft_model
     from peft.tuners.lora import LoraLayer
+
+    from peft import LoraConfig, get_peft_model
 
     model = tiny_gpt2()
     assert all(isinstance(model.get_submodule(n), Conv1D) for n in CONV1D_NAMES)
@@ -81,7 +82,7 @@ def test_the_layer_reads_in_and_out_from_the_transposed_weight():
     assert isinstance(layer, LoRALinear) and layer.fan_in_fan_out
     assert (layer.in_features, layer.out_features) == (64, 256)
     assert layer.lora_A.weight.shape == (4, 64) and layer.lora_B.weight.shape == (256, 4)
-    assert not model.get_submodule("lm_head").__class__ is LoRALinear
+    assert model.get_submodule("lm_head").__class__ is not LoRALinear
 
 
 @pytest.mark.parametrize("fuse", [True, False])
@@ -173,7 +174,8 @@ def test_a_peft_saved_gpt2_adapter_loads_in_loralab(tmp_path):
     pm.save_pretrained(tmp_path / "peft")
     model = tiny_gpt2(0)
     load_adapter(model, tmp_path / "peft")
-    assert sorted(n for n, _ in lora_modules(model)) == sorted(n for n in CONV1D_NAMES if n.endswith(("c_attn", "c_fc")))
+    wanted = [n for n in CONV1D_NAMES if n.endswith(("c_attn", "c_fc"))]
+    assert sorted(n for n, _ in lora_modules(model)) == sorted(wanted)
     assert rel_err(logits(model), logits(pm)) < 1e-5
 
 
