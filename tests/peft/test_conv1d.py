@@ -294,3 +294,45 @@ def test_combining_gpt2_adapters_keeps_fan_in_fan_out(tmp_path):
     model = tiny_gpt2(0)
     load_adapter(model, out)
     assert len(list(lora_modules(model))) == len(CONV1D_NAMES)
+
+
+def test_head_and_conv1d_targets_together_load_in_peft(tmp_path):
+    """GPT-2's lm_head is an nn.Linear (tied to the embeddings) among Conv1D targets: PEFT's single
+    fan_in_fan_out flag is corrected per layer on loading, and the logits agree."""
+    from peft import PeftModel
+
+    model = ours("all-linear+head").eval()
+    assert not model.get_submodule("lm_head").fan_in_fan_out
+    save_adapter(model, tmp_path / "ad", base_model_name_or_path="tiny-gpt2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT warns that it switches the flag for lm_head
+        pm = PeftModel.from_pretrained(tiny_gpt2(0), tmp_path / "ad").eval()
+    assert rel_err(logits(pm), logits(model)) < 1e-5
+
+
+def test_a_subset_of_layers_saves_as_layers_to_transform(tmp_path):
+    from peft import PeftModel
+
+    model = ours(CONV1D_NAMES[4:])  # layer 1 only
+    save_adapter(model, tmp_path / "ad", base_model_name_or_path="tiny-gpt2")
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert cfg["layers_to_transform"] == [1] and cfg["fan_in_fan_out"] is True
+    pm = PeftModel.from_pretrained(tiny_gpt2(0), tmp_path / "ad").eval()
+    assert rel_err(logits(pm), logits(model.eval())) < 1e-5
+
+
+def test_bf16_conv1d_base_fused_matches_the_composition(monkeypatch):
+    def run(fuse):
+        monkeypatch.setattr(fused, "ENABLED", fuse)
+        model = ours().to(torch.bfloat16)
+        for _, m in lora_modules(model):
+            m.lora_A.float(), m.lora_B.float()  # fp32 factors over the bf16 base, as training keeps them
+        model.train()
+        out = model(input_ids=IDS).logits.float()
+        out.square().mean().backward()
+        return out, [m.lora_A.weight.grad for _, m in lora_modules(model)]
+
+    (y1, g1), (y0, g0) = run(True), run(False)
+    assert all(g.dtype == torch.float32 for g in g1)
+    assert rel_err(y1, y0) < 1e-2
+    assert all(rel_err(a, b) < 5e-2 for a, b in zip(g1, g0))
