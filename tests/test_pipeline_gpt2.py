@@ -94,3 +94,11 @@ def test_qlora_over_conv1d_trains_and_saves(gpt2_folder, tmp_path, monkeypatch):
     assert summary["final_train_loss"] is not None
     cfg = json.loads((out / "adapter/adapter_config.json").read_text())
     assert cfg["fan_in_fan_out"] is True
+
+
+def test_check_says_loralab_and_peft_load_the_gpt2_adapter(run):
+    from loralab.peft.check import runtime_support
+
+    out, _ = run
+    rows = {r["runtime"]: r for r in runtime_support(out / "adapter")}
+    assert rows["loralab"]["loads"] and rows["PEFT"]["loads"], rows
