@@ -1,4 +1,4 @@
-"""Tiny random-init Llama models (instant, offline) and a tiny model folder on disk, for any test."""
+"""Tiny random-init Llama (and GPT-2) models (instant, offline) and tiny model folders on disk, for any test."""
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -43,6 +43,31 @@ def save_tiny_folder(folder: Path, **overrides) -> Path:
     tok = make_tiny_tokenizer()
     settings = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     tiny_llama(0, **{**settings, **overrides}).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def tiny_gpt2(seed: int = 0, **overrides):
+    """A tiny random-init GPT-2: its attention and MLP layers are transformers' Conv1D (weights (in, out)),
+    its lm_head an nn.Linear tied to the input embeddings. GPT-2's own dropouts are off, so a model in
+    training mode is deterministic (as tiny_llama's, which has none)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = dict(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=128, bos_token_id=1, eos_token_id=2,
+               pad_token_id=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(**cfg)).eval()
+
+
+def save_tiny_gpt2_folder(folder: Path, **overrides) -> Path:
+    """A GPT-2 HF model folder (weights + the tiny tokenizer) that `model.name=<folder>` loads."""
+    from tiny_tokenizer import make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer()
+    settings = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                    bos_token_id=tok.bos_token_id)
+    tiny_gpt2(0, **{**settings, **overrides}).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
 

@@ -110,7 +110,7 @@ MERGE_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp
 
 
 def merged_model(adapter_dir: str, model: str | None = None):
-    """(base with the adapter merged in, fp32 plain nn.Linear layers; tokenizer; the base's folder)."""
+    """(base with the adapter merged in, fp32 plain nn.Linear (or Conv1D) layers; tokenizer; the base's folder)."""
     m, tok, folder = load_with_adapter(model, adapter_dir, dtype=torch.float32, with_folder=True)
     merge_and_unload(m)  # in fp32: the caller casts
     return m, tok, folder

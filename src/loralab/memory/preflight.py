@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from ..peft.layout import features
 from .arch import arch_from_config, resolve_model_config, target_names
 from .estimate import CPU_RUNTIME_BYTES, OPTIMIZERS, estimate, run_settings
 from .fixes import suggest_fixes
@@ -205,12 +206,14 @@ def check_rank(r: int, widths: dict[str, tuple[int, int]]) -> list[str]:
 
 
 def module_widths(modules: dict) -> dict[str, tuple[int, int]]:
-    """Full module name -> module (nn.Linear-like) as short name -> (in, out), the narrowest per name."""
+    """Full module name -> module (nn.Linear-like, or GPT-2's Conv1D, whose weight is (in, out)) as
+    short name -> (in, out), the narrowest per name."""
     out: dict[str, tuple[int, int]] = {}
     for name, m in modules.items():
-        if not hasattr(m, "in_features"):  # not a plain linear: no rank limit to read
+        shape = features(m)
+        if shape is None:  # not a linear layer: no rank limit to read
             continue
-        short, shape = name.rpartition(".")[2], (int(m.in_features), int(m.out_features))
+        short = name.rpartition(".")[2]
         if short not in out or min(shape) < min(out[short]):
             out[short] = shape
     return out

@@ -8,6 +8,10 @@ A folder holds:
   adapter_model.safetensors  'base_model.model.<module path>.lora_A.weight' (r, in), '.lora_B.weight'
                              (out, r) and, with DoRA, '.lora_magnitude_vector' (out,); PEFT drops its
                              adapter name ("default") from the keys on save.
+fan_in_fan_out says the targets store their weight (in, out) (GPT-2's Conv1D). The factors' shapes do
+not depend on it, and PEFT corrects the flag per layer from the layer's type when it loads (with a
+warning), as loralab reads the layout from the layer itself: the flag is written true when the
+targets are Conv1D, so PEFT loads quietly, and accepted either way when read.
 Only safetensors is read: pickled adapter_model.bin files are refused (loading pickle runs code).
 """
 from __future__ import annotations
@@ -35,7 +39,7 @@ MAGNITUDE = "lora_magnitude_vector"
 # Config entries that change what an adapter computes and that we do not implement. A value other
 # than the "off" one listed here makes the loader refuse the adapter rather than load it wrongly.
 UNSUPPORTED = {
-    "fan_in_fan_out": False, "lora_bias": False, "use_qalora": False, "modules_to_save": None,
+    "lora_bias": False, "use_qalora": False, "modules_to_save": None,
     "exclude_modules": None, "target_parameters": None, "trainable_token_indices": None,
     "layer_replication": None, "alora_invocation_tokens": None,
 }
@@ -142,6 +146,8 @@ def check_config(cfg: dict, path: Path) -> AdapterConfig:
         value = cfg.get(key, off)
         if value != off and not (off is None and value in ([], {})):
             raise UserError(f"{path}: {key}={value!r} is not supported by loralab")
+    if not isinstance(cfg.get("fan_in_fan_out", False), bool):
+        raise UserError(f"{path}: fan_in_fan_out must be true or false, got {cfg['fan_in_fan_out']!r}")
     if cfg.get("bias", "none") != "none":
         raise UserError(f"{path}: bias={cfg['bias']!r} is not supported by loralab (only 'none')")
     targets = cfg.get("target_modules")
@@ -202,8 +208,9 @@ def converted(a: torch.Tensor, b: torch.Tensor, a0: torch.Tensor, b0: torch.Tens
 
 
 def write_adapter(out_dir: str | os.PathLike, modules: dict, *, target_modules, base_model_name_or_path: str,
-                  layers_to_transform: list | None = None) -> Path:
+                  layers_to_transform: list | None = None, fan_in_fan_out: bool = False) -> Path:
     """Write a PEFT adapter folder. `modules`: full name -> (A, B, LoraSpec, magnitude or None).
+    fan_in_fan_out: the targets are Conv1D layers (weights stored (in, out)), PEFT's flag.
 
     The most common rank and alpha become `r` and `lora_alpha`, the modules that differ go to
     `rank_pattern` / `alpha_pattern` (PEFT's semantics). Weights first, config last: a folder
@@ -219,7 +226,8 @@ def write_adapter(out_dir: str | os.PathLike, modules: dict, *, target_modules, 
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_model_name_or_path),
         "revision": None, "r": r, "lora_alpha": _num(alpha),
         "lora_dropout": float(_most_common([s.dropout for s in specs.values()])),
-        "target_modules": target_modules, "exclude_modules": None, "bias": "none", "fan_in_fan_out": False,
+        "target_modules": target_modules, "exclude_modules": None, "bias": "none",
+        "fan_in_fan_out": bool(fan_in_fan_out),
         "inference_mode": True, "init_lora_weights": True, "use_rslora": first.use_rslora, "use_dora": first.use_dora,
         "lora_bias": False, "modules_to_save": None, "layers_to_transform": layers_to_transform,
         "layers_pattern": None,

@@ -3,9 +3,10 @@ loads ours unchanged and our `load_adapter` loads PEFT's (the folder itself: ada
 
 Every variant is saved the way PEFT saves it: rsLoRA as use_rslora, DoRA as use_dora plus one
 `lora_magnitude_vector` per module, per-module rank / alpha as rank_pattern / alpha_pattern, a
-subset of layers as layers_to_transform. PiSSA / OLoRA change the frozen base at init; they are
-saved converted, as PEFT does when given `path_initial_model_for_weight_conversion`: rank 2r,
-A = [A ; A0], B = [B | -B0], an adapter for the original, unmodified base.
+subset of layers as layers_to_transform, Conv1D targets (GPT-2) with fan_in_fan_out. PiSSA /
+OLoRA change the frozen base at init; they are saved converted, as PEFT does when given
+`path_initial_model_for_weight_conversion`: rank 2r, A = [A ; A0], B = [B | -B0], an adapter for
+the original, unmodified base.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from .adapter_files import (
     write_adapter,
 )
 from .inject import inject, load_lora_state_dict
+from .layout import features
 from .lora import lora_modules
 from .names import layer_index, suffix_match
 from .presets import TARGET_PRESETS
@@ -71,8 +73,11 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, base_model_nam
         magnitude = own(f"{name}.lora_magnitude_vector", m.lora_magnitude_vector) if spec.use_dora else None
         modules[name] = (a, b, spec, magnitude)
     targets, layers = _peft_targets(model, list(wrapped))
+    # PEFT has one flag for all targets; it sets it per layer from the layer's type on loading (a warning
+    # where the flag disagrees), so true when any target is a Conv1D keeps GPT-2's usual targets quiet.
     return write_adapter(out_dir, modules, target_modules=targets, layers_to_transform=layers,
-                         base_model_name_or_path=base_model_name_or_path)
+                         base_model_name_or_path=base_model_name_or_path,
+                         fan_in_fan_out=any(m.fan_in_fan_out for m in wrapped.values()))
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> dict:
@@ -103,11 +108,11 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> dict:
 
     expected = {}
     for name in names:
-        base = model.get_submodule(name)
-        expected[f"{name}.lora_A.weight"] = (specs[name].r, base.in_features)
-        expected[f"{name}.lora_B.weight"] = (base.out_features, specs[name].r)
+        n_in, n_out = features(model.get_submodule(name))  # a Conv1D's weight is (in, out): read through layout
+        expected[f"{name}.lora_A.weight"] = (specs[name].r, n_in)
+        expected[f"{name}.lora_B.weight"] = (n_out, specs[name].r)
         if cfg.use_dora:
-            expected[f"{name}.{MAGNITUDE}"] = (base.out_features,)
+            expected[f"{name}.{MAGNITUDE}"] = (n_out,)
     for key in sorted(expected.keys() - weights.keys()):
         raise mismatch(f"it has no weight {KEY_PREFIX + key}")
     for key in sorted(weights.keys() - expected.keys()):

@@ -183,7 +183,8 @@ def combine_adapters(adapters: list[tuple[str | os.PathLike, float]], out_dir: s
     targets, layers = _target_modules(sources, names)
     base = sources[0].config.raw.get("base_model_name_or_path") or ""
     return write_adapter(out, modules, target_modules=targets, layers_to_transform=layers,
-                         base_model_name_or_path=base)
+                         base_model_name_or_path=base,
+                         fan_in_fan_out=any(s.config.raw.get("fan_in_fan_out", False) for s in sources))
 
 
 def parse_adapter_arg(text: str) -> tuple[str, float]:

@@ -18,7 +18,8 @@ saving x (one storage, as the base already does), the dropout mask as bits (drop
 the r-wide t.
 The same values as the composition up to the order of the float sums (tests/peft/test_fused.py
 compares it with the composition and with PEFT). It runs for plain-LoRA layers whose base is an
-nn.Linear with frozen weight and bias in x's dtype (fp32 factors over a bf16 base enter cast, as
+nn.Linear or a GPT-2 Conv1D (its (in, out) weight enters as a transposed view, no copy) with frozen
+weight and bias in x's dtype (fp32 factors over a bf16 base enter cast, as
 variants.lora_update casts them), or QLoRA's NF4Linear computing in x's dtype: there W is
 dequantized in forward and again in backward, as NF4Linear does alone, and only the 4-bit weight
 is kept. DoRA's layers and a trained base keep their path.
@@ -29,6 +30,7 @@ import torch
 from torch import nn
 
 from .dropout import keep_mask, pack_mask, unpack_mask
+from .layout import is_conv1d
 from .quant import NF4Linear, dequantize_nf4
 from .variants import PlainLora
 
@@ -98,11 +100,11 @@ class _LoraLinearFn(torch.autograd.Function):
 
 def fusable(layer, x: torch.Tensor) -> bool:
     """Whether `layer` (a LoRALinear) may run as one fused function on x: plain LoRA exactly (DoRA
-    subclasses it), over a frozen dense or NF4 base computing in x's dtype."""
+    subclasses it), over a frozen dense (Linear or Conv1D) or NF4 base computing in x's dtype."""
     base = layer.base
     if not ENABLED or layer.variant is not PlainLora:
         return False
-    if type(base) is nn.Linear:
+    if type(base) is nn.Linear or is_conv1d(base):
         dtype = base.weight.dtype
         if base.weight.requires_grad:
             return False
@@ -122,4 +124,7 @@ def fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
     if a.dtype != x.dtype:  # fp32 factors over a bf16 base: cast the small factors, as variants.lora_update
         a, b, scaling = a.to(x.dtype), (b * scaling).to(x.dtype), 1.0
     kernel = layer.base.kernel if type(layer.base) is NF4Linear else None
-    return _LoraLinearFn.apply(x, layer.base.weight, layer.base.bias, a, b, scaling, keep, p, kernel)
+    weight = layer.base.weight
+    if is_conv1d(layer.base):  # stored (in, out): its transpose is the (out, in) view the function reads
+        weight = weight.t()
+    return _LoraLinearFn.apply(x, weight, layer.base.bias, a, b, scaling, keep, p, kernel)

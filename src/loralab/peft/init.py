@@ -11,7 +11,8 @@ and OLoRA move s·B0·A0 out of the frozen weight instead (W <- W - s·B0·A0): 
 as the base, but its frozen weight is no longer the original. The layer keeps A0 and B0 so the
 adapter can be saved for the original base, as PEFT's conversion does (A=[A|A0], B=[B|-B0]).
 On a quantized base (NF4) the weight is dequantized, split, and the residual quantized again
-(what PEFT does for OLoRA on 4-bit weights; for PiSSA it is "quantize the residual").
+(what PEFT does for OLoRA on 4-bit weights; for PiSSA it is "quantize the residual"). A Conv1D's
+(in, out) weight is read and written back through layout.py, so the split is of the (out, in) matrix.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from .layout import dense_weight, features, write_weight
 from .presets import PISSA_NITER, mutates_base
 
 
@@ -28,9 +30,10 @@ def check_base(init: str, r: int, base: nn.Module, name: str) -> None:
     """Before any layer changes: can `init` start a rank-r adapter on this base layer?"""
     if not mutates_base(init):
         return
-    if r > min(base.in_features, base.out_features):
+    n_in, n_out = features(base)
+    if r > min(n_in, n_out):
         raise UserError(f"config key 'lora.init': {init} needs r <= min(in, out) features; {name} is "
-                        f"{base.in_features} -> {base.out_features} and r is {r}")
+                        f"{n_in} -> {n_out} and r is {r}")
     if not hasattr(base, "weight") or (callable(getattr(base, "dequantize", None))
                                        and not callable(getattr(base, "requantize_", None))):
         raise UserError(f"config key 'lora.init': {init} must rewrite {name}'s frozen weight, and "
@@ -46,19 +49,6 @@ def dropout_warning(init: str, dropout: float) -> str | None:
         return None
     return (f"lora.init={init} with lora.dropout={dropout:g}: the dropout acts on the weights' principal "
             "part, which this init moved into the adapter; PiSSA and OLoRA train with lora.dropout=0")
-
-
-def _dense_weight(base: nn.Module) -> torch.Tensor:
-    if callable(getattr(base, "dequantize", None)):
-        return base.dequantize().float()
-    return base.weight.detach().float()
-
-
-def _write_weight(base: nn.Module, weight: torch.Tensor) -> None:
-    if callable(getattr(base, "requantize_", None)):
-        base.requantize_(weight)
-    else:
-        base.weight.data = weight.to(base.weight.dtype)
 
 
 def _principal(w: torch.Tensor, r: int, scaling: float, init: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,7 +76,7 @@ def init_factors(lora_a: torch.Tensor, lora_b: torch.Tensor, base: nn.Module, in
     if not mutates_base(init):
         nn.init.zeros_(lora_b)
         return None
-    w = _dense_weight(base)
+    w = dense_weight(base)
     if init == "olora":
         q, rr = torch.linalg.qr(w)
         a, b = rr[:r], q[:, :r]
@@ -94,5 +84,5 @@ def init_factors(lora_a: torch.Tensor, lora_b: torch.Tensor, base: nn.Module, in
         a, b = _principal(w, r, scaling, init)
     lora_a.copy_(a)
     lora_b.copy_(b)
-    _write_weight(base, w - scaling * (lora_b.float() @ lora_a.float()))
+    write_weight(base, w - scaling * (lora_b.float() @ lora_a.float()))
     return lora_a.detach().clone(), lora_b.detach().clone()

@@ -6,9 +6,10 @@
 What the layer does with its factors is its variant (variants.py: plain LoRA or DoRA); how they
 start is its init (init.py). With B = 0 at the start an injected model computes exactly what the
 base did until it trains (PiSSA / OLoRA keep that by moving s·B0·A0 out of the frozen weight).
-The base may be an nn.Linear or a quantized stand-in (anything with in_features, out_features,
-forward and `dequantize() -> (out, in) tensor`); the LoRA factors stay in their own dtype (fp32
-by default) so small updates are not rounded away in a bf16/4-bit base.
+The base may be an nn.Linear, transformers' Conv1D (GPT-2: its weight is stored (in, out), which only
+merge and the inits that read the weight care about: layout.py), or a quantized stand-in (anything
+with in_features, out_features, forward and `dequantize() -> (out, in) tensor`); the LoRA factors
+stay in their own dtype (fp32 by default) so small updates are not rounded away in a bf16/4-bit base.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from ..errors import UserError
 from .dropout import FastDropout
 from .fused import fusable, fused_forward
 from .init import init_factors
+from .layout import copy_weight_, dense_weight, fan_in_fan_out, features
 from .presets import check_init
 from .variants import variant_for
 
@@ -67,8 +69,9 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base = base
         self.spec = spec
-        self.in_features, self.out_features = base.in_features, base.out_features
+        self.in_features, self.out_features = features(base)
         self.quantized = is_quantized(base)
+        self.fan_in_fan_out = fan_in_fan_out(base)  # saved as PEFT's flag of the same name
         anchor = next(iter(list(base.parameters()) + list(base.buffers())), None)
         device = anchor.device if anchor is not None else None
         self.lora_A = nn.Linear(self.in_features, spec.r, bias=False, device=device, dtype=spec.dtype)
@@ -105,21 +108,20 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the update into base.weight in place (fp32 math, cast back). Idempotent."""
+        """Fold the update into base.weight in place (fp32 math, cast back; a Conv1D's (in, out)
+        weight gets the update transposed). Idempotent."""
         if self.quantized:
             raise UserError("cannot merge LoRA into a quantized layer in place; use merge_and_unload(model), "
                             "which writes a dequantized weight")
         if not self.merged:
-            w = self.base.weight
-            w.copy_(self.variant.merged_weight(self, w.float()))
+            copy_weight_(self.base, self.variant.merged_weight(self, dense_weight(self.base)))
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Subtract the update again (exact in fp32; within rounding for bf16 bases). Idempotent."""
         if self.merged:
-            w = self.base.weight
-            w.copy_(self.variant.unmerged_weight(self, w.float()))
+            copy_weight_(self.base, self.variant.unmerged_weight(self, dense_weight(self.base)))
             self.merged = False
 
     def extra_repr(self) -> str:

@@ -1,5 +1,6 @@
 """Folding LoRA updates into the base weights: in place (merge / unmerge), or for good
-(merge_and_unload: plain nn.Linear layers, what an HF folder export saves)."""
+(merge_and_unload: plain nn.Linear layers, or Conv1D ones where the model had a Conv1D, what an HF
+folder export saves)."""
 from __future__ import annotations
 
 import torch
@@ -7,6 +8,7 @@ from torch import nn
 
 from ..errors import UserError
 from .inject import set_submodule
+from .layout import dense_weight, fan_in_fan_out
 from .lora import LoRALinear, lora_modules
 
 
@@ -31,10 +33,31 @@ def unmerge(model: nn.Module) -> nn.Module:
     return model
 
 
+def _dense_layer(weight: torch.Tensor, bias: torch.Tensor | None, conv1d: bool) -> nn.Module:
+    """A frozen layer holding `weight` (out, in) and `bias` as they are: nn.Linear, or transformers'
+    Conv1D (weight stored transposed, (in, out)) so the model's state dict keeps its keys' shapes and
+    transformers loads the saved folder as the architecture it is."""
+    n_out, n_in = weight.shape
+    with torch.device("meta"):  # skip the pointless random init of a layer we overwrite
+        if conv1d:
+            from transformers.pytorch_utils import Conv1D
+
+            layer = Conv1D(n_out, n_in)
+        else:
+            layer = nn.Linear(n_in, n_out, bias=bias is not None)
+    layer.weight = nn.Parameter(weight.t().contiguous() if conv1d else weight, requires_grad=False)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias, requires_grad=False)
+    elif conv1d:  # Conv1D always has a bias; a quantized stand-in without one had a zero bias
+        layer.bias = nn.Parameter(torch.zeros(n_out, dtype=weight.dtype, device=weight.device), requires_grad=False)
+    return layer
+
+
 @torch.no_grad()
 def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """Replace every LoRALinear by a plain nn.Linear holding base + scaling * B @ A (DoRA: that
-    rescaled per row to its magnitude vector).
+    """Replace every LoRALinear by a plain layer holding base + scaling * B @ A (DoRA: that
+    rescaled per row to its magnitude vector): an nn.Linear, or a Conv1D where the model had one
+    (the update transposed into its (in, out) weight, as PEFT merges with fan_in_fan_out).
 
     Quantized bases are dequantized (never re-quantized). The new weight's dtype is `dtype` if given,
     else the base's compute dtype (its weight dtype, or a quantized layer's `compute_dtype`/output).
@@ -44,22 +67,16 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
     for name, m in list(lora_modules(model)):
         base = m.base
         if m.quantized:
-            w = base.dequantize()
-            out_dtype = dtype or getattr(base, "compute_dtype", None) or w.dtype
+            out_dtype = dtype or getattr(base, "compute_dtype", None) or base.dequantize().dtype
         else:
-            w = base.weight
-            out_dtype = dtype or w.dtype
+            out_dtype = dtype or base.weight.dtype
             untied_head |= m is head and _shared_weight(model, m)
-        weight = w.detach().to(torch.float32, copy=True)  # fresh storage: never alias a tied/old weight
+        weight = dense_weight(base)  # (out, in), fp32, fresh storage: never aliases a tied/old weight
         if not m.merged:  # a merged plain base already contains the update
             weight = m.variant.merged_weight(m, weight)
         bias = getattr(base, "bias", None)
-        with torch.device("meta"):  # skip the pointless random init of a layer we overwrite
-            linear = nn.Linear(m.in_features, m.out_features, bias=bias is not None)
-        linear.weight = nn.Parameter(weight.to(out_dtype), requires_grad=False)
-        if bias is not None:
-            linear.bias = nn.Parameter(bias.detach().to(out_dtype, copy=True), requires_grad=False)
-        set_submodule(model, name, linear)
+        bias = bias.detach().to(out_dtype, copy=True) if isinstance(bias, torch.Tensor) else None
+        set_submodule(model, name, _dense_layer(weight.to(out_dtype), bias, fan_in_fan_out(base)))
     if untied_head and getattr(getattr(model, "config", None), "tie_word_embeddings", False):
         model.config.tie_word_embeddings = False  # the head now has its own merged weight; keep it on save
     return model

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from .layout import is_conv1d
 
 # The 16 NF4 code values of the QLoRA paper (Dettmers et al. 2023, appendix E), as bitsandbytes
 # uses them. torchao's table is rounded to 4 decimals; our tensors carry these exact values.
@@ -229,10 +230,18 @@ class NF4Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(
             bias.detach().to(compute_dtype, copy=True), requires_grad=False)
 
+    fan_in_fan_out = False  # True: quantized from a Conv1D, which merging writes back as one (layout.py)
+
     @classmethod
-    def from_linear(cls, linear: nn.Linear, compute_dtype: torch.dtype | None = None,
+    def from_linear(cls, linear: nn.Module, compute_dtype: torch.dtype | None = None,
                     name: str = "linear") -> NF4Linear:
-        return cls(linear.weight, linear.bias, compute_dtype, name)
+        """From an nn.Linear, or a GPT-2 Conv1D: its (in, out) weight is stored transposed, (out, in),
+        so the quantized layer is an ordinary linear one from here on."""
+        if not is_conv1d(linear):
+            return cls(linear.weight, linear.bias, compute_dtype, name)
+        layer = cls(linear.weight.t(), linear.bias, compute_dtype, name)
+        layer.fan_in_fan_out = True
+        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = _LinearNF4.apply(x, self.weight, self.kernel)
@@ -285,9 +294,9 @@ class NF4Linear(nn.Module):
 
 def quantize_model(model: nn.Module, module_names: list[str] | None = None, *,
                    compute_dtype: torch.dtype | None = None) -> int:
-    """Replace nn.Linear modules by NF4Linear in place; returns how many were replaced.
+    """Replace nn.Linear (and GPT-2 Conv1D) modules by NF4Linear in place; returns how many were replaced.
 
-    module_names: full module names (as in model.named_modules()); None means every nn.Linear
+    module_names: full module names (as in model.named_modules()); None means every such layer
     except the output layer (model.get_output_embeddings()). compute_dtype defaults to each
     layer's weight dtype. Run this before LoRA injection. All layers are checked before any is
     replaced, so a UserError leaves the model untouched."""
@@ -298,14 +307,14 @@ def quantize_model(model: nn.Module, module_names: list[str] | None = None, *,
     if module_names is None:
         get_head = getattr(model, "get_output_embeddings", None)
         head = get_head() if callable(get_head) else None
-        names = [n for n, m in modules.items() if isinstance(m, nn.Linear) and m is not head]
+        names = [n for n, m in modules.items() if (isinstance(m, nn.Linear) or is_conv1d(m)) and m is not head]
     else:
         names = []
         for n in module_names:
             m = modules.get(n)
             if isinstance(m, NF4Linear):
                 continue  # already quantized
-            if not isinstance(m, nn.Linear):
+            if not (isinstance(m, nn.Linear) or is_conv1d(m)):
                 what = "no such module" if m is None else f"a {type(m).__name__}, not nn.Linear"
                 raise UserError(f"quant: cannot quantize {n!r} to NF4: {what}")
             names.append(n)

@@ -1,5 +1,6 @@
 """Which modules LoRA wraps: presets (presets.py), PEFT-style name lists, or a regular expression,
-resolved against a model's actual linear layers."""
+resolved against a model's actual linear layers (nn.Linear, quantized stand-ins, and GPT-2's Conv1D,
+a linear layer with its weight stored transposed)."""
 from __future__ import annotations
 
 import re
@@ -8,6 +9,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from ..errors import UserError
+from .layout import is_conv1d
 from .lora import LoRALinear, is_quantized
 from .names import suffix_match
 from .presets import TARGET_PRESETS, WITH_HEAD
@@ -23,7 +25,7 @@ def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
         if isinstance(m, LoRALinear):
             wrapped.append(name)
             found[name] = m
-        elif isinstance(m, nn.Linear) or is_quantized(m):
+        elif isinstance(m, nn.Linear) or is_quantized(m) or is_conv1d(m):
             found[name] = m
     return found
 

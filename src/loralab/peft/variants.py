@@ -13,6 +13,8 @@ The row norm without materialising W + s·B A (out x in) each step:
     <W_i, (BA)_i> = (B ⊙ (A W^T)^T)_i summed,   ||(BA)_i||^2 = ((B (A A^T)) ⊙ B)_i summed
 ||W_i||^2 is cached once (W is frozen); A W^T is the base layer applied to the r rows of A, an
 r-token matmul (the dequantizing one for an NF4 base), next to the batch's thousands of tokens.
+W here is always (out, in): a Conv1D base (weight stored (in, out)) is read through layout.py, and
+applying the base to A's rows gives A W^T whatever the layout.
 
 Dropout: PEFT applies DoRA's dropout to the input of the magnitude-scaled base term too, which
 costs a second full-size matmul per layer in training. Here dropout acts on the low-rank path
@@ -25,6 +27,7 @@ import torch
 from torch import nn
 
 from .dropout import low_rank
+from .layout import dense_weight
 
 
 def lora_update(layer, x: torch.Tensor) -> torch.Tensor:
@@ -75,9 +78,8 @@ def _bias(layer):
 
 @torch.no_grad()
 def dense_base_weight(layer) -> torch.Tensor:
-    """The frozen weight (out, in) in fp32 (dequantized for a quantized base)."""
-    base = layer.base
-    return base.dequantize().float() if layer.quantized else base.weight.detach().float()
+    """The frozen weight (out, in) in fp32 (dequantized for a quantized base, transposed for a Conv1D)."""
+    return dense_weight(layer.base)
 
 
 class Dora(PlainLora):
