@@ -43,6 +43,7 @@ class LoRAConfig:
     rank_pattern: dict = field(default_factory=dict)   # module name or regex -> r (PEFT's semantics)
     alpha_pattern: dict = field(default_factory=dict)  # module name or regex -> alpha
     layers: Any = None                # decoder layers that get LoRA (an int or a list); None: all
+    target_parameters: list = field(default_factory=list)  # fused 3-D expert weights (PEFT's target_parameters)
 
 
 @dataclass
@@ -321,6 +322,29 @@ def _validate_variants(cfg: RunConfig) -> None:
         raise UserError(f"config key 'train.loraplus_lr_ratio' must be > 0, got {ratio!r}")
     if ratio is not None and cfg.train.method != "lora":
         raise UserError("config key 'train.loraplus_lr_ratio' applies to LoRA only (train.method is full)")
+    _validate_target_parameters(cfg)
+
+
+def _validate_target_parameters(cfg: RunConfig) -> None:
+    """lora.target_parameters: names only here (the model checks what they match, peft/experts.py),
+    and the settings PEFT's ParamWrapper refuses, named before any weight loads."""
+    tp, lo = cfg.lora.target_parameters, cfg.lora
+    if not all(isinstance(t, str) and t.strip() for t in tp):
+        raise UserError(f"config key 'lora.target_parameters' must be a list of parameter names, got {tp!r}")
+    if not tp:
+        return
+    refused = [
+        (cfg.train.method == "full", "train.method is full"),
+        (bool(lo.dropout), f"lora.dropout={lo.dropout:g}: expert LoRA has no dropout, as PEFT's; set lora.dropout=0"),
+        (lo.use_dora, "lora.use_dora: DoRA does not apply to fused expert weights"),
+        (lo.init not in ("kaiming", "gaussian"), f"lora.init={lo.init} does not apply to fused expert weights "
+                                                 "(kaiming or gaussian)"),
+        (lo.layers is not None, "lora.layers does not select parameters in PEFT's format; name the layers' "
+                                "parameters in full (model.layers.0.mlp.experts.gate_up_proj)"),
+    ]
+    for bad, why in refused:
+        if bad:
+            raise UserError(f"config key 'lora.target_parameters' cannot be used here: {why}")
 
 
 def from_dict(data: dict) -> RunConfig:

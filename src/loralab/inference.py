@@ -151,6 +151,7 @@ def export_gguf(adapter_dir: str | None, *, lora_out: str | None = None, merged_
     import tempfile
 
     from .io.gguf import LoraFactors, write_lora_gguf, write_model_gguf
+    from .peft.experts import expert_modules
     from .peft.lora import lora_modules
 
     if not lora_out and not merged_out:
@@ -163,6 +164,9 @@ def export_gguf(adapter_dir: str | None, *, lora_out: str | None = None, merged_
     m, tok, folder = load_with_adapter(model, adapter_dir, dtype=torch.float32, with_folder=True)
     written = []
     if lora_out:
+        if any(True for _ in expert_modules(m)):
+            raise UserError(f"export: {adapter_dir} has LoRA on fused expert weights (target_parameters), which "
+                            f"the llama.cpp LoRA GGUF cannot hold; use --merged-gguf or `loralab merge`")
         alpha = float(json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("lora_alpha", 8))
         factors = [LoraFactors(name, mod.lora_A.weight, mod.lora_B.weight, mod.scaling)
                    for name, mod in lora_modules(m)]

@@ -17,6 +17,7 @@ from .data.tasks import expand_tasks, is_task, make_task
 from .errors import UserError
 from .io.models import copy_out_of_file, load_tokenizer, load_weights, resolve
 from .memory.preflight import check_rank, module_widths
+from .peft.experts import add_expert_lora
 from .peft.init import dropout_warning
 from .peft.inject import SpecFor, count_parameters, inject, per_module
 from .peft.lora import LoraSpec
@@ -128,6 +129,7 @@ def setup_model(cfg: RunConfig, device: torch.device, folder: Path | None = None
                                                        compute_dtype=dtype)
             copy_out_of_file(model)  # the fp32 file's pages that quantization read are released
         info["targets"] = inject(model, targets, spec)
+        info["notes"] += add_expert_lora(model, cfg.lora, spec)  # lora.target_parameters (peft/experts.py)
     trainable, total = count_parameters(model)
     info.update(trainable_params=trainable, total_params=total)
     return model, tok, folder, info
