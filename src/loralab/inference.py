@@ -151,7 +151,7 @@ def export_gguf(adapter_dir: str | None, *, lora_out: str | None = None, merged_
     import tempfile
 
     from .io.gguf import LoraFactors, write_lora_gguf, write_model_gguf
-    from .peft.experts import expert_modules
+    from .peft.adapter_files import read_adapter_config
     from .peft.lora import lora_modules
 
     if not lora_out and not merged_out:
@@ -161,12 +161,12 @@ def export_gguf(adapter_dir: str | None, *, lora_out: str | None = None, merged_
     for out in filter(None, (lora_out, merged_out)):
         if Path(out).exists():
             raise UserError(f"{out}: exists; remove it or choose another output file")
+    if lora_out and read_adapter_config(adapter_dir).get("target_parameters"):
+        raise UserError(f"export: {adapter_dir} has LoRA on fused expert weights (target_parameters), which "
+                        f"loralab's GGUF export does not map; `loralab merge` folds it into an HF folder")
     m, tok, folder = load_with_adapter(model, adapter_dir, dtype=torch.float32, with_folder=True)
     written = []
     if lora_out:
-        if any(True for _ in expert_modules(m)):
-            raise UserError(f"export: {adapter_dir} has LoRA on fused expert weights (target_parameters), which "
-                            f"the llama.cpp LoRA GGUF cannot hold; use --merged-gguf or `loralab merge`")
         alpha = float(json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("lora_alpha", 8))
         factors = [LoraFactors(name, mod.lora_A.weight, mod.lora_B.weight, mod.scaling)
                    for name, mod in lora_modules(m)]

@@ -222,3 +222,19 @@ def test_a_tiny_moe_run_trains_expert_lora_that_peft_and_merge_reproduce(tmp_pat
     assert main(["merge", str(out / "adapter"), str(tmp_path / "merged"), "--dtype", "fp32"]) == 0
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     assert rel(logits(merged, ids), logits(ours, ids)) < 1e-5
+
+
+def test_check_and_gguf_export_say_what_reads_an_expert_adapter(tmp_path):
+    from loralab.inference import export_gguf
+    from loralab.peft.check import runtime_support
+
+    m = tiny_moe("mixtral")
+    inject(m, ["q_proj"], LoraSpec(r=2, alpha=4, dropout=0.0))
+    inject_experts(m, EXPERTS, LoraSpec(r=2, alpha=4, dropout=0.0))
+    save_adapter(m, tmp_path / "ad", base_model_name_or_path="tiny-mixtral")
+    rows = {r["runtime"]: r for r in runtime_support(tmp_path / "ad")}
+    assert rows["loralab"]["loads"] and rows["PEFT"]["loads"] and "target_parameters" in rows["PEFT"]["why"]
+    assert not rows["GGUF (llama.cpp)"]["loads"] and "fused expert" in rows["GGUF (llama.cpp)"]["why"]
+    with pytest.raises(UserError, match="fused expert weights") as e:
+        export_gguf(str(tmp_path / "ad"), lora_out=str(tmp_path / "a.gguf"))
+    assert "\n" not in str(e.value) and not (tmp_path / "a.gguf").exists()
