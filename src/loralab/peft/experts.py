@@ -7,9 +7,10 @@ PEFT's `LoraConfig(target_parameters=[...])` reaches them, and this module does 
   - matching: an entry names a parameter by its full dotted name or a dotted tail of it
     ("experts.gate_up_proj"), as PEFT matches `target_parameters`;
   - factors per parameter of shape (E, d1, d2): in/out features are (d2, d1), or (d1, d2) when the
-    experts module says `is_transposed` (gpt-oss stores x @ W); A is (r*E, in), B is (out, r*E),
-    expert e's update is B[:, e::E]-style: B viewed (out, r, E) takes column block e, A viewed
-    (E, r, in) takes row block e, so each expert has its own rank-r update scaled by alpha/r;
+    experts module says `is_transposed` (gpt-oss stores x @ W); A is (r*E, in), B is (out, r*E);
+    expert e's update is B[:, e::E] @ A[e*r:(e+1)*r] (B's columns strided, A's rows in blocks, PEFT's
+    layout), so each expert has its own rank-r update, scaled by alpha/r (rsLoRA: alpha/sqrt(r));
+    the factors stay fp32 over a bf16 base, as LoRALinear's do, and are cast to W's dtype to apply;
   - forward: the experts module runs with W + scaling * B_e @ A_e in place of W (one baddbmm over
     the experts, in W's dtype), so whatever the module does with W (its experts implementation,
     grouped or looped) sees the update; no dropout (PEFT refuses lora_dropout != 0 here: the input
