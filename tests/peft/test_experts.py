@@ -208,7 +208,9 @@ def test_a_tiny_moe_run_trains_expert_lora_that_peft_and_merge_reproduce(tmp_pat
     out = tmp_path / "run"
     assert main(["train", *common, "lora.target_parameters=[experts.gate_up_proj,experts.down_proj]",
                  f"output_dir={out}"]) == 0
-    assert "lora.target_parameters" not in capsys.readouterr().err  # nothing left out: no note
+    printed = capsys.readouterr()
+    assert "lora.target_parameters" not in printed.err  # nothing left out: no note
+    assert "targets=all-linear + experts experts.gate_up_proj,experts.down_proj" in printed.out
     summary = json.loads((out / "summary.json").read_text())
     plain = json.loads((tmp_path / "plain/summary.json").read_text())
     assert summary["trainable_params"] - plain["trainable_params"] == 2 * 8 * 4 * ((64 + 64) + (32 + 64))
