@@ -140,3 +140,52 @@ def load_converted(folder: Path, dtype=torch.float32, attn_implementation: str =
     model = load_weights(folder, dtype, attn_implementation=attn_implementation)
     convert(model, converters, Target(torch.device("cpu"), attn_implementation))
     return model
+MOE_KINDS = ("mixtral", "qwen3_moe", "gpt_oss")
+
+
+def tiny_moe(kind: str = "mixtral", seed: int = 0, **overrides):
+    """A tiny random-init MoE decoder whose experts are fused 3-D parameters (transformers 5):
+    hidden 64, 2 layers, 4 heads / 2 KV heads, 4 experts, 2 per token."""
+    from transformers import (
+        GptOssConfig,
+        GptOssForCausalLM,
+        MixtralConfig,
+        MixtralForCausalLM,
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
+    )
+
+    common = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  num_experts_per_tok=2, max_position_embeddings=128, tie_word_embeddings=False, pad_token_id=0,
+                  bos_token_id=1, eos_token_id=2)
+    if kind == "mixtral":
+        cls, cfg = MixtralForCausalLM, MixtralConfig(intermediate_size=32, num_local_experts=4, **common)
+    elif kind == "qwen3_moe":
+        cls, cfg = Qwen3MoeForCausalLM, Qwen3MoeConfig(moe_intermediate_size=32, intermediate_size=64, num_experts=4,
+                                                       head_dim=16, decoder_sparse_step=1, mlp_only_layers=[],
+                                                       **common)
+    elif kind == "gpt_oss":
+        cls, cfg = GptOssForCausalLM, GptOssConfig(intermediate_size=32, num_local_experts=4, head_dim=16,
+                                                   layer_types=["full_attention"] * 2, **common)
+    else:
+        raise ValueError(kind)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    torch.manual_seed(seed)
+    model = cls(cfg)
+    with torch.no_grad():  # gpt-oss' router starts at zero (every expert tied): give every model a real routing
+        for name, p in model.named_parameters():
+            if name.endswith(("router.weight", "router.bias")):
+                p.normal_(std=0.5)
+    return model.eval()
+
+
+def save_tiny_moe_folder(folder: Path, kind: str = "mixtral") -> Path:
+    """An HF folder of tiny_moe(kind) with the tiny tokenizer, as save_tiny_folder."""
+    from tiny_tokenizer import make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer()
+    tiny_moe(kind, 0, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id) \
+        .save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
+from .config_checks import validate_converters, validate_variants
 from .errors import UserError
-from .peft.presets import check_init
 
 ARITHMETIC_DEFAULT = ["2da", "2ds"]
 
@@ -44,6 +44,7 @@ class LoRAConfig:
     rank_pattern: dict = field(default_factory=dict)   # module name or regex -> r (PEFT's semantics)
     alpha_pattern: dict = field(default_factory=dict)  # module name or regex -> alpha
     layers: Any = None                # decoder layers that get LoRA (an int or a list); None: all
+    target_parameters: list = field(default_factory=list)  # fused 3-D expert weights (PEFT's target_parameters)
 
 
 @dataclass
@@ -282,8 +283,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise UserError(f"config key 'train.tags' must map names to plain values, got {cfg.train.tags!r}")
     if cfg.data.columns is not None and not (isinstance(cfg.data.columns, dict) and cfg.data.columns):
         raise UserError(f"config key 'data.columns' must map loralab fields to column names, got {cfg.data.columns!r}")
-    _validate_variants(cfg)
-    _validate_converters(cfg.model.converters)
+    validate_variants(cfg)
+    validate_converters(cfg.model.converters)
     if not cfg.data.path and not cfg.data.tasks:
         raise UserError("config key 'data.path' or 'data.tasks' must be set")
     if cfg.resume not in ("auto", True, False):
@@ -291,54 +292,6 @@ def validate(cfg: RunConfig) -> RunConfig:
     if not str(cfg.output_dir).strip():
         raise UserError("config key 'output_dir' must not be empty")
     return cfg
-
-
-def _validate_converters(value) -> None:
-    from .model.convert import NAMES
-
-    if value in ("auto", "off"):
-        return
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise UserError(f"config key 'model.converters' must be auto, off or a list of names ({', '.join(NAMES)}), "
-                        f"got {value!r}")
-    for name in value:
-        if name not in NAMES:
-            close = difflib.get_close_matches(name, NAMES, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else f" (known: {', '.join(NAMES)})"
-            raise UserError(f"config key 'model.converters': unknown converter {name!r}{hint}")
-
-
-def _validate_pattern(key: str, pattern: dict, value_ok, what: str) -> None:
-    import re
-
-    for k, v in pattern.items():
-        if not isinstance(k, str) or not k:
-            raise UserError(f"config key '{key}' maps module names or regexes to values, got key {k!r}")
-        try:
-            re.compile(k)
-        except re.error as e:
-            raise UserError(f"config key '{key}': {k!r} is not a valid regular expression ({e})") from None
-        if isinstance(v, bool) or not value_ok(v):
-            raise UserError(f"config key '{key}': {k!r} must map to {what}, got {v!r}")
-
-
-def _validate_variants(cfg: RunConfig) -> None:
-    """The LoRA variants' keys: lora.init, rank/alpha patterns, lora.layers, train.loraplus_lr_ratio."""
-    check_init(cfg.lora.init)
-    _validate_pattern("lora.rank_pattern", cfg.lora.rank_pattern, lambda v: isinstance(v, int) and v > 0,
-                      "a positive integer rank")
-    _validate_pattern("lora.alpha_pattern", cfg.lora.alpha_pattern, lambda v: isinstance(v, (int, float)) and v > 0,
-                      "an alpha > 0")
-    layers = cfg.lora.layers
-    as_list = [layers] if isinstance(layers, int) else layers
-    if layers is not None and (not isinstance(as_list, list) or not as_list or not all(
-            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in as_list)):
-        raise UserError(f"config key 'lora.layers' must be a layer index or a non-empty list of them, got {layers!r}")
-    ratio = cfg.train.loraplus_lr_ratio
-    if ratio is not None and not ratio > 0:
-        raise UserError(f"config key 'train.loraplus_lr_ratio' must be > 0, got {ratio!r}")
-    if ratio is not None and cfg.train.method != "lora":
-        raise UserError("config key 'train.loraplus_lr_ratio' applies to LoRA only (train.method is full)")
 
 
 def from_dict(data: dict) -> RunConfig:

@@ -151,6 +151,7 @@ def export_gguf(adapter_dir: str | None, *, lora_out: str | None = None, merged_
     import tempfile
 
     from .io.gguf import LoraFactors, write_lora_gguf, write_model_gguf
+    from .peft.adapter_files import read_adapter_config
     from .peft.lora import lora_modules
 
     if not lora_out and not merged_out:
@@ -160,6 +161,9 @@ def export_gguf(adapter_dir: str | None, *, lora_out: str | None = None, merged_
     for out in filter(None, (lora_out, merged_out)):
         if Path(out).exists():
             raise UserError(f"{out}: exists; remove it or choose another output file")
+    if lora_out and read_adapter_config(adapter_dir).get("target_parameters"):
+        raise UserError(f"export: {adapter_dir} has LoRA on fused expert weights (target_parameters), which "
+                        f"loralab's GGUF export does not map; `loralab merge` folds it into an HF folder")
     m, tok, folder = load_with_adapter(model, adapter_dir, dtype=torch.float32, with_folder=True)
     written = []
     if lora_out:

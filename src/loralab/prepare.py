@@ -18,6 +18,7 @@ from .errors import UserError
 from .io.models import copy_out_of_file, load_tokenizer, load_weights, resolve
 from .memory.preflight import check_rank, module_widths
 from .model.convert import Target, convert
+from .peft.experts import add_expert_lora
 from .peft.init import dropout_warning
 from .peft.inject import SpecFor, count_parameters, inject, per_module
 from .peft.lora import LoraSpec
@@ -131,6 +132,7 @@ def setup_model(cfg: RunConfig, device: torch.device, folder: Path | None = None
                                                        compute_dtype=dtype)
             copy_out_of_file(model)  # the fp32 file's pages that quantization read are released
         info["targets"] = inject(model, targets, spec)
+        info["notes"] += add_expert_lora(model, cfg.lora, spec)  # lora.target_parameters (peft/experts.py)
     info["notes"].insert(0, rewrites.line())
     trainable, total = count_parameters(model)
     info.update(trainable_params=trainable, total_params=total)

@@ -125,6 +125,7 @@ def format_table(summary: dict, cfg: RunConfig) -> str:
         f"loralab run -> {cfg.output_dir}",
         f"  model           {summary['model']} ({summary['method']}, {summary['precision']}, {summary['device']})",
         f"  LoRA            r={cfg.lora.r} alpha={cfg.lora_alpha:g} targets={cfg.lora.targets}{_layers(cfg)}"
+        + (f" + experts {','.join(cfg.lora.target_parameters)}" if cfg.lora.target_parameters else "")
         if summary["method"] != "full" else "  method          full fine-tuning",
         f"  trainable       {summary['trainable_params']:,} / {summary['total_params']:,} params "
         f"({100 * summary['trainable_params'] / summary['total_params']:.2f}%)",

@@ -12,6 +12,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import UserError
+from ..peft.names import pattern_value, suffix_match
 from ..peft.presets import LLAMA_LINEARS, OUTPUT_LAYER, TARGET_PRESETS, llama_modules
 
 
@@ -120,3 +121,35 @@ def count_params(model_config: dict, targets="all-linear", r: int = 8) -> dict:
         lora += r * (a.hidden + a.vocab)
     return {"total": embed + head + norms + per_layer_linear * a.layers, "embedding": embed, "lm_head": head,
             "norms": norms, "layer_linears": per_layer_linear * a.layers, "lora": lora}
+
+
+def expert_shapes(model_config: dict) -> tuple[dict[str, tuple[int, int, int]], list[int]]:
+    """A mixture-of-experts decoder's fused expert weights from its config: (short name -> (experts,
+    in_features, out_features) of each layer's gate_up_proj and down_proj, the layers that have them).
+    ({}, []) for a dense model. Mixtral / gpt-oss: every layer; Qwen-MoE: decoder_sparse_step and
+    mlp_only_layers say which."""
+    cfg = model_config.get("text_config") if "hidden_size" not in model_config else model_config
+    cfg = cfg if isinstance(cfg, dict) else {}
+    experts = cfg.get("num_local_experts") or cfg.get("num_experts")
+    if not isinstance(experts, int) or experts <= 0 or not isinstance(cfg.get("hidden_size"), int):
+        return {}, []
+    hidden, inter = cfg["hidden_size"], cfg.get("moe_intermediate_size") or cfg.get("intermediate_size")
+    step, dense = cfg.get("decoder_sparse_step") or 1, set(cfg.get("mlp_only_layers") or [])
+    layers = [i for i in range(cfg.get("num_hidden_layers", 0)) if i not in dense and (i + 1) % step == 0]
+    return {"gate_up_proj": (experts, hidden, 2 * inter), "down_proj": (experts, inter, hidden)}, layers
+
+
+def expert_lora_params(model_config: dict, target_parameters, r: int, rank_pattern: dict | None = None) -> list[int]:
+    """LoRA parameters on fused expert weights per decoder layer, as PEFT's target_parameters makes
+    them: rank r per expert, A (r*E, in) and B (out, r*E), i.e. r*E*(in + out) per targeted weight
+    (rank_pattern by full name "model.layers.<i>.mlp.experts.<weight>")."""
+    shapes, moe_layers = expert_shapes(model_config)
+    per_layer = []
+    for i in range(model_config.get("num_hidden_layers") or len(moe_layers)):
+        total = 0
+        for name, (experts, fan_in, fan_out) in shapes.items():
+            full = f"model.layers.{i}.mlp.experts.{name}"
+            if i in moe_layers and any(suffix_match(full, t) for t in target_parameters or ()):
+                total += pattern_value(rank_pattern or {}, full, r) * experts * (fan_in + fan_out)
+        per_layer.append(total)
+    return per_layer

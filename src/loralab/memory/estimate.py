@@ -61,7 +61,7 @@ from ..peft.presets import LLAMA_LINEARS, OUTPUT_LAYER, mutates_base
 from ..runtime.allocator import active as active_allocator
 from ..train.loss import CHUNK_ROWS, FROZEN_HEAD_ROWS
 from ..train.precision import resolve_precision
-from .arch import Arch, arch_from_config, count_params, resolve_model_config, target_names
+from .arch import Arch, arch_from_config, count_params, expert_lora_params, resolve_model_config, target_names
 
 NF4_BITS = 4.127
 CUDA_OTHER_BYTES = 0.5e9         # CUDA context + cuBLAS workspace (typical; no GPU here to calibrate)
@@ -159,7 +159,8 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
              device: str = "cuda", attention: str = "auto", lora_dropout: float = 0.05, quantize: str = "all-linear",
              qlora_saves_inputs: bool = True, loss_rows: int | None = None, sgd_momentum: bool = True,
              grad_accum: int = 1, dora: bool = False, init_copies: bool = False, rank_of=None,
-             stock_autograd: bool = False, malloc: str = "system") -> dict:
+             stock_autograd: bool = False, malloc: str = "system", target_parameters=(),
+             rank_pattern: dict | None = None) -> dict:
     """Predicted peak memory (bytes) of one training step, with its breakdown at that moment. Pure arithmetic.
 
     method lora | qlora (NF4 base) | full; targets a preset (qv, attn, mlp, all-linear, all-linear+head)
@@ -177,7 +178,9 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
     init_copies (PiSSA / OLoRA keep A0, B0 to save the adapter for the original base: one more
     fp32 copy of the factors), rank_of(layer, module) -> rank (0: not wrapped), for rank_pattern
     and a subset of layers (default: r everywhere). rsLoRA and LoRA+ cost nothing extra. malloc: the CPU
-    run's (allocator.py's names; "system" is glibc's), which sets the heap slack.
+    run's (allocator.py's names; "system" is glibc's), which sets the heap slack. target_parameters:
+    fused MoE expert weights with LoRA (PEFT's semantics, arch.expert_lora_params; rank_pattern by
+    their full names): their factors count as trainable weights, gradients and optimizer state.
     """
     _check(method, optimizer, precision, device, attention, r, seq, batch, grad_accum)
     a = arch_from_config(model_config)
@@ -205,6 +208,8 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
         ranks, head_r = _lora_ranks(a, names, r, rank_of)
         factors = sum(k * (lin[n][0] + lin[n][1]) for layer in ranks for n, k in layer.items())
         factors += head_r * (a.hidden + a.vocab)
+        experts_per_layer = expert_lora_params(model_config, target_parameters, r, rank_pattern)
+        factors += sum(experts_per_layer)
         rows = sum(lin[n][1] for layer in ranks for n in layer) + (a.vocab if head_r else 0)
         trainable = factors + (rows if dora else 0)             # DoRA: a magnitude per output row
         q_weights = sum(lin[n][0] * lin[n][1] for n in quantized) * a.layers
@@ -253,6 +258,7 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
     # One decoder layer's parameters and those outside the layers as stored (compute dtype, NF4 where
     # quantized, LoRA fp32; full fine-tuning in the compute dtype): the units FSDP all-gathers.
     lora_layer = sum(r * (lin[n][0] + lin[n][1]) for n in names if n != "lm_head")
+    lora_layer += max(experts_per_layer, default=0) if method != "full" else 0
     layer = sum(i * o * (NF4_BITS / 8 if n in quantized else b) + (o * b if bias else 0)
                 for n, (i, o, bias) in lin.items()) + 2 * a.hidden * b + 4 * lora_layer
     units = {"layer_bytes": int(round(layer)), "outside_bytes": int(round(
@@ -331,7 +337,8 @@ def run_settings(cfg, device, seq: int | None = None) -> dict:
                 qlora_saves_inputs=False, loss_rows=FROZEN_HEAD_ROWS if frozen_head else CHUNK_ROWS,
                 sgd_momentum=cfg.train.momentum > 0,
                 grad_accum=cfg.train.grad_accum, dora=cfg.lora.use_dora, init_copies=mutates_base(cfg.lora.init),
-                rank_of=_run_rank_of(cfg), malloc=active_allocator())  # this process's: the run's
+                rank_of=_run_rank_of(cfg), malloc=active_allocator(),  # this process's: the run's
+                target_parameters=cfg.lora.target_parameters, rank_pattern=cfg.lora.rank_pattern)
 
 
 def estimate_for_run(cfg, model_config: dict, device, seq: int | None = None) -> dict:

@@ -7,7 +7,9 @@ A folder holds:
                              use_rslora, use_dora, rank_pattern / alpha_pattern, layers_to_transform ...)
   adapter_model.safetensors  'base_model.model.<module path>.lora_A.weight' (r, in), '.lora_B.weight'
                              (out, r) and, with DoRA, '.lora_magnitude_vector' (out,); PEFT drops its
-                             adapter name ("default") from the keys on save.
+                             adapter name ("default") from the keys on save. Fused expert weights
+                             (target_parameters) keep A (r*E, in), B (out, r*E) under their experts
+                             module's path, one '.base_layer' per wrapper nested outside (peft/experts.py).
 fan_in_fan_out says the targets store their weight (in, out) (GPT-2's Conv1D). The factors' shapes do
 not depend on it, and PEFT corrects the flag per layer from the layer's type when it loads (with a
 warning), as loralab reads the layout from the layer itself: the flag is written true when the
@@ -40,7 +42,7 @@ MAGNITUDE = "lora_magnitude_vector"
 # than the "off" one listed here makes the loader refuse the adapter rather than load it wrongly.
 UNSUPPORTED = {
     "lora_bias": False, "use_qalora": False, "modules_to_save": None,
-    "exclude_modules": None, "target_parameters": None, "trainable_token_indices": None,
+    "exclude_modules": None, "trainable_token_indices": None,
     "layer_replication": None, "alora_invocation_tokens": None,
 }
 # init_lora_weights values whose A and B need nothing from the base beyond the loaded tensors.
@@ -62,6 +64,7 @@ class AdapterConfig:
     layers: list | None         # layers_to_transform (a list target_modules only, as PEFT)
     layers_pattern: list | str | None
     raw: dict
+    parameters: tuple = ()      # target_parameters: fused expert weights (peft/experts.py)
 
     def spec(self, name: str, where: str = "") -> LoraSpec:
         """The LoraSpec of module `name`, PEFT's patterns applied."""
@@ -150,8 +153,11 @@ def check_config(cfg: dict, path: Path) -> AdapterConfig:
         raise UserError(f"{path}: fan_in_fan_out must be true or false, got {cfg['fan_in_fan_out']!r}")
     if cfg.get("bias", "none") != "none":
         raise UserError(f"{path}: bias={cfg['bias']!r} is not supported by loralab (only 'none')")
+    parameters = cfg.get("target_parameters") or []
+    if not (isinstance(parameters, list) and all(isinstance(t, str) and t for t in parameters)):
+        raise UserError(f"{path}: target_parameters must be a list of parameter names, got {parameters!r}")
     targets = cfg.get("target_modules")
-    if isinstance(targets, (list, tuple)) and targets and all(isinstance(t, str) for t in targets):
+    if isinstance(targets, (list, tuple)) and (targets or parameters) and all(isinstance(t, str) for t in targets):
         targets = list(targets)
     elif not (isinstance(targets, str) and targets):
         raise UserError(f"{path}: target_modules must be a non-empty list of names or a regex, got {targets!r}")
@@ -168,7 +174,8 @@ def check_config(cfg: dict, path: Path) -> AdapterConfig:
         init=_init_of(cfg.get("init_lora_weights", True), path),
         rank_pattern=_check_pattern(cfg, "rank_pattern", path),
         alpha_pattern=_check_pattern(cfg, "alpha_pattern", path),
-        targets=targets, layers=layers, layers_pattern=cfg.get("layers_pattern") or None, raw=cfg)
+        targets=targets, layers=layers, layers_pattern=cfg.get("layers_pattern") or None, raw=cfg,
+        parameters=tuple(parameters))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,14 +215,18 @@ def converted(a: torch.Tensor, b: torch.Tensor, a0: torch.Tensor, b0: torch.Tens
 
 
 def write_adapter(out_dir: str | os.PathLike, modules: dict, *, target_modules, base_model_name_or_path: str,
-                  layers_to_transform: list | None = None, fan_in_fan_out: bool = False) -> Path:
-    """Write a PEFT adapter folder. `modules`: full name -> (A, B, LoraSpec, magnitude or None).
+                  layers_to_transform: list | None = None, fan_in_fan_out: bool = False,
+                  parameters: dict | None = None, target_parameters: list | None = None) -> Path:
+    """Write a PEFT adapter folder. `modules`: full name -> (A, B, LoraSpec, magnitude or None);
+    `parameters`: full parameter name -> (the path its keys go under, A, B, LoraSpec), with
+    `target_parameters` the config's list that selects them.
     fan_in_fan_out: the targets are Conv1D layers (weights stored (in, out)), PEFT's flag.
 
     The most common rank and alpha become `r` and `lora_alpha`, the modules that differ go to
     `rank_pattern` / `alpha_pattern` (PEFT's semantics). Weights first, config last: a folder
     with a config is a complete adapter."""
-    specs = {n: m[2] for n, m in modules.items()}
+    parameters = parameters or {}
+    specs = {**{n: m[2] for n, m in modules.items()}, **{n: p[3] for n, p in parameters.items()}}
     for key in ("use_rslora", "use_dora"):
         if len({getattr(s, key) for s in specs.values()}) > 1:
             raise ValueError(f"write_adapter: PEFT's format has one {key} for all modules; these differ")
@@ -230,7 +241,7 @@ def write_adapter(out_dir: str | os.PathLike, modules: dict, *, target_modules, 
         "fan_in_fan_out": bool(fan_in_fan_out),
         "inference_mode": True, "init_lora_weights": True, "use_rslora": first.use_rslora, "use_dora": first.use_dora,
         "lora_bias": False, "modules_to_save": None, "layers_to_transform": layers_to_transform,
-        "layers_pattern": None,
+        "layers_pattern": None, "target_parameters": list(target_parameters) if parameters else None,
         "rank_pattern": pattern_for({n: s.r for n, s in specs.items()}, r),
         "alpha_pattern": {k: _num(v) for k, v in pattern_for({n: s.alpha for n, s in specs.items()}, alpha).items()},
     }
@@ -240,6 +251,9 @@ def write_adapter(out_dir: str | os.PathLike, modules: dict, *, target_modules, 
         tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = b.detach()
         if magnitude is not None:
             tensors[f"{KEY_PREFIX}{name}.{MAGNITUDE}"] = magnitude.detach()
+    for path, a, b, _ in parameters.values():
+        tensors[f"{KEY_PREFIX}{path}.lora_A.weight"] = a.detach()
+        tensors[f"{KEY_PREFIX}{path}.lora_B.weight"] = b.detach()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors(tensors, out / WEIGHTS_NAME)

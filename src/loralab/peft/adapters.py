@@ -3,13 +3,14 @@ loads ours unchanged and our `load_adapter` loads PEFT's (the folder itself: ada
 
 Every variant is saved the way PEFT saves it: rsLoRA as use_rslora, DoRA as use_dora plus one
 `lora_magnitude_vector` per module, per-module rank / alpha as rank_pattern / alpha_pattern, a
-subset of layers as layers_to_transform, Conv1D targets (GPT-2) with fan_in_fan_out. PiSSA /
-OLoRA change the frozen base at init; they are saved converted, as PEFT does when given
-`path_initial_model_for_weight_conversion`: rank 2r, A = [A ; A0], B = [B | -B0], an adapter for
-the original, unmodified base.
+subset of layers as layers_to_transform, Conv1D targets (GPT-2) with fan_in_fan_out, fused expert
+weights as target_parameters with PEFT's key names (experts.py). PiSSA / OLoRA change the frozen base at
+init; they are saved converted, as PEFT does when given `path_initial_model_for_weight_conversion`: rank 2r,
+A = [A ; A0], B = [B | -B0], an adapter for the original, unmodified base.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from pathlib import Path
@@ -27,6 +28,14 @@ from .adapter_files import (
     read_adapter_config,
     read_weights,
     write_adapter,
+)
+from .experts import (
+    expected_shapes,
+    expert_tensors,
+    inject_experts,
+    load_expert_weights,
+    resolve_parameters,
+    target_parameters_for,
 )
 from .inject import inject, load_lora_state_dict
 from .layout import features
@@ -60,7 +69,8 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, base_model_nam
     `weights` (by parameter name) replaces the layers' own tensors: a sharded model's, gathered whole."""
     own = lambda name, t: weights.get(name, t) if weights is not None else t  # noqa: E731
     wrapped = dict(lora_modules(model))
-    if not wrapped:
+    experts = expert_tensors(model, weights)
+    if not wrapped and not experts:
         raise ValueError("save_adapter: the model has no LoRA modules")
     modules = {}
     for name, m in wrapped.items():
@@ -72,12 +82,13 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, base_model_nam
             a, b, spec = converted(a, b, m.lora_A0, m.lora_B0, spec)
         magnitude = own(f"{name}.lora_magnitude_vector", m.lora_magnitude_vector) if spec.use_dora else None
         modules[name] = (a, b, spec, magnitude)
-    targets, layers = _peft_targets(model, list(wrapped))
+    targets, layers = _peft_targets(model, list(wrapped)) if wrapped else ([], None)
     # PEFT has one flag for all targets; it sets it per layer from the layer's type on loading (a warning
     # where the flag disagrees), so true when any target is a Conv1D keeps GPT-2's usual targets quiet.
     return write_adapter(out_dir, modules, target_modules=targets, layers_to_transform=layers,
                          base_model_name_or_path=base_model_name_or_path,
-                         fan_in_fan_out=any(m.fan_in_fan_out for m in wrapped.values()))
+                         fan_in_fan_out=any(m.fan_in_fan_out for m in wrapped.values()), parameters=experts,
+                         target_parameters=target_parameters_for(model, list(experts)))
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> dict:
@@ -99,7 +110,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> dict:
     if isinstance(targets, str) and targets != "all-linear" and targets in TARGET_PRESETS:
         targets = "(?:" + targets + ")"  # "all-linear" is PEFT's only preset; any other string is a regex
     try:
-        names = resolve_targets(model, targets)
+        names = resolve_targets(model, targets) if targets else []  # [] : fused expert weights only
+        params = resolve_parameters(model, list(cfg.parameters))
     except UserError as e:
         raise mismatch(str(e)) from None
     if cfg.layers is not None:
@@ -113,6 +125,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> dict:
         expected[f"{name}.lora_B.weight"] = (n_out, specs[name].r)
         if cfg.use_dora:
             expected[f"{name}.{MAGNITUDE}"] = (n_out,)
+    expert_keys = expected_shapes(model, params, lambda n: cfg.spec(n, str(folder / CONFIG_NAME)).r)
+    expected.update(expert_keys)
     for key in sorted(expected.keys() - weights.keys()):
         raise mismatch(f"it has no weight {KEY_PREFIX + key}")
     for key in sorted(weights.keys() - expected.keys()):
@@ -121,8 +135,13 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> dict:
         if tuple(weights[key].shape) != shape:
             raise mismatch(f"weight {KEY_PREFIX + key} has shape {tuple(weights[key].shape)}, the model needs {shape}")
 
-    inject(model, names, specs.__getitem__)
-    load_lora_state_dict(model, weights)
+    if names:
+        inject(model, names, specs.__getitem__)
+    # the factors are loaded: dropout (training only) and how they started do not matter here
+    inject_experts(model, params, lambda n: dataclasses.replace(cfg.spec(n, str(folder / CONFIG_NAME)),
+                                                                dropout=0.0, init="kaiming"))
+    load_lora_state_dict(model, {k: v for k, v in weights.items() if k not in expert_keys})
+    load_expert_weights(model, weights)
     return raw
 
 

@@ -13,7 +13,9 @@ The rules, from each runtime's loader:
             magnitudes, modules_to_save, biases), and it cannot hold rsLoRA's alpha / sqrt(r) or a
             per-module alpha unless the scale is folded into B first. Per-module rank is fine.
 An adapter saved unconverted after a PiSSA / OLoRA init applies to a base the init changed: only
-PEFT and loralab, which redo the init, load it.
+PEFT and loralab, which redo the init, load it. LoRA on fused expert weights (target_parameters,
+PEFT >= 0.17) is loaded by PEFT and loralab; loralab's GGUF export has no mapping for it, and vLLM's
+reading of it is not checked here, so both say no.
 """
 from __future__ import annotations
 
@@ -51,6 +53,7 @@ def runtime_support(adapter_dir: str | os.PathLike) -> list[dict]:
     else:
         notes = [n for n, on in (("use_dora needs PEFT >= 0.9", cfg.get("use_dora")),
                                  ("use_rslora needs PEFT >= 0.7", cfg.get("use_rslora")),
+                                 ("target_parameters needs PEFT >= 0.17", cfg.get("target_parameters")),
                                  (f"redoes the {init} init on the base when loading" + (
                                      " (randomized: not reproducible)" if "niter" in str(init) else ""), unconverted))
                  if on]
@@ -59,6 +62,7 @@ def runtime_support(adapter_dir: str | os.PathLike) -> list[dict]:
     ranks = [t.shape[0] for k, t in weights.items() if k.endswith(".lora_A.weight")]
     vllm = [why for why, bad in (
         ("DoRA (use_dora) is refused", cfg.get("use_dora")),
+        ("LoRA on fused expert weights (target_parameters) is not checked for vLLM", cfg.get("target_parameters")),
         ("modules_to_save is refused", not _off(cfg, "modules_to_save")),
         ("adapter bias is refused", not _off(cfg, "bias") or cfg.get("lora_bias")),
         ("per-module rank / alpha: one scale lora_alpha / r is applied to every module",
@@ -68,6 +72,7 @@ def runtime_support(adapter_dir: str | os.PathLike) -> list[dict]:
 
     gguf = [why for why, bad in (
         ("DoRA's magnitude vectors are not LoRA tensors", cfg.get("use_dora")),
+        ("LoRA on fused expert weights (target_parameters) has no GGUF mapping", cfg.get("target_parameters")),
         ("modules_to_save / bias tensors are refused",
          not _off(cfg, "modules_to_save") or not _off(cfg, "bias") or cfg.get("lora_bias")),
         ("rsLoRA's alpha / sqrt(r) cannot be stored (one lora_alpha, applied as alpha / r): fold the scale into B",

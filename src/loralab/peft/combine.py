@@ -50,6 +50,9 @@ def _read_source(folder: str | os.PathLike, weight: float) -> Source:
     if cfg.use_dora:
         raise UserError(f"{folder}: a DoRA adapter cannot be combined (its magnitude vectors rescale whole rows; "
                         f"they do not add); merge it instead")
+    if cfg.parameters:
+        raise UserError(f"{folder}: LoRA on fused expert weights (target_parameters) cannot be combined yet; "
+                        f"merge it instead")
     if cfg.init != "kaiming":
         raise UserError(f"{folder}: init_lora_weights={raw.get('init_lora_weights')!r}: its A and B apply to a base "
                         f"the init changed; save it converted (PEFT: path_initial_model_for_weight_conversion)")

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from .experts import expert_modules, unload_experts
 from .inject import set_submodule
 from .layout import dense_weight, fan_in_fan_out
 from .lora import LoRALinear, lora_modules
@@ -24,11 +25,13 @@ def merge(model: nn.Module) -> nn.Module:
             raise UserError(f"cannot merge LoRA into {name} in place: its weight is shared (tied) with another "
                             f"module; use merge_and_unload(model)")
         m.merge()
+    for _, m in expert_modules(model):  # fused expert weights: their update added in place
+        m.merge()
     return model
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    for _, m in lora_modules(model):
+    for _, m in [*lora_modules(model), *expert_modules(model)]:
         m.unmerge()
     return model
 
@@ -79,4 +82,4 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
         set_submodule(model, name, _dense_layer(weight.to(out_dtype), bias, fan_in_fan_out(base)))
     if untied_head and getattr(getattr(model, "config", None), "tie_word_embeddings", False):
         model.config.tie_word_embeddings = False  # the head now has its own merged weight; keep it on save
-    return model
+    return unload_experts(model, dtype)  # fused expert weights: base + update, the experts module put back
