@@ -45,6 +45,9 @@ def test_run_writes_every_artifact(tiny_folder, tmp_path):
                 "total_params", "final_train_loss", "final_val_loss", "eval"):
         assert on_disk[key] is not None, key
     assert set(on_disk["eval"]["2da"]) >= {"before", "after"}
+    from loralab.model.convert import NAMES
+
+    assert on_disk["converters"] == {"applied": list(NAMES), "declined": {}}  # a Llama takes every rewrite
     assert 0 < on_disk["trainable_params"] < on_disk["total_params"]
     assert on_disk["peak_memory_bytes"] > 10 * 2**20
     assert summary["train_tokens"] == train_steps[-1]["tokens"]
@@ -104,8 +107,10 @@ def test_cli_train_prints_table(tiny_folder, tmp_path, capsys):
     code = main(["train", str(cfg_file), "data.tasks=[2da]", "data.n_train=24", "eval.n=4", "train.max_steps=2",
                  "train.progress=false", "data.template=raw", "train.batch_size=4"])
     assert code == 0
-    table = capsys.readouterr().out
+    printed = capsys.readouterr()
+    table = printed.out
     assert "tokens/s" in table and "peak memory" in table and "2da" in table
+    assert "loralab: model rewrites: lean_rmsnorm, lean_swiglu" in printed.err  # one line: applied and declined
 
 
 def test_multi_epoch_on_small_data_warns():
@@ -330,3 +335,20 @@ def test_make_demo_trains_the_top_20_layers_and_the_demo_config_every_layer():
     assert '"lora.layers=$(DEMO_LAYERS)"' in make
     assert _layers(load_config("configs/demo.yaml", [f"lora.layers={layers}"])) == " layers=10-29"
     assert load_config("configs/demo.yaml").lora.layers is None  # any model, studies: every layer
+
+
+def test_converters_off_trains_the_model_as_transformers_computes_it_and_auto_gives_the_same_step(tiny_folder,
+                                                                                                  tmp_path):
+    # the plain path is one override away; one SGD step (B then holds the gradient) agrees with the default's
+    step = ["lora.dropout=0", "train.optimizer=sgd", "train.momentum=0", "train.lr=1", "train.scheduler=constant",
+            "train.max_steps=1", "train.max_grad_norm=null", "eval.before=false", "eval.n=0"]
+    adapters = {}
+    for choice in ("off", "auto"):
+        summary = run_training(_cfg(tiny_folder, tmp_path / choice, f"model.converters={choice}", *step), quiet=True)
+        assert (summary["converters"]["applied"] == []) == (choice == "off")
+        from safetensors.torch import load_file
+
+        adapters[choice] = load_file(str(tmp_path / choice / "adapter" / "adapter_model.safetensors"))
+    assert adapters["off"].keys() == adapters["auto"].keys()
+    for key, off in adapters["off"].items():
+        assert float((adapters["auto"][key] - off).abs().max()) <= 1e-5 * float(off.abs().max()), key

@@ -34,6 +34,7 @@ def test_auto_attention_in_fp32_is_sdpa_unless_bf16_autocast_computes(tiny_folde
     monkeypatch.setattr(A, "eager_max_row", lambda: 16)
     for interface in (AttentionInterface, AttentionMaskInterface):  # as in a fresh process
         monkeypatch.delitem(interface._global_mapping, A.RECOMPUTE, raising=False)
+    monkeypatch.setattr(A, "_REGISTERED", [])
     auto = load_converted(tiny_folder, torch.float32, attn_implementation="auto")
     assert auto.config._attn_implementation == "sdpa"
     loss_sum(auto, _batch(2, 12))

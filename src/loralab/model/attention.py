@@ -236,18 +236,22 @@ def _packed_blocks(module, query, key, value, attention_mask, scaling, dropout=0
     return out.flatten(0, 1).index_select(0, blocks.scatter).unsqueeze(0), None  # (1, n, heads, d)
 
 
+_REGISTERED: list = []
+
+
 def register() -> None:
     """Make RECOMPUTE and BLOCKS names transformers knows (attention function and mask), once.
     BLOCKS gets eager's (additive) mask for the calls it hands on whole; its own blocks build theirs."""
+    if _REGISTERED:
+        return
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-    if RECOMPUTE not in AttentionInterface._global_mapping:
-        AttentionInterface.register(RECOMPUTE, _eager_recompute)
-        AttentionMaskInterface.register(RECOMPUTE, eager_mask)
-    if BLOCKS not in AttentionInterface._global_mapping:
-        AttentionInterface.register(BLOCKS, _packed_blocks)
-        AttentionMaskInterface.register(BLOCKS, eager_mask)  # never None: an eager fallback needs its mask
+    AttentionInterface.register(RECOMPUTE, _eager_recompute)
+    AttentionMaskInterface.register(RECOMPUTE, eager_mask)
+    AttentionInterface.register(BLOCKS, _packed_blocks)
+    AttentionMaskInterface.register(BLOCKS, eager_mask)  # never None: an eager fallback needs its mask
+    _REGISTERED.append(True)
 
 
 def eager_max_row() -> int:

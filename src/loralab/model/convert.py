@@ -96,12 +96,11 @@ CONVERTERS = (
               _packing_check, _set(PACKED_ROWS)),
     Converter("cpu_attention", "on the CPU, attention per micro batch: a packed row's examples as blocks, "
               "short bf16 rows recomputed in backward", _cpu_auto, _use_cpu_attention,
-              needs=("transformers:AttentionInterface._global_mapping", "transformers.masking_utils:eager_mask",
-                     "transformers.masking_utils:AttentionMaskInterface",
+              needs=("transformers.masking_utils:AttentionMaskInterface", "transformers.masking_utils:eager_mask",
                      "transformers.integrations.sdpa_attention:sdpa_attention_forward"),
               after=("packed_rows",)),
     Converter("shared_prefix", "the first tokens a micro batch's examples share, held once per row",
-              _shared_prefix_check, _set(SHARED_PREFIX), needs=("transformers:DynamicCache",)),
+              _shared_prefix_check, _set(SHARED_PREFIX), needs=("transformers.cache_utils:DynamicCache",)),
     Converter("selected_head", "the output layer only on labelled positions, its logits never kept",
               _selected_head_check, _set(SELECTED_HEAD)),
 )

@@ -27,11 +27,13 @@ def cache_kwarg(model) -> str | None:
 def full_attention_only(config) -> bool:
     """Whether every layer attends to all earlier tokens through a plain key/value cache: a sliding
     window counts the gap between a prefix and a row's own tokens as distance (and a custom mask
-    would hide the window), a recurrent state cannot be repeated and extended as one."""
-    from transformers import DynamicCache
+    would hide the window), a recurrent state cannot be repeated and extended as one. A cache that
+    does not say which of its layers slide is taken as one that may."""
+    from transformers.cache_utils import DynamicCache
 
     cache = DynamicCache(config=config)
-    return not any(getattr(cache, "is_sliding", ())) and not any(getattr(cache, "is_linear", ()))
+    sliding = getattr(cache, "is_sliding", None)
+    return sliding is not None and not any(sliding) and not any(getattr(cache, "is_linear", ()))
 
 
 def prefix_cache(model, prefix_ids: torch.Tensor):
@@ -41,7 +43,7 @@ def prefix_cache(model, prefix_ids: torch.Tensor):
     key = cache_kwarg(model)
     if key is None or not full_attention_only(model.config):
         return None
-    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicCache
 
     cache = DynamicCache(config=model.config)
     model(input_ids=prefix_ids, use_cache=True, **{key: cache})
