@@ -137,7 +137,10 @@ def test_a_missing_private_name_declines_its_converter(converter, need, monkeypa
 
 
 def test_a_converter_that_crashes_on_the_twin_declines_and_the_others_stay(monkeypatch):
-    broken = C.Converter("lean_swiglu", "x", lambda m, t: None, lambda m, t: (_ for _ in ()).throw(RuntimeError("boom")))
+    def crash(model, target):
+        raise RuntimeError("boom")
+
+    broken = C.Converter("lean_swiglu", "x", lambda m, t: None, crash)
     monkeypatch.setattr(C, "CONVERTERS", tuple(broken if c.name == "lean_swiglu" else c for c in CONVERTERS))
     C._PROBED.clear()
     report = convert(_llama(), "auto", Target())
