@@ -31,7 +31,7 @@ from .prompts import IGNORE_INDEX, Encoded
 # wider rows cost attention over the whole row. The demo's micro batch (5 shared + 16 x ~14 own
 # tokens) in rows of 64, paired against plain rows: 1.16-1.20x fp32 (AVX-512; AVX2 proxy), 1.06-1.10x
 # bf16 (AMX). Rows of 40 were 6-7% slower on both; 128 or 256 7-8% slower in bf16, 0-2% faster in
-# fp32 (benchmarks/levers_ab.py --variants stock,rows40,rows128,rows256; docs/performance.md).
+# fp32 (benchmarks/experiments/levers_ab.py --variants stock,rows40,rows128,rows256; docs/performance.md).
 SHARED_ROW_TOKENS = 64
 
 

@@ -12,7 +12,7 @@ dtype, and in bf16 on the row length, switched per micro batch (`attention_for_r
     and costs 1-5% of a step;
   - bf16, longer rows: SDPA, faster than eager there. Where SDPA's bf16 kernels run on AMX tiles
     the crossing comes sooner (~200-300 tokens instead of ~1,000 with AVX512-BF16 alone).
-Paired step times and saved bytes are in docs/performance.md (benchmarks/attention_rows.py).
+Paired step times and saved bytes are in docs/performance.md (benchmarks/experiments/attention_rows.py).
 
 A CPU 'auto' model trains on packed micro batches laid out as ONE row with no padding
 (data.layout.collate_packed(one_row=True)): rows as wide as the longest example leave 4-23% of the
@@ -170,7 +170,7 @@ def _grouped_core(query, key, value, mask, scaling):
     eager function computes after repeating K and V to every query head, without the repeats (nor their
     gradients' sum), the scale applied to q, the mask added in place and softmax written in the compute
     dtype (torch's CPU kernel accumulates in fp32) instead of fp32 then a cast. 1.29x the eager core at the
-    throughput bench's blocks in bf16 (benchmarks/attention_core.py), the same values up to bf16 rounding."""
+    throughput bench's blocks in bf16 (benchmarks/experiments/attention_core.py), the same values up to bf16 rounding."""
     b, heads, w, d = query.shape
     kv_heads = key.shape[1]
     groups = heads // kv_heads

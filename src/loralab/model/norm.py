@@ -29,7 +29,7 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.
     return weight * (xf * rstd).to(x.dtype), rstd
 
 
-REBUILT = True  # benchmarks/levers_ab.py's `keepnorm` variant turns it off: outputs kept, to compare
+REBUILT = True  # benchmarks/experiments/levers_ab.py's `keepnorm` variant turns it off: outputs kept, to compare
 
 
 class _Output:

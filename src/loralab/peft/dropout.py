@@ -30,7 +30,7 @@ def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     split into four 16-bit uniforms: the same independent Bernoulli(1 - p) mask, with p rounded to a
     multiple of 1/65536. The 64-bit draws come from numpy's PCG64DXSM, seeded by one draw of torch's
     generator (so torch.manual_seed and a checkpoint's RNG state still decide every mask): 1.4-1.5x
-    faster than torch's mt19937 at the LoRA inputs of the bench's micro batch (benchmarks/dropout_mask.py).
+    faster than torch's mt19937 at the LoRA inputs of the bench's micro batch (benchmarks/experiments/dropout_mask.py).
     Elsewhere the RNG is cheap and one uniform per element is drawn.
     """
     if x.device.type != "cpu":

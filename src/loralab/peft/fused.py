@@ -8,7 +8,7 @@ activation-sized tensors more per step (B's output in forward, the scaled output
 backward), adds them in separate passes, and runs B's r-wide matmul into a fresh out-sized
 buffer, which the CPU's BLAS does several times slower than accumulating onto an existing one.
 On 2 AVX2 cores in fp32 the demo's step is 1.03-1.07x faster this way, the throughput bench's
-1.06x with an 11% lower peak (benchmarks/levers_ab.py --variants stock,unfused; docs/performance.md).
+1.06x with an 11% lower peak (benchmarks/experiments/levers_ab.py --variants stock,unfused; docs/performance.md).
 Here:
 
     forward   y = addmm(b, x, W^T);  t = d(x) A^T;  y += s t B^T                 (in place)
@@ -34,7 +34,7 @@ from .layout import is_conv1d
 from .quant import NF4Linear, dequantize_nf4
 from .variants import PlainLora
 
-ENABLED = True  # benchmarks/levers_ab.py's `unfused` variant turns it off to compare
+ENABLED = True  # benchmarks/experiments/levers_ab.py's `unfused` variant turns it off to compare
 
 
 def _dense(weight, dtype: torch.dtype, nf4_kernel: str | None) -> torch.Tensor:

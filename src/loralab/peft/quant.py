@@ -15,7 +15,7 @@ torchao widens every 4-bit code to int64 twice, gathers, scales and interleaves 
 torchao's storage as it is (two codes per byte, high nibble first, one absmax per block); without
 it, one torch gather of four levels per two stored bytes, scaled per block, does the same. Both give
 bit for bit torchao's values (tests/peft/test_quant.py); the speed of each is in
-docs/performance.md (`benchmarks/nf4_dequant.py`). torchao still quantizes and stores.
+docs/performance.md (`benchmarks/experiments/nf4_dequant.py`). torchao still quantizes and stores.
 
 torchao is imported lazily (it takes seconds to import) and only needed when quantizing.
 """

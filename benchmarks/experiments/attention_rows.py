@@ -2,7 +2,7 @@
 `model.attn_implementation=auto` on the CPU (eager_recompute up to `loralab.model.attention.eager_max_row()`
 tokens per row, SDPA beyond).
 
-    .venv/bin/python benchmarks/attention_rows.py [--lengths 128,256,512,1024,2048] [--tokens 1024]
+    .venv/bin/python benchmarks/experiments/attention_rows.py [--lengths 128,256,512,1024,2048] [--tokens 1024]
         [--rounds 4] [--threads N] [--precision auto|bf16|fp32] [--json out.json]
 
 One model (loralab's default setup: LoRA r=16 on every linear layer, bf16 weights where the CPU has
@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/: the shared helpers
 
 IMPLS = ("eager", "eager_recompute", "sdpa")
 

@@ -2,7 +2,7 @@
 step. Where `memory_estimate.py` compares a whole run's peak with the estimate, this says which
 phase sets it.
 
-    .venv/bin/python benchmarks/step_memory.py [key=value ...]      # RunConfig overrides
+    .venv/bin/python benchmarks/experiments/step_memory.py [key=value ...]      # RunConfig overrides
     e.g. train.method=full data.max_seq_len=128 train.batch_size=4
          train.gradient_checkpointing=true data.max_seq_len=512 train.batch_size=4
 

@@ -1,7 +1,7 @@
 """Paired A/B of training-step levers inside one process: the same packed micro batches, the
 variants interleaved step by step, so slow drifts of a shared machine hit every variant alike.
 
-    .venv/bin/python benchmarks/levers_ab.py [--rounds 6] [--batch 8] [--variants stock,chunk256,sdpa]
+    .venv/bin/python benchmarks/experiments/levers_ab.py [--rounds 6] [--batch 8] [--variants stock,chunk256,sdpa]
         [--workload throughput|demo] [--precision auto|bf16|fp32]
 
 --workload demo steps the demo's micro batches (configs/demo.yaml's 2-digit addition / subtraction
@@ -52,7 +52,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/: the shared helpers
 
 
 def set_nf4_kernel(model, kernel: str) -> None:

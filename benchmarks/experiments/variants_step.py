@@ -1,6 +1,6 @@
 """Step time and peak memory of the LoRA variants vs plain LoRA on the default model, same batches.
 
-    .venv/bin/python benchmarks/variants_step.py [--steps 40] [--batch 16] [--rounds 1]
+    .venv/bin/python benchmarks/experiments/variants_step.py [--steps 40] [--batch 16] [--rounds 1]
         [--sides lora,rslora,dora] [--json out.json]
 
 Each side is `loralab train configs/demo.yaml` (SmolLM2-135M, LoRA r=16 on every linear layer,
@@ -31,7 +31,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from memory_estimate import wait_for_lock  # benchmarks/ is on sys.path when run as a script
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/: the shared helpers
+from cpu_lock import wait as wait_for_lock  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SKIP_STEPS = 3  # the first steps pay one-time costs (allocator growth, kernel selection)

@@ -2,7 +2,7 @@
 four 16-bit uniforms per 64-bit draw) against the same split drawn by torch's own generator (mt19937)
 and against torch's bernoulli_, at the LoRA inputs of the throughput bench's micro batch. Prints JSON.
 
-    .venv/bin/python benchmarks/dropout_mask.py [--positions 986] [--rounds 200]
+    .venv/bin/python benchmarks/experiments/dropout_mask.py [--positions 986] [--rounds 200]
 """
 from __future__ import annotations
 

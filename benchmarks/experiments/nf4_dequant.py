@@ -1,6 +1,6 @@
 """NF4 dequantization speed: loralab.peft.quant.dequantize_nf4's kernels against torchao's own, paired.
 
-    .venv/bin/python benchmarks/nf4_dequant.py [--rounds 9] [--threads 2] [--json out.json]
+    .venv/bin/python benchmarks/experiments/nf4_dequant.py [--rounds 9] [--threads 2] [--json out.json]
 
 Dequantizes the default model's (SmolLM2-135M) decoder weights once per pass, as QLoRA does in
 forward and again in backward: one decoder layer's seven linear shapes, random N(0, 0.02) weights
@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/: the shared helpers
 
 LAYERS = 30  # SmolLM2-135M's decoder layers
 SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]  # q k v o gate up down

@@ -1,6 +1,6 @@
 """LoRA vs QLoRA on the default model, same data, steps and seed, in one run: the article's trade-off.
 
-    .venv/bin/python benchmarks/qlora_tradeoff.py [--steps 40] [--batch 16] [--rounds 1] [--json out.json]
+    .venv/bin/python benchmarks/experiments/qlora_tradeoff.py [--steps 40] [--batch 16] [--rounds 1] [--json out.json]
 
 Each side is `loralab train configs/demo.yaml` (LoRA r=16 on every linear layer, 2-digit add/sub)
 with `model.quant=none` or `model.quant=nf4`, run as its own process so its peak memory (peak RSS
@@ -25,7 +25,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from cpu_lock import wait as wait_for_lock  # benchmarks/ is on sys.path when run as a script
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/: the shared helpers
+from cpu_lock import wait as wait_for_lock  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTICLE = {"memory_ratio": 14.18 / 21.33, "time_ratio": 10059.53 / 6685.75}

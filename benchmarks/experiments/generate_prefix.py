@@ -4,7 +4,7 @@ configs/demo.yaml's 100 + 100 held-out 2da / 2ds questions, one batch of 200, ev
 new tokens, the default model with `make demo`'s (zero-initialised) LoRA layers, as the base
 model's evaluation runs. Rounds alternate the two ways, so a shared machine's drift hits both alike.
 
-    .venv/bin/python benchmarks/generate_prefix.py [--rounds 3] [--no-lock]
+    .venv/bin/python benchmarks/experiments/generate_prefix.py [--rounds 3] [--no-lock]
 
 Prints JSON: the median seconds of each way, their median paired ratio, and whether the answers
 were identical. Respects /tmp/loralab_cpu_lock.
@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/: the shared helpers
 
 
 

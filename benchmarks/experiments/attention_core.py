@@ -3,7 +3,7 @@
 now (`_grouped_recompute`: q's heads grouped per K/V head instead of K and V repeated, the scale applied to
 q, the mask added in place, softmax written in bf16).
 
-    .venv/bin/python benchmarks/attention_core.py [--rounds 15] [--batch 0]
+    .venv/bin/python benchmarks/experiments/attention_core.py [--rounds 15] [--batch 0]
 
 On the blocks of the throughput benchmark's micro batch `--batch` (its layout and block-diagonal mask), with
 random q, k, v at the default model's head counts: forward, recomputed forward and backward of one layer,
@@ -21,7 +21,7 @@ import time
 from itertools import islice
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/: the shared helpers
 
 
 def main() -> int:

@@ -2,7 +2,7 @@
 every linear layer: 280 tensors, 3.26 M values), torch's fused kernel against foreach, paired in
 one process (alternating rounds). loralab.train.optim.implementation picks fused where it applies.
 
-    .venv/bin/python benchmarks/optimizer_step.py [--optimizer adamw|sgd] [--rounds 5] [--no-lock]
+    .venv/bin/python benchmarks/experiments/optimizer_step.py [--optimizer adamw|sgd] [--rounds 5] [--no-lock]
 
 Prints JSON: the median milliseconds per step of each, their ratio, and the largest difference
 between the two's parameters after the rounds (the same start and gradients). Respects
@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/: the shared helpers
 
 
 

@@ -1,6 +1,6 @@
 """How much of a training run's peak RSS is live memory and how much is heap holes (CPU, glibc).
 
-    .venv/bin/python benchmarks/heap_trace.py [--steps 16] [--batch 8] [--grad-accum 1]
+    .venv/bin/python benchmarks/experiments/heap_trace.py [--steps 16] [--batch 8] [--grad-accum 1]
         [--examples 128] [--packed 1] [--lr 2e-4]
 
 Runs the throughput benchmark's loralab side (`loralab_side.worker_loralab`: `run_training` on the
@@ -17,9 +17,12 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import sys
 import time
+from pathlib import Path
 
-from loralab_side import worker_loralab
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/: the shared helpers
+from loralab_side import worker_loralab  # noqa: E402
 
 MB = 2**20
 
