@@ -114,7 +114,7 @@ def test_checks_decline_with_reasons_per_architecture():
     assert "no Llama-style RMSNorm" in gemma3["lean_rmsnorm"]  # Gemma's norm scales by 1 + w
     assert "sliding-window" in gemma3["shared_prefix"]
     cohere = convert(_cohere2(), "auto", Target()).declined
-    assert "not the model's logits" in cohere["selected_head"]  # Cohere scales its logits
+    assert "do not give the model's logits" in cohere["selected_head"]  # Cohere scales its logits
     cuda = convert(_llama(), "auto", Target(torch.device("cuda"), "auto")).declined  # checked, not run
     assert cuda["cpu_attention"] == "on cuda attention runs as loaded"
     assert convert(_llama(), "auto", Target(attn_implementation="eager")).declined["cpu_attention"] \

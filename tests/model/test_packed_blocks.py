@@ -5,7 +5,7 @@ import torch
 from loralab.data.batching import collate
 from loralab.data.layout import collate_packed, pack_rows
 from loralab.model import attention as A
-from loralab.model.packing import packed_inputs, packing_supported
+from loralab.model.packing import packed_inputs
 from loralab.train.loss import loss_sum
 from tinymodels import load_converted, random_encoded, saved_bytes, with_lora
 
@@ -82,13 +82,6 @@ def test_blocks_hand_anything_but_one_packed_row_to_sdpa(tiny_folder):
         ids = torch.tensor([examples[0].input_ids])  # generation: a cache, one new token at a time
         torch.testing.assert_close(model.generate(ids, max_new_tokens=4, do_sample=False),
                                    sdpa.generate(ids, max_new_tokens=4, do_sample=False))
-
-
-def test_packing_check_runs_the_blocks_and_leaves_the_attention_as_it_was(tiny_folder):
-    model = load_converted(tiny_folder, torch.float32, attn_implementation="auto")
-    before = model.config._attn_implementation
-    assert A.packs_one_row(model) and packing_supported(model, pad_id=0)
-    assert model.config._attn_implementation == before
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

@@ -3,7 +3,7 @@ import torch
 
 from loralab.data.batching import collate
 from loralab.data.layout import collate_packed, pack_rows
-from loralab.model.packing import packed_inputs, packing_supported
+from loralab.model.packing import packed_inputs
 from loralab.train.loss import loss_sum
 from loralab.train.loss import loss_sum as packed_loss_sum
 from tinymodels import random_encoded, tiny_llama, with_lora
@@ -76,7 +76,7 @@ def test_packed_loss_on_the_full_logits_fallback():
     results = []
     for batch in (collate(examples, pad_id=0), collate_packed(examples, pad_id=0)):
         model = _lora_model()
-        model._loralab_selected_loss_ok = False  # as if the one-time head check had failed
+        model._loralab_selected_head = False  # as if the one-time head check had failed
         results.append(_loss_and_grads(model, batch, packed_loss_sum))
     (s0, n0, g0), (s1, n1, g1) = results
     assert n0 == n1 and s1 == pytest.approx(s0, rel=1e-5)
@@ -98,20 +98,16 @@ def test_without_position_ids_packing_would_leak_acrossrandom_encoded():
     assert not torch.allclose(leaky, alone, atol=1e-3)
 
 
-def test_packing_supported_detects_models_that_ignore_packed_positions():
-    model = tiny_llama(seed=4)
-    assert packing_supported(model, pad_id=0)
-    assert not model.training
+def test_the_packed_rows_converter_declines_a_model_class_that_ignores_packed_positions():
+    from transformers import LlamaForCausalLM
 
-    class IgnoresPositions(torch.nn.Module):  # attention over the whole row, positions dropped
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
+    from loralab.model.convert import Target, convert
 
-        def get_input_embeddings(self):
-            return self.inner.get_input_embeddings()
+    class IgnoresPositions(LlamaForCausalLM):  # attention over the whole row, positions dropped
+        def forward(self, input_ids=None, position_ids=None, attention_mask=None, **kw):
+            return super().forward(input_ids=input_ids, **kw)
 
-        def forward(self, input_ids, position_ids=None, attention_mask=None, use_cache=False):
-            return self.inner(input_ids=input_ids, use_cache=use_cache)
-
-    assert not packing_supported(IgnoresPositions(model).train(), pad_id=0)
+    assert "packed_rows" in convert(tiny_llama(seed=4), "auto", Target()).applied
+    leaky = IgnoresPositions(tiny_llama(seed=4).config).eval()
+    report = convert(leaky, "auto", Target())
+    assert "packed_rows" not in report.applied and report.declined["packed_rows"].startswith("probe: packed rows")

@@ -8,7 +8,6 @@ from loralab.data.batching import collate
 from loralab.data.layout import collate_packed, collate_shared, input_tokens, label_free_prefix, shared_slots
 from loralab.data.prompts import IGNORE_INDEX, Encoded
 from loralab.model.attention import visible
-from loralab.model.shared_prefix import shared_prefix_supported
 from loralab.train.loop import collate_micro_batch, train
 from loralab.train.loss import loss_sum
 from tinymodels import random_encoded, tiny_llama, with_lora
@@ -97,7 +96,7 @@ def test_shared_prefix_loss_and_gradients_equal_the_plain_batch(attn, capacity):
 def test_shared_prefix_on_the_full_logits_fallback_and_in_bf16():
     examples = _prefixed([11, 4, 7], prefix_len=8, seed=4)
     model = _lora_model(dtype=torch.bfloat16)
-    model._loralab_selected_loss_ok = False  # as if the head check had failed: the model's own logits
+    model._loralab_selected_head = False  # as if the head check had failed: the model's own logits
     s0, n0, g0 = _loss_and_grads(model, collate(examples, pad_id=0))
     s1, n1, g1 = _loss_and_grads(model, collate_shared(examples, pad_id=0, k=8))
     assert n0 == n1 and s1 == pytest.approx(s0, rel=2e-2)
@@ -105,26 +104,23 @@ def test_shared_prefix_on_the_full_logits_fallback_and_in_bf16():
         assert float((g1[k] - g0[k]).float().norm()) <= 5e-2 * float(g0[k].float().norm()) + 1e-6
 
 
-def test_shared_prefix_supported_detects_models_that_ignore_the_mask():
-    model = tiny_llama(seed=4)
-    assert shared_prefix_supported(model, pad_id=0)
-    assert not model.training
-    leaky = tiny_llama(seed=4)
-    leaky.config._attn_implementation = "flash_attention_2"  # takes no 4D mask: refused before running
-    assert not shared_prefix_supported(leaky, pad_id=0)
+def test_the_shared_prefix_converter_declines_what_would_leak_between_examples():
+    from transformers import LlamaForCausalLM
 
-    class IgnoresMask(torch.nn.Module):  # attends over the whole row: examples would see each other
-        def __init__(self, inner):
-            super().__init__()
-            self.inner, self.config = inner, inner.config
+    from loralab.model.convert import Target, convert
 
-        def get_input_embeddings(self):
-            return self.inner.get_input_embeddings()
+    assert "shared_prefix" in convert(tiny_llama(seed=4), "auto", Target()).applied
+    flash = tiny_llama(seed=4)
+    flash.config._attn_implementation = "flash_attention_2"  # takes no 4D mask: refused before running
+    assert convert(flash, ["shared_prefix"], Target()).declined == {
+        "shared_prefix": "flash_attention_2 attention takes no 4D mask"}
 
-        def forward(self, input_ids, position_ids=None, attention_mask=None, use_cache=False):
-            return self.inner(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+    class IgnoresMask(LlamaForCausalLM):  # attends over the whole row: examples would see each other
+        def forward(self, input_ids=None, position_ids=None, attention_mask=None, **kw):
+            return super().forward(input_ids=input_ids, position_ids=position_ids, **kw)
 
-    assert not shared_prefix_supported(IgnoresMask(model), pad_id=0)
+    report = convert(IgnoresMask(tiny_llama(seed=4).config).eval(), ["shared_prefix"], Target())
+    assert report.declined["shared_prefix"].startswith("probe: shared prefix")
 
 
 def test_the_loop_shares_a_prefix_only_where_it_computes_fewer_positions():

@@ -143,7 +143,8 @@ def test_packing_falls_back_to_padding_for_a_model_that_ignores_positions(monkey
     import loralab.model.convert as convert_mod
     import loralab.train.step as step_mod
 
-    monkeypatch.setattr(convert_mod, "packing_supported", lambda model, pad_id: False)
+    monkeypatch.setattr(convert_mod, "_probe_once", lambda model, converters, target: (
+        "probe: packed rows differ" if any(c.name == "packed_rows" for c in converters) else None))
     seen = []
     real = step_mod.accumulate_gradients
     monkeypatch.setattr(step_mod, "accumulate_gradients",

@@ -169,8 +169,8 @@ def _grouped_core(query, key, value, mask, scaling):
     """softmax(q k^T · scaling + mask) v in the compute dtype, q's heads grouped per K/V head: what the model's
     eager function computes after repeating K and V to every query head, without the repeats (nor their
     gradients' sum), the scale applied to q, the mask added in place and softmax written in the compute
-    dtype (torch's CPU kernel accumulates in fp32) instead of fp32 then a cast. 1.29x the eager core at the
-    throughput bench's blocks in bf16 (benchmarks/experiments/attention_core.py), the same values up to bf16 rounding."""
+    dtype (torch's CPU kernel accumulates in fp32) instead of fp32 then a cast: faster than the eager core at
+    the throughput bench's blocks in bf16 (docs/performance.md), the same values up to bf16 rounding."""
     b, heads, w, d = query.shape
     kv_heads = key.shape[1]
     groups = heads // kv_heads

@@ -1,13 +1,13 @@
 """Every change loralab makes to how a loaded model computes, as named converters applied in one place.
 
-A converter says whether it applies to a model (`check`: None, or the reason it does not), and changes the
-model (`apply`). Before any converter touches the loaded model, those that apply are run on a tiny twin of
-it (twin.py: the same classes, its sliding windows, soft-capping, extra norms and biases kept) and must
-give the untouched twin's loss and gradients on every layout they touch (probe.py); a converter whose
-private torch / transformers names are missing, whose check fails, or whose probe differs declines with
-its reason. `model.converters` chooses: `auto` (all that pass), `off` (the model as transformers computes
-it), or a list of names. Every run prints one line naming what applied and what declined (`Report.line`),
-and summary.json records it.
+A converter says whether it applies to a model (`check`: None, or the reason it does not, from the model's
+structure alone: no forward of the real model) and changes the model (`apply`). Before any converter
+touches the loaded model, those that apply are run on a tiny twin of it (twin.py: the same classes, its
+sliding windows, soft-capping, extra norms and biases kept) and must give the untouched twin's loss and
+gradients on every layout they touch (probe.py); a converter whose private torch / transformers names are
+missing, whose check fails, or whose probe differs declines with its reason. `model.converters` chooses:
+`auto` (all that pass), `off` (the model as transformers computes it), or a list of names. Every run
+prints one line naming what applied and what declined (`Report.line`), and summary.json records it.
 """
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from . import attention, mlp, norm, rebuild
-from .head import SELECTED_HEAD, body_and_head, head_matches
-from .packing import packing_supported
-from .shared_prefix import shared_prefix_supported
+from .head import SELECTED_HEAD, body_and_head
+from .prefix_cache import full_attention_only
+from .shared_prefix import MASKED_KINDS
 
 REPORT = "_loralab_converters"          # on the model: its Report, once converted
 PACKED_ROWS = "_loralab_packed_rows"      # on the model: packed rows (restarting positions) keep examples apart
@@ -67,19 +67,16 @@ def _use_cpu_attention(model, target: Target) -> None:
     attention.attention_for_rows(model, 1)  # the short-row choice until a batch says otherwise
 
 
-def _packing_check(model, target) -> str | None:
-    return None if packing_supported(model, pad_id=0) else "the model ignores packed position ids"
-
-
 def _shared_prefix_check(model, target) -> str | None:
-    return None if shared_prefix_supported(model, pad_id=0) else \
-        "sliding-window or linear-attention layers, or a 4D mask the attention does not take"
+    if not full_attention_only(model.config):
+        return "sliding-window or linear-attention layers (a prefix's distance to each example's tokens would change)"
+    if model.config._attn_implementation not in MASKED_KINDS:
+        return f"{model.config._attn_implementation} attention takes no 4D mask"
+    return None
 
 
 def _selected_head_check(model, target) -> str | None:
-    if body_and_head(model) is None:
-        return "no separate decoder body and output layer"
-    return None if head_matches(model) else "the output layer applied to the body is not the model's logits"
+    return None if body_and_head(model) is not None else "no separate decoder body and output layer"
 
 
 CONVERTERS = (
@@ -93,7 +90,7 @@ CONVERTERS = (
               lambda m, t: rebuild.rebuild_attention_inputs(m),
               needs=("torch._C._autograd:_top_saved_tensors_default_hooks",), after=("lean_rmsnorm",)),
     Converter("packed_rows", "examples packed end to end in rows, position ids restarting at each",
-              _packing_check, _set(PACKED_ROWS)),
+              lambda m, t: None, _set(PACKED_ROWS)),
     Converter("cpu_attention", "on the CPU, attention per micro batch: a packed row's examples as blocks, "
               "short bf16 rows recomputed in backward", _cpu_auto, _use_cpu_attention,
               needs=("transformers.masking_utils:AttentionMaskInterface", "transformers.masking_utils:eager_mask",

@@ -4,7 +4,8 @@ one-time check that the model honours it.
 A packed batch has `position_ids` that restart at 0 for each example. Passed with no 2D attention
 mask, transformers (Llama, Qwen2, Mistral, ... via `masking_utils`) detects the restarts and builds
 the block-diagonal causal mask for eager and SDPA attention, so examples sharing a row never see
-each other. A model that ignores them would let examples mix: `packing_supported` finds out.
+each other. A model that ignores them would let examples mix: the `packed_rows` converter's probe
+(model/convert.py, model/probe.py) finds out on a tiny twin before a run packs.
 A CPU 'auto' model gets a micro batch's rows end to end in one row instead, and its attention
 computes them as blocks (model.attention.BLOCKS); the check then runs that attention.
 """
@@ -13,10 +14,6 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
-
-from ..data.layout import collate_packed
-from ..data.prompts import Encoded
-from .attention import attention_for_rows
 
 
 def packed_inputs(batch: dict) -> dict:
@@ -43,33 +40,3 @@ def positions_into(module: torch.nn.Module, position_ids: torch.Tensor):
         yield
     finally:
         handle.remove()
-
-
-@torch.no_grad()
-def packing_supported(model, pad_id: int, vocab_size: int | None = None) -> bool:
-    """One-time check that the model honours packed position ids (restarting positions give a
-    block-diagonal causal mask): two short random examples packed in one row must give the logits
-    each gives alone. False for models whose attention ignores them; the loop then falls back to
-    padded batches (with a warning), since packing would let examples attend to each other."""
-    was_training, attention = model.training, getattr(getattr(model, "config", None), "_attn_implementation", None)
-    model.eval()
-    try:
-        vocab = vocab_size or model.get_input_embeddings().num_embeddings
-        device = next(model.parameters()).device
-        g = torch.Generator().manual_seed(0)
-        examples = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (7, 5)]
-        batch = collate_packed([Encoded(e, e) for e in examples], pad_id, capacity=12)  # one row
-        attention_for_rows(model, 12, one_packed_row=True)  # what training will run on it
-        batch = {k: v.to(device) for k, v in batch.items()}
-        packed = model(**packed_inputs(batch), use_cache=False).logits[0].float()
-        at = 0
-        for e in examples:
-            alone = model(input_ids=torch.tensor([e], device=device), use_cache=False).logits[0].float()
-            if not torch.allclose(packed[at:at + len(e)], alone, rtol=2e-2, atol=2e-2 * alone.abs().max().item()):
-                return False
-            at += len(e)
-        return True
-    finally:
-        model.train(was_training)
-        if attention is not None and model.config._attn_implementation != attention:
-            model.set_attn_implementation(attention)
