@@ -44,8 +44,8 @@ Columns:
 - **PEFT loads**: `PeftModel.from_pretrained` loads the adapter with loralab's own logits (1e-5 relative);
   **merge**: `loralab merge` writes a folder transformers loads with those logits.
 - **GGUF**: `loralab export --gguf` writes a LoRA GGUF the `gguf` package reads, or refuses in one line.
-- **rewrites**: the model rewrites (attention, norms, MLP, packing) the run applied or declined, as summary.json
-  reports them (blank until it does).
+- **rewrites**: the converters (loralab's rewrites of attention, norms, MLP, packing, the loss's head) the run
+  applied, then those it declined for this model, from summary.json's `converters`.
 - **not covered**: weight matrices no LoRA module wraps (fused MoE experts, convolutions).
 """
 
@@ -66,6 +66,16 @@ def _cell(text) -> str:
     return str(text or "").replace("|", "\\|").replace("\n", " ")
 
 
+def _rewrites(found: dict | None) -> str:
+    """summary.json's converters: the applied ones by name, the declined ones by name (their reasons are in the
+    JSON; a table cell has no room for them)."""
+    conv = (found or {}).get("converters")
+    if isinstance(conv, dict):
+        applied, declined = conv.get("applied") or [], conv.get("declined") or {}
+        return "; ".join(filter(None, [", ".join(applied), "declined: " + ", ".join(declined) if declined else ""]))
+    return json.dumps(found) if found else ""
+
+
 def row_line(name: str, features: str, r: dict | None) -> str:
     if r is None:
         return f"| `{name}` | {_cell(features)} | not run |  |  |  |  |  |  |  |"
@@ -80,11 +90,11 @@ def row_line(name: str, features: str, r: dict | None) -> str:
         gguf = f"refused: {reason}" if "supports" not in reason else "refused (family not supported)"
     elif gguf == "written":
         gguf = f"written ({r.get('gguf_reason', '')})"
-    rewrites = r.get("rewrites")
+    rewrites = _rewrites(r.get("rewrites"))
     error = r.get("error") or ""
     trains = _mark(r.get("trains")) + (f": {error[:140]}{'...' if len(error) > 140 else ''}" if error else "")
     return "| " + " | ".join(_cell(c) for c in (
-        f"`{name}`", features, trains, json.dumps(rewrites) if rewrites else "", equal_cell, loads_cell,
+        f"`{name}`", features, trains, rewrites, equal_cell, loads_cell,
         _mark(r.get("merge_ok")), gguf, ", ".join(r.get("left_out") or []), r.get("known_failure"))) + " |"
 
 
