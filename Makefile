@@ -7,7 +7,7 @@ TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 TSTAMP  := $(VENV)/.installed-test
 
-.PHONY: demo test install fetch bench interop clean
+.PHONY: demo test install fetch bench interop models clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -45,6 +45,13 @@ test: $(TSTAMP)
 bench: $(TSTAMP)
 	$(BIN)/python -c "import trl" 2>/dev/null || $(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python benchmarks/throughput.py
+
+# docs/models.md: the architecture matrix (tests/model/test_matrix.py, tiny models of ~60 families, ~1-2 min on
+# 2 cores) writes one JSON row per family; the page is rebuilt from them even when a family fails, and the
+# target then fails too.
+models: $(TSTAMP)
+	LORALAB_MATRIX_JSON=runs/models.json $(BIN)/python -m pytest tests/model/test_matrix.py -q -k test_architecture; \
+	status=$$?; $(BIN)/python benchmarks/models_table.py runs/models.json docs/models.md && exit $$status
 
 # llama.cpp loads `loralab export`'s GGUFs and continues 20 held-out prompts as loralab does. Not part of
 # `make test`: the first run compiles llama.cpp (llama-cpp-python, the interop extra: ~7.5 min on 2 cores).
