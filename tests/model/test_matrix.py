@@ -32,18 +32,10 @@ from archs import ARCHS, WINDOW, save_arch_folder
 # test then passes; left in, an unexpected pass fails the run).
 _PEFT_MOE = ("(b) fails: PEFT 0.21 reads the adapter's short MLP names (gate_proj/up_proj/down_proj) as the fused "
              "experts' parameters, so the dense / shared-expert MLP LoRA is dropped on load; logits off by {}")
-_CLAMP = "does not train: clip_qkv clamps q/k/v in place, on the LoRA layer's output: a view autograd forbids that on"
 _MAMBA = "does not train: the Mamba mixer reads in_proj.weight, which loralab's LoRA layer does not expose"
 KNOWN_FAILURES = {
-    "olmo": _CLAMP,
-    "olmoe": _CLAMP,
-    "phimoe": "does not train: its router is an nn.Linear subclass returning a tuple; all-linear wraps it",
     "granitemoehybrid": _MAMBA,
     "falcon_h1": _MAMBA,
-    "gpt_neo": ("does not train: the packed row (12 examples, 1201 tokens) outgrows its 512-position attention bias "
-                "buffer (train.packing=false, or 4 examples: matches)"),
-    "bloom": ("does not train: the shared_prefix converter's probe hands ALiBi a 4D mask, which raises instead of "
-              "declining (with train.packing=false too)"),
     "glm4_moe": _PEFT_MOE.format(0.167),
     "deepseek_v3": _PEFT_MOE.format(0.312),
     "qwen3_next": _PEFT_MOE.format(0.092),

@@ -71,7 +71,7 @@ class _LoraLinearFn(torch.autograd.Function):
             ctx.nf4_weight = weight
             ctx.save_for_backward(x2, bits, None, a, b, t)
         ctx.in_shape = shape
-        return y.view(*shape[:-1], y.shape[-1])
+        return y  # 2-D: the caller takes the view, so models may change it in place (OLMo's clip_qkv)
 
     @staticmethod
     def backward(ctx, g):
@@ -127,4 +127,5 @@ def fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
     weight = layer.base.weight
     if is_conv1d(layer.base):  # stored (in, out): its transpose is the (out, in) view the function reads
         weight = weight.t()
-    return _LoraLinearFn.apply(x, weight, layer.base.bias, a, b, scaling, keep, p, kernel)
+    y = _LoraLinearFn.apply(x, weight, layer.base.bias, a, b, scaling, keep, p, kernel)
+    return y.view(*x.shape[:-1], y.shape[-1])

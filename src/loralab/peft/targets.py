@@ -25,8 +25,8 @@ def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
         if isinstance(m, LoRALinear):
             wrapped.append(name)
             found[name] = m
-        elif isinstance(m, nn.Linear) or is_quantized(m) or is_conv1d(m):
-            found[name] = m
+        elif (isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward) or is_quantized(m) or is_conv1d(m):
+            found[name] = m  # not a Linear subclass with a forward of its own (Phi-MoE's router returns a tuple)
     return found
 
 

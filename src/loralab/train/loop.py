@@ -49,10 +49,13 @@ class Hooks:
     should_stop: Callable[[], bool] | None = None           # e.g. a signal arrived: checkpoint and stop
 
 
-def collate_micro_batch(examples: list, pad_id: int, cfg: TrainConfig, one_row: bool = False) -> dict:
-    """One micro batch's layout: packed (one_row: in a single row) or padded rows, or, where the
-    examples share first tokens and that computes fewer token positions, rows that hold those once
-    (data.layout.collate_shared)."""
+def collate_micro_batch(examples: list, pad_id: int, cfg: TrainConfig, one_row: bool = False,
+                        max_row: int | None = None) -> dict:
+    """One micro batch's layout: packed (one_row: in a single row, where it holds at most max_row tokens:
+    some models size buffers by the row, GPT-Neo's causal bias by max_position_embeddings) or padded rows,
+    or, where the examples share first tokens and that computes fewer token positions, rows that hold
+    those once (data.layout.collate_shared)."""
+    one_row = one_row and (max_row is None or sum(len(e.input_ids) for e in examples) <= max_row)
     k = label_free_prefix(examples) if cfg.shared_prefix and examples else 0
     if k and shared_slots(examples, k) < plain_slots(examples, cfg.packing, one_row):
         return collate_shared(examples, pad_id, k)
@@ -62,7 +65,7 @@ def collate_micro_batch(examples: list, pad_id: int, cfg: TrainConfig, one_row: 
 
 
 def micro_batches(data, cfg: TrainConfig, pad_id: int, skip: int = 0, dist: Dist = SINGLE,
-                  one_row: bool = False) -> Iterator[dict]:
+                  one_row: bool = False, max_row: int | None = None) -> Iterator[dict]:
     """Endless stream of this rank's collated micro batches: each global micro batch (batch_size x
     world examples, data.batching.micro_batch_indices) split into the ranks' shares. Packing changes
     only the layout of a micro batch, never which examples it holds; so does a shared prefix.
@@ -70,7 +73,7 @@ def micro_batches(data, cfg: TrainConfig, pad_id: int, skip: int = 0, dist: Dist
     for idx in micro_batch_indices(data, cfg.batch_size * dist.world, seed=cfg.seed,
                                    group_window=cfg.group_by_length, skip=skip):
         share, weight = rank_share(idx, dist.rank, dist.world)
-        batch = collate_micro_batch([data[i] for i in share], pad_id, cfg, one_row)
+        batch = collate_micro_batch([data[i] for i in share], pad_id, cfg, one_row, max_row)
         if weight != 1.0:
             batch[WEIGHT] = weight
         yield batch
@@ -107,6 +110,7 @@ def train(model: torch.nn.Module, train_data: list, cfg: TrainConfig, *, pad_id:
     # a CPU 'auto' model packs a micro batch in one row, its attention computing the rows as blocks
     # (not compiled: finding the blocks reads the position ids, which would break the graph)
     one_row = cfg.packing and not cfg.compile and packs_one_row(model)
+    max_row = getattr(model.config, "max_position_embeddings", None)
     if cfg.packing and not converted(model, PACKED_ROWS):
         # packing relies on the model honouring restarting position ids; otherwise examples would mix
         warnings.warn("train.packing: the packed_rows converter declined for this model (see the model rewrites "
@@ -131,7 +135,9 @@ def train(model: torch.nn.Module, train_data: list, cfg: TrainConfig, *, pad_id:
     result, start = TrainResult(module=module), 0
     if resume is not None:
         start = restore(resume, optimizer, scheduler, result)
-    stream = micro_batches(train_data, cfg, pad_id, skip=start * cfg.grad_accum, dist=dist, one_row=one_row)
+    stream = micro_batches(train_data, cfg, pad_id, skip=start * cfg.grad_accum, dist=dist, one_row=one_row,
+                           max_row=max_row)
+    layout = lambda examples: collate_micro_batch(examples, pad_id, cfg, one_row, max_row)  # validation's batches
     if resume is not None:
         set_rng(resume["rng"][dist.rank])  # after the skip: the stream's shuffles do not touch the global RNG
     bar = None
@@ -173,7 +179,7 @@ def train(model: torch.nn.Module, train_data: list, cfg: TrainConfig, *, pad_id:
                 window_loss, window_tokens = 0.0, 0
         last = step + 1 == total
         if val_data and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not last:
-            eval_s += _validate(module, val_data, cfg, pad_id, step + 1, result, hooks.on_eval, best, dist, one_row)
+            eval_s += _validate(module, val_data, cfg, pad_id, step + 1, result, hooks.on_eval, best, dist, layout)
             model.train()
             if result.val_history[-1]["val_loss"] < best:
                 best, bad_evals = result.val_history[-1]["val_loss"], 0
@@ -194,7 +200,7 @@ def train(model: torch.nn.Module, train_data: list, cfg: TrainConfig, *, pad_id:
     if bar is not None:
         bar.close()
     if val_data and not result.interrupted:
-        _validate(module, val_data, cfg, pad_id, result.steps, result, hooks.on_eval, best, dist, one_row)
+        _validate(module, val_data, cfg, pad_id, result.steps, result, hooks.on_eval, best, dist, layout)
     model.eval()
     for handle in trims:
         handle.remove()
@@ -204,11 +210,11 @@ def train(model: torch.nn.Module, train_data: list, cfg: TrainConfig, *, pad_id:
 
 
 def _validate(module, val_data, cfg, pad_id, step, result: TrainResult, on_eval, best: float,
-              dist: Dist, one_row: bool) -> float:
+              dist: Dist, layout) -> float:
     """Validation loss into result (and on_eval); returns the seconds it took."""
     t0 = time.perf_counter()
     val = mean_loss(module, val_data, batch_size=cfg.batch_size, pad_id=pad_id, dist=dist,
-                    layout=lambda examples: collate_micro_batch(examples, pad_id, cfg, one_row))
+                    layout=layout)
     result.final_val_loss = val
     record = {"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50)), "is_best": val < best}
     result.val_history.append(record)
