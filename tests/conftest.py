@@ -22,3 +22,14 @@ def tiny_tokenizer():
 def tiny_folder(tmp_path_factory):
     """One tiny model folder for the whole session (tests only read it)."""
     return save_tiny_folder(tmp_path_factory.mktemp("tiny-model"))
+
+
+# Hypothesis budgets (tests/test_fuzz.py): a few examples per property in `make test`, many in
+# `make fuzz` (`pytest --hypothesis-profile=fuzz`). No deadline: two CPUs shared by parallel jobs
+# make single-example timings meaningless.
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile("default", max_examples=30, deadline=None, database=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("fuzz", max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("default")

@@ -294,7 +294,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _validate_variants(cfg)
     if not cfg.data.path and not cfg.data.tasks:
         raise UserError("config key 'data.path' or 'data.tasks' must be set")
-    if cfg.resume not in ("auto", True, False):
+    if cfg.resume != "auto" and not isinstance(cfg.resume, bool):  # 1 == True, but `resume: 1` is a typo
         raise UserError(f"config key 'resume' must be auto, true or false, got {cfg.resume!r}")
     if not str(cfg.output_dir).strip():
         raise UserError("config key 'output_dir' must not be empty")
@@ -309,7 +309,7 @@ def _validate_pattern(key: str, pattern: dict, value_ok, what: str) -> None:
             raise UserError(f"config key '{key}' maps module names or regexes to values, got key {k!r}")
         try:
             re.compile(k)
-        except re.error as e:
+        except (re.error, OverflowError, RecursionError) as e:  # a{99999999999}, thousands of nested groups
             raise UserError(f"config key '{key}': {k!r} is not a valid regular expression ({e})") from None
         if isinstance(v, bool) or not value_ok(v):
             raise UserError(f"config key '{key}': {k!r} must map to {what}, got {v!r}")

@@ -35,6 +35,10 @@ def _check_events(text: str, name: str) -> None:
     sizes: dict[str, int] = {}       # anchor -> its value's expanded size
     open_nodes: list[tuple[str | None, int]] = []  # per open collection: (anchor, total at its start)
     for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent) and any(a == event.anchor for a, _ in open_nodes):
+            # a value that contains itself: anything that walks it (validation, writing config.yaml) never ends
+            raise UserError(f"{_where(name, event.start_mark)}: YAML alias *{event.anchor} refers to a value that "
+                            "contains it; write the values out")
         if isinstance(event, yaml.CollectionStartEvent):
             depth += 1
             if depth > MAX_DEPTH:
@@ -90,8 +94,10 @@ def load(text: str, name: str):
     loader.source_name = name
     try:
         return loader.get_single_data()
-    except (ValueError, TypeError, OverflowError) as e:  # a value PyYAML's resolver matched but cannot build
-        raise yaml.constructor.ConstructorError(None, None, f"bad value ({e})", None) from None
+    except (ValueError, TypeError, OverflowError, AttributeError, KeyError, IndexError) as e:
+        # a value PyYAML's resolver or a tag matched but its constructor cannot build (2024-13-01,
+        # `!!timestamp x`): PyYAML raises these rather than a YAMLError
+        raise yaml.constructor.ConstructorError(None, None, f"bad value ({type(e).__name__}: {e})", None) from None
     finally:
         loader.dispose()
 

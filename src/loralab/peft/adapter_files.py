@@ -123,7 +123,7 @@ def _check_pattern(cfg: dict, key: str, path: Path) -> dict:
     for k, v in pattern.items():
         try:
             re.compile(k)
-        except re.error as e:
+        except (re.error, OverflowError, RecursionError) as e:  # a{99999999999}, thousands of nested groups
             raise UserError(f"{path}: {key} key {k!r} is not a valid regular expression ({e})") from None
         _number(v, f"{key}[{k!r}]", path, integer=key == "rank_pattern")
     return pattern
