@@ -71,6 +71,9 @@ COUNT_CASES = {
     "momentum-negative": ("train.momentum=-0.5", "config key 'train.momentum' must be >= 0"),
     "seed-negative": ("train.seed=-1", "config key 'train.seed' must be in [0, 2**63)"),
     "data-seed-huge": (f"data.seed={2**64}", "config key 'data.seed' must be in [0, 2**63)"),
+    "resume-one": ("resume=1", "config key 'resume' must be auto, true or false, got 1"),  # 1 == True, a typo
+    "pattern-overflowing-re": ("lora.rank_pattern={'q_proj{99999999999}': 4}",
+                               "config key 'lora.rank_pattern': 'q_proj{99999999999}' is not a valid regular"),
 }
 
 
