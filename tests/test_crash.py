@@ -63,6 +63,13 @@ def test_unwritable_cache_falls_back_to_the_temp_folder(tmp_path, monkeypatch, c
     assert report.parent == tmp_path / "tmp" and "AttributeError" in report.read_text()
 
 
+def test_a_bug_before_the_command_runs_is_caught_too(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LORALAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cli, "build_parser", lambda: {}["parser"])  # a bug while setting up, not in a command
+    assert cli.main(["estimate"]) == 1
+    assert "KeyError: 'parser'" in _one_line(capsys.readouterr().err)
+
+
 def test_a_user_error_keeps_its_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LORALAB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(cli, "cmd_check", _raise(UserError("adapter/adapter_config.json: not found")))
