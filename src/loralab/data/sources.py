@@ -32,7 +32,7 @@ def load_data(path: str | Path, columns: dict | None = None) -> list[Example]:
     """data.path (+ data.columns) -> Examples, whatever the source."""
     if is_dataset_source(path) and Path(path).exists():
         if not Path(path).is_dir():  # a .csv that is a FIFO would block datasets' reader
-            reading.check_file(path, "data file", reading.DATA_CAP)
+            reading.check_file(path, "data file")
         return load_dataset_examples(path, columns)
     return load_examples(path, columns)
 

@@ -33,17 +33,18 @@ def size_text(n: int) -> str:
     return f"{n} bytes"
 
 
-def _check(p: Path, st: os.stat_result, what: str, cap: int) -> None:
+def _check(p: Path, st: os.stat_result, what: str, cap: int | None) -> None:
     if not stat.S_ISREG(st.st_mode):
         kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a regular file")
         raise UserError(f"{p}: is {kind}, expected a {what}")
-    if st.st_size > cap:
+    if cap is not None and st.st_size > cap:
         raise UserError(f"{p}: the {what} is {size_text(st.st_size)}, above the {size_text(cap)} loralab reads")
 
 
-def check_file(path: str | os.PathLike, what: str, cap: int) -> None:
+def check_file(path: str | os.PathLike, what: str, cap: int | None = None) -> None:
     """Refuse what read_bytes would, without opening it: for a file another library reads (a CSV or
-    Parquet file read by `datasets`). stat() does not block on a FIFO, as opening one would."""
+    Parquet file read by `datasets`). stat() does not block on a FIFO, as opening one would.
+    cap None: no size cap (a compressed Parquet file's size says little about its rows')."""
     p = Path(path)
     try:
         st = os.stat(p)
