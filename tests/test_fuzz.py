@@ -21,6 +21,7 @@ from loralab.data.formats import FIELDS, ROLES, load_examples
 from loralab.data.sources import load_data
 from loralab.errors import UserError
 from loralab.peft.adapter_files import CONFIG_NAME, check_config, read_adapter_config
+from loralab.study.spec import STUDY_KEYS, load_study
 
 _HINTS = typing.get_type_hints(RunConfig)  # the annotations are strings (`from __future__ import annotations`)
 SECTIONS = {name: [g.name for g in dataclasses.fields(t)] if dataclasses.is_dataclass(t) else None
@@ -122,6 +123,32 @@ override_values = syntax_text | values.map(json.dumps) | st.text(max_size=20)
 @example(overrides=["lora.targets=&a [*a]"])
 def test_overrides(overrides):
     _config_holds(_loads_or_says_why(load_config, None, overrides))
+
+
+# ---------------------------------------------------------------------------------------------
+# Study files (`loralab study FILE`): read by the same loader, then cells, sweeps and findings
+
+STUDY_WORDS = ["name", "set", "seeds", "sweep", "combine", "adapters", "weights", "method", "cell", "cells", "metric",
+               "check", "a", "b", "tol", "expect", "value", "if_unclear", "lora.r", "lower", "ratio", "default"]
+study_values = st.recursive(
+    scalars | st.sampled_from(["lora.r=4", "train.lr=1e-3", "final_val_loss", "estimate", "svd"] + STUDY_WORDS),
+    lambda inner: st.lists(inner, max_size=3)
+    | st.dictionaries(st.sampled_from(STUDY_WORDS) | st.integers(0, 2), inner, max_size=3), max_leaves=8)
+
+
+@given(spec=st.dictionaries(st.sampled_from(sorted(STUDY_KEYS - {"base"})) | st.integers(0, 2), study_values,
+                            max_size=6))
+@example(spec={"axes": [[1, 2]]})
+@example(spec={"axes": {1: ["a"]}})
+@example(spec={"kind": "estimate", "rows": 5})
+@example(spec={"findings": [{"check": ["lower"]}]})
+@example(spec={"findings": [{1: "x"}]})
+@example(spec={"axes": [{"name": "c", 1: 2}]})
+def test_study_file(spec):
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "study.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        _loads_or_says_why(load_study, str(path))
 
 
 # ---------------------------------------------------------------------------------------------
