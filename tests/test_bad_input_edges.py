@@ -74,6 +74,8 @@ COUNT_CASES = {
     "resume-one": ("resume=1", "config key 'resume' must be auto, true or false, got 1"),  # 1 == True, a typo
     "pattern-overflowing-re": ("lora.rank_pattern={'q_proj{99999999999}': 4}",
                                "config key 'lora.rank_pattern': 'q_proj{99999999999}' is not a valid regular"),
+    "pattern-flags-not-at-start": ("lora.alpha_pattern={'(?i)q_proj': 4}",  # valid alone, not in PEFT's match
+                                   "config key 'lora.alpha_pattern': '(?i)q_proj' is not a valid regular expression"),
 }
 
 

@@ -245,6 +245,7 @@ adapter_values = (json_values | st.sampled_from(["LORA", "none", "gaussian", "pi
 @example(config={"r": "four", "target_modules": ["q_proj"]})
 @example(config={"target_modules": ["q_proj"], "rank_pattern": {"a{99999999999}": 4}})
 @example(config={"target_modules": ["q_proj"], "lora_alpha": 10**400})
+@example(config={"target_modules": ["q_proj"], "alpha_pattern": {"(?i)q_proj": 4}})  # compiles alone, not in PEFT's
 def test_adapter_config(config):
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / CONFIG_NAME).write_text(json.dumps(config))

@@ -18,6 +18,7 @@ import yaml
 
 from .errors import UserError
 from .io import reading, yamlfile
+from .peft.names import pattern_regex
 from .peft.presets import check_init
 
 ARITHMETIC_DEFAULT = ["2da", "2ds"]
@@ -308,7 +309,7 @@ def _validate_pattern(key: str, pattern: dict, value_ok, what: str) -> None:
         if not isinstance(k, str) or not k:
             raise UserError(f"config key '{key}' maps module names or regexes to values, got key {k!r}")
         try:
-            re.compile(k)
+            re.compile(pattern_regex(k))
         except (re.error, OverflowError, RecursionError) as e:  # a{99999999999}, thousands of nested groups
             raise UserError(f"config key '{key}': {k!r} is not a valid regular expression ({e})") from None
         if isinstance(v, bool) or not value_ok(v):

@@ -25,7 +25,7 @@ from ..errors import UserError
 from ..io import reading
 from ..io.fileio import atomic_save_safetensors, write_json
 from .lora import LoraSpec
-from .names import pattern_value
+from .names import pattern_regex, pattern_value
 from .presets import check_init
 
 CONFIG_NAME = "adapter_config.json"
@@ -122,7 +122,7 @@ def _check_pattern(cfg: dict, key: str, path: Path) -> dict:
         raise UserError(f"{path}: {key} must map module-name patterns to numbers, got {pattern!r}")
     for k, v in pattern.items():
         try:
-            re.compile(k)
+            re.compile(pattern_regex(k))
         except (re.error, OverflowError, RecursionError) as e:  # a{99999999999}, thousands of nested groups
             raise UserError(f"{path}: {key} key {k!r} is not a valid regular expression ({e})") from None
         _number(v, f"{key}[{k!r}]", path, integer=key == "rank_pattern")
