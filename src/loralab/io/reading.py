@@ -33,10 +33,14 @@ def size_text(n: int) -> str:
     return f"{n} bytes"
 
 
+def _a(what: str) -> str:
+    return f"{'an' if what[:1] in 'aeiou' else 'a'} {what}"
+
+
 def _check(p: Path, st: os.stat_result, what: str, cap: int | None) -> None:
     if not stat.S_ISREG(st.st_mode):
         kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a regular file")
-        raise UserError(f"{p}: is {kind}, expected a {what}")
+        raise UserError(f"{p}: is {kind}, expected {_a(what)}")
     if cap is not None and st.st_size > cap:
         raise UserError(f"{p}: the {what} is {size_text(st.st_size)}, above the {size_text(cap)} loralab reads")
 
@@ -64,7 +68,7 @@ def read_bytes(path: str | os.PathLike, what: str, cap: int) -> bytes:
     except FileNotFoundError:
         raise UserError(f"{p}: no such {what}") from None
     except IsADirectoryError:
-        raise UserError(f"{p}: is a directory, expected a {what}") from None
+        raise UserError(f"{p}: is a directory, expected {_a(what)}") from None
     except OSError as e:
         raise UserError(f"{p}: cannot open the {what} ({e.strerror})") from None
     try:

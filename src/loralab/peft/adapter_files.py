@@ -74,7 +74,7 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict:
     path = Path(adapter_dir) / CONFIG_NAME
     if not Path(adapter_dir).is_dir():
         raise UserError(f"{adapter_dir}: adapter folder not found")
-    if not path.is_file():
+    if not path.exists():  # anything else there (a FIFO, a folder) is refused by name when read
         raise UserError(f"{path}: adapter config not found")
     text = reading.read_text(path, "adapter config", reading.JSON_CONFIG_CAP)  # not a FIFO, not huge, UTF-8
     try:
@@ -125,7 +125,7 @@ def _check_pattern(cfg: dict, key: str, path: Path) -> dict:
             re.compile(pattern_regex(k))
         except (re.error, OverflowError, RecursionError) as e:  # a{99999999999}, thousands of nested groups
             raise UserError(f"{path}: {key} key {k!r} is not a valid regular expression ({e})") from None
-        _number(v, f"{key}[{k!r}]", path, integer=key == "rank_pattern")
+        _number(v, f"{key} {k!r}", path, integer=key == "rank_pattern")
     return pattern
 
 
@@ -176,9 +176,9 @@ def check_config(cfg: dict, path: Path) -> AdapterConfig:
     elif not (isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in layers)):
         raise UserError(f"{path}: layers_to_transform must be an integer or a list of integers, got {layers!r}")
     return AdapterConfig(
-        r=_number(cfg.get("r", 8), "r", path, integer=True),
-        alpha=_number(cfg.get("lora_alpha", 8), "lora_alpha", path),
-        dropout=_number(cfg.get("lora_dropout") or 0.0, "lora_dropout", path, below_one=True),
+        r=_number(cfg.get("r", 8), "'r'", path, integer=True),
+        alpha=_number(cfg.get("lora_alpha", 8), "'lora_alpha'", path),
+        dropout=_number(cfg.get("lora_dropout") or 0.0, "'lora_dropout'", path, below_one=True),
         use_rslora=bool(cfg.get("use_rslora", False)), use_dora=bool(cfg.get("use_dora", False)),
         init=_init_of(cfg.get("init_lora_weights", True), path),
         rank_pattern=_check_pattern(cfg, "rank_pattern", path),
