@@ -7,7 +7,7 @@ TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 TSTAMP  := $(VENV)/.installed-test
 
-.PHONY: demo test install fetch bench interop models clean
+.PHONY: demo test fuzz install fetch bench interop models clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -41,6 +41,11 @@ demo: $(STAMP)
 test: $(TSTAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest
+
+# Every reader of user input fuzzed with Hypothesis' "fuzz" profile (tests/conftest.py): many more
+# examples per property than `make test` runs; a failure prints the input that caused it.
+fuzz: $(TSTAMP)
+	$(BIN)/python -m pytest -q tests/test_fuzz.py --hypothesis-profile=fuzz --hypothesis-show-statistics
 
 bench: $(TSTAMP)
 	$(BIN)/python -c "import trl" 2>/dev/null || $(BIN)/pip install -q -e ".[bench]"

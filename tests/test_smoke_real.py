@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from loralab.config import load_config
-from loralab.io.models import load_model
+from loralab.model.load import load_model
 from loralab.pipeline import run_training
 
 pytestmark = pytest.mark.slow

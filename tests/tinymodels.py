@@ -132,10 +132,10 @@ def alive_after_forward(model, ids, refs: list, outer_hooks: bool = False):
 
 
 def load_converted(folder: Path, dtype=torch.float32, attn_implementation: str = "auto", converters="auto"):
-    """A model folder loaded and converted as a training run does it (io.models.load_weights, then
+    """A model folder loaded and converted as a training run does it (model.load.load_weights, then
     model.convert.convert with the run's attention setting)."""
-    from loralab.io.models import load_weights
     from loralab.model.convert import Target, convert
+    from loralab.model.load import load_weights
 
     model = load_weights(folder, dtype, attn_implementation=attn_implementation)
     convert(model, converters, Target(torch.device("cpu"), attn_implementation))

@@ -1,6 +1,7 @@
 """Command line: parses arguments and calls the library. Holds no logic of its own.
 
-Every UserError becomes one line on stderr and exit code 2, with no traceback.
+Every UserError becomes one line on stderr and exit code 2, with no traceback. Any other exception
+is a bug in loralab: one line naming a crash report (crash.py) that holds the traceback, exit 1.
 """
 from __future__ import annotations
 
@@ -288,12 +289,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None and "torch" not in sys.modules:  # the `loralab` command itself, not a caller's main([...])
-        try:
-            reexec_with_allocator()  # allocator.py: tcmalloc or mimalloc, before torch loads
-        except UserError as e:
-            print(f"loralab: error: {e}", file=sys.stderr)
+    """The one guard at the edge: whatever happens below ends in one line on stderr and an exit code."""
+    try:
+        return _main(argv)
+    except UserError as e:
+        print(f"loralab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("loralab: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if isinstance(e, RuntimeError) and int(os.environ.get("WORLD_SIZE", "1")) > 1 and _is_collective_failure(e):
+            # a peer rank died or timed out: say so in one line (torchrun stops the job)
+            print(f"loralab: error: rank {os.environ.get('RANK')}: lost the other ranks "
+                  f"({(str(e).splitlines() or [''])[0][:160]})", file=sys.stderr)
             return 2
+        return _crashed(argv, e)
+
+
+def _main(argv: list[str] | None) -> int:
+    if argv is None and "torch" not in sys.modules:  # the `loralab` command itself, not a caller's main([...])
+        reexec_with_allocator()  # allocator.py: tcmalloc or mimalloc, before torch loads
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub is reachable: never wait on one
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     # transformers imports torchao (when installed) while loading any model; its CUDA-only
@@ -308,21 +324,17 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides or []) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    try:
-        return args.func(args)
-    except UserError as e:
-        print(f"loralab: error: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:
-        if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not _is_collective_failure(e):
-            raise
-        # a peer rank died or timed out: say so in one line (torchrun stops the job)
-        print(f"loralab: error: rank {os.environ.get('RANK')}: lost the other ranks "
-              f"({str(e).splitlines()[0][:160]})", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("loralab: interrupted", file=sys.stderr)
-        return 130
+    return args.func(args)
+
+
+def _crashed(argv: list[str] | None, e: Exception) -> int:
+    """Anything else is our bug, not the user's input: one line pointing at a crash report that
+    holds the traceback, and exit 1 (2 means bad input, which this is not)."""
+    from .crash import bug_line, write_crash_report
+
+    command = list(sys.argv) if argv is None else ["loralab", *map(str, argv)]
+    print(bug_line(e, write_crash_report(command, e)), file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

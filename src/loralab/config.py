@@ -18,6 +18,7 @@ import yaml
 
 from .config_checks import validate_converters, validate_variants
 from .errors import UserError
+from .io import reading, yamlfile
 
 ARITHMETIC_DEFAULT = ["2da", "2ds"]
 
@@ -261,6 +262,16 @@ def validate(cfg: RunConfig) -> RunConfig:
         ("data.val_fraction", 0 <= cfg.data.val_fraction < 1, "must be in [0, 1)"),
         ("eval.n", cfg.eval.n >= 0, "must be >= 0"),
         ("eval.batch_size", cfg.eval.batch_size > 0, "must be > 0"),
+        # the rest fail only deep in a run (generate, the optimizer, a seeder), after the output
+        # folder's config.yaml and metrics.jsonl were already written: refused here instead
+        ("eval.max_new_tokens", cfg.eval.max_new_tokens > 0, "must be > 0"),
+        ("train.threads", cfg.train.threads is None or cfg.train.threads > 0, "must be > 0 (or null: torch's default)"),
+        ("train.max_grad_norm", cfg.train.max_grad_norm is None or cfg.train.max_grad_norm > 0,
+         "must be > 0 (or null: no clipping)"),
+        ("train.min_lr_ratio", 0 <= cfg.train.min_lr_ratio <= 1, "must be in [0, 1]"),
+        ("train.momentum", cfg.train.momentum >= 0, "must be >= 0"),
+        ("train.seed", 0 <= cfg.train.seed < 2**63, "must be in [0, 2**63)"),
+        ("data.seed", 0 <= cfg.data.seed < 2**63, "must be in [0, 2**63)"),
     ]
     n = cfg.data.n_train
     if not (isinstance(n, int) and n > 0 or isinstance(n, dict) and n and all(
@@ -287,7 +298,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     validate_converters(cfg.model.converters)
     if not cfg.data.path and not cfg.data.tasks:
         raise UserError("config key 'data.path' or 'data.tasks' must be set")
-    if cfg.resume not in ("auto", True, False):
+    if cfg.resume != "auto" and not isinstance(cfg.resume, bool):  # 1 == True, but `resume: 1` is a typo
         raise UserError(f"config key 'resume' must be auto, true or false, got {cfg.resume!r}")
     if not str(cfg.output_dir).strip():
         raise UserError("config key 'output_dir' must not be empty")
@@ -302,10 +313,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise UserError(f"override '{text}' must look like key.sub=value")
     key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+    try:  # strict as a file: a duplicate key, an alias bomb or deep nesting is refused
+        value = yamlfile.load(raw, f"override '{key.strip()}'") if raw.strip() else ""
     except yaml.YAMLError:
-        value = raw
+        value = raw  # not YAML (`data.system_prompt=Answer: {x}`): the text as it is
     return key.strip().split("."), value
 
 
@@ -322,17 +333,18 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def read_yaml(path: str | Path) -> dict:
+    """A config or study file: a regular file under a size cap, UTF-8, strict YAML (io/yamlfile.py)."""
     p = Path(path)
     if not p.exists():
         raise UserError(f"{p}: config file does not exist")
     if p.is_dir():
         raise UserError(f"{p}: is a directory, expected a YAML config file")
+    text = reading.read_text(p, "YAML config file", reading.YAML_CAP)
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yamlfile.load(text, str(p))
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark else ""
-        raise UserError(f"{p}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        line, problem = yamlfile.error_text(e)
+        raise UserError(f"{p}{line}: invalid YAML ({problem})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 
 from .errors import UserError
+from .peft.names import pattern_regex
 from .peft.presets import check_init
 
 
@@ -30,8 +31,8 @@ def _validate_pattern(key: str, pattern: dict, value_ok, what: str) -> None:
         if not isinstance(k, str) or not k:
             raise UserError(f"config key '{key}' maps module names or regexes to values, got key {k!r}")
         try:
-            re.compile(k)
-        except re.error as e:
+            re.compile(pattern_regex(k))
+        except (re.error, OverflowError, RecursionError) as e:  # a{99999999999}, thousands of nested groups
             raise UserError(f"config key '{key}': {k!r} is not a valid regular expression ({e})") from None
         if isinstance(v, bool) or not value_ok(v):
             raise UserError(f"config key '{key}': {k!r} must map to {what}, got {v!r}")

@@ -12,7 +12,8 @@ from .data.tasks import expand_tasks, make_task
 from .errors import UserError
 from .eval.metrics import exact_match, generate_answers
 from .io.export import new_output_folder, save_hf_folder
-from .io.models import load_model, stored_dtype
+from .io.models import stored_dtype
+from .model.load import load_model
 from .peft.adapters import load_adapter
 from .peft.merge import merge_and_unload
 

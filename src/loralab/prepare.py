@@ -15,9 +15,10 @@ from .data.prompts import encode_all
 from .data.sources import load_data
 from .data.tasks import expand_tasks, is_task, make_task
 from .errors import UserError
-from .io.models import copy_out_of_file, load_tokenizer, load_weights, resolve
+from .io.models import load_tokenizer, resolve
 from .memory.preflight import check_rank, module_widths
 from .model.convert import Target, convert
+from .model.load import copy_out_of_file, load_weights
 from .peft.experts import add_expert_lora
 from .peft.init import dropout_warning
 from .peft.inject import SpecFor, count_parameters, inject, per_module

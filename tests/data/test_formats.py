@@ -115,3 +115,23 @@ def test_first_error_is_reported(tmp_path):
     p = write(tmp_path, "two.jsonl", jsonl({"instruction": "x"}, {"messages": []}))
     with pytest.raises(UserError, match=r"two.jsonl:1: missing 'output'"):
         load_examples(p)
+
+
+def test_a_line_separator_inside_a_jsonl_string_is_not_a_line_break(tmp_path):
+    # JSON allows a raw U+2028 in a string; str.splitlines() would cut the record there
+    p = tmp_path / "sep.jsonl"
+    p.write_text('{"prompt": "a\u2028b", "response": "c"}\n{"text": "d\x85e"}\n', encoding="utf-8")
+    examples = load_examples(p)
+    assert [(e.prompt, e.response, e.source) for e in examples] == [("a\u2028b", "c", f"{p}:1"),
+                                                                    ("", "d\x85e", f"{p}:2")]
+
+
+@pytest.mark.parametrize("content,why", [("[" * 100_000, "nested too deeply"),
+                                         ('{"text": ' + "1" * 5000 + "}", "Exceeds the limit (4300 digits)")],
+                         ids=["deep", "huge-number"])
+def test_json_that_python_cannot_decode_is_one_line(content, why, tmp_path):
+    for name, text in (("a.jsonl", '{"text": "ok"}\n' + content + "\n"), ("a.json", '[{"text": "ok"},\n' + content)):
+        p = write(tmp_path, name, text)
+        with pytest.raises(UserError) as e:
+            load_examples(p)
+        assert str(e.value).startswith(f"{p}:2: malformed JSON ({why}")

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from loralab.io.models import copy_out_of_file, load_weights
+from loralab.model.load import copy_out_of_file, load_weights
 from tinymodels import load_converted
 
 MAPS = Path("/proc/self/maps")

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
+from ..io import reading
 
 ROLES = ("system", "user", "assistant")
 # What each record format is called in messages, so an error names what the user actually has.
@@ -102,12 +103,8 @@ def load_examples(path: str | Path, columns: dict | None = None) -> list[Example
         raise UserError(f"{p}: no such data file")
     if p.is_dir():
         raise UserError(f"{p}: is a directory, expected a data file")
-    raw = p.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")  # tolerate a BOM: editors on Windows add one
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise UserError(f"{p}:{line}: not UTF-8 text (bad byte at offset {e.start})") from None
+    # a FIFO, a device or a huge file is refused before reading; bad UTF-8 names line and column
+    text = reading.decode_utf8(reading.read_bytes(p, "data file", reading.DATA_CAP), str(p))
     if not text.strip():
         raise UserError(f"{p}:1: data file is empty")
     name = str(p)  # as the user wrote it, so the message points at the file they passed
@@ -127,7 +124,7 @@ def load_examples(path: str | Path, columns: dict | None = None) -> list[Example
 
 def _read_text(text: str, name: str) -> list[Example]:
     out, block, start = [], [], 0
-    for lineno, line in enumerate(text.splitlines() + [""], start=1):
+    for lineno, line in enumerate(text.split("\n") + [""], start=1):  # lines as decode_utf8 counts them
         if line.strip():
             if not block:
                 start = lineno
@@ -138,9 +135,18 @@ def _read_text(text: str, name: str) -> list[Example]:
     return out
 
 
+def _not_json(e: Exception, src: str) -> UserError:
+    """What json raises beyond JSONDecodeError: RecursionError on deep nesting, ValueError on a
+    number of thousands of digits (Python's int conversion limit)."""
+    why = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(":")[0]
+    return UserError(f"{src}: malformed JSON ({why})")
+
+
 def _read_jsonl(text: str, name: str, columns: dict | None) -> list[Example]:
     out = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # "\n" alone ends a record (JSON Lines): splitlines() would also cut at U+2028 and other
+    # separators that JSON allows inside strings
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue  # blank lines (e.g. a trailing one) are not records
         src = f"{name}:{lineno}"
@@ -148,6 +154,8 @@ def _read_jsonl(text: str, name: str, columns: dict | None) -> list[Example]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(f"{src}: malformed JSON ({e.msg} at column {e.colno})") from None
+        except (RecursionError, ValueError) as e:
+            raise _not_json(e, src) from None
         out.append(parse_record(remap(obj, columns, src), src))
     return out
 
@@ -174,6 +182,8 @@ def _read_json_array(text: str, name: str, columns: dict | None) -> list[Example
             obj, end = dec.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             raise UserError(f"{name}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+        except (RecursionError, ValueError) as e:
+            raise _not_json(e, f"{name}:{line_at(pos)}") from None
         src = f"{name}:{line_at(pos)}"
         out.append(parse_record(remap(obj, columns, src), src))
         pos = skip_ws(end)

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import UserError
+from ..io import reading
 from .formats import FIELDS, Example, check_columns, load_examples, parse_record
 
 TABLE_SUFFIXES = (".parquet", ".csv")
@@ -30,6 +31,8 @@ def is_dataset_source(path: str | Path) -> bool:
 def load_data(path: str | Path, columns: dict | None = None) -> list[Example]:
     """data.path (+ data.columns) -> Examples, whatever the source."""
     if is_dataset_source(path) and Path(path).exists():
+        if not Path(path).is_dir():  # a .csv that is a FIFO would block datasets' reader
+            reading.check_file(path, "data file")
         return load_dataset_examples(path, columns)
     return load_examples(path, columns)
 

@@ -44,7 +44,11 @@ def output_lock(folder: str | os.PathLike) -> Iterator[str | None]:
     Raises UserError naming output_dir when a live process holds it."""
     path = Path(folder) / LOCK_NAME
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:  # a read-only mount (EROFS), no permission (EACCES), no room for an inode
+            raise UserError(f"config key 'output_dir': cannot create the lock file {path} ({e.strerror}); "
+                            "the folder must be writable: choose another output_dir") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -63,8 +67,12 @@ def output_lock(folder: str | os.PathLike) -> Iterator[str | None]:
         os.close(fd)
     stale = _holder(fd)
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(me).encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+    except OSError as e:  # a full disk or quota: the run could not write its files either
+        os.close(fd)
+        raise UserError(f"config key 'output_dir': cannot write the lock file {path} ({e.strerror})") from None
     note = (f"took over the lock {path} left by a run that is no longer running ({_describe(stale)})"
             if stale.get("pid") else None)
     try:

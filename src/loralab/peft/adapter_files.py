@@ -28,9 +28,10 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..io import reading
 from ..io.fileio import atomic_save_safetensors, write_json
 from .lora import LoraSpec
-from .names import pattern_value
+from .names import pattern_regex, pattern_value
 from .presets import check_init
 
 CONFIG_NAME = "adapter_config.json"
@@ -80,12 +81,17 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict:
     path = Path(adapter_dir) / CONFIG_NAME
     if not Path(adapter_dir).is_dir():
         raise UserError(f"{adapter_dir}: adapter folder not found")
-    if not path.is_file():
+    if not path.exists():  # anything else there (a FIFO, a folder) is refused by name when read
         raise UserError(f"{path}: adapter config not found")
+    text = reading.read_text(path, "adapter config", reading.JSON_CONFIG_CAP)  # not a FIFO, not huge, UTF-8
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: not a readable JSON adapter config ({e})") from None
+        cfg = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: not a readable JSON adapter config ({e.msg} at column {e.colno})") \
+            from None
+    except (ValueError, RecursionError) as e:  # a number of thousands of digits; deep nesting
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(":")[0]
+        raise UserError(f"{path}: not a readable JSON adapter config ({why})") from None
     if not isinstance(cfg, dict):
         raise UserError(f"{path}: adapter config must be a JSON object")
     return cfg
@@ -121,12 +127,25 @@ def _check_pattern(cfg: dict, key: str, path: Path) -> dict:
     pattern = cfg.get(key) or {}
     if not isinstance(pattern, dict) or not all(isinstance(k, str) and k for k in pattern):
         raise UserError(f"{path}: {key} must map module-name patterns to numbers, got {pattern!r}")
-    for k in pattern:
+    for k, v in pattern.items():
         try:
-            re.compile(k)
-        except re.error as e:
+            re.compile(pattern_regex(k))
+        except (re.error, OverflowError, RecursionError) as e:  # a{99999999999}, thousands of nested groups
             raise UserError(f"{path}: {key} key {k!r} is not a valid regular expression ({e})") from None
+        _number(v, f"{key} {k!r}", path, integer=key == "rank_pattern")
     return pattern
+
+
+def _number(value, key: str, path: Path, *, integer: bool = False, below_one: bool = False):
+    """A hyperparameter as a LoRA layer needs it: a number (an int for a rank), > 0 (dropout: in
+    [0, 1)); a one-line error naming the file and key otherwise."""
+    kinds = (int,) if integer else (int, float)
+    ok = isinstance(value, kinds) and not isinstance(value, bool) and (isinstance(value, int) or math.isfinite(value))
+    ok = ok and ((0 <= value < 1) if below_one else value > 0)
+    if not ok:
+        want = "a rank (an integer > 0)" if integer else "a number in [0, 1)" if below_one else "a number > 0"
+        raise UserError(f"{path}: {key} must be {want}, got {value!r}")
+    return value
 
 
 def _init_of(value, path: Path) -> str:
@@ -169,7 +188,9 @@ def check_config(cfg: dict, path: Path) -> AdapterConfig:
     elif not (isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in layers)):
         raise UserError(f"{path}: layers_to_transform must be an integer or a list of integers, got {layers!r}")
     return AdapterConfig(
-        r=cfg.get("r", 8), alpha=cfg.get("lora_alpha", 8), dropout=cfg.get("lora_dropout", 0.0),
+        r=_number(cfg.get("r", 8), "'r'", path, integer=True),
+        alpha=_number(cfg.get("lora_alpha", 8), "'lora_alpha'", path),
+        dropout=_number(cfg.get("lora_dropout") or 0.0, "'lora_dropout'", path, below_one=True),
         use_rslora=bool(cfg.get("use_rslora", False)), use_dora=bool(cfg.get("use_dora", False)),
         init=_init_of(cfg.get("init_lora_weights", True), path),
         rank_pattern=_check_pattern(cfg, "rank_pattern", path),

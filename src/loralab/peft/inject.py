@@ -19,12 +19,31 @@ from .targets import resolve_targets
 SpecFor = LoraSpec | Callable[[str], LoraSpec]  # one spec for all, or a spec per full module name
 
 
+class PerModule:
+    """`spec` with PEFT's rank_pattern / alpha_pattern applied per full module name (names.pattern_value)."""
+
+    def __init__(self, spec: LoraSpec, rank_pattern: dict, alpha_pattern: dict):
+        self.spec, self.patterns = spec, {"lora.rank_pattern": rank_pattern, "lora.alpha_pattern": alpha_pattern}
+
+    def __call__(self, name: str) -> LoraSpec:
+        return dataclasses.replace(self.spec, r=pattern_value(self.patterns["lora.rank_pattern"], name, self.spec.r),
+                                   alpha=pattern_value(self.patterns["lora.alpha_pattern"], name, self.spec.alpha))
+
+    def check_names(self, names: list[str]) -> None:
+        """A key that matches no wrapped module is a typo (PEFT ignores it: the run would silently
+        train every module at the default rank)."""
+        for key, pattern in self.patterns.items():
+            for k in pattern:
+                if names and not any(pattern_value({k: True}, n, False) for n in names):
+                    raise UserError(f"config key '{key}': {k!r} matches none of the {len(names)} LoRA target modules "
+                                    f"(such as {names[0]}); a key matches the end of a full module name")
+
+
 def per_module(spec: LoraSpec, rank_pattern: dict | None = None, alpha_pattern: dict | None = None) -> SpecFor:
-    """`spec` with PEFT's rank_pattern / alpha_pattern applied per full module name (targets.pattern_value)."""
+    """`spec`, or with rank / alpha patterns a PerModule giving each full module name its own."""
     if not rank_pattern and not alpha_pattern:
         return spec
-    return lambda name: dataclasses.replace(spec, r=pattern_value(rank_pattern or {}, name, spec.r),
-                                            alpha=pattern_value(alpha_pattern or {}, name, spec.alpha))
+    return PerModule(spec, rank_pattern or {}, alpha_pattern or {})
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -42,6 +61,8 @@ def inject(model: nn.Module, targets: str | Sequence[str], spec: SpecFor) -> lis
     for name in names:
         if isinstance(model.get_submodule(name), LoRALinear):
             raise UserError(f"module {name} already has a LoRA adapter")
+    if isinstance(spec, PerModule):
+        spec.check_names(names)
     specs = {name: spec_for(name) for name in names}  # every spec is checked before the model changes
     uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))  # tied weights: > 1
     for name in names:

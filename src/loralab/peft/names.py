@@ -13,11 +13,17 @@ def suffix_match(name: str, entry: str) -> bool:
     return name == entry or name.endswith("." + entry)
 
 
+def pattern_regex(key: str) -> str:
+    """The regex PEFT matches a rank_pattern / alpha_pattern key as: the key must compile inside it
+    (a key such as `(?i)q_proj` compiles alone, not there), so validation compiles this."""
+    return rf"(.*\.)?({key})$"
+
+
 def pattern_value(pattern: dict, name: str, default):
     """PEFT's rank_pattern / alpha_pattern rule: the first key (a regex) that matches the end of the
     full module name at a dot boundary gives the value; no key matching gives the default."""
     for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", name):
+        if re.match(pattern_regex(key), name):
             return value
     return default
 

@@ -133,6 +133,8 @@ def _expand(axes, seeds: list[int], where: str) -> list[Cell]:
     cells = []
     if isinstance(axes, dict):
         for key, values in axes.items():
+            if not isinstance(key, str) or not key:
+                raise UserError(f"{where} keys must be config keys such as lora.r, got {key!r}")
             if not isinstance(values, list) or not values:
                 raise UserError(f"{where}.{key} must be a non-empty list of values, got {values!r}")
         for combo in itertools.product(*axes.values()):
@@ -143,11 +145,12 @@ def _expand(axes, seeds: list[int], where: str) -> list[Cell]:
         for i, item in enumerate(axes):
             here = f"{where}[{i}]"
             if isinstance(item, list):
-                cells.append(Cell(_slug("_".join(item)), _str_list(item, here), list(seeds)))
+                overrides = _str_list(item, here)  # checked before its name is made of it
+                cells.append(Cell(_slug("_".join(overrides)), overrides, list(seeds)))
             elif isinstance(item, dict) and "name" in item:
                 unknown = set(item) - {"name", "set", "seeds", "combine", "sweep"}
                 if unknown:
-                    raise UserError(f"{here}: unknown key(s) {', '.join(sorted(unknown))} "
+                    raise UserError(f"{here}: unknown key(s) {', '.join(sorted(map(str, unknown)))} "
                                     f"(known: name, set, seeds, combine, sweep)")
                 cell_seeds = list(seeds)
                 if "seeds" in item:
@@ -203,7 +206,7 @@ def load_study(name: str, *, scale: str = "cpu", seeds: int | None = None, overr
     path = _preset_path(name)
     spec = read_yaml(path)
     if set(spec) - STUDY_KEYS:
-        raise UserError(f"{path}: unknown key(s) {', '.join(sorted(set(spec) - STUDY_KEYS))} "
+        raise UserError(f"{path}: unknown key(s) {', '.join(sorted(map(str, set(spec) - STUDY_KEYS)))} "
                         f"(known: {', '.join(sorted(STUDY_KEYS))})")
     if (kind := spec.get("kind", "train")) not in ("train", "estimate"):
         raise UserError(f"{path}: kind must be train or estimate, got {kind!r}")
@@ -229,7 +232,9 @@ def load_study(name: str, *, scale: str = "cpu", seeds: int | None = None, overr
         base = read_yaml((path.parent / base) if not Path(base).is_absolute() else base)
     elif not isinstance(base, dict):
         raise UserError(f"{path}: base must be a config path or a mapping, got {base!r}")
-    rows = list(spec.get("rows") or [])
+    rows = spec.get("rows") or []
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise UserError(f"{path}: rows must be a list of mappings (one per estimate), got {rows!r}")
     names = [c.name for c in cells] if kind == "train" else [r.get("name") for r in rows]
     findings = validate_findings(spec.get("findings") or [], names, str(path))
     study = Study(name=spec.get("name", path.stem), description=spec.get("description", ""), kind=kind,

@@ -20,6 +20,7 @@ from .stats import Stat, difference, fmt
 CHECKS = {"lower": ("a", "b"), "higher": ("a", "b"), "similar": ("a", "b"), "ratio": ("a", "b", "expect"),
           "consistent": ("cell",), "best": ("cell", "cells"), "ordered": ("cells",), "above": ("cell", "value"),
           "below": ("cell", "value"), "none": ()}
+NUMBERS = ("expect", "tol", "rel_tol", "max_cv", "value")  # parameters the rule computes with
 CAN_BE_UNCLEAR = {"lower", "higher", "similar", "consistent", "best", "above", "below"}
 FINDING_KEYS = {"claim", "check", "metric", "metric_b", "unit", "a", "b", "cell", "cells", "expect", "tol", "rel_tol",
                 "max_cv", "direction", "value", "if_unclear", "scale", "scale_cpu", "scale_gpu", "measured"}
@@ -35,9 +36,9 @@ def validate_findings(findings, cell_names, where: str) -> list[dict]:
         if not isinstance(f, dict):
             raise UserError(f"{here} must be a mapping, got {f!r}")
         if unknown := set(f) - FINDING_KEYS:
-            raise UserError(f"{here}: unknown key(s) {', '.join(sorted(unknown))}")
+            raise UserError(f"{here}: unknown key(s) {', '.join(sorted(map(str, unknown)))}")  # YAML keys: any type
         check = f.get("check", "none")
-        if check not in CHECKS:
+        if not isinstance(check, str) or check not in CHECKS:
             raise UserError(f"{here}: check must be one of {', '.join(CHECKS)}, got {check!r}")
         if missing := [k for k in CHECKS[check] if k not in f]:
             raise UserError(f"{here}: check {check} needs {', '.join(missing)}")
@@ -45,8 +46,12 @@ def validate_findings(findings, cell_names, where: str) -> list[dict]:
             raise UserError(f"{here}: metric must name what is compared (e.g. final_val_loss)")
         if check == "similar" and "tol" not in f and "rel_tol" not in f:
             raise UserError(f"{here}: check similar needs tol (absolute) or rel_tol (relative to b)")
+        if not isinstance(f.get("cells") or [], list):
+            raise UserError(f"{here}: cells must be a list of cell names, got {f['cells']!r}")
+        if bad := [k for k in NUMBERS if k in f and (isinstance(f[k], bool) or not isinstance(f[k], (int, float)))]:
+            raise UserError(f"{here}: {bad[0]} must be a number, got {f[bad[0]]!r}")  # rule_text computes with it
         named = [f[k] for k in ("a", "b", "cell") if k in f] + list(f.get("cells") or [])
-        if bad := [c for c in named if c not in known]:
+        if bad := [c for c in named if not isinstance(c, str) or c not in known]:
             raise UserError(f"{here}: names cell(s) {', '.join(map(str, bad))}, not in this study "
                             f"(cells: {', '.join(sorted(known))})")
         if check in CAN_BE_UNCLEAR and not str(f.get("if_unclear", "")).strip():
