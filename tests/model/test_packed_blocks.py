@@ -93,7 +93,7 @@ def test_training_a_cpu_auto_model_on_one_row_matches_training_on_rows(tiny_fold
     cfg = TrainConfig(batch_size=9, max_steps=2, lr=1e-2, warmup_steps=0, progress=False, log_every=1,
                       shared_prefix=False, gradient_checkpointing=checkpointing)
     layouts, collate_one = [], loop.collate_micro_batch
-    monkeypatch.setattr(loop, "collate_micro_batch", lambda *a, **k: layouts.append(a[-1]) or collate_one(*a, **k))
+    monkeypatch.setattr(loop, "collate_micro_batch", lambda *a, **k: layouts.append(a[3]) or collate_one(*a, **k))
     losses = {}
     for attention in ("auto", "sdpa"):  # a fixed choice keeps the rows
         model = _auto_lora_model(tiny_folder, torch.float32, attention)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
@@ -13,6 +15,21 @@ from .layout import is_conv1d
 from .lora import LoRALinear, is_quantized
 from .names import suffix_match
 from .presets import TARGET_PRESETS, WITH_HEAD
+
+
+@torch.no_grad()
+def _computes_linear(m: nn.Linear) -> bool:
+    """An nn.Linear, or a subclass whose own forward still computes x W^T + b (Falcon's); not one that returns
+    something else (Phi-MoE's and Llama 4's routers return tuples: LoRA's sum would break them)."""
+    if type(m).forward is nn.Linear.forward:
+        return True
+    x = torch.linspace(-1, 1, 2 * m.in_features, device=m.weight.device).reshape(2, -1).to(m.weight.dtype)
+    try:
+        y = m(x)
+    except Exception:  # noqa: BLE001 - a forward that takes other inputs is not a linear layer to wrap
+        return False
+    return isinstance(y, torch.Tensor) and y.shape == (2, m.out_features) and \
+        torch.allclose(y.float(), F.linear(x, m.weight, m.bias).float(), rtol=1e-3, atol=1e-3)
 
 
 def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -25,8 +42,8 @@ def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
         if isinstance(m, LoRALinear):
             wrapped.append(name)
             found[name] = m
-        elif (isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward) or is_quantized(m) or is_conv1d(m):
-            found[name] = m  # not a Linear subclass with a forward of its own (Phi-MoE's router returns a tuple)
+        elif (isinstance(m, nn.Linear) and _computes_linear(m)) or is_quantized(m) or is_conv1d(m):
+            found[name] = m
     return found
 
 
