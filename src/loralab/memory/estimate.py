@@ -151,7 +151,9 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
     if method == "qlora":
         quantized = [set(lins[i]) if quantize == "all-linear" else set(wrapped[i]) for i in L]
     q_weights = sum(lins[i][n][0] * lins[i][n][1] for i in L for n in quantized[i])
-    experts = [{} for _ in L] if method == "full" else expert_ranks(model_config, target_parameters, r, rank_pattern)
+    experts = [{} for _ in L]
+    if method != "full":  # (a config without num_hidden_layers, GPT-2's, has no experts: the padding's {})
+        experts = [*expert_ranks(model_config, target_parameters, r, rank_pattern), *experts][:a.layers]
     shapes = {"gate_up_proj": (a.hidden, 2 * a.expert_inter), "down_proj": (a.expert_inter, a.hidden)}
     experts_per_layer = [sum(k * a.experts * sum(shapes[n]) for n, k in layer.items()) for layer in experts]
 

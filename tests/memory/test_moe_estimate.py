@@ -1,0 +1,182 @@
+"""The memory estimate on mixture-of-experts decoders (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, gpt-oss) and
+GPT-2: exact parameter counts against the models transformers builds, trainable counts against what
+loralab's injection wraps, the MoE block's activations in closed form, and `loralab estimate` on a folder."""
+import io
+import json
+from contextlib import redirect_stdout
+
+import pytest
+import torch
+
+from loralab.cli import main
+from loralab.errors import UserError
+from loralab.memory import arch as A
+from loralab.memory import estimate as E
+from loralab.memory.activations import moe_block_bytes
+from tinymodels import save_tiny_gpt2_folder, save_tiny_moe_folder, tiny_gpt2
+
+H, I, E_, K, L, V = 64, 32, 4, 2, 2, 128  # hidden, expert width, experts, per token, layers, vocab
+KINDS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss")
+EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
+
+
+def moe_config(kind: str, **overrides):
+    """hidden 64, 2 layers, 4 heads / 2 KV heads, 4 experts, 2 per token, from the family's own config class."""
+    import transformers as T
+
+    common = dict(vocab_size=V, hidden_size=H, num_hidden_layers=L, num_attention_heads=4, num_key_value_heads=2,
+                  num_experts_per_tok=K, max_position_embeddings=128, tie_word_embeddings=False)
+    per_kind = {
+        "mixtral": (T.MixtralConfig, dict(intermediate_size=I, num_local_experts=E_)),
+        "qwen2_moe": (T.Qwen2MoeConfig, dict(moe_intermediate_size=I, intermediate_size=48, num_experts=E_,
+                                             shared_expert_intermediate_size=40)),
+        "qwen3_moe": (T.Qwen3MoeConfig, dict(moe_intermediate_size=I, intermediate_size=48, num_experts=E_,
+                                             head_dim=16)),
+        "olmoe": (T.OlmoeConfig, dict(intermediate_size=I, num_experts=E_)),
+        "gpt_oss": (T.GptOssConfig, dict(intermediate_size=I, num_local_experts=E_, head_dim=16,
+                                         layer_types=["full_attention"] * L)),
+    }
+    cls, extra = per_kind[kind]
+    return cls(**{**common, **extra, **overrides})
+
+
+def build(config):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def numel(model) -> int:
+    return sum(p.numel() for p in model.parameters())  # a tied tensor once
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_moe_param_count_equals_the_model_transformers_builds(kind):
+    cfg = moe_config(kind)
+    counts = A.count_params(cfg.to_dict())
+    assert counts["total"] == numel(build(cfg))
+    assert counts["experts"] == L * E_ * 3 * H * I + (L * E_ * (2 * I + H) if kind == "gpt_oss" else 0)
+
+
+@pytest.mark.parametrize("overrides", [dict(mlp_only_layers=[0]), dict(decoder_sparse_step=2),
+                                       dict(tie_word_embeddings=True)])
+def test_qwen_moe_dense_layers_and_tied_embeddings_count_exactly(overrides):
+    for kind in ("qwen2_moe", "qwen3_moe"):
+        cfg = moe_config(kind, **overrides)
+        assert A.count_params(cfg.to_dict())["total"] == numel(build(cfg)), kind
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(n_inner=96), dict(tie_word_embeddings=False)])
+def test_gpt2_param_count_equals_the_model(overrides):
+    model = tiny_gpt2(0, **overrides)
+    assert A.count_params(model.config.to_dict())["total"] == numel(model)
+
+
+def _injected_trainable(model, targets, r, target_parameters=()):
+    from loralab.peft.experts import inject_experts
+    from loralab.peft.inject import inject
+    from loralab.peft.lora import LoraSpec
+
+    spec = LoraSpec(r=r, alpha=2 * r, dropout=0.0)
+    inject(model, targets, spec)
+    if target_parameters:
+        inject_experts(model, list(target_parameters), spec)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("targets", ["all-linear", "all-linear+head", "attn"])
+def test_trainable_count_is_what_loralab_wraps(kind, targets):
+    cfg = moe_config(kind)
+    est = E.estimate(cfg.to_dict(), targets=targets, r=4, seq=16, device="cpu", lora_dropout=0.0)
+    assert est["params"]["trainable"] == _injected_trainable(build(cfg), targets, 4)
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "gpt_oss"])
+def test_trainable_count_with_expert_lora_too(kind):
+    cfg = moe_config(kind)
+    est = E.estimate(cfg.to_dict(), targets="all-linear", r=3, seq=16, device="cpu", lora_dropout=0.0,
+                     target_parameters=EXPERTS)
+    assert est["params"]["trainable"] == _injected_trainable(build(cfg), "all-linear", 3, EXPERTS)
+
+
+def test_all_linear_on_mixtral_wraps_attention_only_and_names_must_exist():
+    cfg = moe_config("mixtral").to_dict()
+    r = 4
+    attention = r * ((H + H) + (H + 32) + (H + 32) + (H + H)) * L  # q, k, v (2 KV heads of 16), o
+    assert A.count_params(cfg, "all-linear", r)["lora"] == attention
+    with pytest.raises(UserError, match="gate_proj"):  # the experts are no nn.Linear: nothing to wrap
+        E.estimate(cfg, targets="mlp")
+    shared = moe_config("qwen2_moe").to_dict()  # its shared expert is: the names reach it
+    est = E.estimate(shared, targets=["gate_proj", "up_proj", "down_proj"], r=r, seq=16, device="cpu")
+    assert est["params"]["trainable"] == r * ((H + 40) * 3) * L
+
+
+@pytest.mark.parametrize("targets", ["all-linear", "all-linear+head", ["c_attn"], ["mlp.c_proj", "c_fc"]])
+def test_gpt2_trainable_count_is_what_loralab_wraps(targets):
+    cfg = tiny_gpt2(0).config.to_dict()
+    est = E.estimate(cfg, targets=targets, r=4, seq=16, device="cpu", lora_dropout=0.0)
+    assert est["params"]["trainable"] == _injected_trainable(tiny_gpt2(0), targets, 4)
+
+
+def test_an_unmodelled_moe_family_is_refused_not_undercounted():
+    cfg = {**moe_config("mixtral").to_dict(), "model_type": "someones_moe"}
+    with pytest.raises(UserError, match="mixture-of-experts family 'someones_moe'"):
+        A.count_params(cfg)
+
+
+def test_the_moe_block_keeps_top_k_experts_intermediate_per_token():
+    a = A.arch_from_config(moe_config("mixtral").to_dict())
+    b = 2
+    stock = K * (3 * I + H) * b + E_ * 4 + K * (2 * 8 + 4)  # gate_up, SiLU x up, expert output; router
+    assert moe_block_bytes(a, b, False, {}, False) == stock
+    with_lora = stock + K * (H + I) * b                     # each expert matmul keeps its input
+    assert moe_block_bytes(a, b, False, {"gate_up_proj": 2, "down_proj": 2}, False) == with_lora
+    oss = A.arch_from_config(moe_config("gpt_oss").to_dict())
+    assert moe_block_bytes(oss, b, False, {}, False) == K * (6 * I + H) * b + E_ * 4 + K * 20
+    qwen2 = A.arch_from_config(moe_config("qwen2_moe").to_dict())  # + the shared SwiGLU and its gated output
+    assert moe_block_bytes(qwen2, b, False, {}, False) == stock + 2 * 40 * b + (H + 1) * b
+
+
+def test_the_estimates_layer_bytes_are_the_dense_layers_with_the_moe_mlp():
+    """Per token, a Mixtral layer = a Llama layer of the same attention, its SwiGLU (2 x I x b) replaced
+    by the MoE block; expert LoRA adds its updated weights once per layer, whatever the tokens."""
+    from tinymodels import tiny_llama_config
+
+    moe = moe_config("mixtral").to_dict()
+    dense = tiny_llama_config(hidden_size=H, intermediate_size=I, num_attention_heads=4, num_key_value_heads=2,
+                              vocab_size=V).to_dict()
+    kw = dict(targets="qv", r=4, seq=16, device="cpu", precision="bf16", attention="sdpa", lora_dropout=0.0)
+    per_token = {n: E.estimate(c, **kw)["activation_detail"]["per_layer_per_token_bytes"]
+                 for n, c in (("moe", moe), ("dense", dense))}
+    a = A.arch_from_config(moe)
+    assert per_token["moe"] - per_token["dense"] == round(moe_block_bytes(a, 2, False, {}, False) - 2 * I * 2)
+    base = E.estimate(moe, **kw)["activation_detail"]["layers_bytes"]
+    lora = E.estimate(moe, **kw, target_parameters=["experts.down_proj"])["activation_detail"]["layers_bytes"]
+    updated = L * E_ * (I * H + 4 * (I + H)) * 2  # bf16 W + B A per layer, and the cast factors
+    assert lora - base == 16 * L * K * I * 2 + updated
+
+
+def test_expert_weights_count_as_frozen_weights():
+    cfg = moe_config("mixtral").to_dict()
+    est = E.estimate(cfg, targets="qv", r=4, seq=16, device="cpu", precision="bf16")
+    frozen = A.count_params(cfg)["total"] * 2
+    assert est["parts"]["frozen"] == frozen  # experts and routers included, bf16
+
+
+def _cli(args) -> tuple[int, str]:
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        rc = main(args)
+    return rc, buf.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe", "gpt_oss", "gpt2"])
+def test_cli_estimates_an_moe_or_gpt2_folder(tmp_path, kind):
+    folder = save_tiny_gpt2_folder(tmp_path / kind) if kind == "gpt2" else save_tiny_moe_folder(tmp_path / kind, kind)
+    rc, out = _cli(["estimate", "--model", str(folder), "--device", "cpu", "--seq", "64"])
+    assert rc == 0 and "predicted peak" in out
+    rc, out = _cli(["estimate", "--model", str(folder), "--device", "cpu", "--seq", "64", "--json"])
+    obj = json.loads(out)
+    assert obj["peak_bytes"] == sum(obj["breakdown"].values()) and obj["breakdown"]["frozen_weights"] > 0
