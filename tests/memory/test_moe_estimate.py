@@ -129,12 +129,12 @@ def test_an_unmodelled_moe_family_is_refused_not_undercounted():
 def test_the_moe_block_keeps_top_k_experts_intermediate_per_token():
     a = A.arch_from_config(moe_config("mixtral").to_dict())
     b = 2
-    stock = K * (3 * I + H) * b + E_ * 4 + K * (2 * 8 + 4)  # gate_up, SiLU x up, expert output; router
+    stock = K * (3 * I + H) * b + E_ * 4 + K * 40 + 4  # gate_up, SiLU x up, expert output; routing
     assert moe_block_bytes(a, b, False, {}, False) == stock
     with_lora = stock + K * (H + I) * b                     # each expert matmul keeps its input
     assert moe_block_bytes(a, b, False, {"gate_up_proj": 2, "down_proj": 2}, False) == with_lora
     oss = A.arch_from_config(moe_config("gpt_oss").to_dict())
-    assert moe_block_bytes(oss, b, False, {}, False) == K * (6 * I + H) * b + E_ * 4 + K * 20
+    assert moe_block_bytes(oss, b, False, {}, False) == K * (6 * I + H) * b + E_ * 4 + K * 40 + 4
     qwen2 = A.arch_from_config(moe_config("qwen2_moe").to_dict())  # + the shared SwiGLU and its gated output
     assert moe_block_bytes(qwen2, b, False, {}, False) == stock + 2 * 40 * b + (H + 1) * b
 
@@ -180,3 +180,68 @@ def test_cli_estimates_an_moe_or_gpt2_folder(tmp_path, kind):
     rc, out = _cli(["estimate", "--model", str(folder), "--device", "cpu", "--seq", "64", "--json"])
     obj = json.loads(out)
     assert obj["peak_bytes"] == sum(obj["breakdown"].values()) and obj["breakdown"]["frozen_weights"] > 0
+
+
+def _block_saves(model, tokens: int) -> int:
+    """Bytes layer 0's MoE block keeps for backward on `tokens` random bf16 tokens (parameters excluded)."""
+    from tinymodels import saved_bytes
+
+    x = torch.randn(1, tokens, H, dtype=torch.bfloat16, requires_grad=True)
+    with saved_bytes(exclude=[*model.parameters(), x]) as seen:
+        model.model.layers[0].mlp(x)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("kind,targets", [("mixtral", []), ("mixtral", EXPERTS), ("mixtral", ["experts.down_proj"]),
+                                          ("gpt_oss", []), ("gpt_oss", ["experts.gate_up_proj"])])
+def test_the_moe_block_keeps_what_the_model_says(kind, targets):
+    """What autograd really keeps (transformers' default experts implementation, bf16): per token as
+    moe_block_bytes (exactly for Mixtral's routing; gpt-oss' router keeps less: the estimate errs high),
+    and per layer, with expert LoRA, the updated weights (expert_weight_bytes; + the experts' int32 offsets)."""
+    from loralab.memory.activations import expert_weight_bytes
+    from loralab.peft.experts import inject_experts
+    from loralab.peft.lora import LoraSpec
+
+    cfg = moe_config(kind)
+    model = build(cfg).to(torch.bfloat16).requires_grad_(False)
+    with torch.no_grad():  # a real routing (gpt-oss' router starts at zero)
+        for name, p in model.named_parameters():
+            if name.endswith(("gate.weight", "router.weight")):
+                p.normal_(std=0.5)
+    if targets:
+        inject_experts(model, targets, LoraSpec(r=4, alpha=8, dropout=0.0))
+    short, long = _block_saves(model, 256), _block_saves(model, 512)
+    per_token, fixed = (long - short) / 256, short - 256 * (long - short) / 256
+    a = A.arch_from_config(cfg.to_dict())
+    lora = {t.rpartition(".")[2]: 4 for t in targets}
+    modelled = moe_block_bytes(a, 2, False, lora, False)
+    assert per_token == modelled if kind == "mixtral" else per_token <= modelled <= 1.05 * per_token
+    assert fixed - expert_weight_bytes(a, 2, lora) == 4 * E_  # grouped_mm's int32 offsets per expert
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("drop", [0.0, 0.1])
+@pytest.mark.parametrize("targets", [None, "all-linear", ["c_attn"], ["mlp.c_proj"]])
+def test_a_gpt2_layer_keeps_what_the_model_says(attention, drop, targets):
+    """GPT-2 as transformers runs it on the CPU in bf16 (LayerNorm, gelu_new, its dropouts, SDPA's fp32 math
+    path when attention dropout is on): a frozen layer exactly, one with LoRA within 3%."""
+    from loralab.memory.activations import layer_bytes_per_token
+    from loralab.peft.inject import inject
+    from loralab.peft.lora import LoraSpec
+    from tinymodels import saved_bytes
+
+    model = tiny_gpt2(0, attn_implementation=attention, resid_pdrop=drop, attn_pdrop=drop).to(torch.bfloat16)
+    model.requires_grad_(False)
+    if targets:
+        inject(model, targets, LoraSpec(r=4, alpha=8, dropout=0.05))
+    model.train()
+    tokens = 128
+    x = torch.randn(1, tokens, H, dtype=torch.bfloat16, requires_grad=True)
+    with saved_bytes(exclude=[*model.parameters(), x]) as seen:
+        model.transformer.h[0](x)
+    real = sum(seen.values()) / tokens + H * 2  # + the layer's input, which its first LayerNorm keeps
+    a = A.arch_from_config(model.config.to_dict())
+    lora = {k: 4 for k in A.lora_layers(a, targets)[0][0]} if targets else {}
+    modelled = layer_bytes_per_token(a, 0, b=2, seq=tokens, eager=attention == "eager", method="lora", lora=lora,
+                                     dropout=bool(targets), quantized=set(), saves_quant_inputs=False, cpu=True)
+    assert modelled == real if not targets else abs(modelled - real) <= 0.03 * real

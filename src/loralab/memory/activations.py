@@ -25,15 +25,18 @@ def input_groups(a: Arch, layer: int) -> dict[str, tuple[tuple[str, ...], int]]:
 
 
 def moe_block_bytes(a: Arch, b: int, stock_autograd: bool, expert_lora: dict, full: bool) -> float:
-    """An MoE block's saved bytes per token. Each token runs top_k experts: per routed token the
+    """An MoE block's saved bytes per token, as transformers 5 runs it (its default grouped_mm experts;
+    the eager loop keeps the same per routed token). Each token runs top_k experts: per routed token the
     gate_up output and the activation's intermediates (MOE_FAMILIES: 3 x I for SiLU x up, 6 x I for
-    gpt-oss' clamped GLU) and the expert's output, kept by the routing weight's product; the router's
-    fp32 softmax over the experts, the routed tokens' int64 indices (gather, scatter) and weights.
-    A frozen expert's matmul keeps no input; one whose weight has a gradient (expert LoRA on it, or
-    full fine-tuning) keeps its input: the gathered token (gate_up, H) or the product (down, I).
-    Qwen2-MoE's shared expert is a SwiGLU MLP (model/mlp.py) whose sigmoid-gated output is kept too."""
+    gpt-oss' clamped GLU) and the expert's output, kept by the routing weight's product; the routing
+    bookkeeping: the router's fp32 softmax over the experts, then per routed token int64 indices (top-k,
+    the sort's permutation, the gather's rows, the inverse permutation: 32) and fp32 weights (top-k
+    values, normalised, and the ones applied: 8), plus a normaliser (4). A frozen expert's matmul keeps
+    no input; one whose weight has a gradient (expert LoRA on it, or full fine-tuning) keeps its input:
+    the gathered token (gate_up, H) or the product (down, I). Qwen2-MoE's shared expert is a SwiGLU MLP
+    (model/mlp.py) whose sigmoid-gated output is kept too."""
     H, I, k = a.hidden, a.expert_inter, a.top_k
-    total = k * (MOE_FAMILIES[a.model_type][2] * I + H) * b + a.experts * 4 + k * (2 * 8 + 4)
+    total = k * (MOE_FAMILIES[a.model_type][2] * I + H) * b + a.experts * 4 + k * (4 * 8 + 2 * 4) + 4
     trains = {"gate_up_proj", "down_proj"} if full else set(expert_lora)
     total += k * ((H if "gate_up_proj" in trains else 0) + (I if "down_proj" in trains else 0)) * b
     total += H * b if full and not a.shared_inter else 0  # the router's input, when its weight trains
@@ -54,18 +57,23 @@ def expert_weight_bytes(a: Arch, b: int, expert_lora: dict) -> float:
 def layer_bytes_per_token(a: Arch, layer: int, *, b: int, seq: int, eager: bool, method: str, lora: dict,
                           dropout: bool, quantized, saves_quant_inputs: bool, dora: bool = False,
                           stock_autograd: bool = False, rebuilt: frozenset = frozenset(),
-                          expert_lora: dict | None = None) -> float:
+                          expert_lora: dict | None = None, cpu: bool = False) -> float:
     """Bytes decoder layer `layer` keeps for backward, per token (estimate.py's docstring). lora: its wrapped
     linears -> rank; rebuilt: the input groups backward rebuilds (rebuilt_inputs); expert_lora: its targeted
-    fused expert weights -> rank."""
+    fused expert weights -> rank; cpu: the run's device is the CPU (GPT-2's attention dropout there runs
+    SDPA's math path)."""
     H, Q, K, I = a.hidden, a.q_dim, a.kv_dim, a.inter
     gpt2 = a.family == "gpt2"
-    if gpt2:  # LayerNorm keeps its input and an fp32 mean and reciprocal deviation per token
-        total = 2 * (H * b + 8)
+    if gpt2:  # LayerNorm keeps its input and its mean and reciprocal deviation, in the input's dtype
+        total = 2 * (H + 2) * b + (2 * H * b if a.resid_dropout else 0)  # dropout: a mask per residual branch
     else:     # RMSNorms: their inputs (model/norm.py; stock: fp32 copies), q/k norms included
         total = (2 * H + (Q + K if any(a.qk_norm) else 0)) * (4 if stock_autograd else b)
-    if eager:
+    if eager and gpt2:  # q, k, v and its softmax in the compute dtype (with dropout: its mask and output too)
+        total += 3 * Q * b + a.heads * seq * b * (3 if a.attn_dropout else 1)
+    elif eager:
         total += 3 * Q * b + a.heads * seq * (4 + (2 if b == 2 else 0))
+    elif gpt2 and a.attn_dropout and cpu:  # SDPA with dropout on the CPU: its fp32 math path (q, k, v, scores)
+        total += 3 * H * 4 + 3 * a.heads * seq * 4
     else:
         total += (2 * Q + 2 * K) * b + a.heads * 4
     if a.is_moe(layer):

@@ -78,6 +78,8 @@ class Arch:
     sinks: bool = False             # gpt-oss: a learned attention sink per head
     positions: int = 0              # GPT-2: learned position embeddings
     norm_bias: bool = False         # GPT-2's LayerNorm
+    resid_dropout: bool = False     # GPT-2's dropouts (0.1 by default), active while training
+    attn_dropout: bool = False
 
     @property
     def q_dim(self) -> int:
@@ -155,7 +157,8 @@ def _gpt2(cfg: dict) -> Arch:
     return Arch(hidden=H, layers=cfg["n_layer"], heads=heads, kv_heads=heads, head_dim=H // heads,
                 inter=cfg.get("n_inner") or 4 * H, vocab=cfg["vocab_size"],
                 tied=bool(cfg.get("tie_word_embeddings", True)), qkv_bias=True, o_bias=True, mlp_bias=True,
-                family="gpt2", model_type="gpt2", positions=cfg["n_positions"], norm_bias=True)
+                family="gpt2", model_type="gpt2", positions=cfg["n_positions"], norm_bias=True,
+                resid_dropout=cfg.get("resid_pdrop", 0.1) > 0, attn_dropout=cfg.get("attn_pdrop", 0.1) > 0)
 
 
 def _moe_layers(cfg: dict) -> tuple[int, ...]:

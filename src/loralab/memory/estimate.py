@@ -187,7 +187,8 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
         return layer_bytes_per_token(a, i, b=b, seq=seq, eager=eager, method=method, lora=ranks[i],
                                      dropout=lora_dropout > 0, quantized=quantized[i],
                                      saves_quant_inputs=qlora_saves_inputs, dora=dora,
-                                     stock_autograd=stock_autograd, rebuilt=rebuilt_inputs, expert_lora=experts[i])
+                                     stock_autograd=stock_autograd, rebuilt=rebuilt_inputs, expert_lora=experts[i],
+                                     cpu=device == "cpu")
     per_layer = [layer_bytes(i, rebuilt[i]) for i in L]
     per_token = sum(per_layer) / a.layers
     # expert LoRA's updated weights: kept per layer whatever the tokens (activations.expert_weight_bytes)
@@ -203,7 +204,7 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
         slack = heap_slack * layers_bytes
     rows = tokens if loss_rows is None else min(loss_rows, tokens)
     logits = rows * a.vocab * 12
-    final_norm = tokens * a.hidden * (4 if stock_autograd else b) + (tokens * 8 if a.norm_bias else 0)
+    final_norm = tokens * a.hidden * (4 if stock_autograd else b) + (tokens * 2 * b if a.norm_bias else 0)
     activations = layers_bytes + logits + final_norm  # + the final norm's input (LayerNorm: and its statistics)
     if attention == RECOMPUTE:  # one layer's scores, softmax and their gradients while recomputed
         activations += tokens * a.heads * seq * (4 + 2 * (b == 2) + 4)
