@@ -245,3 +245,25 @@ def test_a_gpt2_layer_keeps_what_the_model_says(attention, drop, targets):
     modelled = layer_bytes_per_token(a, 0, b=2, seq=tokens, eager=attention == "eager", method="lora", lora=lora,
                                      dropout=bool(targets), quantized=set(), saves_quant_inputs=False, cpu=True)
     assert modelled == real if not targets else abs(modelled - real) <= 0.03 * real
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "gpt2"])
+def test_the_preflight_estimates_moe_and_gpt2_runs(kind):
+    from loralab.config import load_config
+    from loralab.memory import preflight as P
+
+    cfg = load_config(None, ["train.precision=bf16", "lora.dropout=0.0",
+                             *(["lora.target_parameters=[experts.down_proj]"] if kind == "mixtral" else [])])
+    model_config = tiny_gpt2(0).config.to_dict() if kind == "gpt2" else moe_config(kind).to_dict()
+    fits = P.check_memory(cfg, model_config, "cpu", 64, P.Room(64 * 2**30, "MemAvailable"))
+    assert fits.fits is True and "estimated peak" in fits.line
+    refused = P.check_memory(cfg, model_config, "cpu", 64, P.Room(1, "MemAvailable"))
+    assert refused.fits is False and "not enough memory" in refused.line
+    # the rank check reads the widths of what all-linear wraps there (Mixtral: attention only)
+    widths = P._config_widths(cfg, model_config)
+    if kind == "mixtral":
+        assert set(widths) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    elif kind == "qwen2_moe":
+        assert widths["shared_expert_gate"] == (H, 1) and widths["down_proj"] == (40, H)
+    else:
+        assert widths == {"c_attn": (H, 3 * H), "c_proj": (H, H), "c_fc": (H, 4 * H)}

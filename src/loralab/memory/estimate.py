@@ -30,6 +30,10 @@ The decoder's shape and parameter counts come from loralab.arch. Assumptions, in
                    mask and the dropped input, 2 x width x b)
       QLoRA        bitsandbytes-style 4-bit matmuls also keep the input of every quantized linear
       full FT      inputs of every linear (2H + Q + I) x b and the normalised input of each norm
+      MoE block    in place of the MLP: top_k x (the experts' intermediates + H) x b and the routing's
+                   indices and weights; expert LoRA: each targeted matmul's input, and per layer the
+                   updated weight W + B A (memory/activations.py, docs/memory.md)
+      GPT-2        LayerNorm's input and statistics, gelu_new's four intermediates, GPT-2's dropouts
     With gradient checkpointing: each layer's input (H x b) plus one full layer being recomputed.
     Attention 'auto': as loralab picks it (model.attention): SDPA on CUDA and in fp32 on the CPU;
     in bf16 on the CPU eager_recompute up to model.attention.eager_max_row() tokens per row, SDPA beyond.
