@@ -243,7 +243,7 @@ def test_a_gpt2_layer_keeps_what_the_model_says(attention, drop, targets):
     a = A.arch_from_config(model.config.to_dict())
     lora = {k: 4 for k in A.lora_layers(a, targets)[0][0]} if targets else {}
     modelled = layer_bytes_per_token(a, 0, b=2, seq=tokens, eager=attention == "eager", method="lora", lora=lora,
-                                     dropout=bool(targets), quantized=set(), saves_quant_inputs=False, cpu=True)
+                                     dropout=bool(targets), quantized=set(), saves_quant_inputs=False, sdpa_cpu=True)
     assert modelled == real if not targets else abs(modelled - real) <= 0.03 * real
 
 

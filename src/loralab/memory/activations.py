@@ -57,11 +57,11 @@ def expert_weight_bytes(a: Arch, b: int, expert_lora: dict) -> float:
 def layer_bytes_per_token(a: Arch, layer: int, *, b: int, seq: int, eager: bool, method: str, lora: dict,
                           dropout: bool, quantized, saves_quant_inputs: bool, dora: bool = False,
                           stock_autograd: bool = False, rebuilt: frozenset = frozenset(),
-                          expert_lora: dict | None = None, cpu: bool = False) -> float:
+                          expert_lora: dict | None = None, sdpa_cpu: bool = False) -> float:
     """Bytes decoder layer `layer` keeps for backward, per token (estimate.py's docstring). lora: its wrapped
     linears -> rank; rebuilt: the input groups backward rebuilds (rebuilt_inputs); expert_lora: its targeted
-    fused expert weights -> rank; cpu: the run's device is the CPU (GPT-2's attention dropout there runs
-    SDPA's math path)."""
+    fused expert weights -> rank; sdpa_cpu: the attention is SDPA on the CPU (with GPT-2's attention
+    dropout it runs its math path; loralab's eager_recompute keeps q, k, v with dropout too)."""
     H, Q, K, I = a.hidden, a.q_dim, a.kv_dim, a.inter
     gpt2 = a.family == "gpt2"
     if gpt2:  # LayerNorm keeps its input and its mean and reciprocal deviation, in the input's dtype
@@ -72,7 +72,7 @@ def layer_bytes_per_token(a: Arch, layer: int, *, b: int, seq: int, eager: bool,
         total += 3 * Q * b + a.heads * seq * b * (3 if a.attn_dropout else 1)
     elif eager:
         total += 3 * Q * b + a.heads * seq * (4 + (2 if b == 2 else 0))
-    elif gpt2 and a.attn_dropout and cpu:  # SDPA with dropout on the CPU: its fp32 math path (q, k, v, scores)
+    elif gpt2 and a.attn_dropout and sdpa_cpu:  # SDPA with dropout on the CPU: its fp32 math path (q, k, v, scores)
         total += 3 * H * 4 + 3 * a.heads * seq * 4
     else:
         total += (2 * Q + 2 * K) * b + a.heads * 4

@@ -171,7 +171,7 @@ def arch_from_config(cfg: dict) -> Arch:
     if "hidden_size" not in cfg and "n_embd" not in cfg and isinstance(cfg.get("text_config"), dict):
         cfg = cfg["text_config"]  # multimodal wrappers nest the language model's config
     kind = cfg.get("model_type")
-    if kind == "gpt2" or ("n_embd" in cfg and "hidden_size" not in cfg):
+    if kind == "gpt2":  # not its kin by key names alone (GPT-BigCode, GPT-Neo shape attention otherwise)
         return _gpt2(cfg)
     experts = cfg.get("num_local_experts") or cfg.get("num_experts") or 0
     if experts and kind not in MOE_FAMILIES:  # a dense reading would miss the experts: refuse, not undercount

@@ -192,7 +192,7 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
                                      dropout=lora_dropout > 0, quantized=quantized[i],
                                      saves_quant_inputs=qlora_saves_inputs, dora=dora,
                                      stock_autograd=stock_autograd, rebuilt=rebuilt_inputs, expert_lora=experts[i],
-                                     cpu=device == "cpu")
+                                     sdpa_cpu=device == "cpu" and attention == "sdpa")
     per_layer = [layer_bytes(i, rebuilt[i]) for i in L]
     per_token = sum(per_layer) / a.layers
     # expert LoRA's updated weights: kept per layer whatever the tokens (activations.expert_weight_bytes)
