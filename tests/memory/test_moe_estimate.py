@@ -152,10 +152,12 @@ def test_the_estimates_layer_bytes_are_the_dense_layers_with_the_moe_mlp():
                  for n, c in (("moe", moe), ("dense", dense))}
     a = A.arch_from_config(moe)
     assert per_token["moe"] - per_token["dense"] == round(moe_block_bytes(a, 2, False, {}, False) - 2 * I * 2)
-    base = E.estimate(moe, **kw)["activation_detail"]["layers_bytes"]
-    lora = E.estimate(moe, **kw, target_parameters=["experts.down_proj"])["activation_detail"]["layers_bytes"]
-    updated = L * E_ * (I * H + 4 * (I + H)) * 2  # bf16 W + B A per layer, and the cast factors
-    assert lora - base == 16 * L * K * I * 2 + updated
+    base, lora = E.estimate(moe, **kw), E.estimate(moe, **kw, target_parameters=["experts.down_proj"])
+    updated = E_ * (I * H + 4 * (I + H)) * 2  # per layer: bf16 W + B A, and the cast factors
+    layers = lora["activation_detail"]["layers_bytes"] - base["activation_detail"]["layers_bytes"]
+    assert layers == 16 * L * K * I * 2 + L * updated
+    # + one layer's gradient of its updated weight, during that layer's backward
+    assert lora["breakdown"]["activations"] - base["breakdown"]["activations"] == layers + updated
 
 
 def test_expert_weights_count_as_frozen_weights():

@@ -210,6 +210,9 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
     logits = rows * a.vocab * 12
     final_norm = tokens * a.hidden * (4 if stock_autograd else b) + (tokens * 2 * b if a.norm_bias else 0)
     activations = layers_bytes + logits + final_norm  # + the final norm's input (LayerNorm: and its statistics)
+    # expert LoRA: backward through a layer makes its updated weight's gradient, as large, while that layer's
+    # saved tensors are still alive
+    activations += max(fixed)
     if attention == RECOMPUTE:  # one layer's scores, softmax and their gradients while recomputed
         activations += tokens * a.heads * seq * (4 + 2 * (b == 2) + 4)
     runtime = CUDA_OTHER_BYTES if device == "cuda" else CPU_RUNTIME_BYTES
