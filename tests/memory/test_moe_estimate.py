@@ -269,3 +269,32 @@ def test_the_preflight_estimates_moe_and_gpt2_runs(kind):
         assert widths["shared_expert_gate"] == (H, 1) and widths["down_proj"] == (40, H)
     else:
         assert widths == {"c_attn": (H, 3 * H), "c_proj": (H, H), "c_fc": (H, 4 * H)}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_whole_moe_layer_keeps_what_the_model_says(kind):
+    """A frozen decoder layer as transformers runs it (plain autograd: `stock_autograd`), bf16: attention
+    (SDPA; gpt-oss eager, which transformers runs its sinks with), the q/k norms, the MoE block: within 1%."""
+    from loralab.memory.activations import layer_bytes_per_token
+    from tinymodels import saved_bytes
+
+    cfg = moe_config(kind)
+    cfg._attn_implementation = "eager" if kind == "gpt_oss" else "sdpa"
+    model = build(cfg).to(torch.bfloat16).requires_grad_(False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("gate.weight", "router.weight")):
+                p.normal_(std=0.5)
+    tokens = 128
+    x = torch.randn(1, tokens, H, dtype=torch.bfloat16, requires_grad=True)
+    positions = torch.arange(tokens)[None]
+    rope = model.model.rotary_emb(x, positions)
+    with saved_bytes(exclude=[*model.parameters(), x, *rope]) as seen:
+        model.model.layers[0](x, position_embeddings=rope, attention_mask=None, position_ids=positions)
+    real = sum(seen.values()) / tokens
+    a = A.arch_from_config(cfg.to_dict())
+    modelled = layer_bytes_per_token(a, 0, b=2, seq=tokens, eager=kind == "gpt_oss", method="lora", lora={},
+                                     dropout=False, quantized=set(), saves_quant_inputs=False, stock_autograd=True)
+    assert abs(modelled - real) <= 0.01 * real
+    auto = E.estimate(cfg.to_dict(), seq=tokens, device="cuda")["activation_detail"]["attention"]
+    assert auto == ("eager" if kind == "gpt_oss" else "sdpa")

@@ -70,6 +70,8 @@ def layer_bytes_per_token(a: Arch, layer: int, *, b: int, seq: int, eager: bool,
         total = (2 * H + (Q + K if any(a.qk_norm) else 0)) * (4 if stock_autograd else b)
     if eager and gpt2:  # q, k, v and its softmax in the compute dtype (with dropout: its mask and output too)
         total += 3 * Q * b + a.heads * seq * b * (3 if a.attn_dropout else 1)
+    elif eager and a.sinks:  # gpt-oss: its softmax in the compute dtype, over the keys and the sink
+        total += 3 * Q * b + a.heads * (seq + 1) * b
     elif eager:
         total += 3 * Q * b + a.heads * seq * (4 + (2 if b == 2 else 0))
     elif gpt2 and a.attn_dropout and sdpa_cpu:  # SDPA with dropout on the CPU: its fp32 math path (q, k, v, scores)

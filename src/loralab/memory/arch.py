@@ -75,7 +75,7 @@ class Arch:
     router_bias: bool = False       # gpt-oss
     expert_bias: bool = False       # gpt-oss: gate_up and down carry a bias per expert
     qk_norm: tuple[int, int] = (0, 0)  # q_norm / k_norm weights (Qwen3: per head_dim, OLMoE: over q / kv dim)
-    sinks: bool = False             # gpt-oss: a learned attention sink per head
+    sinks: bool = False             # gpt-oss: a learned attention sink per head, which SDPA cannot run
     positions: int = 0              # GPT-2: learned position embeddings
     norm_bias: bool = False         # GPT-2's LayerNorm
     resid_dropout: bool = False     # GPT-2's dropouts (0.1 by default), active while training

@@ -146,6 +146,8 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
     b = PRECISIONS[precision]
     if attention == "auto":
         attention = "sdpa" if device == "cuda" else cpu_choice(seq, precision == "bf16")
+        # transformers runs attention sinks (gpt-oss) eager only, and loralab loads such a model so
+        attention = "eager" if attention == "sdpa" and a.sinks else attention
     eager = attention == "eager"
     tokens = batch * seq
     lins = [a.linears(i) for i in L]
