@@ -120,7 +120,9 @@ def rebuilt_inputs(a: Arch, ranks: list[dict], method: str, precision: str,
     for i, lora in enumerate(ranks):
         groups = {"attn_in"} & norms if flows else set()
         flows = flows or any(m in lora for m in ATTN_KEYS)
-        groups |= ({"mlp_in"} & norms) | {"down_in"} if flows else set()
+        # an MoE block reads its norm's output outside the MLP the rebuild covers (router, experts, shared
+        # gate): kept there
+        groups |= ({"mlp_in"} & norms if not a.is_moe(i) else set()) | {"down_in"} if flows else set()
         flows = flows or any(m in lora for m in ("gate_proj", "up_proj", "down_proj", "shared_expert_gate")) \
             or bool(experts and experts[i])
         groups |= {"down_in"} if any(m in lora for m in ("gate_proj", "up_proj")) else set()
