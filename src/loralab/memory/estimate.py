@@ -131,7 +131,7 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
     while the next one's activations are). Variants: dora (a trainable magnitude and a cached
     ||W||^2 per output row, and each wrapped layer's pre-scale output kept for backward),
     init_copies (PiSSA / OLoRA keep A0, B0 to save the adapter for the original base: one more
-    fp32 copy of the factors), rank_of(layer, module) -> rank (0: not wrapped), for rank_pattern
+    fp32 copy of the factors), rank_of(layer, full module name) -> rank (0: not wrapped), for rank_pattern
     and a subset of layers (default: r everywhere). rsLoRA and LoRA+ cost nothing extra. malloc: the CPU
     run's (allocator.py's names; "system" is glibc's), which sets the heap slack. target_parameters:
     fused MoE expert weights with LoRA (PEFT's semantics, arch.expert_lora_params; rank_pattern by
@@ -165,8 +165,8 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
 
     # Weights. `outside`: trainable parameters outside the decoder layers, whose gradients exist
     # before the layers' activations start to be freed (the backward pass begins at the output layer).
-    outside_weights = params["embedding"] + params["lm_head"] + params["positions"] + a.hidden * (2 if a.norm_bias
-                                                                                                  else 1)
+    final_norm_weights = a.hidden * (2 if a.norm_bias else 1)
+    outside_weights = params["embedding"] + params["lm_head"] + params["positions"] + final_norm_weights
     if method == "full":
         trainable = params["total"]
         frozen = 0.0
