@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from loralab.cli import main
+from loralab.config import load_config
 from loralab.errors import UserError
 from loralab.memory import arch as A
 from loralab.memory import estimate as E
@@ -182,6 +183,8 @@ def test_cli_estimates_an_moe_or_gpt2_folder(tmp_path, kind):
     rc, out = _cli(["estimate", "--model", str(folder), "--device", "cpu", "--seq", "64", "--json"])
     obj = json.loads(out)
     assert obj["peak_bytes"] == sum(obj["breakdown"].values()) and obj["breakdown"]["frozen_weights"] > 0
+    run = load_config(None, ["train.precision=fp32", "lora.dropout=0.0"])
+    assert E.run_memory_breakdown(run, folder, "cpu")["estimated_peak_bytes"] > 0  # a run's summary.json's
 
 
 def _block_saves(model, tokens: int) -> int:
@@ -251,7 +254,6 @@ def test_a_gpt2_layer_keeps_what_the_model_says(attention, drop, targets):
 
 @pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "gpt2"])
 def test_the_preflight_estimates_moe_and_gpt2_runs(kind):
-    from loralab.config import load_config
     from loralab.memory import preflight as P
 
     cfg = load_config(None, ["train.precision=bf16", "lora.dropout=0.0",
