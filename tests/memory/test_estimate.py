@@ -12,6 +12,7 @@ from loralab.errors import UserError
 from loralab.memory import arch as A
 from loralab.memory import estimate as E
 from loralab.memory import fixes as F
+from loralab.memory.activations import layer_bytes_per_token
 from tinymodels import saved_bytes, tiny_llama, tiny_llama_config
 
 GB = 1e9
@@ -247,8 +248,11 @@ def test_resolve_model_config_paths_and_errors(tmp_path):
     with pytest.raises(UserError, match="llama-2-7b"):  # the message lists the bundled names
         A.resolve_model_config("llama-9-700b")
     (tmp_path / "gpt2.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 768}))
-    with pytest.raises(UserError, match="hidden_size"):
+    with pytest.raises(UserError, match="n_layer"):  # GPT-2 is modelled, from its own keys
         E.estimate(A.resolve_model_config(str(tmp_path / "gpt2.json")))
+    (tmp_path / "t5.json").write_text(json.dumps({"model_type": "t5", "d_model": 512}))
+    with pytest.raises(UserError, match="hidden_size"):
+        E.estimate(A.resolve_model_config(str(tmp_path / "t5.json")))
     with pytest.raises(UserError, match="targets"):
         E.estimate(A.resolve_model_config("smollm2-135m"), targets="everything")
     with pytest.raises(UserError, match="seq"):
@@ -372,8 +376,8 @@ def test_norm_outputs_rebuilt_in_backward_leave_the_estimate_where_gradient_reac
         return 4 * E.estimate(hf, **{**kw, **k})["activation_detail"]["per_layer_per_token_bytes"]
 
     def kept(lora, method="lora"):  # one layer's bytes with only down_proj's input rebuilt
-        return E._layer_bytes_per_token(a, b=b, seq=16, eager=False, method=method, lora=lora, dropout=True,
-                                        quantized=set(), saves_quant_inputs=True, rebuilt=frozenset({"down_in"}))
+        return layer_bytes_per_token(a, 0, b=b, seq=16, eager=False, method=method, lora=lora, dropout=True,
+                                     quantized=set(), saves_quant_inputs=True, rebuilt=frozenset({"down_in"}))
     lora = {m: 4 for m in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
     assert per_layer() == round(4 * kept(lora) - 7 * H * b)  # 8 norms; the first one's output kept
     upper_two = per_layer(rank_of=lambda layer, name: 4 if layer >= 2 else 0)

@@ -30,6 +30,10 @@ The decoder's shape and parameter counts come from loralab.arch. Assumptions, in
                    mask and the dropped input, 2 x width x b)
       QLoRA        bitsandbytes-style 4-bit matmuls also keep the input of every quantized linear
       full FT      inputs of every linear (2H + Q + I) x b and the normalised input of each norm
+      MoE block    in place of the MLP: top_k x (the experts' intermediates + H) x b and the routing's
+                   indices and weights; expert LoRA: each targeted matmul's input, and per layer the
+                   updated weight W + B A (memory/activations.py, docs/memory.md)
+      GPT-2        LayerNorm's input and statistics, gelu_new's four intermediates, GPT-2's dropouts
     With gradient checkpointing: each layer's input (H x b) plus one full layer being recomputed.
     Attention 'auto': as loralab picks it (model.attention): SDPA on CUDA and in fp32 on the CPU;
     in bf16 on the CPU eager_recompute up to model.attention.eager_max_row() tokens per row, SDPA beyond.
@@ -57,11 +61,12 @@ from __future__ import annotations
 from ..errors import UserError
 from ..model.attention import RECOMPUTE, cpu_choice
 from ..peft.names import pattern_value
-from ..peft.presets import LLAMA_LINEARS, OUTPUT_LAYER, mutates_base
+from ..peft.presets import OUTPUT_LAYER, WITH_HEAD, mutates_base
 from ..runtime.allocator import active as active_allocator
 from ..train.loss import CHUNK_ROWS, FROZEN_HEAD_ROWS
 from ..train.precision import resolve_precision
-from .arch import Arch, arch_from_config, count_params, expert_lora_params, resolve_model_config, target_names
+from .activations import expert_weight_bytes, layer_bytes_per_token, rebuilt_inputs
+from .arch import Arch, arch_from_config, count_params, expert_ranks, lora_layers, resolve_model_config, target_names
 
 NF4_BITS = 4.127
 CUDA_OTHER_BYTES = 0.5e9         # CUDA context + cuBLAS workspace (typical; no GPU here to calibrate)
@@ -93,65 +98,15 @@ def _check(method, optimizer, precision, device, attention, r, seq, batch, grad_
             raise UserError(f"{key} must be a positive integer, got {value!r}")
 
 
-def _layer_bytes_per_token(a: Arch, *, b: int, seq: int, eager: bool, method: str, lora: dict, dropout: bool,
-                           quantized, saves_quant_inputs: bool, dora: bool = False,
-                           stock_autograd: bool = False, rebuilt: frozenset = frozenset()) -> float:
-    """Bytes one decoder layer keeps for backward, per token (see the module docstring).
-    lora: this layer's wrapped modules -> rank; rebuilt: the input groups backward rebuilds (_rebuilt_inputs)."""
-    H, Q, K, I = a.hidden, a.q_dim, a.kv_dim, a.inter
-    total = 2 * H * (4 if stock_autograd else b)  # RMSNorms: their inputs (model/norm.py; stock: fp32 copies)
-    if eager:
-        total += 3 * Q * b + a.heads * seq * (4 + (2 if b == 2 else 0))
-    else:
-        total += (2 * Q + 2 * K) * b + a.heads * 4
-    total += (3 if stock_autograd else 2) * I * b             # SwiGLU: gate, up (model/mlp.py; stock: + SiLU's output)
-    lin = a.linears()
-    # Distinct linear inputs: q/k/v share the first norm's output, gate/up the second's.
-    groups = {"attn_in": (("q_proj", "k_proj", "v_proj"), H), "o_in": (("o_proj",), Q),
-              "mlp_in": (("gate_proj", "up_proj"), H), "down_in": (("down_proj",), I)}
-    if method == "full":
-        return total + sum(width for g, (_, width) in groups.items() if g not in rebuilt) * b + 2 * H * 4
-    plain = stock_autograd and dropout
-    for group, (mods, width) in groups.items():
-        wrapped = [m for m in mods if m in lora]
-        # the input, one storage for every reader (peft/dropout.py); bitsandbytes-style 4-bit matmuls keep
-        # theirs outside autograd's saves, where no rebuild reaches but down_proj's (model/mlp.py passes it h)
-        by_quant = saves_quant_inputs and any(m in quantized for m in mods) \
-            and not (group == "down_in" and group in rebuilt)
-        if (wrapped and not plain and group not in rebuilt) or by_quant:
-            total += width * b
-        for m in wrapped:  # its dropout mask's bits (plain: a float mask and the dropped input), A's output;
-            # DoRA: the pre-scale output W x + s·B A x
-            total += (2 * width * b if plain else width / 8 if dropout else 0) + lora[m] * b
-            total += lin[m][1] * b if dora else 0
-    return total
-
-
-def _rebuilt_inputs(ranks: list[dict], method: str, precision: str) -> list[frozenset]:
-    """Per decoder layer, the linear-input groups loralab's backward rebuilds instead of keeping: a norm's
-    output where gradient flows into the norm (model/rebuild.py; the first LoRA layer's norm reads frozen
-    activations), down_proj's input, the SwiGLU product, where it has a gradient (model/mlp.py). Full
-    fine-tuning in bf16 runs its fp32 weights under autocast: its linears keep bf16 copies of the norms'
-    outputs, not the outputs themselves, so only the product is rebuilt there."""
-    flows, out = method == "full", []  # full fine-tuning: every norm's weight trains
-    norms = {"attn_in", "mlp_in"} if method != "full" or precision == "fp32" else set()
-    for lora in ranks:
-        groups = {"attn_in"} & norms if flows else set()
-        flows = flows or any(m in lora for m in ("q_proj", "k_proj", "v_proj", "o_proj"))
-        groups |= ({"mlp_in"} & norms) | {"down_in"} if flows else set()
-        flows = flows or any(m in lora for m in ("gate_proj", "up_proj", "down_proj"))
-        groups |= {"down_in"} if any(m in lora for m in ("gate_proj", "up_proj")) else set()
-        out.append(frozenset(groups))
-    return out
-
-
-def _lora_ranks(a: Arch, names, r: int, rank_of) -> tuple[list[dict], int]:
-    """([{module: rank} per decoder layer], rank of lm_head or 0): `rank_of(layer, name)` gives a
-    module's rank (0: not wrapped), for per-module rank (rank_pattern) and a subset of layers."""
+def _lora_ranks(a: Arch, wrapped: list[tuple[str, ...]], head: bool, r: int, rank_of) -> tuple[list[dict], int]:
+    """([{module key: rank} per decoder layer], rank of lm_head or 0): `rank_of(layer, full module name)`
+    gives a module's rank (0: not wrapped), for per-module rank (rank_pattern) and a subset of layers."""
     rank_of = rank_of or (lambda _layer, _name: r)
-    body = [n for n in names if n != OUTPUT_LAYER]
-    layers = [{n: k for n in body if (k := rank_of(i, n))} for i in range(a.layers)]
-    return layers, (rank_of(None, OUTPUT_LAYER) if OUTPUT_LAYER in names else 0)
+    layers = []
+    for i, keys in enumerate(wrapped):
+        paths = a.paths(i)
+        layers.append({k: rank for k in keys if (rank := rank_of(i, paths[k]))})
+    return layers, (rank_of(None, OUTPUT_LAYER) if head else 0)
 
 
 def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="all-linear", seq: int = 512,
@@ -176,7 +131,7 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
     while the next one's activations are). Variants: dora (a trainable magnitude and a cached
     ||W||^2 per output row, and each wrapped layer's pre-scale output kept for backward),
     init_copies (PiSSA / OLoRA keep A0, B0 to save the adapter for the original base: one more
-    fp32 copy of the factors), rank_of(layer, module) -> rank (0: not wrapped), for rank_pattern
+    fp32 copy of the factors), rank_of(layer, full module name) -> rank (0: not wrapped), for rank_pattern
     and a subset of layers (default: r everywhere). rsLoRA and LoRA+ cost nothing extra. malloc: the CPU
     run's (allocator.py's names; "system" is glibc's), which sets the heap slack. target_parameters:
     fused MoE expert weights with LoRA (PEFT's semantics, arch.expert_lora_params; rank_pattern by
@@ -184,35 +139,47 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
     """
     _check(method, optimizer, precision, device, attention, r, seq, batch, grad_accum)
     a = arch_from_config(model_config)
-    names = () if method == "full" else target_names(targets)
-    params = count_params(model_config, names or "qv", r)
+    L = range(a.layers)
+    wrapped, head = ([()] * a.layers, False) if method == "full" else lora_layers(a, targets)
+    names = () if method == "full" else target_names(targets, a)
+    params = count_params(model_config, "all-linear", r)
     b = PRECISIONS[precision]
     if attention == "auto":
         attention = "sdpa" if device == "cuda" else cpu_choice(seq, precision == "bf16")
+        # transformers runs attention sinks (gpt-oss) eager only, and loralab loads such a model so
+        attention = "eager" if attention == "sdpa" and a.sinks else attention
     eager = attention == "eager"
     tokens = batch * seq
-    lin = a.linears()
-    quantized = set()
+    lins = [a.linears(i) for i in L]
+    # per layer, the linears QLoRA stores in NF4: every one it has, or only those LoRA wraps; fused experts
+    # are not nn.Linear, so they stay in the compute dtype
+    quantized = [set() for _ in L]
     if method == "qlora":
-        quantized = set(LLAMA_LINEARS) if quantize == "all-linear" else {n for n in names if n != "lm_head"}
+        quantized = [set(lins[i]) if quantize == "all-linear" else set(wrapped[i]) for i in L]
+    q_weights = sum(lins[i][n][0] * lins[i][n][1] for i in L for n in quantized[i])
+    experts = [{} for _ in L]
+    if method != "full":  # (a config without num_hidden_layers, GPT-2's, has no experts: the padding's {})
+        experts = [*expert_ranks(model_config, target_parameters, r, rank_pattern), *experts][:a.layers]
+    shapes = {"gate_up_proj": (a.hidden, 2 * a.expert_inter), "down_proj": (a.expert_inter, a.hidden)}
+    experts_per_layer = [sum(k * a.experts * sum(shapes[n]) for n, k in layer.items()) for layer in experts]
 
     # Weights. `outside`: trainable parameters outside the decoder layers, whose gradients exist
     # before the layers' activations start to be freed (the backward pass begins at the output layer).
+    final_norm_weights = a.hidden * (2 if a.norm_bias else 1)
+    outside_weights = params["embedding"] + params["lm_head"] + params["positions"] + final_norm_weights
     if method == "full":
         trainable = params["total"]
         frozen = 0.0
         masters = trainable * 4                                       # fp32 master weights
         casts = trainable * 2 if precision == "bf16" else 0.0         # autocast's bf16 copies, held by the graph
-        outside = params["embedding"] + params["lm_head"] + a.hidden  # + the final norm
+        outside = outside_weights                                     # + the final norm
+        ranks = [{} for _ in L]
     else:
-        ranks, head_r = _lora_ranks(a, names, r, rank_of)
-        factors = sum(k * (lin[n][0] + lin[n][1]) for layer in ranks for n, k in layer.items())
-        factors += head_r * (a.hidden + a.vocab)
-        experts_per_layer = expert_lora_params(model_config, target_parameters, r, rank_pattern)
-        factors += sum(experts_per_layer)
-        rows = sum(lin[n][1] for layer in ranks for n in layer) + (a.vocab if head_r else 0)
+        ranks, head_r = _lora_ranks(a, wrapped, head, r, rank_of)
+        factors = sum(k * (lins[i][n][0] + lins[i][n][1]) for i in L for n, k in ranks[i].items())
+        factors += head_r * (a.hidden + a.vocab) + sum(experts_per_layer)
+        rows = sum(lins[i][n][1] for i in L for n in ranks[i]) + (a.vocab if head_r else 0)
         trainable = factors + (rows if dora else 0)             # DoRA: a magnitude per output row
-        q_weights = sum(lin[n][0] * lin[n][1] for n in quantized) * a.layers
         frozen = (params["total"] - q_weights) * b + q_weights * NF4_BITS / 8
         frozen += 4 * (rows if dora else 0) + 4 * (factors if init_copies else 0)  # ||W||^2 cache; A0, B0
         masters, casts = trainable * 4, 0.0
@@ -220,28 +187,34 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
     state = trainable * (OPTIMIZERS[optimizer] if optimizer != "sgd" or sgd_momentum else 0.0)
 
     # Activations
-    layer_ranks = [{} for _ in range(a.layers)] if method == "full" else ranks
-    rebuilt = [frozenset()] * a.layers if stock_autograd else _rebuilt_inputs(layer_ranks, method, precision)
+    rebuilt = [frozenset()] * a.layers if stock_autograd else rebuilt_inputs(a, ranks, method, precision, experts)
 
     def layer_bytes(i: int, rebuilt_inputs: frozenset) -> float:
-        return _layer_bytes_per_token(a, b=b, seq=seq, eager=eager, method=method, lora=layer_ranks[i],
-                                      dropout=lora_dropout > 0, quantized=quantized,
-                                      saves_quant_inputs=qlora_saves_inputs, dora=dora,
-                                      stock_autograd=stock_autograd, rebuilt=rebuilt_inputs)
-    per_layer = [layer_bytes(i, rebuilt[i]) for i in range(a.layers)]
+        return layer_bytes_per_token(a, i, b=b, seq=seq, eager=eager, method=method, lora=ranks[i],
+                                     dropout=lora_dropout > 0, quantized=quantized[i],
+                                     saves_quant_inputs=qlora_saves_inputs, dora=dora,
+                                     stock_autograd=stock_autograd, rebuilt=rebuilt_inputs, expert_lora=experts[i],
+                                     sdpa_cpu=device == "cpu" and attention == "sdpa")
+    per_layer = [layer_bytes(i, rebuilt[i]) for i in L]
     per_token = sum(per_layer) / a.layers
+    # expert LoRA's updated weights: kept per layer whatever the tokens (activations.expert_weight_bytes)
+    fixed = [expert_weight_bytes(a, b, experts[i]) for i in L]
     heap_slack, ckpt_slack = CPU_HEAP_SLACK.get(malloc, CPU_HEAP_SLACK["system"])
     if grad_checkpointing:
         # the layer being recomputed keeps every input: nothing is rebuilt under checkpointing's hooks
-        recomputed = max(layer_bytes(i, frozenset()) for i in range(a.layers))
-        layers_bytes = tokens * (a.layers * a.hidden * b + recomputed)
-        slack = ckpt_slack * tokens * a.layers * per_token  # the discarded activations leave holes too
+        recomputed = max(tokens * layer_bytes(i, frozenset()) + fixed[i] for i in L)
+        layers_bytes = tokens * a.layers * a.hidden * b + recomputed
+        slack = ckpt_slack * (tokens * a.layers * per_token + sum(fixed))  # the discarded activations leave holes
     else:
-        layers_bytes = tokens * a.layers * per_token
+        layers_bytes = tokens * a.layers * per_token + sum(fixed)
         slack = heap_slack * layers_bytes
     rows = tokens if loss_rows is None else min(loss_rows, tokens)
     logits = rows * a.vocab * 12
-    activations = layers_bytes + logits + tokens * a.hidden * (4 if stock_autograd else b)  # + the final norm's input
+    final_norm = tokens * a.hidden * (4 if stock_autograd else b) + (tokens * 2 * b if a.norm_bias else 0)
+    activations = layers_bytes + logits + final_norm  # + the final norm's input (LayerNorm: and its statistics)
+    # expert LoRA: backward through a layer makes its updated weight's gradient, as large, while that layer's
+    # saved tensors are still alive
+    activations += max(fixed)
     if attention == RECOMPUTE:  # one layer's scores, softmax and their gradients while recomputed
         activations += tokens * a.heads * seq * (4 + 2 * (b == 2) + 4)
     runtime = CUDA_OTHER_BYTES if device == "cuda" else CPU_RUNTIME_BYTES
@@ -256,13 +229,16 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
              "frozen_nf4": q_weights * NF4_BITS / 8 if method != "full" else 0.0}  # within "frozen"
     phase, breakdown = peak_of(moments(parts))
     # One decoder layer's parameters and those outside the layers as stored (compute dtype, NF4 where
-    # quantized, LoRA fp32; full fine-tuning in the compute dtype): the units FSDP all-gathers.
-    lora_layer = sum(r * (lin[n][0] + lin[n][1]) for n in names if n != "lm_head")
-    lora_layer += max(experts_per_layer, default=0) if method != "full" else 0
-    layer = sum(i * o * (NF4_BITS / 8 if n in quantized else b) + (o * b if bias else 0)
-                for n, (i, o, bias) in lin.items()) + 2 * a.hidden * b + 4 * lora_layer
-    units = {"layer_bytes": int(round(layer)), "outside_bytes": int(round(
-        (params["embedding"] + params["lm_head"] + a.hidden) * b + (outside * 4 if method != "full" else 0)))}
+    # quantized, LoRA fp32; full fine-tuning in the compute dtype): the units FSDP all-gathers. The largest
+    # layer: an MoE model's dense layers are smaller than its sparse ones.
+    def stored(i: int) -> float:
+        p = a.layer_params(i)
+        nf4 = sum(lins[i][n][0] * lins[i][n][1] for n in quantized[i])
+        lora_layer = 0 if method == "full" else \
+            sum(k * (lins[i][n][0] + lins[i][n][1]) for n, k in ranks[i].items()) + experts_per_layer[i]
+        return (sum(p.values()) - nf4) * b + nf4 * NF4_BITS / 8 + 4 * lora_layer
+    units = {"layer_bytes": int(round(max(stored(i) for i in L))), "outside_bytes": int(round(
+        outside_weights * b + (outside * 4 if method != "full" else 0)))}
     return {
         "peak_bytes": sum(breakdown.values()),
         "breakdown": breakdown,
@@ -270,7 +246,7 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
         "activation_detail": {"per_layer_per_token_bytes": int(round(per_token)), "layers_bytes": int(layers_bytes),
                               "logits_bytes": int(logits), "heap_slack_bytes": int(round(slack)),
                               "attention": attention},
-        "params": {"total": params["total"], "trainable": trainable, "quantized": len(quantized) * a.layers},
+        "params": {"total": params["total"], "trainable": trainable, "quantized": sum(map(len, quantized))},
         "parts": {k: int(round(v)) for k, v in parts.items()},
         "units": units,
         "settings": {"method": method, "r": r, "targets": targets if isinstance(targets, str) else list(names),
@@ -280,21 +256,17 @@ def estimate(model_config: dict, *, method: str = "lora", r: int = 8, targets="a
     }
 
 
-_BLOCK = {n: ("self_attn" if n in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp") for n in LLAMA_LINEARS}
-
-
 def _run_rank_of(cfg):
-    """rank_of for a run's lora.rank_pattern and lora.layers, on Llama-family module names."""
+    """rank_of(layer, full module name) for a run's lora.rank_pattern and lora.layers."""
     lo = cfg.lora
     if not lo.rank_pattern and lo.layers is None:
         return None
     wanted = None if lo.layers is None else set([lo.layers] if isinstance(lo.layers, int) else lo.layers)
 
     def rank_of(layer, name):
-        if wanted is not None and layer not in wanted:
+        if wanted is not None and layer is not None and layer not in wanted:
             return 0
-        return pattern_value(lo.rank_pattern, name if layer is None else f"model.layers.{layer}.{_BLOCK[name]}.{name}",
-                             lo.r)
+        return pattern_value(lo.rank_pattern, name, lo.r)
     return rank_of
 
 
@@ -327,7 +299,10 @@ def run_settings(cfg, device, seq: int | None = None) -> dict:
     dev = "cuda" if str(device).startswith("cuda") else "cpu"
     method = "full" if cfg.train.method == "full" else ("qlora" if cfg.model.quant == "nf4" else "lora")
     # A frozen output layer's logits live one chunk at a time inside forward (train.loss._FrozenHeadCE).
-    frozen_head = method != "full" and OUTPUT_LAYER not in target_names(cfg.lora.targets)
+    targets = cfg.lora.targets
+    heads = targets == WITH_HEAD if isinstance(targets, str) else \
+        any(str(t).rpartition(".")[2] == OUTPUT_LAYER for t in targets)  # any architecture's names: no lookup
+    frozen_head = method != "full" and not heads
     return dict(method=method, r=cfg.lora.r, targets=cfg.lora.targets, seq=seq or cfg.data.max_seq_len,
                 batch=cfg.train.batch_size, optimizer=cfg.train.optimizer,
                 precision=resolve_precision(cfg.train.precision, device),

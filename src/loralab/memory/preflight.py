@@ -27,7 +27,8 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..peft.layout import features
-from .arch import arch_from_config, resolve_model_config, target_names
+from ..peft.presets import OUTPUT_LAYER
+from .arch import arch_from_config, lora_layers, resolve_model_config
 from .estimate import CPU_RUNTIME_BYTES, OPTIMIZERS, estimate, run_settings
 from .fixes import suggest_fixes
 from .measure import current_rss_bytes, fmt_bytes
@@ -220,14 +221,21 @@ def module_widths(modules: dict) -> dict[str, tuple[int, int]]:
 
 
 def _config_widths(cfg, model_config: dict) -> dict[str, tuple[int, int]]:
-    """The targeted layers' shapes from config.json (Llama-style shapes; {} when not modelled)."""
+    """The targeted layers' shapes from config.json, by short name, the narrowest per name ({} when not
+    modelled)."""
     try:
         a = arch_from_config(model_config)
-        names = target_names(cfg.lora.targets)
+        wrapped, head = lora_layers(a, cfg.lora.targets)
     except UserError:  # another architecture, or a regex target: checked once the model is loaded
         return {}
-    lin = {name: (i, o) for name, (i, o, _) in a.linears().items()}
-    return {n: (a.hidden, a.vocab) if n == "lm_head" else lin[n] for n in names}
+    out: dict[str, tuple[int, int]] = {OUTPUT_LAYER: (a.hidden, a.vocab)} if head else {}
+    for i, keys in enumerate(wrapped):
+        for key in keys:
+            fan_in, fan_out, _ = a.linears(i)[key]
+            short = key.rpartition(".")[2]
+            if short not in out or min(fan_in, fan_out) < min(out[short]):
+                out[short] = (fan_in, fan_out)
+    return out
 
 
 def _context(model_config: dict) -> tuple[str, int] | None:

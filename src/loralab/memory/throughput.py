@@ -45,7 +45,8 @@ def train_flops_per_token(model_config: dict, *, method: str, trainable: int, co
     """Training FLOPs per token (see the module docstring); context: the mean sequence length."""
     a = arch_from_config(model_config)
     counts = count_params(model_config, "all-linear", 1)
-    matmul = counts["layer_linears"] + a.vocab * a.hidden  # the output head is a matmul, tied or not
+    # the output head is a matmul, tied or not; an MoE layer runs its router and top_k of its experts per token
+    matmul = counts["active_layer_weights"] + a.vocab * a.hidden
     attention = 4 * a.layers * a.q_dim * context / 2       # causal: each token sees half the context on average
     forward = 2 * matmul + attention
     weight_grads = 2 * (matmul if method == "full" else trainable)
