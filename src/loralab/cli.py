@@ -165,9 +165,28 @@ def _is_collective_failure(e: RuntimeError) -> bool:
         w in text for w in ("gloo", "nccl", "connection reset", "connection closed", "timed out"))
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is nothing to show: None (the help says what
+    happens instead), a flag's False, or a help text that already names its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)) \
+                or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="loralab", description="LoRA / QLoRA fine-tuning lab for causal LMs.")
-    sub = p.add_subparsers(dest="command", required=True)
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="loralab", description="LoRA / QLoRA fine-tuning lab for causal LMs.",
+                                formatter_class=_HelpFormatter)
+    p.add_argument("--version", action="version", version=f"loralab {__version__}",
+                   help="print loralab's version and exit")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                           help="what to do (`loralab COMMAND --help` for its options)",
+                           parser_class=_subparser_class(_HelpFormatter))
 
     t = sub.add_parser("train", help="fine-tune from a YAML config (plus key.sub=value overrides)")
     t.add_argument("config", nargs="?", help="YAML config (e.g. configs/demo.yaml)")
@@ -181,10 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--adapter", default=None, help="adapter folder (PEFT format)")
     e.add_argument("--tasks", default="2da,2ds", help="comma-separated: arithmetic (2da, ...), instruction-suite "
                    "families (reverse_word, ...) or the groups suite / suite-held-out")
-    e.add_argument("--n", type=int, default=100)
-    e.add_argument("--batch-size", type=int, default=50)
-    e.add_argument("--template", default="auto")
-    e.add_argument("--json", action="store_true")
+    e.add_argument("--n", type=int, default=100, help="questions per task")
+    e.add_argument("--batch-size", type=int, default=50, help="prompts generated at once")
+    e.add_argument("--template", default="auto", choices=["auto", "chat", "alpaca", "raw"],
+                   help="prompt template, as data.template (auto: the tokenizer's chat template if it has one)")
+    e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.add_argument("--harness", default=None, metavar="TASK[,TASK]",
                    help="run lm-evaluation-harness tasks instead (loralab_2da, ..., the loralab tag, or your own)"
                         ", on the base and then base + adapter")
@@ -194,16 +214,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("generate", help="answer one prompt, or chat interactively, with base plus adapter")
-    g.add_argument("--model", default=None)
-    g.add_argument("--adapter", default=None)
+    g.add_argument("--model", default=None, help="base model (default: the adapter's base, or smollm2-135m)")
+    g.add_argument("--adapter", default=None, help="adapter folder (PEFT format); without it, the base "
+                   "alone")
     g.add_argument("--prompt", default=None, help="one prompt; without it, an interactive chat")
     g.add_argument("--raw", action="store_true", help="feed the prompt as is (no chat template)")
-    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--max-new-tokens", type=int, default=128, help="longest answer, in tokens")
     g.set_defaults(func=cmd_generate)
 
     m = sub.add_parser("merge", help="merge an adapter into its base and write a plain HF folder")
-    m.add_argument("adapter_dir")
-    m.add_argument("out_dir")
+    m.add_argument("adapter_dir", help="adapter folder (PEFT format)")
+    m.add_argument("out_dir", help="new folder for the merged model")
     m.add_argument("--model", default=None, help="base model (default: the adapter's base_model_name_or_path)")
     m.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="weights' dtype (default auto: the base's own stored dtype)")
@@ -225,15 +246,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("out_dir", help="new folder for the combined adapter")
     c.add_argument("--adapter", action="append", required=True, metavar="DIR:WEIGHT",
                    help="an adapter folder and its weight (default 1); repeat for each adapter")
-    c.add_argument("--method", default="svd", choices=COMBINE_METHODS)
+    c.add_argument("--method", default="svd", choices=COMBINE_METHODS, help="how the adapters combine "
+                   "(docs/variants.md); svd: the weighted sum of the updates, truncated to --svd-rank")
     c.add_argument("--density", type=float, default=None, help="share of entries kept (ties, dare_*, magnitude_prune)")
     c.add_argument("--svd-rank", type=int, default=None, help="svd result rank (default: the largest input rank)")
     c.add_argument("--seed", type=int, default=0, help="DARE's random masks")
     c.set_defaults(func=cmd_combine)
 
     k = sub.add_parser("check", help="which runtimes (loralab, PEFT, vLLM, GGUF) load an adapter folder as is")
-    k.add_argument("adapter_dir")
-    k.add_argument("--json", action="store_true")
+    k.add_argument("adapter_dir", help="adapter folder (PEFT format)")
+    k.add_argument("--json", action="store_true", help="print the table as JSON")
     k.set_defaults(func=cmd_check)
 
     s = sub.add_parser("study", help="run a preset study (the article's experiments) and write a report",
@@ -258,24 +280,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_study)
 
     f = sub.add_parser("fetch", help="download and cache a bundled model (default smollm2-135m)")
-    f.add_argument("name", nargs="?", default="smollm2-135m")
+    f.add_argument("name", nargs="?", default="smollm2-135m", help="bundled model to fetch")
     f.set_defaults(func=cmd_fetch)
     x = sub.add_parser("estimate", help="predict peak training memory from a model config alone (no weights)")
     x.add_argument("--model", default="smollm2-135m", help="bundled config (llama-2-7b, llama-2-70b, llama-3.1-8b, "
                    "mistral-7b, qwen2.5-7b, smollm2-135m/360m/1.7b), an HF folder, or a config.json")
-    x.add_argument("--method", default="lora", choices=["lora", "qlora", "full"])
-    x.add_argument("--r", type=int, default=8)
-    x.add_argument("--targets", default="all-linear", choices=list(TARGET_PRESETS))
+    x.add_argument("--method", default="lora", choices=["lora", "qlora", "full"], help="LoRA, QLoRA (4-bit "
+                   "base) or full fine-tuning")
+    x.add_argument("--r", type=int, default=8, help="LoRA rank")
+    x.add_argument("--targets", default="all-linear", choices=list(TARGET_PRESETS), help="the modules LoRA "
+                   "trains (a lora.targets preset)")
     x.add_argument("--seq", type=int, default=512, help="tokens per sequence (the longest batch sets the peak)")
     x.add_argument("--batch", type=int, default=1, help="micro batch")
     x.add_argument("--grad-accum", type=int, default=1, help="micro batches per optimizer step (gradients of "
                    "earlier ones stay alive: matters for full fine-tuning)")
-    x.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "adamw8bit"])
-    x.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
-    x.add_argument("--grad-checkpointing", action="store_true")
+    x.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "adamw8bit"], help="its state "
+                   "per trainable parameter sets part of the peak")
+    x.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="compute precision")
+    x.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward "
+                   "instead of keeping them")
     x.add_argument("--dora", action="store_true", help="DoRA: magnitude vectors, cached weight norms, one more "
                    "saved output per layer")
-    x.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    x.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="where the run trains (CPU: "
+                   "the runtime's own memory counts too)")
     x.add_argument("--gpu-gb", type=float, default=None, help="GPU memory as on the card (GiB); says whether it "
                    "fits and, if not, the cheapest fixes")
     x.add_argument("--gpus", type=int, default=1, help="GPUs the run is spread over, each with its own micro "
@@ -285,6 +312,15 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--json", action="store_true", help="print one JSON object (peak_bytes, breakdown, ...)")
     x.set_defaults(func=cmd_estimate)
     return p
+
+
+def _subparser_class(formatter):
+    """Every subcommand's parser shows defaults as the top-level one does."""
+    class SubParser(argparse.ArgumentParser):
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("formatter_class", formatter)
+            super().__init__(*args, **kwargs)
+    return SubParser
 
 
 def main(argv: list[str] | None = None) -> int:
