@@ -1,4 +1,5 @@
-"""Using an adapter after training: `loralab merge` keeps the base's dtype unless told otherwise."""
+"""Using an adapter after training: `loralab merge` keeps the base's dtype unless told otherwise, and writes a
+folder others can read."""
 import json
 
 import pytest
@@ -81,3 +82,19 @@ def test_eval_scores_the_suites_groups_family_by_family(tiny_folder):
 
     result = evaluate_model(str(tiny_folder), None, tasks=["suite-held-out", "2da"], n=2)
     assert list(result["eval"]) == [*HELD_OUT, "2da"] and all(r["n"] == 2 for r in result["eval"].values())
+
+
+def test_merge_writes_a_folder_with_plain_permissions(trained, tmp_path):
+    """Not mkdtemp's 0700 / 0600: the merged folder is read by whoever serves it."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        assert main(["merge", str(trained), str(tmp_path / "merged")]) == 0
+    finally:
+        os.umask(old)
+    out = tmp_path / "merged"
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [out, *out.rglob("*")]}
+    assert modes["merged"] == 0o755 and modes["model.safetensors"] == 0o644
+    assert {m for n, m in modes.items() if (out / n).is_file()} == {0o644}
