@@ -96,7 +96,8 @@ def cmd_combine(args) -> int:
     from .peft.combine import combine_adapters, parse_adapter_arg
 
     out = combine_adapters([parse_adapter_arg(a) for a in args.adapter], args.out_dir, method=args.method,
-                           density=args.density, svd_rank=args.svd_rank, seed=args.seed)
+                           density=args.density, svd_rank=args.svd_rank, seed=args.seed, threads=args.threads,
+                           progress=True)
     print(f"combined adapter written to {out}")
     return 0
 
@@ -251,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--density", type=float, default=None, help="share of entries kept (ties, dare_*, magnitude_prune)")
     c.add_argument("--svd-rank", type=int, default=None, help="svd result rank (default: the largest input rank)")
     c.add_argument("--seed", type=int, default=0, help="DARE's random masks")
+    c.add_argument("--threads", type=int, default=None, help="CPU threads for the arithmetic (default: torch's "
+                   "own choice)")
     c.set_defaults(func=cmd_combine)
 
     k = sub.add_parser("check", help="which runtimes (loralab, PEFT, vLLM, GGUF) load an adapter folder as is")
