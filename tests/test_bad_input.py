@@ -351,7 +351,7 @@ def test_output_dir_without_room_for_the_checkpoint(tiny_folder, untouched, tmp_
 
     monkeypatch.setattr(preflight, "free_disk_bytes", lambda folder: 4096)
     cfg = config_with(tmp_path, tiny_folder, untouched)
-    run_cli(capsys, "train", cfg, expect=["config key 'output_dir'", "4.00 KB free", "checkpoint and adapter",
+    run_cli(capsys, "train", cfg, expect=["config key 'output_dir'", "4.00 KiB free", "checkpoint and adapter",
                                           "trainable parameters"])
 
 
