@@ -24,6 +24,10 @@ def cmd_train(args) -> int:
     config, overrides = args.config, list(args.overrides)
     if config and "=" in config and not os.path.exists(config):  # `loralab train data.path=x.jsonl`: no YAML
         config, overrides = None, [config] + overrides
+    if config:
+        from .shipped import resolve_config
+
+        config = resolve_config(config)  # `loralab train demo`: the shipped config, from any folder
     cfg = load_config(config, overrides)
     if args.nproc:
         from .train.launch import launch
@@ -190,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
                            parser_class=_subparser_class(_HelpFormatter))
 
     t = sub.add_parser("train", help="fine-tune from a YAML config (plus key.sub=value overrides)")
-    t.add_argument("config", nargs="?", help="YAML config (e.g. configs/demo.yaml)")
+    t.add_argument("config", nargs="?", help="YAML config file, or the name of a shipped one (demo: "
+                   "the demo's config, from any folder)")
     t.add_argument("overrides", nargs="*", help="overrides such as lora.r=16 train.lr=1e-3")
     t.add_argument("--nproc", type=int, default=None, help="train on N processes of this machine (runs "
                    "torchrun; on several machines call torchrun yourself, see docs/distributed.md)")
