@@ -116,10 +116,10 @@ def cmd_check(args) -> int:
 
 def cmd_study(args) -> int:
     from .study.runner import study_command
-    from .study.spec import list_presets
+    from .study.spec import describe_presets
 
     if args.name == "list":
-        print("\n".join(list_presets()))
+        print(describe_presets())
         return 0
     result = study_command(args.name, scale=args.scale, out=args.out, seeds=args.seeds, parallel=args.parallel,
                            dry_run=args.dry_run, report_only=args.report_only, overrides=args.overrides,
