@@ -98,3 +98,28 @@ def test_merge_writes_a_folder_with_plain_permissions(trained, tmp_path):
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [out, *out.rglob("*")]}
     assert modes["merged"] == 0o755 and modes["model.safetensors"] == 0o644
     assert {m for n, m in modes.items() if (out / n).is_file()} == {0o644}
+
+
+def test_merge_export_and_check_name_the_adapter_with_adapter(trained, tmp_path, capsys):
+    """--adapter DIR, as eval, generate and combine take it; the older positional still works."""
+    assert main(["merge", "--adapter", str(trained), str(tmp_path / "m")]) == 0
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+    assert main(["export", "--adapter", str(trained), "--gguf", str(tmp_path / "lora.gguf")]) == 0
+    assert (tmp_path / "lora.gguf").stat().st_size > 0
+    capsys.readouterr()
+    assert main(["check", "--adapter", str(trained), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)  # the runtime table, for this adapter
+    assert main(["check", str(trained), "--json"]) == 0  # the older form
+    assert json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["merge", "--adapter", "A", "B", "C"], "merge: unexpected folder(s) C (--adapter A names the adapter)"),
+    (["merge", "OUT"], "merge needs an adapter and a new folder: loralab merge --adapter DIR OUT_DIR"),
+    (["check"], "check needs an adapter: loralab check --adapter DIR"),
+    (["export", "--adapter", "A", "B", "--gguf", "x.gguf"], "export: unexpected folder(s) B"),
+])
+def test_an_adapter_named_wrongly_is_one_line(argv, says, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"loralab: error: {says}") and err.count("\n") == 1

@@ -79,10 +79,25 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _adapter_and_paths(args, command: str, n_paths: int) -> tuple[str | None, list[str]]:
+    """`--adapter DIR` (the one way every command names an adapter) or, as before it existed, a first
+    positional beyond the command's own `n_paths`: (adapter or None, the command's positionals)."""
+    paths = list(args.paths or [])
+    if len(paths) > n_paths + (args.adapter is None):
+        extra = f" (--adapter {args.adapter} names the adapter)" if args.adapter is not None else ""
+        raise UserError(f"{command}: unexpected folder(s) {' '.join(paths[n_paths:])}{extra}")
+    if args.adapter is None and len(paths) == n_paths + 1:
+        return paths[0], paths[1:]
+    return args.adapter, paths
+
+
 def cmd_merge(args) -> int:
     from .inference import merge_to_folder
 
-    out = merge_to_folder(args.adapter_dir, args.out_dir, dtype=args.dtype, model=args.model)
+    adapter, rest = _adapter_and_paths(args, "merge", 1)
+    if adapter is None or len(rest) != 1:
+        raise UserError("merge needs an adapter and a new folder: loralab merge --adapter DIR OUT_DIR")
+    out = merge_to_folder(adapter, rest[0], dtype=args.dtype, model=args.model)
     print(f"merged model written to {out}")
     return 0
 
@@ -90,7 +105,8 @@ def cmd_merge(args) -> int:
 def cmd_export(args) -> int:
     from .inference import export_gguf
 
-    for path in export_gguf(args.adapter_dir, lora_out=args.gguf, merged_out=args.merged_gguf, outtype=args.outtype,
+    adapter, _ = _adapter_and_paths(args, "export", 0)
+    for path in export_gguf(adapter, lora_out=args.gguf, merged_out=args.merged_gguf, outtype=args.outtype,
                             model=args.model):
         print(f"wrote {path}")
     return 0
@@ -109,8 +125,11 @@ def cmd_combine(args) -> int:
 def cmd_check(args) -> int:
     from .peft.check import format_table, runtime_support
 
-    rows = runtime_support(args.adapter_dir)
-    print(json.dumps(rows, indent=2) if args.json else format_table(args.adapter_dir, rows))
+    adapter, _ = _adapter_and_paths(args, "check", 0)
+    if adapter is None:
+        raise UserError("check needs an adapter: loralab check --adapter DIR")
+    rows = runtime_support(adapter)
+    print(json.dumps(rows, indent=2) if args.json else format_table(adapter, rows))
     return 0
 
 
@@ -203,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="exact-match accuracy of a model (plus adapter) on held-out tasks")
     e.add_argument("--model", default=None, help="base model (default: the adapter's base, or smollm2-135m)")
-    e.add_argument("--adapter", default=None, help="adapter folder (PEFT format)")
+    e.add_argument("--adapter", default=None, metavar="DIR", help="adapter folder (PEFT format)")
     e.add_argument("--tasks", default="2da,2ds", help="comma-separated: arithmetic (2da, ...), instruction-suite "
                    "families (reverse_word, ...) or the groups suite / suite-held-out")
     e.add_argument("--n", type=int, default=100, help="questions per task")
@@ -221,24 +240,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="answer one prompt, or chat interactively, with base plus adapter")
     g.add_argument("--model", default=None, help="base model (default: the adapter's base, or smollm2-135m)")
-    g.add_argument("--adapter", default=None, help="adapter folder (PEFT format); without it, the base "
+    g.add_argument("--adapter", default=None, metavar="DIR", help="adapter folder (PEFT format); without it, the base "
                    "alone")
     g.add_argument("--prompt", default=None, help="one prompt; without it, an interactive chat")
     g.add_argument("--raw", action="store_true", help="feed the prompt as is (no chat template)")
     g.add_argument("--max-new-tokens", type=int, default=128, help="longest answer, in tokens")
     g.set_defaults(func=cmd_generate)
 
-    m = sub.add_parser("merge", help="merge an adapter into its base and write a plain HF folder")
-    m.add_argument("adapter_dir", help="adapter folder (PEFT format)")
-    m.add_argument("out_dir", help="new folder for the merged model")
+    m = sub.add_parser("merge", help="merge an adapter into its base and write a plain HF folder",
+                       usage="loralab merge --adapter DIR OUT_DIR [--model MODEL] [--dtype DTYPE]")
+    m.add_argument("--adapter", default=None, metavar="DIR", help="adapter folder (PEFT format)")
+    m.add_argument("paths", nargs="*", metavar="OUT_DIR", help="new folder for the merged model (the older "
+                   "`merge ADAPTER_DIR OUT_DIR` still works)")
     m.add_argument("--model", default=None, help="base model (default: the adapter's base_model_name_or_path)")
     m.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="weights' dtype (default auto: the base's own stored dtype)")
     m.set_defaults(func=cmd_merge)
 
-    ex = sub.add_parser("export", help="write the adapter as a llama.cpp LoRA GGUF, and/or the merged model as GGUF")
-    ex.add_argument("adapter_dir", nargs="?", help="adapter folder (PEFT format); without it, --merged-gguf writes "
-                    "the base (--model) alone")
+    ex = sub.add_parser("export", help="write the adapter as a llama.cpp LoRA GGUF, and/or the merged model as GGUF",
+                        usage="loralab export [--adapter DIR] [--gguf OUT.gguf] [--merged-gguf OUT.gguf] "
+                              "[--outtype TYPE] [--model MODEL]")
+    ex.add_argument("--adapter", default=None, metavar="DIR", help="adapter folder (PEFT format); without it, "
+                    "--merged-gguf writes the base (--model) alone")
+    ex.add_argument("paths", nargs="*", metavar="ADAPTER_DIR", help="the older way to name the adapter: use "
+                    "--adapter")
     ex.add_argument("--gguf", default=None, metavar="OUT.gguf", help="LoRA adapter GGUF (llama.cpp --lora)")
     ex.add_argument("--merged-gguf", default=None, metavar="OUT.gguf", help="base + adapter merged, with tokenizer")
     ex.add_argument("--outtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
@@ -261,8 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "own choice)")
     c.set_defaults(func=cmd_combine)
 
-    k = sub.add_parser("check", help="which runtimes (loralab, PEFT, vLLM, GGUF) load an adapter folder as is")
-    k.add_argument("adapter_dir", help="adapter folder (PEFT format)")
+    k = sub.add_parser("check", help="which runtimes (loralab, PEFT, vLLM, GGUF) load an adapter folder as is",
+                       usage="loralab check --adapter DIR [--json]")
+    k.add_argument("--adapter", default=None, metavar="DIR", help="adapter folder (PEFT format)")
+    k.add_argument("paths", nargs="*", metavar="ADAPTER_DIR", help="the older way to name the adapter: use "
+                   "--adapter")
     k.add_argument("--json", action="store_true", help="print the table as JSON")
     k.set_defaults(func=cmd_check)
 
