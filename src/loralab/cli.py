@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 
+from .cli_help import HelpFormatter, subparser_class
 from .errors import UserError
 from .peft.presets import COMBINE_METHODS, TARGET_PRESETS
 from .runtime.allocator import active as active_allocator
@@ -189,28 +190,16 @@ def _is_collective_failure(e: RuntimeError) -> bool:
         w in text for w in ("gloo", "nccl", "connection reset", "connection closed", "timed out"))
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each option's default, except where there is nothing to show: None (the help says what
-    happens instead), a flag's False, or a help text that already names its default."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if action.default is None or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)) \
-                or "default" in text:
-            return text
-        return super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     p = argparse.ArgumentParser(prog="loralab", description="LoRA / QLoRA fine-tuning lab for causal LMs.",
-                                formatter_class=_HelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--version", action="version", version=f"loralab {__version__}",
                    help="print loralab's version and exit")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
                            help="what to do (`loralab COMMAND --help` for its options)",
-                           parser_class=_subparser_class(_HelpFormatter))
+                           parser_class=subparser_class(HelpFormatter))
 
     t = sub.add_parser("train", help="fine-tune from a YAML config (plus key.sub=value overrides)")
     t.add_argument("config", nargs="?", help="YAML config file, or the name of a shipped one (demo: "
@@ -348,15 +337,6 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--json", action="store_true", help="print one JSON object (peak_bytes, breakdown, ...)")
     x.set_defaults(func=cmd_estimate)
     return p
-
-
-def _subparser_class(formatter):
-    """Every subcommand's parser shows defaults as the top-level one does."""
-    class SubParser(argparse.ArgumentParser):
-        def __init__(self, *args, **kwargs):
-            kwargs.setdefault("formatter_class", formatter)
-            super().__init__(*args, **kwargs)
-    return SubParser
 
 
 def main(argv: list[str] | None = None) -> int:
