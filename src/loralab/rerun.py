@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from .config import RunConfig, dump_yaml
+from .errors import UserError
 from .train import checkpoint
 from .train.optim import plan_steps
 
@@ -23,11 +24,12 @@ def finished_summary(cfg: RunConfig, out: Path, data_sha256: str, n_train: int, 
             return None
         summary = json.loads((out / "summary.json").read_text())
         last = checkpoint.latest(out / "checkpoints")
-        state = json.loads((last / "state.json").read_text()) if last is not None else None
-    except (OSError, ValueError):  # a file missing or unreadable: not provably finished
+        # read back whole (checksums verified), as a resume would: a damaged one is the resume's to report
+        snap = checkpoint.load(last) if last is not None else None
+    except (OSError, ValueError, UserError):  # a file missing or unreadable: not provably finished
         return None
     total = plan_steps(n_train, cfg.train, world)
-    if not isinstance(summary, dict) or not isinstance(state, dict) or summary.get("steps") != total \
-            or state.get("step") != total or state.get("data_sha256") not in (None, data_sha256):
+    if not isinstance(summary, dict) or snap is None or summary.get("steps") != total \
+            or snap["step"] != total or snap.get("data_sha256") not in (None, data_sha256):
         return None
     return summary
