@@ -11,6 +11,7 @@ import os
 import sys
 
 from .cli_help import HelpFormatter, subparser_class
+from .data.prompts import TEMPLATES
 from .errors import UserError
 from .peft.presets import COMBINE_METHODS, TARGET_PRESETS
 from .runtime.allocator import active as active_allocator
@@ -216,8 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "families (reverse_word, ...) or the groups suite / suite-held-out")
     e.add_argument("--n", type=int, default=100, help="questions per task")
     e.add_argument("--batch-size", type=int, default=50, help="prompts generated at once")
-    e.add_argument("--template", default="auto", choices=["auto", "chat", "alpaca", "raw"],
-                   help="prompt template, as data.template (auto: the tokenizer's chat template if it has one)")
+    e.add_argument("--template", default="auto", choices=TEMPLATES, help="prompt template, as data.template "
+                   "(auto: raw for prompt/response tasks, the chat template for chat records)")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.add_argument("--harness", default=None, metavar="TASK[,TASK]",
                    help="run lm-evaluation-harness tasks instead (loralab_2da, ..., the loralab tag, or your own)"
