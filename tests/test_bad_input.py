@@ -341,7 +341,8 @@ def test_not_enough_memory_is_refused_with_the_fixes(tiny_folder, untouched, tmp
     from loralab.memory import preflight
 
     monkeypatch.setattr(preflight, "device_room", lambda device: preflight.Room(0, "a full machine"))
-    cfg = config_with(tmp_path, tiny_folder, untouched)
+    # log_every differs from the finished run's: not a rerun of it (that one says it is done, rerun.py)
+    cfg = config_with(tmp_path, tiny_folder, untouched, train={"log_every": 2})
     run_cli(capsys, "train", cfg, expect=["not enough memory: estimated peak", "a full machine",
                                           "train.preflight=warn"])
 
@@ -350,8 +351,8 @@ def test_output_dir_without_room_for_the_checkpoint(tiny_folder, untouched, tmp_
     from loralab.memory import preflight
 
     monkeypatch.setattr(preflight, "free_disk_bytes", lambda folder: 4096)
-    cfg = config_with(tmp_path, tiny_folder, untouched)
-    run_cli(capsys, "train", cfg, expect=["config key 'output_dir'", "4.00 KB free", "checkpoint and adapter",
+    cfg = config_with(tmp_path, tiny_folder, untouched, train={"log_every": 2})  # not a rerun of the finished run
+    run_cli(capsys, "train", cfg, expect=["config key 'output_dir'", "4.00 KiB free", "checkpoint and adapter",
                                           "trainable parameters"])
 
 

@@ -1,4 +1,5 @@
-"""Using an adapter after training: `loralab merge` keeps the base's dtype unless told otherwise."""
+"""Using an adapter after training: `loralab merge` keeps the base's dtype unless told otherwise, and writes a
+folder others can read."""
 import json
 
 import pytest
@@ -81,3 +82,44 @@ def test_eval_scores_the_suites_groups_family_by_family(tiny_folder):
 
     result = evaluate_model(str(tiny_folder), None, tasks=["suite-held-out", "2da"], n=2)
     assert list(result["eval"]) == [*HELD_OUT, "2da"] and all(r["n"] == 2 for r in result["eval"].values())
+
+
+def test_merge_writes_a_folder_with_plain_permissions(trained, tmp_path):
+    """Not mkdtemp's 0700 / 0600: the merged folder is read by whoever serves it."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        assert main(["merge", str(trained), str(tmp_path / "merged")]) == 0
+    finally:
+        os.umask(old)
+    out = tmp_path / "merged"
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [out, *out.rglob("*")]}
+    assert modes["merged"] == 0o755 and modes["model.safetensors"] == 0o644
+    assert {m for n, m in modes.items() if (out / n).is_file()} == {0o644}
+
+
+def test_merge_export_and_check_name_the_adapter_with_adapter(trained, tmp_path, capsys):
+    """--adapter DIR, as eval, generate and combine take it; the older positional still works."""
+    assert main(["merge", "--adapter", str(trained), str(tmp_path / "m")]) == 0
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+    assert main(["export", "--adapter", str(trained), "--gguf", str(tmp_path / "lora.gguf")]) == 0
+    assert (tmp_path / "lora.gguf").stat().st_size > 0
+    capsys.readouterr()
+    assert main(["check", "--adapter", str(trained), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)  # the runtime table, for this adapter
+    assert main(["check", str(trained), "--json"]) == 0  # the older form
+    assert json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["merge", "--adapter", "A", "B", "C"], "merge: unexpected folder(s) C (--adapter A names the adapter)"),
+    (["merge", "OUT"], "merge needs an adapter and a new folder: loralab merge --adapter DIR OUT_DIR"),
+    (["check"], "check needs an adapter: loralab check --adapter DIR"),
+    (["export", "--adapter", "A", "B", "--gguf", "x.gguf"], "export: unexpected folder(s) B"),
+])
+def test_an_adapter_named_wrongly_is_one_line(argv, says, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"loralab: error: {says}") and err.count("\n") == 1

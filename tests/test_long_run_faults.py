@@ -252,7 +252,7 @@ def test_a_run_above_its_address_space_limit_is_refused_before_loading(tiny_fold
     limit = lambda: resource.setrlimit(resource.RLIMIT_AS, (AS_LIMIT, AS_LIMIT))  # noqa: E731
     proc = subprocess.run([sys.executable, "-m", "loralab.cli", "train", str(cfg)], capture_output=True, text=True,
                           timeout=120, preexec_fn=limit)
-    line = _one_error_line(proc.returncode, proc.stderr, "not enough memory", "estimated peak", "ulimit -v 4.00 GB",
+    line = _one_error_line(proc.returncode, proc.stderr, "not enough memory", "estimated peak", "ulimit -v 4.00 GiB",
                            "train.preflight=warn")
     assert "fits with" in line or "no change" in line
     assert sorted(p.name for p in out.iterdir()) == []  # nothing written, and the lock released

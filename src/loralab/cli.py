@@ -11,6 +11,8 @@ import logging
 import os
 import sys
 
+from .cli_help import HelpFormatter, subparser_class
+from .data.prompts import TEMPLATES
 from .errors import UserError
 from .peft.presets import COMBINE_METHODS, TARGET_PRESETS
 from .runtime.allocator import active as active_allocator
@@ -25,6 +27,10 @@ def cmd_train(args) -> int:
     config, overrides = args.config, list(args.overrides)
     if config and "=" in config and not os.path.exists(config):  # `loralab train data.path=x.jsonl`: no YAML
         config, overrides = None, [config] + overrides
+    if config:
+        from .shipped import resolve_config
+
+        config = resolve_config(config)  # `loralab train demo`: the shipped config, from any folder
     cfg = load_config(config, overrides)
     if args.nproc:
         from .train.launch import launch
@@ -76,10 +82,25 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _adapter_and_paths(args, command: str, n_paths: int) -> tuple[str | None, list[str]]:
+    """`--adapter DIR` (the one way every command names an adapter) or, as before it existed, a first
+    positional beyond the command's own `n_paths`: (adapter or None, the command's positionals)."""
+    paths = list(args.paths or [])
+    if len(paths) > n_paths + (args.adapter is None):
+        extra = f" (--adapter {args.adapter} names the adapter)" if args.adapter is not None else ""
+        raise UserError(f"{command}: unexpected folder(s) {' '.join(paths[n_paths:])}{extra}")
+    if args.adapter is None and len(paths) == n_paths + 1:
+        return paths[0], paths[1:]
+    return args.adapter, paths
+
+
 def cmd_merge(args) -> int:
     from .inference import merge_to_folder
 
-    out = merge_to_folder(args.adapter_dir, args.out_dir, dtype=args.dtype, model=args.model)
+    adapter, rest = _adapter_and_paths(args, "merge", 1)
+    if adapter is None or len(rest) != 1:
+        raise UserError("merge needs an adapter and a new folder: loralab merge --adapter DIR OUT_DIR")
+    out = merge_to_folder(adapter, rest[0], dtype=args.dtype, model=args.model)
     print(f"merged model written to {out}")
     return 0
 
@@ -87,7 +108,8 @@ def cmd_merge(args) -> int:
 def cmd_export(args) -> int:
     from .inference import export_gguf
 
-    for path in export_gguf(args.adapter_dir, lora_out=args.gguf, merged_out=args.merged_gguf, outtype=args.outtype,
+    adapter, _ = _adapter_and_paths(args, "export", 0)
+    for path in export_gguf(adapter, lora_out=args.gguf, merged_out=args.merged_gguf, outtype=args.outtype,
                             model=args.model):
         print(f"wrote {path}")
     return 0
@@ -97,7 +119,8 @@ def cmd_combine(args) -> int:
     from .peft.combine import combine_adapters, parse_adapter_arg
 
     out = combine_adapters([parse_adapter_arg(a) for a in args.adapter], args.out_dir, method=args.method,
-                           density=args.density, svd_rank=args.svd_rank, seed=args.seed)
+                           density=args.density, svd_rank=args.svd_rank, seed=args.seed, threads=args.threads,
+                           progress=True)
     print(f"combined adapter written to {out}")
     return 0
 
@@ -105,17 +128,20 @@ def cmd_combine(args) -> int:
 def cmd_check(args) -> int:
     from .peft.check import format_table, runtime_support
 
-    rows = runtime_support(args.adapter_dir)
-    print(json.dumps(rows, indent=2) if args.json else format_table(args.adapter_dir, rows))
+    adapter, _ = _adapter_and_paths(args, "check", 0)
+    if adapter is None:
+        raise UserError("check needs an adapter: loralab check --adapter DIR")
+    rows = runtime_support(adapter)
+    print(json.dumps(rows, indent=2) if args.json else format_table(adapter, rows))
     return 0
 
 
 def cmd_study(args) -> int:
     from .study.runner import study_command
-    from .study.spec import list_presets
+    from .study.spec import describe_presets
 
     if args.name == "list":
-        print("\n".join(list_presets()))
+        print(describe_presets())
         return 0
     result = study_command(args.name, scale=args.scale, out=args.out, seeds=args.seeds, parallel=args.parallel,
                            dry_run=args.dry_run, report_only=args.report_only, overrides=args.overrides,
@@ -167,11 +193,19 @@ def _is_collective_failure(e: RuntimeError) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="loralab", description="LoRA / QLoRA fine-tuning lab for causal LMs.")
-    sub = p.add_subparsers(dest="command", required=True)
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="loralab", description="LoRA / QLoRA fine-tuning lab for causal LMs.",
+                                formatter_class=HelpFormatter)
+    p.add_argument("--version", action="version", version=f"loralab {__version__}",
+                   help="print loralab's version and exit")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                           help="what to do (`loralab COMMAND --help` for its options)",
+                           parser_class=subparser_class(HelpFormatter))
 
     t = sub.add_parser("train", help="fine-tune from a YAML config (plus key.sub=value overrides)")
-    t.add_argument("config", nargs="?", help="YAML config (e.g. configs/demo.yaml)")
+    t.add_argument("config", nargs="?", help="YAML config file, or the name of a shipped one (demo: "
+                   "the demo's config, from any folder)")
     t.add_argument("overrides", nargs="*", help="overrides such as lora.r=16 train.lr=1e-3")
     t.add_argument("--nproc", type=int, default=None, help="train on N processes of this machine (runs "
                    "torchrun; on several machines call torchrun yourself, see docs/distributed.md)")
@@ -179,13 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="exact-match accuracy of a model (plus adapter) on held-out tasks")
     e.add_argument("--model", default=None, help="base model (default: the adapter's base, or smollm2-135m)")
-    e.add_argument("--adapter", default=None, help="adapter folder (PEFT format)")
+    e.add_argument("--adapter", default=None, metavar="DIR", help="adapter folder (PEFT format)")
     e.add_argument("--tasks", default="2da,2ds", help="comma-separated: arithmetic (2da, ...), instruction-suite "
                    "families (reverse_word, ...) or the groups suite / suite-held-out")
-    e.add_argument("--n", type=int, default=100)
-    e.add_argument("--batch-size", type=int, default=50)
-    e.add_argument("--template", default="auto")
-    e.add_argument("--json", action="store_true")
+    e.add_argument("--n", type=int, default=100, help="questions per task")
+    e.add_argument("--batch-size", type=int, default=50, help="prompts generated at once")
+    e.add_argument("--template", default="auto", choices=TEMPLATES, help="prompt template, as data.template "
+                   "(auto: raw for prompt/response tasks, the chat template for chat records)")
+    e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.add_argument("--harness", default=None, metavar="TASK[,TASK]",
                    help="run lm-evaluation-harness tasks instead (loralab_2da, ..., the loralab tag, or your own)"
                         ", on the base and then base + adapter")
@@ -195,24 +230,31 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("generate", help="answer one prompt, or chat interactively, with base plus adapter")
-    g.add_argument("--model", default=None)
-    g.add_argument("--adapter", default=None)
+    g.add_argument("--model", default=None, help="base model (default: the adapter's base, or smollm2-135m)")
+    g.add_argument("--adapter", default=None, metavar="DIR", help="adapter folder (PEFT format); without it, the base "
+                   "alone")
     g.add_argument("--prompt", default=None, help="one prompt; without it, an interactive chat")
     g.add_argument("--raw", action="store_true", help="feed the prompt as is (no chat template)")
-    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--max-new-tokens", type=int, default=128, help="longest answer, in tokens")
     g.set_defaults(func=cmd_generate)
 
-    m = sub.add_parser("merge", help="merge an adapter into its base and write a plain HF folder")
-    m.add_argument("adapter_dir")
-    m.add_argument("out_dir")
+    m = sub.add_parser("merge", help="merge an adapter into its base and write a plain HF folder",
+                       usage="loralab merge --adapter DIR OUT_DIR [--model MODEL] [--dtype DTYPE]")
+    m.add_argument("--adapter", default=None, metavar="DIR", help="adapter folder (PEFT format)")
+    m.add_argument("paths", nargs="*", metavar="OUT_DIR", help="new folder for the merged model (the older "
+                   "`merge ADAPTER_DIR OUT_DIR` still works)")
     m.add_argument("--model", default=None, help="base model (default: the adapter's base_model_name_or_path)")
     m.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="weights' dtype (default auto: the base's own stored dtype)")
     m.set_defaults(func=cmd_merge)
 
-    ex = sub.add_parser("export", help="write the adapter as a llama.cpp LoRA GGUF, and/or the merged model as GGUF")
-    ex.add_argument("adapter_dir", nargs="?", help="adapter folder (PEFT format); without it, --merged-gguf writes "
-                    "the base (--model) alone")
+    ex = sub.add_parser("export", help="write the adapter as a llama.cpp LoRA GGUF, and/or the merged model as GGUF",
+                        usage="loralab export [--adapter DIR] [--gguf OUT.gguf] [--merged-gguf OUT.gguf] "
+                              "[--outtype TYPE] [--model MODEL]")
+    ex.add_argument("--adapter", default=None, metavar="DIR", help="adapter folder (PEFT format); without it, "
+                    "--merged-gguf writes the base (--model) alone")
+    ex.add_argument("paths", nargs="*", metavar="ADAPTER_DIR", help="the older way to name the adapter: use "
+                    "--adapter")
     ex.add_argument("--gguf", default=None, metavar="OUT.gguf", help="LoRA adapter GGUF (llama.cpp --lora)")
     ex.add_argument("--merged-gguf", default=None, metavar="OUT.gguf", help="base + adapter merged, with tokenizer")
     ex.add_argument("--outtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
@@ -226,15 +268,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("out_dir", help="new folder for the combined adapter")
     c.add_argument("--adapter", action="append", required=True, metavar="DIR:WEIGHT",
                    help="an adapter folder and its weight (default 1); repeat for each adapter")
-    c.add_argument("--method", default="svd", choices=COMBINE_METHODS)
+    c.add_argument("--method", default="svd", choices=COMBINE_METHODS, help="how the adapters combine "
+                   "(docs/variants.md); svd: the weighted sum of the updates, truncated to --svd-rank")
     c.add_argument("--density", type=float, default=None, help="share of entries kept (ties, dare_*, magnitude_prune)")
     c.add_argument("--svd-rank", type=int, default=None, help="svd result rank (default: the largest input rank)")
     c.add_argument("--seed", type=int, default=0, help="DARE's random masks")
+    c.add_argument("--threads", type=int, default=None, help="CPU threads for the arithmetic (default: torch's "
+                   "own choice)")
     c.set_defaults(func=cmd_combine)
 
-    k = sub.add_parser("check", help="which runtimes (loralab, PEFT, vLLM, GGUF) load an adapter folder as is")
-    k.add_argument("adapter_dir")
-    k.add_argument("--json", action="store_true")
+    k = sub.add_parser("check", help="which runtimes (loralab, PEFT, vLLM, GGUF) load an adapter folder as is",
+                       usage="loralab check --adapter DIR [--json]")
+    k.add_argument("--adapter", default=None, metavar="DIR", help="adapter folder (PEFT format)")
+    k.add_argument("paths", nargs="*", metavar="ADAPTER_DIR", help="the older way to name the adapter: use "
+                   "--adapter")
+    k.add_argument("--json", action="store_true", help="print the table as JSON")
     k.set_defaults(func=cmd_check)
 
     s = sub.add_parser("study", help="run a preset study (the article's experiments) and write a report",
@@ -259,24 +307,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_study)
 
     f = sub.add_parser("fetch", help="download and cache a bundled model (default smollm2-135m)")
-    f.add_argument("name", nargs="?", default="smollm2-135m")
+    f.add_argument("name", nargs="?", default="smollm2-135m", help="bundled model to fetch")
     f.set_defaults(func=cmd_fetch)
     x = sub.add_parser("estimate", help="predict peak training memory from a model config alone (no weights)")
     x.add_argument("--model", default="smollm2-135m", help="bundled config (llama-2-7b, llama-2-70b, llama-3.1-8b, "
                    "mistral-7b, qwen2.5-7b, smollm2-135m/360m/1.7b), an HF folder, or a config.json")
-    x.add_argument("--method", default="lora", choices=["lora", "qlora", "full"])
-    x.add_argument("--r", type=int, default=8)
-    x.add_argument("--targets", default="all-linear", choices=list(TARGET_PRESETS))
+    x.add_argument("--method", default="lora", choices=["lora", "qlora", "full"], help="LoRA, QLoRA (4-bit "
+                   "base) or full fine-tuning")
+    x.add_argument("--r", type=int, default=8, help="LoRA rank")
+    x.add_argument("--targets", default="all-linear", choices=list(TARGET_PRESETS), help="the modules LoRA "
+                   "trains (a lora.targets preset)")
     x.add_argument("--seq", type=int, default=512, help="tokens per sequence (the longest batch sets the peak)")
     x.add_argument("--batch", type=int, default=1, help="micro batch")
     x.add_argument("--grad-accum", type=int, default=1, help="micro batches per optimizer step (gradients of "
                    "earlier ones stay alive: matters for full fine-tuning)")
-    x.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "adamw8bit"])
-    x.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
-    x.add_argument("--grad-checkpointing", action="store_true")
+    x.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "adamw8bit"], help="its state "
+                   "per trainable parameter sets part of the peak")
+    x.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="compute precision")
+    x.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward "
+                   "instead of keeping them")
     x.add_argument("--dora", action="store_true", help="DoRA: magnitude vectors, cached weight norms, one more "
                    "saved output per layer")
-    x.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    x.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="where the run trains (CPU: "
+                   "the runtime's own memory counts too)")
     x.add_argument("--gpu-gb", type=float, default=None, help="GPU memory as on the card (GiB); says whether it "
                    "fits and, if not, the cheapest fixes")
     x.add_argument("--gpus", type=int, default=1, help="GPUs the run is spread over, each with its own micro "

@@ -43,6 +43,7 @@ from .prepare import (
     resolve_config,
     setup_model,
 )
+from .rerun import finished_summary
 from .summary import build_summary, epoch_warnings, stop_warnings
 from .track.fanout import Trackers, open_trackers
 from .track.names import flat_params
@@ -136,8 +137,13 @@ def _run(cfg: RunConfig, out: Path, log, data: Datasets | None, notes: list[str]
     folder = resolve(cfg.model.name)  # a local folder; no weights are read yet
     tok = load_tokenizer(folder, cfg.model.trust_remote_code)
     train_enc, train_stats, val_enc = encode_datasets(data, tok, cfg)
-    notes += check_before_loading(cfg, folder, device, train_enc)  # limits and memory, before any weight loads
     data_sha = fingerprint(data.train + data.val)
+    done = finished_summary(cfg, out, data_sha, len(train_enc), dist.world)
+    if done is not None:
+        log(f"loralab: {out} already finished this run ({done['steps']} steps; its summary.json); nothing to "
+            f"train or evaluate (resume=false starts it over)")
+        return done
+    notes += check_before_loading(cfg, folder, device, train_enc)  # limits and memory, before any weight loads
     model, tok, folder, info = setup_model(cfg, device, folder, tok)
     resume, resume_notes = find_resume(cfg, out, data_sha)
     notes += resume_notes + info["notes"] + check_disk(out, info["trainable_params"], cfg)
@@ -253,6 +259,7 @@ def _train_and_report(cfg: RunConfig, dist: Dist, model, tok, folder, info, data
                                 breakdown=run_memory_breakdown(cfg, folder, device, seq=longest),
                                 warnings=warnings, before=before, after=after, out=out, world=dist.world,
                                 stops=stops)
+        summary["resumed_from_step"] = resume["step"] if resume is not None else None  # None: a fresh start
         if main:
             write_json(out / "summary.json", summary)
         trackers.finish(summary)

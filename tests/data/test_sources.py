@@ -77,3 +77,22 @@ def test_a_broken_parquet_file_is_one_line(tmp_path):
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really parquet")
     with pytest.raises(UserError, match=r"bad.parquet: cannot read it with datasets"):
         load_data(tmp_path / "bad.parquet")
+
+
+def test_numbers_in_a_table_become_text_and_booleans_are_refused(tmp_path):
+    """A CSV's cells are text as written (no 42.0, no 7 for 007); a Parquet number column trains as
+    text; a Parquet boolean is still refused in one line."""
+    import datasets
+
+    (tmp_path / "qa.csv").write_text("question,answer\nWhat is 6 x 7?,42\nHalf of 5?,2.5\nA code?,007\n")
+    got = load_data(tmp_path / "qa.csv", {"prompt": "question", "response": "answer"})
+    assert [(e.prompt, e.response) for e in got] == [("What is 6 x 7?", "42"), ("Half of 5?", "2.5"),
+                                                     ("A code?", "007")]
+    datasets.Dataset.from_list([{"q": "1+1?", "a": 2}, {"q": "1/2?", "a": 0.5}]).to_parquet(str(tmp_path / "n.parquet"))
+    assert [e.response for e in load_data(tmp_path / "n.parquet", {"prompt": "q", "response": "a"})] == ["2.0", "0.5"]
+    datasets.Dataset.from_list([{"q": "1+1?", "a": 2}]).to_parquet(str(tmp_path / "i.parquet"))
+    assert [e.response for e in load_data(tmp_path / "i.parquet", {"prompt": "q", "response": "a"})] == ["2"]
+    datasets.Dataset.from_list([{"q": "Is 2 even?", "a": True}]).to_parquet(str(tmp_path / "b.parquet"))
+    with pytest.raises(UserError) as e:
+        load_data(tmp_path / "b.parquet", {"prompt": "q", "response": "a"})
+    assert str(e.value) == f"{tmp_path / 'b.parquet'} row 1: 'response' must be a string, got bool"

@@ -17,4 +17,4 @@ def test_peak_counts_the_phase_not_what_came_before():
 
 def test_fmt_bytes():
     assert fmt_bytes(512) == "512 B"
-    assert fmt_bytes(1.5 * 2**30) == "1.50 GB"
+    assert fmt_bytes(1.5 * 2**30) == "1.50 GiB" and fmt_bytes(3 * 2**20) == "3.00 MiB"

@@ -223,7 +223,7 @@ def test_check_disk_refuses_or_warns(tmp_path, monkeypatch):
     cfg = load_config(None, [])
     monkeypatch.setattr(P, "free_disk_bytes", lambda folder: 10 * 2**20)
     assert P.check_disk(tmp_path, 100_000, cfg) == []  # 100k params: ~2.6 MB with AdamW and the adapter
-    with pytest.raises(UserError, match=r"'output_dir'.*10.00 MB free.*10,000,000 trainable"):
+    with pytest.raises(UserError, match=r"'output_dir'.*10.00 MiB free.*10,000,000 trainable"):
         P.check_disk(tmp_path, 10_000_000, cfg)
     assert P.check_disk(tmp_path, 10_000_000, load_config(None, ["train.preflight=warn"]))[0].startswith("warning:")
     assert P.check_disk(tmp_path, 10_000_000, load_config(None, ["train.preflight=off"])) == []

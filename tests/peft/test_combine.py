@@ -142,3 +142,43 @@ def test_cli_combine_writes_an_adapter_and_errors_are_one_line(pair, tmp_path, c
     assert main(["combine", str(tmp_path / "d"), "--adapter", str(pair[0]), "--method", "ties"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("loralab: error: ") and err.count("\n") == 1 and "--density" in err
+
+
+@pytest.mark.parametrize("shapes, rank", [([(4, 96, 80), (6, 96, 80)], 6), ([(3, 40, 200), (5, 40, 200)], 8),
+                                          ([(2, 8, 6), (3, 8, 6)], 7)])  # rank above out x in's: zero padding
+def test_svd_on_the_factors_equals_the_dense_svd(shapes, rank, monkeypatch):
+    """The SVD of the small core from QR of the stacked factors is the dense update's SVD, and no
+    out x in matrix is ever decomposed."""
+    from loralab.peft.combine import _low_rank_svd
+
+    gen = torch.Generator().manual_seed(0)
+    parts = [(torch.randn(r, n_in, generator=gen), torch.randn(n_out, r, generator=gen), s, w)
+             for (r, n_out, n_in), s, w in zip(shapes, (0.5, 2.0), (0.7, -1.3))]
+    delta = sum(w * s * b @ a for a, b, s, w in parts)
+    u, sv, vh = torch.linalg.svd(delta, full_matrices=False)
+    k = min(rank, sv.numel())
+    dense = (u[:, :k] * sv[:k]) @ vh[:k]
+    seen = []
+    real_svd = torch.linalg.svd
+    monkeypatch.setattr(torch.linalg, "svd", lambda m, **kw: seen.append(tuple(m.shape)) or real_svd(m, **kw))
+    a, b = _low_rank_svd(parts, rank)
+    total_r = sum(s[0] for s in shapes)
+    assert seen and all(max(s) <= total_r for s in seen)  # only the R x R core
+    assert a.shape == (k, shapes[0][2]) and b.shape == (shapes[0][1], k)  # the rank the dense SVD gave
+    torch.testing.assert_close(b @ a, dense, rtol=1e-4, atol=1e-4)
+    # the rank-k truncation's singular values are the dense ones (b's columns carry them, a is orthonormal)
+    top = min(k, total_r)
+    torch.testing.assert_close(b[:, :top].norm(dim=0), sv[:top], rtol=1e-4, atol=1e-4)
+
+
+def test_cli_combine_honours_threads_and_shows_progress(pair, tmp_path, capsys, monkeypatch):
+    calls = []
+    real = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(n) or real(n))
+    before = torch.get_num_threads()
+    assert main(["combine", str(tmp_path / "c"), "--adapter", str(pair[0]), "--adapter", str(pair[1]),
+                 "--threads", "1"]) == 0
+    assert calls[0] == 1 and torch.get_num_threads() == before  # set for the work, then restored
+    assert "combine" in capsys.readouterr().err  # the multi-module bar, on stderr
+    assert main(["combine", str(tmp_path / "d"), "--adapter", str(pair[0]), "--threads", "0"]) == 2
+    assert capsys.readouterr().err.startswith("loralab: error: --threads must be a positive integer")

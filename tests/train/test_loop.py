@@ -160,3 +160,11 @@ def test_group_by_length_sees_every_example_once_per_epoch():
     cfg = TrainConfig(lr=1e-2, batch_size=2, max_steps=8, progress=False, group_by_length=2)
     r = train(_lora_model(), data, cfg, pad_id=0)
     assert r.history[-1]["tokens"] == sum(len(e.input_ids) for e in data)
+
+
+def test_the_progress_bar_labels_its_loss_a_running_mean(capsys):
+    """The bar averages the steps since its last update; the run table shows the last step's loss."""
+    cfg = TrainConfig(lr=1e-2, batch_size=4, max_steps=4, log_every=2, progress=True, seed=0)
+    train(_lora_model(), _examples(8), cfg, pad_id=0)
+    err = capsys.readouterr().err
+    assert "loss(avg)=" in err and "loss=" not in err.replace("loss(avg)=", "")

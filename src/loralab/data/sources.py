@@ -9,6 +9,8 @@ in messages. A DatasetDict gives its "train" split, or its only one.
 """
 from __future__ import annotations
 
+import csv
+import numbers
 import os
 import tempfile
 from pathlib import Path
@@ -37,6 +39,13 @@ def load_data(path: str | Path, columns: dict | None = None) -> list[Example]:
     return load_examples(path, columns)
 
 
+def _text_features(p: Path, datasets):
+    """A CSV's header columns, each typed as text (None for a file without a header: datasets says why)."""
+    with open(p, newline="", encoding="utf-8-sig") as f:
+        header = next(csv.reader(f), None)
+    return datasets.Features({c: datasets.Value("string") for c in header}) if header else None
+
+
 def _open(p: Path, cache_dir: str):
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local files only: never wait on a hub
     try:
@@ -50,8 +59,8 @@ def _open(p: Path, cache_dir: str):
             ds = datasets.load_from_disk(str(p))
         elif p.suffix.lower() == ".parquet":
             ds = datasets.Dataset.from_parquet(str(p), cache_dir=cache_dir)
-        else:
-            ds = datasets.Dataset.from_csv(str(p), cache_dir=cache_dir)
+        else:  # every column as text: a CSV has no types, and inferred ones turn 007 into 7 and 42 into 42.0
+            ds = datasets.Dataset.from_csv(str(p), cache_dir=cache_dir, features=_text_features(p, datasets))
     except Exception as e:  # pyarrow / datasets raise many types on a bad file
         raise UserError(f"{p}: cannot read it with datasets ({type(e).__name__}: {str(e).splitlines()[0][:200]})") \
             from None
@@ -62,6 +71,15 @@ def _open(p: Path, cache_dir: str):
                             "save the split to train on")
         ds = ds["train" if "train" in ds else splits[0]]
     return ds
+
+
+def _as_text(value):
+    """A number in a typed table (a Parquet int or float column) as the text it stands for: a column of
+    answers such as 42 trains as "42". Booleans stay as they are (parse_record refuses them in one
+    line): True is not an answer anyone wrote as text."""
+    if isinstance(value, numbers.Number) and not isinstance(value, (bool, complex)):
+        return str(value)
+    return value
 
 
 def load_dataset_examples(path: str | Path, columns: dict | None = None) -> list[Example]:
@@ -88,5 +106,5 @@ def load_dataset_examples(path: str | Path, columns: dict | None = None) -> list
     for i, row in enumerate(rows):
         src = f"{name} row {i + 1}"
         record = {f: row[c] for f, c in columns.items()} if columns is not None else row
-        out.append(parse_record({k: v for k, v in record.items() if v is not None}, src))  # empty cell: absent
+        out.append(parse_record({k: _as_text(v) for k, v in record.items() if v is not None}, src))  # empty: absent
     return out

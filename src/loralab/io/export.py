@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import UserError
+from .fileio import plain_permissions
 
 
 def new_output_folder(out_dir: str | os.PathLike) -> Path:
@@ -26,6 +27,7 @@ def save_hf_folder(model, tokenizer, out_dir: str | os.PathLike) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        plain_permissions(tmp)  # mkdtemp made it 0700
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)

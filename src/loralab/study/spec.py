@@ -24,8 +24,8 @@ from .verdicts import rule_text, validate_findings
 PRESET_DIR = Path(__file__).resolve().parent / "presets"  # package data: found after any install
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "bundled" / "demo.yaml"  # the default base
 SCALES = ("cpu", "gpu")
-STUDY_KEYS = {"name", "description", "kind", "base", "seeds", "overrides", "scale", "axes", "findings", "rows",
-              "model", "sweep", "sweep_seeds", "select"}
+STUDY_KEYS = {"name", "summary", "time", "description", "kind", "base", "seeds", "overrides", "scale", "axes",
+              "findings", "rows", "model", "sweep", "sweep_seeds", "select"}
 
 
 @dataclass
@@ -62,6 +62,19 @@ class Study:
 
 def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def describe_presets() -> str:
+    """`loralab study list`: each preset with its one-line summary and expected wall time."""
+    rows = []
+    for name in list_presets():
+        spec = read_yaml(PRESET_DIR / f"{name}.yaml")
+        rows.append((name, str(spec.get("summary") or ""), str(spec.get("time") or "?")))
+    width = max(len(n) for n, *_ in rows)
+    twidth = max(len(t) for *_, t in rows)
+    head = (f"{'preset':<{width}}  {'time':<{twidth}}  what it compares (time: wall, --scale cpu --parallel 2 "
+            f"on 2 CPU cores; docs/studies.md)")
+    return "\n".join([head] + [f"{n:<{width}}  {t:<{twidth}}  {s}" for n, s, t in rows])
 
 
 def _preset_path(name: str) -> Path:

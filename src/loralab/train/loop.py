@@ -174,8 +174,9 @@ def train(model: torch.nn.Module, train_data: list, cfg: TrainConfig, *, pad_id:
         if bar is not None:
             bar.update(1)
             if (step + 1) % cfg.log_every == 0 or step + 1 == total:
-                bar.set_postfix(loss=f"{window_loss / max(window_tokens, 1):.4f}", lr=f"{lr:.2e}",
-                                tok_s=f"{result.train_tokens / max(elapsed, 1e-9):.0f}")
+                # the mean over the steps since the last update, not the last step's loss the table shows
+                bar.set_postfix({"loss(avg)": f"{window_loss / max(window_tokens, 1):.4f}", "lr": f"{lr:.2e}",
+                                 "tok_s": f"{result.train_tokens / max(elapsed, 1e-9):.0f}"})
                 window_loss, window_tokens = 0.0, 0
         last = step + 1 == total
         if val_data and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not last:

@@ -1,0 +1,45 @@
+"""Rerunning a finished run says so and does nothing (loralab/rerun.py); summary.json records
+whether a run resumed, and from which step."""
+import json
+import shutil
+
+from cli_cases import base_config
+from loralab.cli import main
+from loralab.config import load_config
+from loralab.pipeline import run_training
+
+
+def test_a_rerun_of_a_finished_run_says_so_and_touches_nothing(untouched, capsys):
+    """`untouched` asserts every file of the finished run is byte-identical afterwards."""
+    cfg = untouched.parent / "prev.yaml"  # the config the finished run was trained from
+    assert main(["train", str(cfg)]) == 0
+    captured = capsys.readouterr()
+    assert f"loralab: {untouched} already finished this run (2 steps; its summary.json)" in captured.err
+    assert "resuming from" not in captured.err and "evaluating" not in captured.err
+    assert f"loralab run -> {untouched}" in captured.out  # its table, from the summary it has
+    assert json.loads((untouched / "summary.json").read_text())["resumed_from_step"] is None  # a fresh start
+
+
+def test_a_changed_config_or_resume_false_trains_again(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    path = tmp_path / "c.yaml"
+    path.write_text(json.dumps(base_config(tiny_folder, out)))
+    run_training(load_config(path), quiet=True)
+    capsys.readouterr()
+    assert main(["train", str(path), "resume=false"]) == 0
+    assert "already finished" not in capsys.readouterr().err
+    assert main(["train", str(path), "train.max_steps=3"]) == 2  # more steps: not this run (the scheduler differs)
+    assert "already finished" not in capsys.readouterr().err
+
+
+def test_the_summary_records_the_step_a_run_resumed_from(tiny_folder, tmp_path):
+    out = tmp_path / "run"
+    path = tmp_path / "c.yaml"
+    path.write_text(json.dumps(base_config(tiny_folder, out)))
+    run_training(load_config(path), quiet=True)
+    # as if killed after step 1's checkpoint: the later checkpoint and the summary never written
+    shutil.rmtree(out / "checkpoints" / "step-00000002")
+    (out / "summary.json").unlink()
+    summary = run_training(load_config(path), quiet=True)
+    assert summary["resumed_from_step"] == 1 and summary["steps"] == 2
+    assert json.loads((out / "summary.json").read_text())["resumed_from_step"] == 1
