@@ -38,7 +38,7 @@ class Target:
 @dataclass(frozen=True)
 class Converter:
     name: str
-    does: str                                              # one line: what it changes (docs, `loralab models`)
+    does: str                                              # one line: what it changes
     check: Callable[[nn.Module, Target], str | None]       # None where it applies, else why not
     apply: Callable[[nn.Module, Target], None]
     needs: tuple[str, ...] = ()                            # private names it relies on: "module:attr.attr"

@@ -105,8 +105,9 @@ def train(model: torch.nn.Module, train_data: list, cfg: TrainConfig, *, pad_id:
                         f"{dist.world}; resume with the same number of processes")
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if not hasattr(model, REPORT):  # handed in as loaded: the default rewrites, each proven first (model/convert.py)
-        convert(model, "auto", Target(next(model.parameters()).device))
+    if not hasattr(model, REPORT):  # handed in as loaded: the default rewrites, each proven first (model/convert.py);
+        # its attention stays the one it was given (only a run's `model.attn_implementation=auto` lets loralab choose)
+        convert(model, "auto", Target(next(model.parameters()).device, model.config._attn_implementation))
     # a CPU 'auto' model packs a micro batch in one row, its attention computing the rows as blocks
     # (not compiled: finding the blocks reads the position ids, which would break the graph)
     one_row = cfg.packing and not cfg.compile and packs_one_row(model)
