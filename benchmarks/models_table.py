@@ -107,7 +107,21 @@ def render(rows: list[dict]) -> str:
     summary = (f"\n{len(ARCHS)} families; {len(ran)} train, {len(equal)} of them PEFT-equal; "
                f"{sum(1 for r in rows if r.get('gguf') == 'written')} export a GGUF.\n\n")
     lines = [row_line(name, arch.features, by_name.get(name)) for name, arch in ARCHS.items()]
-    return INTRO + summary + "\n".join([HEADER, RULE, *lines]) + "\n"
+    return INTRO + summary + "\n".join([HEADER, RULE, *lines]) + "\n" + converters_section()
+
+
+def converters_section() -> str:
+    """The converters, from model/convert.py itself: what each changes and the private names it relies on."""
+    from loralab.model.convert import CONVERTERS
+
+    rows = [f"| `{c.name}` | {c.does} | {', '.join(c.after) or '-'} | "
+            f"{', '.join(f'`{n.replace(chr(58), chr(46))}`' for n in c.needs) or '-'} |" for c in CONVERTERS]
+    return ("\n## The rewrites\n\nEach applies where its check (the model's structure) passes and a probe on a "
+            "tiny twin of the model\n(its own config class, 2 layers) gives the untouched twin's loss and gradients "
+            "on every layout it touches;\nelse it declines, and the run's `model rewrites:` line says why. "
+            "`model.converters=off` trains the model as\ntransformers computes it.\n\n"
+            "| converter | what it changes | builds on | private names it needs |\n|---|---|---|---|\n"
+            + "\n".join(rows) + "\n")
 
 
 def main(argv: list[str]) -> int:
