@@ -136,18 +136,18 @@ class _Blocks:
             see = self.see
             if window is not None:
                 at = torch.arange(self.width, device=see.device)
-                see = see & (at[:, None] - at[None, :] < window) | torch.eye(self.width, dtype=torch.bool,
-                                                                              device=see.device)
+                near = at[:, None] - at[None, :] < window
+                see = (see & near) | torch.eye(self.width, dtype=torch.bool, device=see.device)
             # -inf for SDPA: what torch's own conversion of a bool mask fills in
             self.masks[(kind, dtype, window)] = additive(see[:, None], dtype, -torch.inf if kind == "sdpa" else None)
         return self.masks[(kind, dtype, window)]
 
 
-def _plain(kwargs: dict) -> bool:
-    """Whether an attention call's options ask for no more than softmax(q k^T · scale + mask) v: no
-    soft-capping, bias, sinks or returned weights (the blocks' own kernels compute only that; a sliding
-    window lives in the mask). Sinks are an `s_aux` argument or a `sinks` parameter of the module."""
-    return not kwargs.get("output_attentions") and \
+def _plain(module, kwargs: dict) -> bool:
+    """Whether an attention call asks for no more than softmax(q k^T · scale + mask) v: no soft-capping, bias,
+    sinks or returned weights (the blocks' own kernels compute only that; a sliding window lives in the mask).
+    Sinks are an `s_aux` argument or a `sinks` parameter of the module (gpt-oss)."""
+    return not kwargs.get("output_attentions") and getattr(module, "sinks", None) is None and \
         all(kwargs.get(k) is None for k in ("softcap", "position_bias", "s_aux"))
 
 
@@ -185,7 +185,7 @@ def _grouped_recompute(module, query, key, value, mask, scaling, dropout=0.0, **
     """The blocks' eager_recompute: `_grouped_core` under non-reentrant checkpointing (backward recomputes
     it from q, k, v and the mask). Calls with attention dropout or other options go to the model's own eager
     function."""
-    if dropout or not _plain(kwargs):
+    if dropout or not _plain(module, kwargs):
         return _eager_recompute(module, query, key, value, mask, scaling, dropout, **kwargs)
     if not torch.is_grad_enabled():
         return _grouped_core(query, key, value, mask, scaling), None
@@ -200,7 +200,7 @@ def _sdpa_blocks(module, query, key, value, mask, scaling, dropout=0.0, **kwargs
     another order. Options this call does not take go to transformers' path."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if not _plain(kwargs):
+    if not _plain(module, kwargs):
         return sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
@@ -214,7 +214,7 @@ def _packed_blocks(module, query, key, value, attention_mask, scaling, dropout=0
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     window = kwargs.pop("sliding_window", None)  # in the masks: transformers' own (eager_mask) and the blocks'
-    plain = _plain(kwargs) and getattr(module, "sinks", None) is None
+    plain = _plain(module, kwargs)
     if (position_ids is None or query.shape[0] != 1 or key.shape[2] != query.shape[2]
             or position_ids.shape[-1] != query.shape[2]):
         if plain:
