@@ -23,3 +23,25 @@ def subparser_class(formatter):
             kwargs.setdefault("formatter_class", formatter)
             super().__init__(*args, **kwargs)
     return SubParser
+
+
+# One dtype vocabulary for every command (and train.precision): fp32, bf16, fp16, auto; GGUF's
+# quantized types (q8_0) only where a GGUF is written. Older spellings are accepted as aliases.
+DTYPE_ALIASES = {"f32": "fp32", "float32": "fp32", "float": "fp32", "f16": "fp16", "float16": "fp16",
+                 "half": "fp16", "bfloat16": "bf16", "q8": "q8_0"}
+
+
+def dtype_arg(words: dict[str, str]):
+    """An argparse `type` for a dtype option: takes a word of the vocabulary (or an alias) and returns
+    what the command's code expects for it (`words`: vocabulary word -> internal value)."""
+    def parse(text: str) -> str:
+        word = DTYPE_ALIASES.get(text.strip().lower(), text.strip().lower())
+        if word not in words:
+            raise argparse.ArgumentTypeError(f"invalid dtype {text!r} (choose from {', '.join(words)})")
+        return words[word]
+    parse.__name__ = "dtype"  # argparse names the type in its messages
+    return parse
+
+
+def dtype_metavar(words: dict[str, str]) -> str:
+    return "{" + ",".join(words) + "}"
