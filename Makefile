@@ -7,7 +7,7 @@ TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 TSTAMP  := $(VENV)/.installed-test
 
-.PHONY: demo test fuzz install fetch bench interop models clean
+.PHONY: demo test docs fuzz install fetch bench interop models clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -39,8 +39,15 @@ demo: $(STAMP)
 	$(BIN)/loralab train configs/demo.yaml resume=false "lora.layers=$(DEMO_LAYERS)"
 
 test: $(TSTAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks docs/gen_reference.py
 	$(BIN)/python -m pytest
+	$(BIN)/mkdocs build --strict --quiet
+
+# The docs site in site/ (git-ignored): the reference pages regenerated from the code, then built with strict
+# link checking (tests/test_docs.py fails when a reference page is stale)
+docs: $(TSTAMP)
+	$(BIN)/python docs/gen_reference.py
+	$(BIN)/mkdocs build --strict
 
 # Every reader of user input fuzzed with Hypothesis' "fuzz" profile (tests/conftest.py): many more
 # examples per property than `make test` runs; a failure prints the input that caused it.
@@ -66,4 +73,4 @@ interop: $(TSTAMP)
 	$(BIN)/python benchmarks/interop_llamacpp.py
 
 clean:
-	rm -rf $(VENV) runs build src/*.egg-info
+	rm -rf $(VENV) runs build site src/*.egg-info

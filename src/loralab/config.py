@@ -28,16 +28,16 @@ class ModelConfig:
     name: str = "smollm2-135m"        # bundled name, HF folder, .gguf file, or hub id in the local cache
     quant: str = "none"               # none | nf4: how frozen base linears are stored (nf4 = QLoRA)
     quant_all_linear: bool = False    # with nf4: also quantize frozen linears LoRA does not wrap
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False   # run a model folder's own Python code (only for folders you trust)
     attn_implementation: str = "auto"  # auto | eager | eager_recompute | sdpa (model/attention.py)
     converters: Any = "auto"          # auto | off | a list of names: the rewrites of how it computes (model/convert.py)
 
 
 @dataclass
 class LoRAConfig:
-    r: int = 8
+    r: int = 8                        # LoRA rank: the inner size of each update B @ A
     alpha: float | None = None        # None means 2 * r (the article's rule of thumb)
-    dropout: float = 0.05
+    dropout: float = 0.05             # dropout on the LoRA path only (the frozen path sees the plain input)
     targets: Any = "all-linear"       # preset (qv, attn, mlp, all-linear, all-linear+head) or a list of names
     use_rslora: bool = False          # scale alpha / sqrt(r) instead of alpha / r (rank-stabilized LoRA)
     use_dora: bool = False            # weight-decomposed LoRA: a trainable magnitude per output row
@@ -55,7 +55,7 @@ class DataConfig:
     tasks: list = field(default_factory=lambda: list(ARITHMETIC_DEFAULT))  # synthetic tasks when no path
     n_train: int | dict = 2000        # training examples per synthetic task, or {task: count} for a mix
     val_fraction: float = 0.05        # held-out share of the training data for validation loss
-    max_seq_len: int = 512
+    max_seq_len: int = 512            # longer examples are truncated (and counted in the log)
     template: str = "auto"            # auto | chat | alpaca | raw
     system_prompt: str | None = "default"  # default | none | any text
     seed: int = 1234                  # data generation and splits; fixed so every run sees the same test set
@@ -65,28 +65,28 @@ class DataConfig:
 class TrainConfig:
     method: str = "lora"              # lora | full
     optimizer: str = "adamw"          # adamw | sgd
-    lr: float = 3e-4
+    lr: float = 3e-4                  # peak learning rate, reached after warmup_steps
     loraplus_lr_ratio: float | None = None  # LoRA+: B (and DoRA's magnitudes) learn at ratio x lr
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0         # decoupled (AdamW) weight decay on the trainable parameters
     momentum: float = 0.9             # sgd only
-    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    betas: list = field(default_factory=lambda: [0.9, 0.999])  # AdamW's two moment decay rates
     scheduler: str = "cosine"         # cosine | linear | constant (after linear warmup)
-    warmup_steps: int = 0
+    warmup_steps: int = 0             # optimizer steps of linear warmup up to lr
     min_lr_ratio: float = 0.0         # cosine/linear decay floor, as a fraction of lr
     batch_size: int = 8               # micro batch
     grad_accum: int = 1               # micro batches per optimizer step
-    epochs: float = 1.0
+    epochs: float = 1.0               # passes over the training data (fractions allowed); max_steps wins when set
     max_steps: int | None = None      # overrides epochs when set
-    max_grad_norm: float | None = 1.0
-    seed: int = 42
+    max_grad_norm: float | None = 1.0  # clip the gradients' total norm to this (null: no clipping)
+    seed: int = 42                    # python, numpy and torch seeds, and the training data's order
     precision: str = "auto"           # auto | bf16 | fp32 (bf16: frozen weights stored in bf16)
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time
     packing: bool = True              # each micro batch's examples end to end in fewer rows: same math, less padding
     shared_prefix: bool = True        # first tokens all examples of a micro batch share (a system prompt): once per row
     group_by_length: int = 0          # > 0: sort by length within windows of this many batches (changes batch mixes)
-    compile: bool = False             # torch.compile the decoder blocks: ~25% less memory after a one-time compile
-    trim_heap: bool = False           # CPU, glibc's malloc: free pages handed back in forward: -20% peak, -13% speed
-    log_every: int = 10
+    compile: bool = False             # torch.compile the decoder blocks: fused ops, less memory; step 1 compiles
+    trim_heap: bool = False           # CPU, glibc's malloc: free pages handed back in forward: lower peak, slower steps
+    log_every: int = 10               # steps between lines in metrics.jsonl and the trackers
     eval_every: int = 0               # validation loss every N steps (0: only at the end)
     early_stopping_patience: int = 0  # stop after N validations without improvement (0: never)
     save_every: int = 0               # checkpoint every N steps (0: only at the end and on a signal)
@@ -95,7 +95,7 @@ class TrainConfig:
     threads: int | None = None        # torch CPU threads (None: torch's default)
     distributed: str = "auto"         # under torchrun: ddp | fsdp (auto: ddp); one process: ignored
     distributed_timeout_s: float = 600.0  # a collective waiting longer ends the job (a rank died or hangs)
-    progress: bool = True
+    progress: bool = True             # the progress bar on the terminal
     preflight: str = "error"          # error | warn | off: refuse (or warn about) a run whose memory/disk won't fit
     # Experiment tracking (track/): where metrics go, and how the run is named there.
     report_to: list = field(default_factory=lambda: ["jsonl"])  # any of REPORT_TO
@@ -110,8 +110,8 @@ class EvalConfig:
     tasks: list | None = None         # exact-match tasks; None: the data's synthetic tasks
     n: int = 100                      # held-out questions per task
     before: bool = True               # also evaluate the base model before training
-    batch_size: int = 50
-    max_new_tokens: int = 8
+    batch_size: int = 50              # prompts generated at once
+    max_new_tokens: int = 8           # longest generated answer, in tokens
     stop_check: bool = True           # after training: how many held-out generations stop on EOS (summary, table)
     test_loss: bool = True            # after training: each task's mean token loss on its held-out answers
                                       # (one teacher-forced forward over them; studies compare it)
@@ -125,7 +125,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    output_dir: str = "runs/default"
+    output_dir: str = "runs/default"  # where the run writes config.yaml, metrics.jsonl, adapter/, summary.json
     resume: Any = "auto"              # auto: continue from output_dir's checkpoint of the same config; true; false
 
     @property
