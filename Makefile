@@ -28,12 +28,11 @@ fetch: $(STAMP)
 	$(BIN)/loralab fetch
 
 # The demo trains LoRA on the top 20 of SmolLM2's 30 decoder layers: backward stops at the lowest LoRA
-# layer, so a third of it is never run (loop -20% on 2 AVX2 cores; seeds 42/1/2: 2da +82/+80/+79, 2ds
-# +42/+39/+41; every layer: 2da +74, 2ds +41 at seed 42; the top 15: 2ds +31). configs/demo.yaml keeps
-# every layer, the library's default, so it fits any model and studies start from it.
+# layer, so a third of it is never run, and the gains hold (docs/performance.md, "The demo's recipe").
+# configs/demo.yaml keeps every layer, the library's default, so it fits any model and studies start from it.
 DEMO_LAYERS = [10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29]
 
-# train fetches the default model itself the first time (a separate fetch costs ~3 s of imports); every
+# train fetches the default model itself the first time (a separate fetch would pay the imports twice); every
 # `make demo` trains anew: a run of an earlier demo recipe in runs/demo must not stop it
 demo: $(STAMP)
 	$(BIN)/loralab train configs/demo.yaml resume=false "lora.layers=$(DEMO_LAYERS)"
