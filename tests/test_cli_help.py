@@ -66,3 +66,15 @@ def test_aliases_map_into_the_vocabulary():
     assert parse(" F32 ") == "x"
     with pytest.raises(argparse.ArgumentTypeError):
         parse("bf16")
+
+
+def test_each_word_maps_to_a_value_its_command_takes():
+    from loralab.cli_help import DTYPE_WORDS
+    from loralab.inference import MERGE_DTYPES
+    from loralab.io.gguf import OUTTYPES
+    from loralab.memory.estimate import PRECISIONS
+
+    assert set(DTYPE_WORDS["merge"].values()) == set(MERGE_DTYPES)
+    assert set(DTYPE_WORDS["gguf"].values()) == set(OUTTYPES)
+    assert set(DTYPE_WORDS["estimate"].values()) == set(PRECISIONS)
+    assert all(set(words) <= VOCABULARY | GGUF_ONLY for words in DTYPE_WORDS.values())

@@ -98,14 +98,73 @@ def test_every_config_key_and_cli_option_is_documented():
 
 def test_field_comments_continue_on_following_comment_lines():
     gen = _generator()
-    source = "class C:\n    a: int = 1  # first\n                # second\n    b: int = 2\n    # above c\n    c: int = 3\n"
+    source = ("class C:\n    a: int = 1  # first\n                # second\n    b: int = 2\n"
+              "    # above c\n    c: int = 3\n")
     assert gen.field_comments(source) == {("C", "a"): "first second"}
 
 
 def test_docs_site_builds_strictly(tmp_path):
     pytest.importorskip("mkdocs", reason="mkdocs is in the test extra (pip install -e '.[test]')")
     pytest.importorskip("material", reason="mkdocs-material is in the test extra")
-    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", "-d", str(tmp_path / "site")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", "-d", str(tmp_path / "site")]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "site" / "config-reference" / "index.html").is_file()
+
+
+# Measured numbers live in docs/performance.md, not in the code's comments: a comment or docstring under
+# src/ that states a time, a speed, a size or a percentage must be a definition, a formula or a citation,
+# listed here with why. A new measurement belongs in the docs, with its CPU and command.
+MEASURED = re.compile(r"(?<![\w.])[-+−~]?\d[\d,]*(\.\d+)?(\s?(tok/s|tokens/s|GiB|MiB|MB|GB|ms|µs|us|min|s|%|×|"
+                      r"GFLOP/s|TFLOP/s)|x)(?![\w/])")
+NOT_MEASURED = {
+    "1 MiB pieces": "a read size",
+    "+1 GB at 135M parameters": "arithmetic: the copy a save would make",
+    "0.5 GB, typical": "the estimate's CUDA context, a stated assumption",
+    "~0.55 GB, the estimate's runtime": "the estimate's calibrated constant (memory/preflight.py; the lead's)",
+    "24 GB card": "a definition of GPU makers' GB",
+    "25 MB buckets": "DDP's default bucket size",
+    "6,686 s": "the article's number (memory/throughput.py cites it)",
+    "10,060 s": "the article's number",
+    "312 TFLOP/s": "the A100's datasheet peak",
+    "95%": "a confidence level",
+    "1 GiB and": "tcmalloc's report threshold",
+    "10 ms by default": "mimalloc's documented default",
+    "(1 MB)": "arithmetic: the decode table's size",
+    "~7 MB for 106 M": "arithmetic: 4 bytes per 64 weights",
+    "2s <W_i, (BA)_i>": "DoRA's norm expansion, 2 times s",
+}
+
+
+def _comment_lines(path: Path):
+    import ast
+    import io
+    import tokenize
+
+    source = path.read_text(encoding="utf-8")
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            yield tok.start[0], tok.string
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            doc = ast.get_docstring(node, clean=False)
+            if doc:
+                for i, line in enumerate(doc.split("\n")):
+                    yield node.body[0].lineno + i, line
+
+
+def test_no_measured_numbers_in_code_comments():
+    found = []
+    for path in sorted((ROOT / "src" / "loralab").rglob("*.py")):
+        for line, text in _comment_lines(path):
+            if MEASURED.search(text) and not any(ok in text for ok in NOT_MEASURED):
+                found.append(f"{path.relative_to(ROOT)}:{line}: {text.strip()}")
+    assert found == [], "measured numbers belong in docs/performance.md:\n" + "\n".join(found)
+
+
+def test_the_measured_number_pattern_catches_what_it_should():
+    assert MEASURED.search("# 1.06x faster with an 11% lower peak")
+    assert MEASURED.search("took 34 ms that way")
+    assert MEASURED.search("402-419 tokens/s at 2,163 MB")
+    assert not MEASURED.search("# 2 x H x b per layer, q and v")
+    assert not MEASURED.search("blocks of 64 with an absmax each")

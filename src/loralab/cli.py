@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 
-from .cli_help import HelpFormatter, dtype_arg, dtype_metavar, subparser_class
+from .cli_help import HelpFormatter, dtype_option, subparser_class
 from .data.prompts import TEMPLATES
 from .errors import UserError
 from .peft.presets import COMBINE_METHODS, TARGET_PRESETS
@@ -184,12 +184,6 @@ def cmd_estimate(args) -> int:
     return 0
 
 
-# the dtype options' words (cli_help.py's vocabulary) -> what each command's code takes
-MERGE_DTYPES = {"auto": "auto", "fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
-GGUF_DTYPES = {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "q8_0": "q8_0"}  # io/gguf.py's GGUF type names
-ESTIMATE_DTYPES = {"fp32": "fp32", "bf16": "bf16"}
-
-
 def _is_collective_failure(e: RuntimeError) -> bool:
     import torch.distributed
 
@@ -250,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("paths", nargs="*", metavar="OUT_DIR", help="new folder for the merged model (the older "
                    "`merge ADAPTER_DIR OUT_DIR` still works)")
     m.add_argument("--model", default=None, help="base model (default: the adapter's base_model_name_or_path)")
-    m.add_argument("--dtype", default="auto", type=dtype_arg(MERGE_DTYPES), metavar=dtype_metavar(MERGE_DTYPES),
+    m.add_argument("--dtype", default="auto", **dtype_option("merge"),
                    help="the merged weights' dtype (default auto: the base's own stored dtype)")
     m.set_defaults(func=cmd_merge)
 
@@ -263,8 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "--adapter")
     ex.add_argument("--gguf", default=None, metavar="OUT.gguf", help="LoRA adapter GGUF (llama.cpp --lora)")
     ex.add_argument("--merged-gguf", default=None, metavar="OUT.gguf", help="base + adapter merged, with tokenizer")
-    ex.add_argument("--dtype", "--outtype", dest="outtype", default="fp16", type=dtype_arg(GGUF_DTYPES),
-                    metavar=dtype_metavar(GGUF_DTYPES), help="--merged-gguf: the 2D weights' dtype, q8_0 for "
+    ex.add_argument("--dtype", "--outtype", dest="outtype", default="fp16", **dtype_option("gguf"),
+                    help="--merged-gguf: the 2D weights' dtype, q8_0 for "
                     "GGUF's 8-bit blocks (1D weights stay fp32; --outtype is the older name)")
     ex.add_argument("--model", default=None, help="base model (default: the adapter's base_model_name_or_path)")
     ex.set_defaults(func=cmd_export)
@@ -330,8 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "earlier ones stay alive: matters for full fine-tuning)")
     x.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "adamw8bit"], help="its state "
                    "per trainable parameter sets part of the peak")
-    x.add_argument("--dtype", "--precision", dest="precision", default="bf16", type=dtype_arg(ESTIMATE_DTYPES),
-                   metavar=dtype_metavar(ESTIMATE_DTYPES), help="the run's compute dtype, as train.precision "
+    x.add_argument("--dtype", "--precision", dest="precision", default="bf16", **dtype_option("estimate"),
+                   help="the run's compute dtype, as train.precision "
                    "(--precision is the older name)")
     x.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward "
                    "instead of keeping them")

@@ -29,6 +29,12 @@ def subparser_class(formatter):
 # quantized types (q8_0) only where a GGUF is written. Older spellings are accepted as aliases.
 DTYPE_ALIASES = {"f32": "fp32", "float32": "fp32", "float": "fp32", "f16": "fp16", "float16": "fp16",
                  "half": "fp16", "bfloat16": "bf16", "q8": "q8_0"}
+# each dtype option's words -> what its command's code takes
+DTYPE_WORDS = {
+    "merge": {"auto": "auto", "fp32": "fp32", "bf16": "bf16", "fp16": "fp16"},   # inference.MERGE_DTYPES
+    "gguf": {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "q8_0": "q8_0"},      # io/gguf.py's GGUF type names
+    "estimate": {"fp32": "fp32", "bf16": "bf16"},                                 # memory/estimate.py's PRECISIONS
+}
 
 
 def dtype_arg(words: dict[str, str]):
@@ -45,3 +51,8 @@ def dtype_arg(words: dict[str, str]):
 
 def dtype_metavar(words: dict[str, str]) -> str:
     return "{" + ",".join(words) + "}"
+
+
+def dtype_option(kind: str) -> dict:
+    """`type` and `metavar` for a dtype option of DTYPE_WORDS' kind: add_argument("--dtype", **dtype_option(...))."""
+    return {"type": dtype_arg(DTYPE_WORDS[kind]), "metavar": dtype_metavar(DTYPE_WORDS[kind])}

@@ -28,10 +28,8 @@ from .prompts import IGNORE_INDEX, Encoded
 
 # Rows of a shared-prefix micro batch hold at least this many tokens (more when an example is
 # longer): the prefix is computed once per row, so short examples must share rows to spare it, and
-# wider rows cost attention over the whole row. The demo's micro batch (5 shared + 16 x ~14 own
-# tokens) in rows of 64, paired against plain rows: 1.16-1.20x fp32 (AVX-512; AVX2 proxy), 1.06-1.10x
-# bf16 (AMX). Rows of 40 were 6-7% slower on both; 128 or 256 7-8% slower in bf16, 0-2% faster in
-# fp32 (benchmarks/experiments/levers_ab.py --variants stock,rows40,rows128,rows256; docs/performance.md).
+# wider rows cost attention over the whole row. 64 was the fastest width for the demo's micro batch in
+# bf16 and close to it in fp32 (docs/performance.md, "Measurements behind the code": data/layout.py).
 SHARED_ROW_TOKENS = 64
 
 

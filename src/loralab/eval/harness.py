@@ -5,7 +5,7 @@ lm-eval's own HF model class (HFLM) wraps our model and tokenizer, so what it sc
 what loralab trained: base + LoRA modules, no export. Offline: HF_DATASETS_OFFLINE / HF_HUB_OFFLINE
 are set, so tasks must read local files, as loralab's own (eval/tasks/, harness_tasks.py) and any
 `--include-path` folder's do. lm-eval's built-in tasks are indexed only when a name asked for is not
-found among those (indexing them takes ~10 s).
+found among those (indexing them takes seconds).
 """
 from __future__ import annotations
 

@@ -25,8 +25,8 @@ def fp32_decoding_on_cpu(model):
     """Run greedy decoding with bf16 weights upcast to fp32 on the CPU, then restore them.
 
     Decoding multiplies a few rows by every weight matrix; torch's CPU bf16 kernels are slow at
-    such skinny shapes (measured on the default model, 100 prompts x 6 tokens: 8.0 s bf16 vs
-    4.4 s fp32). bf16 -> fp32 -> bf16 is exact, so the weights come back bit-identical.
+    such skinny shapes, slower than fp32's (docs/performance.md, "Measurements behind the code").
+    bf16 -> fp32 -> bf16 is exact, so the weights come back bit-identical.
     Only plain tensors are cast (a quantized weight subclass is left alone)."""
     cast = []
     if next(model.parameters()).device.type == "cpu":
@@ -45,9 +45,9 @@ def fp32_decoding_on_cpu(model):
 def contiguous_head_input(model):
     """Feed the output layer a contiguous input while generating. transformers' prefill keeps the
     logits of the last position only, a strided (batch, 1, hidden) view of the hidden states, which
-    torch's CPU linear multiplies as a batched matmul: ~5x slower than copying those rows first
-    (100 prompts x 15 tokens, SmolLM2's 49k-vocabulary head: 1.33 s vs 0.26 s, one thread, AMD
-    EPYC AVX2). The copy is a few rows; on an already contiguous input it is a no-op."""
+    torch's CPU linear multiplies as a batched matmul, several times slower than copying those rows
+    first (docs/performance.md, "Measurements behind the code"). The copy is a few rows; on an already
+    contiguous input it is a no-op."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None:
         yield

@@ -49,7 +49,7 @@ def _convert_gguf(gguf: Path, out_dir: Path, source: dict) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        # The tokenizer read parses all the metadata (~2 s): a truncated or corrupt file fails here,
+        # The tokenizer read parses all the metadata (the slow part): a truncated or corrupt file fails here,
         # before the progress line, so the user sees the error line alone.
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         print(f"loralab: converting {gguf.name} to safetensors (once; ~15 s)...", file=sys.stderr)

@@ -6,17 +6,17 @@ dtype, and in bf16 on the row length, switched per micro batch (`attention_for_r
   - fp32: SDPA at every length, as fast as eager or faster, and linear in memory;
   - bf16, rows of up to `eager_max_row()` tokens: the model's own eager attention with its core (QK^T,
     softmax, dropout, AV) recomputed in backward (`eager_recompute`). Plain eager is the fastest
-    there (SDPA's bf16 kernels are 8-16% slower per step), but keeps every layer's T x T
-    probabilities for backward, in fp32 and bf16: a quarter of a step's saved activations at 256
-    tokens. Recomputing them gives the same values bit for bit, keeps only q, k, v and the output,
-    and costs 1-5% of a step;
+    there (SDPA's bf16 kernels are slower per step), but keeps every layer's T x T
+    probabilities for backward, in fp32 and bf16: a large share of a step's saved activations at a
+    few hundred tokens. Recomputing them gives the same values bit for bit, keeps only q, k, v and the
+    output, and costs a few percent of a step;
   - bf16, longer rows: SDPA, faster than eager there. Where SDPA's bf16 kernels run on AMX tiles
-    the crossing comes sooner (~200-300 tokens instead of ~1,000 with AVX512-BF16 alone).
+    the crossing comes sooner (a few hundred tokens instead of about a thousand with AVX512-BF16 alone).
 Paired step times and saved bytes are in docs/performance.md (benchmarks/experiments/attention_rows.py).
 
 A CPU 'auto' model trains on packed micro batches laid out as ONE row with no padding
-(data.layout.collate_packed(one_row=True)): rows as wide as the longest example leave 4-23% of the
-throughput bench's positions as padding, which every linear layer, norm and LoRA product computes.
+(data.layout.collate_packed(one_row=True)): rows as wide as the longest example leave padding between
+the examples, which every linear layer, norm and LoRA product would compute.
 Attention over the one row with a block-diagonal mask would cost the square of the micro batch's
 tokens, so `packed_blocks` takes the row apart: its examples (where position ids restart at 0), in
 order, in blocks no wider than the longest example (first-fit-decreasing rows, as the data laid
@@ -195,8 +195,8 @@ def _grouped_recompute(module, query, key, value, mask, scaling, dropout=0.0, **
 def _sdpa_blocks(module, query, key, value, mask, scaling, dropout=0.0, **kwargs):
     """SDPA over the batch of blocks, with K and V at their own head count (enable_gqa): transformers'
     SDPA path repeats them to every query head when a mask is given, and the kernel keeps the
-    repeated copies for backward (3.5 MB per layer in fp32 at the throughput bench's micro batch, for
-    SmolLM2's 3 KV heads of 9). The same outputs; K's and V's gradients sum over their heads in
+    repeated copies for backward (three times K and V for SmolLM2's 3 KV heads of 9). The same outputs;
+    K's and V's gradients sum over their heads in
     another order. Options this call does not take go to transformers' path."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 

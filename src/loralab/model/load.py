@@ -59,7 +59,7 @@ def copy_out_of_file(model) -> None:
     from can be unmapped. transformers maps a safetensors file and keeps weights of the stored dtype
     as views of that map; once quantization has replaced most of them, the few left dense
     (embeddings, norms) would keep the whole map alive, and with it every page of the full-precision
-    weights that quantization read (~400 MB resident for the default model in fp32)."""
+    weights that quantization read, resident for nothing."""
     for t in list(model.parameters()) + list(model.buffers()):
         if type(t.data) is torch.Tensor and t.device.type == "cpu":
             t.data = t.data.clone()

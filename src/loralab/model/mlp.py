@@ -8,8 +8,8 @@ gradients are the composition's bit for bit (aten's own silu_backward).
 
 down_proj's LoRA needs the product h = silu(gate) * up in backward too (A's gradient), so the lean
 forward marks h with how to compute it again from gate and up, and backward rebuilds it
-(`_down_of_product`, model/rebuild.py): bit for bit, with one intermediate-wide tensor less per layer kept over the step
-(the throughput benchmark's peak -4 to -7%, the same step time).
+(`_down_of_product`, model/rebuild.py): bit for bit, with one intermediate-wide tensor less per layer kept
+over the step, at the same step time (docs/performance.md, "Levers").
 
 `use_lean_swiglu(model)` gives each MLP whose forward is that composition the lean forward. Which
 ones are is checked, not assumed from names: the module must have gate_proj, up_proj, down_proj and

@@ -3,8 +3,8 @@
 A decoder layer's RMSNorm output feeds q/k/v (and gate/up): each LoRA layer keeps it for A's gradient
 (one storage for all readers, peft/fused.py), while the norm itself keeps its input and 1/rms
 (model/norm.py). The output is weight * (x * rstd), one elementwise pass from those, so keeping it costs
-a hidden-wide tensor per norm per token (2 x H x b per layer: ~14% of what a 7B LoRA step keeps, 3-6%
-of the throughput bench's peak on the CPU) for no speed: model/norm.py marks its output with how to
+a hidden-wide tensor per norm per token (2 x H x b per layer; its share of the peak: docs/performance.md,
+"Levers") for no speed: model/norm.py marks its output with how to
 compute it again (`mark`), and under `rebuilt_saves(y)` every save of y (or of a view of all of it) keeps
 that recipe instead; backward runs it once for all the saves made under one `rebuilt_saves`, bit for bit
 the forward's values. Nothing changes inside other saved-tensor hooks (activation checkpointing, which

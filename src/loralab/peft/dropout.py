@@ -10,9 +10,9 @@ and A's r-wide output, and rebuilds the dropped input in backward with one multi
 and gradients as the composition, bit for bit (tests/peft/test_dropout.py), at a third of the saved
 bytes of the LoRA inputs in fp32 (docs/memory.md).
 
-Packed to bits, a step's masks take an eighth of their bool size: as bool they were 141 MB of the
-throughput benchmark's micro batch (986 tokens, 210 LoRA inputs), as much as all RMSNorm inputs.
-numpy packs and unpacks a 986 x 1,536 mask in ~75 + ~85 us, against ~1 ms to draw it.
+Packed to bits, a step's masks take an eighth of their bool size: as bool they were as much as all
+RMSNorm inputs at the throughput benchmark's micro batch, and packing and unpacking costs a fraction of
+drawing them (docs/performance.md, "Measurements behind the code").
 """
 from __future__ import annotations
 
@@ -29,8 +29,9 @@ def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     draws ~100M numbers/s; 210 LoRA inputs per step on the default model). Here each 64-bit draw is
     split into four 16-bit uniforms: the same independent Bernoulli(1 - p) mask, with p rounded to a
     multiple of 1/65536. The 64-bit draws come from numpy's PCG64DXSM, seeded by one draw of torch's
-    generator (so torch.manual_seed and a checkpoint's RNG state still decide every mask): 1.4-1.5x
-    faster than torch's mt19937 at the LoRA inputs of the bench's micro batch (benchmarks/experiments/dropout_mask.py).
+    generator (so torch.manual_seed and a checkpoint's RNG state still decide every mask): faster than
+    torch's mt19937 at the LoRA inputs of the bench's micro batch (benchmarks/experiments/dropout_mask.py;
+    docs/performance.md).
     Elsewhere the RNG is cheap and one uniform per element is drawn.
     """
     if x.device.type != "cpu":
@@ -39,7 +40,7 @@ def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
     bits = np.random.PCG64DXSM(seed).random_raw((n + 3) // 4)
     uniform16 = bits.view(np.int16)[:n]  # each uniform on [-32768, 32767]
-    # compared in numpy: torch's int16 `ge` ran ~5x slower on the CPU (137 vs 28 us at 986 x 576)
+    # compared in numpy: torch's int16 `ge` ran several times slower on the CPU (docs/performance.md)
     return torch.from_numpy(uniform16 >= round(p * 65536) - 32768).view(x.shape)
 
 

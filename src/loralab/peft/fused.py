@@ -7,8 +7,8 @@ Written as a composition (base layer, LoRA's two matmuls, an add), each LoRA lay
 activation-sized tensors more per step (B's output in forward, the scaled output gradient in
 backward), adds them in separate passes, and runs B's r-wide matmul into a fresh out-sized
 buffer, which the CPU's BLAS does several times slower than accumulating onto an existing one.
-On 2 AVX2 cores in fp32 the demo's step is 1.03-1.07x faster this way, the throughput bench's
-1.06x with an 11% lower peak (benchmarks/experiments/levers_ab.py --variants stock,unfused; docs/performance.md).
+Fused, the step is faster and its peak lower (benchmarks/experiments/levers_ab.py --variants stock,unfused;
+docs/performance.md, "Measurements behind the code").
 Here:
 
     forward   y = addmm(b, x, W^T);  t = d(x) A^T;  y += s t B^T                 (in place)
@@ -44,8 +44,8 @@ def _dense(weight, dtype: torch.dtype, nf4_kernel: str | None) -> torch.Tensor:
 
 def _kept(keep: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
     """Dropout's bool mask as 0 / 1 in x's dtype and shape. Read as bytes, the conversion is one cheap
-    pass; torch.where(keep, 1/(1-p), 0) over a bool tensor ran ~4x slower on the CPU (310 vs 76 us at
-    1,136 x 576 in bf16), once in forward and again in backward, for every LoRA layer."""
+    pass; torch.where(keep, 1/(1-p), 0) over a bool tensor ran several times slower on the CPU
+    (docs/performance.md), once in forward and again in backward, for every LoRA layer."""
     return keep.reshape(x2.shape).view(torch.uint8).to(x2.dtype)
 
 

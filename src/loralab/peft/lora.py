@@ -142,8 +142,8 @@ def lora_modules(model: nn.Module):
 def zero_updates_skipped(model: nn.Module):
     """For the duration, LoRA layers whose update is exactly zero (plain LoRA with B = 0, as every
     run starts) return their base layer's output without the two low-rank matmuls, the scale and
-    the add: the same values (base + 0), about 15% less time for the base model's evaluation before
-    training (SmolLM2, 200 prompts: 10.9 s vs 12.8 s, 2 threads, AMD EPYC AVX2). For no-grad use:
+    the add: the same values (base + 0), in less time for the base model's evaluation before training
+    (docs/performance.md, "Measurements behind the code"). For no-grad use:
     a skipped layer gets no gradient. DoRA layers always run (their row norms rescale even at B = 0)."""
     skipped = [m for _, m in lora_modules(model)
                if not m.merged and m.variant.name == "lora" and not bool(m.lora_B.weight.any())]

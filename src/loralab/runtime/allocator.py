@@ -2,12 +2,11 @@
 
 glibc's malloc serves a training step badly. Activations come and go in sizes that change with every
 packed micro batch; glibc splits its heap around them and leaves holes it cannot hand back, and it
-returns large blocks to the OS (mmap) only to fault the pages in, zeroed, on the next step. Measured on
-the throughput benchmark's packed side (AMX Xeon, bf16, one process each, docs/performance.md):
-glibc 299-310 tokens/s at a 2,925-3,056 MB peak; tcmalloc 402-419 tokens/s at 2,163-2,172 MB;
-mimalloc 328 at 2,247 MB with its defaults, 393 at 2,245 MB when it keeps freed pages for 10 s
-(MIMALLOC_PURGE_DELAY=10000, set here; 406 at 2,284 MB never returning them); jemalloc 318-321 at
-2,148-2,252 MB, but it halved the bf16 matmul benchmark, so it is used only when asked for.
+returns large blocks to the OS (mmap) only to fault the pages in, zeroed, on the next step. On the
+throughput benchmark's packed side tcmalloc was the fastest and leanest, then mimalloc once it keeps
+freed pages for a while (MIMALLOC_PURGE_DELAY, set here), both well ahead of glibc; jemalloc was lean too
+but slowed the bf16 matmuls, so it is used only when asked for (docs/performance.md, "Measurements behind
+the code": runtime/allocator.py).
 
 A malloc is chosen before the process starts (LD_PRELOAD), so the command line re-executes itself once,
 with the allocator preloaded, before it imports torch. LORALAB_ALLOCATOR picks it: auto (tcmalloc where
@@ -33,7 +32,7 @@ AUTO_ORDER = ("tcmalloc", "mimalloc")  # fastest and leanest first (measured abo
 _LIBS = {"tcmalloc": ("tcmalloc_minimal", "tcmalloc"), "jemalloc": ("jemalloc",), "mimalloc": ("mimalloc",)}
 # Each allocator's settings, set unless the user set them: tcmalloc reports every allocation of 1 GiB and
 # more on stderr (Llama 3 8B's embedding, 128k x 4,096, is one); mimalloc returns freed pages after 10 ms by default and
-# then faults them back in on the next step (-17% tokens/s measured above). Not -1 (never): then mi_collect
+# then faults them back in on the next step (fewer tokens/s: docs/performance.md). Not -1 (never): then mi_collect
 # cannot hand memory back either (release_free_pages, before a peak is measured).
 _SETTINGS = {"tcmalloc": {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40)},
              "mimalloc": {"MIMALLOC_PURGE_DELAY": "10000"}}

@@ -3,10 +3,10 @@
 oneDNN, torch's CPU backend for bf16 matmuls, caches every primitive it builds (one per exact shape,
 dtype and layout), 1,024 of them by default, each with its own buffers. Packed and length-grouped micro
 batches have a new token count almost every step, so the cache fills with the primitives of shapes
-that never come back, and the heap around them cannot shrink. Measured (AMX Xeon, bf16,
-docs/performance.md): the throughput benchmark's packed step needs fewer than 32 primitives (its peak RSS
-3,160 -> 2,929 MB with 256, 2,709 with 64, 2,630 with 32; 16: -19% tokens/s), but the demo's, whose
-attention runs per row length, needs more than 64 (64: -10% tokens/s; 256: -2%, within noise).
+that never come back, and the heap around them cannot shrink. The throughput benchmark's packed step
+needs few primitives, but the demo's, whose attention runs per row length, needs more than 64: 256 keeps
+most of the memory saving at no measurable speed cost (docs/performance.md, "Measurements behind the
+code": runtime/onednn.py).
 
 oneDNN reads the capacity once, when it builds its first primitive, so loralab sets it on import
 (before any matmul), and never over a value the user set (either of oneDNN's two names).

@@ -1,11 +1,10 @@
 """torch.compile of the decoder blocks (config `train.compile`).
 
-Measured on the 2-core CPU (docs/performance.md): the steady-state step time does not change (the
-step is bound by matmuls that compile does not speed up), but peak memory drops by ~27%: inductor
-fuses the elementwise work (RMSNorm, SiLU, rotary, dropout) and recomputes it in backward
-instead of saving its intermediates. The price is a one-time compile at the first step (~20 s
-with a warm inductor cache, ~100 s cold on 2 cores), so it pays for memory on runs of minutes,
-not for speed on short ones.
+Where the step is bound by matmuls that compile does not speed up, the steady-state step time barely
+changes, but peak memory drops: inductor fuses the elementwise work (RMSNorm, SiLU, rotary, dropout) and
+recomputes it in backward instead of saving its intermediates. The price is a one-time compile at the
+first step (much longer with a cold inductor cache), so it pays for memory on runs of minutes, not for
+speed on short ones (docs/performance.md, "Levers").
 
 Each block is compiled in place (`Module.compile`), with dynamic shapes since every batch has its
 own length; all blocks share one compiled graph (same code, parameters are graph inputs), so the

@@ -2,15 +2,15 @@
 
 A training forward allocates each block's temporaries (norm and attention scratch, projections before
 rotary, residual sums) between the tensors autograd keeps for backward, and glibc's malloc reuses few of
-the holes they leave: at 4 x 256 tokens in bf16 the heap held 1.04 GB in use and 0.56 GB free at the end
-of forward (mallinfo2), and the step's peak RSS, reached there, counts both. `malloc_trim(0)` releases
+the holes they leave: at the end of forward a large part of the heap is free but not returned (mallinfo2),
+and the step's peak RSS, reached there, counts both. `malloc_trim(0)` releases
 the free pages inside the heap (madvise), not only at its top. Called before every TRIM_EVERY-th decoder
 block and the last one, in forward only, for micro batches of at least MIN_POSITIONS token positions, it
-cut the throughput benchmark's peak by 20% (3.2 -> 2.6 GB, AMX bf16) but cost 13% of its tokens/s: the
-pages it releases, most of them the previous step's backward memory, fault back in (zeroed) when reused.
-So it is a memory option, like activation checkpointing (-59% for -29%), not a default. glibc's malloc only:
+lowers the peak but costs tokens/s: the pages it releases, most of them the previous step's backward
+memory, fault back in (zeroed) when reused. So it is a memory option, like activation checkpointing, not a
+default (docs/performance.md, "Measurements behind the code": train/heap.py). glibc's malloc only:
 elsewhere (musl, macOS) nothing is done, and on the malloc the `loralab` command preloads (allocator.py:
-tcmalloc or mimalloc, whose heap has no such holes: peak -26% and faster) it warns and does nothing.
+tcmalloc or mimalloc, whose heap has no such holes, a lower peak and faster) it warns and does nothing.
 """
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ from ..runtime.allocator import active as active_allocator
 from ..runtime.allocator import malloc_trim
 from .compile import decoder_blocks
 
-TRIM_EVERY = 10  # blocks between trims: one trim before the last block alone saved half as much (-10%) for 4-8%
+TRIM_EVERY = 10  # blocks between trims: one trim before the last block alone saved half as much
 # Below this many token positions per micro batch the holes are small and a trim costs more than it frees
-# (the demo's 4 x 64, one process each: 3-8% slower for 2% less peak).
+# (measured on the demo's micro batches: docs/performance.md).
 MIN_POSITIONS = 512
 
 

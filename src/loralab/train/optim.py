@@ -30,9 +30,9 @@ def param_groups(params, cfg: TrainConfig) -> list:
 def implementation(params) -> dict:
     """torch's fused kernel (one pass over each tensor) when every parameter is a plain floating
     tensor on the CPU or a CUDA GPU, else foreach (a few kernels for the many small LoRA tensors;
-    FSDP2's DTensors take this path). On the CPU, foreach runs the per-tensor ops one after another:
-    the demo's AdamW step over 280 LoRA tensors takes 34 ms that way, 10 ms fused (2 AVX2 cores,
-    benchmarks/experiments/optimizer_step.py)."""
+    FSDP2's DTensors take this path). On the CPU, foreach runs the per-tensor ops one after another,
+    several times slower than fused over the demo's many small LoRA tensors
+    (benchmarks/experiments/optimizer_step.py; docs/performance.md)."""
     flat = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
     fused = all(type(p.data) is torch.Tensor and p.is_floating_point() and p.device.type in ("cpu", "cuda")
                 for p in flat)

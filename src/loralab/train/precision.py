@@ -22,8 +22,8 @@ def default_device() -> torch.device:
 
 
 # A CPU with bf16 instructions trains in bf16 only where its bf16 matmuls measure at least this much faster
-# than fp32's. Flags alone mislead: an Intel Xeon VM with AVX512-BF16 (AMX hidden) ran them at 0.62x
-# fp32's speed (142 vs 228 GFLOP/s), where an AMD EPYC with the same flag runs them ~2x faster.
+# than fp32's. Flags alone mislead: an Intel Xeon VM with AVX512-BF16 (AMX hidden) ran them slower than
+# fp32, where an AMD EPYC with the same flag runs them faster (docs/performance.md, "CPU kinds").
 BF16_MIN_SPEEDUP = 1.0
 _PROBE = (640, 576, 1536)  # rows x in x out: the demo's micro batch through a 576-wide model's MLP layer
 _PROBE_FILE = "cpu_bf16.json"
@@ -55,8 +55,8 @@ def _probe_key(info: str) -> str:
 
 def bf16_speedup() -> float | None:
     """This CPU's measured bf16 speed-up over fp32, or None where it has no bf16 instructions (AVX2-only
-    CPUs, or oneDNN capped below them): torch emulates bf16 there, hundreds of times slower than fp32 (0.2
-    vs 71 GFLOP/s on one core, docs/performance.md), so there is nothing to measure. Measured once per CPU
+    CPUs, or oneDNN capped below them): torch emulates bf16 there, hundreds of times slower than fp32
+    (docs/performance.md), so there is nothing to measure. Measured once per CPU
     model, torch version, thread count and oneDNN cap, and cached under loralab's cache folder; a file
     lock makes the ranks of a distributed run agree."""
     info = cpu.cpu_info()
