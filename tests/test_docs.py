@@ -168,3 +168,9 @@ def test_the_measured_number_pattern_catches_what_it_should():
     assert MEASURED.search("402-419 tokens/s at 2,163 MB")
     assert not MEASURED.search("# 2 x H x b per layer, q and v")
     assert not MEASURED.search("blocks of 64 with an absmax each")
+
+
+def test_getting_started_shows_the_readme_run():
+    page = (ROOT / "docs" / "getting-started.md").read_text(encoding="utf-8")
+    (run,) = re.findall(r"^(loralab run -> .*?)^```", README, re.S | re.M)
+    assert "task    before    after" in run and run in page
