@@ -119,9 +119,10 @@ def config_page() -> str:
 
 
 def _option_name(a: argparse.Action) -> str:
+    value = a.metavar or ("{" + ",".join(map(str, a.choices)) + "}" if a.choices else a.dest.upper())
     if a.option_strings:
         names = ", ".join(f"`{s}`" for s in a.option_strings)
-        return names + (f" `{a.metavar}`" if a.metavar and a.nargs != 0 else "")
+        return names + (f" `{value}`" if a.nargs != 0 else "")
     return f"`{a.metavar or a.dest}`"
 
 
