@@ -174,3 +174,18 @@ def test_getting_started_shows_the_readme_run():
     page = (ROOT / "docs" / "getting-started.md").read_text(encoding="utf-8")
     (run,) = re.findall(r"^(loralab run -> .*?)^```", README, re.S | re.M)
     assert "task    before    after" in run and run in page
+
+
+def test_readme_csv_example_trains(tiny_folder, tmp_path, monkeypatch):
+    """The README's own CSV and its train command, on a tiny model with a few fast settings added."""
+    pytest.importorskip("datasets", reason="CSV input needs the data extra (pip install -e '.[data]')")
+    from loralab.cli import main
+
+    (csv,) = re.findall(r"^```\n(question,answer\n.*?)^```", README, re.S | re.M)
+    (command,) = [c for c in _readme_commands() if c[0] == "train" and "data.path=qa.csv" in c]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "qa.csv").write_text(csv, encoding="utf-8")
+    fast = [f"model.name={tiny_folder}", "train.max_steps=2", "train.batch_size=2", "train.precision=fp32",
+            "train.progress=false", "eval.before=false", "eval.stop_check=false"]
+    assert main(command + fast) == 0
+    assert (tmp_path / "runs" / "qa" / "adapter" / "adapter_model.safetensors").is_file()
