@@ -189,3 +189,19 @@ def test_readme_csv_example_trains(tiny_folder, tmp_path, monkeypatch):
             "train.progress=false", "eval.before=false", "eval.stop_check=false"]
     assert main(command + fast) == 0
     assert (tmp_path / "runs" / "qa" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_sections_the_code_points_to_exist():
+    """`docs/PAGE.md, "Section"` in a comment names a heading (or a bold lead-in) of that page."""
+    refs = set()
+    for path in [*(ROOT / "src").rglob("*.py"), ROOT / "Makefile"]:
+        text = " ".join(path.read_text(encoding="utf-8").replace("#", " ").split())
+        refs |= set(re.findall(r"docs/([\w-]+\.md), \"([^\"]+)\"", text))
+    assert refs
+    missing = []
+    for page, title in sorted(refs):
+        doc = (ROOT / "docs" / page).read_text(encoding="utf-8")
+        heads = re.findall(r"^#+ (.+)$", doc, re.M) + re.findall(r"\*\*([^*]+?)\.?\*\*", doc)
+        if not any(h.strip().startswith(title) for h in heads):
+            missing.append(f"{page}: {title}")
+    assert missing == []
