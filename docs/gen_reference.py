@@ -27,6 +27,13 @@ def _cell(text: str) -> str:
     return " ".join(str(text).split()).replace("|", "\\|")
 
 
+def _code(text: str) -> str:
+    """Text as a code span in a table cell: a `|` inside a code span would show its escaping backslash, so
+    the pipes stay outside (`float` \\| `None`)."""
+    parts = [part.strip() for part in " ".join(str(text).split()).split("|")]
+    return " \\| ".join(f"`{part}`" for part in parts if part)
+
+
 def _value(v) -> str:
     if v is None:
         return "null"
@@ -114,7 +121,7 @@ def config_page() -> str:
             lines += ["", f"## `{top}`" if top != "top level" else "## Top level", "",
                       "| key | type | default | meaning |", "|---|---|---|---|"]
         allowed = f" One of: {choices}." if choices else ""
-        lines.append(f"| `{key}` | `{_cell(typ)}` | `{_cell(default)}` | {_cell(meaning + allowed)} |")
+        lines.append(f"| `{key}` | {_code(typ)} | {_code(default)} | {_cell(meaning + allowed)} |")
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -122,14 +129,14 @@ def _option_name(a: argparse.Action) -> str:
     value = a.metavar or ("{" + ",".join(map(str, a.choices)) + "}" if a.choices else a.dest.upper())
     if a.option_strings:
         names = ", ".join(f"`{s}`" for s in a.option_strings)
-        return names + (f" `{value}`" if a.nargs != 0 else "")
-    return f"`{a.metavar or a.dest}`"
+        return names + (f" {_code(value)}" if a.nargs != 0 else "")
+    return _code(a.metavar or a.dest)
 
 
 def _default(a: argparse.Action) -> str:
     if a.nargs == 0 or a.default in (None, argparse.SUPPRESS) or a.default == []:
         return ""
-    return f"`{_value(a.default)}`"
+    return _code(_value(a.default))
 
 
 def cli_page() -> str:
@@ -152,7 +159,7 @@ def cli_page() -> str:
         for a in sub._actions:
             if isinstance(a, argparse._HelpAction):
                 continue
-            lines.append(f"| {_option_name(a).replace('|', chr(92) + '|')} | {_cell(_default(a))} | {_cell(a.help)} |")
+            lines.append(f"| {_option_name(a)} | {_default(a)} | {_cell(a.help)} |")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
