@@ -36,7 +36,7 @@ def nf4(ctx: Ctx) -> list[dict]:
     t_dev = to_nf4(w.to(ctx.device))  # quantized on the device: codes may differ at bin edges only
     deq = dequantize_nf4(t_dev, torch.float32).cpu()
     err_dev, err_cpu = ((deq - w).norm() / w.norm()).item(), ((ref - w).norm() / w.norm()).item()
-    rows.append(row("nf4", f"quantize on {ctx.device.type}: relative error vs the CPU's", 
+    rows.append(row("nf4", f"quantize on {ctx.device.type}: relative error vs the CPU's",
                     PASS if abs(err_dev - err_cpu) <= 1e-3 else FAIL, max_abs_error=abs(err_dev - err_cpu),
                     tolerance=1e-3, error_kind="|rel. Frobenius error - the CPU's|", rel_error=err_dev))
     return rows
@@ -159,7 +159,8 @@ def dropout(ctx: Ctx) -> list[dict]:
                 max_abs_error=wrong_back, tolerance=0, error_kind="elements that differ")]
     # the bits-keeping function vs the plain composition, the same mask (the same RNG state), same device
     gen = torch.Generator().manual_seed(5)
-    a, b = (torch.randn(8, d_in, generator=gen) * 0.1).to(ctx.device), (torch.randn(16, 8, generator=gen)).to(ctx.device)
+    a = (torch.randn(8, d_in, generator=gen) * 0.1).to(ctx.device)
+    b = torch.randn(16, 8, generator=gen).to(ctx.device)
     drop = nn.Dropout(p).train()
     outs = []
     for fn in ("bits", "composition"):

@@ -1,1 +1,91 @@
-PARTS = {}
+"""Speed against the GPU stacks: tokens/s and MFU of loralab (run_training, packed) vs PEFT + transformers'
+Trainer and TRL's SFTTrainer with packing (Liger kernels where liger_kernel imports), on the same examples and
+micro batches: throughput.py's workers (peft_baseline.py, loralab_side.py, workload.py), each in its own
+process. MFU is against the bf16 matmul peak measured here (CUDA: an 8192^3 GEMM; the CPU mode: workload's
+2048^3 fp32 GEMM, since its sides run fp32 on a CPU without fast bf16)."""
+from __future__ import annotations
+
+import importlib.util
+import math
+import time
+from pathlib import Path
+
+import torch
+from common import FAIL, PASS, TINY, Ctx, hf_config, row
+
+SIDES = ("baseline", "baseline-sft", "packed")
+
+
+def cuda_matmul_peak(n: int = 8192, reps: int = 10) -> float:
+    """Best GFLOP/s of an n^3 bf16 GEMM on the current GPU."""
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    best = math.inf
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
+def tiny_folder(out: Path) -> Path:
+    """A tiny Llama with the tests' tiny tokenizer (tests/tiny_tokenizer.py), saved where the workers load it."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+    from transformers import AutoModelForCausalLM
+
+    from tiny_tokenizer import make_tiny_tokenizer
+
+    folder = out / "tiny-model"
+    tok = make_tiny_tokenizer()
+    cfg = hf_config(dict(TINY, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id))
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def stacks(ctx: Ctx) -> list[dict]:
+    import throughput
+    from loralab.train.precision import resolve_precision
+    from workload import matmul_peak, model_shape
+
+    model = str(tiny_folder(ctx.out)) if ctx.tiny else throughput.MODEL
+    steps, batch = (3, 2) if ctx.tiny else (12, 8)
+    precision = resolve_precision("auto", ctx.device)
+    if ctx.cuda:
+        peak, peak_kind = cuda_matmul_peak(), "bf16 8192^3"
+    else:
+        kind = "bf16" if precision == "bf16" else "fp32"
+        peak, peak_kind = matmul_peak(reps=3, precisions=(kind,))[f"{kind}_gflops"], f"{kind} 2048^3 (CPU)"
+    liger = ctx.cuda and importlib.util.find_spec("liger_kernel") is not None
+    base = dict(steps=steps, batch=batch, grad_accum=1, examples=steps * batch, lr=1e-3, warmup=0, seed=42,
+                baseline_weights="fp32", precision=precision, baseline_allocator="system", model=model, liger=liger)
+    ctx.steps["stacks"] = {"steps": steps, "micro_batch": batch, "sides": list(SIDES)}
+    shape = model_shape(model if ctx.tiny else throughput.MODEL)
+    rows, results = [], {}
+    for side in SIDES:
+        spec = throughput.side_spec(side, base, 0)
+        res = throughput._run_worker("baseline" if side in throughput.BASELINES else "loralab", spec, None)
+        s = throughput.summarize(res, shape, peak)
+        results[side] = s
+        ok = s["tokens"] > 0 and all(math.isfinite(x) for x in s["losses"])
+        how = s["how"] + (" + Liger kernels" if side == "baseline-sft" and liger else "")
+        rows.append(row("stacks", f"{side}: {how}", PASS if ok else FAIL,
+                        f"{s['tokens']:,} tokens in {s['steps']} steps; MFU against {peak_kind} = {peak:,.0f} GFLOP/s; "
+                        f"peak {s['peak_memory_bytes'] / 2**20:,.0f} MiB ({s.get('memory_method', '')})",
+                        tokens_per_s=s["tokens_per_s"], mfu=s["mfu"], step_s=s["step_time_s_median"]))
+    fastest = max((x for x in results if x in throughput.BASELINES), key=lambda x: results[x]["tokens_per_s"])
+    ratio = results["packed"]["tokens_per_s"] / results[fastest]["tokens_per_s"]
+    rows.append(row("stacks", f"loralab (packed) / the fastest stack ({fastest}): tokens/s", PASS,
+                    f"{ratio:.2f}x; the same {steps * batch} examples on every side", tokens_per_s=ratio))
+    if not liger and ctx.cuda:
+        rows[1]["note"] += "; liger_kernel does not import here: without Liger"
+    return rows
+
+
+PARTS = {"stacks": stacks}
