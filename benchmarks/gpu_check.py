@@ -43,8 +43,12 @@ def main(argv=None) -> int:
     import torch
 
     if a.device in ("auto", "cuda") and not torch.cuda.is_available():
-        print(f"gpu-check: no CUDA device here (torch {torch.__version__}); nothing to check: run it on a GPU "
-              "machine, or `--device cpu --tiny` for the CPU mode")
+        import shutil
+
+        why = "this torch is a CPU build: install a CUDA one (make gpu-check TORCH=... from a CUDA index)" \
+            if shutil.which("nvidia-smi") and torch.version.cuda is None else "nothing to check"
+        print(f"gpu-check: no CUDA device here (torch {torch.__version__}); {why}: run it on a GPU machine, "
+              "or `--device cpu --tiny` for the CPU mode")
         return 0
     if a.device == "cpu" and not a.tiny:
         ap.error("--device cpu runs tiny shapes only: add --tiny")
