@@ -63,3 +63,26 @@ def test_the_tiny_cpu_mode_runs_every_part_and_all_pass(tmp_path):
     assert md.count("\n| ") >= len(rows) and "| stacks |" in md
     for part in PARTS:  # per-part wall times printed as they finish
         assert f"gpu-check: {part}" in proc.stdout
+
+
+def test_a_part_that_breaks_is_a_failed_row_and_the_run_exits_1(tmp_path, monkeypatch):
+    """One broken part costs its rows, not the run: the others still report, and the exit code says it failed."""
+    import importlib.util
+
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts its folders first: undone after the test
+    spec = importlib.util.spec_from_file_location("gpu_check_main", SCRIPT)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+
+    def broken(ctx):
+        raise RuntimeError("kernel missing")
+
+    from common import PASS, row
+
+    fine = lambda ctx: [row("dropout", "x", PASS)]  # noqa: E731
+    monkeypatch.setattr(gpu_check, "all_parts", lambda: {"nf4": broken, "dropout": fine})
+    assert gpu_check.main(["--device", "cpu", "--tiny", "--parts", "nf4,dropout", "--out", str(tmp_path)]) == 1
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [(r["part"], r["status"]) for r in result["rows"]] == [("nf4", "fail"), ("dropout", "pass")]
+    assert "RuntimeError: kernel missing" in result["rows"][0]["note"]
+    assert "| nf4 | the part ran | fail |" in (tmp_path / "gpu_check.md").read_text()

@@ -37,6 +37,16 @@ def _estimate(shape, method: str, targets: str, r: int, seq: int, grad_accum: in
                     qlora_saves_inputs=False, loss_rows=FROZEN_HEAD_ROWS, grad_accum=grad_accum)
 
 
+def _cli_estimate(shape, method: str, seq: int) -> float:
+    """What docs/memory.md's command prints (GB): `loralab estimate --model llama-2-7b --method METHOD --r 8
+    --targets qv --seq 1304 --batch 1 --grad-accum 128 --precision bf16`, which models the article's stack
+    (bitsandbytes-style NF4 keeping its inputs, full logits) and counts the 0.5 GB CUDA context."""
+    from loralab.memory.estimate import estimate
+
+    return estimate(model_config(shape), method=method, r=8, targets="qv", seq=seq, batch=1, grad_accum=128,
+                    precision="bf16", device="cuda")["peak_bytes"] / GB
+
+
 def measure(ctx: Ctx, shape, method: str, targets: str, r: int, seqs: list[int], steps: int,
             grad_accum: int = 2) -> dict:
     """Peak allocated bytes over 1 warm-up + `steps` optimizer steps at seqs[0] (each `grad_accum` micro batches
@@ -110,7 +120,9 @@ def article(ctx: Ctx) -> list[dict]:
         m = measure(ctx, shape, method, "qv", 8, [seq, mean], steps)
         est = _estimate(shape, method, "qv", 8, seq, grad_accum=2)
         what = f"{name} {method}, r=8 q+v, micro batch 1, {seq} tokens, bf16"
-        rows.append(_memory_row("article", what, ctx, m, est, {"article_gb": None if ctx.tiny else ARTICLE_GB[method]}))
+        extra = {"article_gb": None if ctx.tiny else ARTICLE_GB[method],
+                 "cli_estimate_gb": _cli_estimate(shape, method, seq)}
+        rows.append(_memory_row("article", what, ctx, m, est, extra))
         finite = all(math.isfinite(x) for x in m["losses"])
         epoch = ALPACA_EXAMPLES * m["per_micro_s"][mean] / 3600
         upper = ALPACA_EXAMPLES * m["per_micro_s"][seq] / 3600

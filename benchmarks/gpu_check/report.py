@@ -38,8 +38,21 @@ def _num(v) -> str:
     return f"{v:,}" if isinstance(v, int) else str(v)
 
 
-NUMBERS = ("max_abs_error", "tolerance", "measured_gb", "estimate_gb", "article_gb", "error_pct", "step_s",
-           "tokens_per_s", "mfu", "epoch_h", "article_h")
+# the numbers a row may carry, as the table names them (unit after the value)
+NUMBERS = (("measured_gb", "measured", " GB"), ("estimate_gb", "estimate", " GB"),
+           ("cli_estimate_gb", "`loralab estimate`", " GB"), ("article_gb", "article", " GB"),
+           ("error_pct", "error", "%"), ("step_s", "step", " s"), ("tokens_per_s", "tokens/s", ""),
+           ("mfu", "MFU", ""), ("epoch_h", "epoch", " h"), ("article_h", "article", " h"))
+
+
+def _numbers(r: dict) -> str:
+    return ", ".join(f"{label} {_num(r[k])}{unit}" for k, label, unit in NUMBERS if r.get(k) is not None)
+
+
+def _error(r: dict) -> str:
+    if r.get("max_abs_error") is None:
+        return ""
+    return f"{_num(r['max_abs_error'])} (≤ {_num(r.get('tolerance'))})"
 
 
 def markdown(result: dict) -> str:
@@ -47,10 +60,9 @@ def markdown(result: dict) -> str:
     head = ", ".join(f"{k} {v}" for k, v in env.items() if v not in (None, []))
     lines = [f"GPU check on {result['device']}{' (--tiny)' if result['tiny'] else ''}: {head}; "
              f"{result['total_wall_s']:.1f} s in all", "",
-             "| part | check | status | " + " | ".join(NUMBERS) + " | note |",
-             "|---|---|---|" + "---|" * len(NUMBERS) + "---|"]
+             "| part | check | status | error (tolerance) | numbers | note |", "|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        cells = [r["part"], r["check"], r["status"], *(_num(r.get(k)) for k in NUMBERS), r.get("note", "")]
+        cells = [r["part"], r["check"], r["status"], _error(r), _numbers(r), r.get("note", "")]
         lines.append("| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |")
     lines += ["", "| part | wall s |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in result["part_wall_s"].items()]
