@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def main(mode: str, device_type: str, out: str, steps: int) -> None:
     from common import TINY
-    from dist_check import global_batches, lora_model
+    from dist_check import LR, global_batches, lora_model
 
     from loralab.train.distributed import Dist, trainable_state, wrap
     from loralab.train.loss import LossModule
@@ -32,7 +32,7 @@ def main(mode: str, device_type: str, out: str, steps: int) -> None:
     model = lora_model(device)
     module = wrap(LossModule(model), model, d)
     params = [p for p in module.parameters() if p.requires_grad]  # FSDP2 swaps in sharded parameters
-    opt = torch.optim.SGD(params, lr=1e-2)
+    opt = torch.optim.SGD(params, lr=LR)
     losses = []
     for batches in global_batches(world, steps, TINY["vocab_size"]):
         res = train_step(module, [batches[rank]], opt, params, dist=d)

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import FAIL, PASS, TINY, Ctx, hf_config, row
+from common import FAIL, PASS, TINY, Ctx, hf_config, model_config, row
 
 SIDES = ("baseline", "baseline-sft", "packed")
 
@@ -31,8 +32,10 @@ def cuda_matmul_peak(n: int = 8192, reps: int = 10) -> float:
     return 2 * n ** 3 / best / 1e9
 
 
-def tiny_folder(out: Path) -> Path:
-    """A tiny Llama with the tests' tiny tokenizer (tests/tiny_tokenizer.py), saved where the workers load it."""
+def shaped_folder(folder: Path, shape, tokenizer_vocab: bool = False) -> Path:
+    """A model of `shape` (a config dict or a bundled name) with random weights, saved with the tests' tiny
+    tokenizer (tests/tiny_tokenizer.py) where the workers load it; tokenizer_vocab: the vocabulary cut to the
+    tokenizer's (else the shape's, which keeps the output layer's cost)."""
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
@@ -40,21 +43,46 @@ def tiny_folder(out: Path) -> Path:
 
     from tiny_tokenizer import make_tiny_tokenizer
 
-    folder = out / "tiny-model"
     tok = make_tiny_tokenizer()
-    cfg = hf_config(dict(TINY, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id))
+    special = dict(pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    cfg = model_config(shape)
+    cfg = dict(cfg, **special, **({"vocab_size": len(tok)} if tokenizer_vocab else {}))
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+    AutoModelForCausalLM.from_config(hf_config(cfg)).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
 
 
+def _model(ctx: Ctx, tmp: Path) -> tuple[str, str]:
+    """(model folder or name, what it is): the default model, fetched where it is not cached; where it cannot
+    be (a machine with no registry), random weights of its shape with the tiny tokenizer, whose tokens are
+    characters: more tokens per example than SmolLM2's, the same on every side."""
+    import throughput
+
+
+    if ctx.tiny:
+        return str(shaped_folder(tmp / "tiny", TINY, tokenizer_vocab=True)), "a tiny Llama, the tests' tokenizer"
+    from loralab.io.models import resolve
+
+    try:
+        return str(resolve(throughput.MODEL)), throughput.MODEL
+    except Exception as e:  # no registry, no cache: any failure of the fetch
+        why = f"{type(e).__name__}: {e}"[:120]
+        return str(shaped_folder(tmp / "shape", throughput.MODEL)), \
+            f"random weights of {throughput.MODEL}'s shape, the tests' tokenizer (the model: {why})"
+
+
 def stacks(ctx: Ctx) -> list[dict]:
+    with tempfile.TemporaryDirectory(prefix="gpu-check-stacks-") as tmp:
+        model, what = _model(ctx, Path(tmp))
+        return _stacks(ctx, model, what)
+
+
+def _stacks(ctx: Ctx, model: str, what: str) -> list[dict]:
     import throughput
     from loralab.train.precision import resolve_precision
     from workload import matmul_peak, model_shape
 
-    model = str(tiny_folder(ctx.out)) if ctx.tiny else throughput.MODEL
     steps, batch = (3, 2) if ctx.tiny else (12, 8)
     precision = resolve_precision("auto", ctx.device)
     if ctx.cuda:
@@ -66,7 +94,7 @@ def stacks(ctx: Ctx) -> list[dict]:
     base = dict(steps=steps, batch=batch, grad_accum=1, examples=steps * batch, lr=1e-3, warmup=0, seed=42,
                 baseline_weights="fp32", precision=precision, baseline_allocator="system", model=model, liger=liger)
     ctx.steps["stacks"] = {"steps": steps, "micro_batch": batch, "sides": list(SIDES)}
-    shape = model_shape(model if ctx.tiny else throughput.MODEL)
+    shape = model_shape(model)
     rows, results = [], {}
     for side in SIDES:
         spec = throughput.side_spec(side, base, 0)
@@ -82,7 +110,8 @@ def stacks(ctx: Ctx) -> list[dict]:
     fastest = max((x for x in results if x in throughput.BASELINES), key=lambda x: results[x]["tokens_per_s"])
     ratio = results["packed"]["tokens_per_s"] / results[fastest]["tokens_per_s"]
     rows.append(row("stacks", f"loralab (packed) / the fastest stack ({fastest}): tokens/s", PASS,
-                    f"{ratio:.2f}x; the same {steps * batch} examples on every side", tokens_per_s=ratio))
+                    f"{ratio:.2f}x; the same {steps * batch} examples on every side; model: {what}",
+                    tokens_per_s=ratio))
     if not liger and ctx.cuda:
         rows[1]["note"] += "; liger_kernel does not import here: without Liger"
     return rows
