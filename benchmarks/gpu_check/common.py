@@ -88,6 +88,9 @@ def hf_config(cfg: dict):
     return AutoConfig.for_model(cfg.pop("model_type"), **{k: v for k, v in cfg.items() if not k.startswith("_")})
 
 
+SMALL_PARAMS = 50_000_000
+
+
 def random_model(shape, device: torch.device, dtype: torch.dtype, attn: str = "sdpa", seed: int = 0):
     """A causal LM of `shape` with random weights: built on the meta device (no host memory, no init cost),
     materialized on `device` in `dtype`, every weight drawn N(0, 0.02) there (norms 1): peak memory and step
@@ -99,11 +102,16 @@ def random_model(shape, device: torch.device, dtype: torch.dtype, attn: str = "s
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(seed)
+    # a small model draws on the CPU, so it is the same on every device (its reference runs on the CPU); a
+    # large one on its device (the CPU would take minutes and its size in host memory)
+    small = sum(p.numel() for p in model.parameters()) < SMALL_PARAMS
+    gen = torch.Generator(device="cpu" if small else device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.fill_(1.0)
+            elif small:
+                p.copy_(torch.empty(p.shape, dtype=torch.float32).normal_(0.0, 0.02, generator=gen))
             else:
                 p.normal_(0.0, 0.02, generator=gen)
         for name, m in model.named_modules():  # non-persistent buffers (rotary tables) are rebuilt
