@@ -73,7 +73,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         try:
             got = registry[name](ctx)
-        except Exception as e:  # one broken part is a failed row; the others still run
+        except (Exception, SystemExit) as e:  # one broken part is a failed row; the others still run
             got = [row(name, "the part ran", FAIL, f"{type(e).__name__}: {e}"[:500])]
             traceback.print_exc(file=sys.stderr)
         times[name] = round(time.perf_counter() - t0, 2)

@@ -98,23 +98,44 @@ def _stacks(ctx: Ctx, model: str, what: str) -> list[dict]:
     rows, results = [], {}
     for side in SIDES:
         spec = throughput.side_spec(side, base, 0)
-        res = throughput._run_worker("baseline" if side in throughput.BASELINES else "loralab", spec, None)
+        res, note = _side(throughput, side, spec)
+        if res is None:
+            rows.append(row("stacks", side, FAIL, note))
+            continue
         s = throughput.summarize(res, shape, peak)
         results[side] = s
         ok = s["tokens"] > 0 and all(math.isfinite(x) for x in s["losses"])
-        how = s["how"] + (" + Liger kernels" if side == "baseline-sft" and liger else "")
+        how = s["how"] + (" + Liger kernels" if spec.get("liger") and side == "baseline-sft" else "")
+        if side == "baseline-sft" and ctx.cuda and not liger:
+            note += "liger_kernel does not import here: without Liger; "
         rows.append(row("stacks", f"{side}: {how}", PASS if ok else FAIL,
-                        f"{s['tokens']:,} tokens in {s['steps']} steps; MFU against {peak_kind} = {peak:,.0f} GFLOP/s; "
-                        f"peak {s['peak_memory_bytes'] / 2**20:,.0f} MiB ({s.get('memory_method', '')})",
+                        f"{note}{s['tokens']:,} tokens in {s['steps']} steps; MFU against {peak_kind} = "
+                        f"{peak:,.0f} GFLOP/s; peak {s['peak_memory_bytes'] / 2**20:,.0f} MiB "
+                        f"({s.get('memory_method', '')})",
                         tokens_per_s=s["tokens_per_s"], mfu=s["mfu"], step_s=s["step_time_s_median"]))
-    fastest = max((x for x in results if x in throughput.BASELINES), key=lambda x: results[x]["tokens_per_s"])
-    ratio = results["packed"]["tokens_per_s"] / results[fastest]["tokens_per_s"]
-    rows.append(row("stacks", f"loralab (packed) / the fastest stack ({fastest}): tokens/s", PASS,
-                    f"{ratio:.2f}x; the same {steps * batch} examples on every side; model: {what}",
-                    tokens_per_s=ratio))
-    if not liger and ctx.cuda:
-        rows[1]["note"] += "; liger_kernel does not import here: without Liger"
+    baselines = [x for x in results if x in throughput.BASELINES]
+    if "packed" in results and baselines:
+        fastest = max(baselines, key=lambda x: results[x]["tokens_per_s"])
+        ratio = results["packed"]["tokens_per_s"] / results[fastest]["tokens_per_s"]
+        rows.append(row("stacks", f"loralab (packed) / the fastest stack ({fastest}): tokens/s", PASS,
+                        f"{ratio:.2f}x; the same {steps * batch} examples on every side; model: {what}",
+                        tokens_per_s=ratio))
     return rows
 
+
+def _side(throughput, side: str, spec: dict) -> tuple[dict | None, str]:
+    """(the worker's result or None, a note). throughput's driver ends a failed worker with SystemExit: here it
+    is that side's failed row. TRL's side that fails with Liger runs again without it."""
+    kind = "baseline" if side in throughput.BASELINES else "loralab"
+    try:
+        return throughput._run_worker(kind, spec, None), ""
+    except SystemExit as e:
+        if not spec.get("liger"):
+            return None, str(e)[-600:]
+        spec["liger"] = False
+        try:
+            return throughput._run_worker(kind, spec, None), f"failed with Liger ({str(e)[-200:]}), ran without; "
+        except SystemExit as e2:
+            return None, str(e2)[-600:]
 
 PARTS = {"stacks": stacks}
