@@ -86,3 +86,32 @@ def test_a_part_that_breaks_is_a_failed_row_and_the_run_exits_1(tmp_path, monkey
     assert [(r["part"], r["status"]) for r in result["rows"]] == [("nf4", "fail"), ("dropout", "pass")]
     assert "RuntimeError: kernel missing" in result["rows"][0]["note"]
     assert "| nf4 | the part ran | fail |" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_a_stack_that_fails_with_liger_runs_again_without_it(monkeypatch):
+    """TRL's side with Liger kernels that break is rerun without them (the row says so); a side that fails
+    anyway is a failed row, not the end of the run (throughput's driver ends a failed worker with SystemExit)."""
+    monkeypatch.setattr(sys, "path", [str(ROOT / "benchmarks" / "gpu_check"), str(ROOT / "benchmarks"), *sys.path])
+    import stacks
+
+    import throughput
+
+    tried = []
+
+    def worker(kind, spec, threads):
+        tried.append(spec["liger"])
+        if spec["liger"]:
+            raise SystemExit("worker baseline/baseline-sft failed (exit 1):\nliger kernel error")
+        return {"side": "baseline-sft"}
+
+    monkeypatch.setattr(throughput, "_run_worker", worker)
+    res, note = stacks._side(throughput, "baseline-sft", {"liger": True})
+    assert res == {"side": "baseline-sft"} and tried == [True, False]
+    assert note.startswith("failed with Liger") and "liger kernel error" in note
+
+    def broken(kind, spec, threads):
+        raise SystemExit("worker loralab/packed failed (exit 1):\nout of memory")
+
+    monkeypatch.setattr(throughput, "_run_worker", broken)
+    assert stacks._side(throughput, "packed", {"liger": False}) == (None, "worker loralab/packed failed (exit 1):\n"
+                                                                           "out of memory")
