@@ -7,7 +7,7 @@ TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 TSTAMP  := $(VENV)/.installed-test
 
-.PHONY: demo test docs fuzz install fetch bench interop models clean
+.PHONY: demo test docs fuzz install fetch bench interop models clean gpu-check
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -70,6 +70,16 @@ interop: $(TSTAMP)
 	$(BIN)/python -c "import llama_cpp" 2>/dev/null || $(BIN)/pip install -q -e ".[interop]"
 	$(BIN)/loralab fetch
 	$(BIN)/python benchmarks/interop_llamacpp.py
+
+# Every CUDA path against its CPU reference, the article's 7B rows, the estimate's grid and speed against PEFT /
+# TRL, in one run of ~8 minutes on one CUDA GPU (docs/gpu.md); without CUDA it says so and exits 0. TORCH must be a
+# CUDA build there: `make gpu-check TORCH=torch==2.13.0` with pip pointed at an index that serves CUDA wheels
+# (PIP_INDEX_URL). GPU_PY=python3 runs on an interpreter that already has loralab's dependencies: no venv, no installs.
+GPU_PY  ?=
+GPU_OUT ?= runs/gpu-check
+gpu-check: $(if $(GPU_PY),,$(TSTAMP))
+	$(if $(GPU_PY),,$(BIN)/python -c "import liger_kernel" 2>/dev/null || $(BIN)/pip install -q -e ".[gpu]" || true)
+	PYTHONPATH=src $(or $(GPU_PY),$(BIN)/python) benchmarks/gpu_check.py --out $(GPU_OUT)
 
 clean:
 	rm -rf $(VENV) runs build site src/*.egg-info

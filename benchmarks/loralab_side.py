@@ -18,7 +18,8 @@ def run_config(spec: dict, output_dir: str):
     from loralab.config import from_dict
 
     return from_dict({
-        "model": {"name": MODEL, "quant": "nf4" if spec.get("quant") else "none",
+        # model: gpu_check's --tiny mode gives a tiny model folder
+        "model": {"name": spec.get("model", MODEL), "quant": "nf4" if spec.get("quant") else "none",
                   "attn_implementation": spec.get("attn", "auto")},
         "lora": {"r": LORA["r"], "alpha": LORA["alpha"], "dropout": spec.get("dropout", LORA["dropout"]),
                  "targets": "all-linear"},
@@ -62,7 +63,7 @@ def worker_loralab(spec: dict) -> dict:
         raise SystemExit("this model does not honour packed position ids; the run fell back to padded batches")
     # What was trained on, from the same encoding run_training applies (its data.* keys) and the
     # loop's own micro batch stream: padding (slots) and the examples the FLOPs count.
-    folder = resolve(MODEL)
+    folder = resolve(spec.get("model", MODEL))
     tok = load_tokenizer(folder)
     enc, stats = encode_all(examples, tok, template=cfg.data.template, system_prompt=cfg.data.system_prompt,
                             max_seq_len=cfg.data.max_seq_len)

@@ -73,7 +73,7 @@ def worker_baseline(spec: dict) -> dict:
     hf_logging.set_verbosity_error()
     torch.manual_seed(spec["seed"])
     t0 = time.perf_counter()
-    folder = resolve(MODEL)
+    folder = resolve(spec.get("model", MODEL))  # gpu_check's --tiny mode gives a tiny model folder
     tok = load_tokenizer(folder)
     dtype = torch.bfloat16 if spec["baseline_weights"] == "bf16" else torch.float32
     bf16 = spec["precision"] == "bf16"
@@ -166,6 +166,7 @@ def _sft_trainer(spec: dict, model, tok, lora, rows: list[dict], common: dict):
     max_length = max(longest, math.ceil(tokens / spec["steps"]))
     data = Dataset.from_list([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows])
     args = SFTConfig(per_device_train_batch_size=1, num_train_epochs=1, packing=True, packing_strategy="bfd",
-                     max_length=max_length, gradient_checkpointing=False, dataset_num_proc=None, **common)
+                     max_length=max_length, gradient_checkpointing=False, dataset_num_proc=None,
+                     use_liger_kernel=bool(spec.get("liger")), **common)  # gpu_check: where liger_kernel imports
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok, peft_config=lora)
     return trainer, f"TRL SFTTrainer (packing=True bfd, max_length={max_length}, batch 1, padding-free"
