@@ -175,3 +175,19 @@ def test_other_layers_keep_their_own_path(case, monkeypatch):
     seen = _calls(monkeypatch)
     layer(x.requires_grad_()).sum().backward()
     assert not seen and x.grad.abs().sum() > 0
+
+
+def test_under_autocast_the_layer_runs_unfused_and_matches_the_composition(monkeypatch):
+    """A user's own bf16 autocast around fp32 weights: the fused function's matmuls would disagree on
+    dtype ("self and mat2 must have the same dtype"); the layer takes the composition instead."""
+    layer = _layer(True)
+    x = torch.randn(4, 24, generator=torch.Generator().manual_seed(4))
+    seen = _calls(monkeypatch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _run(layer, x)
+    assert not seen
+    monkeypatch.setattr(fused, "ENABLED", False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = _run(layer, x)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)

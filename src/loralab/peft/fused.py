@@ -102,7 +102,9 @@ def fusable(layer, x: torch.Tensor) -> bool:
     """Whether `layer` (a LoRALinear) may run as one fused function on x: plain LoRA exactly (DoRA
     subclasses it), over a frozen dense (Linear or Conv1D) or NF4 base computing in x's dtype."""
     base = layer.base
-    if not ENABLED or layer.variant is not PlainLora:
+    # Under autocast the function's matmuls would each pick their own dtype (bf16 for some, fp32 for the
+    # others); the unfused path lets autocast cast every op consistently.
+    if not ENABLED or layer.variant is not PlainLora or torch.is_autocast_enabled(x.device.type):
         return False
     if type(base) is nn.Linear or is_conv1d(base):
         dtype = base.weight.dtype
