@@ -181,8 +181,11 @@ def make_report(study_dir: str | Path, plan: dict, results: StudyResults) -> dic
         sec.append(("p", "Common overrides: " + " ".join(f"`{o}`" for o in plan["overrides"])))
     if plan.get("findings"):
         sec += [("h2", "Verdict rules (fixed in the preset before the run)"),
-                ("p", "Intervals are 95% t intervals over the seeds (a difference's: Welch's); with one seed on "
-                      "a side the means alone decide."),
+                ("p", "Intervals are 95% t intervals over the seeds. A difference between two cells that ran the "
+                      "same seeds is judged on its per-seed differences (a paired t interval: a seed gives both "
+                      "cells the same data order, evaluation items and, where shapes agree, starting LoRA "
+                      "factors); otherwise Welch's. With one seed on a side the means alone decide. Each rule "
+                      "names its test; each measurement, the test and n it used."),
                 ("table", ["#", "the article's claim", "verdict rule", "if unclear, what would decide it"],
                  rules_rows(plan))]
     if estimate:

@@ -117,7 +117,9 @@ def collect(study_dir: Path, plan: dict) -> StudyResults:
             runs.append(_record(name, seed, chosen, folder, summary, info))
             for k, v in (run_metrics(summary, info) if summary is not None else {}).items():
                 if math.isfinite(v):
-                    stats[name].setdefault(k, Stat()).values.append(v)
+                    stat = stats[name].setdefault(k, Stat(seeds=[]))
+                    stat.values.append(v)
+                    stat.seeds.append(seed)  # what pairs this cell's runs with another cell's (stats.py)
             for record in (summary or {}).get("val_history") or []:
                 if isinstance(record.get("val_loss"), (int, float)) and math.isfinite(record["val_loss"]):
                     curves.setdefault(name, {}).setdefault(record["step"], Stat()).values.append(record["val_loss"])

@@ -19,7 +19,7 @@ from ..config import apply_overrides, from_dict, parse_override, read_yaml
 from ..errors import UserError
 from ..peft.presets import COMBINE_METHODS, NEEDS_DENSITY
 from .sweeps import SELECT_METRICS, expand_points
-from .verdicts import rule_text, validate_findings
+from .verdicts import rule_text, test_for, validate_findings
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"  # package data: found after any install
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "bundled" / "demo.yaml"  # the default base
@@ -252,7 +252,7 @@ def load_study(name: str, *, scale: str = "cpu", seeds: int | None = None, overr
     findings = validate_findings(spec.get("findings") or [], names, str(path))
     study = Study(name=spec.get("name", path.stem), description=spec.get("description", ""), kind=kind,
                   scale=scale, base=base, overrides=all_overrides, cells=cells,
-                  findings=[{**f, "rule": rule_text(f)} for f in findings], rows=rows,
+                  findings=[_with_rule(f, {c.name: c.seeds for c in cells}) for f in findings], rows=rows,
                   model=spec.get("model", ""), select=select)
     if kind == "train":
         axis_keys = {".".join(parse_override(o)[0]) for c in cells
@@ -267,6 +267,14 @@ def load_study(name: str, *, scale: str = "cpu", seeds: int | None = None, overr
             for point in [p for p, _ in cell.points] if cell.points else [None]:
                 run_config(study, cell, cell.seeds[0], Path("runs/check"), point=point)
     return study
+
+
+def _with_rule(finding: dict, cell_seeds: dict) -> dict:
+    """A finding with the test its differences use (paired or Welch, from its cells' seeds) and its rule in words."""
+    finding = {k: v for k, v in finding.items() if k != "test"}
+    if (test := test_for(finding, cell_seeds)) is not None:
+        finding["test"] = test
+    return {**finding, "rule": rule_text(finding)}
 
 
 def run_config(study: Study, cell: Cell, seed: int, run_dir: Path, extra=(), point: str | None = None):
