@@ -224,8 +224,8 @@ def test_cli_dry_run_prints_cells_sweeps_and_rules(capsys):
     out = capsys.readouterr().out
     assert "sgd-constant" in out and "lora.dropout=0.1" in out and "seeds 1,2 " in out
     assert "train.lr=0.05 | train.lr=0.2 | train.lr=0.8" in out and "7 cells, 16 runs" in out  # 3 x (3 + 1) + 4
-    assert ("F3. agree if the 95% interval (a paired t interval over the per-seed differences: both sides ran the "
-            "same seeds) of test_loss_seen_tasks(sgd-cosine)") in out  # the dry run names the test
+    assert ("F3. agree if the 95% interval (a paired t interval over the per-seed differences of the seeds both "
+            "sides ran) of test_loss_seen_tasks(sgd-cosine)") in out  # the dry run names the test
     assert "F5. agree if the 95% interval (one seed on a side: no interval; the means alone decide)" in out
     assert main(["study", "optimizer", "--dry-run", "train.lr=1e-3"]) == 2  # the sweep varies it
     assert "train.lr, which this study varies" in capsys.readouterr().err
@@ -325,8 +325,8 @@ def test_report_files_and_numbers(tmp_path):
     assert table[0][4].startswith("more seeds") and table[2][4] == ""  # what decides it: for unclear ones only
     assert "SmolLM2-135M" in findings and all(r[5] for r in table)  # every row has its scale note
     rules = md[md.index("## Verdict rules"):md.index("## Results")]  # stated before the results
-    assert "agree if the 95% interval (a paired t interval over the per-seed differences: both sides ran the same " \
-           "seeds) of test_loss_seen_tasks(qlora) - test_loss_seen_tasks(lora) lies within " \
+    assert "agree if the 95% interval (a paired t interval over the per-seed differences of the seeds both sides " \
+           "ran) of test_loss_seen_tasks(qlora) - test_loss_seen_tasks(lora) lies within " \
            "±5% of mean test_loss_seen_tasks(lora)" in rules
     assert json.loads((tmp_path / "study.json").read_text())["findings"][2]["rule"].startswith("agree if")
     html = (tmp_path / "report.html").read_text()

@@ -37,8 +37,9 @@ def findings_rows(plan: dict, stats: dict) -> list[list[str]]:
     carry a note per scale (scale_gpu: ...)."""
     scale = plan.get("scale", "cpu")
     rows = []
+    alpha = (plan.get("sequential") or {}).get("look_alpha", 0.05)  # --until-decided: the per-look level
     for i, spec in enumerate(plan.get("findings", []), 1):
-        measured, verdict = judge(spec, stats)
+        measured, verdict = judge(spec, stats, alpha)
         rows.append([f"F{i}", spec.get("claim", ""), measured, verdict,
                      spec.get("if_unclear", "") if verdict == "unclear" else "",
                      spec.get(f"scale_{scale}") or spec.get("scale") or ""])
@@ -188,6 +189,12 @@ def make_report(study_dir: str | Path, plan: dict, results: StudyResults) -> dic
                       "names its test; each measurement, the test and n it used."),
                 ("table", ["#", "the article's claim", "verdict rule", "if unclear, what would decide it"],
                  rules_rows(plan))]
+        if seq := plan.get("sequential"):
+            sec.append(("p", f"Run with --until-decided: seeds were added, a round at a time, to the cells behind "
+                             f"unclear claims (up to {seq['max_seeds']} a cell). So that stopping when a claim is "
+                             f"decided stays valid, every interval above and in the Findings is a "
+                             f"{100 * (1 - seq['look_alpha']):.2f}% interval, not 95%: 5% spent equally over the "
+                             f"{seq['looks']} possible looks (docs/studies.md)."))
     if estimate:
         sec.append(("h2", "Estimated peak memory vs the article"))
         if plan.get("estimator_error"):

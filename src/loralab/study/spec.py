@@ -58,6 +58,7 @@ class Study:
     rows: list          # estimate rows (kind: estimate)
     model: str = ""     # estimate: the model the estimator resolves
     select: str = "final_val_loss"  # what a sweep minimises (a validation metric)
+    sequential: dict | None = None  # --until-decided: per-look level and its looks (sequential.py)
 
 
 def list_presets() -> list[str]:
@@ -75,6 +76,11 @@ def describe_presets() -> str:
     head = (f"{'preset':<{width}}  {'time':<{twidth}}  what it compares (time: wall, --scale cpu --parallel 2 "
             f"on 2 CPU cores; docs/studies.md)")
     return "\n".join([head] + [f"{n:<{width}}  {t:<{twidth}}  {s}" for n, s, t in rows])
+
+
+def study_time(name: str) -> str:
+    """A study's expected wall time as its YAML states it (`time:`), or '?'."""
+    return f"~{str(read_yaml(_preset_path(name)).get('time') or '?').lstrip('~')}"
 
 
 def _preset_path(name: str) -> Path:
@@ -323,4 +329,4 @@ def describe(study: Study) -> str:
 def study_plan(study: Study) -> dict:
     return {"name": study.name, "description": study.description, "kind": study.kind, "scale": study.scale,
             "overrides": study.overrides, "cells": [asdict(c) for c in study.cells], "findings": study.findings,
-            "select": study.select}
+            "select": study.select, **({"sequential": study.sequential} if study.sequential else {})}

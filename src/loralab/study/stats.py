@@ -114,13 +114,15 @@ class Diff:
 
 
 def paired_seeds(a: Stat, b: Stat) -> list | None:
-    """The seeds both cells ran, when the cells are paired: the same seed set on both sides, at
-    least two, each once. None: not paired (Welch)."""
+    """The seeds both cells ran (at least two, each once per cell): the pairs the difference is
+    judged on. A seed only one side ran (a failed run; a seed --until-decided added for another
+    claim) is left out. None: not paired (Welch)."""
     if a.seeds is None or b.seeds is None or len(a.seeds) != a.n or len(b.seeds) != b.n:
         return None
-    if set(a.seeds) != set(b.seeds) or len(set(a.seeds)) != a.n or a.n < 2:
+    if len(set(a.seeds)) != a.n or len(set(b.seeds)) != b.n:
         return None
-    return sorted(a.seeds)
+    common = sorted(set(a.seeds) & set(b.seeds))
+    return common if len(common) >= 2 else None
 
 
 def paired_values(a: Stat, b: Stat) -> list[float] | None:

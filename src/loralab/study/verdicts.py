@@ -74,8 +74,8 @@ PAIRED_CHECKS = ("lower", "higher", "similar", "best")  # judged on a difference
 
 
 def test_for(spec: dict, cell_seeds: dict) -> str | None:
-    """The test a finding's differences use, from the cells' seeds: paired when every cell it
-    compares runs the same seeds (two or more), Welch otherwise, `means` with one seed on a side;
+    """The test a finding's differences use, from the cells' seeds: paired when the cells it
+    compares share two or more seeds (judged on those), Welch otherwise, `means` with one seed on a side;
     None for a check with no difference."""
     if spec.get("check") not in PAIRED_CHECKS:
         return None
@@ -83,13 +83,13 @@ def test_for(spec: dict, cell_seeds: dict) -> str | None:
     seeds = [frozenset(cell_seeds.get(n, ())) for n in names]
     if min(map(len, seeds)) < 2:
         return "means"
-    return "paired" if all(s == seeds[0] for s in seeds) else "Welch"
+    return "paired" if len(frozenset.intersection(*seeds)) >= 2 else "Welch"
 
 
 def _test_words(spec: dict) -> str:
     test = spec.get("test")
     if test == "paired":
-        return " (a paired t interval over the per-seed differences: both sides ran the same seeds)"
+        return " (a paired t interval over the per-seed differences of the seeds both sides ran)"
     if test == "means":
         return " (one seed on a side: no interval; the means alone decide)"
     return " (Welch's interval: the sides ran different seeds)" if test == "Welch" else ""
