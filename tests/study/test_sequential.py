@@ -72,7 +72,7 @@ def _runner(effect: dict, calls: list):
         rng = np.random.default_rng(seed)
         shared, own = rng.normal(0, 0.5), np.random.default_rng(1000 * seed + ord(cell[0])).normal(0, 0.01)
         loss = 1.0 + effect.get(cell, 0.0) + shared + own
-        (run_dir / "summary.json").write_text(json.dumps({"final_val_loss": loss, "test_loss": loss, "eval": {
+        (run_dir / "summary.json").write_text(json.dumps({"final_val_loss": loss, "heldout_loss": loss, "eval": {
             "t": {"after": 0.5, "trained": True, "test_loss": loss}}, "peak_memory_bytes": 2**20}))
         return 0
     return run
@@ -84,9 +84,9 @@ def _study_file(tmp_path, seeds=2):
         "name": "seq", "seeds": seeds, "time": "~1 min",
         "axes": [{"name": "a", "set": ["lora.r=4"]}, {"name": "b", "set": ["lora.r=8"]},
                  {"name": "c", "set": ["lora.r=16"]}],
-        "findings": [{"claim": "b beats a", "check": "lower", "a": "b", "b": "a", "metric": "test_loss_seen_tasks",
+        "findings": [{"claim": "b beats a", "check": "lower", "a": "b", "b": "a", "metric": "heldout_loss",
                       "if_unclear": "more seeds"},
-                     {"claim": "c is like a", "check": "lower", "a": "c", "b": "a", "metric": "test_loss_seen_tasks",
+                     {"claim": "c is like a", "check": "lower", "a": "c", "b": "a", "metric": "heldout_loss",
                       "if_unclear": "more seeds"}]}))
     return str(path)
 

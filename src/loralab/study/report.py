@@ -111,7 +111,8 @@ def render_html(sections: list, title: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # The report
 
-KEY_METRICS = ("final_val_loss", "best_val_loss", "val_loss_rise", "best_val_step", "test_loss", "test_loss_seen_tasks",
+KEY_METRICS = ("final_val_loss", "best_val_loss", "val_loss_rise", "best_val_step", "heldout_loss", "forgetting",
+               "test_loss", "test_loss_seen_tasks",
                "test_loss_unseen_tasks", "acc_mean", "acc_seen_tasks", "acc_unseen_tasks", "final_train_loss",
                "runtime_s", "step_s", "wall_s", "peak_memory_mb", "tokens_per_s", "trainable_params", "steps")
 SCALE_NOTE = {"cpu": "Scale: SmolLM2-135M on a 2-core CPU, short runs on the instruction suite (or arithmetic); "
