@@ -64,7 +64,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     method: str = "lora"              # lora | full
-    optimizer: str = "adamw"          # adamw | sgd
+    optimizer: str = "adamw"          # adamw | sgd | adafactor | lion (train/optim.py)
     lr: float = 3e-4
     loraplus_lr_ratio: float | None = None  # LoRA+: B (and DoRA's magnitudes) learn at ratio x lr
     weight_decay: float = 0.0
@@ -147,7 +147,7 @@ CHOICES = {
     "model.quant": ("none", "nf4"),
     "model.attn_implementation": ("auto", "eager", "eager_recompute", "sdpa"),
     "train.method": ("lora", "full"),
-    "train.optimizer": ("adamw", "sgd"),
+    "train.optimizer": ("adamw", "sgd", "adafactor", "lion"),
     "train.scheduler": ("cosine", "linear", "constant"),
     "train.precision": ("auto", "bf16", "fp32"),
     "train.distributed": ("auto", "ddp", "fsdp"),

@@ -15,7 +15,7 @@ from loralab.study.stats import Stat, t_quantile
 from loralab.study.verdicts import judge
 
 PRESETS = ["consistency", "qlora", "optimizer", "epochs", "targets", "rank", "memory-7b", "data-size", "full",
-           "variants", "layer-rank", "combine"]
+           "variants", "layer-rank", "combine", "optimizers"]
 
 
 # --- statistics --------------------------------------------------------------------------------
@@ -246,7 +246,8 @@ def fake_runner(calls, fail=()):
         base = {"lora": 1.0, "qlora": 2.0}.get(cell, 3.0)
         lr = cfg["train"]["lr"]
         base += abs(lr - 2e-3) * 100  # a swept cell does best at lr 2e-3
-        summary = {"final_val_loss": base + seed / 10, "heldout_loss": base + seed / 10, "best_val_loss": base, "final_train_loss": base / 2,
+        summary = {"final_val_loss": base + seed / 10, "heldout_loss": base + seed / 10, "best_val_loss": base,
+                   "final_train_loss": base / 2,
                    "runtime_s": 10.0 * seed, "peak_memory_bytes": (100 + seed) * 2**20, "trainable_params": 1000,
                    "tokens_per_s": 50.0, "stopped_early": False, "warnings": [], "best_step": 5,
                    "eval": {"2da": {"before": 0.0, "after": 0.1 * seed, "n": 10, "trained": True,
