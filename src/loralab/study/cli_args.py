@@ -38,3 +38,18 @@ def study_kwargs(args) -> dict:
             "dry_run": args.dry_run, "report_only": args.report_only, "overrides": args.overrides, "ray": args.ray,
             "gpus_per_run": args.gpus_per_run, "cpus_per_run": args.cpus_per_run,
             "until_decided": args.until_decided, "budget": args.budget, "max_seeds": args.max_seeds}
+
+
+def add_tune_parser(sub, func) -> None:
+    t = sub.add_parser("tune", help="search rank, alpha and learning rate within a time budget (successive halving)",
+                       description="Successive halving over a grid: short runs of every point, the best third "
+                                   "three times longer, ... then the chosen point against the config as given on "
+                                   "seeds 1-3, with their paired interval (docs/studies.md).")
+    t.add_argument("config", help="a run config YAML, or 'demo' (the bundled demo; default space "
+                   "\"lr=[1e-3, 2e-3, 4e-3] lora.r=[8, 16, 32]\")")
+    t.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. data.n_train=200")
+    t.add_argument("--space", default=None, help='the grid, e.g. "lr=[1e-4, 3e-4] lora.r=[8, 16] lora.alpha=[16, 32]"')
+    t.add_argument("--budget", default="30m", help="wall time for the search and the comparison (default 30m)")
+    t.add_argument("--out", default=None, help="folder (default runs/tune/CONFIG-NAME)")
+    t.add_argument("--dry-run", action="store_true", help="print the grid and the rungs, run nothing")
+    t.set_defaults(func=func)
