@@ -161,7 +161,8 @@ def cmd_tune(args) -> int:
 
     result = tune_command(args.config, space=args.space, budget=args.budget, out=args.out, overrides=args.overrides,
                           dry_run=args.dry_run)
-    print(result if isinstance(result, str) else f"chose {' '.join(result['overrides'])}\nreport: {result['report_md']}")
+    done = isinstance(result, dict)
+    print(f"chose {' '.join(result['overrides'])}\nreport: {result['report_md']}" if done else result)
     return 0
 
 
