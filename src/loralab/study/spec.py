@@ -25,7 +25,7 @@ PRESET_DIR = Path(__file__).resolve().parent / "presets"  # package data: found 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "bundled" / "demo.yaml"  # the default base
 SCALES = ("cpu", "gpu")
 STUDY_KEYS = {"name", "summary", "time", "description", "kind", "base", "seeds", "overrides", "scale", "axes",
-              "findings", "rows", "model", "sweep", "sweep_seeds", "select"}
+              "findings", "rows", "model", "sweep", "sweep_seeds", "select", "corpus"}
 
 
 @dataclass
@@ -237,6 +237,10 @@ def load_study(name: str, *, scale: str = "cpu", seeds: int | None = None, overr
     user = _str_list(list(overrides), "overrides")
     all_overrides = (_str_list(common.get(scale), f"{scales_file}: {scale}") + _str_list(spec.get("overrides"),
                      f"{path}: overrides") + _str_list(per_scale.get(scale), f"{path}: scale.{scale}") + user)
+    if "corpus" in spec:  # continued pretraining: generated text as every run's data.path (corpus.py)
+        from .corpus import corpus_path
+
+        all_overrides.insert(0, f"data.path={corpus_path(spec['corpus'], f'{path}: corpus')}")
     seed_list = parse_seeds(seeds if seeds is not None else spec.get("seeds", 3), "--seeds" if seeds else "seeds")
     sweep_seeds, select = spec.get("sweep_seeds", 1), spec.get("select", "final_val_loss")
     if type(sweep_seeds) is not int or sweep_seeds < 1:
