@@ -49,7 +49,7 @@ def add_tune_parser(sub, func) -> None:
                    "\"lr=[1e-3, 2e-3, 4e-3] lora.r=[8, 16, 32]\")")
     t.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. data.n_train=200")
     t.add_argument("--space", default=None, help='the grid, e.g. "lr=[1e-4, 3e-4] lora.r=[8, 16] lora.alpha=[16, 32]"')
-    t.add_argument("--budget", default="30m", help="wall time for the search and the comparison (default 30m)")
+    t.add_argument("--budget", default="30m", help="wall time for the search and the comparison")
     t.add_argument("--out", default=None, help="folder (default runs/tune/CONFIG-NAME)")
     t.add_argument("--dry-run", action="store_true", help="print the grid and the rungs, run nothing")
     t.set_defaults(func=func)
