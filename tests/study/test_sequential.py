@@ -104,6 +104,7 @@ def test_until_decided_adds_seeds_only_behind_unclear_claims(tmp_path):
     assert any("still unclear at --max-seeds 5" in line for line in lines)
     md = Path(result["report_md"]).read_text()
     assert "Run with --until-decided" in md and "98.75% interval" in md  # 5% over looks n = 2..5
+    assert "difference [98.75% interval])" in md
     plan = json.loads((tmp_path / "out" / "study.json").read_text())
     assert plan["sequential"]["looks"] == 4 and len(plan["cells"][0]["seeds"]) == 5
     findings = md[md.index("## Findings"):]

@@ -164,6 +164,12 @@ def _curve_sections(curves: dict) -> list:
              [[str(s)] + [fmt(curves[c][s].mean) if s in curves[c] else "" for c in curves] for s in steps])]
 
 
+def _level(plan: dict) -> str:
+    """The intervals' level: 95%, or the per-look level of an --until-decided study."""
+    alpha = (plan.get("sequential") or {}).get("look_alpha", 0.05)
+    return f"{100 * (1 - alpha):.4g}%"
+
+
 def make_report(study_dir: str | Path, plan: dict, results: StudyResults) -> dict:
     """Write results.csv, report.md, report.html and plots/*.png into the study folder.
 
@@ -232,8 +238,9 @@ def make_report(study_dir: str | Path, plan: dict, results: StudyResults) -> dic
     if plots:
         sec += [("h2", "Plots")] + [("img", str(p.relative_to(study_dir)), cap) for p, cap in plots]
     sec += [("h2", "Findings"), ("p", SCALE_NOTE.get("estimate" if estimate else plan.get("scale", "cpu"), "")),
-            ("table", ["#", "the article's claim", "our measurement (mean ± std; difference [95% interval])",
-                       "verdict", "what would decide it", "scale"], findings_rows(plan, stats))]
+            ("table", ["#", "the article's claim",
+                       f"our measurement (mean ± std; difference [{_level(plan)} interval])", "verdict",
+                       "what would decide it", "scale"], findings_rows(plan, stats))]
     md = atomic_write_text(study_dir / "report.md", render_markdown(sec))
     html = atomic_write_text(study_dir / "report.html", render_html(sec, f"loralab study {plan['name']}"))
     return {"results_csv": study_dir / "results.csv", "report_md": md, "report_html": html,
