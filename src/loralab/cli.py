@@ -17,6 +17,7 @@ from .errors import UserError
 from .peft.presets import COMBINE_METHODS, TARGET_PRESETS
 from .runtime.allocator import active as active_allocator
 from .runtime.allocator import reexec_with_allocator
+from .study.cli_args import add_study_parser, add_tune_parser
 
 
 def cmd_train(args) -> int:
@@ -137,15 +138,14 @@ def cmd_check(args) -> int:
 
 
 def cmd_study(args) -> int:
+    from .study.cli_args import study_kwargs
     from .study.runner import study_command
     from .study.spec import describe_presets
 
     if args.name == "list":
         print(describe_presets())
         return 0
-    result = study_command(args.name, scale=args.scale, out=args.out, seeds=args.seeds, parallel=args.parallel,
-                           dry_run=args.dry_run, report_only=args.report_only, overrides=args.overrides,
-                           ray=args.ray, gpus_per_run=args.gpus_per_run, cpus_per_run=args.cpus_per_run)
+    result = study_command(args.name, **study_kwargs(args))
     if isinstance(result, str):
         print(result)
     else:
@@ -153,6 +153,16 @@ def cmd_study(args) -> int:
         print(f"report: {result['report_md']}\n        {result['report_html']}\nresults: {result['results_csv']}")
         if failed:
             print(f"{len(failed)} run(s) failed or missing; see the Runs table")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from .study.tune import tune_command
+
+    result = tune_command(args.config, space=args.space, budget=args.budget, out=args.out, overrides=args.overrides,
+                          dry_run=args.dry_run)
+    done = isinstance(result, dict)
+    print(f"chose {' '.join(result['overrides'])}\nreport: {result['report_md']}" if done else result)
     return 0
 
 
@@ -286,26 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--json", action="store_true", help="print the table as JSON")
     k.set_defaults(func=cmd_check)
 
-    s = sub.add_parser("study", help="run a preset study (the article's experiments) and write a report",
-                       description="Run a study: cells x seeds, each a `loralab train` in its own process; "
-                                   "finished runs are skipped, so rerunning resumes. NAME: a preset "
-                                   "(`loralab study list`) or a study YAML file.")
-    s.add_argument("name", help="a preset (`loralab study list` names them), a study YAML, or 'list'")
-    s.add_argument("overrides", nargs="*", help="config overrides for every cell, e.g. model.name=/models/llama-2-7b")
-    s.add_argument("--scale", default="cpu", choices=["cpu", "gpu"], help="cpu: minutes on a laptop CPU with the "
-                   "default model; gpu: the article's Llama-2-7B settings (give model.name=...)")
-    s.add_argument("--out", default=None, help="study folder (default runs/studies/NAME-SCALE)")
-    s.add_argument("--seeds", type=int, default=None, help="seeds per cell (default: the preset's)")
-    s.add_argument("--parallel", type=int, default=1, help="runs at once (default 1)")
-    s.add_argument("--ray", default=None, metavar="auto|local|ADDRESS", help="run each (cell, seed) as a Ray task: "
-                   "auto = the running cluster, local = a private Ray on this machine, or a cluster's address; the "
-                   "study folder must be shared by every node (pip install 'loralab[ray]'; docs/studies.md)")
-    s.add_argument("--gpus-per-run", type=float, default=0, help="GPUs each run holds on the Ray cluster (default 0)")
-    s.add_argument("--cpus-per-run", type=int, default=1, help="CPUs each run holds on the Ray cluster, and its "
-                   "train.threads (default 1)")
-    s.add_argument("--dry-run", action="store_true", help="print the cells and their overrides, run nothing")
-    s.add_argument("--report-only", action="store_true", help="rebuild the report from the study folder")
-    s.set_defaults(func=cmd_study)
+    add_study_parser(sub, cmd_study)  # study/cli_args.py
+    add_tune_parser(sub, cmd_tune)
 
     f = sub.add_parser("fetch", help="download and cache a bundled model (default smollm2-135m)")
     f.add_argument("name", nargs="?", default="smollm2-135m", help="bundled model to fetch")

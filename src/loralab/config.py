@@ -64,7 +64,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     method: str = "lora"              # lora | full
-    optimizer: str = "adamw"          # adamw | sgd
+    optimizer: str = "adamw"          # adamw | sgd | adafactor | lion (train/optim.py)
     lr: float = 3e-4                  # peak learning rate, reached after warmup_steps
     loraplus_lr_ratio: float | None = None  # LoRA+: B (and DoRA's magnitudes) learn at ratio x lr
     weight_decay: float = 0.0         # decoupled (AdamW) weight decay on the trainable parameters
@@ -116,6 +116,10 @@ class EvalConfig:
     test_loss: bool = True            # after training: each task's mean token loss on its held-out answers
                                       # (one teacher-forced forward over them; studies compare it)
     with_validation: bool = True      # exact match at every validation of train.eval_every too (false: after only)
+    forgetting: bool = True           # loss on fixed tasks the run does not train on, before and after
+                                      # (eval/forgetting.py: the summary's forgetting report)
+    loss_items: int = 0               # > 0: `heldout_loss` over this many unseen items of the trained tasks
+                                      # (one forward each; studies compare it)
 
 
 @dataclass
@@ -143,7 +147,7 @@ CHOICES = {
     "model.quant": ("none", "nf4"),
     "model.attn_implementation": ("auto", "eager", "eager_recompute", "sdpa"),
     "train.method": ("lora", "full"),
-    "train.optimizer": ("adamw", "sgd"),
+    "train.optimizer": ("adamw", "sgd", "adafactor", "lion"),
     "train.scheduler": ("cosine", "linear", "constant"),
     "train.precision": ("auto", "bf16", "fp32"),
     "train.distributed": ("auto", "ddp", "fsdp"),
@@ -261,6 +265,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         ("data.max_seq_len", cfg.data.max_seq_len > 0, "must be > 0"),
         ("data.val_fraction", 0 <= cfg.data.val_fraction < 1, "must be in [0, 1)"),
         ("eval.n", cfg.eval.n >= 0, "must be >= 0"),
+        ("eval.loss_items", cfg.eval.loss_items >= 0, "must be >= 0 (0: no held-out loss)"),
         ("eval.batch_size", cfg.eval.batch_size > 0, "must be > 0"),
         # the rest fail only deep in a run (generate, the optimizer, a seeder), after the output
         # folder's config.yaml and metrics.jsonl were already written: refused here instead

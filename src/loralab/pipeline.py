@@ -25,6 +25,7 @@ from .config import RunConfig, dump_yaml
 from .data.formats import fingerprint
 from .data.prompts import encode_all, render_prompt
 from .errors import UserError
+from .eval import forgetting
 from .eval.metrics import generate, score
 from .eval.stops import stop_check, task_stops
 from .io.fileio import atomic_write_text, remove_temp_files, write_json
@@ -198,6 +199,7 @@ def _train_and_report(cfg: RunConfig, dist: Dist, model, tok, folder, info, data
         trackers.log_eval(before, step=0)
     else:
         before = {}
+    forget_start = forgetting.before(model, tok, cfg, dist, out, resume is not None)  # eval/forgetting.py
     base_path = base_model_path(cfg.model.name, folder)
     loop: dict = {}  # the loop's state, once it is ready (hooks.on_start)
 
@@ -244,6 +246,7 @@ def _train_and_report(cfg: RunConfig, dist: Dist, model, tok, folder, info, data
             for name, loss in test_losses(result.module, tok, data.tests, cfg, dist).items():
                 after[name]["test_loss"] = loss
         trackers.log_eval(after, step=result.steps)
+        forget_end = forgetting.after(forget_start, result.module, tok, cfg, data, dist)  # eval/forgetting.py
         stops = held_out_stops(model, tok, data, after, cfg, dist)
         if main:
             for folder_with_temps in (out, out / "adapter", out / "best_adapter"):  # left by a run killed mid-save
@@ -260,6 +263,7 @@ def _train_and_report(cfg: RunConfig, dist: Dist, model, tok, folder, info, data
                                 warnings=warnings, before=before, after=after, out=out, world=dist.world,
                                 stops=stops)
         summary["resumed_from_step"] = resume["step"] if resume is not None else None  # None: a fresh start
+        summary.update(forget_end)  # forgetting, heldout_loss (eval/forgetting.py)
         if main:
             write_json(out / "summary.json", summary)
         trackers.finish(summary)

@@ -15,7 +15,7 @@ from loralab.study.stats import Stat, t_quantile
 from loralab.study.verdicts import judge
 
 PRESETS = ["consistency", "qlora", "optimizer", "epochs", "targets", "rank", "memory-7b", "data-size", "full",
-           "variants", "layer-rank", "combine"]
+           "variants", "layer-rank", "combine", "optimizers", "domain"]
 
 
 # --- statistics --------------------------------------------------------------------------------
@@ -224,7 +224,9 @@ def test_cli_dry_run_prints_cells_sweeps_and_rules(capsys):
     out = capsys.readouterr().out
     assert "sgd-constant" in out and "lora.dropout=0.1" in out and "seeds 1,2 " in out
     assert "train.lr=0.05 | train.lr=0.2 | train.lr=0.8" in out and "7 cells, 16 runs" in out  # 3 x (3 + 1) + 4
-    assert "F3. agree if the 95% interval of test_loss_seen_tasks(sgd-cosine)" in out
+    assert ("F3. agree if the 95% interval (a paired t interval over the per-seed differences of the seeds both "
+            "sides ran) of heldout_loss(sgd-cosine)") in out  # the dry run names the test
+    assert "F5. agree if the 95% interval (one seed on a side: no interval; the means alone decide)" in out
     assert main(["study", "optimizer", "--dry-run", "train.lr=1e-3"]) == 2  # the sweep varies it
     assert "train.lr, which this study varies" in capsys.readouterr().err
     assert main(["study", "qlora", "--scale", "gpu", "--dry-run"]) == 2
@@ -244,7 +246,8 @@ def fake_runner(calls, fail=()):
         base = {"lora": 1.0, "qlora": 2.0}.get(cell, 3.0)
         lr = cfg["train"]["lr"]
         base += abs(lr - 2e-3) * 100  # a swept cell does best at lr 2e-3
-        summary = {"final_val_loss": base + seed / 10, "best_val_loss": base, "final_train_loss": base / 2,
+        summary = {"final_val_loss": base + seed / 10, "heldout_loss": base + seed / 10, "best_val_loss": base,
+                   "final_train_loss": base / 2,
                    "runtime_s": 10.0 * seed, "peak_memory_bytes": (100 + seed) * 2**20, "trainable_params": 1000,
                    "tokens_per_s": 50.0, "stopped_early": False, "warnings": [], "best_step": 5,
                    "eval": {"2da": {"before": 0.0, "after": 0.1 * seed, "n": 10, "trained": True,
@@ -317,13 +320,15 @@ def test_report_files_and_numbers(tmp_path):
     table = [l.strip("| ").split(" | ") for l in findings.splitlines() if l.startswith("| F")]
     # the fake gives both cells the same memory and time (unclear) and qlora a test loss 1.0 higher
     assert [r[3] for r in table] == ["unclear", "unclear", "disagree"]
-    hw = 2.776445105 * math.sqrt(0.01 / 3 + 0.01 / 3)  # Welch, df 4
-    assert table[2][2] == f"qlora 2.2 ± 0.1 vs lora 1.2 ± 0.1, 1.83x; difference 1 [{1 - hw:.4g}, {1 + hw:.4g}]"
+    # the cells ran the same seeds: paired; the fake's test loss differs by exactly 1.0 on every seed
+    assert table[2][2] == "qlora 2.2 ± 0.1 vs lora 1.2 ± 0.1, 1.83x; difference 1 [1, 1] (paired, n=3)"
+    assert "detectable effect" in table[0][2] and "detectable effect" not in table[2][2]  # beside unclear ones
     assert table[0][4].startswith("more seeds") and table[2][4] == ""  # what decides it: for unclear ones only
     assert "SmolLM2-135M" in findings and all(r[5] for r in table)  # every row has its scale note
     rules = md[md.index("## Verdict rules"):md.index("## Results")]  # stated before the results
-    assert "agree if the 95% interval of test_loss_seen_tasks(qlora) - test_loss_seen_tasks(lora) lies within " \
-           "±5% of mean test_loss_seen_tasks(lora)" in rules
+    assert "agree if the 95% interval (a paired t interval over the per-seed differences of the seeds both sides " \
+           "ran) of heldout_loss(qlora) - heldout_loss(lora) lies within " \
+           "±5% of mean heldout_loss(lora)" in rules
     assert json.loads((tmp_path / "study.json").read_text())["findings"][2]["rule"].startswith("agree if")
     html = (tmp_path / "report.html").read_text()
     assert '<img src="plots/loss_curves.png"' in html and "<table>" in html and "Findings" in html

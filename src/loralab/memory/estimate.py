@@ -78,7 +78,10 @@ CPU_HEAP_SLACK = {"system": (0.80, 0.45), "tcmalloc": (0.05, 0.05), "mimalloc": 
 OPTIMIZER_TEMP_BYTES = 4.0       # foreach AdamW's sqrt(v) buffer (SGD's decayed gradient): fp32 per parameter
 
 METHODS = ("lora", "qlora", "full")
-OPTIMIZERS = {"adamw": 8.0, "sgd": 4.0, "adamw8bit": 2.0 + 2 * 4 / 256}  # state bytes per trainable param
+OPTIMIZERS = {"adamw": 8.0, "sgd": 4.0, "adamw8bit": 2.0 + 2 * 4 / 256,  # state bytes per trainable param
+              # lion: one momentum; adafactor: a row + a column vector per matrix, 4 (r + in) / (r in) bytes a
+              # param, at most ~0.5 for LoRA's narrowest factors (r=8): that bound
+              "lion": 4.0, "adafactor": 0.5}
 PRECISIONS = {"bf16": 2, "fp32": 4}
 DEVICES = ("cuda", "cpu")
 GB = 1e9

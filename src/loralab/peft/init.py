@@ -13,9 +13,17 @@ adapter can be saved for the original base, as PEFT's conversion does (A=[A|A0],
 On a quantized base (NF4) the weight is dequantized, split, and the residual quantized again
 (what PEFT does for OLoRA on 4-bit weights; for PiSSA it is "quantize the residual"). A Conv1D's
 (in, out) weight is read and written back through layout.py, so the split is of the (out, in) matrix.
+
+The random inits draw each module's A from its own generator, seeded by (run seed, module name)
+(`seed_factors`, called by inject.py), not from the global stream: drawn in sequence, a module's
+start would depend on how many numbers the modules before it drew, so two runs of one seed that
+differ in rank or targets would start every later module differently. Seeded by name, two such
+runs start each module whose A has the same shape with the same A: what lets a study compare its
+cells seed by seed (study/stats.py).
 """
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -86,3 +94,25 @@ def init_factors(lora_a: torch.Tensor, lora_b: torch.Tensor, base: nn.Module, in
     lora_b.copy_(b)
     write_weight(base, w - scaling * (lora_b.float() @ lora_a.float()))
     return lora_a.detach().clone(), lora_b.detach().clone()
+
+
+def module_seed(seed: int, name: str) -> int:
+    """A 63-bit seed for one module's factors, a pure function of (run seed, full module name)."""
+    digest = hashlib.sha256(f"loralab:lora-init:{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+@torch.no_grad()
+def seed_factors(lora_a: torch.Tensor, init: str, seed: int, name: str) -> None:
+    """Redraw A of a random init (kaiming, gaussian) from the module's own generator (module_seed);
+    drawn on the CPU in fp32 so the values do not depend on the device or the factors' dtype. The
+    SVD/QR inits are functions of the weight alone and are left as they are."""
+    if init not in ("kaiming", "gaussian"):
+        return
+    g = torch.Generator().manual_seed(module_seed(seed, name))
+    a = torch.empty(lora_a.shape, dtype=torch.float32)
+    if init == "kaiming":
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=g)
+    else:
+        nn.init.normal_(a, std=1 / a.shape[0], generator=g)
+    lora_a.copy_(a)

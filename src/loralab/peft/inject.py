@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .init import check_base
+from .init import check_base, seed_factors
 from .lora import LoRALinear, LoraSpec, is_quantized, lora_modules
 from .names import pattern_value
 from .presets import mutates_base
@@ -73,8 +73,11 @@ def inject(model: nn.Module, targets: str | Sequence[str], spec: SpecFor) -> lis
                             f"shared (tied) with another module such as the input embeddings; leave {name} out "
                             f"of lora.targets or use another init")
     model.requires_grad_(False)  # only the LoRA factors created below will train
+    seed = torch.initial_seed()  # the run's seed (set_seed before the model is built)
     for name in names:
-        set_submodule(model, name, LoRALinear(model.get_submodule(name), specs[name]))
+        layer = LoRALinear(model.get_submodule(name), specs[name])
+        seed_factors(layer.lora_A.weight, specs[name].init, seed, name)  # each module's start: (seed, name)
+        set_submodule(model, name, layer)
     return names
 
 

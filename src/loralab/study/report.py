@@ -37,8 +37,9 @@ def findings_rows(plan: dict, stats: dict) -> list[list[str]]:
     carry a note per scale (scale_gpu: ...)."""
     scale = plan.get("scale", "cpu")
     rows = []
+    alpha = (plan.get("sequential") or {}).get("look_alpha", 0.05)  # --until-decided: the per-look level
     for i, spec in enumerate(plan.get("findings", []), 1):
-        measured, verdict = judge(spec, stats)
+        measured, verdict = judge(spec, stats, alpha)
         rows.append([f"F{i}", spec.get("claim", ""), measured, verdict,
                      spec.get("if_unclear", "") if verdict == "unclear" else "",
                      spec.get(f"scale_{scale}") or spec.get("scale") or ""])
@@ -110,7 +111,8 @@ def render_html(sections: list, title: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # The report
 
-KEY_METRICS = ("final_val_loss", "best_val_loss", "val_loss_rise", "best_val_step", "test_loss", "test_loss_seen_tasks",
+KEY_METRICS = ("final_val_loss", "best_val_loss", "val_loss_rise", "best_val_step", "heldout_loss", "forgetting",
+               "test_loss", "test_loss_seen_tasks",
                "test_loss_unseen_tasks", "acc_mean", "acc_seen_tasks", "acc_unseen_tasks", "final_train_loss",
                "runtime_s", "step_s", "wall_s", "peak_memory_mb", "tokens_per_s", "trainable_params", "steps")
 SCALE_NOTE = {"cpu": "Scale: SmolLM2-135M on a 2-core CPU, short runs on the instruction suite (or arithmetic); "
@@ -162,6 +164,12 @@ def _curve_sections(curves: dict) -> list:
              [[str(s)] + [fmt(curves[c][s].mean) if s in curves[c] else "" for c in curves] for s in steps])]
 
 
+def _level(plan: dict) -> str:
+    """The intervals' level: 95%, or the per-look level of an --until-decided study."""
+    alpha = (plan.get("sequential") or {}).get("look_alpha", 0.05)
+    return f"{100 * (1 - alpha):.4g}%"
+
+
 def make_report(study_dir: str | Path, plan: dict, results: StudyResults) -> dict:
     """Write results.csv, report.md, report.html and plots/*.png into the study folder.
 
@@ -181,10 +189,19 @@ def make_report(study_dir: str | Path, plan: dict, results: StudyResults) -> dic
         sec.append(("p", "Common overrides: " + " ".join(f"`{o}`" for o in plan["overrides"])))
     if plan.get("findings"):
         sec += [("h2", "Verdict rules (fixed in the preset before the run)"),
-                ("p", "Intervals are 95% t intervals over the seeds (a difference's: Welch's); with one seed on "
-                      "a side the means alone decide."),
+                ("p", "Intervals are 95% t intervals over the seeds. A difference between two cells that ran the "
+                      "same seeds is judged on its per-seed differences (a paired t interval: a seed gives both "
+                      "cells the same data order, evaluation items and, where shapes agree, starting LoRA "
+                      "factors); otherwise Welch's. With one seed on a side the means alone decide. Each rule "
+                      "names its test; each measurement, the test and n it used."),
                 ("table", ["#", "the article's claim", "verdict rule", "if unclear, what would decide it"],
                  rules_rows(plan))]
+        if seq := plan.get("sequential"):
+            sec.append(("p", f"Run with --until-decided: seeds were added, a round at a time, to the cells behind "
+                             f"unclear claims (up to {seq['max_seeds']} a cell). So that stopping when a claim is "
+                             f"decided stays valid, every interval above and in the Findings is a "
+                             f"{100 * (1 - seq['look_alpha']):.2f}% interval, not 95%: 5% spent equally over the "
+                             f"{seq['looks']} possible looks (docs/studies.md)."))
     if estimate:
         sec.append(("h2", "Estimated peak memory vs the article"))
         if plan.get("estimator_error"):
@@ -221,8 +238,9 @@ def make_report(study_dir: str | Path, plan: dict, results: StudyResults) -> dic
     if plots:
         sec += [("h2", "Plots")] + [("img", str(p.relative_to(study_dir)), cap) for p, cap in plots]
     sec += [("h2", "Findings"), ("p", SCALE_NOTE.get("estimate" if estimate else plan.get("scale", "cpu"), "")),
-            ("table", ["#", "the article's claim", "our measurement (mean ± std; difference [95% interval])",
-                       "verdict", "what would decide it", "scale"], findings_rows(plan, stats))]
+            ("table", ["#", "the article's claim",
+                       f"our measurement (mean ± std; difference [{_level(plan)} interval])", "verdict",
+                       "what would decide it", "scale"], findings_rows(plan, stats))]
     md = atomic_write_text(study_dir / "report.md", render_markdown(sec))
     html = atomic_write_text(study_dir / "report.html", render_html(sec, f"loralab study {plan['name']}"))
     return {"results_csv": study_dir / "results.csv", "report_md": md, "report_html": html,

@@ -13,7 +13,7 @@ from .sweeps import run_dir
 
 # Metrics read from each run's summary.json (accuracy is added per task as acc_<task>, in percent).
 SUMMARY_METRICS = ("final_train_loss", "final_val_loss", "best_val_loss", "runtime_s", "tokens_per_s",
-                   "trainable_params", "steps", "epochs")
+                   "trainable_params", "steps", "epochs", "heldout_loss")
 
 def load_json(path: Path, default=None):
     try:
@@ -46,6 +46,12 @@ def run_metrics(summary: dict, info: dict | None = None) -> dict[str, float]:
             m["acc_mean" if suffix == "" else f"acc{suffix}"] = sum(100.0 * r["after"] for r in rs) / len(rs)
             if (loss := _mean([r.get("test_loss") for r in rs])) is not None:
                 m[f"test_loss{suffix}"] = loss
+    forgetting = summary.get("forgetting") or {}  # eval/forgetting.py: loss change on tasks not trained on
+    if isinstance(forgetting.get("mean_change"), (int, float)):
+        m["forgetting"] = float(forgetting["mean_change"])
+    for task, r in (forgetting.get("tasks") or {}).items():
+        if isinstance(r.get("change"), (int, float)):
+            m[f"forgetting_{task}"] = float(r["change"])
     if m.get("steps") and "runtime_s" in m:
         m["step_s"] = m["runtime_s"] / m["steps"]  # seconds per optimizer step
     if "final_val_loss" in m and "best_val_loss" in m:  # > 0: validation got worse after its best (overfitting)
@@ -117,7 +123,9 @@ def collect(study_dir: Path, plan: dict) -> StudyResults:
             runs.append(_record(name, seed, chosen, folder, summary, info))
             for k, v in (run_metrics(summary, info) if summary is not None else {}).items():
                 if math.isfinite(v):
-                    stats[name].setdefault(k, Stat()).values.append(v)
+                    stat = stats[name].setdefault(k, Stat(seeds=[]))
+                    stat.values.append(v)
+                    stat.seeds.append(seed)  # what pairs this cell's runs with another cell's (stats.py)
             for record in (summary or {}).get("val_history") or []:
                 if isinstance(record.get("val_loss"), (int, float)) and math.isfinite(record["val_loss"]):
                     curves.setdefault(name, {}).setdefault(record["step"], Stat()).values.append(record["val_loss"])

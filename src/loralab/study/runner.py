@@ -30,7 +30,7 @@ from ..errors import UserError
 from ..io.fileio import atomic_write_text, write_json
 from .report import make_report
 from .results import StudyResults, choose_point, collect, estimate_stats, load_json
-from .spec import Study, describe, load_study, run_config, study_plan
+from .spec import Study, describe, load_study, run_config, study_plan, study_time
 from .sweeps import chosen_path, read_chosen, run_dir
 
 # (command, run folder, log file) -> exit code, or a one-line reason the run could not run at all
@@ -242,22 +242,37 @@ def _run_on_ray(study: Study, out_dir: Path, address: str, *, parallel: int, gpu
 def study_command(name: str, *, scale: str = "cpu", out: str | None = None, seeds: int | None = None,
                   parallel: int = 1, dry_run: bool = False, report_only: bool = False, overrides=(),
                   runner: Runner | None = None, ray: str | None = None, gpus_per_run: float = 0,
-                  cpus_per_run: int = 1, log: Callable[[str], None] | None = None) -> dict | str:
+                  cpus_per_run: int = 1, log: Callable[[str], None] | None = None, until_decided: bool = False,
+                  budget: str | None = None, max_seeds: int | None = None) -> dict | str:
     """`loralab study`: load, then print (dry run), rebuild the report, or run and report.
-    ray: run each (cell, seed) as a Ray task (auto, local or a cluster address; study.ray_runner)."""
+    ray: run each (cell, seed) as a Ray task (auto, local or a cluster address; study.ray_runner).
+    until_decided: then add seeds to the cells behind unclear claims (sequential.py) within `budget`."""
+    from . import sequential
+
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if ray is None and (gpus_per_run or cpus_per_run != 1):
         raise UserError("--gpus-per-run and --cpus-per-run place runs on a Ray cluster: add --ray auto|local|ADDRESS")
+    if not until_decided and (budget is not None or max_seeds is not None):
+        raise UserError("--budget and --max-seeds belong to --until-decided: add it")
+    if until_decided and ray is not None:
+        raise UserError("--until-decided runs its rounds on this machine: leave out --ray")
     study = load_study(name, scale=scale, seeds=seeds, overrides=overrides)
+    seq_text = None
+    if until_decided and study.kind == "train":
+        budget_s = sequential.parse_duration(budget or sequential.DEFAULT_BUDGET)
+        study.sequential = sequential.sequential_plan(study, max_seeds or sequential.DEFAULT_MAX_SEEDS)
+        seq_text = sequential.describe_plan(study.sequential, budget_s, study_time(name))
     plan = None
     if scale == "gpu" and study.kind == "train" and not report_only:  # before anything runs: memory and time
         from .gpu_plan import plan_text
 
         plan = plan_text(study)
     if dry_run:
-        return describe(study) + (f"\n{plan}" if plan else "")
+        return describe(study) + (f"\n{plan}" if plan else "") + (f"\n{seq_text}" if seq_text else "")
     if plan:
         log(f"[{study.name}] {plan}")
+    if seq_text:
+        log(f"[{study.name}] {seq_text}")
     out_dir = Path(out or f"runs/studies/{study.name}-{scale}").resolve()
     if report_only:
         return build_report(out_dir)
@@ -272,8 +287,14 @@ def study_command(name: str, *, scale: str = "cpu", out: str | None = None, seed
     elif ray is not None:
         records = _run_on_ray(study, out_dir, ray, parallel=parallel, gpus_per_run=gpus_per_run,
                               cpus_per_run=cpus_per_run, log=log)
+    elif study.sequential:
+        records = sequential.until_decided(
+            study, out_dir, budget_s=budget_s, max_seeds=study.sequential["max_seeds"], log=log,
+            run_round=lambda st: run_study(st, out_dir, parallel=parallel, runner=runner, log=log),
+            collect_stats=lambda plan: collect(out_dir, plan).stats)
     else:
         records = run_study(study, out_dir, parallel=parallel, runner=runner, log=log)
+    if study.kind == "train" and ray is None:
         failed = [r for r in records if r["status"] == "failed"]
         if failed:
             log(f"[{study.name}] {len(failed)} of {len(records)} runs failed: "

@@ -19,13 +19,13 @@ from ..config import apply_overrides, from_dict, parse_override, read_yaml
 from ..errors import UserError
 from ..peft.presets import COMBINE_METHODS, NEEDS_DENSITY
 from .sweeps import SELECT_METRICS, expand_points
-from .verdicts import rule_text, validate_findings
+from .verdicts import rule_text, test_for, validate_findings
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"  # package data: found after any install
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "bundled" / "demo.yaml"  # the default base
 SCALES = ("cpu", "gpu")
 STUDY_KEYS = {"name", "summary", "time", "description", "kind", "base", "seeds", "overrides", "scale", "axes",
-              "findings", "rows", "model", "sweep", "sweep_seeds", "select"}
+              "findings", "rows", "model", "sweep", "sweep_seeds", "select", "corpus"}
 
 
 @dataclass
@@ -58,6 +58,7 @@ class Study:
     rows: list          # estimate rows (kind: estimate)
     model: str = ""     # estimate: the model the estimator resolves
     select: str = "final_val_loss"  # what a sweep minimises (a validation metric)
+    sequential: dict | None = None  # --until-decided: per-look level and its looks (sequential.py)
 
 
 def list_presets() -> list[str]:
@@ -75,6 +76,11 @@ def describe_presets() -> str:
     head = (f"{'preset':<{width}}  {'time':<{twidth}}  what it compares (time: wall, --scale cpu --parallel 2 "
             f"on 2 CPU cores; docs/studies.md)")
     return "\n".join([head] + [f"{n:<{width}}  {t:<{twidth}}  {s}" for n, s, t in rows])
+
+
+def study_time(name: str) -> str:
+    """A study's expected wall time as its YAML states it (`time:`), or '?'."""
+    return f"~{str(read_yaml(_preset_path(name)).get('time') or '?').lstrip('~')}"
 
 
 def _preset_path(name: str) -> Path:
@@ -231,6 +237,10 @@ def load_study(name: str, *, scale: str = "cpu", seeds: int | None = None, overr
     user = _str_list(list(overrides), "overrides")
     all_overrides = (_str_list(common.get(scale), f"{scales_file}: {scale}") + _str_list(spec.get("overrides"),
                      f"{path}: overrides") + _str_list(per_scale.get(scale), f"{path}: scale.{scale}") + user)
+    if "corpus" in spec:  # continued pretraining: generated text as every run's data.path (corpus.py)
+        from .corpus import corpus_path
+
+        all_overrides.insert(0, f"data.path={corpus_path(spec['corpus'], f'{path}: corpus')}")
     seed_list = parse_seeds(seeds if seeds is not None else spec.get("seeds", 3), "--seeds" if seeds else "seeds")
     sweep_seeds, select = spec.get("sweep_seeds", 1), spec.get("select", "final_val_loss")
     if type(sweep_seeds) is not int or sweep_seeds < 1:
@@ -252,7 +262,7 @@ def load_study(name: str, *, scale: str = "cpu", seeds: int | None = None, overr
     findings = validate_findings(spec.get("findings") or [], names, str(path))
     study = Study(name=spec.get("name", path.stem), description=spec.get("description", ""), kind=kind,
                   scale=scale, base=base, overrides=all_overrides, cells=cells,
-                  findings=[{**f, "rule": rule_text(f)} for f in findings], rows=rows,
+                  findings=[_with_rule(f, {c.name: c.seeds for c in cells}) for f in findings], rows=rows,
                   model=spec.get("model", ""), select=select)
     if kind == "train":
         axis_keys = {".".join(parse_override(o)[0]) for c in cells
@@ -267,6 +277,14 @@ def load_study(name: str, *, scale: str = "cpu", seeds: int | None = None, overr
             for point in [p for p, _ in cell.points] if cell.points else [None]:
                 run_config(study, cell, cell.seeds[0], Path("runs/check"), point=point)
     return study
+
+
+def _with_rule(finding: dict, cell_seeds: dict) -> dict:
+    """A finding with the test its differences use (paired or Welch, from its cells' seeds) and its rule in words."""
+    finding = {k: v for k, v in finding.items() if k != "test"}
+    if (test := test_for(finding, cell_seeds)) is not None:
+        finding["test"] = test
+    return {**finding, "rule": rule_text(finding)}
 
 
 def run_config(study: Study, cell: Cell, seed: int, run_dir: Path, extra=(), point: str | None = None):
@@ -315,4 +333,4 @@ def describe(study: Study) -> str:
 def study_plan(study: Study) -> dict:
     return {"name": study.name, "description": study.description, "kind": study.kind, "scale": study.scale,
             "overrides": study.overrides, "cells": [asdict(c) for c in study.cells], "findings": study.findings,
-            "select": study.select}
+            "select": study.select, **({"sequential": study.sequential} if study.sequential else {})}

@@ -6,15 +6,20 @@ are the rule, fixed before any run: `validate_findings` checks them when the stu
 results), and `judge` applies them. Every check that can come out unclear carries `if_unclear`:
 what would decide it (more seeds, more steps, a larger model) and the flag or override that does.
 
-Intervals are 95% t intervals (stats.py); a difference's is Welch's. With one seed on a side there
-is no interval and the means alone decide (deterministic metrics: parameter counts, estimates).
+Intervals are 95% t intervals (stats.py); a difference's is the paired t interval of the per-seed
+differences when both cells ran the same seeds, Welch's otherwise (the measurement names which).
+With one seed on a side there is no interval and the means alone decide (deterministic metrics:
+parameter counts, estimates). Under `--until-decided` every interval is at the per-look level
+(sequential.py) instead of 5%. An unclear verdict's measurement ends with the minimum detectable
+effect: the smallest true difference (or distance from the threshold) the runs so far would have
+found with 80% power, from their observed spread and n.
 """
 from __future__ import annotations
 
 import math
 
 from ..errors import UserError
-from .stats import Stat, difference, fmt
+from .stats import Diff, Stat, difference, fmt
 
 # check -> the keys it needs (besides claim and metric)
 CHECKS = {"lower": ("a", "b"), "higher": ("a", "b"), "similar": ("a", "b"), "ratio": ("a", "b", "expect"),
@@ -65,11 +70,36 @@ def _tol(spec: dict) -> str:
     return f"{100 * float(spec['rel_tol']):g}% of mean {spec.get('metric_b', spec['metric'])}({spec['b']})"
 
 
+PAIRED_CHECKS = ("lower", "higher", "similar", "best")  # judged on a difference between cells
+
+
+def test_for(spec: dict, cell_seeds: dict) -> str | None:
+    """The test a finding's differences use, from the cells' seeds: paired when the cells it
+    compares share two or more seeds (judged on those), Welch otherwise, `means` with one seed on a side;
+    None for a check with no difference."""
+    if spec.get("check") not in PAIRED_CHECKS:
+        return None
+    names = [spec[k] for k in ("a", "b", "cell") if k in spec] + list(spec.get("cells") or [])
+    seeds = [frozenset(cell_seeds.get(n, ())) for n in names]
+    if min(map(len, seeds)) < 2:
+        return "means"
+    return "paired" if len(frozenset.intersection(*seeds)) >= 2 else "Welch"
+
+
+def _test_words(spec: dict) -> str:
+    test = spec.get("test")
+    if test == "paired":
+        return " (a paired t interval over the per-seed differences of the seeds both sides ran)"
+    if test == "means":
+        return " (one seed on a side: no interval; the means alone decide)"
+    return " (Welch's interval: the sides ran different seeds)" if test == "Welch" else ""
+
+
 def rule_text(spec: dict) -> str:
     """The verdict rule of one finding in words (from its check and parameters alone)."""
     check, m = spec.get("check", "none"), spec.get("metric", "")
     a, b = spec.get("a"), spec.get("b")
-    diff = f"the 95% interval of {m}({a}) - {spec.get('metric_b', m)}({b})"
+    diff = f"the 95% interval{_test_words(spec)} of {m}({a}) - {spec.get('metric_b', m)}({b})"
     if check in ("lower", "higher"):
         side, other = ("below", "above") if check == "lower" else ("above", "below")
         return f"agree if {diff} lies {side} 0; disagree if it lies {other} 0; else unclear"
@@ -83,9 +113,9 @@ def rule_text(spec: dict) -> str:
                 f"{100 * float(spec.get('max_cv', 0.05)):g}%; else disagree (unclear below two seeds)")
     if check == "best":
         how = "highest" if spec.get("direction", "min") == "max" else "lowest"
-        return (f"agree if {spec['cell']} has the {how} {m} of {', '.join(spec['cells'])} and the 95% interval of "
-                f"its difference to each other cell excludes 0; disagree if another cell is better by such an "
-                f"interval; else unclear")
+        return (f"agree if {spec['cell']} has the {how} {m} of {', '.join(spec['cells'])} and the 95% interval"
+                f"{_test_words(spec)} of its difference to each other cell excludes 0; disagree if another cell is "
+                f"better by such an interval; else unclear")
     if check == "ordered":
         how = "increases" if spec.get("direction", "increasing") in ("increasing", "max") else "decreases"
         return f"agree if the mean {m} {how} strictly along {', '.join(spec['cells'])}; else disagree"
@@ -100,13 +130,46 @@ def _pm(s: Stat, unit: str = "") -> str:
     return f"{fmt(s.mean)}{unit}" if s.n < 2 else f"{fmt(s.mean)} ± {fmt(s.std)}{unit}"
 
 
-def _interval(d: float, hw: float, unit: str) -> str:
-    return f"{fmt(d)}{unit}" if not hw else f"{fmt(d)} [{fmt(d - hw)}, {fmt(d + hw)}]{unit}"
+def _interval(diff: Diff, unit: str) -> str:
+    d, hw = diff.d, diff.hw
+    text = f"{fmt(d)}{unit}" if not hw else f"{fmt(d)} [{fmt(d - hw)}, {fmt(d + hw)}]{unit}"
+    return text + (f" ({diff.test}, n={diff.n})" if diff.test != "none" else "")
 
 
-def judge(spec: dict, stats: dict) -> tuple[str, str]:
+def _mde(value: float, unit: str) -> str:
+    return f"; detectable effect {fmt(value)}{unit} (80% power)" if math.isfinite(value) else ""
+
+
+def judge(spec: dict, stats: dict, alpha: float = 0.05) -> tuple[str, str]:
     """(our measurement, verdict) for one finding. Verdicts: agree, disagree, unclear (the rule's
-    interval straddles its threshold), not measured (a cell failed or the metric is missing)."""
+    interval straddles its threshold), not measured (a cell failed or the metric is missing).
+    alpha: the two-sided level of every interval (0.05; a per-look level under --until-decided)."""
+    text, verdict = _judge(spec, stats, alpha)
+    if verdict == "unclear" and (mde := unclear_mde(spec, stats, alpha)) is not None:
+        text += _mde(mde, spec.get("unit", ""))
+    return text, verdict
+
+
+def unclear_mde(spec: dict, stats: dict, alpha: float = 0.05) -> float | None:
+    """The minimum detectable effect of a finding's comparison (None where it has none)."""
+    check, metric = spec.get("check", "none"), spec.get("metric", "")
+    try:
+        if check in ("lower", "higher", "similar"):
+            b = stats[spec["b"]][spec.get("metric_b", metric)]
+            return difference(stats[spec["a"]][metric], b, alpha).mde(alpha)
+        if check in ("above", "below"):
+            return stats[spec["cell"]][metric].mde(alpha)
+        if check == "best":
+            cell = stats[spec["cell"]][metric]
+            mdes = [difference(cell, stats[c][metric], alpha).mde(alpha) for c in spec["cells"]
+                    if c != spec["cell"] and metric in stats.get(c, {})]
+            return max(mdes) if mdes else None
+    except KeyError:
+        return None
+    return None
+
+
+def _judge(spec: dict, stats: dict, alpha: float) -> tuple[str, str]:
     check, metric, unit = spec.get("check", "none"), spec.get("metric", ""), spec.get("unit", "")
     metric_b = spec.get("metric_b", metric)  # b may be another metric of the same cell (ours vs the article's)
     needs = [(spec[k], metric_b if k == "b" else metric) for k in ("cell", "a", "b") if k in spec]
@@ -125,7 +188,8 @@ def judge(spec: dict, stats: dict) -> tuple[str, str]:
         return f"{_pm(s, unit)} over {s.n} seeds (CV {100 * cv:.1f}%)", "agree" if cv <= limit else "disagree"
     if check in ("above", "below"):
         s = get(spec["cell"])
-        lo, hi = (s.ci if s.n >= 2 else (s.mean, s.mean))
+        hw = s.half_width_at(alpha) if s.n >= 2 else 0.0
+        lo, hi = s.mean - hw, s.mean + hw
         text = f"{spec['cell']} {_pm(s, unit)}" + (f" [{fmt(lo)}, {fmt(hi)}]" if s.n >= 2 else "")
         value = float(spec["value"])
         if check == "above":  # all of the interval beyond the value agrees; all of it at or before disagrees
@@ -135,14 +199,15 @@ def judge(spec: dict, stats: dict) -> tuple[str, str]:
         return text, "agree" if agree else ("disagree" if disagree else "unclear")
     if check in ("lower", "higher", "similar", "ratio"):
         a, b = get(spec["a"]), get(spec["b"], metric_b)
-        d, hw = difference(a, b)
+        diff = difference(a, b, alpha)
+        d, hw = diff
         ratio = f", {a.mean / b.mean:.2f}x" if b.mean else ""
         b_name = spec["b"] if metric_b == metric else f"{spec['b']} {metric_b}"  # another metric: say which
         text = f"{spec['a']} {_pm(a, unit)} vs {b_name} {_pm(b, unit)}{ratio}"
         if check == "ratio":  # the size of an effect: mean(a) / mean(b) near the article's ratio
             ok = b.mean and abs(a.mean / b.mean - float(spec["expect"])) <= float(spec.get("tol", 0.1))
             return f"{text} (article {float(spec['expect']):.2f}x)", "agree" if ok else "disagree"
-        text += f"; difference {_interval(d, hw, unit)}"
+        text += f"; difference {_interval(diff, unit)}"
         if check == "similar":  # equivalence: the whole interval inside the tolerance
             tol = float(spec["tol"]) if "tol" in spec else abs(b.mean) * float(spec["rel_tol"])
             if abs(d) + hw <= tol:
@@ -168,7 +233,9 @@ def judge(spec: dict, stats: dict) -> tuple[str, str]:
         cell = spec["cell"]
         if cell not in present:
             return text, "not measured"
-        gaps = [(sign * d, hw) for d, hw in (difference(get(cell), get(c)) for c in present if c != cell)]
+        diffs = [difference(get(cell), get(c), alpha) for c in present if c != cell]
+        gaps = [(sign * d, hw) for d, hw in diffs]
+        text += f"; {diffs[0].test} intervals, n={diffs[0].n}" if diffs and diffs[0].test != "none" else ""
         if best == cell and all(g > hw for g, hw in gaps):
             return f"best: {best} ({text})", "agree"
         beaten = any(g < -hw for g, hw in gaps)

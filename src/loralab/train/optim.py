@@ -1,4 +1,12 @@
-"""Optimizers and the learning-rate schedule, from a TrainConfig."""
+"""Optimizers and the learning-rate schedule, from a TrainConfig.
+
+Beside AdamW and SGD (momentum), two that practitioners try for less optimizer memory:
+  adafactor  torch.optim.Adafactor: second moments factored into a row and a column vector per
+             matrix (no first moment), so its state is O(rows + cols) instead of AdamW's 2 x rows x cols
+  lion       lion-pytorch's Lion (Chen et al. 2023): the sign of an interpolated momentum, one
+             state tensor (as SGD with momentum); it wants a rate 3-10x below AdamW's
+Both follow the same warmup and schedule as the others (LambdaLR multiplies each group's lr).
+"""
 from __future__ import annotations
 
 import math
@@ -6,6 +14,7 @@ import math
 import torch
 
 from ..config import TrainConfig
+from ..errors import UserError
 
 
 def is_loraplus_b(name: str, param: torch.nn.Parameter) -> bool:
@@ -40,7 +49,7 @@ def implementation(params) -> dict:
 
 
 def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW or SGD over `params` (parameters or (name, parameter) pairs; see param_groups)."""
+    """AdamW, SGD, Adafactor or Lion over `params` (parameters or (name, parameter) pairs; see param_groups)."""
     params = param_groups(params, cfg)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
@@ -48,6 +57,16 @@ def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                **implementation(params))
+    if cfg.optimizer == "adafactor":  # its own defaults for the decay of the second moments and eps
+        return torch.optim.Adafactor(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "lion":
+        try:
+            from lion_pytorch import Lion
+        except ImportError:
+            raise UserError("train.optimizer=lion needs the lion-pytorch package: pip install lion-pytorch") from None
+        # its own betas (0.9, 0.99), not AdamW's train.betas; weight decay as torch's AdamW applies it
+        # (p <- p * (1 - lr * weight_decay)), so one train.weight_decay means the same for both
+        return Lion(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     raise ValueError(cfg.optimizer)  # validated in config; unreachable for user input
 
 

@@ -1,0 +1,125 @@
+"""`loralab study NAME --until-decided`: seeds added, one round at a time, to the cells behind unclear
+claims until every claim is decided, the cells reach --max-seeds, or the --budget is spent.
+
+Looking at the results after every round and stopping when a claim is decided is optional stopping:
+judged at 95% after each look, a claim with no real effect would be "decided" far more often than 5%
+of the time. The rule here is an alpha-spending one with equal spending (Bonferroni over looks): a
+claim can be looked at with n = n0, n0 + 1, ..., N seeds (n0: the preset's seeds, at least 2; N:
+--max-seeds), K = N - n0 + 1 looks in all, and every look's interval is a t interval at level
+alpha / K (`look_alpha`). Each interval is exact under normal per-seed differences; by the union
+bound the chance that any look of a claim with no effect excludes zero is at most alpha (5%),
+whatever the stopping rule. It is conservative (the looks overlap), which tests/study/test_sequential.py
+measures by simulation, along with the power at the effect sizes the presets expect.
+"""
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from ..errors import UserError
+from .spec import Study, study_plan
+from .verdicts import judge
+
+ALPHA = 0.05
+DEFAULT_MAX_SEEDS = 8
+DEFAULT_BUDGET = "45m"
+
+
+def parse_duration(text: str, where: str = "--budget") -> float:
+    """'45m', '1h30m', '90s', '2h' -> seconds."""
+    parts = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s)?\s*", str(text))
+    if not parts or not any(parts.groups()):
+        raise UserError(f"{where} must be a duration such as 45m, 1h30m or 90s, got {text!r}")
+    h, m, s = (float(g or 0) for g in parts.groups())
+    total = 3600 * h + 60 * m + s
+    if total <= 0:
+        raise UserError(f"{where} must be positive, got {text!r}")
+    return total
+
+
+def first_look(study: Study) -> int:
+    """n0: the fewest seeds a cell starts with (at least 2: one seed gives no interval to look at)."""
+    return max(2, min((len(c.seeds) for c in study.cells if not c.combine), default=2))
+
+
+def look_alpha(n0: int, max_seeds: int, alpha: float = ALPHA) -> float:
+    """The level of each look's interval: alpha spent equally over the K = max_seeds - n0 + 1 looks."""
+    return alpha / max(1, max_seeds - n0 + 1)
+
+
+def sequential_plan(study: Study, max_seeds: int) -> dict:
+    """What study.json keeps so that a report (and a rerun of it) judges at the per-look level."""
+    if max_seeds < 2:
+        raise UserError(f"--max-seeds must be at least 2, got {max_seeds}")
+    n0 = first_look(study)
+    if max_seeds < n0:
+        raise UserError(f"--max-seeds {max_seeds} is below the {n0} seeds the study starts with")
+    return {"alpha": ALPHA, "max_seeds": max_seeds, "first_look": n0, "looks": max_seeds - n0 + 1,
+            "look_alpha": look_alpha(n0, max_seeds)}
+
+
+def describe_plan(seq: dict, budget_s: float, preset_time: str) -> str:
+    """What --until-decided will do and how long it may take: said before anything starts."""
+    return (f"--until-decided: the study's own seeds first ({preset_time}), then one more seed a round for the cells "
+            f"behind unclear claims, up to {seq['max_seeds']} seeds a cell, until every claim is decided; at most "
+            f"{budget_s / 60:.0f} min in all. Every interval is at {100 * (1 - seq['look_alpha']):.2f}% "
+            f"(5% spent over {seq['looks']} looks, n = {seq['first_look']}..{seq['max_seeds']}), so a claim with "
+            f"no effect is decided at most 5% of the time however the rounds stop.")
+
+
+def findings_cells(spec: dict) -> list[str]:
+    return [spec[k] for k in ("a", "b", "cell") if k in spec] + list(spec.get("cells") or [])
+
+
+def cells_to_grow(study: Study, findings: list, stats: dict, alpha: float, max_seeds: int) -> list:
+    """The cells behind claims unclear at this look that can still take a seed (a combine cell
+    brings the cells it combines: it needs their adapters of the same seed)."""
+    by_name = {c.name: c for c in study.cells}
+    names: list[str] = []
+    for spec in findings:
+        if judge(spec, stats, alpha)[1] != "unclear":
+            continue
+        for name in findings_cells(spec):
+            cell = by_name[name]
+            for n in [name] + list((cell.combine or {}).get("adapters", [])):
+                if n not in names and len(by_name[n].seeds) < max_seeds:
+                    names.append(n)
+    return [by_name[n] for n in names]
+
+
+def until_decided(study: Study, out_dir: Path, *, budget_s: float, max_seeds: int, run_round: Callable,
+                  collect_stats: Callable, log: Callable[[str], None], clock=time.monotonic) -> list[dict]:
+    """Run the study's seeds, then rounds of one more seed for the cells behind unclear claims.
+
+    run_round(study) runs whatever (cell, seed) is not done yet and returns its records (runner.run_study);
+    collect_stats(plan) reads the study folder back into {cell: {metric: Stat}} (results.collect)."""
+    seq = sequential_plan(study, max_seeds)
+    start = clock()
+    records = list(run_round(study))
+    rounds = 0
+    while True:
+        stats = collect_stats(study_plan(study))
+        grow = cells_to_grow(study, study.findings, stats, seq["look_alpha"], max_seeds)
+        unclear = sum(judge(f, stats, seq["look_alpha"])[1] == "unclear" for f in study.findings)
+        if not unclear:
+            log(f"[{study.name}] every claim is decided after {rounds} extra round(s)")
+            break
+        if not grow:
+            log(f"[{study.name}] {unclear} claim(s) still unclear at --max-seeds {max_seeds}")
+            break
+        walls = [r["wall_s"] for r in records if r.get("status") == "ok" and r.get("wall_s")]
+        per_run = sum(walls) / len(walls) if walls else 0.0
+        elapsed = clock() - start
+        if elapsed + per_run * len(grow) > budget_s:
+            log(f"[{study.name}] {unclear} claim(s) still unclear; the next round ({len(grow)} runs of "
+                f"~{per_run:.0f} s) would pass the budget ({elapsed / 60:.1f} of {budget_s / 60:.0f} min spent)")
+            break
+        for cell in grow:
+            cell.seeds.append(max(cell.seeds) + 1)
+        rounds += 1
+        log(f"[{study.name}] round {rounds}: {unclear} claim(s) unclear; one more seed for "
+            + ", ".join(f"{c.name} (seed {c.seeds[-1]})" for c in grow))
+        records += [r for r in run_round(study) if r.get("status") != "skipped"]
+    return records
