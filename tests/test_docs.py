@@ -133,6 +133,11 @@ NOT_MEASURED = {
     "(1 MB)": "arithmetic: the decode table's size",
     "~7 MB for 106 M": "arithmetic: 4 bytes per 64 weights",
     "2s <W_i, (BA)_i>": "DoRA's norm expansion, 2 times s",
+    "alpha (5%)": "a significance level",
+    "instead of 5%": "a significance level",
+    "80% power": "a stated power",
+    "'90s'": "an example of a duration's syntax",
+    "3-10x below AdamW's": "the Lion paper's recommendation",
 }
 
 
