@@ -31,7 +31,8 @@ from ..io import reading
 from . import preflight as P
 from .measure import fmt_bytes
 
-SAMPLE = 512               # examples generated or encoded to measure their bytes
+SAMPLE = 512               # examples generated to measure their bytes (a few ms per task)
+ENCODE_SAMPLE = 128        # examples encoded to measure theirs (the template's set-up is paid once, for the run too)
 LIST_SLOT_BYTES = 8 * 3    # a pointer in the run's lists: all examples, then train and validation after the split
 # A file read whole is held as bytes and as decoded text together; text needs at least 2/3 of a byte per UTF-8
 # byte (a 3-byte character is 2 bytes in a str), so the pair takes >= 5/3 of the size on disk: a lower bound.
@@ -122,15 +123,15 @@ def encoded_bytes(encoded: list) -> int:
 
 def encoded_estimate(examples: list, tok, cfg) -> dict:
     """The bytes `examples` take once encoded (module docstring), from an evenly spaced sample."""
-    step = max(1, len(examples) // SAMPLE)
-    sample = examples[::step][:SAMPLE]
+    step = max(1, len(examples) // ENCODE_SAMPLE)
+    sample = examples[::step][:ENCODE_SAMPLE]
     kw = dict(template=cfg.data.template, system_prompt=cfg.data.system_prompt, max_seq_len=cfg.data.max_seq_len)
-    pairs = [(ex, e) for ex in sample for e in encode_all([ex], tok, **kw)[0]]  # a dropped example: none
-    tokens = sum(len(e.input_ids) for _, e in pairs)
+    enc = encode_all(sample, tok, **kw)[0]  # a dropped example has no tokens: it is not kept in memory either
+    tokens = sum(len(e.input_ids) for e in enc)
     if not tokens:
         return {"bytes": 0, "per_token": 0.0, "tokens": 0}
-    per_token = encoded_bytes([e for _, e in pairs]) / tokens
-    per_char = tokens / max(1, sum(_chars(ex) for ex, _ in pairs))
+    per_token = encoded_bytes(enc) / tokens
+    per_char = tokens / max(1, sum(map(_chars, sample)))
     cap = cfg.data.max_seq_len
     n_tokens = sum(min(cap, math.ceil(_chars(ex) * per_char)) for ex in examples)
     return {"bytes": int(n_tokens * per_token), "per_token": per_token, "tokens": n_tokens}
