@@ -7,7 +7,8 @@ for what the process holds (the data comes on top of it). Each estimate is measu
 the run's own data and scaled, so it follows the Python objects as they are:
   - generating: the peak bytes tracemalloc sees while one task generates SAMPLE examples (the
     Examples, their strings, the draw's set and lists), per example, times the examples asked for
-    (data.n_train per task plus eval.n per evaluated task), plus a list slot per example;
+    (data.n_train per task plus eval.n per evaluated task), plus a list slot per example; measured
+    only when the count could matter (above the room at CEILING_BYTES_PER_EXAMPLE each);
   - reading a file read whole (JSONL, JSON, text): its bytes and their decoded text, at least
     READ_WHOLE_FACTOR x its size on disk (io.reading's size check gives the size before reading);
   - encoding: the deep size of an evenly spaced sample's Encoded examples (lists of ints) per token,
@@ -37,6 +38,9 @@ LIST_SLOT_BYTES = 8 * 3    # a pointer in the run's lists: all examples, then tr
 # A file read whole is held as bytes and as decoded text together; text needs at least 2/3 of a byte per UTF-8
 # byte (a 3-byte character is 2 bytes in a str), so the pair takes >= 5/3 of the size on disk: a lower bound.
 READ_WHOLE_FACTOR = 5 / 3
+# Far above any task's measured bytes per example (short questions and answers: under 1 KiB): a
+# generation that fits at this size everywhere is not measured (measuring every family of the suite costs ~1 s).
+CEILING_BYTES_PER_EXAMPLE = 16 * 1024
 
 
 def _room_bytes() -> tuple[int, str] | None:
@@ -72,7 +76,7 @@ def check_generation(cfg, counts: dict[str, int], eval_tasks: list[str]) -> None
     wanted.update({t: cfg.eval.n for t in eval_tasks if t not in wanted})
     wanted = {t: n for t, n in wanted.items() if n}
     room = _room_bytes()
-    if not wanted or room is None:
+    if not wanted or room is None or sum(wanted.values()) * CEILING_BYTES_PER_EXAMPLE <= room[0]:
         return
     per = {t: generated_bytes_per_example(t, cfg.data.seed) + LIST_SLOT_BYTES for t in wanted}
     need = sum(per[t] * n for t, n in wanted.items())
