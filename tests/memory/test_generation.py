@@ -69,3 +69,40 @@ def test_longest_prompt_is_found_among_the_longest_texts(tiny_tokenizer):
     long = len(tiny_tokenizer.encode(render_prompt(examples[-1], tiny_tokenizer, template="raw"),
                                      add_special_tokens=False))
     assert G.longest_prompt(examples, tiny_tokenizer, cfg) == long > 40
+
+
+def _eval_run(tiny_folder, *overrides):
+    from loralab.data.tasks import make_task
+    from loralab.io.models import load_tokenizer
+    from loralab.prepare import Datasets
+
+    cfg = load_config(None, [f"model.name={tiny_folder}", "data.template=raw", "train.precision=fp32", *overrides])
+    data = Datasets([], [], {"2da": make_task("2da", 0, cfg.eval.n, 1)[1]})
+    return cfg, data, load_tokenizer(tiny_folder)
+
+
+def test_check_evaluation_refuses_warns_or_skips_per_train_preflight(tiny_folder, monkeypatch):
+    monkeypatch.setattr(P, "current_rss_bytes", lambda: E.CPU_RUNTIME_BYTES)
+    monkeypatch.setattr(P, "device_room", lambda device: P.Room(100 * MiB, "MemAvailable"))
+    big = ["eval.n=3000", "eval.batch_size=3000", "eval.max_new_tokens=64"]
+    cfg, data, tok = _eval_run(tiny_folder, *big)
+    with pytest.raises(UserError, match=r"generating 3,000 prompts at once .* eval.batch_size=\d+ fits") as e:
+        G.check_evaluation(cfg, tiny_folder, "cpu", data, tok)
+    fits = int(str(e.value).split(" fits")[0].rsplit("=", 1)[1])
+    assert G.check_evaluation(_eval_run(tiny_folder, "eval.n=3000", f"eval.batch_size={fits}",
+                                        "eval.max_new_tokens=64")[0], tiny_folder, "cpu", data, tok) == []
+    (line,) = G.check_evaluation(_eval_run(tiny_folder, *big, "train.preflight=warn")[0], tiny_folder, "cpu", data, tok)
+    assert line.startswith("warning: not enough memory for the evaluation")
+    off = _eval_run(tiny_folder, *big, "train.preflight=off")[0]
+    assert G.check_evaluation(off, tiny_folder, "cpu", data, tok) == []
+    # two ranks: each generates for its half
+    assert "1,500 prompts at once" in str(pytest.raises(UserError, G.check_evaluation, cfg, tiny_folder, "cpu", data,
+                                                        tok, 2).value)
+
+
+def test_an_evaluation_no_batch_fits_names_what_to_lower(tiny_folder, monkeypatch):
+    monkeypatch.setattr(P, "current_rss_bytes", lambda: 0)
+    monkeypatch.setattr(P, "device_room", lambda device: P.Room(E.CPU_RUNTIME_BYTES, "MemAvailable"))
+    cfg, data, tok = _eval_run(tiny_folder, "eval.n=10", "eval.batch_size=10")
+    with pytest.raises(UserError, match="no eval.batch_size fits: lower eval.max_new_tokens or evaluate fewer tasks"):
+        G.check_evaluation(cfg, tiny_folder, "cpu", data, tok)
