@@ -70,8 +70,8 @@ def check_generation(cfg, counts: dict[str, int], eval_tasks: list[str]) -> None
     data.path file that cannot fit in memory, before anything is generated or read."""
     if cfg.train.preflight != "error":
         return
-    if cfg.data.path:
-        return _check_file(cfg.data.path)
+    if cfg.data.path:  # no training tasks then (counts is empty); evaluation tasks may still be generated
+        _check_file(cfg.data.path)
     wanted = {t: n + (cfg.eval.n if t in eval_tasks else 0) for t, n in counts.items()}
     wanted.update({t: cfg.eval.n for t in eval_tasks if t not in wanted})
     wanted = {t: n for t, n in wanted.items() if n}
@@ -84,7 +84,8 @@ def check_generation(cfg, counts: dict[str, int], eval_tasks: list[str]) -> None
         return
     total = sum(wanted.values())
     fixed = sum(per[t] * cfg.eval.n for t in eval_tasks if t in per)  # the test sets stay
-    most = math.floor((room[0] - fixed) / sum(per[t] for t in counts)) if counts and room[0] > fixed else 0
+    per_count = sum(per[t] for t in counts if t in per)  # bytes one more data.n_train adds
+    most = math.floor((room[0] - fixed) / per_count) if per_count and room[0] > fixed else 0
     fix = (f"at most data.n_train={most:,} per task can be generated (their token ids need room too)" if most > 0
            else "lower data.n_train and eval.n")
     raise UserError(f"config keys 'data.n_train' and 'eval.n': generating {total:,} examples of "
