@@ -92,3 +92,12 @@ def test_encoded_refused_with_the_examples_that_fit(monkeypatch, tiny_tokenizer)
     with pytest.raises(UserError, match=r"tokenized data: 2,000 examples .* about [\d,]+ examples fit") as e:
         D.check_encoded(cfg, data, tiny_tokenizer)
     assert 900 < int(str(e.value).split("about ")[1].split(" ")[0].replace(",", "")) <= 1000
+
+
+def test_with_a_data_file_the_evaluation_tasks_are_still_sized(monkeypatch, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "response": "b"}\n')
+    _room(monkeypatch, 64 * MiB)
+    cfg = load_config(None, [f"data.path={data}", "eval.tasks=[5da]", "eval.n=100000000"])
+    with pytest.raises(UserError, match="generating 100,000,000 examples of 5da .* lower data.n_train and eval.n"):
+        D.check_generation(cfg, {}, ["5da"])
