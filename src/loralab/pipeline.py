@@ -31,7 +31,9 @@ from .eval.stops import stop_check, task_stops
 from .io.fileio import atomic_write_text, remove_temp_files, write_json
 from .io.lock import output_lock
 from .io.models import base_model_path, load_tokenizer, resolve
+from .memory.data_size import check_encoded
 from .memory.estimate import run_memory_breakdown
+from .memory.generation import check_evaluation
 from .memory.measure import PeakMemory
 from .memory.preflight import check_before_loading, check_disk
 from .peft.adapters import save_adapter
@@ -137,6 +139,7 @@ def _run(cfg: RunConfig, out: Path, log, data: Datasets | None, notes: list[str]
     data = data or build_datasets(cfg)
     folder = resolve(cfg.model.name)  # a local folder; no weights are read yet
     tok = load_tokenizer(folder, cfg.model.trust_remote_code)
+    check_encoded(cfg, data, tok)  # the token ids' memory, before encoding
     train_enc, train_stats, val_enc = encode_datasets(data, tok, cfg)
     data_sha = fingerprint(data.train + data.val)
     done = finished_summary(cfg, out, data_sha, len(train_enc), dist.world)
@@ -145,6 +148,7 @@ def _run(cfg: RunConfig, out: Path, log, data: Datasets | None, notes: list[str]
             f"train or evaluate (resume=false starts it over)")
         return done
     notes += check_before_loading(cfg, folder, device, train_enc)  # limits and memory, before any weight loads
+    notes += check_evaluation(cfg, folder, device, data, tok, dist.world)  # the evaluation's context and memory
     model, tok, folder, info = setup_model(cfg, device, folder, tok)
     resume, resume_notes = find_resume(cfg, out, data_sha)
     notes += resume_notes + info["notes"] + check_disk(out, info["trainable_params"], cfg)

@@ -16,6 +16,7 @@ from .data.sources import load_data
 from .data.tasks import expand_tasks, is_task, make_task
 from .errors import UserError
 from .io.models import load_tokenizer, resolve
+from .memory.data_size import check_generation
 from .memory.preflight import check_rank, module_widths
 from .model.convert import Target, convert
 from .model.load import copy_out_of_file, load_weights
@@ -63,6 +64,7 @@ def build_datasets(cfg: RunConfig) -> Datasets:
     d = cfg.data
     train_tasks = [] if d.path else expand_tasks(d.tasks)  # the suite's group names expanded
     eval_tasks = expand_tasks(cfg.eval.tasks) if cfg.eval.tasks is not None else train_tasks
+    check_generation(cfg, _train_counts(d.n_train, train_tasks), eval_tasks)  # sizes before generating or reading
     tests = {}
     if d.path:
         examples = load_data(d.path, d.columns)

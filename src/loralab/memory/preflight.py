@@ -156,6 +156,14 @@ def _fixes_text(fixes: list[dict]) -> str:
     return "fits with " + " | ".join(fitting[:3])
 
 
+def budget_of(room: Room, device: str) -> tuple[int, str]:
+    """(bytes an estimate that counts the whole process may reach, the words saying so): see check_memory."""
+    held = min(current_rss_bytes(), CPU_RUNTIME_BYTES) if device == "cpu" else 0
+    budget = max(room.bytes, 0) + held
+    return budget, f"{fmt_bytes(budget)} available ({room.source}" + (f", + {fmt_bytes(held)} this process holds)"
+                                                                     if held else ")")
+
+
 def check_memory(cfg, model_config: dict, device, seq: int, room: Room | None) -> MemoryVerdict:
     """Does the run's estimated peak fit `room` (device_room) plus what this process already holds?
 
@@ -172,10 +180,7 @@ def check_memory(cfg, model_config: dict, device, seq: int, room: Room | None) -
     peak = est["peak_bytes"]
     if room is None:
         return MemoryVerdict(None, f"pre-flight: estimated peak {fmt_bytes(peak)}; available memory unknown")
-    held = min(current_rss_bytes(), CPU_RUNTIME_BYTES) if settings["device"] == "cpu" else 0
-    budget = max(room.bytes, 0) + held
-    where = f"{fmt_bytes(budget)} available ({room.source}" + (f", + {fmt_bytes(held)} this process holds)"
-                                                              if held else ")")
+    budget, where = budget_of(room, settings["device"])
     shape = f"micro batch {settings['batch']} x {seq} tokens"
     if peak <= budget:
         return MemoryVerdict(True, f"pre-flight: estimated peak {fmt_bytes(peak)} ({shape}) of {where}")
@@ -238,7 +243,7 @@ def _config_widths(cfg, model_config: dict) -> dict[str, tuple[int, int]]:
     return out
 
 
-def _context(model_config: dict) -> tuple[str, int] | None:
+def context_of(model_config: dict) -> tuple[str, int] | None:
     inner = model_config.get("text_config")
     for source in (model_config, inner if isinstance(inner, dict) else {}):
         for key in CONTEXT_KEYS:
@@ -257,7 +262,7 @@ def check_before_loading(cfg, folder, device, train_enc: list) -> list[str]:
                         "'data.tasks' gives none)")
     longest = max(len(e.input_ids) for e in train_enc)
     model_config = resolve_model_config(str(folder))
-    ctx = _context(model_config)
+    ctx = context_of(model_config)
     if ctx and longest > ctx[1]:
         raise UserError(f"config key 'data.max_seq_len' is {cfg.data.max_seq_len}: the longest example has {longest} "
                         f"tokens, above the model's context of {ctx[1]} ({ctx[0]}); set data.max_seq_len={ctx[1]} "
