@@ -20,8 +20,7 @@ from .runtime.allocator import reexec_with_allocator
 
 
 def cmd_train(args) -> int:
-    from .config import load_config
-    from .pipeline import run_training
+    from .api import load_run_config, run
     from .summary import format_table
 
     config, overrides = args.config, list(args.overrides)
@@ -31,14 +30,14 @@ def cmd_train(args) -> int:
         from .shipped import resolve_config
 
         config = resolve_config(config)  # `loralab train demo`: the shipped config, from any folder
-    cfg = load_config(config, overrides)
+    cfg = load_run_config(config, overrides)  # what loralab.train() does, with the overrides as strings
     if args.nproc:
         from .train.launch import launch
 
         return launch(config, overrides, args.nproc, cfg.output_dir)
-    summary = run_training(cfg)
+    result = run(cfg)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks for all
-        print(format_table(summary, cfg))
+        print(format_table(result.summary, cfg))
     return 0
 
 

@@ -75,7 +75,8 @@ def harness_before_after(model: str | None, adapter_dir: str | None, *, tasks: l
     return out
 
 
-def _chat_prompt(tok, history: list[dict]) -> str:
+def chat_prompt(tok, history: list[dict]) -> str:
+    """The conversation as the model's chat template renders it, ready for the assistant's turn."""
     if tok.chat_template:
         return tok.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
     text = "".join(f"{m['role']}: {m['content']}\n" for m in history)
@@ -85,7 +86,7 @@ def _chat_prompt(tok, history: list[dict]) -> str:
 def generate_once(model: str | None, adapter_dir: str | None, prompt: str, *, max_new_tokens: int = 128,
                   raw: bool = False) -> str:
     m, tok = load_with_adapter(model, adapter_dir)
-    text = prompt if raw else _chat_prompt(tok, [{"role": "user", "content": prompt}])
+    text = prompt if raw else chat_prompt(tok, [{"role": "user", "content": prompt}])
     return generate_answers(m, tok, [text], batch_size=1, max_new_tokens=max_new_tokens, stop_at_newline=False)[0]
 
 
@@ -101,7 +102,7 @@ def chat(model: str | None, adapter_dir: str | None, *, max_new_tokens: int = 25
         if not line:
             break
         history.append({"role": "user", "content": line})
-        reply = generate_answers(m, tok, [_chat_prompt(tok, history)], batch_size=1,
+        reply = generate_answers(m, tok, [chat_prompt(tok, history)], batch_size=1,
                                  max_new_tokens=max_new_tokens, stop_at_newline=False)[0].strip()
         history.append({"role": "assistant", "content": reply})
         print(f"model> {reply}")
