@@ -42,18 +42,36 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from .inference import task_mismatch
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if args.adapter and not args.harness and (line := task_mismatch(args.adapter, tasks)):
+        print(f"loralab: warning: {line}", file=sys.stderr)
     if args.harness:
         return _harness(args)
     from .inference import evaluate_model
 
-    result = evaluate_model(args.model, args.adapter, tasks=args.tasks.split(","), n=args.n,
-                            batch_size=args.batch_size, template=args.template)
+    result = evaluate_model(args.model, args.adapter, tasks=tasks, n=args.n, batch_size=args.batch_size,
+                            template=args.template)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        for name, r in result["eval"].items():
-            print(f"{name:<6} {100 * r['accuracy']:6.1f}%  ({r['correct']}/{r['n']})")
+        print(_eval_table(result))
     return 0
+
+
+def _eval_table(result: dict) -> str:
+    """Each task's exact match: with an adapter, the base beside it (as `--harness` shows it)."""
+    after, base = result["eval"], result.get("base")
+    width = max(6, *map(len, after))
+    pct = lambda r: f"{100 * r['accuracy']:.1f}% ({r['correct']}/{r['n']})"
+    if base is None:
+        return "\n".join(f"{name:<{width}} {pct(r):>16}" for name, r in after.items())
+    lines = [f"{'task':<{width}} {'base':>16} {'adapter':>16}   change (exact match, held-out)"]
+    for name, r in after.items():
+        b = base[name]
+        lines.append(f"{name:<{width}} {pct(b):>16} {pct(r):>16}   {100 * (r['accuracy'] - b['accuracy']):+.1f} pts")
+    return "\n".join(lines)
 
 
 def _harness(args) -> int:

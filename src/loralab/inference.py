@@ -48,14 +48,64 @@ def load_with_adapter(model: str | None, adapter_dir: str | None, dtype: torch.d
 
 def evaluate_model(model: str | None, adapter_dir: str | None, *, tasks: list[str], n: int = 100,
                    batch_size: int = 50, template: str = "auto", data_seed: int = 1234) -> dict:
-    # data_seed matches DataConfig.seed, so these are the same held-out questions a run evaluated.
-    m, tok = load_with_adapter(model, adapter_dir)
-    results = {}
-    for name in expand_tasks(tasks):  # suite / suite-held-out: their families
-        test = make_task(name, 1, n, data_seed)[1]
-        r = exact_match(m, tok, test, template=template, batch_size=batch_size)
-        results[name] = {k: r[k] for k in ("accuracy", "correct", "n")}
-    return {"model": model or adapter_base(adapter_dir) or DEFAULT_MODEL, "adapter": adapter_dir, "eval": results}
+    """Exact match on each task's held-out questions: "eval" scores the model as given (base + adapter,
+    or the base alone); with an adapter, "base" scores the base alone too, from the same load (the
+    adapter is applied after). data_seed matches DataConfig.seed: the questions a run evaluated."""
+    m, tok = load_with_adapter(model, None)
+    tests = {name: make_task(name, 1, n, data_seed)[1] for name in expand_tasks(tasks)}  # groups: their families
+
+    def scores() -> dict:
+        out = {}
+        for name, test in tests.items():
+            r = exact_match(m, tok, test, template=template, batch_size=batch_size)
+            out[name] = {k: r[k] for k in ("accuracy", "correct", "n")}
+        return out
+
+    base = scores() if adapter_dir else None
+    if adapter_dir:
+        load_adapter(m, adapter_dir)
+        m.eval()
+    result = {"model": model or adapter_base(adapter_dir) or DEFAULT_MODEL, "adapter": adapter_dir,
+              "eval": scores()}
+    if base is not None:
+        result["base"] = base
+    return result
+
+
+def trained_on(adapter_dir: str) -> dict | None:
+    """What an adapter was trained on, from its run folder's config.yaml (the adapter's parent, or
+    the folder itself): {"path": data.path} or {"tasks": [the tasks, groups expanded]}. None when no
+    readable config says."""
+    import yaml
+
+    for folder in (Path(adapter_dir), Path(adapter_dir).parent):
+        try:
+            data = yaml.safe_load((folder / "config.yaml").read_text()).get("data") or {}
+        except (OSError, ValueError, AttributeError, yaml.YAMLError):
+            continue
+        if data.get("path"):
+            return {"path": str(data["path"])}
+        try:
+            return {"tasks": expand_tasks(data.get("tasks") or [])}
+        except UserError:
+            return None
+    return None
+
+
+def task_mismatch(adapter_dir: str, tasks: list[str]) -> str | None:
+    """One warning line when the tasks evaluated are not what the adapter trained on, else None."""
+    trained = trained_on(adapter_dir)
+    evaluated = expand_tasks(tasks)
+    if trained is None:
+        return None
+    if "path" in trained:
+        return (f"{adapter_dir} was trained on data.path {trained['path']} (its run's config.yaml), not on "
+                f"{', '.join(evaluated)}: these scores do not measure what it learned")
+    never = [t for t in evaluated if t not in trained["tasks"]]
+    if not never:
+        return None
+    return (f"{adapter_dir} was trained on {', '.join(trained['tasks']) or 'no tasks'}; "
+            f"{', '.join(never)} {'is' if len(never) == 1 else 'are'} not among them (held out from its training)")
 
 
 def harness_before_after(model: str | None, adapter_dir: str | None, *, tasks: list[str], include_path=(),
