@@ -51,7 +51,8 @@ def evaluate_model(model: str | None, adapter_dir: str | None, *, tasks: list[st
     """Exact match on each task's held-out questions: "eval" scores the model as given (base + adapter,
     or the base alone); with an adapter, "base" scores the base alone too, from the same load (the
     adapter is applied after). data_seed matches DataConfig.seed: the questions a run evaluated."""
-    m, tok = load_with_adapter(model, None)
+    spec = model or adapter_base(adapter_dir) or DEFAULT_MODEL
+    m, tok = load_with_adapter(spec, None)
     tests = {name: make_task(name, 1, n, data_seed)[1] for name in expand_tasks(tasks)}  # groups: their families
 
     def scores() -> dict:
@@ -65,8 +66,7 @@ def evaluate_model(model: str | None, adapter_dir: str | None, *, tasks: list[st
     if adapter_dir:
         load_adapter(m, adapter_dir)
         m.eval()
-    result = {"model": model or adapter_base(adapter_dir) or DEFAULT_MODEL, "adapter": adapter_dir,
-              "eval": scores()}
+    result = {"model": spec, "adapter": adapter_dir, "eval": scores()}
     if base is not None:
         result["base"] = base
     return result
