@@ -49,29 +49,15 @@ def cmd_eval(args) -> int:
         print(f"loralab: warning: {line}", file=sys.stderr)
     if args.harness:
         return _harness(args)
-    from .inference import evaluate_model
+    from .inference import evaluate_model, format_eval
 
     result = evaluate_model(args.model, args.adapter, tasks=tasks, n=args.n, batch_size=args.batch_size,
                             template=args.template)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(_eval_table(result))
+        print(format_eval(result))
     return 0
-
-
-def _eval_table(result: dict) -> str:
-    """Each task's exact match: with an adapter, the base beside it (as `--harness` shows it)."""
-    after, base = result["eval"], result.get("base")
-    width = max(6, *map(len, after))
-    pct = lambda r: f"{100 * r['accuracy']:.1f}% ({r['correct']}/{r['n']})"
-    if base is None:
-        return "\n".join(f"{name:<{width}} {pct(r):>16}" for name, r in after.items())
-    lines = [f"{'task':<{width}} {'base':>16} {'adapter':>16}   change (exact match, held-out)"]
-    for name, r in after.items():
-        b = base[name]
-        lines.append(f"{name:<{width}} {pct(b):>16} {pct(r):>16}   {100 * (r['accuracy'] - b['accuracy']):+.1f} pts")
-    return "\n".join(lines)
 
 
 def _harness(args) -> int:

@@ -72,6 +72,20 @@ def evaluate_model(model: str | None, adapter_dir: str | None, *, tasks: list[st
     return result
 
 
+def format_eval(result: dict) -> str:
+    """Each task's exact match: with an adapter, the base beside it (as `--harness` shows it)."""
+    after, base = result["eval"], result.get("base")
+    width = max(6, *map(len, after))
+    pct = lambda r: f"{100 * r['accuracy']:.1f}% ({r['correct']}/{r['n']})"
+    if base is None:
+        return "\n".join(f"{name:<{width}} {pct(r):>16}" for name, r in after.items())
+    lines = [f"{'task':<{width}} {'base':>16} {'adapter':>16}   change (exact match, held-out)"]
+    for name, r in after.items():
+        b = base[name]
+        lines.append(f"{name:<{width}} {pct(b):>16} {pct(r):>16}   {100 * (r['accuracy'] - b['accuracy']):+.1f} pts")
+    return "\n".join(lines)
+
+
 def trained_on(adapter_dir: str) -> dict | None:
     """What an adapter was trained on, from its run folder's config.yaml (the adapter's parent, or
     the folder itself): {"path": data.path} or {"tasks": [the tasks, groups expanded]}. None when no
