@@ -54,7 +54,7 @@ def main() -> None:
     import torch
     import torch.optim.optimizer as optimizer_hooks
 
-    import loralab.runs.run as run_module  # the run object calls train() from here
+    import loralab.run as run_module  # the run object calls train() from here
     from loralab.memory.measure import current_rss_bytes
     from loralab.train.compile import decoder_blocks
 

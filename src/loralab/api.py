@@ -72,8 +72,8 @@ def _with_overrides(data: dict, overrides: list[str]) -> RunConfig:
 
 
 def run(cfg: RunConfig, *, quiet: bool = False, data=None) -> RunResult:
-    """Train one validated config (the run object, runs/run.py) and return its result."""
-    from .runs.run import Run
+    """Train one validated config (the run object, run.py) and return its result."""
+    from .run import Run
 
     summary = Run(cfg, quiet=quiet, data=data).execute()
     adapter = summary.get("adapter_dir")

@@ -1,12 +1,12 @@
 """`run_training(cfg)`: one training run, as `loralab train`, studies (one process per run) and the
-benchmarks call it. The run itself is the run object (runs/run.py: its phases, its files); this is
+benchmarks call it. The run itself is the run object (run.py: its phases, its files); this is
 the function-shaped entry kept for those callers, with the run's evaluations re-exported."""
 from __future__ import annotations
 
 from .config import RunConfig
 from .prepare import Datasets
-from .runs.evals import held_out_stops, run_evals, test_losses
-from .runs.run import Run, stop_flag
+from .run import Run, stop_flag
+from .run_evals import held_out_stops, run_evals, test_losses
 
 __all__ = ["Datasets", "Run", "held_out_stops", "run_evals", "run_training", "stop_flag", "test_losses"]
 

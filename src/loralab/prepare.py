@@ -1,6 +1,6 @@
 """Setting up a run, before the loop: the output folder, the data (built and encoded), the config
 resolved for this machine, the model with its adapters, and the checkpoint to resume from.
-The run object (runs/run.py) calls these in its phases; every check that can refuse the run comes
+The run object (run.py) calls these in its phases; every check that can refuse the run comes
 before the output folder is touched, and every one that does not need the weights before they load."""
 from __future__ import annotations
 

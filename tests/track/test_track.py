@@ -91,8 +91,8 @@ def test_jsonl_alone_is_the_default_and_writes_nothing_else(tiny_folder, tmp_pat
 def test_a_failed_run_marks_its_mlflow_run_failed(tiny_folder, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
+    import loralab.run as pipeline
     from loralab.errors import UserError
-    from loralab.runs import run as pipeline
 
     def broken(*a, **k):
         raise UserError("disk on fire")
@@ -117,8 +117,8 @@ def test_a_resumed_run_continues_its_mlflow_run_and_tensorboard_steps(tiny_folde
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    import loralab.run as pipeline
     from loralab.errors import UserError
-    from loralab.runs import run as pipeline
 
     out = tmp_path / "resumed"
     extra = ("train.save_every=1", "train.eval_every=0")
