@@ -123,3 +123,42 @@ def test_an_adapter_named_wrongly_is_one_line(argv, says, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"loralab: error: {says}") and err.count("\n") == 1
+
+
+def test_eval_shows_the_base_beside_the_adapter(trained, tiny_folder, capsys):
+    from loralab.inference import evaluate_model
+
+    assert main(["eval", "--adapter", str(trained), "--tasks", "2da", "--n", "4", "--json"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert captured.err == ""  # trained on 2da: no warning
+    base_alone = evaluate_model(str(tiny_folder), None, tasks=["2da"], n=4)["eval"]
+    with_adapter = evaluate_model(None, str(trained), tasks=["2da"], n=4)
+    assert result["base"] == base_alone == with_adapter["base"]  # one load: the base, then base + adapter
+    assert result["eval"] == with_adapter["eval"]
+    assert main(["eval", "--adapter", str(trained), "--tasks", "2da", "--n", "4"]) == 0
+    header, row = capsys.readouterr().out.strip().splitlines()
+    assert header.split()[:3] == ["task", "base", "adapter"]
+    b, a = result["base"]["2da"], result["eval"]["2da"]
+    assert row.split()[0] == "2da" and f"({b['correct']}/4)" in row and f"({a['correct']}/4)" in row
+    assert row.endswith(f"{100 * (a['accuracy'] - b['accuracy']):+.1f} pts")
+
+
+def test_eval_warns_when_the_tasks_are_not_what_the_adapter_trained_on(trained, tmp_path, capsys):
+    import shutil
+
+    assert main(["eval", "--adapter", str(trained), "--tasks", "2da,2ds", "--n", "2"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"loralab: warning: {trained} was trained on 2da; 2ds is not among them (held out from its "
+                   "training)"]
+    run = tmp_path / "file-run"  # an adapter trained on a data file: its run's config.yaml says data.path
+    shutil.copytree(trained, run / "adapter")
+    (run / "config.yaml").write_text("data:\n  path: mine.jsonl\n  tasks: [2da]\n")
+    assert main(["eval", "--adapter", str(run / "adapter"), "--tasks", "2da", "--n", "2"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"loralab: warning: {run / 'adapter'} was trained on data.path "
+                                               "mine.jsonl (its run's config.yaml), not on 2da")
+    shutil.rmtree(run)
+    shutil.copytree(trained, run)  # an adapter folder alone: nothing says what it trained on, no warning
+    assert main(["eval", "--adapter", str(run), "--tasks", "2ds", "--n", "2"]) == 0
+    assert capsys.readouterr().err == ""

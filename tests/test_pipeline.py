@@ -17,7 +17,7 @@ def _cfg(folder, out, *extra):
 
 
 def test_test_loss_is_skipped_when_switched_off(tiny_folder, tmp_path, monkeypatch):
-    import loralab.pipeline as pipeline
+    import loralab.run as pipeline
 
     calls = []
     real = pipeline.test_losses

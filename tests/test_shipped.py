@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-import loralab.pipeline
+import loralab.api
 from loralab.cli import main
 from loralab.errors import UserError
 from loralab.shipped import SHIPPED_DIR, resolve_config
@@ -16,10 +16,11 @@ def test_the_repositorys_demo_config_is_the_shipped_one():
 
 
 def _loaded(monkeypatch):
-    """run_training replaced by a stand-in that reports which config reached it, as a UserError line."""
+    """The API's run (what `loralab train` calls) replaced by a stand-in that reports which config reached
+    it, as a UserError line."""
     def fake(cfg, **_):
         raise UserError(f"reached with lora.r={cfg.lora.r} model={cfg.model.name}")
-    monkeypatch.setattr(loralab.pipeline, "run_training", fake)
+    monkeypatch.setattr(loralab.api, "run", fake)
 
 
 @pytest.mark.parametrize("arg", ["demo", "demo.yaml"])

@@ -54,7 +54,7 @@ def main() -> None:
     import torch
     import torch.optim.optimizer as optimizer_hooks
 
-    import loralab.pipeline as pipeline
+    import loralab.run as run_module  # the run object calls train() from here
     from loralab.memory.measure import current_rss_bytes
     from loralab.train.compile import decoder_blocks
 
@@ -73,7 +73,7 @@ def main() -> None:
         steps.append({"rss_mb": round(current_rss_bytes() / MB), "in_use_mb": round(in_use / MB),
                       "heap_mb": round(held / MB)})
 
-    train = pipeline.train
+    train = run_module.train
 
     def traced_train(model, *args, **kwargs):  # the very loop run_training runs, with hooks added
         for i, block in enumerate(decoder_blocks(model)):
@@ -83,7 +83,7 @@ def main() -> None:
         optimizer_hooks.register_optimizer_step_post_hook(after_step)
         return train(model, *args, **kwargs)
 
-    pipeline.train = traced_train
+    run_module.train = traced_train
     spec = dict(name="packed" if a.packed else "loralab", packed=bool(a.packed), examples=a.examples, seed=42,
                 lr=a.lr, batch=a.batch, grad_accum=a.grad_accum, steps=a.steps, warmup=0, precision="auto")
     t0 = time.perf_counter()

@@ -237,7 +237,7 @@ def main() -> int:
     busy = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
     shapes = {name: [(int(b.get("shared_prefix", 0)), *b["input_ids"].shape) for b in bs][:3]
               for name, bs in {"stock": batches, **other_batches}.items() if name == "stock" or name in a.variants}
-    print(f"{a.rounds} rounds x {len(variants)} variants, {a.workload} workload, {info['precision']}, "
+    print(f"{a.rounds} rounds x {len(variants)} variants, {a.workload} workload, {info.precision}, "
           f"{'padded' if a.unpacked else 'packed'} micro batches (shared prefix, rows, width; the first 3) {shapes}; "
           f"{busy:.2f} cores busy; "
           f"load average before {load0}, after {os.getloadavg()[0]:.2f}")

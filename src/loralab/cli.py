@@ -21,8 +21,7 @@ from .study.cli_args import add_study_parser, add_tune_parser
 
 
 def cmd_train(args) -> int:
-    from .config import load_config
-    from .pipeline import run_training
+    from .api import load_run_config, run
     from .summary import format_table
 
     config, overrides = args.config, list(args.overrides)
@@ -32,29 +31,33 @@ def cmd_train(args) -> int:
         from .shipped import resolve_config
 
         config = resolve_config(config)  # `loralab train demo`: the shipped config, from any folder
-    cfg = load_config(config, overrides)
+    cfg = load_run_config(config, overrides)  # what loralab.train() does, with the overrides as strings
     if args.nproc:
         from .train.launch import launch
 
         return launch(config, overrides, args.nproc, cfg.output_dir)
-    summary = run_training(cfg)
+    result = run(cfg)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks for all
-        print(format_table(summary, cfg))
+        print(format_table(result.summary, cfg))
     return 0
 
 
 def cmd_eval(args) -> int:
+    from .inference import task_mismatch
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if args.adapter and not args.harness and (line := task_mismatch(args.adapter, tasks)):
+        print(f"loralab: warning: {line}", file=sys.stderr)
     if args.harness:
         return _harness(args)
-    from .inference import evaluate_model
+    from .inference import evaluate_model, format_eval
 
-    result = evaluate_model(args.model, args.adapter, tasks=args.tasks.split(","), n=args.n,
-                            batch_size=args.batch_size, template=args.template)
+    result = evaluate_model(args.model, args.adapter, tasks=tasks, n=args.n, batch_size=args.batch_size,
+                            template=args.template)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        for name, r in result["eval"].items():
-            print(f"{name:<6} {100 * r['accuracy']:6.1f}%  ({r['correct']}/{r['n']})")
+        print(format_eval(result))
     return 0
 
 

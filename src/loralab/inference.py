@@ -48,14 +48,78 @@ def load_with_adapter(model: str | None, adapter_dir: str | None, dtype: torch.d
 
 def evaluate_model(model: str | None, adapter_dir: str | None, *, tasks: list[str], n: int = 100,
                    batch_size: int = 50, template: str = "auto", data_seed: int = 1234) -> dict:
-    # data_seed matches DataConfig.seed, so these are the same held-out questions a run evaluated.
-    m, tok = load_with_adapter(model, adapter_dir)
-    results = {}
-    for name in expand_tasks(tasks):  # suite / suite-held-out: their families
-        test = make_task(name, 1, n, data_seed)[1]
-        r = exact_match(m, tok, test, template=template, batch_size=batch_size)
-        results[name] = {k: r[k] for k in ("accuracy", "correct", "n")}
-    return {"model": model or adapter_base(adapter_dir) or DEFAULT_MODEL, "adapter": adapter_dir, "eval": results}
+    """Exact match on each task's held-out questions: "eval" scores the model as given (base + adapter,
+    or the base alone); with an adapter, "base" scores the base alone too, from the same load (the
+    adapter is applied after). data_seed matches DataConfig.seed: the questions a run evaluated."""
+    spec = model or adapter_base(adapter_dir) or DEFAULT_MODEL
+    m, tok = load_with_adapter(spec, None)
+    tests = {name: make_task(name, 1, n, data_seed)[1] for name in expand_tasks(tasks)}  # groups: their families
+
+    def scores() -> dict:
+        out = {}
+        for name, test in tests.items():
+            r = exact_match(m, tok, test, template=template, batch_size=batch_size)
+            out[name] = {k: r[k] for k in ("accuracy", "correct", "n")}
+        return out
+
+    base = scores() if adapter_dir else None
+    if adapter_dir:
+        load_adapter(m, adapter_dir)
+        m.eval()
+    result = {"model": spec, "adapter": adapter_dir, "eval": scores()}
+    if base is not None:
+        result["base"] = base
+    return result
+
+
+def format_eval(result: dict) -> str:
+    """Each task's exact match: with an adapter, the base beside it (as `--harness` shows it)."""
+    after, base = result["eval"], result.get("base")
+    width = max(6, *map(len, after))
+    pct = lambda r: f"{100 * r['accuracy']:.1f}% ({r['correct']}/{r['n']})"
+    if base is None:
+        return "\n".join(f"{name:<{width}} {pct(r):>16}" for name, r in after.items())
+    lines = [f"{'task':<{width}} {'base':>16} {'adapter':>16}   change (exact match, held-out)"]
+    for name, r in after.items():
+        b = base[name]
+        lines.append(f"{name:<{width}} {pct(b):>16} {pct(r):>16}   {100 * (r['accuracy'] - b['accuracy']):+.1f} pts")
+    return "\n".join(lines)
+
+
+def trained_on(adapter_dir: str) -> dict | None:
+    """What an adapter was trained on, from its run folder's config.yaml (the adapter's parent, or
+    the folder itself): {"path": data.path} or {"tasks": [the tasks, groups expanded]}. None when no
+    readable config says."""
+    import yaml
+
+    for folder in (Path(adapter_dir), Path(adapter_dir).parent):
+        try:
+            data = yaml.safe_load((folder / "config.yaml").read_text()).get("data") or {}
+        except (OSError, ValueError, AttributeError, yaml.YAMLError):
+            continue
+        if data.get("path"):
+            return {"path": str(data["path"])}
+        try:
+            return {"tasks": expand_tasks(data.get("tasks") or [])}
+        except UserError:
+            return None
+    return None
+
+
+def task_mismatch(adapter_dir: str, tasks: list[str]) -> str | None:
+    """One warning line when the tasks evaluated are not what the adapter trained on, else None."""
+    trained = trained_on(adapter_dir)
+    evaluated = expand_tasks(tasks)
+    if trained is None:
+        return None
+    if "path" in trained:
+        return (f"{adapter_dir} was trained on data.path {trained['path']} (its run's config.yaml), not on "
+                f"{', '.join(evaluated)}: these scores do not measure what it learned")
+    never = [t for t in evaluated if t not in trained["tasks"]]
+    if not never:
+        return None
+    return (f"{adapter_dir} was trained on {', '.join(trained['tasks']) or 'no tasks'}; "
+            f"{', '.join(never)} {'is' if len(never) == 1 else 'are'} not among them (held out from its training)")
 
 
 def harness_before_after(model: str | None, adapter_dir: str | None, *, tasks: list[str], include_path=(),
@@ -75,7 +139,8 @@ def harness_before_after(model: str | None, adapter_dir: str | None, *, tasks: l
     return out
 
 
-def _chat_prompt(tok, history: list[dict]) -> str:
+def chat_prompt(tok, history: list[dict]) -> str:
+    """The conversation as the model's chat template renders it, ready for the assistant's turn."""
     if tok.chat_template:
         return tok.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
     text = "".join(f"{m['role']}: {m['content']}\n" for m in history)
@@ -85,7 +150,7 @@ def _chat_prompt(tok, history: list[dict]) -> str:
 def generate_once(model: str | None, adapter_dir: str | None, prompt: str, *, max_new_tokens: int = 128,
                   raw: bool = False) -> str:
     m, tok = load_with_adapter(model, adapter_dir)
-    text = prompt if raw else _chat_prompt(tok, [{"role": "user", "content": prompt}])
+    text = prompt if raw else chat_prompt(tok, [{"role": "user", "content": prompt}])
     return generate_answers(m, tok, [text], batch_size=1, max_new_tokens=max_new_tokens, stop_at_newline=False)[0]
 
 
@@ -101,7 +166,7 @@ def chat(model: str | None, adapter_dir: str | None, *, max_new_tokens: int = 25
         if not line:
             break
         history.append({"role": "user", "content": line})
-        reply = generate_answers(m, tok, [_chat_prompt(tok, history)], batch_size=1,
+        reply = generate_answers(m, tok, [chat_prompt(tok, history)], batch_size=1,
                                  max_new_tokens=max_new_tokens, stop_at_newline=False)[0].strip()
         history.append({"role": "assistant", "content": reply})
         print(f"model> {reply}")

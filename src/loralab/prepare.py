@@ -1,10 +1,11 @@
 """Setting up a run, before the loop: the output folder, the data (built and encoded), the config
 resolved for this machine, the model with its adapters, and the checkpoint to resume from.
-pipeline.py calls these in order; every check that can refuse the run comes before the weights load."""
+The run object (run.py) calls these in its phases; every check that can refuse the run comes
+before the output folder is touched, and every one that does not need the weights before they load."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,10 +31,17 @@ from .train import checkpoint
 from .train.precision import resolve_precision
 
 
-def prepare_output_dir(path: str) -> Path:
+def check_output_dir(path: str) -> Path:
+    """output_dir as a Path, refused when it names a file; nothing is created (a run creates it
+    only once its config and data have been validated)."""
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise UserError(f"config key 'output_dir': {out} exists and is a file")
+    return out
+
+
+def prepare_output_dir(path: str) -> Path:
+    out = check_output_dir(path)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -99,47 +107,60 @@ def lora_spec(cfg: RunConfig) -> SpecFor:
     return per_module(spec, lo.rank_pattern, lo.alpha_pattern)
 
 
-def setup_model(cfg: RunConfig, device: torch.device, folder: Path | None = None, tok=None):
-    """Load the base, optionally quantize it, and choose what trains. Returns (model, tok, folder, info);
-    info["notes"]: warnings to log (a rank some targeted layers cannot use)."""
+@dataclass
+class ModelSetup:
+    """What setup_model decided and built beside the model: logged at the start of a run and
+    recorded in summary.json (precision, weights_dtype, converters, parameter counts)."""
+    precision: str                    # the resolved train.precision: bf16 or fp32
+    weights_dtype: str                # the frozen weights' dtype (bfloat16 / float32)
+    converters: dict                  # model rewrites applied and declined, with reasons (model/convert.py)
+    targets: list[str] = field(default_factory=list)  # the modules wrapped with LoRA (none: full fine-tuning)
+    notes: list[str] = field(default_factory=list)    # lines to log: the converters', then "warning: ..."
+    quantized_modules: int | None = None               # NF4 layers (model.quant: nf4), else None
+    trainable_params: int = 0
+    total_params: int = 0
+
+
+def setup_model(cfg: RunConfig, device: torch.device, folder: Path | None = None,
+                tok=None) -> tuple[torch.nn.Module, object, Path, ModelSetup]:
+    """Load the base, optionally quantize it, and choose what trains. Returns (model, tok, folder, setup);
+    setup.notes: lines to log (a rank some targeted layers cannot use)."""
     precision = resolve_precision(cfg.train.precision, device)
     full = cfg.train.method == "full"
     # LoRA keeps frozen weights in bf16 (no per-step casts); full fine-tuning keeps fp32 masters.
     dtype = torch.bfloat16 if precision == "bf16" and not full else torch.float32
     spec = None if full else lora_spec(cfg)  # checks r, alpha, dropout before the model loads
+    if full and cfg.model.quant != "none":
+        raise UserError("config key 'model.quant': a quantized base cannot be fully fine-tuned (use lora)")
     folder = folder or resolve(cfg.model.name)
     tok = tok or load_tokenizer(folder, cfg.model.trust_remote_code)
     model = load_weights(folder, dtype, trust_remote_code=cfg.model.trust_remote_code, device=device,
                          attn_implementation=cfg.model.attn_implementation)
     rewrites = convert(model, cfg.model.converters, Target(torch.device(device), cfg.model.attn_implementation))
-    info = {"precision": precision, "weights_dtype": str(dtype).replace("torch.", ""), "notes": [],
-            "converters": rewrites.as_dict()}
+    setup = ModelSetup(precision=precision, weights_dtype=str(dtype).replace("torch.", ""),
+                       converters=rewrites.as_dict())
     if full:
-        if cfg.model.quant != "none":
-            raise UserError("config key 'model.quant': a quantized base cannot be fully fine-tuned (use lora)")
         model.requires_grad_(True)
-        info["targets"] = []
     else:
         targets = resolve_targets(model, cfg.lora.targets)
         if cfg.lora.layers is not None:
             targets = filter_layers(targets, cfg.lora.layers)
         modules = dict(model.named_modules())
         widths = module_widths({n: modules[n] for n in targets})
-        info["notes"] = [f"warning: {w}" for w in check_rank(cfg.lora.r, widths)]  # before any LoRA weight exists
+        setup.notes = [f"warning: {w}" for w in check_rank(cfg.lora.r, widths)]  # before any LoRA weight exists
         if note := dropout_warning(cfg.lora.init, cfg.lora.dropout):
-            info["notes"].append(f"warning: {note}")
+            setup.notes.append(f"warning: {note}")
         if cfg.model.quant == "nf4":
             from .peft.quant import quantize_model
 
-            info["quantized_modules"] = quantize_model(model, None if cfg.model.quant_all_linear else targets,
-                                                       compute_dtype=dtype)
+            setup.quantized_modules = quantize_model(model, None if cfg.model.quant_all_linear else targets,
+                                                     compute_dtype=dtype)
             copy_out_of_file(model)  # the fp32 file's pages that quantization read are released
-        info["targets"] = inject(model, targets, spec)
-        info["notes"] += add_expert_lora(model, cfg.lora, spec)  # lora.target_parameters (peft/experts.py)
-    info["notes"].insert(0, rewrites.line())
-    trainable, total = count_parameters(model)
-    info.update(trainable_params=trainable, total_params=total)
-    return model, tok, folder, info
+        setup.targets = inject(model, targets, spec)
+        setup.notes += add_expert_lora(model, cfg.lora, spec)  # lora.target_parameters (peft/experts.py)
+    setup.notes.insert(0, rewrites.line())
+    setup.trainable_params, setup.total_params = count_parameters(model)
+    return model, tok, folder, setup
 
 
 def find_resume(cfg: RunConfig, out: Path, data_sha256: str | None = None) -> tuple[dict | None, list[str]]:

@@ -7,6 +7,7 @@ from .config import RunConfig
 from .data.tasks import expand_tasks
 from .eval.forgetting import table_rows as forgetting_rows
 from .memory.measure import fmt_bytes
+from .prepare import ModelSetup
 from .train.optim import plan_steps
 from .train.state import TrainResult
 
@@ -50,10 +51,11 @@ def stop_warnings(train_stats: dict, cfg: RunConfig) -> list[str]:
             f"the model will learn not to stop"]
 
 
-def build_summary(cfg: RunConfig, *, device, info: dict, result: TrainResult, n_train: int, train_stats: dict,
-                  memory: dict, breakdown: dict | None, warnings: list[str], before: dict, after: dict,
-                  out: Path, world: int = 1, stops: dict | None = None) -> dict:
-    """summary.json: what the run did and cost, its losses, and the held-out accuracy before and after."""
+def build_summary(cfg: RunConfig, *, device, setup: ModelSetup, train_cpu_s: float, result: TrainResult,
+                  n_train: int, train_stats: dict, memory: dict, breakdown: dict | None, warnings: list[str],
+                  before: dict, after: dict, out: Path, world: int = 1, stops: dict | None = None) -> dict:
+    """summary.json: what the run did and cost, its losses, and the held-out accuracy before and after.
+    setup: what prepare.setup_model built; train_cpu_s: CPU seconds (all threads) the loop took."""
     lora = cfg.train.method == "lora"
     trained = set() if cfg.data.path else set(expand_tasks(cfg.data.tasks))
     best = min(result.val_history, key=lambda v: v["val_loss"]) if result.val_history else None
@@ -63,22 +65,22 @@ def build_summary(cfg: RunConfig, *, device, info: dict, result: TrainResult, n_
         "device": str(device),
         "processes": world,
         "distributed": cfg.train.distributed if world > 1 else None,
-        "precision": info["precision"],
-        "weights_dtype": info["weights_dtype"],
-        "converters": info.get("converters"),  # the model rewrites applied and declined, with reasons
+        "precision": setup.precision,
+        "weights_dtype": setup.weights_dtype,
+        "converters": setup.converters,  # the model rewrites applied and declined, with reasons
         "steps": result.steps,
         "train_examples": n_train,
         "truncated_examples": train_stats["n_truncated"],
         "dropped_examples": train_stats["n_dropped"],
         "runtime_s": round(result.runtime_s, 3),
-        "train_cpu_s": round(info["train_cpu_s"], 3),  # CPU seconds of all threads: / runtime = cores kept busy
+        "train_cpu_s": round(train_cpu_s, 3),  # CPU seconds of all threads: / runtime = cores kept busy
         "train_tokens": result.train_tokens,
         "tokens_per_s": round(result.tokens_per_s, 2),
         **memory,
         # what the analytic model (loralab.memory.estimate) attributes the peak to, for the longest example
         "memory_breakdown": breakdown,
-        "trainable_params": info["trainable_params"],
-        "total_params": info["total_params"],
+        "trainable_params": setup.trainable_params,
+        "total_params": setup.total_params,
         "final_train_loss": result.final_train_loss,
         "final_val_loss": result.final_val_loss,
         "val_history": result.val_history,

@@ -24,10 +24,10 @@ def test_dropout_on_a_zero_start_init_is_not_warned(init):
 def test_a_run_logs_the_warning_before_training(tiny_folder):
     cfg = load_config(None, [f"model.name={tiny_folder}", "lora.init=olora", "lora.dropout=0.1", "lora.r=4"])
     *_, info = setup_model(cfg, torch.device("cpu"))
-    assert [n for n in info["notes"] if "lora.init=olora" in n and n.startswith("warning: ")]
+    assert [n for n in info.notes if "lora.init=olora" in n and n.startswith("warning: ")]
     cfg = load_config(None, [f"model.name={tiny_folder}", "lora.init=olora", "lora.dropout=0", "lora.r=4"])
     *_, info = setup_model(cfg, torch.device("cpu"))
-    assert not [n for n in info["notes"] if "lora.init" in n]
+    assert not [n for n in info.notes if "lora.init" in n]
 
 
 # --- seeded starts: each module's A from (run seed, module name) ------------------------------------------

@@ -91,7 +91,7 @@ def test_jsonl_alone_is_the_default_and_writes_nothing_else(tiny_folder, tmp_pat
 def test_a_failed_run_marks_its_mlflow_run_failed(tiny_folder, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from loralab import pipeline
+    import loralab.run as pipeline
     from loralab.errors import UserError
 
     def broken(*a, **k):
@@ -117,7 +117,7 @@ def test_a_resumed_run_continues_its_mlflow_run_and_tensorboard_steps(tiny_folde
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from loralab import pipeline
+    import loralab.run as pipeline
     from loralab.errors import UserError
 
     out = tmp_path / "resumed"

@@ -2,7 +2,8 @@
 
 The pipeline calls, in order: start(params, tags), log(record) for every loop record (steps and
 validations, metrics.jsonl's format), log_eval(results, step) for task evaluations before and after
-training, finish(summary), and close(status) always (finished, failed or killed).
+training, finish(summary), and close(status) always (finished, failed or killed). After start, where()
+says where the sink's records go (the run prints it, so a user finds their TensorBoard or MLflow run).
 """
 from __future__ import annotations
 
@@ -24,3 +25,7 @@ class Tracker:
 
     def close(self, status: str = "FINISHED") -> None:
         pass
+
+    def where(self) -> str | None:
+        """One line naming where this sink writes (None: nothing worth saying)."""
+        return None

@@ -30,6 +30,9 @@ class Trackers(Tracker):
         for s in self.sinks:
             s.close(status)
 
+    def where(self) -> list[str]:
+        return [line for s in self.sinks if (line := s.where())]
+
 
 def open_trackers(report_to: list[str], out: Path, *, resume_step: int = 0, run_name: str | None = None,
                   experiment: str = "loralab", mlflow_uri: str | None = None) -> Trackers:

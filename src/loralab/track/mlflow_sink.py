@@ -88,6 +88,12 @@ class MlflowTracker(Tracker):
         self._metrics(summary_metrics(summary), self.step)
         self.client.log_dict(self.run_id, summary, "summary.json")
 
+    def where(self):
+        if self.run_id is None:
+            return None
+        view = f" (view: mlflow ui --backend-store-uri {self.uri})" if self.uri.startswith("file:") else ""
+        return f"MLflow run {self.run_id} in experiment {self.experiment!r} at {self.uri}{view}"
+
     def close(self, status="FINISHED"):
         if self.run_id is not None:
             self.client.set_terminated(self.run_id, status=status)

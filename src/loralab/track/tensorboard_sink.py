@@ -20,6 +20,7 @@ class TensorBoardTracker(Tracker):
                             "(pip install 'loralab[track]')") from None
         # A resumed run hides what the interrupted one logged after its checkpoint.
         self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=resume_step + 1 if resume_step else None)
+        self.log_dir = Path(log_dir)
         self.params: dict = {}
         self.step = 0
 
@@ -50,3 +51,6 @@ class TensorBoardTracker(Tracker):
 
     def close(self, status="FINISHED"):
         self.writer.close()
+
+    def where(self):
+        return f"TensorBoard event files in {self.log_dir} (view: tensorboard --logdir {self.log_dir})"
