@@ -39,7 +39,7 @@ LIST_SLOT_BYTES = 8 * 3    # a pointer in the run's lists: all examples, then tr
 # byte (a 3-byte character is 2 bytes in a str), so the pair takes >= 5/3 of the size on disk: a lower bound.
 READ_WHOLE_FACTOR = 5 / 3
 # Far above any task's measured bytes per example (short questions and answers: under 1 KiB): a
-# generation that fits at this size everywhere is not measured (measuring every family of the suite costs ~1 s).
+# generation that fits at this size everywhere is not measured: measuring every family of the suite is not free.
 CEILING_BYTES_PER_EXAMPLE = 16 * 1024
 
 
