@@ -122,6 +122,7 @@ class EvalConfig:
     test_loss: bool = True            # after training: each task's mean token loss on its held-out answers
                                       # (one teacher-forced forward over them; studies compare it)
     with_validation: bool = True      # exact match at every validation of train.eval_every too (false: after only)
+    preference: bool | None = None    # held-out preference accuracy and reward margins (None: on for dpo / orpo)
 
 
 @dataclass

@@ -25,6 +25,7 @@ from .config import RunConfig, dump_yaml
 from .data.formats import fingerprint
 from .data.prompts import encode_all, render_prompt
 from .errors import UserError
+from .eval import preference
 from .eval.metrics import generate, score
 from .eval.stops import stop_check, task_stops
 from .io.fileio import atomic_write_text, remove_temp_files, write_json
@@ -198,6 +199,13 @@ def _train_and_report(cfg: RunConfig, dist: Dist, model, tok, folder, info, data
         trackers.log_eval(before, step=0)
     else:
         before = {}
+    # -- preference tuning (eval/preference.py): held-out preference accuracy before training, kept for a resume
+    pref_path = out / "preference_before.json"
+    pref_before = json.loads(pref_path.read_text()) if resume is not None and pref_path.exists() else (
+        preference.evaluate(model, tok, data, cfg) if resume is None and cfg.eval.before else {})
+    if main and pref_before:
+        write_json(pref_path, pref_before)
+    # --
     base_path = base_model_path(cfg.model.name, folder)
     loop: dict = {}  # the loop's state, once it is ready (hooks.on_start)
 
@@ -260,6 +268,7 @@ def _train_and_report(cfg: RunConfig, dist: Dist, model, tok, folder, info, data
                                 warnings=warnings, before=before, after=after, out=out, world=dist.world,
                                 stops=stops)
         summary["resumed_from_step"] = resume["step"] if resume is not None else None  # None: a fresh start
+        summary["preference"] = preference.summary_part(pref_before, preference.evaluate(model, tok, data, cfg))
         if main:
             write_json(out / "summary.json", summary)
         trackers.finish(summary)

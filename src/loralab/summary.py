@@ -5,6 +5,7 @@ from pathlib import Path
 
 from .config import RunConfig
 from .data.tasks import expand_tasks
+from .eval.preference import table_lines as preference_lines
 from .memory.measure import fmt_bytes
 from .train.optim import plan_steps
 from .train.state import TrainResult
@@ -152,6 +153,7 @@ def format_table(summary: dict, cfg: RunConfig) -> str:
             change = "" if r["before"] is None else f"{100 * (r['after'] - r['before']):+.1f} pts"
             new = "" if r.get("trained", True) else "   (task never trained on)"
             lines.append(f"  {name:<{width}} {pct(r['before']):>7} {pct(r['after']):>8}   {change}{new}")
+    lines += preference_lines(summary)  # held-out preference accuracy (eval/preference.py)
     if summary["adapter_dir"]:
         lines += ["", f"  adapter saved to {summary['adapter_dir']} (PEFT format)"]
     return "\n".join(lines)

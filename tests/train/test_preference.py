@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from loralab.data.formats import Example
-from loralab.data.preference import PreferencePair, collate_pairs, encode_pairs
+from loralab.data.preference import PAIRS, PreferencePair, collate_pairs, encode_pairs
 from loralab.peft.inject import inject
 from loralab.peft.lora import LoraSpec, lora_disabled, lora_modules
 from loralab.train.preference import PreferenceLoss, dpo_losses, orpo_log_odds, sequence_logps
@@ -84,7 +84,8 @@ def _trl_dpo(tok, **kw):
 def _as_ours(batch) -> dict:
     """TRL's batch (chosen rows, then rejected) with its completion mask as loralab's labels."""
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-            "labels": batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)}
+            "labels": batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100),
+            PAIRS: torch.tensor(batch["input_ids"].shape[0] // 2)}
 
 
 @pytest.mark.parametrize("kw", [dict(loss_type=["sigmoid"], beta=0.1), dict(loss_type=["hinge"], beta=0.5),
@@ -120,7 +121,7 @@ def test_loralab_encodes_text_pairs_as_trl_does(tiny_tokenizer):
     theirs = _as_ours(batch)
     width = theirs["input_ids"].shape[1]
     assert ours["input_ids"].shape[1] == width
-    for key in ("input_ids", "labels", "attention_mask"):
+    for key in ("input_ids", "labels", "attention_mask", PAIRS):
         assert torch.equal(ours[key], theirs[key]), key
 
 

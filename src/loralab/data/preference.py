@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from ..errors import UserError
 from .batching import collate
 from .formats import ROLES, Example
@@ -21,6 +23,7 @@ from .prompts import IGNORE_INDEX, Encoded, _encode_many, stop_token_ids
 from .sources import load_data
 
 FIELDS = ("prompt", "chosen", "rejected")
+PAIRS = "pair_count"  # a collated pair batch's key: its number of pairs (chosen rows first, then as many rejected)
 
 
 @dataclass
@@ -33,9 +36,14 @@ class PreferencePair:
         """What formats.fingerprint hashes: both conversations."""
         return [[e.prompt, e.response, e.messages] for e in (self.chosen, self.rejected)]
 
-    @property
-    def question(self) -> str:
-        return self.chosen.question
+    # Read as an Example, a pair is its prompt with the chosen answer (a stop check renders its prompt).
+    prompt = property(lambda self: self.chosen.prompt)
+    response = property(lambda self: self.chosen.response)
+    messages = property(lambda self: self.chosen.messages)
+    kind = property(lambda self: self.chosen.kind)
+    is_chat = property(lambda self: self.chosen.is_chat)
+    answer = property(lambda self: self.chosen.answer)
+    question = property(lambda self: self.chosen.question)
 
 
 def _text(obj: dict, key: str, src: str, nonempty: bool) -> str:
@@ -157,4 +165,6 @@ def collate_pairs(pairs: list[EncodedPair], pad_id: int) -> dict:
     order. Packing does not apply (the loop pads preference batches)."""
     if not pairs:
         raise UserError("empty batch: no preference pairs to train on")
-    return collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+    batch = collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+    batch[PAIRS] = torch.tensor(len(pairs))
+    return batch

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..data.preference import PAIRS
 from ..data.prompts import IGNORE_INDEX
 from ..model.attention import attention_for_rows
 from ..model.head import SELECTED_HEAD, body_and_head, head_matches
@@ -116,6 +117,8 @@ class PreferenceLoss(LossModule):
         return out
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, int]:
+        if PAIRS not in batch:  # plain examples (a task's held-out answers): the SFT loss, (sum, label tokens)
+            return super().forward(batch)
         n = batch["input_ids"].shape[0] // 2
         logps, lengths = sequence_logps(self.model, batch, self.chunk_rows)
         pc, pr, nc, nr = logps[:n], logps[n:], lengths[:n], lengths[n:]
