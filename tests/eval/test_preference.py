@@ -56,8 +56,9 @@ def test_table_lines():
 
 @pytest.mark.parametrize("objective", ["dpo", "orpo"])
 def test_run_reports_preference_accuracy_and_the_adapter_loads_in_peft(objective, tiny_folder, tmp_path):
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
+
+    from peft import PeftModel
 
     out = tmp_path / objective
     cfg = _cfg(tiny_folder, out, f"train.objective={objective}")
