@@ -50,12 +50,14 @@ def test_conversational_and_implicit_prompt_give_the_same_pair():
 
 
 @pytest.mark.parametrize("record, message", [
-    ({"prompt": "q", "chosen": "a"}, "f.jsonl:3: a preference record needs 'chosen' and 'rejected' (missing 'rejected'"),
+    ({"prompt": "q", "chosen": "a"},
+     "f.jsonl:3: a preference record needs 'chosen' and 'rejected' (missing 'rejected'"),
     ({"chosen": "a", "rejected": "b"}, "f.jsonl:3: missing 'prompt'"),
     ({"prompt": "q", "chosen": "  ", "rejected": "b"}, "f.jsonl:3: 'chosen' is empty"),
     ({"prompt": "q", "chosen": 4, "rejected": "b"}, "f.jsonl:3: 'chosen' must be a string"),
     ({"prompt": USER, "chosen": USER, "rejected": BAD}, "f.jsonl:3: 'chosen' must end with a non-empty assistant"),
-    ({"prompt": USER, "chosen": [{"role": "bot", "content": "x"}], "rejected": BAD}, "f.jsonl:3: chosen[0]: unknown role"),
+    ({"prompt": USER, "chosen": [{"role": "bot", "content": "x"}], "rejected": BAD},
+     "f.jsonl:3: chosen[0]: unknown role"),
     ({"chosen": GOOD, "rejected": BAD}, "f.jsonl:3: 'chosen' and 'rejected' share no leading prompt"),
     (["not", "an", "object"], "f.jsonl:3: expected a JSON object"),
 ])
@@ -105,5 +107,6 @@ def test_a_pair_truncated_away_is_dropped(tiny_tokenizer):
 def test_chat_pairs_learn_only_the_answers(tiny_tokenizer):
     pair = parse_preference({"prompt": USER, "chosen": GOOD, "rejected": BAD}, "f:1")
     enc, _ = encode_pairs([pair], tiny_tokenizer)
-    learned = [tiny_tokenizer.decode([t for t in e.labels if t != IGNORE_INDEX]) for e in (enc[0].chosen, enc[0].rejected)]
+    learned = [tiny_tokenizer.decode([t for t in e.labels if t != IGNORE_INDEX])
+               for e in (enc[0].chosen, enc[0].rejected)]
     assert learned == ["Hello.<|im_end|>", "Go away.<|im_end|>"]
