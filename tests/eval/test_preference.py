@@ -45,6 +45,12 @@ def test_metrics_by_hand(tiny_tokenizer):
     assert got["reward_accuracy"] == pytest.approx(float((margin > 0).float().mean()))
     base = preference_metrics(tiny_llama(0), enc, beta=0.5, batch_size=2, pad_id=tiny_tokenizer.pad_token_id)
     assert base["reward_margin"] == 0 and base["reward_accuracy"] == 0  # no LoRA: the reference is the model
+    from loralab.peft.inject import inject
+    from loralab.peft.lora import LoraSpec
+
+    fresh = tiny_llama(0)
+    inject(fresh, "all-linear", LoraSpec(r=4, alpha=8))  # B = 0: the base itself, scored without LoRA's matmuls
+    assert preference_metrics(fresh, enc, beta=0.5, batch_size=2, pad_id=tiny_tokenizer.pad_token_id) == base
 
 
 def test_table_lines():

@@ -16,7 +16,7 @@ import torch
 from ..data.preference import collate_pairs, encode_pairs
 from ..data.preference_tasks import held_out_pairs
 from ..data.tasks import TASKS
-from ..peft.lora import lora_disabled, lora_modules
+from ..peft.lora import lora_disabled, lora_modules, zero_updates_skipped
 from ..train.preference import sequence_logps
 
 
@@ -38,19 +38,20 @@ def preference_metrics(model, encoded: list, *, beta: float, batch_size: int, pa
     """accuracy, reward_accuracy, reward_margin (means over the pairs), and n, for encoded pairs."""
     was_training = model.training
     model.eval()
-    has_lora = any(True for _ in lora_modules(model))
     device = next(model.parameters()).device
     sums = {"accuracy": 0.0, "reward_accuracy": 0.0, "reward_margin": 0.0}
     for i in range(0, len(encoded), batch_size):
         part = encoded[i:i + batch_size]
         n = len(part)
         batch = {k: v.to(device) for k, v in collate_pairs(part, pad_id).items()}
-        policy, _ = sequence_logps(model, batch)
-        if has_lora:
+        with zero_updates_skipped(model):  # before training: no LoRA matmuls, and the reference is the model
+            policy, _ = sequence_logps(model, batch)
+            same = all(m.merged for _, m in lora_modules(model))
+        if same:
+            ref = policy
+        else:
             with lora_disabled(model):
                 ref, _ = sequence_logps(model, batch)
-        else:
-            ref = policy
         margin = beta * ((policy[:n] - ref[:n]) - (policy[n:] - ref[n:]))
         sums["accuracy"] += float((policy[:n] > policy[n:]).sum())
         sums["reward_accuracy"] += float((margin > 0).sum())
