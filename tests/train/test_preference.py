@@ -210,3 +210,33 @@ def test_merged_layer_cannot_be_switched_off():
     with pytest.raises(ValueError, match="merged"):
         with lora_disabled(ours):
             pass
+
+
+@pytest.mark.parametrize("objective, mode", [("dpo", "ddp"), ("orpo", "fsdp")])
+def test_two_processes_make_the_one_process_update(objective, mode, tiny_folder, tmp_path):
+    """33 pairs, global micro batch 8 (2 x 4), accumulation 2: the epoch ends on one pair (rank 1 stands in
+    with weight 0); the per-pair normalisation over the global batch makes 2 ranks equal to 1 process."""
+    import json
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from loralab.config import load_config
+    from loralab.pipeline import run_training
+
+    run = [f"model.name={tiny_folder}", "data.tasks=[2da]", "data.template=raw", "data.val_fraction=0", "lora.r=4",
+           "lora.dropout=0.0", "train.precision=fp32", "train.progress=false", "train.lr=1e-2", "eval.before=false",
+           "eval.tasks=[]", "data.n_train=33", "train.max_steps=3", "train.grad_accum=2",
+           f"train.objective={objective}"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    ref = run_training(load_config(None, [*run, f"output_dir={one}", "train.batch_size=8"]), quiet=True)
+    proc = subprocess.run([sys.executable, "-m", "loralab.cli", "train", *run, f"output_dir={two}",
+                           "train.batch_size=4", f"train.distributed={mode}", "--nproc", "2"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    x, y = (load_file(r / "adapter" / "adapter_model.safetensors") for r in (one, two))
+    assert max(float((x[k] - y[k]).abs().max()) for k in x) <= 1e-5
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["train_tokens"] == ref["train_tokens"]
+    assert abs(summary["final_train_loss"] - ref["final_train_loss"]) <= 1e-5
