@@ -110,3 +110,12 @@ def test_chat_pairs_learn_only_the_answers(tiny_tokenizer):
     learned = [tiny_tokenizer.decode([t for t in e.labels if t != IGNORE_INDEX])
                for e in (enc[0].chosen, enc[0].rejected)]
     assert learned == ["Hello.<|im_end|>", "Go away.<|im_end|>"]
+
+
+def test_a_preference_file_under_sft_says_which_objective(tmp_path):
+    from loralab.data.sources import load_data
+
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n")
+    with pytest.raises(UserError, match=r"p\.jsonl:1: a preference record .* train.objective=dpo or orpo"):
+        load_data(f)

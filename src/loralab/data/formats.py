@@ -224,6 +224,8 @@ def parse_record(obj, src: str) -> Example:
     """One JSON record (already decoded) to an Example; `src` is its `file:line`."""
     if not isinstance(obj, dict):
         raise UserError(f"{src}: expected a JSON object, got {type(obj).__name__}")
+    if "chosen" in obj and "rejected" in obj:
+        raise UserError(f"{src}: a preference record (chosen / rejected): train it with train.objective=dpo or orpo")
     if "messages" in obj:
         return Example(messages=_messages(obj["messages"], src), source=src, kind="chat")
     if "instruction" in obj or "output" in obj:
