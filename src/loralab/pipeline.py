@@ -268,7 +268,8 @@ def _train_and_report(cfg: RunConfig, dist: Dist, model, tok, folder, info, data
                                 warnings=warnings, before=before, after=after, out=out, world=dist.world,
                                 stops=stops)
         summary["resumed_from_step"] = resume["step"] if resume is not None else None  # None: a fresh start
-        summary["preference"] = preference.summary_part(pref_before, preference.evaluate(model, tok, data, cfg))
+        with unsharded(result.module, dist):  # preference tuning: every rank scores all pairs (FSDP2: in lockstep)
+            summary["preference"] = preference.summary_part(pref_before, preference.evaluate(model, tok, data, cfg))
         if main:
             write_json(out / "summary.json", summary)
         trackers.finish(summary)

@@ -227,7 +227,8 @@ def test_two_processes_make_the_one_process_update(objective, mode, tiny_folder,
 
     run = [f"model.name={tiny_folder}", "data.tasks=[2da]", "data.template=raw", "data.val_fraction=0", "lora.r=4",
            "lora.dropout=0.0", "train.precision=fp32", "train.progress=false", "train.lr=1e-2", "eval.before=false",
-           "eval.tasks=[]", "data.n_train=33", "train.max_steps=3", "train.grad_accum=2",
+           "eval.tasks=[2da]", "eval.n=3", "eval.stop_check=false", "eval.test_loss=false", "data.n_train=33",
+           "train.max_steps=3", "train.grad_accum=2",
            f"train.objective={objective}"]
     one, two = tmp_path / "one", tmp_path / "two"
     ref = run_training(load_config(None, [*run, f"output_dir={one}", "train.batch_size=8"]), quiet=True)
@@ -240,3 +241,5 @@ def test_two_processes_make_the_one_process_update(objective, mode, tiny_folder,
     summary = json.loads((two / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["train_tokens"] == ref["train_tokens"]
     assert abs(summary["final_train_loss"] - ref["final_train_loss"]) <= 1e-5
+    after = summary["preference"]["2da"]["after"]  # scored on every rank (FSDP2: its root unit gathered)
+    assert after["n"] == 3 and abs(after["reward_margin"] - ref["preference"]["2da"]["after"]["reward_margin"]) < 1e-4
