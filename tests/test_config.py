@@ -157,3 +157,28 @@ def test_n_train_mapping_survives_other_tasks_but_not_typos():
     assert (len(other.train), len(_subtractions(other.train))) == (DataConfig.n_train + 9, 9)
     with pytest.raises(UserError, match="'data.n_train': '2sd' is not a task"):
         _datasets("data.n_train={2sd: 30}")
+
+
+@pytest.mark.parametrize("override, needle", [
+    (["train.objective=ppo"], "'train.objective' must be one of sft, dpo, orpo"),
+    (["train.dpo_loss=sigmod"], "'train.dpo_loss' must be one of sigmoid, hinge, ipo, robust, got 'sigmod' (did you "
+                                "mean sigmoid?)"),
+    (["train.beta=0"], "'train.beta' must be > 0"),
+    (["train.label_smoothing=0.5"], "'train.label_smoothing' must be in [0, 0.5)"),
+    (["train.orpo_lambda=-1"], "'train.orpo_lambda' must be >= 0"),
+    (["train.dpo_loss=hinge", "train.label_smoothing=0.1"], "'train.label_smoothing' applies to train.dpo_loss "
+                                                             "sigmoid or robust, not hinge"),
+    (["train.objective=dpo", "train.method=full"], "'train.objective': dpo needs train.method=lora"),
+    (["train.objective=dpo", "lora.init=pissa"], "'train.objective': dpo cannot use lora.init=pissa"),
+])
+def test_preference_keys_are_checked(override, needle):
+    with pytest.raises(UserError) as e:
+        load_config(None, override)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_preference_defaults_and_full_orpo():
+    cfg = load_config(None, ["train.objective=orpo", "train.method=full"])  # no reference model: full is fine
+    assert (cfg.train.beta, cfg.train.dpo_loss, cfg.train.label_smoothing, cfg.train.orpo_lambda) == \
+        (0.1, "sigmoid", 0.0, 0.1)
+    assert load_config(None).train.objective == "sft" and load_config(None).eval.preference is None

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from .config_checks import validate_converters, validate_variants
+from .config_checks import validate_converters, validate_preference, validate_variants
 from .errors import UserError
 from .io import reading, yamlfile
 
@@ -103,6 +103,12 @@ class TrainConfig:
     experiment: str = "loralab"       # mlflow experiment
     mlflow_uri: str | None = None     # None: $MLFLOW_TRACKING_URI, else a file store in <output_dir>/mlruns
     tags: dict = field(default_factory=dict)  # run tags (studies set study, cell, seed)
+    # Preference tuning (train/preference.py): data of prompt / chosen / rejected pairs.
+    objective: str = "sft"            # sft | dpo | orpo
+    beta: float = 0.1                 # dpo: how far the policy may move from the reference (the base, LoRA off)
+    dpo_loss: str = "sigmoid"         # dpo: sigmoid | hinge | ipo | robust
+    label_smoothing: float = 0.0      # dpo sigmoid / robust: the share of pairs assumed mislabelled, in [0, 0.5)
+    orpo_lambda: float = 0.1          # orpo: weight of the odds-ratio term beside the chosen answers' NLL
 
 
 @dataclass
@@ -120,6 +126,7 @@ class EvalConfig:
                                       # (eval/forgetting.py: the summary's forgetting report)
     loss_items: int = 0               # > 0: `heldout_loss` over this many unseen items of the trained tasks
                                       # (one forward each; studies compare it)
+    preference: bool | None = None    # held-out preference accuracy and reward margins (None: on for dpo / orpo)
 
 
 @dataclass
@@ -152,6 +159,8 @@ CHOICES = {
     "train.precision": ("auto", "bf16", "fp32"),
     "train.distributed": ("auto", "ddp", "fsdp"),
     "train.preflight": ("error", "warn", "off"),
+    "train.objective": ("sft", "dpo", "orpo"),
+    "train.dpo_loss": ("sigmoid", "hinge", "ipo", "robust"),
     "data.template": ("auto", "chat", "alpaca", "raw"),
 }
 
@@ -301,6 +310,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise UserError(f"config key 'data.columns' must map loralab fields to column names, got {cfg.data.columns!r}")
     validate_variants(cfg)
     validate_converters(cfg.model.converters)
+    validate_preference(cfg)
     if not cfg.data.path and not cfg.data.tasks:
         raise UserError("config key 'data.path' or 'data.tasks' must be set")
     if cfg.resume != "auto" and not isinstance(cfg.resume, bool):  # 1 == True, but `resume: 1` is a typo

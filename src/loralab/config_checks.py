@@ -6,7 +6,7 @@ import difflib
 
 from .errors import UserError
 from .peft.names import pattern_regex
-from .peft.presets import check_init
+from .peft.presets import check_init, mutates_base
 
 
 def validate_converters(value) -> None:
@@ -78,3 +78,28 @@ def validate_target_parameters(cfg) -> None:
     for bad, why in refused:
         if bad:
             raise UserError(f"config key 'lora.target_parameters' cannot be used here: {why}")
+
+
+def validate_preference(cfg) -> None:
+    """train.objective and its knobs: DPO's reference is the base with LoRA switched off, so it needs LoRA
+    over an untouched base (no full fine-tuning, no init that rewrites the base weights)."""
+    t = cfg.train
+    checks = [
+        ("train.beta", t.beta > 0, "must be > 0"),
+        ("train.label_smoothing", 0 <= t.label_smoothing < 0.5, "must be in [0, 0.5)"),
+        ("train.orpo_lambda", t.orpo_lambda >= 0, "must be >= 0"),
+    ]
+    for key, ok, why in checks:
+        if not ok:
+            raise UserError(f"config key '{key}' {why}, got {getattr(t, key.split('.')[1])!r}")
+    if t.label_smoothing and t.dpo_loss not in ("sigmoid", "robust"):
+        raise UserError(f"config key 'train.label_smoothing' applies to train.dpo_loss sigmoid or robust, "
+                        f"not {t.dpo_loss}")
+    if t.objective != "dpo":
+        return
+    if t.method != "lora":
+        raise UserError("config key 'train.objective': dpo needs train.method=lora (its reference model is the "
+                        "base with LoRA switched off, not a second copy of the weights)")
+    if mutates_base(cfg.lora.init):
+        raise UserError(f"config key 'train.objective': dpo cannot use lora.init={cfg.lora.init}, which rewrites "
+                        "the base weights (the reference would no longer be the base model)")

@@ -12,6 +12,8 @@ import torch
 
 from .config import DataConfig, RunConfig
 from .data.batching import split_validation
+from .data.preference import encode_pairs, load_preferences
+from .data.preference_tasks import preference_task
 from .data.prompts import encode_all
 from .data.sources import load_data
 from .data.tasks import expand_tasks, is_task, make_task
@@ -74,13 +76,14 @@ def build_datasets(cfg: RunConfig) -> Datasets:
     eval_tasks = expand_tasks(cfg.eval.tasks) if cfg.eval.tasks is not None else train_tasks
     check_generation(cfg, _train_counts(d.n_train, train_tasks), eval_tasks)  # sizes before generating or reading
     tests = {}
+    pairs = cfg.train.objective != "sft"  # preference pairs (data/preference.py), generated or read
     if d.path:
-        examples = load_data(d.path, d.columns)
+        examples = load_preferences(d.path, d.columns) if pairs else load_data(d.path, d.columns)
     else:
         examples = []
         counts = _train_counts(d.n_train, train_tasks)
         for name in train_tasks:
-            train_set, test_set = make_task(name, counts[name], cfg.eval.n, d.seed)
+            train_set, test_set = (preference_task if pairs else make_task)(name, counts[name], cfg.eval.n, d.seed)
             examples += train_set
             tests[name] = test_set
     for name in eval_tasks:
@@ -189,5 +192,6 @@ def find_resume(cfg: RunConfig, out: Path, data_sha256: str | None = None) -> tu
 def encode_datasets(data: Datasets, tok, cfg: RunConfig) -> tuple[list, dict, list]:
     """(train, its stats, validation) as token ids with loss masks; truncation counted."""
     kw = dict(template=cfg.data.template, system_prompt=cfg.data.system_prompt, max_seq_len=cfg.data.max_seq_len)
-    train_enc, train_stats = encode_all(data.train, tok, **kw)
-    return train_enc, train_stats, (encode_all(data.val, tok, **kw)[0] if data.val else [])
+    encode = encode_all if cfg.train.objective == "sft" else encode_pairs  # pairs: both rows encoded
+    train_enc, train_stats = encode(data.train, tok, **kw)
+    return train_enc, train_stats, (encode(data.val, tok, **kw)[0] if data.val else [])

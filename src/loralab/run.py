@@ -37,7 +37,7 @@ import torch
 from .config import RunConfig, dump_yaml
 from .data.formats import fingerprint
 from .errors import UserError
-from .eval import forgetting
+from .eval import forgetting, preference
 from .io.fileio import atomic_write_text, remove_temp_files, write_json
 from .io.lock import output_lock
 from .io.models import base_model_path, load_tokenizer, resolve
@@ -64,7 +64,7 @@ from .summary import build_summary, epoch_warnings, stop_warnings
 from .track.fanout import Trackers, open_trackers
 from .track.names import flat_params
 from .train import checkpoint, distributed
-from .train.distributed import SINGLE, Dist, gather, trainable_state
+from .train.distributed import SINGLE, Dist, gather, trainable_state, unsharded
 from .train.loop import Hooks, NonFiniteLoss, train
 from .train.precision import default_device
 from .train.signals import Interrupted, StopFlag
@@ -108,6 +108,7 @@ class Run:
         self.stops: dict | None = None   # held-out generations that stop on EOS (eval/stops.py)
         self.forget_start = None         # other skills' scores before training (eval/forgetting.py)
         self.forget_end: dict = {}       # and after: summary.json's forgetting, heldout_loss
+        self.pref_before: dict = {}      # preference objectives: held-out pair accuracy before (eval/preference.py)
         self.result: TrainResult | None = None
         self.train_cpu_s = 0.0
         self.peak: PeakMemory | None = None
@@ -234,6 +235,13 @@ class Run:
             if self.main:
                 write_json(before_path, self.before)
             self.trackers.log_eval(self.before, step=0)
+        pref_path = self.out / "preference_before.json"  # kept for a resume, as eval_before.json
+        if self.resume is not None and pref_path.exists():
+            self.pref_before = json.loads(pref_path.read_text())
+        elif self.resume is None and cfg.eval.before:
+            self.pref_before = preference.evaluate(self.model, self.tok, data, cfg)
+            if self.main and self.pref_before:
+                write_json(pref_path, self.pref_before)
         self.forget_start = forgetting.before(self.model, self.tok, cfg, self.dist, self.out, self.resume is not None)
 
     def _save_lora(self, folder_name: str) -> None:
@@ -308,6 +316,9 @@ class Run:
                                 world=dist.world, stops=self.stops)
         summary["resumed_from_step"] = self.resume["step"] if self.resume is not None else None  # None: fresh
         summary.update(self.forget_end)  # forgetting, heldout_loss
+        with unsharded(self.result.module, dist):  # every rank scores all pairs (FSDP2: in lockstep)
+            summary["preference"] = preference.summary_part(
+                self.pref_before, preference.evaluate(self.model, self.tok, self.data, cfg))
         if self.main:
             write_json(out / "summary.json", summary)
         self.trackers.finish(summary)

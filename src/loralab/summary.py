@@ -6,6 +6,7 @@ from pathlib import Path
 from .config import RunConfig
 from .data.tasks import expand_tasks
 from .eval.forgetting import table_rows as forgetting_rows
+from .eval.preference import table_lines as preference_lines
 from .memory.measure import fmt_bytes
 from .prepare import ModelSetup
 from .train.optim import plan_steps
@@ -156,6 +157,7 @@ def format_table(summary: dict, cfg: RunConfig) -> str:
             new = "" if r.get("trained", True) else "   (task never trained on)"
             lines.append(f"  {name:<{width}} {pct(r['before']):>7} {pct(r['after']):>8}   {change}{new}")
     lines += [f"  {label:<15} {value}" for label, value in forgetting_rows(summary)]  # eval/forgetting.py
+    lines += preference_lines(summary)  # held-out preference accuracy (eval/preference.py)
     if summary["adapter_dir"]:
         lines += ["", f"  adapter saved to {summary['adapter_dir']} (PEFT format)"]
     return "\n".join(lines)

@@ -241,6 +241,23 @@ def test_estimate_for_run_keeps_one_small_chunk_of_logits_for_a_frozen_output_la
     assert logits("all-linear+head") == CHUNK_ROWS * arch["vocab_size"] * 12  # a trained head keeps a chunk
 
 
+@pytest.mark.parametrize("objective", ["dpo", "orpo"])
+def test_a_preference_run_is_estimated_as_two_rows_per_pair_with_plain_head_chunks(objective):
+    from loralab.config import load_config
+    from loralab.train.loss import CHUNK_ROWS
+
+    arch = A.resolve_model_config("smollm2-135m")
+    run = lambda *o: E.estimate_for_run(load_config(None, ["train.batch_size=4", "data.max_seq_len=256", *o]),
+                                        arch, "cpu")
+    pairs, sft = run(f"train.objective={objective}"), run()
+    twice = E.estimate(arch, **{**E.run_settings(load_config(None, ["train.batch_size=8", "data.max_seq_len=256"]),
+                                                 "cpu"), "loss_rows": CHUNK_ROWS})
+    assert pairs["settings"]["batch"] == 8  # chosen and rejected rows of 4 pairs
+    assert pairs["peak_bytes"] == twice["peak_bytes"]  # the reference forward (no_grad) keeps no activation
+    assert pairs["activation_detail"]["logits_bytes"] == CHUNK_ROWS * arch["vocab_size"] * 12
+    assert pairs["breakdown"]["activations"] > sft["breakdown"]["activations"]
+
+
 def test_resolve_model_config_paths_and_errors(tmp_path):
     tiny_llama_config().save_pretrained(tmp_path)
     assert A.resolve_model_config(str(tmp_path))["hidden_size"] == 32

@@ -60,8 +60,9 @@ def fingerprint(examples: list[Example]) -> str:
     """sha256 of what the examples say, in order (not where they came from: `source` is left out).
     A checkpoint records it, so a resume on data that changed since is refused."""
     h = hashlib.sha256()
-    for ex in examples:
-        h.update(json.dumps([ex.prompt, ex.response, ex.messages], sort_keys=True).encode())
+    for ex in examples:  # a preference pair names its own parts (data/preference.py)
+        parts = ex.fingerprint_parts() if hasattr(ex, "fingerprint_parts") else [ex.prompt, ex.response, ex.messages]
+        h.update(json.dumps(parts, sort_keys=True).encode())
         h.update(b"\n")
     return h.hexdigest()
 
@@ -70,16 +71,17 @@ def fingerprint(examples: list[Example]) -> str:
 FIELDS = ("instruction", "input", "output", "prompt", "response", "completion", "messages", "text")
 
 
-def check_columns(columns: dict | None) -> dict | None:
-    """data.columns, checked: {loralab field: the data's column name}."""
+def check_columns(columns: dict | None, fields: tuple = FIELDS) -> dict | None:
+    """data.columns, checked: {loralab field: the data's column name} (`fields`: the record kind's; preference
+    records have their own, data/preference.py)."""
     if columns is None:
         return None
     if not isinstance(columns, dict) or not columns:
         raise UserError(f"config key 'data.columns' must map loralab fields to column names, got {columns!r}")
     for field_name, column in columns.items():
-        if field_name not in FIELDS:
+        if field_name not in fields:
             raise UserError(f"config key 'data.columns' names unknown field {field_name!r} "
-                            f"(fields: {', '.join(FIELDS)})")
+                            f"(fields: {', '.join(fields)})")
         if not isinstance(column, str) or not column:
             raise UserError(f"config key 'data.columns.{field_name}' must be a column name, got {column!r}")
     return columns
@@ -96,8 +98,10 @@ def remap(obj, columns: dict | None, src: str):
     return {field_name: obj[column] for field_name, column in columns.items()}
 
 
-def load_examples(path: str | Path, columns: dict | None = None) -> list[Example]:
-    columns = check_columns(columns)
+def load_examples(path: str | Path, columns: dict | None = None, parse=None, fields: tuple = FIELDS) -> list:
+    """A data file's records, each read by `parse(record, "file:line")` (default parse_record: Examples)."""
+    columns = check_columns(columns, fields)
+    parse = parse or parse_record
     p = Path(path)
     if not p.exists():
         raise UserError(f"{p}: no such data file")
@@ -113,10 +117,10 @@ def load_examples(path: str | Path, columns: dict | None = None) -> list[Example
     if suffix == ".txt" or (suffix not in (".json", ".jsonl") and first not in "[{"):
         return _read_text(text, name)
     if first == "[":
-        return _read_json_array(text, name, columns)
+        return _read_json_array(text, name, columns, parse)
     if suffix == ".json" and first != "{":
         raise UserError(f"{name}:1: expected a JSON list of records (or one JSON object per line)")
-    return _read_jsonl(text, name, columns)
+    return _read_jsonl(text, name, columns, parse)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,7 +146,7 @@ def _not_json(e: Exception, src: str) -> UserError:
     return UserError(f"{src}: malformed JSON ({why})")
 
 
-def _read_jsonl(text: str, name: str, columns: dict | None) -> list[Example]:
+def _read_jsonl(text: str, name: str, columns: dict | None, parse=None) -> list:
     out = []
     # "\n" alone ends a record (JSON Lines): splitlines() would also cut at U+2028 and other
     # separators that JSON allows inside strings
@@ -156,11 +160,11 @@ def _read_jsonl(text: str, name: str, columns: dict | None) -> list[Example]:
             raise UserError(f"{src}: malformed JSON ({e.msg} at column {e.colno})") from None
         except (RecursionError, ValueError) as e:
             raise _not_json(e, src) from None
-        out.append(parse_record(remap(obj, columns, src), src))
+        out.append((parse or parse_record)(remap(obj, columns, src), src))
     return out
 
 
-def _read_json_array(text: str, name: str, columns: dict | None) -> list[Example]:
+def _read_json_array(text: str, name: str, columns: dict | None, parse=None) -> list:
     """Decode a top-level JSON list element by element, so each record knows its line number."""
     dec = json.JSONDecoder()
 
@@ -185,7 +189,7 @@ def _read_json_array(text: str, name: str, columns: dict | None) -> list[Example
         except (RecursionError, ValueError) as e:
             raise _not_json(e, f"{name}:{line_at(pos)}") from None
         src = f"{name}:{line_at(pos)}"
-        out.append(parse_record(remap(obj, columns, src), src))
+        out.append((parse or parse_record)(remap(obj, columns, src), src))
         pos = skip_ws(end)
         if pos < len(text) and text[pos] == ",":
             pos += 1
@@ -220,6 +224,8 @@ def parse_record(obj, src: str) -> Example:
     """One JSON record (already decoded) to an Example; `src` is its `file:line`."""
     if not isinstance(obj, dict):
         raise UserError(f"{src}: expected a JSON object, got {type(obj).__name__}")
+    if "chosen" in obj and "rejected" in obj:
+        raise UserError(f"{src}: a preference record (chosen / rejected): train it with train.objective=dpo or orpo")
     if "messages" in obj:
         return Example(messages=_messages(obj["messages"], src), source=src, kind="chat")
     if "instruction" in obj or "output" in obj:

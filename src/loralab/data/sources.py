@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..io import reading
-from .formats import FIELDS, Example, check_columns, load_examples, parse_record
+from .formats import FIELDS, check_columns, load_examples, parse_record
 
 TABLE_SUFFIXES = (".parquet", ".csv")
 _DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")  # what save_to_disk writes
@@ -30,13 +30,14 @@ def is_dataset_source(path: str | Path) -> bool:
     return p.suffix.lower() in TABLE_SUFFIXES
 
 
-def load_data(path: str | Path, columns: dict | None = None) -> list[Example]:
-    """data.path (+ data.columns) -> Examples, whatever the source."""
+def load_data(path: str | Path, columns: dict | None = None, parse=None, fields: tuple = FIELDS) -> list:
+    """data.path (+ data.columns) -> Examples (or what `parse(record, source)` makes of each record, with
+    `fields` its record's names: preference pairs), whatever the source."""
     if is_dataset_source(path) and Path(path).exists():
         if not Path(path).is_dir():  # a .csv that is a FIFO would block datasets' reader
             reading.check_file(path, "data file")
-        return load_dataset_examples(path, columns)
-    return load_examples(path, columns)
+        return load_dataset_examples(path, columns, parse, fields)
+    return load_examples(path, columns, parse, fields)
 
 
 def _text_features(p: Path, datasets):
@@ -82,10 +83,12 @@ def _as_text(value):
     return value
 
 
-def load_dataset_examples(path: str | Path, columns: dict | None = None) -> list[Example]:
+def load_dataset_examples(path: str | Path, columns: dict | None = None, parse=None,
+                          fields: tuple = FIELDS) -> list:
     p = Path(path)
     name = str(path)
-    columns = check_columns(columns)
+    columns = check_columns(columns, fields)
+    parse = parse or parse_record
     with tempfile.TemporaryDirectory(prefix="loralab-datasets-") as cache_dir:  # no copies left in ~/.cache
         ds = _open(p, cache_dir)
         have = list(ds.column_names)
@@ -95,9 +98,9 @@ def load_dataset_examples(path: str | Path, columns: dict | None = None) -> list
                 raise UserError(f"{name}: data.columns names {', '.join(map(repr, missing))}, not a column of the "
                                 f"dataset (its columns: {', '.join(have)})")
             ds = ds.select_columns(list(dict.fromkeys(columns.values())))
-        elif not set(have) & set(FIELDS):
+        elif not set(have) & set(fields):
             raise UserError(f"{name}: none of its columns ({', '.join(have)}) is a loralab field "
-                            f"({', '.join(FIELDS)}); map them with data.columns, e.g. "
+                            f"({', '.join(fields)}); map them with data.columns, e.g. "
                             f"data.columns={{instruction: {have[0] if have else 'question'}, output: ...}}")
         rows = ds.to_list()
     if not rows:
@@ -106,5 +109,5 @@ def load_dataset_examples(path: str | Path, columns: dict | None = None) -> list
     for i, row in enumerate(rows):
         src = f"{name} row {i + 1}"
         record = {f: row[c] for f, c in columns.items()} if columns is not None else row
-        out.append(parse_record({k: _as_text(v) for k, v in record.items() if v is not None}, src))  # empty: absent
+        out.append(parse({k: _as_text(v) for k, v in record.items() if v is not None}, src))  # empty: absent
     return out

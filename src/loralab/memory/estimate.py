@@ -306,8 +306,12 @@ def run_settings(cfg, device, seq: int | None = None) -> dict:
     heads = targets == WITH_HEAD if isinstance(targets, str) else \
         any(str(t).rpartition(".")[2] == OUTPUT_LAYER for t in targets)  # any architecture's names: no lookup
     frozen_head = method != "full" and not heads
+    # A preference objective (train/preference.py) trains two rows per pair and scores them per row with the
+    # output layer's plain chunks; DPO's reference forward runs under no_grad: time, but no activation kept.
+    rows = 2 if cfg.train.objective != "sft" else 1
+    frozen_head = frozen_head and rows == 1
     return dict(method=method, r=cfg.lora.r, targets=cfg.lora.targets, seq=seq or cfg.data.max_seq_len,
-                batch=cfg.train.batch_size, optimizer=cfg.train.optimizer,
+                batch=cfg.train.batch_size * rows, optimizer=cfg.train.optimizer,
                 precision=resolve_precision(cfg.train.precision, device),
                 grad_checkpointing=cfg.train.gradient_checkpointing, device=dev,
                 attention=cfg.model.attn_implementation, lora_dropout=cfg.lora.dropout,

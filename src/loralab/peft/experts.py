@@ -37,6 +37,8 @@ PLAIN_INITS = ("kaiming", "gaussian")
 class LoRAExperts(nn.Module):
     """A frozen experts module plus one rank-r-per-expert update for each of its targeted 3-D parameters."""
 
+    is_lora_layer = True  # peft.lora.lora_disabled switches it off
+
     def __init__(self, base: nn.Module, specs: dict[str, LoraSpec]):
         super().__init__()
         self.base = base

@@ -65,6 +65,8 @@ def is_quantized(m: nn.Module) -> bool:
 class LoRALinear(nn.Module):
     """A frozen `base` linear layer plus the trainable rank-r update its LoraSpec describes."""
 
+    is_lora_layer = True  # lora_disabled switches it off
+
     def __init__(self, base: nn.Module, spec: LoraSpec):
         super().__init__()
         self.base = base
@@ -153,4 +155,22 @@ def zero_updates_skipped(model: nn.Module):
         yield
     finally:
         for m in skipped:
+            m.merged = False
+
+
+@contextmanager
+def lora_disabled(model: nn.Module):
+    """For the duration, every LoRA layer (LoRALinear, and expert LoRA: anything marking itself
+    `is_lora_layer`) computes its base layer alone: the model is its base again, with no copy of a
+    weight. DPO's reference model is exactly this. A merged layer cannot be switched off (its base
+    weight holds the update): a ValueError."""
+    layers = [m for m in model.modules() if getattr(m, "is_lora_layer", False)]
+    if any(m.merged for m in layers):
+        raise ValueError("lora_disabled: a LoRA layer is merged into its base; unmerge it first")
+    for m in layers:
+        m.merged = True  # forward returns base(x)
+    try:
+        yield
+    finally:
+        for m in layers:
             m.merged = False

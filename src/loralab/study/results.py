@@ -52,6 +52,11 @@ def run_metrics(summary: dict, info: dict | None = None) -> dict[str, float]:
     for task, r in (forgetting.get("tasks") or {}).items():
         if isinstance(r.get("change"), (int, float)):
             m[f"forgetting_{task}"] = float(r["change"])
+    prefs = {n: r["after"]["accuracy"] for n, r in (summary.get("preference") or {}).items()}  # eval/preference.py
+    for name, accuracy in prefs.items():
+        m[f"pref_acc_{name}"] = 100.0 * accuracy
+    if prefs:
+        m["pref_acc_mean"] = 100.0 * sum(prefs.values()) / len(prefs)
     if m.get("steps") and "runtime_s" in m:
         m["step_s"] = m["runtime_s"] / m["steps"]  # seconds per optimizer step
     if "final_val_loss" in m and "best_val_loss" in m:  # > 0: validation got worse after its best (overfitting)

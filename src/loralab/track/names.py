@@ -25,6 +25,9 @@ def step_metrics(record: dict) -> dict[str, float]:
     if "val_loss" in record:
         out["eval/loss"] = record["val_loss"]
         out["eval/ppl"] = record["val_ppl"]
+    for key in ("reward_accuracy", "reward_margin", "policy_accuracy"):  # a preference objective's steps
+        if key in record:
+            out[f"train/{key}"] = record[key]
     for task, accuracy in (record.get("accuracy") or {}).items():
         out[f"eval/{task}/accuracy"] = accuracy
     return {k: float(v) for k, v in out.items()}
@@ -44,6 +47,9 @@ def summary_metrics(summary: dict) -> dict[str, float]:
         out["train/peak_memory_gb"] = summary["peak_memory_bytes"] / 1e9
     for task, r in (summary.get("eval") or {}).items():
         out[f"eval/{task}/accuracy_before"] = r["before"]
+    for name, r in (summary.get("preference") or {}).items():  # held-out preference pairs (eval/preference.py)
+        out[f"eval/{name}/preference_accuracy"] = r["after"]["accuracy"]
+        out[f"eval/{name}/reward_margin"] = r["after"]["reward_margin"]
     stops = summary.get("stops")
     if stops and stops["n"]:
         out["eval/stopped_on_eos"] = stops["stopped"] / stops["n"]

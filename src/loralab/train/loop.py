@@ -19,14 +19,16 @@ import torch
 from ..config import TrainConfig
 from ..data.batching import collate, micro_batch_indices, rank_share
 from ..data.layout import collate_packed, collate_shared, label_free_prefix, plain_slots, shared_slots
+from ..data.preference import collate_pairs, is_pair
 from ..errors import UserError
 from ..model.attention import packs_one_row
 from ..model.convert import PACKED_ROWS, REPORT, SHARED_PREFIX, Target, convert, converted
 from .distributed import SINGLE, Dist, all_sum, wrap
 from .heap import trim_heap_in_forward
-from .loss import LossModule, mean_loss
+from .loss import mean_loss
 from .optim import build_optimizer, build_scheduler, plan_steps
 from .precision import resolve_precision
+from .preference import loss_module
 from .state import LoopState, TrainResult, restore, set_rng, set_seed
 from .step import WEIGHT, train_step
 
@@ -54,7 +56,9 @@ def collate_micro_batch(examples: list, pad_id: int, cfg: TrainConfig, one_row: 
     """One micro batch's layout: packed (one_row: in a single row, where it holds at most max_row tokens:
     some models size buffers by the row, GPT-Neo's causal bias by max_position_embeddings) or padded rows,
     or, where the examples share first tokens and that computes fewer token positions, rows that hold
-    those once (data.layout.collate_shared)."""
+    those once (data.layout.collate_shared). Preference pairs: padded rows, chosen then rejected."""
+    if examples and is_pair(examples[0]):
+        return collate_pairs(examples, pad_id)
     one_row = one_row and (max_row is None or sum(len(e.input_ids) for e in examples) <= max_row)
     k = label_free_prefix(examples) if cfg.shared_prefix and examples else 0
     if k and shared_slots(examples, k) < plain_slots(examples, cfg.packing, one_row):
@@ -110,6 +114,8 @@ def train(model: torch.nn.Module, train_data: list, cfg: TrainConfig, *, pad_id:
         convert(model, "auto", Target(next(model.parameters()).device, model.config._attn_implementation))
     # a CPU 'auto' model packs a micro batch in one row, its attention computing the rows as blocks
     # (not compiled: finding the blocks reads the position ids, which would break the graph)
+    if cfg.objective != "sft":  # a pair's two rows are scored apart: padded rows, neither packed nor prefix-shared
+        cfg = dataclasses.replace(cfg, packing=False, shared_prefix=False)
     one_row = cfg.packing and not cfg.compile and packs_one_row(model)
     max_row = getattr(model.config, "max_position_embeddings", None)
     if cfg.packing and not converted(model, PACKED_ROWS):
@@ -126,7 +132,7 @@ def train(model: torch.nn.Module, train_data: list, cfg: TrainConfig, *, pad_id:
     # not with compile: a hook calling into the C library would break the compiled graph
     trims = trim_heap_in_forward(model) if cfg.trim_heap and not cfg.compile else []
     autocast = uses_autocast(cfg, next(model.parameters()).device)
-    module = wrap(LossModule(model), model, dist)
+    module = wrap(loss_module(model, cfg), model, dist)
     # after wrapping (FSDP2 shards them); named, for LoRA+'s groups
     named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
@@ -168,7 +174,7 @@ def train(model: torch.nn.Module, train_data: list, cfg: TrainConfig, *, pad_id:
         window_loss, window_tokens = window_loss + out.loss_sum, window_tokens + out.n_label
         elapsed = time.perf_counter() - t0 - eval_s
         record = {"step": step + 1, "loss": out.loss, "lr": lr, "tokens": result.train_tokens,
-                  "elapsed_s": round(elapsed, 4), "grad_norm": out.grad_norm}
+                  "elapsed_s": round(elapsed, 4), "grad_norm": out.grad_norm, **(out.extra or {})}
         result.history.append(record)
         if hooks.on_log:
             hooks.on_log(record)
