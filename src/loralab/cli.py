@@ -15,7 +15,6 @@ from .cli_help import HelpFormatter, dtype_option, subparser_class
 from .data.prompts import TEMPLATES
 from .errors import UserError
 from .peft.presets import COMBINE_METHODS, TARGET_PRESETS
-from .runtime.allocator import active as active_allocator
 from .runtime.allocator import reexec_with_allocator
 from .study.cli_args import add_study_parser, add_tune_parser
 
@@ -177,22 +176,19 @@ def cmd_fetch(args) -> int:
 
 
 def cmd_estimate(args) -> int:
-    from .memory.arch import resolve_model_config
-    from .memory.fixes import format_estimate, suggest_fixes
-    from .memory.sharding import estimate_per_gpu
+    from .api import estimate
+    from .memory.fixes import format_estimate
 
     if args.fsdp and args.gpus < 2:
         raise UserError(f"--fsdp shards across GPUs: give --gpus 2 or more (got --gpus {args.gpus})")
-    settings = dict(method=args.method, r=args.r, targets=args.targets, seq=args.seq, batch=args.batch,
-                    optimizer=args.optimizer, precision=args.precision, grad_checkpointing=args.grad_checkpointing,
-                    device=args.device, grad_accum=args.grad_accum, gpus=args.gpus, fsdp=args.fsdp,
-                    dora=args.dora, malloc=active_allocator())  # the malloc a `loralab train` here runs on
-    model_config = resolve_model_config(args.model)
-    result = estimate_per_gpu(model_config, **settings)
-    fixes = suggest_fixes(model_config, args.gpu_gb, estimator=estimate_per_gpu, **settings) if args.gpu_gb else []
+    result = estimate(args.model, method=args.method, r=args.r, targets=args.targets, seq=args.seq, batch=args.batch,
+                      optimizer=args.optimizer, precision=args.precision, grad_checkpointing=args.grad_checkpointing,
+                      device=args.device, grad_accum=args.grad_accum, gpus=args.gpus, fsdp=args.fsdp, dora=args.dora,
+                      gpu_gb=args.gpu_gb)
     if args.json:
-        print(json.dumps({**result, "fixes": fixes} if args.gpu_gb else result))
+        print(json.dumps(result))
     else:
+        fixes = result.pop("fixes", [])
         print(format_estimate(result, args.model, args.gpu_gb, fixes))
     return 0
 

@@ -15,7 +15,7 @@ from loralab.study.stats import Stat, t_quantile
 from loralab.study.verdicts import judge
 
 PRESETS = ["consistency", "qlora", "optimizer", "epochs", "targets", "rank", "memory-7b", "data-size", "full",
-           "variants", "layer-rank", "combine", "optimizers", "domain"]
+           "variants", "layer-rank", "combine", "optimizers", "domain", "preference"]
 
 
 # --- statistics --------------------------------------------------------------------------------
