@@ -61,12 +61,22 @@ def held_out_items(cfg, data, total: int) -> list:
     return items
 
 
+def _context(module) -> int:
+    """The model's positions (a chat-form item can outgrow a small model's context, which the run's
+    own data never reached): items are cut to it, alike before and after."""
+    for m in module.modules():
+        limit = getattr(getattr(m, "config", None), "max_position_embeddings", None)
+        if isinstance(limit, int) and limit > 0:
+            return limit
+    return 1 << 62
+
+
 def _loss(module, tok, examples, cfg, dist) -> float | None:
     # in the run's own format, except chat-form items under data.template=raw (arithmetic runs): those
     # need a template, and auto picks the one the data would get without the raw setting
     raw_chat = cfg.data.template == "raw" and any(ex.is_chat for ex in examples)
     kw = dict(template="auto" if raw_chat else cfg.data.template, system_prompt=cfg.data.system_prompt,
-              max_seq_len=cfg.data.max_seq_len)
+              max_seq_len=min(cfg.data.max_seq_len, _context(module)))
     try:
         encoded = encode_all(examples, tok, **kw)[0] if examples else []
     except UserError:  # e.g. every answer cut away by a short data.max_seq_len: no score, not a failed run
