@@ -40,7 +40,6 @@ demo: $(STAMP)
 test: $(TSTAMP)
 	$(BIN)/ruff check src tests benchmarks docs/gen_reference.py
 	$(BIN)/python -m pytest
-	$(BIN)/mkdocs build --strict --quiet
 
 # The docs site in site/ (git-ignored): the reference pages regenerated from the code, then built with strict
 # link checking (tests/test_docs.py fails when a reference page is stale)

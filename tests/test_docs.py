@@ -106,7 +106,8 @@ def test_field_comments_continue_on_following_comment_lines():
 def test_docs_site_builds_strictly(tmp_path):
     pytest.importorskip("mkdocs", reason="mkdocs is in the test extra (pip install -e '.[test]')")
     pytest.importorskip("material", reason="mkdocs-material is in the test extra")
-    command = [sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", "-d", str(tmp_path / "site")]
+    # not --quiet: it hides the warnings that --strict turns into a failure
+    command = [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(tmp_path / "site")]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "site" / "config-reference" / "index.html").is_file()
