@@ -67,3 +67,16 @@ def test_data_whose_token_ids_cannot_fit(tiny_folder, untouched, tmp_path, capsy
     line = run_cli(capsys, "train", cfg, expect=["not enough memory for the tokenized data: 4,000 examples",
                                                  "(data.n_train)", "bytes per token", "3.00 MiB available"])
     assert int(re.search(r"about ([\d,]+) examples fit", line).group(1).replace(",", "")) < 4000
+
+
+def test_loralab_eval_refuses_a_batch_that_cannot_fit_before_loading(tiny_folder, capsys, monkeypatch):
+    """`loralab eval` runs the training run's evaluation pre-flight, in its own options' words, before any
+    weight loads."""
+    import loralab.inference as inference
+
+    monkeypatch.setattr(P, "current_rss_bytes", lambda: E.CPU_RUNTIME_BYTES)
+    _room(monkeypatch, "device_room", 100 * MiB)
+    monkeypatch.setattr(inference, "load_with_adapter", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    line = run_cli(capsys, "eval", "--model", str(tiny_folder), "--tasks", "2da", "--n", "5000",
+                   "--batch-size", "5000", expect=["not enough memory for the evaluation", "--batch-size=5000"])
+    assert "train.preflight" not in line and 1 <= int(re.search(r"--batch-size=(\d+) fits", line).group(1)) < 5000

@@ -52,13 +52,14 @@ def evaluate_model(model: str | None, adapter_dir: str | None, *, tasks: list[st
     or the base alone); with an adapter, "base" scores the base alone too, from the same load (the
     adapter is applied after). data_seed matches DataConfig.seed: the questions a run evaluated."""
     spec = model or adapter_base(adapter_dir) or DEFAULT_MODEL
-    m, tok = load_with_adapter(spec, None)
     tests = {name: make_task(name, 1, n, data_seed)[1] for name in expand_tasks(tasks)}  # groups: their families
+    max_new_tokens = _check_evaluation(spec, tests, n=n, batch_size=batch_size, template=template)
+    m, tok = load_with_adapter(spec, None)
 
     def scores() -> dict:
         out = {}
         for name, test in tests.items():
-            r = exact_match(m, tok, test, template=template, batch_size=batch_size)
+            r = exact_match(m, tok, test, template=template, batch_size=batch_size, max_new_tokens=max_new_tokens)
             out[name] = {k: r[k] for k in ("accuracy", "correct", "n")}
         return out
 
@@ -70,6 +71,32 @@ def evaluate_model(model: str | None, adapter_dir: str | None, *, tasks: list[st
     if base is not None:
         result["base"] = base
     return result
+
+
+def _check_evaluation(spec: str, tests: dict, *, n: int, batch_size: int, template: str) -> int:
+    """The training run's evaluation pre-flight (memory/generation.py) for `loralab eval`, before any
+    weight loads: a batch that cannot fit is refused with the one that does. Returns the answers'
+    token budget (eval.max_new_tokens, the run's)."""
+    import sys
+
+    from .config import load_config
+    from .io.models import load_tokenizer, resolve
+    from .memory.generation import check_evaluation
+    from .prepare import Datasets
+
+    folder = resolve(spec)
+    cfg = load_config(None, [f"model.name={folder}", f"eval.n={n}", f"eval.batch_size={batch_size}",
+                             f"data.template={template}"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        lines = check_evaluation(cfg, folder, device, Datasets([], [], tests), load_tokenizer(folder, False))
+    except UserError as e:  # in this command's words: its options, no run config to relax
+        text = str(e).split("; set train.preflight=warn")[0]
+        raise UserError(text.replace("eval.batch_size", "--batch-size").replace("eval.max_new_tokens",
+                                                                               "the answers' max_new_tokens")) from None
+    for line in lines:
+        print(f"loralab: {line}", file=sys.stderr)
+    return cfg.eval.max_new_tokens
 
 
 def format_eval(result: dict) -> str:
