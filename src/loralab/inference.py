@@ -89,7 +89,8 @@ def _check_evaluation(spec: str, tests: dict, *, n: int, batch_size: int, templa
                              f"data.template={template}"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        lines = check_evaluation(cfg, folder, device, Datasets([], [], tests), load_tokenizer(folder, False))
+        lines = check_evaluation(cfg, folder, device, Datasets([], [], tests), load_tokenizer(folder, False),
+                                 context=False)
     except UserError as e:  # in this command's words: its options, no run config to relax
         text = str(e).split("; set train.preflight=warn")[0]
         raise UserError(text.replace("eval.batch_size", "--batch-size").replace("eval.max_new_tokens",

@@ -94,15 +94,16 @@ def check_context(cfg, model_config: dict, prompt: int) -> None:
                         f"eval.max_new_tokens={size - prompt} or less")
 
 
-def check_evaluation(cfg, folder, device, data, tok, world: int = 1) -> list[str]:
+def check_evaluation(cfg, folder, device, data, tok, world: int = 1, *, context: bool = True) -> list[str]:
     """The evaluation's limits and memory, before the weights load: raises UserError for an
-    evaluation that cannot run (under train.preflight=error for memory), else lines to log."""
+    evaluation that cannot run (under train.preflight=error for memory), else lines to log.
+    context=False: memory only (`loralab eval` scores any model as given, past its context too)."""
     examples = eval_prompts(cfg, data)
     if not examples or cfg.eval.max_new_tokens <= 0:
         return []
     model_config = resolve_model_config(str(folder))
     prompt = longest_prompt(examples, tok, cfg)
-    if any(data.tests.values()):  # task prompts; a validation record's long prompt is the user's data (RoPE
+    if context and any(data.tests.values()):  # task prompts; a validation record's long prompt is the user's data (RoPE
         check_context(cfg, model_config, prompt)  # models generate past their context, degraded, as before)
     if cfg.train.preflight == "off":
         return []
