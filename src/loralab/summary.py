@@ -5,7 +5,7 @@ from pathlib import Path
 
 from .config import RunConfig
 from .data.tasks import expand_tasks
-from .eval.forgetting import table_rows as forgetting_rows
+from .eval.forgetting import table_lines as forgetting_lines
 from .eval.preference import table_lines as preference_lines
 from .memory.measure import fmt_bytes
 from .prepare import ModelSetup
@@ -156,7 +156,7 @@ def format_table(summary: dict, cfg: RunConfig) -> str:
             change = "" if r["before"] is None else f"{100 * (r['after'] - r['before']):+.1f} pts"
             new = "" if r.get("trained", True) else "   (task never trained on)"
             lines.append(f"  {name:<{width}} {pct(r['before']):>7} {pct(r['after']):>8}   {change}{new}")
-    lines += [f"  {label:<15} {value}" for label, value in forgetting_rows(summary)]  # eval/forgetting.py
+    lines += forgetting_lines(summary)  # what the run cost other skills (eval/forgetting.py)
     lines += preference_lines(summary)  # held-out preference accuracy (eval/preference.py)
     if summary["adapter_dir"]:
         lines += ["", f"  adapter saved to {summary['adapter_dir']} (PEFT format)"]

@@ -59,7 +59,11 @@ def test_a_run_reports_forgetting_and_held_out_loss(tiny_folder, tmp_path):
     assert f["mean_change"] == pytest.approx(sum(t["change"] for t in f["tasks"].values()) / len(f["tasks"]))
     assert summary["heldout_items"] == 60 and summary["heldout_loss"] > 0
     table = format_table(summary, cfg)
-    assert "forgetting 2ds" in table and "forgetting (mean)" in table and "over 60 items" in table
+    row = next(l.split() for l in table.splitlines() if l.split()[:1] == ["2ds"] and "%" not in l)  # forgetting's
+    b, a, c = (float(x) for x in row[1:4])
+    assert (b, a) == (pytest.approx(r["before"], abs=1e-3), pytest.approx(r["after"], abs=1e-3))
+    assert c == pytest.approx(a - b, abs=2e-3)
+    assert "change (token loss, tasks not trained on)" in table and "over 60 unseen items" in table
     from loralab.study.results import run_metrics
     m = run_metrics(summary)
     assert m["forgetting"] == pytest.approx(f["mean_change"]) and m["heldout_loss"] == summary["heldout_loss"]

@@ -119,13 +119,19 @@ def after(start: dict, module, tok, cfg, data, dist) -> dict:
     return out
 
 
-def table_rows(summary: dict) -> list[tuple[str, str]]:
-    """(label, value) lines for a run's table: each forgotten task's loss before -> after."""
+def table_lines(summary: dict) -> list[str]:
+    """A run's table's lines: each forgotten task's token loss before and after (a table like the
+    trained tasks' exact match), their mean change, and the held-out loss."""
     f = summary.get("forgetting") or {}
-    rows = [(f"forgetting {name}", f"loss {r['before']:.3f} -> {r['after']:.3f} ({r['change']:+.3f})")
-            for name, r in (f.get("tasks") or {}).items() if r.get("change") is not None]
-    if f.get("mean_change") is not None:
-        rows.append(("forgetting (mean)", f"{f['mean_change']:+.3f} loss on tasks not trained on"))
+    rows = {name: r for name, r in (f.get("tasks") or {}).items() if r.get("change") is not None}
+    lines = []
+    if rows:
+        width = max(6, *map(len, rows))
+        lines += ["", f"  {'other':<{width}} {'before':>7} {'after':>8}   change (token loss, tasks not trained on)"]
+        lines += [f"  {name:<{width}} {r['before']:>7.3f} {r['after']:>8.3f}   {r['change']:+.3f}"
+                  for name, r in rows.items()]
+        if f.get("mean_change") is not None:
+            lines.append(f"  {'mean':<{width}} {'':>7} {'':>8}   {f['mean_change']:+.3f}")
     if summary.get("heldout_loss") is not None:
-        rows.append(("held-out loss", f"{summary['heldout_loss']:.4f} over {summary['heldout_items']} items"))
-    return rows
+        lines.append(f"  held-out loss {summary['heldout_loss']:.4f} over {summary['heldout_items']} unseen items")
+    return lines
