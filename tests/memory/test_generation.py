@@ -46,8 +46,8 @@ def test_the_demo_models_5000_prompt_batch_is_refused_with_the_batch_that_fits(m
     monkeypatch.setattr(P, "current_rss_bytes", lambda: E.CPU_RUNTIME_BYTES)
     room = P.Room(4 * 2**30, "MemAvailable")
     budget, _ = P.budget_of(room, "cpu")
-    fits = G._largest_batch(lambda k: G.generation_bytes(smol, settings, batch=k, prompt=20, new=64)["peak_bytes"]
-                            <= budget, 4999)
+    fits = G.largest_fitting(1, 4999, lambda k: G.generation_bytes(smol, settings, batch=k, prompt=20,
+                                                                  new=64)["peak_bytes"] <= budget)
     assert fits and G.generation_bytes(smol, settings, batch=fits + 1, prompt=20, new=64)["peak_bytes"] > budget
     assert G.generation_bytes(smol, settings, batch=fits, prompt=20, new=64)["peak_bytes"] <= budget
 

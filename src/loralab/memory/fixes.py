@@ -14,7 +14,7 @@ def gpu_bytes(gpu_gb: float) -> float:
     return gpu_gb * 2**30
 
 
-def _largest_fitting(lo: int, hi: int, fits) -> int | None:
+def largest_fitting(lo: int, hi: int, fits) -> int | None:
     """The largest n in [lo, hi] with fits(n), assuming fits is monotone (smaller always fits better)."""
     if not fits(lo):
         return None
@@ -80,7 +80,7 @@ def _levers(s: dict, peak, limit: float) -> list:
 
     def searched(key: str, floor: int, fmt):  # the largest value below the current one that fits
         def lever(base):
-            n = _largest_fitting(floor, s[key] - 1, lambda n: peak(base, **{key: n}) <= limit)
+            n = largest_fitting(floor, s[key] - 1, lambda n: peak(base, **{key: n}) <= limit)
             return None if n is None else (fmt(n), {key: n}, True, False)
         return lever if s[key] > floor else None
 
@@ -90,7 +90,7 @@ def _levers(s: dict, peak, limit: float) -> list:
             return {"batch": n, "grad_accum": s["grad_accum"] * math.ceil(s["batch"] / n)}
 
         def batch_lever(base):
-            b = _largest_fitting(1, s["batch"] - 1, lambda n: peak(base, **smaller(n)) <= limit)
+            b = largest_fitting(1, s["batch"] - 1, lambda n: peak(base, **smaller(n)) <= limit)
             what = (f"micro batch {s['batch']} -> {b or 1} (gradient accumulation "
                     f"x{math.ceil(s['batch'] / (b or 1))} keeps the batch)")
             return what, smaller(b or 1), b is not None, True

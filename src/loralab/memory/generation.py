@@ -23,6 +23,7 @@ from ..errors import UserError
 from . import preflight as P
 from .arch import arch_from_config, resolve_model_config
 from .estimate import CPU_RUNTIME_BYTES, CUDA_OTHER_BYTES, PRECISIONS, estimate, run_settings
+from .fixes import largest_fitting
 from .measure import fmt_bytes
 
 LABELS = {"kv_cache": "KV cache", "logits": "logits", "prefill": "prefill", "weights": "weights"}
@@ -64,16 +65,6 @@ def generation_bytes(model_config: dict, settings: dict, *, batch: int, prompt: 
              "weights": held["frozen"] + held["masters"],
              "runtime": CPU_RUNTIME_BYTES if cpu else CUDA_OTHER_BYTES}
     return {"peak_bytes": int(sum(parts.values())), "parts": {k: int(v) for k, v in parts.items()}}
-
-
-def _largest_batch(fits, top: int) -> int | None:
-    lo, hi = 1, top
-    if not fits(lo):
-        return None
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
-    return lo
 
 
 def check_context(cfg, model_config: dict, prompt: int) -> None:
@@ -123,7 +114,7 @@ def check_evaluation(cfg, folder, device, data, tok, world: int = 1, *, context:
     if est["peak_bytes"] <= budget:
         return []
     parts = ", ".join(f"{LABELS[k]} {fmt_bytes(v)}" for k, v in est["parts"].items() if k in LABELS)
-    fits = _largest_batch(lambda k: peak(k)["peak_bytes"] <= budget, batch - 1) if batch > 1 else None
+    fits = largest_fitting(1, batch - 1, lambda k: peak(k)["peak_bytes"] <= budget) if batch > 1 else None
     fix = (f"eval.batch_size={fits} fits" if fits else
            "no eval.batch_size fits: lower eval.max_new_tokens or evaluate fewer tasks")
     line = (f"not enough memory for the evaluation: generating {batch:,} prompts at once (eval.batch_size="
