@@ -9,6 +9,7 @@ import pytest
 
 from loralab.cli import main
 from loralab.memory import arch as A
+from loralab.memory import estimate as E
 from loralab.memory import fixes as F
 from loralab.memory.sharding import estimate_per_gpu
 
@@ -71,3 +72,23 @@ def test_every_fix_offered_fits_and_the_combination_is_never_empty(kw, gpu_gb):
         assert f["fits"] and f["peak_bytes"] <= gpu_gb * GiB
         assert f["change"] != "all of: " and not f["change"].startswith("all of: ;")
         assert f["settings"]
+
+
+def test_suggest_fixes_fit_and_are_empty_when_it_already_fits():
+    cfg = A.resolve_model_config("llama-2-7b")
+    kw = dict(method="lora", r=8, targets="qv", seq=2048, batch=4)
+    assert E.estimate(cfg, **kw)["peak_bytes"] > F.gpu_bytes(24)
+    fixes = F.suggest_fixes(cfg, 24, **kw)
+    assert fixes and all(f["fits"] and f["peak_bytes"] <= F.gpu_bytes(24) for f in fixes)
+    assert fixes[0]["settings"]["batch"] < 4  # a smaller micro batch, the same batch by accumulation
+    assert fixes[0]["settings"]["grad_accum"] == -(-4 // fixes[0]["settings"]["batch"])
+    for f in fixes:  # each stated estimate is the estimate of the stated change
+        assert E.estimate(cfg, **{**kw, **f["settings"]})["peak_bytes"] == f["peak_bytes"]
+    assert F.suggest_fixes(cfg, 80, **kw) == []
+
+
+def test_suggest_fixes_combines_when_no_single_change_fits():
+    cfg = A.resolve_model_config("llama-3.1-8b")
+    fixes = F.suggest_fixes(cfg, 8, method="lora", seq=4096, batch=8)
+    assert not any(f["fits"] for f in fixes[:-1])
+    assert fixes[-1]["change"].startswith("all of") and fixes[-1]["fits"]

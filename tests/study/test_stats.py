@@ -5,7 +5,8 @@ import math
 
 import pytest
 
-from loralab.study.stats import Stat, difference, paired_seeds
+from loralab.study.stats import Stat, difference, paired_seeds, t_quantile
+from loralab.study.verdicts import judge
 
 A = [0.91, 0.84, 1.02, 0.95, 0.88]
 B = [0.97, 0.89, 1.10, 0.99, 0.95]   # B = A + a small, seed-consistent shift: pairing sees it
@@ -60,3 +61,52 @@ def test_minimum_detectable_effect_closed_form():
     s = Stat([1.0, 2.0, 3.0, 4.0])
     assert s.mde() == pytest.approx((3.182446 + 0.978472) * s.std / 2, rel=1e-5)
     assert math.isnan(Stat([1.0]).mde())
+
+
+# --- the t quantile, one cell's interval, the verdicts ------------------------------------------------------
+
+@pytest.mark.parametrize("df, expected", [(1, 12.7062), (2, 4.3027), (3, 3.1824), (4, 2.7764), (5, 2.5706),
+                                          (9, 2.2622), (10, 2.2281), (29, 2.0452), (30, 2.0423)])
+def test_t_quantile_matches_the_table(df, expected):
+    assert t_quantile(0.975, df) == pytest.approx(expected, abs=1e-4)
+
+
+def test_t_quantile_approaches_the_normal():
+    assert t_quantile(0.975, 10_000) == pytest.approx(1.95996, abs=1e-3)
+    assert t_quantile(0.95, 1) == pytest.approx(6.3138, abs=1e-4)  # another p: 0.95 one-sided, df 1
+
+
+def test_stat_mean_std_interval_closed_form():
+    s = Stat([1.0, 2.0, 3.0, 4.0])
+    assert s.mean == 2.5
+    assert s.std == pytest.approx(math.sqrt(5 / 3))  # sample std, ddof=1
+    hw = 3.182446305 * math.sqrt(5 / 3) / 2          # t(0.975, 3) * std / sqrt(4)
+    assert s.ci == pytest.approx((2.5 - hw, 2.5 + hw))
+    one = Stat([7.0])
+    assert one.mean == 7.0 and math.isnan(one.std) and math.isnan(one.half_width)
+
+
+def test_judge_verdicts():
+    stats = {"a": {"m": Stat([1.0, 1.1, 0.9])}, "b": {"m": Stat([2.0, 2.1, 1.9])}, "c": {"m": Stat([1.05, 1.0, 1.1])}}
+    assert judge({"check": "lower", "a": "a", "b": "b", "metric": "m"}, stats)[1] == "agree"
+    assert judge({"check": "higher", "a": "a", "b": "b", "metric": "m"}, stats)[1] == "disagree"
+    assert judge({"check": "lower", "a": "a", "b": "c", "metric": "m"}, stats)[1] == "unclear"  # inside the noise
+    # similar is equivalence: the whole interval of the difference (-0.05 +- 0.28) inside the tolerance
+    assert judge({"check": "similar", "a": "a", "b": "c", "metric": "m", "rel_tol": 0.4}, stats)[1] == "agree"
+    assert judge({"check": "similar", "a": "a", "b": "c", "metric": "m", "rel_tol": 0.1}, stats)[1] == "unclear"
+    assert judge({"check": "similar", "a": "a", "b": "b", "metric": "m", "tol": 0.5}, stats)[1] == "disagree"
+    above = {"check": "above", "cell": "b", "metric": "m", "value": 1.5}
+    assert judge(above, stats)[1] == "agree" and judge({**above, "value": 2.0}, stats)[1] == "unclear"
+    assert judge({**above, "value": 2.5}, stats)[1] == "disagree"
+    assert judge({"check": "below", "cell": "a", "metric": "m", "value": 1.5}, stats)[1] == "agree"
+    stats["b"]["best"] = Stat([1.0, 1.0, 1.0])  # b may be another metric, named in the measurement
+    assert judge({"check": "lower", "a": "a", "b": "b", "metric": "m", "metric_b": "best"}, stats)[0].startswith(
+        "a 1 ± 0.1 vs b best 1 ± 0")
+    assert judge({"check": "consistent", "cell": "a", "metric": "m", "max_cv": 0.05}, stats)[1] == "disagree"
+    assert judge({"check": "consistent", "cell": "a", "metric": "m", "max_cv": 0.2}, stats)[1] == "agree"
+    best = {"check": "best", "cell": "a", "metric": "m", "direction": "min", "cells": ["a", "b"]}
+    assert judge(best, stats)[1] == "agree"
+    ordered = {"check": "ordered", "cells": ["a", "b"], "metric": "m", "direction": "increasing"}
+    assert judge(ordered, stats)[1] == "agree"
+    assert judge({"check": "ratio", "a": "b", "b": "a", "metric": "m", "expect": 2.0, "tol": 0.05}, stats)[1] == "agree"
+    assert judge({"check": "lower", "a": "a", "b": "gone", "metric": "m"}, stats)[1] == "not measured"
