@@ -31,6 +31,7 @@ class ModelConfig:
     trust_remote_code: bool = False   # run a model folder's own Python code (only for folders you trust)
     attn_implementation: str = "auto"  # auto | eager | eager_recompute | sdpa (model/attention.py)
     converters: Any = "auto"          # auto | off | a list of names: the rewrites of how it computes (model/convert.py)
+    adapter: str | None = None        # an adapter folder merged into the base first: a staged run (SFT, then DPO)
 
 
 @dataclass

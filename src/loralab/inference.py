@@ -14,6 +14,7 @@ from .eval.metrics import exact_match, generate_answers
 from .io.export import new_output_folder, save_hf_folder
 from .io.models import stored_dtype
 from .model.load import load_model
+from .peft.adapter_files import earlier_stage
 from .peft.adapters import load_adapter
 from .peft.merge import merge_and_unload
 
@@ -258,6 +259,9 @@ def export_gguf(adapter_dir: str | None, *, lora_out: str | None = None, merged_
     if lora_out and read_adapter_config(adapter_dir).get("target_parameters"):
         raise UserError(f"export: {adapter_dir} has LoRA on fused expert weights (target_parameters), which "
                         f"loralab's GGUF export does not map; `loralab merge` folds it into an HF folder")
+    if lora_out and (first := earlier_stage(adapter_dir)) is not None:
+        raise UserError(f"export: {adapter_dir} applies on top of {first} merged into the base (a staged run); "
+                        f"a llama.cpp adapter of the plain base cannot hold that: use --merged-gguf")
     m, tok, folder = load_with_adapter(model, adapter_dir, dtype=torch.float32, with_folder=True)
     written = []
     if lora_out:

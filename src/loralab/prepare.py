@@ -23,6 +23,7 @@ from .memory.data_size import check_generation
 from .memory.preflight import check_rank, module_widths
 from .model.convert import Target, convert
 from .model.load import copy_out_of_file, load_weights
+from .peft.adapters import merge_stage
 from .peft.experts import add_expert_lora
 from .peft.init import dropout_warning
 from .peft.inject import SpecFor, count_parameters, inject, per_module
@@ -139,6 +140,8 @@ def setup_model(cfg: RunConfig, device: torch.device, folder: Path | None = None
     tok = tok or load_tokenizer(folder, cfg.model.trust_remote_code)
     model = load_weights(folder, dtype, trust_remote_code=cfg.model.trust_remote_code, device=device,
                          attn_implementation=cfg.model.attn_implementation)
+    if cfg.model.adapter:  # a staged run: the earlier stage becomes the base (and DPO's reference)
+        model = merge_stage(model, cfg.model.adapter, dtype)
     rewrites = convert(model, cfg.model.converters, Target(torch.device(device), cfg.model.attn_implementation))
     setup = ModelSetup(precision=precision, weights_dtype=str(dtype).replace("torch.", ""),
                        converters=rewrites.as_dict())
@@ -162,6 +165,9 @@ def setup_model(cfg: RunConfig, device: torch.device, folder: Path | None = None
         setup.targets = inject(model, targets, spec)
         setup.notes += add_expert_lora(model, cfg.lora, spec)  # lora.target_parameters (peft/experts.py)
     setup.notes.insert(0, rewrites.line())
+    if cfg.model.adapter:
+        setup.notes.insert(0, f"the base is {cfg.model.name} with the adapter {cfg.model.adapter} merged in "
+                              f"(model.adapter: a staged run)")
     setup.trainable_params, setup.total_params = count_parameters(model)
     return model, tok, folder, setup
 

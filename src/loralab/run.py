@@ -46,7 +46,8 @@ from .memory.estimate import run_memory_breakdown
 from .memory.generation import check_evaluation
 from .memory.measure import PeakMemory
 from .memory.preflight import check_before_loading, check_disk
-from .peft.adapters import save_adapter
+from .peft.adapter_files import write_stage
+from .peft.adapters import check_stage_adapter, save_adapter
 from .prepare import (
     Datasets,
     ModelSetup,
@@ -188,6 +189,8 @@ class Run:
         set_seed(cfg.train.seed)  # the same on every rank: LoRA factors start equal everywhere
         self.data = data = self.data or build_datasets(cfg)
         self.folder = resolve(cfg.model.name)  # a local folder; no weights are read yet
+        if cfg.model.adapter:
+            check_stage_adapter(cfg.model.adapter)
         self.tok = load_tokenizer(self.folder, cfg.model.trust_remote_code)
         check_encoded(cfg, data, self.tok)  # the token ids' memory, before encoding
         self.train_enc, self.train_stats, self.val_enc = encode_datasets(data, self.tok, cfg)
@@ -249,6 +252,8 @@ class Run:
         if self.main:
             save_adapter(self.model, self.out / folder_name, weights=weights,
                          base_model_name_or_path=base_model_path(self.cfg.model.name, self.folder))
+            if self.cfg.model.adapter:  # relative to the base with the earlier stage merged in
+                write_stage(self.out / folder_name, self.cfg.model.adapter)
 
     def _hooks(self) -> Hooks:
         cfg, data, dist = self.cfg, self.data, self.dist

@@ -7,9 +7,10 @@ from loralab.study.spec import load_study, run_config
 def test_preset_cells_and_their_objectives(tmp_path):
     study = load_study("preference")
     cells = {c.name: c for c in study.cells}
-    assert set(cells) == {"sft", "dpo", "orpo"}
+    assert set(cells) == {"sft", "sft-dpo", "orpo"}
     objectives = {n: run_config(study, c, 1, tmp_path / n).train.objective for n, c in cells.items()}
-    assert objectives == {"sft": "sft", "dpo": "dpo", "orpo": "orpo"}
+    assert objectives == {"sft": "sft", "sft-dpo": "dpo", "orpo": "orpo"}
+    assert cells["sft-dpo"].after == "sft" and cells["orpo"].after is None  # DPO starts from SFT's adapter
     cfg = run_config(study, cells["sft"], 1, tmp_path / "sft")
     assert cfg.eval.preference is True and cfg.data.tasks == ["2da", "2ds"]  # SFT is scored on the pairs too
 

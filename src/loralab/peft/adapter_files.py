@@ -38,6 +38,10 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."  # PEFT's path to the wrapped transformers model
 MAGNITUDE = "lora_magnitude_vector"
+# A staged run (model.adapter: SFT, then DPO) trains on the base with an earlier adapter merged in, so its own
+# adapter is relative to that merged model. PEFT's adapter_config.json cannot say so; this file beside it
+# names the earlier adapter, and load_adapter merges it first (PEFT users: merge_and_unload it, then load).
+STAGE_NAME = "loralab_stage.json"
 
 # Config entries that change what an adapter computes and that we do not implement. A value other
 # than the "off" one listed here makes the loader refuse the adapter rather than load it wrongly.
@@ -280,3 +284,22 @@ def write_adapter(out_dir: str | os.PathLike, modules: dict, *, target_modules, 
     atomic_save_safetensors(tensors, out / WEIGHTS_NAME)
     write_json(out / CONFIG_NAME, config)
     return out
+
+
+def earlier_stage(adapter_dir: str | os.PathLike) -> Path | None:
+    """The adapter a staged run's adapter was trained on top of (merged into the base), or None."""
+    path = Path(adapter_dir) / STAGE_NAME
+    if not path.exists():
+        return None
+    try:  # a relative path is relative to the adapter folder
+        first = Path(adapter_dir) / json.loads(path.read_text())["merged_first"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise UserError(f"{path}: not a stage file (expected {{\"merged_first\": \"adapter folder\"}})") from None
+    if not (first / CONFIG_NAME).exists():
+        raise UserError(f"{path}: the earlier stage's adapter {first} is gone (no {CONFIG_NAME}); "
+                        f"this adapter applies only on top of it")
+    return first
+
+
+def write_stage(adapter_dir: str | os.PathLike, earlier: str | os.PathLike) -> None:
+    write_json(Path(adapter_dir) / STAGE_NAME, {"merged_first": str(Path(earlier).resolve())})

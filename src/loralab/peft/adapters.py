@@ -25,6 +25,7 @@ from .adapter_files import (
     MAGNITUDE,
     check_config,
     converted,
+    earlier_stage,
     read_adapter_config,
     read_weights,
     write_adapter,
@@ -40,11 +41,13 @@ from .experts import (
 from .inject import inject, load_lora_state_dict
 from .layout import features
 from .lora import lora_modules
+from .merge import merge_and_unload
 from .names import layer_index, suffix_match
 from .presets import TARGET_PRESETS
 from .targets import resolve_targets, visible_module_names
 
-__all__ = ["save_adapter", "load_adapter", "read_adapter_config", "CONFIG_NAME", "adapter_delta"]
+__all__ = ["save_adapter", "load_adapter", "read_adapter_config", "CONFIG_NAME", "adapter_delta", "merge_stage",
+           "check_stage_adapter"]
 
 
 def _peft_targets(model: nn.Module, wrapped: list[str]) -> tuple[list[str] | str, list[int] | None]:
@@ -91,13 +94,33 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, base_model_nam
                          target_parameters=target_parameters_for(model, list(experts)))
 
 
+def check_stage_adapter(adapter_dir: str) -> None:
+    """model.adapter, checked before the run's folder is touched: an adapter folder with a valid config."""
+    folder = Path(adapter_dir)
+    if not (folder / CONFIG_NAME).is_file():
+        raise UserError(f"config key 'model.adapter': {adapter_dir} is not an adapter folder (no {CONFIG_NAME})")
+    check_config(read_adapter_config(folder), folder / CONFIG_NAME)
+    earlier_stage(folder)
+
+
+def merge_stage(model: nn.Module, adapter_dir: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
+    """Fold an adapter (and the stages before it) into the model's weights for good: the base of a
+    staged run, and so the reference model of its DPO (LoRA off)."""
+    load_adapter(model, adapter_dir)
+    return merge_and_unload(model, dtype)
+
+
 def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> dict:
     """Inject LoRA as the adapter's config says and load its weights. Returns the config dict.
 
     Everything is checked before the model is touched, so a mismatching adapter leaves it unchanged.
     An adapter PEFT saved unconverted after a PiSSA / OLoRA init (init_lora_weights "pissa"...) is
-    loaded as PEFT loads it: the init runs again on the base, then its A and B are loaded."""
+    loaded as PEFT loads it: the init runs again on the base, then its A and B are loaded. A staged
+    run's adapter (adapter_files.STAGE_NAME) has its earlier stage merged into the model first (a
+    mismatch found after that leaves the merge in place)."""
     folder = Path(adapter_dir)
+    if (first := earlier_stage(folder)) is not None:
+        merge_stage(model, first)
     raw = read_adapter_config(folder)
     cfg = check_config(raw, folder / CONFIG_NAME)
     weights = read_weights(folder)

@@ -15,7 +15,9 @@ The rules, from each runtime's loader:
 An adapter saved unconverted after a PiSSA / OLoRA init applies to a base the init changed: only
 PEFT and loralab, which redo the init, load it. LoRA on fused expert weights (target_parameters,
 PEFT >= 0.17) is loaded by PEFT and loralab; loralab's GGUF export has no mapping for it, and vLLM's
-reading of it is not checked here, so both say no.
+reading of it is not checked here, so both say no. A staged run's adapter (model.adapter; a
+loralab_stage.json beside it) applies to the base with the earlier adapter merged in: only loralab
+merges that by itself.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import os
 from pathlib import Path
 
 from ..errors import UserError
-from .adapter_files import CONFIG_NAME, MAGNITUDE, check_config, read_adapter_config, read_weights
+from .adapter_files import CONFIG_NAME, MAGNITUDE, check_config, earlier_stage, read_adapter_config, read_weights
 
 RUNTIMES = ("loralab", "PEFT", "vLLM", "GGUF (llama.cpp)")
 
@@ -80,7 +82,18 @@ def runtime_support(adapter_dir: str | os.PathLike) -> list[dict]:
         ("a per-module alpha cannot be stored (one lora_alpha): fold the scale into B", not _off(cfg, "alpha_pattern")),
         (f"init_lora_weights={init!r}: A and B apply to a base the init changed", unconverted)) if bad]
     rows.append(("GGUF (llama.cpp)", not gguf, "; ".join(gguf)))
+    if (first := _stage(folder)) is not None:  # only loralab merges the earlier stage by itself
+        why = f"it applies on top of {first} merged into the base (a staged run): merge that first"
+        rows = [(n, ok if n == "loralab" else False, ("; ".join(filter(None, [w, why])) if n != "loralab" else w))
+                for n, ok, w in rows]
     return [{"runtime": n, "loads": ok, "why": why} for n, ok, why in rows]
+
+
+def _stage(folder: Path):
+    try:
+        return earlier_stage(folder)
+    except UserError as e:
+        return f"a missing earlier stage ({e})"
 
 
 def format_table(adapter_dir, rows: list[dict]) -> str:

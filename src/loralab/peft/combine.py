@@ -30,7 +30,15 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from .adapter_files import CONFIG_NAME, check_config, module_names, read_adapter_config, read_weights, write_adapter
+from .adapter_files import (
+    CONFIG_NAME,
+    check_config,
+    earlier_stage,
+    module_names,
+    read_adapter_config,
+    read_weights,
+    write_adapter,
+)
 from .lora import LoraSpec
 from .presets import COMBINE_METHODS as METHODS
 from .presets import NEEDS_DENSITY
@@ -58,6 +66,9 @@ def _read_source(folder: str | os.PathLike, weight: float) -> Source:
     if cfg.init != "kaiming":
         raise UserError(f"{folder}: init_lora_weights={raw.get('init_lora_weights')!r}: its A and B apply to a base "
                         f"the init changed; save it converted (PEFT: path_initial_model_for_weight_conversion)")
+    if (first := earlier_stage(folder)) is not None:
+        raise UserError(f"{folder}: a staged run's adapter applies on top of {first} merged into the base; "
+                        f"its update does not add to other adapters of the plain base")
     weights = read_weights(folder)
     modules = {}
     for name in module_names(weights):

@@ -1,6 +1,7 @@
 """Running a study: every (cell, seed) as its own `loralab train` process (finished runs skipped),
 or a table of estimates; then the report. A combine cell runs after the training cells, as its
-own `python -m loralab.study.combine_cell` process (combine_cell.py).
+own `python -m loralab.study.combine_cell` process (combine_cell.py); so does a staged cell (`after:`),
+a `loralab train` whose model.adapter is the earlier cell's adapter of the same seed.
 
 Folder layout (`--out`, default runs/studies/<name>-<scale>):
   study.json                      the expanded plan (so a report never needs the YAML again)
@@ -30,7 +31,7 @@ from ..errors import UserError
 from ..io.fileio import atomic_write_text, write_json
 from .report import make_report
 from .results import StudyResults, choose_point, collect, estimate_stats, load_json
-from .spec import Study, describe, load_study, run_config, study_plan, study_time
+from .spec import Study, describe, load_study, run_config, sources, study_plan, study_time
 from .sweeps import chosen_path, read_chosen, run_dir
 
 # (command, run folder, log file) -> exit code, or a one-line reason the run could not run at all
@@ -78,7 +79,7 @@ def run_study(study: Study, out: str | Path, *, parallel: int = 1, runner: Runne
               threads: int | None = None, nproc: int = 1, log: Callable[[str], None] | None = None) -> list[dict]:
     """Run every (cell, seed) not yet done; returns one record per run (status ok/failed/skipped).
     Three phases: plain cells and every sweep point (on its sweep seeds); then each swept cell's
-    other seeds at the point its sweep chose (sweeps.py); then combine cells.
+    other seeds at the point its sweep chose (sweeps.py); then combine and staged cells.
     threads: each run's train.threads (default: this machine's cores shared by the parallel runs);
     nproc: processes per run (> 1: each run is data parallel, `loralab train --nproc`)."""
     out = Path(out).resolve()
@@ -95,10 +96,10 @@ def run_study(study: Study, out: str | Path, *, parallel: int = 1, runner: Runne
         elif parallel > 1:
             extra = [f"train.threads={max(1, (os.cpu_count() or 1) // parallel)}"]  # no oversubscription
     records: list[dict] = []
-    first = [(c, s, p) for c in study.cells if not c.combine
+    first = [(c, s, p) for c in study.cells if not sources(c)
              for p in ([p for p, _ in c.points] if c.points else [None]) for s in (c.sweep_seeds if p else c.seeds)]
     n_rest = sum(len(c.seeds) - len(c.sweep_seeds) for c in study.cells if c.points)
-    n_combine = sum(len(c.seeds) for c in study.cells if c.combine)
+    n_combine = sum(len(c.seeds) for c in study.cells if sources(c))
     progress = {"done": 0, "queued": 0, "later": 0, "durations": []}  # later: runs of phases not yet listed
     lock = threading.Lock()
 
@@ -118,7 +119,12 @@ def run_study(study: Study, out: str | Path, *, parallel: int = 1, runner: Runne
         where = run_dir(out, cell.name, seed, point)
         label = f"{cell.name}/{point}" if point else cell.name
         where.mkdir(parents=True, exist_ok=True)
-        cfg = run_config(study, cell, seed, where, extra + tracking_overrides(study, label, seed, out), point=point)
+        stage = []
+        if cell.after:  # the earlier cell's adapter of the same seed (at its chosen point) becomes the base
+            first_dir = run_dir(out, cell.after, seed, read_chosen(out, cell.after)) / "adapter"
+            stage = [f"model.adapter={json.dumps(str(first_dir))}"]
+        cfg = run_config(study, cell, seed, where, extra + stage + tracking_overrides(study, label, seed, out),
+                         point=point)
         atomic_write_text(where / "cell.yaml", dump_yaml(cfg))
         with lock:
             log(f"[{study.name}] start {label} seed {seed}")
@@ -175,8 +181,8 @@ def run_study(study: Study, out: str | Path, *, parallel: int = 1, runner: Runne
                 log(f"[{study.name}] {len(records)} runs already done, skipped; {len(todo)} to run first")
             records += list(pool.map(one, todo))
             records += list(pool.map(one, pending(chosen_jobs(), n_combine)))
-            combine = [(c, s, None) for c in study.cells if c.combine for s in c.seeds]
-            records += list(pool.map(one, pending(combine, 0)))  # after the cells they combine
+            later = [(c, s, None) for c in study.cells if sources(c) for s in c.seeds]
+            records += list(pool.map(one, pending(later, 0)))  # after the cells whose adapters they use
         except KeyboardInterrupt:  # runs not started never start; a runner that can stop its runs does
             pool.shutdown(wait=False, cancel_futures=True)
             getattr(runner, "stop", lambda: None)()

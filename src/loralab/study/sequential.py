@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import UserError
-from .spec import Study, study_plan
+from .spec import Study, sources, study_plan
 from .verdicts import judge
 
 ALPHA = 0.05
@@ -74,8 +74,8 @@ def findings_cells(spec: dict) -> list[str]:
 
 
 def cells_to_grow(study: Study, findings: list, stats: dict, alpha: float, max_seeds: int) -> list:
-    """The cells behind claims unclear at this look that can still take a seed (a combine cell
-    brings the cells it combines: it needs their adapters of the same seed)."""
+    """The cells behind claims unclear at this look that can still take a seed (a combine or staged
+    cell brings the cells whose adapters of the same seed it needs)."""
     by_name = {c.name: c for c in study.cells}
     names: list[str] = []
     for spec in findings:
@@ -83,7 +83,7 @@ def cells_to_grow(study: Study, findings: list, stats: dict, alpha: float, max_s
             continue
         for name in findings_cells(spec):
             cell = by_name[name]
-            for n in [name] + list((cell.combine or {}).get("adapters", [])):
+            for n in [name] + sources(cell):
                 if n not in names and len(by_name[n].seeds) < max_seeds:
                     names.append(n)
     return [by_name[n] for n in names]

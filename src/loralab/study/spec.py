@@ -34,6 +34,7 @@ class Cell:
     overrides: list
     seeds: list
     combine: dict | None = None  # a combine cell: earlier cells' adapters combined, then evaluated
+    after: str | None = None     # a staged cell: each seed starts from that cell's adapter merged in (model.adapter)
     points: list | None = None   # a swept cell: [[point name, [overrides]], ...] (sweeps.py)
     sweep_seeds: list | None = None  # the seeds every point runs; the rest run at the chosen point only
 
@@ -43,6 +44,7 @@ class Cell:
         return self.overrides + extra
 
 COMBINE_KEYS = {"adapters", "weights", "method", "density", "svd_rank"}
+CELL_KEYS = {"name", "set", "seeds", "combine", "sweep", "after"}
 
 
 @dataclass
@@ -135,7 +137,10 @@ def expand_cells(axes, seeds: list[int], where: str = "axes", sweep=None, sweep_
         own = c.points  # _expand parks a named cell's own sweep mapping here
         grid = sweep if own is None else own
         c.points = None
-        if grid and not c.combine:
+        if own and c.after:
+            raise UserError(f"{where}: cell {c.name} starts from {c.after}'s adapters; it cannot sweep (it runs "
+                            f"after {c.after}): set its values")
+        if grid and not c.combine and not c.after:  # a staged cell runs at its own values
             c.points = expand_points(grid, f"{where}: cell {c.name}: sweep")
             c.sweep_seeds = c.seeds[:sweep_seeds]
             keys = {".".join(parse_override(o)[0]) for _, ovs in c.points for o in ovs}
@@ -167,17 +172,21 @@ def _expand(axes, seeds: list[int], where: str) -> list[Cell]:
                 overrides = _str_list(item, here)  # checked before its name is made of it
                 cells.append(Cell(_slug("_".join(overrides)), overrides, list(seeds)))
             elif isinstance(item, dict) and "name" in item:
-                unknown = set(item) - {"name", "set", "seeds", "combine", "sweep"}
+                unknown = set(item) - CELL_KEYS
                 if unknown:
                     raise UserError(f"{here}: unknown key(s) {', '.join(sorted(map(str, unknown)))} "
-                                    f"(known: name, set, seeds, combine, sweep)")
+                                    f"(known: {', '.join(sorted(CELL_KEYS))})")
+                after = item.get("after")
+                if after is not None and (not isinstance(after, str) or "combine" in item):
+                    raise UserError(f"{here}.after must name one training cell (and a cell either combines "
+                                    f"adapters or starts from one), got {after!r}")
                 cell_seeds = list(seeds)
                 if "seeds" in item:
                     s = item["seeds"]
                     cell_seeds = seeds[:s] if isinstance(s, int) and s > 0 else parse_seeds(s, f"{here}.seeds")
                 cells.append(Cell(_slug(str(item["name"])), _str_list(item.get("set", []), f"{here}.set"),
                                   cell_seeds, _combine_spec(item.get("combine"), f"{here}.combine"),
-                                  points=item.get("sweep")))  # the cell's own sweep, expanded by the caller
+                                  points=item.get("sweep"), after=after))  # points: its own sweep, expanded later
             else:
                 raise UserError(f"{here} must be a list of overrides or a mapping with name and set, got {item!r}")
     else:
@@ -186,14 +195,21 @@ def _expand(axes, seeds: list[int], where: str) -> list[Cell]:
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise UserError(f"{where}: two cells are named {', '.join(dupes)}; give them distinct names")
-    trained = {c.name: c for c in cells if c.combine is None}
+    trained = {c.name: c for c in cells if c.combine is None and c.after is None}
     for c in cells:
-        for src in (c.combine or {}).get("adapters", []):
+        for src in sources(c):
             if src not in trained:
-                raise UserError(f"{where}: cell {c.name} combines {src!r}, which is not a training cell of this study")
+                verb = "combines" if c.combine else "starts from"
+                raise UserError(f"{where}: cell {c.name} {verb} {src!r}, which is not a training cell of this study "
+                                f"(one that neither combines nor starts from adapters)")
             if set(c.seeds) - set(trained[src].seeds):
                 raise UserError(f"{where}: cell {c.name} runs seeds that cell {src} does not train")
     return cells
+
+
+def sources(cell: Cell) -> list[str]:
+    """The cells whose adapters of the same seed this cell needs: those it combines or starts from."""
+    return list((cell.combine or {}).get("adapters", [])) + ([cell.after] if cell.after else [])
 
 
 def _combine_spec(spec, where: str) -> dict | None:
@@ -321,6 +337,8 @@ def describe(study: Study) -> str:
             parts = ", ".join(f"{a} x{w:g}" for a, w in zip(k["adapters"], k["weights"]))
             density = f" (density {k['density']})" if k["density"] is not None else ""
             what = f"combine {k['method']} of {parts}{density}" + (f" {what}" if c.overrides else "")
+        if c.after:
+            what = f"after {c.after} (its adapter of the same seed merged in): {what}"
         lines.append(f"  {c.name:<28} seeds {','.join(map(str, c.seeds)):<8} {what}")
         if c.points:
             lines.append(f"  {'':<28} sweep on seed(s) {','.join(map(str, c.sweep_seeds))}, lowest {study.select} "
