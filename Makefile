@@ -38,7 +38,7 @@ demo: $(STAMP)
 	$(BIN)/loralab train configs/demo.yaml resume=false "lora.layers=$(DEMO_LAYERS)"
 
 test: $(TSTAMP)
-	$(BIN)/ruff check src tests benchmarks docs/gen_reference.py
+	$(BIN)/ruff check src tests benchmarks docs/gen_reference.py docs/gen_study_results.py
 	$(BIN)/python -m pytest
 
 # The docs site in site/ (git-ignored): the reference pages regenerated from the code, then built with strict

@@ -2,6 +2,7 @@
 links resolve; the reference pages are what docs/gen_reference.py writes from the code now; the docs site
 builds with strict link checks."""
 import importlib.util
+import json
 import re
 import shlex
 import subprocess
@@ -21,8 +22,8 @@ def _blocks(text: str, lang: str) -> list[str]:
     return re.findall(rf"^```{lang}\n(.*?)^```", text, re.S | re.M)
 
 
-def _generator():
-    spec = importlib.util.spec_from_file_location("gen_reference", ROOT / "docs" / "gen_reference.py")
+def _generator(name: str = "gen_reference"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "docs" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -83,6 +84,24 @@ def test_reference_pages_are_what_the_code_gives_now():
     for page, text in pages.items():
         assert (ROOT / "docs" / page).read_text(encoding="utf-8") == text, \
             f"docs/{page} is stale: run `python docs/gen_reference.py`"
+
+
+def test_study_results_page_is_counted_from_the_kept_studies(tmp_path):
+    gen = _generator("gen_study_results")
+    assert gen.PAGE.read_text(encoding="utf-8") == gen.render(), \
+        "docs/study-results.md is stale: run `python docs/gen_study_results.py`"
+    kept = tmp_path / "qlora-cpu"  # the counts come from findings.json, the article presets' total too
+    kept.mkdir()
+    (kept / "study.json").write_text(json.dumps({"name": "qlora", "cells": [{"seeds": [1, 2, 3]}]}))
+    (kept / "findings.json").write_text(json.dumps([
+        {"id": f"F{i}", "claim": "c", "measurement": "m", "verdict": v, "if_unclear": ""}
+        for i, v in enumerate(["agree", "unclear", "disagree"], 1)]))
+    (kept / "provenance.json").write_text(json.dumps({"command": "loralab study qlora", "commit": "abc",
+                                                       "saved": "today", "wall_min": 30.0, "note": "",
+                                                       "cpu": {"model": "x", "cores": 2, "flags": ["avx2"]}}))
+    page = gen.render(tmp_path)
+    assert "| [qlora-cpu](#qlora-cpu) | 3 | 1 | 1 | 1 | 2/3 | 3 | avx2 | 30 min |" in page
+    assert "1 kept so far, 2 of their 3 claims decided (1 agree, 1 disagree, 1 unclear). The nine hold 38" in page
 
 
 def test_every_config_key_and_cli_option_is_documented():

@@ -8,8 +8,9 @@ moves before accuracy does (the article saw arithmetic scores collapse after ins
 
 Held-out loss (`eval.loss_items` items): the same kind of loss over many items of the tasks the run
 trained on, items it never saw (checked by content against the training, validation and test
-items). The few dozen evaluation questions a run generates for are too few to tell two cells apart;
-a forward over a thousand items costs about what a few training steps do.
+items). The few dozen evaluation questions a run generates for are too few to tell two cells apart.
+It is not free: a forward per item, so a thousand items cost about what a few dozen training steps
+of batch 8 do (three forwards' worth each).
 """
 from __future__ import annotations
 

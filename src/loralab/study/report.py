@@ -1,5 +1,5 @@
 """Study reports: results.csv, report.md / report.html (verdict rules, sweeps, validation curves,
-Findings), plots.
+Findings), findings.json (the Findings as data), plots.
 
 results.py reads a study folder (its plan and each run's summary.json) into per-cell `Stat`s
 (stats.py); verdicts.py judges the findings; this module turns both into files and knows nothing
@@ -13,7 +13,7 @@ import io
 import math
 from pathlib import Path
 
-from ..io.fileio import atomic_write_text
+from ..io.fileio import atomic_write_text, write_json
 from .results import StudyResults
 from .stats import Stat, fmt
 from .verdicts import judge, rule_text
@@ -30,6 +30,9 @@ def write_results_csv(path: Path, stats: dict) -> Path:
             lo, hi = s.ci
             w.writerow([cell, name, s.n, num(s.mean), num(s.std), num(lo), num(hi)])
     return atomic_write_text(path, buf.getvalue())
+
+
+FINDINGS_KEYS = ("id", "claim", "measurement", "verdict", "if_unclear", "scale")  # findings.json's, per row
 
 
 def findings_rows(plan: dict, stats: dict) -> list[list[str]]:
@@ -180,6 +183,8 @@ def make_report(study_dir: str | Path, plan: dict, results: StudyResults) -> dic
     stats, runs = results.stats, results.runs
     estimate = plan.get("kind") == "estimate"
     write_results_csv(study_dir / "results.csv", stats)
+    findings = findings_rows(plan, stats)  # also as data: docs/gen_study_results.py counts the verdicts
+    write_json(study_dir / "findings.json", [dict(zip(FINDINGS_KEYS, row)) for row in findings])
     from .plots import make_plots  # matplotlib loads only when a report is written
 
     plots = make_plots(study_dir, stats, runs, results.curves)
@@ -240,7 +245,7 @@ def make_report(study_dir: str | Path, plan: dict, results: StudyResults) -> dic
     sec += [("h2", "Findings"), ("p", SCALE_NOTE.get("estimate" if estimate else plan.get("scale", "cpu"), "")),
             ("table", ["#", "the article's claim",
                        f"our measurement (mean ± std; difference [{_level(plan)} interval])", "verdict",
-                       "what would decide it", "scale"], findings_rows(plan, stats))]
+                       "what would decide it", "scale"], findings)]
     md = atomic_write_text(study_dir / "report.md", render_markdown(sec))
     html = atomic_write_text(study_dir / "report.html", render_html(sec, f"loralab study {plan['name']}"))
     return {"results_csv": study_dir / "results.csv", "report_md": md, "report_html": html,
