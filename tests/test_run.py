@@ -53,3 +53,14 @@ def test_a_run_logs_where_tensorboard_and_mlflow_write(tiny_folder, tmp_path, ca
     run_id = json.loads((out / "mlflow_run.json").read_text())["run_id"]
     assert f"loralab: TensorBoard event files in {out / 'tensorboard'} (view: tensorboard --logdir" in err
     assert f"loralab: MLflow run {run_id} in experiment 'loralab' at {(out / 'mlruns').resolve().as_uri()}" in err
+
+
+def test_the_summary_says_where_the_wall_time_went(tiny_folder, tmp_path, capsys):
+    from loralab.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", str(config_with(tmp_path, tiny_folder, out, train={"max_steps": 2}))]) == 0
+    phases = json.loads((out / "summary.json").read_text())["phase_s"]
+    assert list(phases) == ["preparation", "loading", "the base evaluation", "training", "the final evaluation"]
+    assert all(s >= 0 for s in phases.values())
+    assert "  wall time       preparation " in capsys.readouterr().out

@@ -110,10 +110,13 @@ class Run:
         self.forget_start = None         # other skills' scores before training (eval/forgetting.py)
         self.forget_end: dict = {}       # and after: summary.json's forgetting, heldout_loss
         self.pref_before: dict = {}      # preference objectives: held-out pair accuracy before (eval/preference.py)
+        self.pref_after: dict = {}       # ... and after
         self.result: TrainResult | None = None
         self.train_cpu_s = 0.0
         self.peak: PeakMemory | None = None
         self.summary: dict | None = None
+        self.phase_s: dict = {}          # wall seconds per phase, in order (_enter)
+        self._phase: tuple | None = None
 
     @property
     def main(self) -> bool:
@@ -135,11 +138,11 @@ class Run:
             distributed.shutdown(self.dist)
 
     def _phases(self) -> dict:
-        stop_flag.enter(PREPARE, hint="nothing was written")
+        self._enter(PREPARE, hint="nothing was written")
         self.prepare()
         out = prepare_output_dir(self.cfg.output_dir)
         with output_lock(out) if self.main else nullcontext() as took_over:
-            stop_flag.enter(LOAD, hint="run the same command again")
+            self._enter(LOAD, hint="run the same command again")
             if took_over:  # rank 0 holds it for all
                 self.notes.insert(0, took_over)
             done = finished_summary(self.cfg, out, self.data_sha, len(self.train_enc), self.dist.world)
@@ -153,15 +156,15 @@ class Run:
                 self.trackers.start(flat_params(self.cfg.to_dict()), self.cfg.train.tags)
                 for line in self.trackers.where():
                     self.log(f"loralab: {line}")
-                stop_flag.enter(BASE_EVAL, hint=self._again())
+                self._enter(BASE_EVAL, hint=self._again())
                 self.evaluate_base()
-                stop_flag.enter(TRAIN, deferred=True)
+                self._enter(TRAIN, deferred=True)
                 self.train()
                 # Training is done and checkpointed: a signal now waits for the evaluation and the
                 # files (each written atomically) rather than leave the run to be redone.
-                stop_flag.enter(FINAL_EVAL, deferred=True, note=FINISHING)
+                self._enter(FINAL_EVAL, deferred=True, note=FINISHING)
                 self.evaluate()
-                stop_flag.enter(SAVE, deferred=True, note=FINISHING)
+                self._enter(SAVE, deferred=True, note=FINISHING)
                 self.save()
                 status = "FINISHED"
             except (UserError, Interrupted) as e:
@@ -172,6 +175,15 @@ class Run:
         if stop_flag.is_set():
             self.log("loralab: the signal came after the last step: the run finished its files first")
         return self.summary
+
+    def _enter(self, phase: str, **kw) -> None:
+        """A phase begins: what a signal now does (stop_flag), and the last phase's wall time (summary.json's
+        phase_s: where a run's time went, evaluations included)."""
+        now = time.perf_counter()
+        if self._phase is not None:
+            self.phase_s[self._phase[0]] = round(now - self._phase[1], 1)
+        self._phase = (phase, now)
+        stop_flag.enter(phase, **kw)
 
     def _again(self) -> str:
         return "run the same command again" + (" to resume" if self.resume is not None else "")
@@ -301,6 +313,8 @@ class Run:
         self.trackers.log_eval(self.after, step=self.result.steps)
         self.forget_end = forgetting.after(self.forget_start, module, self.tok, cfg, data, self.dist)
         self.stops = held_out_stops(self.model, self.tok, data, self.after, cfg, self.dist)
+        with unsharded(module, self.dist):  # every rank scores all pairs (FSDP2: in lockstep)
+            self.pref_after = preference.evaluate(self.model, self.tok, data, cfg)
 
     def save(self) -> None:
         cfg, out, dist = self.cfg, self.out, self.dist
@@ -321,9 +335,8 @@ class Run:
                                 world=dist.world, stops=self.stops)
         summary["resumed_from_step"] = self.resume["step"] if self.resume is not None else None  # None: fresh
         summary.update(self.forget_end)  # forgetting, heldout_loss
-        with unsharded(self.result.module, dist):  # every rank scores all pairs (FSDP2: in lockstep)
-            summary["preference"] = preference.summary_part(
-                self.pref_before, preference.evaluate(self.model, self.tok, self.data, cfg))
+        summary["preference"] = preference.summary_part(self.pref_before, self.pref_after)
+        summary["phase_s"] = dict(self.phase_s)  # every phase but this one (writing files: seconds)
         if self.main:
             write_json(out / "summary.json", summary)
         self.trackers.finish(summary)

@@ -123,6 +123,13 @@ def _layers(cfg: RunConfig) -> str:
     return f" layers={ids[0]}-{ids[-1]}" if run else " layers=" + ",".join(map(str, ids))
 
 
+def _phase_lines(phases: dict | None) -> list[str]:
+    """Where the run's wall time went, the evaluations included (run.py's phases)."""
+    if not phases:
+        return []
+    return ["  wall time       " + ", ".join(f"{name} {s:.0f} s" for name, s in phases.items())]
+
+
 def format_table(summary: dict, cfg: RunConfig) -> str:
     pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"
     lines = [
@@ -137,6 +144,7 @@ def format_table(summary: dict, cfg: RunConfig) -> str:
         f"batch {cfg.train.batch_size}x{cfg.train.grad_accum}"
         + (f"x{summary['processes']} processes, {summary['distributed']})" if summary.get("processes", 1) > 1 else ")"),
         f"  runtime         {summary['runtime_s']:.1f} s (training loop)",
+        *_phase_lines(summary.get("phase_s")),
         f"  tokens/s        {summary['tokens_per_s']:,.0f}",
         f"  peak memory     {fmt_bytes(summary['peak_memory_bytes'])} ({summary['memory_method']}"
         + (f", malloc: {summary['allocator']}" if summary.get("allocator") else "")
