@@ -66,7 +66,7 @@ from .track.fanout import Trackers, open_trackers
 from .track.names import flat_params
 from .train import checkpoint, distributed
 from .train.distributed import SINGLE, Dist, gather, trainable_state, unsharded
-from .train.loop import Hooks, NonFiniteLoss, train
+from .train.loop import Hooks, NonFiniteLoss, batch_layout, train
 from .train.precision import default_device
 from .train.signals import Interrupted, StopFlag
 from .train.state import TrainResult, set_seed, snapshot
@@ -115,6 +115,7 @@ class Run:
         self.train_cpu_s = 0.0
         self.peak: PeakMemory | None = None
         self.summary: dict | None = None
+        self.layout = None               # how the evaluations' loss batches are collated (load)
         self.phase_s: dict = {}          # wall seconds per phase, in order (_enter)
         self._phase: tuple | None = None
 
@@ -214,6 +215,8 @@ class Run:
         """The model with its adapters; then the files that say a run began (config.yaml, trackers)."""
         cfg, out = self.cfg, self.out
         self.model, self.tok, self.folder, self.setup = setup_model(cfg, self.device, self.folder, self.tok)
+        # the evaluations' losses collate their batches as validation does: packed rows carry no padding
+        self.layout = batch_layout(self.model, cfg.train, self.tok.pad_token_id)
         setup = self.setup
         self.resume, resume_notes = find_resume(cfg, out, self.data_sha)  # reads the checkpoints; writes nothing
         self.notes += resume_notes + setup.notes + check_disk(out, setup.trainable_params, cfg)
@@ -257,7 +260,8 @@ class Run:
             self.pref_before = preference.evaluate(self.model, self.tok, data, cfg)
             if self.main and self.pref_before:
                 write_json(pref_path, self.pref_before)
-        self.forget_start = forgetting.before(self.model, self.tok, cfg, self.dist, self.out, self.resume is not None)
+        self.forget_start = forgetting.before(self.model, self.tok, cfg, self.dist, self.out, self.resume is not None,
+                                              self.layout)
 
     def _save_lora(self, folder_name: str) -> None:
         weights = trainable_state(self.model) if self.dist.mode == "fsdp" else None  # sharded: gathered whole
@@ -308,10 +312,10 @@ class Run:
         cfg, data, module = self.cfg, self.data, self.result.module
         self.after = run_evals(self.model, self.tok, data.tests, cfg, self.dist, module) if data.tests else {}
         if cfg.eval.test_loss:
-            for name, loss in test_losses(module, self.tok, data.tests, cfg, self.dist).items():
+            for name, loss in test_losses(module, self.tok, data.tests, cfg, self.dist, self.layout).items():
                 self.after[name]["test_loss"] = loss
         self.trackers.log_eval(self.after, step=self.result.steps)
-        self.forget_end = forgetting.after(self.forget_start, module, self.tok, cfg, data, self.dist)
+        self.forget_end = forgetting.after(self.forget_start, module, self.tok, cfg, data, self.dist, self.layout)
         self.stops = held_out_stops(self.model, self.tok, data, self.after, cfg, self.dist)
         with unsharded(module, self.dist):  # every rank scores all pairs (FSDP2: in lockstep)
             self.pref_after = preference.evaluate(self.model, self.tok, data, cfg)

@@ -38,15 +38,16 @@ def run_evals(model, tok, tests: dict, cfg: RunConfig, dist: Dist = SINGLE, modu
     return results
 
 
-def test_losses(module, tok, tests: dict, cfg: RunConfig, dist: Dist = SINGLE) -> dict:
+def test_losses(module, tok, tests: dict, cfg: RunConfig, dist: Dist = SINGLE, layout=None) -> dict:
     """Each task's mean token loss on its held-out answers (teacher forced, like the validation
-    loss): a held-out measure far less noisy than exact match on a few dozen questions."""
+    loss): a held-out measure far less noisy than exact match on a few dozen questions. layout: as
+    the validation's batches (train/loop.batch_layout), default padded rows."""
     kw = dict(template=cfg.data.template, system_prompt=cfg.data.system_prompt, max_seq_len=cfg.data.max_seq_len)
     out = {}
     for name, examples in tests.items():
         encoded = encode_all(examples, tok, **kw)[0]
         out[name] = mean_loss(module, encoded, batch_size=cfg.eval.batch_size, pad_id=tok.pad_token_id,
-                              dist=dist) if encoded else None
+                              dist=dist, layout=layout) if encoded else None
     return out
 
 

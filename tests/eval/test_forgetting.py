@@ -73,3 +73,23 @@ def test_forgetting_can_be_switched_off(tiny_folder, tmp_path):
     summary = run_training(_cfg(tiny_folder, tmp_path / "off", "eval.forgetting=false"), quiet=True)
     assert "forgetting" not in summary and "heldout_loss" not in summary
     assert not (tmp_path / "off" / "forgetting_before.json").exists()
+
+
+def test_loss_batches_collated_as_validation_give_the_padded_mean(tiny_folder, tmp_path):
+    """The evaluations' losses take the loop's layout (train/loop.batch_layout): fewer pad positions."""
+    from loralab.data.batching import collate
+    from loralab.train.loop import batch_layout
+
+    cfg = _cfg(tiny_folder, tmp_path)
+    model, tok, *_ = setup_model(cfg, torch.device("cpu"))
+    items = [e for name in ("2ds", "3da", "sort_words") for e in forgetting.forgetting_sets(cfg)[name]]
+    enc = encode_all(items, tok, template="auto", system_prompt=cfg.data.system_prompt,
+                     max_seq_len=cfg.data.max_seq_len)[0]
+    assert len({len(e.input_ids) for e in enc}) > 5  # lengths differ: padded rows would carry padding
+    layout = batch_layout(model, cfg.train, tok.pad_token_id)
+    mixed = enc[::5][:16]  # of all three tasks
+    padded_ids = collate(mixed, tok.pad_token_id)["input_ids"]
+    assert layout(mixed)["input_ids"].numel() < padded_ids.numel()  # packed or prefix-shared: fewer positions
+    padded = mean_loss(model, enc, batch_size=16, pad_id=tok.pad_token_id)
+    assert mean_loss(model, enc, batch_size=16, pad_id=tok.pad_token_id, layout=layout) == pytest.approx(padded,
+                                                                                                         rel=1e-5)

@@ -72,7 +72,7 @@ def _context(module) -> int:
     return 1 << 62
 
 
-def _loss(module, tok, examples, cfg, dist) -> float | None:
+def _loss(module, tok, examples, cfg, dist, layout=None) -> float | None:
     # in the run's own format, except chat-form items under data.template=raw (arithmetic runs): those
     # need a template, and auto picks the one the data would get without the raw setting
     raw_chat = cfg.data.template == "raw" and any(ex.is_chat for ex in examples)
@@ -82,11 +82,11 @@ def _loss(module, tok, examples, cfg, dist) -> float | None:
         encoded = encode_all(examples, tok, **kw)[0] if examples else []
     except UserError:  # e.g. every answer cut away by a short data.max_seq_len: no score, not a failed run
         return None
-    return mean_loss(module, encoded, batch_size=cfg.eval.batch_size, pad_id=tok.pad_token_id, dist=dist) \
-        if encoded else None
+    return mean_loss(module, encoded, batch_size=cfg.eval.batch_size, pad_id=tok.pad_token_id, dist=dist,
+                     layout=layout) if encoded else None
 
 
-def before(module, tok, cfg, dist, out: Path, resumed: bool) -> dict:
+def before(module, tok, cfg, dist, out: Path, resumed: bool, layout=None) -> dict:
     """The forgetting set's losses before training ({} when eval.forgetting is off); kept in
     forgetting_before.json so a resumed run (whose model already trained) reports the true start."""
     if not cfg.eval.forgetting:
@@ -94,21 +94,22 @@ def before(module, tok, cfg, dist, out: Path, resumed: bool) -> dict:
     path = Path(out) / "forgetting_before.json"
     if resumed and path.exists():
         return json.loads(path.read_text())
-    losses = {name: _loss(module, tok, items, cfg, dist) for name, items in forgetting_sets(cfg).items()}
+    losses = {name: _loss(module, tok, items, cfg, dist, layout) for name, items in forgetting_sets(cfg).items()}
     if dist.is_main:
         write_json(path, losses)
     return losses
 
 
-def after(start: dict, module, tok, cfg, data, dist) -> dict:
+def after(start: dict, module, tok, cfg, data, dist, layout=None) -> dict:
     """The summary's fields: `forgetting` ({task: {before, after, change}}, mean_change: > 0 the
-    run made those tasks worse) and `heldout_loss` / `heldout_items` (eval.loss_items)."""
+    run made those tasks worse) and `heldout_loss` / `heldout_items` (eval.loss_items). layout: how a
+    batch is collated (train/loop.batch_layout: packed rows hold no padding), default padded rows."""
     out: dict = {}
     if start:
         sets = forgetting_sets(cfg)
         rows = {}
         for name, items in sets.items():
-            end = _loss(module, tok, items, cfg, dist)
+            end = _loss(module, tok, items, cfg, dist, layout)
             b = start.get(name)
             rows[name] = {"before": b, "after": end, "change": end - b if None not in (b, end) else None}
         changes = [r["change"] for r in rows.values() if r["change"] is not None]
@@ -116,7 +117,7 @@ def after(start: dict, module, tok, cfg, data, dist) -> dict:
                              "items_per_task": FORGETTING_ITEMS}
     if cfg.eval.loss_items:
         items = held_out_items(cfg, data, cfg.eval.loss_items)
-        out["heldout_loss"], out["heldout_items"] = _loss(module, tok, items, cfg, dist), len(items)
+        out["heldout_loss"], out["heldout_items"] = _loss(module, tok, items, cfg, dist, layout), len(items)
     return out
 
 

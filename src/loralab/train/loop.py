@@ -68,6 +68,36 @@ def collate_micro_batch(examples: list, pad_id: int, cfg: TrainConfig, one_row: 
     return collate(examples, pad_id)
 
 
+def honoured(model: torch.nn.Module, cfg: TrainConfig, warn: bool = False) -> TrainConfig:
+    """cfg with train.packing / shared_prefix off where the objective or the model's rewrites cannot take them."""
+    if cfg.objective != "sft":  # a pair's two rows are scored apart: padded rows, neither packed nor prefix-shared
+        cfg = dataclasses.replace(cfg, packing=False, shared_prefix=False)
+    if cfg.packing and not converted(model, PACKED_ROWS):
+        # packing relies on the model honouring restarting position ids; otherwise examples would mix
+        if warn:
+            warnings.warn("train.packing: the packed_rows converter declined for this model (see the model "
+                          "rewrites line); training on padded batches", stacklevel=3)
+        cfg = dataclasses.replace(cfg, packing=False)
+    if cfg.shared_prefix and not converted(model, SHARED_PREFIX):
+        cfg = dataclasses.replace(cfg, shared_prefix=False)  # a speed-up only: the rewrites line says why not
+    return cfg
+
+
+def _row_limits(model: torch.nn.Module, cfg: TrainConfig) -> tuple[bool, int | None]:
+    # a CPU 'auto' model packs a micro batch in one row, its attention computing the rows as blocks
+    # (not compiled: finding the blocks reads the position ids, which would break the graph)
+    return cfg.packing and not cfg.compile and packs_one_row(model), getattr(model.config, "max_position_embeddings",
+                                                                             None)
+
+
+def batch_layout(model: torch.nn.Module, cfg: TrainConfig, pad_id: int) -> Callable[[list], dict]:
+    """How `model` takes a batch of examples under cfg (packed, prefix-shared or padded rows, as a micro batch
+    of training): validation's batches, and the evaluations' losses (the same mean loss, fewer pad positions)."""
+    cfg = honoured(model, cfg)
+    one_row, max_row = _row_limits(model, cfg)
+    return lambda examples: collate_micro_batch(examples, pad_id, cfg, one_row, max_row)
+
+
 def micro_batches(data, cfg: TrainConfig, pad_id: int, skip: int = 0, dist: Dist = SINGLE,
                   one_row: bool = False, max_row: int | None = None) -> Iterator[dict]:
     """Endless stream of this rank's collated micro batches: each global micro batch (batch_size x
@@ -112,19 +142,8 @@ def train(model: torch.nn.Module, train_data: list, cfg: TrainConfig, *, pad_id:
     if not hasattr(model, REPORT):  # handed in as loaded: the default rewrites, each proven first (model/convert.py);
         # its attention stays the one it was given (only a run's `model.attn_implementation=auto` lets loralab choose)
         convert(model, "auto", Target(next(model.parameters()).device, model.config._attn_implementation))
-    # a CPU 'auto' model packs a micro batch in one row, its attention computing the rows as blocks
-    # (not compiled: finding the blocks reads the position ids, which would break the graph)
-    if cfg.objective != "sft":  # a pair's two rows are scored apart: padded rows, neither packed nor prefix-shared
-        cfg = dataclasses.replace(cfg, packing=False, shared_prefix=False)
-    one_row = cfg.packing and not cfg.compile and packs_one_row(model)
-    max_row = getattr(model.config, "max_position_embeddings", None)
-    if cfg.packing and not converted(model, PACKED_ROWS):
-        # packing relies on the model honouring restarting position ids; otherwise examples would mix
-        warnings.warn("train.packing: the packed_rows converter declined for this model (see the model rewrites "
-                      "line); training on padded batches", stacklevel=2)
-        cfg = dataclasses.replace(cfg, packing=False)
-    if cfg.shared_prefix and not converted(model, SHARED_PREFIX):
-        cfg = dataclasses.replace(cfg, shared_prefix=False)  # a speed-up only: the rewrites line says why not
+    cfg = honoured(model, cfg, warn=True)
+    one_row, max_row = _row_limits(model, cfg)
     if cfg.compile:
         from .compile import compile_blocks
 
@@ -144,7 +163,7 @@ def train(model: torch.nn.Module, train_data: list, cfg: TrainConfig, *, pad_id:
         start = restore(resume, optimizer, scheduler, result)
     stream = micro_batches(train_data, cfg, pad_id, skip=start * cfg.grad_accum, dist=dist, one_row=one_row,
                            max_row=max_row)
-    layout = lambda examples: collate_micro_batch(examples, pad_id, cfg, one_row, max_row)  # validation's batches
+    layout = batch_layout(model, cfg, pad_id)  # validation's batches
     if resume is not None:
         set_rng(resume["rng"][dist.rank])  # after the skip: the stream's shuffles do not touch the global RNG
     bar = None
