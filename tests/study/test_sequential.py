@@ -136,3 +136,29 @@ def test_dry_run_says_the_plan_and_bad_flags_are_one_line(tmp_path, capsys):
     assert "belong to --until-decided" in capsys.readouterr().err
     assert main(["study", "qlora", "--dry-run", "--until-decided", "--max-seeds", "2"]) == 2
     assert "below the 3 seeds" in capsys.readouterr().err
+
+
+def test_the_looks_are_what_the_budget_pays_for(tmp_path):
+    """Fixed from the first seeds' wall time before any claim is judged: fewer looks, narrower intervals."""
+    study = runner.load_study(_study_file(tmp_path, seeds=3))
+    seq = sequential.sequential_plan(study, 8)
+    assert seq["looks"] == 6
+    # 3 cells behind claims, 2 at a time: a round is 2 runs long; 45 min left at 10 min a run: 2 rounds
+    fitted = sequential.fit_looks(study, seq, [600.0] * 9, left_s=2700, parallel=2)
+    assert (fitted["max_seeds"], fitted["looks"]) == (5, 3) and fitted["look_alpha"] == pytest.approx(0.05 / 3)
+    none = sequential.fit_looks(study, seq, [600.0] * 9, left_s=1000, parallel=2)
+    assert (none["max_seeds"], none["looks"], none["look_alpha"]) == (3, 1, 0.05)  # plain 95% intervals
+    assert sequential.fit_looks(study, seq, [], left_s=10, parallel=1)["looks"] == 6  # no wall time known: all
+
+
+def test_a_budget_that_pays_for_no_round_judges_at_95(tmp_path):
+    calls, lines = [], []
+    study = runner.load_study(_study_file(tmp_path))
+    study.sequential = sequential.sequential_plan(study, 8)
+    out = tmp_path / "o"
+    sequential.until_decided(study, out, budget_s=600, max_seeds=8, log=lines.append,
+                             run_round=lambda st: runner.run_study(st, out, runner=_runner({}, calls), log=print),
+                             collect_stats=lambda plan: runner.collect(out, plan).stats,
+                             walls=lambda plan: [400.0] * 6)
+    assert len(calls) == 6 and any("budget pays for 0 more round(s), so 1 look(s)" in line for line in lines)
+    assert json.loads((out / "study.json").read_text())["sequential"]["look_alpha"] == 0.05

@@ -297,7 +297,8 @@ def study_command(name: str, *, scale: str = "cpu", out: str | None = None, seed
         records = sequential.until_decided(
             study, out_dir, budget_s=budget_s, max_seeds=study.sequential["max_seeds"], log=log,
             run_round=lambda st: run_study(st, out_dir, parallel=parallel, runner=runner, log=log),
-            collect_stats=lambda plan: collect(out_dir, plan).stats)
+            collect_stats=lambda plan: collect(out_dir, plan).stats, parallel=parallel,
+            walls=lambda plan: [r["wall_s"] for r in collect(out_dir, plan).runs if r.get("wall_s")])
     else:
         records = run_study(study, out_dir, parallel=parallel, runner=runner, log=log)
     if study.kind == "train" and ray is None:

@@ -5,8 +5,9 @@ Looking at the results after every round and stopping when a claim is decided is
 judged at 95% after each look, a claim with no real effect would be "decided" far more often than 5%
 of the time. The rule here is an alpha-spending one with equal spending (Bonferroni over looks): a
 claim can be looked at with n = n0, n0 + 1, ..., N seeds (n0: the preset's seeds, at least 2; N:
---max-seeds), K = N - n0 + 1 looks in all, and every look's interval is a t interval at level
-alpha / K (`look_alpha`). Each interval is exact under normal per-seed differences; by the union
+--max-seeds, lowered to what the budget pays for once the first seeds' wall time is known and before
+any claim is judged: fit_looks), K = N - n0 + 1 looks in all, and every look's interval is a t
+interval at level alpha / K (`look_alpha`). Each interval is exact under normal per-seed differences; by the union
 bound the chance that any look of a claim with no effect excludes zero is at most alpha (5%),
 whatever the stopping rule. It is conservative (the looks overlap), which tests/study/test_sequential.py
 measures by simulation, along with the power at the effect sizes the presets expect.
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import UserError
+from ..io.fileio import write_json
 from .spec import Study, sources, study_plan
 from .verdicts import judge
 
@@ -62,11 +64,30 @@ def sequential_plan(study: Study, max_seeds: int) -> dict:
 
 def describe_plan(seq: dict, budget_s: float, preset_time: str) -> str:
     """What --until-decided will do and how long it may take: said before anything starts."""
-    return (f"--until-decided: the study's own seeds first ({preset_time}), then one more seed a round for the cells "
-            f"behind unclear claims, up to {seq['max_seeds']} seeds a cell, until every claim is decided; at most "
-            f"{budget_s / 60:.0f} min in all. Every interval is at {100 * (1 - seq['look_alpha']):.2f}% "
-            f"(5% spent over {seq['looks']} looks, n = {seq['first_look']}..{seq['max_seeds']}), so a claim with "
-            f"no effect is decided at most 5% of the time however the rounds stop.")
+    return (f"--until-decided: the study's own seeds first ({preset_time} on the CPU the preset was timed on), then "
+            f"one more seed a round for the cells behind unclear claims, up to {seq['max_seeds']} seeds a cell, until "
+            f"every claim is decided; at most {budget_s / 60:.0f} min in all. 5% is spent equally over the looks "
+            f"the budget pays for (at most {seq['looks']}: n = {seq['first_look']}..{seq['max_seeds']}, every "
+            f"interval then at {100 * (1 - seq['look_alpha']):.2f}%), fixed from the first seeds' wall time before "
+            f"any claim is judged, so a claim with no effect is decided at most 5% of the time however the rounds "
+            f"stop.")
+
+
+def fit_looks(study: Study, seq: dict, walls: list[float], left_s: float, parallel: int = 1) -> dict:
+    """The looks the budget can pay for, fixed after the study's own seeds and before any claim is judged:
+    a round may grow every cell a claim names (its worst case) at the first runs' mean wall time. Fewer
+    looks spend alpha over fewer intervals, so each is narrower. The only data read are wall times
+    (a claim about run time depends on them weakly; docs/studies.md says so)."""
+    per_run = sum(walls) / len(walls) if walls else 0.0
+    growable = {n for f in study.findings for name in findings_cells(f)
+                for n in [name] + sources(next(c for c in study.cells if c.name == name))}
+    round_s = per_run * -(-len(growable) // max(1, parallel))
+    n0, most = seq["first_look"], seq["max_seeds"]
+    rounds = most - n0 if round_s <= 0 else max(0, int(left_s // round_s))
+    n_max = min(most, n0 + rounds)
+    return {**seq, "max_seeds": n_max, "looks": n_max - n0 + 1, "look_alpha": look_alpha(n0, n_max),
+            "fitted": {"per_run_s": round(per_run, 1), "round_s": round(round_s, 1), "left_s": round(left_s, 1),
+                       "max_seeds_asked": most}}
 
 
 def findings_cells(spec: dict) -> list[str]:
@@ -90,7 +111,8 @@ def cells_to_grow(study: Study, findings: list, stats: dict, alpha: float, max_s
 
 
 def until_decided(study: Study, out_dir: Path, *, budget_s: float, max_seeds: int, run_round: Callable,
-                  collect_stats: Callable, log: Callable[[str], None], clock=time.monotonic) -> list[dict]:
+                  collect_stats: Callable, log: Callable[[str], None], clock=time.monotonic,
+                  parallel: int = 1, walls: Callable[[dict], list] | None = None) -> list[dict]:
     """Run the study's seeds, then rounds of one more seed for the cells behind unclear claims.
 
     run_round(study) runs whatever (cell, seed) is not done yet and returns its records (runner.run_study);
@@ -98,6 +120,13 @@ def until_decided(study: Study, out_dir: Path, *, budget_s: float, max_seeds: in
     seq = sequential_plan(study, max_seeds)
     start = clock()
     records = list(run_round(study))
+    first = walls(study_plan(study)) if walls else [r["wall_s"] for r in records if r.get("wall_s")]
+    study.sequential = seq = fit_looks(study, seq, first, budget_s - (clock() - start), parallel)
+    write_json(out_dir / "study.json", study_plan(study))  # the report judges at this level
+    max_seeds = seq["max_seeds"]
+    log(f"[{study.name}] the first seeds took ~{seq['fitted']['per_run_s']:.0f} s a run: the budget pays for "
+        f"{seq['looks'] - 1} more round(s), so {seq['looks']} look(s) (n = {seq['first_look']}..{max_seeds}), "
+        f"every interval at {100 * (1 - seq['look_alpha']):.2f}%")
     rounds = 0
     while True:
         stats = collect_stats(study_plan(study))
@@ -107,12 +136,13 @@ def until_decided(study: Study, out_dir: Path, *, budget_s: float, max_seeds: in
             log(f"[{study.name}] every claim is decided after {rounds} extra round(s)")
             break
         if not grow:
-            log(f"[{study.name}] {unclear} claim(s) still unclear at --max-seeds {max_seeds}")
+            cap = "--max-seeds" if max_seeds == seq["fitted"]["max_seeds_asked"] else "the most the budget pays for:"
+            log(f"[{study.name}] {unclear} claim(s) still unclear at {cap} {max_seeds}")
             break
-        walls = [r["wall_s"] for r in records if r.get("status") == "ok" and r.get("wall_s")]
-        per_run = sum(walls) / len(walls) if walls else 0.0
+        done = [r["wall_s"] for r in records if r.get("status") == "ok" and r.get("wall_s")]
+        per_run = sum(done) / len(done) if done else seq["fitted"]["per_run_s"]
         elapsed = clock() - start
-        if elapsed + per_run * len(grow) > budget_s:
+        if elapsed + per_run * -(-len(grow) // max(1, parallel)) > budget_s:
             log(f"[{study.name}] {unclear} claim(s) still unclear; the next round ({len(grow)} runs of "
                 f"~{per_run:.0f} s) would pass the budget ({elapsed / 60:.1f} of {budget_s / 60:.0f} min spent)")
             break
