@@ -84,8 +84,7 @@ def runtime_support(adapter_dir: str | os.PathLike) -> list[dict]:
     rows.append(("GGUF (llama.cpp)", not gguf, "; ".join(gguf)))
     if (first := _stage(folder)) is not None:  # only loralab merges the earlier stage by itself
         why = f"it applies on top of {first} merged into the base (a staged run): merge that first"
-        rows = [(n, ok if n == "loralab" else False, ("; ".join(filter(None, [w, why])) if n != "loralab" else w))
-                for n, ok, w in rows]
+        rows = [(n, ok, w) if n == "loralab" else (n, False, "; ".join(filter(None, [w, why]))) for n, ok, w in rows]
     return [{"runtime": n, "loads": ok, "why": why} for n, ok, why in rows]
 
 

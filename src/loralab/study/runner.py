@@ -99,7 +99,7 @@ def run_study(study: Study, out: str | Path, *, parallel: int = 1, runner: Runne
     first = [(c, s, p) for c in study.cells if not sources(c)
              for p in ([p for p, _ in c.points] if c.points else [None]) for s in (c.sweep_seeds if p else c.seeds)]
     n_rest = sum(len(c.seeds) - len(c.sweep_seeds) for c in study.cells if c.points)
-    n_combine = sum(len(c.seeds) for c in study.cells if sources(c))
+    n_later = sum(len(c.seeds) for c in study.cells if sources(c))
     progress = {"done": 0, "queued": 0, "later": 0, "durations": []}  # later: runs of phases not yet listed
     lock = threading.Lock()
 
@@ -176,11 +176,11 @@ def run_study(study: Study, out: str | Path, *, parallel: int = 1, runner: Runne
 
     with ThreadPoolExecutor(max_workers=parallel) as pool:
         try:
-            todo = pending(first, n_rest + n_combine)
+            todo = pending(first, n_rest + n_later)
             if records:
                 log(f"[{study.name}] {len(records)} runs already done, skipped; {len(todo)} to run first")
             records += list(pool.map(one, todo))
-            records += list(pool.map(one, pending(chosen_jobs(), n_combine)))
+            records += list(pool.map(one, pending(chosen_jobs(), n_later)))
             later = [(c, s, None) for c in study.cells if sources(c) for s in c.seeds]
             records += list(pool.map(one, pending(later, 0)))  # after the cells whose adapters they use
         except KeyboardInterrupt:  # runs not started never start; a runner that can stop its runs does
