@@ -36,7 +36,7 @@ def _fake(calls):
     def run(cmd, run_dir, log_path):
         cfg = yaml.safe_load(Path(cmd[-1]).read_text())
         lr, r, seed = cfg["train"]["lr"], cfg["lora"]["r"], cfg["train"]["seed"]
-        calls.append((run_dir.parent.name, cfg["train"]["max_steps"], seed))
+        calls.append((run_dir.parent.name, cfg["train"]["max_steps"], seed, cfg["eval"]))
         import math
         loss = abs(math.log10(lr) + 3) + 1 / r
         (run_dir / "summary.json").write_text(json.dumps(
@@ -52,10 +52,14 @@ def test_tune_searches_then_compares_paired(tmp_path):
                                       "train": {"lr": 1.0e-2, "max_steps": 90}, "lora": {"r": 4}}))
     result = tune.tune_command(str(config), space="lr=[1.0e-4, 1.0e-3, 1.0e-2] lora.r=[4, 8, 16]", budget="1h",
                                out=str(tmp_path / "t"), log=lines.append,
-                               run_study=lambda st, out, log: runner.run_study(st, out, runner=_fake(calls), log=log))
+                               run_study=lambda st, out, log, parallel: runner.run_study(st, out, runner=_fake(calls),
+                                                                                         log=log, parallel=parallel))
     assert result["overrides"] == ["train.lr=0.001", "lora.r=16"]
-    steps = [s for _, s, _ in calls]
+    steps = [s for _, s, _, _ in calls]
     assert steps[:9] == [10] * 9 and steps[9:12] == [30] * 3 and steps[12:] == [90] * 6  # 9 short, 3 longer, final
+    # the rungs read only the validation loss: no final evaluations; the comparison evaluates in full
+    assert all(e["tasks"] == [] and not e["loss_items"] and not e["forgetting"] for *_, e in calls[:12])
+    assert all(e["tasks"] != [] for *_, e in calls[12:])
     assert "successive halving over 9 points" in result["rule"]
     md = Path(result["report_md"]).read_text()
     findings = md[md.index("## Findings"):]
@@ -85,7 +89,8 @@ def test_tune_runs_a_tiny_model_for_real(tiny_folder, tmp_path):
         return main(["train", cmd[-1]])
 
     result = tune.tune_command(str(config), space="lr=[1.0e-3, 1.0e-2]", out=str(tmp_path / "t"), log=lambda m: None,
-                               run_study=lambda st, out, log: runner.run_study(st, out, runner=in_process, log=log))
+                               run_study=lambda st, out, log, parallel: runner.run_study(st, out, runner=in_process,
+                                                                                         log=log))
     assert result["chosen"] in ("lr-0.001", "lr-0.01")
     assert {r["status"] for r in result["runs"]} == {"ok"} and len(result["runs"]) == 6
     assert result["stats"]["tuned"]["heldout_loss"].n == 3

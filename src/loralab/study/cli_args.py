@@ -51,5 +51,6 @@ def add_tune_parser(sub, func) -> None:
     t.add_argument("--space", default=None, help='the grid, e.g. "lr=[1e-4, 3e-4] lora.r=[8, 16] lora.alpha=[16, 32]"')
     t.add_argument("--budget", default="30m", help="wall time for the search and the comparison")
     t.add_argument("--out", default=None, help="folder (default runs/tune/CONFIG-NAME)")
+    t.add_argument("--parallel", type=int, default=1, help="runs at a time, each with its share of the cores")
     t.add_argument("--dry-run", action="store_true", help="print the grid and the rungs, run nothing")
     t.set_defaults(func=func)

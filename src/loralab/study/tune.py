@@ -30,7 +30,7 @@ from ..io.fileio import write_json
 from ..train.optim import plan_steps
 from .results import collect
 from .sequential import parse_duration
-from .spec import DEMO_CONFIG, Cell, Study, _override_text, _slug, _with_rule, study_plan
+from .spec import DEMO_CONFIG, VALIDATION_ONLY, Cell, Study, _override_text, _slug, _with_rule, study_plan
 from .verdicts import validate_findings
 
 ETA = 3           # each rung keeps the best third and trains it ETA times longer
@@ -86,9 +86,10 @@ def _study(name: str, base: dict, overrides: list, cells: list, findings=()) -> 
 
 
 def tune_command(config: str, *, space: str | None = None, budget: str = "30m", out: str | None = None, overrides=(),
-                 run_study: Callable | None = None, build_report: Callable | None = None,
+                 parallel: int = 1, run_study: Callable | None = None, build_report: Callable | None = None,
                  log: Callable[[str], None] = print, dry_run: bool = False, clock=time.monotonic) -> dict | str:
-    """Search, then compare the choice with the default; returns the final comparison's report."""
+    """Search, then compare the choice with the default; returns the final comparison's report.
+    parallel: runs at a time (each with its share of the cores, as `loralab study --parallel`)."""
     from . import runner
 
     run_study = run_study or runner.run_study
@@ -127,9 +128,10 @@ def tune_command(config: str, *, space: str | None = None, budget: str = "30m", 
     out_dir = Path(out or f"runs/tune/{Path(config).stem}").resolve()
     start, alive, history = clock(), points, []
     for i, (_, steps) in enumerate(plan):
-        cells = [Cell(name, ovs + [f"train.max_steps={steps}"], [1]) for name, ovs in alive]
+        # a rung reads only the validation loss: its runs skip the final evaluations
+        cells = [Cell(name, ovs + [f"train.max_steps={steps}"] + VALIDATION_ONLY, [1]) for name, ovs in alive]
         study = _study(f"tune-rung{i}", base, user, cells)
-        run_study(study, out_dir / f"rung-{i}", log=log)
+        run_study(study, out_dir / f"rung-{i}", log=log, parallel=parallel)
         stats = collect(out_dir / f"rung-{i}", study_plan(study)).stats
         scores = {c.name: stats[c.name][SELECT].mean for c in cells if SELECT in stats.get(c.name, {})}
         if not scores:
@@ -154,7 +156,7 @@ def tune_command(config: str, *, space: str | None = None, budget: str = "30m", 
     extra = ["eval.loss_items=1020"] if cfg.eval.loss_items == 0 and not cfg.data.path else []
     final_study = _study("tune", base, user + extra, cells, [finding])
     final_study.description = f"loralab tune {config}: chosen by {rule}."
-    run_study(final_study, out_dir / "final", log=log)
+    run_study(final_study, out_dir / "final", log=log, parallel=parallel)
     result = build_report(out_dir / "final")
     log(f"tune: chose {chosen_name} ({' '.join(chosen_ovs)}) by {rule}; report: {result['report_md']}")
     return {**result, "chosen": chosen_name, "overrides": chosen_ovs, "rule": rule, "history": history}
