@@ -162,7 +162,7 @@ def cmd_tune(args) -> int:
     from .study.tune import tune_command
 
     result = tune_command(args.config, space=args.space, budget=args.budget, out=args.out, overrides=args.overrides,
-                          parallel=args.parallel, dry_run=args.dry_run)
+                          parallel=args.parallel, ray=args.ray, dry_run=args.dry_run)
     done = isinstance(result, dict)
     print(f"chose {' '.join(result['overrides'])}\nreport: {result['report_md']}" if done else result)
     return 0

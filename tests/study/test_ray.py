@@ -221,3 +221,21 @@ def test_connect_modes(monkeypatch):
                      {"address": "auto"}]  # auto: Ray's meaning, attach to a running cluster only
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     assert connect("local") is False and len(inits) == 3  # already attached: used as is, left running
+
+
+def test_tune_runs_every_run_as_a_ray_task(tmp_path, tiny_folder, local_ray):
+    from loralab.study import tune
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(json.dumps({
+        "model": {"name": str(tiny_folder)}, "data": {"tasks": ["2da"], "n_train": 24, "template": "raw"},
+        "train": {"max_steps": 6, "batch_size": 4, "lr": 1.0e-3, "precision": "fp32", "progress": False},
+        "eval": {"n": 2, "before": False, "forgetting": False}}))
+    log = []
+    result = tune.tune_command(str(config), space="lr=[1.0e-3, 1.0e-2]", out=str(tmp_path / "t"), ray="auto",
+                               log=log.append)
+    assert any("[tune] on Ray (auto)" in m for m in log)
+    assert result["chosen"] in ("lr-0.001", "lr-0.01")
+    assert {r["status"] for r in result["runs"]} == {"ok"} and len(result["runs"]) == 6
+    cfg = yaml.safe_load((tmp_path / "t" / "rung-0" / "cells" / "lr-0.001" / "seed-1" / "cell.yaml").read_text())
+    assert cfg["train"]["threads"] == 1 and cfg["eval"]["tasks"] == []  # one CPU a task; a rung validates only

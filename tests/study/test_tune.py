@@ -76,6 +76,9 @@ def test_tune_dry_run_and_bad_input(tmp_path, capsys):
     assert "lora.nope" in capsys.readouterr().err
     assert main(["tune", "demo", "--dry-run", "train.lr=1e-3"]) == 2  # the space searches it
     assert "which --space searches" in capsys.readouterr().err
+    # with --ray too: refused before any cluster is attached (none runs here)
+    assert main(["tune", "demo", "--ray", "auto", "--space", "lora.nope=[1]"]) == 2
+    assert "lora.nope" in capsys.readouterr().err
 
 
 def test_tune_runs_a_tiny_model_for_real(tiny_folder, tmp_path):

@@ -52,5 +52,7 @@ def add_tune_parser(sub, func) -> None:
     t.add_argument("--budget", default="30m", help="wall time for the search and the comparison")
     t.add_argument("--out", default=None, help="folder (default runs/tune/CONFIG-NAME)")
     t.add_argument("--parallel", type=int, default=1, help="runs at a time, each with its share of the cores")
+    t.add_argument("--ray", default=None, metavar="auto|local|ADDRESS",
+                   help="run each run as a Ray task, as many at once as the cluster holds (one CPU each)")
     t.add_argument("--dry-run", action="store_true", help="print the grid and the rungs, run nothing")
     t.set_defaults(func=func)

@@ -15,6 +15,7 @@ business: here (subprocess_runner) or as a task on a Ray cluster (ray_runner.Ray
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -226,20 +227,20 @@ def build_report(study_dir: str | Path) -> dict:
     return make_report(study_dir, plan, collect(study_dir, plan))
 
 
-def _run_on_ray(study: Study, out_dir: Path, address: str, *, parallel: int, gpus_per_run: float,
-                cpus_per_run: int, log: Callable[[str], None]) -> list[dict]:
-    """run_study with a RayRunner: as many runs in flight as the cluster holds (or --parallel, if more)."""
+@contextlib.contextmanager
+def on_ray(address: str, *, cpus_per_run: int = 1, gpus_per_run: float = 0, name: str = "study",
+           log: Callable[[str], None] = print):
+    """Attached to a Ray cluster for the block (left attached if it already was): yields (a runner that
+    launches each run as a Ray task, how many runs the cluster holds at once) for run_study."""
     from .ray_runner import RayRunner, connect, disconnect
 
     started = connect(address)
     try:
         ray_runner = RayRunner(cpus=cpus_per_run, gpus=gpus_per_run)
         slots = ray_runner.slots()
-        log(f"[{study.name}] on Ray ({address}): {slots} runs at once, each {cpus_per_run} CPU(s)"
+        log(f"[{name}] on Ray ({address}): {slots} runs at once, each {cpus_per_run} CPU(s)"
             + (f" and {gpus_per_run:g} GPU(s)" if gpus_per_run else ""))
-        # a run given several GPUs trains on all of them: one process per GPU (torchrun, DDP)
-        return run_study(study, out_dir, parallel=max(parallel, slots), runner=ray_runner, threads=cpus_per_run,
-                         nproc=max(1, int(gpus_per_run)), log=log)
+        yield ray_runner, slots
     finally:
         if started:
             disconnect()
@@ -291,8 +292,10 @@ def study_command(name: str, *, scale: str = "cpu", out: str | None = None, seed
         if error:
             log(f"[{study.name}] {error}: the report shows the article's numbers only")
     elif ray is not None:
-        records = _run_on_ray(study, out_dir, ray, parallel=parallel, gpus_per_run=gpus_per_run,
-                              cpus_per_run=cpus_per_run, log=log)
+        with on_ray(ray, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run, name=study.name, log=log) as (r, slots):
+            # a run given several GPUs trains on all of them: one process per GPU (torchrun, DDP)
+            records = run_study(study, out_dir, parallel=max(parallel, slots), runner=r, threads=cpus_per_run,
+                                nproc=max(1, int(gpus_per_run)), log=log)
     elif study.sequential:
         records = sequential.until_decided(
             study, out_dir, budget_s=budget_s, max_seeds=study.sequential["max_seeds"], log=log,

@@ -85,11 +85,27 @@ def _study(name: str, base: dict, overrides: list, cells: list, findings=()) -> 
                  cells=cells, findings=findings, rows=[])
 
 
-def tune_command(config: str, *, space: str | None = None, budget: str = "30m", out: str | None = None, overrides=(),
-                 parallel: int = 1, run_study: Callable | None = None, build_report: Callable | None = None,
-                 log: Callable[[str], None] = print, dry_run: bool = False, clock=time.monotonic) -> dict | str:
-    """Search, then compare the choice with the default; returns the final comparison's report.
-    parallel: runs at a time (each with its share of the cores, as `loralab study --parallel`)."""
+def tune_command(config: str, *, ray: str | None = None, **kw) -> dict | str:
+    """Search, then compare the choice with the default; returns the final comparison's report (a dry
+    run: the plan). ray: each run a Ray task (auto, local or a cluster address), one CPU each, as many at
+    once as the cluster holds; attached once the plan is checked. Other keywords: _tune's."""
+    if ray is None or kw.get("dry_run"):
+        return _tune(config, **kw)
+    from . import runner
+
+    _tune(config, **{**kw, "dry_run": True})  # bad input is refused before a cluster is attached
+    with runner.on_ray(ray, name="tune", log=kw.get("log", print)) as (ray_runner, slots):
+        def on_cluster(study, out, log, parallel):
+            return runner.run_study(study, out, parallel=max(parallel, slots), runner=ray_runner, threads=1, log=log)
+
+        return _tune(config, **{**kw, "run_study": on_cluster})
+
+
+def _tune(config: str, *, space: str | None = None, budget: str = "30m", out: str | None = None, overrides=(),
+          parallel: int = 1, run_study: Callable | None = None, build_report: Callable | None = None,
+          log: Callable[[str], None] = print, dry_run: bool = False, clock=time.monotonic) -> dict | str:
+    """tune_command on this machine (or through run_study's runner). parallel: runs at a time (each with
+    its share of the cores, as `loralab study --parallel`)."""
     from . import runner
 
     run_study = run_study or runner.run_study
