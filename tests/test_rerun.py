@@ -43,3 +43,33 @@ def test_the_summary_records_the_step_a_run_resumed_from(tiny_folder, tmp_path):
     summary = run_training(load_config(path), quiet=True)
     assert summary["resumed_from_step"] == 1 and summary["steps"] == 2
     assert json.loads((out / "summary.json").read_text())["resumed_from_step"] == 1
+
+
+def test_a_resumed_run_measures_missing_base_scores_on_its_base(tiny_folder, tmp_path):
+    """eval.* keys may change on a resume: a run resumed with eval.before / eval.forgetting turned on,
+    whose first segment had them off, scores the base (its LoRA layers off), not the trained model."""
+    first = base_config(tiny_folder, tmp_path / "run", eval={"forgetting": False})
+    path = tmp_path / "c.yaml"
+    path.write_text(json.dumps(first))
+    run_training(load_config(path), quiet=True)
+    scored = {"before": True, "forgetting": True, "tasks": ["2da"]}
+    path.write_text(json.dumps(base_config(tiny_folder, tmp_path / "run", eval=scored)))
+    resumed = run_training(load_config(path), quiet=True)  # from the last step: no training, the evaluations
+    assert resumed["resumed_from_step"] == 2 and resumed["steps"] == 2
+    path.write_text(json.dumps(base_config(tiny_folder, tmp_path / "fresh", eval=scored)))
+    fresh = run_training(load_config(path), quiet=True)
+    assert resumed["forgetting"] == fresh["forgetting"]  # before (the base) and after, task by task
+    assert any(r["change"] != 0 for r in resumed["forgetting"]["tasks"].values())  # lr 1e-2 moved the other tasks
+    assert resumed["eval"] == fresh["eval"]
+    assert resumed["final_val_loss"] == fresh["final_val_loss"]
+
+
+def test_a_resumed_full_fine_tune_has_no_base_to_score(tiny_folder, tmp_path):
+    path = tmp_path / "c.yaml"
+    full = {"method": "full", "lr": 1e-3}
+    path.write_text(json.dumps(base_config(tiny_folder, tmp_path / "run", train=full, eval={"forgetting": False})))
+    run_training(load_config(path), quiet=True)
+    scored = {"before": True, "forgetting": True, "tasks": ["2da"]}
+    path.write_text(json.dumps(base_config(tiny_folder, tmp_path / "run", train=full, eval=scored)))
+    resumed = run_training(load_config(path), quiet=True)  # its weights have trained: no "before" to measure
+    assert resumed.get("forgetting") is None and resumed["eval"]["2da"]["before"] is None

@@ -48,6 +48,7 @@ from .memory.measure import PeakMemory
 from .memory.preflight import check_before_loading, check_disk
 from .peft.adapter_files import write_stage
 from .peft.adapters import check_stage_adapter, save_adapter
+from .peft.lora import lora_disabled
 from .prepare import (
     Datasets,
     ModelSetup,
@@ -242,26 +243,32 @@ class Run:
                                       mlflow_uri=cfg.train.mlflow_uri)
 
     def evaluate_base(self) -> None:
-        cfg, data = self.cfg, self.data
+        """The base model's scores, before training. A resumed run's model has trained: it reads the scores
+        its first segment wrote, and measures any it lacks (eval.* keys may change on a resume) with its LoRA
+        layers switched off, which is its base again; a resumed full fine-tune has no base left to measure."""
+        cfg, data, resumed = self.cfg, self.data, self.resume is not None
+        measurable = not resumed or cfg.train.method == "lora"
         before_path = self.out / "eval_before.json"
-        if self.resume is not None and before_path.exists():
-            self.before = json.loads(before_path.read_text())
-        elif cfg.eval.before and data.tests:
-            self.log("loralab: evaluating the base model...")
-            # not wrapped yet: every rank has all weights
-            self.before = run_evals(self.model, self.tok, data.tests, cfg, self.dist)
-            if self.main:
-                write_json(before_path, self.before)
-            self.trackers.log_eval(self.before, step=0)
         pref_path = self.out / "preference_before.json"  # kept for a resume, as eval_before.json
-        if self.resume is not None and pref_path.exists():
-            self.pref_before = json.loads(pref_path.read_text())
-        elif self.resume is None and cfg.eval.before:
-            self.pref_before = preference.evaluate(self.model, self.tok, data, cfg)
-            if self.main and self.pref_before:
-                write_json(pref_path, self.pref_before)
-        self.forget_start = forgetting.before(self.model, self.tok, cfg, self.dist, self.out, self.resume is not None,
-                                              self.layout)
+        with lora_disabled(self.model) if resumed and measurable else nullcontext():
+            if resumed and before_path.exists():
+                self.before = json.loads(before_path.read_text())
+            elif measurable and cfg.eval.before and data.tests:
+                self.log("loralab: evaluating the base model...")
+                # not wrapped yet: every rank has all weights
+                self.before = run_evals(self.model, self.tok, data.tests, cfg, self.dist)
+                if self.main:
+                    write_json(before_path, self.before)
+                self.trackers.log_eval(self.before, step=0)
+            if resumed and pref_path.exists():
+                self.pref_before = json.loads(pref_path.read_text())
+            elif measurable and cfg.eval.before:
+                self.pref_before = preference.evaluate(self.model, self.tok, data, cfg)
+                if self.main and self.pref_before:
+                    write_json(pref_path, self.pref_before)
+            if measurable or (self.out / forgetting.BEFORE_FILE).exists():
+                self.forget_start = forgetting.before(self.model, self.tok, cfg, self.dist, self.out, resumed,
+                                                      self.layout)
 
     def _save_lora(self, folder_name: str) -> None:
         weights = trainable_state(self.model) if self.dist.mode == "fsdp" else None  # sharded: gathered whole

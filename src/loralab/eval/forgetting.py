@@ -28,6 +28,7 @@ from ..train.loss import mean_loss
 FORGETTING_TASKS = ("2da", "2ds", "3da", "2dm", "divide", "lowercase", "sort_words")
 FORGETTING_ITEMS = 24   # items per task: 168 forwards before and after
 HELD_OUT_SEED_OFFSET = 1  # loss items are drawn with data.seed + this (then screened against the run's own)
+BEFORE_FILE = "forgetting_before.json"  # in the run folder: the scores before training, for a resume
 
 
 def _trained(cfg) -> set:
@@ -91,7 +92,7 @@ def before(module, tok, cfg, dist, out: Path, resumed: bool, layout=None) -> dic
     forgetting_before.json so a resumed run (whose model already trained) reports the true start."""
     if not cfg.eval.forgetting:
         return {}
-    path = Path(out) / "forgetting_before.json"
+    path = Path(out) / BEFORE_FILE
     if resumed and path.exists():
         return json.loads(path.read_text())
     losses = {name: _loss(module, tok, items, cfg, dist, layout) for name, items in forgetting_sets(cfg).items()}
