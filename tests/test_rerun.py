@@ -73,3 +73,23 @@ def test_a_resumed_full_fine_tune_has_no_base_to_score(tiny_folder, tmp_path):
     path.write_text(json.dumps(base_config(tiny_folder, tmp_path / "run", train=full, eval=scored)))
     resumed = run_training(load_config(path), quiet=True)  # its weights have trained: no "before" to measure
     assert resumed.get("forgetting") is None and resumed["eval"]["2da"]["before"] is None
+
+
+def test_a_run_resumed_to_evaluate_reports_the_training_segments_memory(tiny_folder, tmp_path, monkeypatch):
+    """The summary's loop peak and CPU seconds cover every segment (each checkpoint keeps them so far): a
+    run resumed at its last step trains nothing, and must not report its own near-idle loop as the run's."""
+    from loralab.memory.measure import PeakMemory
+
+    path = tmp_path / "c.yaml"
+    path.write_text(json.dumps(base_config(tiny_folder, tmp_path / "run")))
+    with monkeypatch.context() as m:  # the first segment's peak, made unmistakable
+        m.setattr(PeakMemory, "so_far", lambda self: 10**12)
+        m.setattr(PeakMemory, "result", lambda self: {"peak_memory_bytes": 10**12, "memory_method": "test",
+                                                      "memory_at_start_bytes": 0})
+        first = run_training(load_config(path), quiet=True)
+    assert first["peak_memory_bytes"] == 10**12
+    path.write_text(json.dumps(base_config(tiny_folder, tmp_path / "run", eval={"tasks": ["2da"]})))
+    resumed = run_training(load_config(path), quiet=True)  # eval.* changed: resumed at step 2, evaluated
+    assert resumed["resumed_from_step"] == 2
+    assert resumed["peak_memory_bytes"] == 10**12 and resumed["peak_memory_bytes_per_rank"] == [10**12]
+    assert resumed["train_cpu_s"] >= first["train_cpu_s"] > 0

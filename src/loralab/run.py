@@ -117,6 +117,7 @@ class Run:
         self.peak: PeakMemory | None = None
         self.summary: dict | None = None
         self.layout = None               # how the evaluations' loss batches are collated (load)
+        self._cpu0 = 0.0                 # process CPU seconds when training began
         self.phase_s: dict = {}          # wall seconds per phase, in order (_enter)
         self._phase: tuple | None = None
 
@@ -292,6 +293,7 @@ class Run:
 
         def on_checkpoint(state):
             snap = snapshot(state)  # every rank: sharded tensors and RNG streams are gathered
+            snap["result"]["measured"] = self._measured(self.peak.so_far(), time.process_time() - self._cpu0)
             if self.main:
                 checkpoint.save(self.out / "checkpoints", snap, cfg.to_dict(), keep=cfg.train.keep_checkpoints,
                                 data_sha256=self.data_sha)
@@ -299,9 +301,18 @@ class Run:
         return Hooks(on_start=lambda state: loop.update(state=state), on_log=self.trackers.log, on_eval=on_eval,
                      on_checkpoint=on_checkpoint, should_stop=stop_flag.is_set)
 
+    def _measured(self, peak_bytes: int, cpu_s: float) -> dict:
+        """The loop's peak memory per rank and CPU seconds, this process's with those of the segments a resume
+        continues (kept in each checkpoint): a run resumed at its last step, to evaluate, trained in none."""
+        prior = ((self.resume or {}).get("result") or {}).get("measured") or {}
+        peaks = [int(b) for b in gather(self.dist, peak_bytes)]
+        if len(prior.get("peak_memory_bytes_per_rank") or []) == len(peaks):
+            peaks = [max(a, b) for a, b in zip(peaks, prior["peak_memory_bytes_per_rank"])]
+        return {"peak_memory_bytes_per_rank": peaks, "train_cpu_s": prior.get("train_cpu_s", 0.0) + cpu_s}
+
     def train(self) -> None:
         cfg, out = self.cfg, self.out
-        cpu0 = time.process_time()
+        self._cpu0 = cpu0 = time.process_time()
         try:
             with PeakMemory(self.device) as self.peak:  # the loop's peak (summary.json)
                 self.result = train(self.model, self.train_enc, cfg.train, pad_id=self.tok.pad_token_id,
@@ -335,10 +346,11 @@ class Run:
         if cfg.train.method == "lora":
             self._save_lora("adapter")
         memory = self.peak.result()
-        memory["peak_memory_bytes_per_rank"] = [int(b) for b in gather(dist, memory["peak_memory_bytes"])]
+        measured = self._measured(memory["peak_memory_bytes"], self.train_cpu_s)
+        memory["peak_memory_bytes_per_rank"] = measured["peak_memory_bytes_per_rank"]
         memory["peak_memory_bytes"] = max(memory["peak_memory_bytes_per_rank"])
         longest = max(len(e.input_ids) for e in self.train_enc)
-        summary = build_summary(cfg, device=self.device, setup=self.setup, train_cpu_s=self.train_cpu_s,
+        summary = build_summary(cfg, device=self.device, setup=self.setup, train_cpu_s=measured["train_cpu_s"],
                                 result=self.result, n_train=len(self.train_enc), train_stats=self.train_stats,
                                 memory=memory, breakdown=run_memory_breakdown(cfg, self.folder, self.device,
                                                                               seq=longest),

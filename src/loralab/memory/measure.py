@@ -101,6 +101,12 @@ class PeakMemory:
             self.peak = _vm_hwm_bytes() or 0
         return False
 
+    def so_far(self) -> int:
+        """The peak since the block began, read inside it (a checkpoint keeps it for a resumed run's summary)."""
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        return int(self.peak if self._thread is not None else _vm_hwm_bytes() or 0)
+
     def result(self) -> dict:
         out = {"peak_memory_bytes": int(self.peak), "memory_method": self.method,
                "memory_at_start_bytes": int(self.start_bytes)}
