@@ -28,10 +28,13 @@ def sweep_runner(calls):
     def run(cmd, run_dir, log_path):
         cfg = yaml.safe_load(Path(cmd[-1]).read_text())
         lr, seed = cfg["train"]["lr"], cfg["train"]["seed"]
-        calls.append((cfg["output_dir"].split("/cells/")[1].split("/")[0], lr, seed))
+        validate_only = cfg["eval"]["tasks"] == []
+        calls.append((cfg["output_dir"].split("/cells/")[1].split("/")[0], lr, seed) + (("val",) if validate_only
+                                                                                       else ()))
         val = 1.0 + abs(lr - 2e-3) * 100 + seed / 100
+        scores = {"2da": {"after": 0.5, "n": 10, "trained": True, "test_loss": 1.0 + abs(lr - 1e-3) * 100}}
         summary = {"final_val_loss": val, "best_val_loss": val - 0.01, "best_step": 8, "steps": 10,
-                   "eval": {"2da": {"after": 0.5, "n": 10, "trained": True, "test_loss": 1.0 + abs(lr - 1e-3) * 100}},
+                   "eval": {} if validate_only else scores,
                    "val_history": [{"step": s, "val_loss": val + abs(s - 8) / 10} for s in (2, 4, 6, 8, 10)]}
         (run_dir / "summary.json").write_text(json.dumps(summary))
         return 0
@@ -43,10 +46,12 @@ def test_a_sweep_chooses_on_validation_and_runs_the_other_seeds_there(tmp_path):
     assert [len(c.points or []) for c in study.cells] == [3, 2, 0] and spec.count_runs(study) == 5 + 4 + 3
     calls, logs = [], []
     records = runner.run_study(study, tmp_path / "out", runner=sweep_runner(calls), log=logs.append)
-    assert sorted(calls) == sorted([("a", lr, 1) for lr in (1e-3, 2e-3, 4e-3)] + [("a", 2e-3, 2), ("a", 2e-3, 3)]
-                          + [("b", lr, 1) for lr in (1e-4, 3e-3)] + [("b", 3e-3, 2), ("b", 3e-3, 3)]
+    # every point validates only on seed 1; the chosen one is then evaluated (seed 1) and its other seeds run
+    assert sorted(calls) == sorted([("a", lr, 1, "val") for lr in (1e-3, 2e-3, 4e-3)]
+                          + [("a", 2e-3, s) for s in (1, 2, 3)]
+                          + [("b", lr, 1, "val") for lr in (1e-4, 3e-3)] + [("b", 3e-3, s) for s in (1, 2, 3)]
                           + [("plain", 2e-3, s) for s in (1, 2, 3)])  # plain: the base's lr
-    assert all(r["status"] == "ok" for r in records) and len(records) == 12
+    assert all(r["status"] == "ok" for r in records) and len(records) == 14
     chosen = json.loads((tmp_path / "out/cells/a/chosen.json").read_text())
     assert chosen["point"] == "lr-0.002" and chosen["overrides"] == ["train.lr=0.002"]
     assert set(chosen["scores"]) == {"lr-0.001", "lr-0.002", "lr-0.004"}
@@ -54,8 +59,13 @@ def test_a_sweep_chooses_on_validation_and_runs_the_other_seeds_there(tmp_path):
     assert not (tmp_path / "out/cells/a/lr-0.001/seed-2").exists()  # other seeds only at the chosen point
     assert any("a: sweep chose lr-0.002" in m for m in logs)
 
+    info = json.loads((tmp_path / "out/cells/a/lr-0.002/seed-1/run_info.json").read_text())
+    assert "validate_only" not in info and info["status"] == "ok"  # evaluated: it counts as the cell's seed 1
+    assert json.loads((tmp_path / "out/cells/a/lr-0.001/seed-1/run_info.json").read_text())["validate_only"]
+
     result = runner.build_report(tmp_path / "out")
     assert result["stats"]["a"]["final_val_loss"].n == 3  # the cell is its chosen point's three seeds
+    assert result["stats"]["a"]["test_loss"].n == 3  # seed 1's sweep run evaluated too
     assert result["sweeps"]["b"]["point"] == "lr-0.003"
     md = (tmp_path / "out/report.md").read_text()
     assert "## Sweeps: each cell at its own best settings" in md and "lr-0.002 (chosen)" in md
@@ -68,7 +78,7 @@ def test_a_sweep_chooses_on_validation_and_runs_the_other_seeds_there(tmp_path):
 
     calls.clear()  # resumed: nothing left to run
     records = runner.run_study(_sweep_study(tmp_path), tmp_path / "out", runner=sweep_runner(calls), log=logs.append)
-    assert calls == [] and {r["status"] for r in records} == {"skipped"} and len(records) == 12
+    assert calls == [] and {r["status"] for r in records} == {"skipped"} and len(records) == 14
 
 
 def test_a_sweep_with_no_finished_point_fails_its_cell_not_the_study(tmp_path):
@@ -113,3 +123,32 @@ def test_a_cell_may_not_set_what_it_sweeps():
         spec.expand_cells([{"name": "a", "set": []}, {"name": "b", "set": []},
                            {"name": "c", "combine": {"adapters": ["a", "b"], "method": "cat"},
                             "sweep": {"train.lr": [1e-3, 2e-3]}}], [1])
+
+
+def test_the_chosen_point_is_evaluated_as_if_in_one_go(tmp_path, tiny_folder):
+    """The sweep runs validate only; the chosen point's is then resumed at its last step to evaluate, and
+    reports what the same run evaluated in one process reports (the training stats carried over)."""
+    from loralab.cli import main
+
+    base = {"model": {"name": str(tiny_folder)}, "lora": {"r": 4},
+            "data": {"tasks": ["2da"], "n_train": 16, "template": "raw"},
+            "train": {"max_steps": 3, "batch_size": 4, "progress": False, "precision": "fp32", "threads": 1},
+            "eval": {"n": 4, "before": False, "forgetting": True, "loss_items": 8}}
+    study_file = tmp_path / "sw.yaml"
+    study_file.write_text(yaml.safe_dump({"name": "sw", "seeds": 1, "base": base, "axes": [{"name": "a", "set": []}],
+                                          "sweep": {"train.lr": [1e-3, 1e-2]}}))
+    runner.run_study(spec.load_study(str(study_file)), tmp_path / "out", log=lambda m: None,
+                     runner=lambda cmd, folder, log: main(["train", cmd[-1]]))
+    point = json.loads((tmp_path / "out/cells/a/chosen.json").read_text())["point"]
+    other = ({"lr-0.001", "lr-0.01"} - {point}).pop()
+    run = tmp_path / "out/cells/a" / point / "seed-1"
+    resumed = json.loads((run / "summary.json").read_text())
+    assert resumed["resumed_from_step"] == 3 and resumed["heldout_loss"] is not None and resumed["eval"]["2da"]
+    assert json.loads((tmp_path / "out/cells/a" / other / "seed-1/summary.json").read_text())["eval"] == {}
+    cfg = yaml.safe_load((run / "cell.yaml").read_text())
+    cfg["output_dir"] = str(tmp_path / "one-go")
+    (tmp_path / "one-go.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(tmp_path / "one-go.yaml")]) == 0
+    one_go = json.loads((tmp_path / "one-go/summary.json").read_text())
+    for key in ("final_val_loss", "final_train_loss", "steps", "train_tokens", "eval", "forgetting", "heldout_loss"):
+        assert resumed[key] == one_go[key], key

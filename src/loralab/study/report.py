@@ -132,9 +132,10 @@ def _sweep_sections(plan: dict, sweeps: dict) -> list:
         return []
     select = plan.get("select", "final_val_loss")
     sec = [("h2", "Sweeps: each cell at its own best settings"),
-           ("p", f"Each swept cell ran every point on its sweep seed(s); the point with the lowest mean {select} "
-                 "(the validation set) is the cell, and its other seeds ran there. The held-out test never chose; "
-                 "its numbers here are context, the Findings compare chosen against chosen.")]
+           ("p", f"Each swept cell ran every point on its sweep seed(s), validating only; the point with the lowest "
+                 f"mean {select} (the validation set) is the cell: its sweep runs there were then evaluated and its "
+                 "other seeds ran there. The held-out test never chose; its numbers (the chosen point's only) are "
+                 "context, the Findings compare chosen against chosen.")]
     for cell, choice in sweeps.items():
         seeds = ", ".join(map(str, choice["seeds"]))
         rows = []

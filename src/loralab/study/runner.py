@@ -32,7 +32,7 @@ from ..errors import UserError
 from ..io.fileio import atomic_write_text, write_json
 from .report import make_report
 from .results import StudyResults, choose_point, collect, estimate_stats, load_json
-from .spec import Study, describe, load_study, run_config, sources, study_plan, study_time
+from .spec import VALIDATION_ONLY, Study, describe, load_study, run_config, sources, study_plan, study_time
 from .sweeps import chosen_path, read_chosen, run_dir
 
 # (command, run folder, log file) -> exit code, or a one-line reason the run could not run at all
@@ -79,8 +79,10 @@ def _fmt_s(s: float) -> str:
 def run_study(study: Study, out: str | Path, *, parallel: int = 1, runner: Runner | None = None,
               threads: int | None = None, nproc: int = 1, log: Callable[[str], None] | None = None) -> list[dict]:
     """Run every (cell, seed) not yet done; returns one record per run (status ok/failed/skipped).
-    Three phases: plain cells and every sweep point (on its sweep seeds); then each swept cell's
-    other seeds at the point its sweep chose (sweeps.py); then combine and staged cells.
+    Three phases: plain cells and every sweep point (on its sweep seeds, validating only: the choice
+    reads nothing else); then each swept cell at the point its sweep chose: its sweep runs there
+    evaluated (resumed at their last step: no step trains twice) and its other seeds (sweeps.py);
+    then combine and staged cells.
     threads: each run's train.threads (default: this machine's cores shared by the parallel runs);
     nproc: processes per run (> 1: each run is data parallel, `loralab train --nproc`)."""
     out = Path(out).resolve()
@@ -97,35 +99,41 @@ def run_study(study: Study, out: str | Path, *, parallel: int = 1, runner: Runne
         elif parallel > 1:
             extra = [f"train.threads={max(1, (os.cpu_count() or 1) // parallel)}"]  # no oversubscription
     records: list[dict] = []
-    first = [(c, s, p) for c in study.cells if not sources(c)
+    # jobs: (cell, seed, point, validate only)
+    first = [(c, s, p, p is not None) for c in study.cells if not sources(c)
              for p in ([p for p, _ in c.points] if c.points else [None]) for s in (c.sweep_seeds if p else c.seeds)]
-    n_rest = sum(len(c.seeds) - len(c.sweep_seeds) for c in study.cells if c.points)
+    n_rest = sum(len(c.seeds) for c in study.cells if c.points)
     n_later = sum(len(c.seeds) for c in study.cells if sources(c))
     progress = {"done": 0, "queued": 0, "later": 0, "durations": []}  # later: runs of phases not yet listed
     lock = threading.Lock()
 
-    def pending(jobs, later: int):  # (cell, seed, point) -> the jobs to run (those with a summary.json skipped)
+    def pending(jobs, later: int):  # the jobs to run: those without a summary.json (or one that only validated)
         todo = []
-        for cell, seed, point in jobs:
-            if (run_dir(out, cell.name, seed, point) / "summary.json").exists():
+        for cell, seed, point, validate in jobs:
+            where = run_dir(out, cell.name, seed, point)
+            if (where / "summary.json").exists() and (validate or not load_json(where / "run_info.json", {}).get(
+                    "validate_only")):
                 records.append({"cell": cell.name, "seed": seed, "point": point, "status": "skipped"})
             else:
-                todo.append((cell, seed, point))
+                todo.append((cell, seed, point, validate))
         progress["queued"] += len(todo)
         progress["later"] = later
         return todo
 
     def one(job):
-        cell, seed, point = job
+        cell, seed, point, validate = job
         where = run_dir(out, cell.name, seed, point)
+        before = load_json(where / "run_info.json", {}) or {}
+        # a sweep run that this one evaluates: its training time is this run's too
+        trained_s = before.get("wall_s") or 0 if not validate and before.get("validate_only") else 0
         label = f"{cell.name}/{point}" if point else cell.name
         where.mkdir(parents=True, exist_ok=True)
         stage = []
         if cell.after:  # the earlier cell's adapter of the same seed (at its chosen point) becomes the base
             first_dir = run_dir(out, cell.after, seed, read_chosen(out, cell.after)) / "adapter"
             stage = [f"model.adapter={json.dumps(str(first_dir))}"]
-        cfg = run_config(study, cell, seed, where, extra + stage + tracking_overrides(study, label, seed, out),
-                         point=point)
+        cfg = run_config(study, cell, seed, where, extra + stage + tracking_overrides(study, label, seed, out)
+                         + (VALIDATION_ONLY if validate else []), point=point)
         atomic_write_text(where / "cell.yaml", dump_yaml(cfg))
         with lock:
             log(f"[{study.name}] start {label} seed {seed}")
@@ -144,11 +152,11 @@ def run_study(study: Study, out: str | Path, *, parallel: int = 1, runner: Runne
             code = f"could not start: {e}"
         except Exception as e:  # noqa: BLE001  a runner's own failure is this run's, never the study's
             code = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-        wall = time.perf_counter() - t0
+        wall = time.perf_counter() - t0 + trained_s
         ok = code == 0 and (where / "summary.json").exists()
         err = None if ok else (code if isinstance(code, str) else f"exit {code}: {_last_error(where / 'train.log')}")
         rec = write_json_rec(where, cell=cell.name, seed=seed, point=point, status="ok" if ok else "failed",
-                             wall_s=round(wall, 1), error=err)
+                             wall_s=round(wall, 1), error=err, **({"validate_only": True} if validate else {}))
         with lock:
             progress["done"] += 1
             progress["durations"].append(wall)
@@ -158,7 +166,7 @@ def run_study(study: Study, out: str | Path, *, parallel: int = 1, runner: Runne
             log(f"[{study.name}] {progress['done']}/{total} {label} seed {seed} {what}; ETA {_fmt_s(eta)}")
         return rec
 
-    def chosen_jobs():  # after the sweeps: each swept cell's other seeds at the point it chose
+    def chosen_jobs():  # after the sweeps: each swept cell's seeds at the point it chose
         jobs = []
         for cell in (c for c in study.cells if c.points):
             choice = choose_point(out, asdict(cell), study.select)
@@ -172,7 +180,7 @@ def run_study(study: Study, out: str | Path, *, parallel: int = 1, runner: Runne
             log(f"[{study.name}] {cell.name}: sweep chose {choice['point']} ({study.select} "
                 + ", ".join(f"{p} {v:.4g}" if v is not None else f"{p} -" for p, v in choice["scores"].items()) + ")"
                 + ("; at the end of its grid" if choice["edge"] else ""))
-            jobs += [(cell, s, choice["point"]) for s in rest]
+            jobs += [(cell, s, choice["point"], False) for s in cell.seeds]  # the sweep seeds': an evaluation
         return jobs
 
     with ThreadPoolExecutor(max_workers=parallel) as pool:
@@ -182,7 +190,7 @@ def run_study(study: Study, out: str | Path, *, parallel: int = 1, runner: Runne
                 log(f"[{study.name}] {len(records)} runs already done, skipped; {len(todo)} to run first")
             records += list(pool.map(one, todo))
             records += list(pool.map(one, pending(chosen_jobs(), n_later)))
-            later = [(c, s, None) for c in study.cells if sources(c) for s in c.seeds]
+            later = [(c, s, None, False) for c in study.cells if sources(c) for s in c.seeds]
             records += list(pool.map(one, pending(later, 0)))  # after the cells whose adapters they use
         except KeyboardInterrupt:  # runs not started never start; a runner that can stop its runs does
             pool.shutdown(wait=False, cancel_futures=True)

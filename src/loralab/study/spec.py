@@ -24,8 +24,9 @@ from .verdicts import rule_text, test_for, validate_findings
 PRESET_DIR = Path(__file__).resolve().parent / "presets"  # package data: found after any install
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "bundled" / "demo.yaml"  # the default base
 SCALES = ("cpu", "gpu")
-# A run whose only use is its validation loss (a tune rung): none of the final evaluations, which at the
-# cpu scale cost about as much as 60 training steps (mostly the 1,020 held-out loss items' forwards).
+# A run whose only use is its validation loss (a sweep point, a tune rung): none of the final evaluations,
+# which at the cpu scale cost more than a 40-step run's training (mostly the 1,020 held-out loss items'
+# forwards; docs/studies.md). A sweep's chosen point is evaluated afterwards, resumed at its last step.
 VALIDATION_ONLY = ["eval.tasks=[]", "eval.before=false", "eval.stop_check=false", "eval.test_loss=false",
                    "eval.forgetting=false", "eval.loss_items=0", "eval.preference=false"]
 STUDY_KEYS = {"name", "summary", "time", "description", "kind", "base", "seeds", "overrides", "scale", "axes",

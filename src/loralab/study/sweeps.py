@@ -1,11 +1,13 @@
 """Sweeps: a cell compared at its own best settings, chosen on the validation set.
 
 A cell with `sweep: {train.lr: [5e-4, 1e-3, 2e-3]}` (or a study-level `sweep` that every training
-cell without its own inherits) runs each point of the grid on its first `sweep_seeds` seeds; the
-point with the lowest validation metric (`select`: final_val_loss by default, the mean over those
-seeds) becomes the cell, and the cell's other seeds run at that point only. Findings then compare
-each cell at its best against the others at theirs, on the held-out test (accuracy, test loss),
-which the choice never saw. The sweep seeds' runs at the chosen point count as the cell's runs.
+cell without its own inherits) runs each point of the grid on its first `sweep_seeds` seeds,
+validating only (spec.VALIDATION_ONLY); the point with the lowest validation metric (`select`:
+final_val_loss by default, the mean over those seeds) becomes the cell, and the cell's other seeds run
+at that point only. Findings then compare each cell at its best against the others at theirs, on the
+held-out test (accuracy, test loss), which the choice never saw. The sweep seeds' runs at the chosen
+point count as the cell's runs: each is run again with the cell's evaluations, which resumes it at its
+last checkpoint (eval.* keys never change a run's training) and only evaluates.
 
 Folder layout: a swept cell's runs live in cells/<cell>/<point>/seed-<s> (a plain cell's in
 cells/<cell>/seed-<s>), and cells/<cell>/chosen.json records the choice and every point's score.
