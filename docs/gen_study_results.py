@@ -43,18 +43,22 @@ def cpu() -> dict:
             "cores": len(re.findall(r"^processor\s*:", text, re.M))}
 
 
-def save(study_dir: Path, command: str, commit: str, wall_min: float, note: str = "") -> Path:
-    """Copy a finished study's results into results/studies/<folder name>/ (replacing an older copy)."""
+def save(study_dir: Path, command: str, commit: str, wall_min: float, note: str = "", name: str | None = None,
+         also: tuple = ()) -> Path:
+    """Copy a finished study's results into results/studies/<name, default the folder's>/ (replacing an older
+    copy); `also`: further files to keep beside them (a tune's search.json)."""
     missing = [n for n in COPIED if not (study_dir / n).exists()]
     if missing:
         sys.exit(f"{study_dir}: no {', '.join(missing)}; rebuild the report first "
                  f"(`loralab study NAME --report-only --out {study_dir}`)")
-    dest = KEPT / study_dir.name
+    dest = KEPT / (name or study_dir.name)
     if dest.exists():
         shutil.rmtree(dest)
     (dest / "plots").mkdir(parents=True)
     for name in COPIED + ("runs.json",) * (study_dir / "runs.json").exists():
         shutil.copy2(study_dir / name, dest / name)
+    for extra in also:
+        shutil.copy2(extra, dest / Path(extra).name)
     for png in sorted((study_dir / "plots").glob("*.png")):
         shutil.copy2(png, dest / "plots" / png.name)
     provenance = {"command": command, "commit": commit, "wall_min": wall_min, "cpu": cpu(), "note": note,
@@ -124,11 +128,13 @@ def main(argv=None) -> int:
     p.add_argument("--commit", help="with --save: the commit it ran")
     p.add_argument("--wall-min", type=float, help="with --save: its wall time in minutes")
     p.add_argument("--note", default="", help="with --save: what else a reader should know (load, ...)")
+    p.add_argument("--name", help="with --save: the kept folder's name (default: the study folder's)")
+    p.add_argument("--also", nargs="*", default=[], type=Path, help="with --save: further files to keep beside it")
     args = p.parse_args(argv)
     if args.save:
         if not (args.command and args.commit and args.wall_min):
             p.error("--save needs --command, --commit and --wall-min")
-        print(save(args.save, args.command, args.commit, args.wall_min, args.note))
+        print(save(args.save, args.command, args.commit, args.wall_min, args.note, args.name, tuple(args.also)))
     PAGE.write_text(render())
     print(PAGE)
     return 0

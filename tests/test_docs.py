@@ -104,6 +104,24 @@ def test_study_results_page_is_counted_from_the_kept_studies(tmp_path):
     assert "1 kept so far, 2 of their 3 claims decided (1 agree, 1 disagree, 1 unclear). The nine hold 38" in page
 
 
+def test_a_kept_study_gets_its_provenance_and_may_be_renamed(tmp_path, monkeypatch):
+    gen = _generator("gen_study_results")
+    monkeypatch.setattr(gen, "KEPT", tmp_path / "kept")
+    final = tmp_path / "tune" / "final"  # a tune's comparison: its search history lies one folder up
+    (final / "plots").mkdir(parents=True)
+    for name in gen.COPIED + ("runs.json",):
+        (final / name).write_text("{}")
+    (final / "plots" / "a.png").write_bytes(b"png")
+    (tmp_path / "tune" / "search.json").write_text('{"chosen": "lr-0.002"}')
+    dest = gen.save(final, "loralab tune demo", "abc", 40.0, name="tune-demo-cpu",
+                    also=(tmp_path / "tune" / "search.json",))
+    assert dest == tmp_path / "kept" / "tune-demo-cpu"
+    assert sorted(p.name for p in dest.iterdir()) == sorted(gen.COPIED + ("runs.json", "search.json", "plots",
+                                                                          "provenance.json"))
+    prov = json.loads((dest / "provenance.json").read_text())
+    assert prov["command"] == "loralab tune demo" and prov["wall_min"] == 40.0 and "flags" in prov["cpu"]
+
+
 def test_every_config_key_and_cli_option_is_documented():
     gen = _generator()
     rows = gen.config_rows()
