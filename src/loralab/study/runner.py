@@ -125,7 +125,7 @@ def run_study(study: Study, out: str | Path, *, parallel: int = 1, runner: Runne
         where = run_dir(out, cell.name, seed, point)
         before = load_json(where / "run_info.json", {}) or {}
         # a sweep run that this one evaluates: its training time is this run's too
-        trained_s = before.get("wall_s") or 0 if not validate and before.get("validate_only") else 0
+        trained_s = (before.get("wall_s") or 0) if not validate and before.get("validate_only") else 0
         label = f"{cell.name}/{point}" if point else cell.name
         where.mkdir(parents=True, exist_ok=True)
         stage = []

@@ -346,8 +346,8 @@ def describe(study: Study) -> str:
             what = f"after {c.after} (its adapter of the same seed merged in): {what}"
         lines.append(f"  {c.name:<28} seeds {','.join(map(str, c.seeds)):<8} {what}")
         if c.points:
-            lines.append(f"  {'':<28} sweep on seed(s) {','.join(map(str, c.sweep_seeds))}, lowest {study.select} "
-                         f"chosen: " + " | ".join(" ".join(ovs) for _, ovs in c.points))
+            lines.append(f"  {'':<28} sweep on seed(s) {','.join(map(str, c.sweep_seeds))} (validating only), lowest "
+                         f"{study.select} chosen: " + " | ".join(" ".join(ovs) for _, ovs in c.points))
     return "\n".join(lines + (rules if study.findings else []))
 
 
