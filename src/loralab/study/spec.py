@@ -81,7 +81,7 @@ def describe_presets() -> str:
     width = max(len(n) for n, *_ in rows)
     twidth = max(len(t) for *_, t in rows)
     head = (f"{'preset':<{width}}  {'time':<{twidth}}  what it compares (time: wall, --scale cpu --parallel 2 "
-            f"on 2 CPU cores; docs/studies.md)")
+            f"on 2 cores with AVX-512 bf16; an AVX2-only CPU takes several times longer: docs/studies.md)")
     return "\n".join([head] + [f"{n:<{width}}  {t:<{twidth}}  {s}" for n, s, t in rows])
 
 
