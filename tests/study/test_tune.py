@@ -68,6 +68,22 @@ def test_tune_searches_then_compares_paired(tmp_path):
     assert json.loads((tmp_path / "t" / "search.json").read_text())["chosen"] == "lr-0.001_r-16"
 
 
+def test_a_search_that_keeps_the_config_as_given_compares_nothing(tmp_path):
+    calls, lines = [], []
+    config = tmp_path / "c.yaml"  # the fake's best point (lr 1e-3, the largest r) is this config itself
+    config.write_text(yaml.safe_dump({"model": {"name": "smollm2-135m"}, "data": {"tasks": ["2da"], "n_train": 50},
+                                      "train": {"lr": 1.0e-3, "max_steps": 30}, "lora": {"r": 16}}))
+    result = tune.tune_command(str(config), space="lr=[1.0e-3, 1.0e-2] lora.r=[4, 16]", out=str(tmp_path / "t"),
+                               log=lines.append,
+                               run_study=lambda st, out, log, parallel: runner.run_study(st, out, runner=_fake(calls),
+                                                                                         log=log))
+    assert result["chosen"] == "lr-0.001_r-16" and result["same_as_given"]
+    assert len(calls) == 4 + 2 and not (tmp_path / "t" / "final").exists()  # the search only: no equal twins
+    assert any("which is the config as given: nothing to compare" in m for m in lines)
+    md = result["report_md"].read_text()
+    assert "Chose **lr-0.001_r-16**, which is the config as given" in md and "| lr-0.01_r-4 | 1.25 | - |" in md
+
+
 def test_tune_dry_run_and_bad_input(tmp_path, capsys):
     assert main(["tune", "demo", "--dry-run"]) == 0
     out = capsys.readouterr().out

@@ -85,6 +85,21 @@ def _study(name: str, base: dict, overrides: list, cells: list, findings=()) -> 
                  cells=cells, findings=findings, rows=[])
 
 
+def _search_report(out_dir: Path, config: str, chosen: str, rule: str, history: list) -> Path:
+    """report.md of a search that chose the config as given: the rungs' scores, the rule."""
+    points = list(history[0]["scores"])
+    lines = [f"# loralab tune {config}", "",
+             f"Chose **{chosen}**, which is the config as given, by {rule}: there is nothing to compare it with, so "
+             "no final runs were made.", "", f"{SELECT} (seed 1) at each rung:", "",
+             "| point | " + " | ".join(f"{h['steps']} steps" for h in history) + " |",
+             "|---" * (len(history) + 1) + "|"]
+    lines += ["| " + " | ".join([p] + [f"{h['scores'][p]:.4g}" if p in h["scores"] else "-" for h in history]) + " |"
+              for p in points]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def tune_command(config: str, *, ray: str | None = None, **kw) -> dict | str:
     """Search, then compare the choice with the default; returns the final comparison's report (a dry
     run: the plan). ray: each run a Ray task (auto, local or a cluster address), one CPU each, as many at
@@ -165,6 +180,11 @@ def _tune(config: str, *, space: str | None = None, budget: str = "30m", out: st
     rule = (f"successive halving over {len(points)} points: the lowest {SELECT} (validation split, seed 1) at each "
             f"rung of {', '.join(str(h['steps']) for h in history)} steps, keeping the best 1/{ETA}")
     write_json(out_dir / "search.json", {"points": points, "history": history, "chosen": chosen_name, "rule": rule})
+    if from_dict(apply_overrides(copy.deepcopy(base), user + list(chosen_ovs))) == cfg:
+        # the tuned runs would be the default's, seed for seed: a paired interval of exactly zero
+        log(f"tune: chose {chosen_name} ({' '.join(chosen_ovs)}), which is the config as given: nothing to compare")
+        return {"report_md": _search_report(out_dir, config, chosen_name, rule, history), "chosen": chosen_name,
+                "overrides": chosen_ovs, "rule": rule, "history": history, "same_as_given": True}
     finding = {"claim": f"the tuned point ({' '.join(chosen_ovs)}) beats the config as given",
                "check": "lower", "a": "tuned", "b": "default", "metric": metric,
                "if_unclear": "more seeds: loralab study on a study YAML with these two cells, --until-decided"}
