@@ -28,6 +28,8 @@ def add_study_parser(sub, func) -> None:
                    "(default 45m)")
     s.add_argument("--max-seeds", type=int, default=None, help="with --until-decided: seeds a cell may reach "
                    "(default 8)")
+    s.add_argument("--no-reuse", action="store_true", help="train every run here, even one whose training a study "
+                   "beside this one (the same parent folder) already made; by default such a run is copied")
     s.add_argument("--dry-run", action="store_true", help="print the cells and their overrides, run nothing")
     s.add_argument("--report-only", action="store_true", help="rebuild the report from the study folder")
     s.set_defaults(func=func)
@@ -37,7 +39,8 @@ def study_kwargs(args) -> dict:
     return {"scale": args.scale, "out": args.out, "seeds": args.seeds, "parallel": args.parallel,
             "dry_run": args.dry_run, "report_only": args.report_only, "overrides": args.overrides, "ray": args.ray,
             "gpus_per_run": args.gpus_per_run, "cpus_per_run": args.cpus_per_run,
-            "until_decided": args.until_decided, "budget": args.budget, "max_seeds": args.max_seeds}
+            "until_decided": args.until_decided, "budget": args.budget, "max_seeds": args.max_seeds,
+            "reuse": not args.no_reuse}
 
 
 def add_tune_parser(sub, func) -> None:

@@ -227,11 +227,15 @@ def make_report(study_dir: str | Path, plan: dict, results: StudyResults) -> dic
         sec += _sweep_sections(plan, results.sweeps)
         failed = [r for r in runs if r["status"] != "ok"]
         wall = sum(r["wall_s"] or 0 for r in runs)
+        taken = sum(bool(r.get("reused_from")) for r in runs)
         sec += [("h2", "Runs"), ("p", f"{len(runs) - len(failed)} of {len(runs)} runs finished; "
-                                      f"{wall / 60:.1f} min of run time in all (each run's own process)."),
-                ("table", ["cell", "seed", "status", "wall time (s)", "error"],
+                                      f"{wall / 60:.1f} min of run time in all (each run's own process)"
+                                      + (f"; {taken} trained in a study beside this one and copied (--no-reuse "
+                                         "trains them here)." if taken else ".")),
+                ("table", ["cell", "seed", "status", "wall time (s)", "note"],
                  [[r["cell"] + (f" @ {r['point']}" if r.get("point") else ""), r["seed"], r["status"],
-                   fmt(r["wall_s"]), r["error"] or ""] for r in runs])]
+                   fmt(r["wall_s"]), r["error"] or (f"trained in {r['reused_from']}" if r.get("reused_from") else "")]
+                  for r in runs])]
         metrics = [m for m in KEY_METRICS if any(m in s for s in stats.values())]
         metrics += sorted({m for s in stats.values() for m in s if m.startswith("acc_") and m not in KEY_METRICS})
         sec += [("h2", "Results: mean ± std [95% interval] (n seeds)"),

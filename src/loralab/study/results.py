@@ -140,7 +140,7 @@ def collect(study_dir: Path, plan: dict) -> StudyResults:
 def _record(cell: str, seed: int, point, folder: Path, summary, info) -> dict:
     status = "ok" if summary is not None else (info.get("status") or "not run")
     return {"cell": cell, "seed": seed, "point": point, "dir": folder, "status": status, "wall_s": info.get("wall_s"),
-            "error": info.get("error") if summary is None else None,
+            "error": info.get("error") if summary is None else None, "reused_from": info.get("reused_from"),
             "warnings": (summary or {}).get("warnings", [])}
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from ..config import dump_yaml
 from ..errors import UserError
 from ..io.fileio import atomic_write_text, write_json
+from . import reuse as reuse_mod
 from .report import make_report
 from .results import StudyResults, choose_point, collect, estimate_stats, load_json
 from .spec import VALIDATION_ONLY, Study, describe, load_study, run_config, sources, study_plan, study_time
@@ -77,14 +78,16 @@ def _fmt_s(s: float) -> str:
 
 
 def run_study(study: Study, out: str | Path, *, parallel: int = 1, runner: Runner | None = None,
-              threads: int | None = None, nproc: int = 1, log: Callable[[str], None] | None = None) -> list[dict]:
+              threads: int | None = None, nproc: int = 1, log: Callable[[str], None] | None = None,
+              reuse: bool = False) -> list[dict]:
     """Run every (cell, seed) not yet done; returns one record per run (status ok/failed/skipped).
     Three phases: plain cells and every sweep point (on its sweep seeds, validating only: the choice
     reads nothing else); then each swept cell at the point its sweep chose: its sweep runs there
     evaluated (resumed at their last step: no step trains twice) and its other seeds (sweeps.py);
     then combine and staged cells.
     threads: each run's train.threads (default: this machine's cores shared by the parallel runs);
-    nproc: processes per run (> 1: each run is data parallel, `loralab train --nproc`)."""
+    nproc: processes per run (> 1: each run is data parallel, `loralab train --nproc`).
+    reuse: take a run whose training a study beside this one already made (reuse.py)."""
     out = Path(out).resolve()
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     runner = runner or subprocess_runner
@@ -135,6 +138,22 @@ def run_study(study: Study, out: str | Path, *, parallel: int = 1, runner: Runne
         cfg = run_config(study, cell, seed, where, extra + stage + tracking_overrides(study, label, seed, out)
                          + (VALIDATION_ONLY if validate else []), point=point)
         atomic_write_text(where / "cell.yaml", dump_yaml(cfg))
+        taken = {"reused_from": before["reused_from"]} if before.get("reused_from") else {}
+        found = reuse_mod.find(out, where, cfg.to_dict(), validate) \
+            if reuse and not cell.combine and reuse_mod.adoptable(where, validate) else None
+        if found:  # trained in a study beside this one: copied, whole or to resume and evaluate
+            src, whole = found
+            reuse_mod.copy_run(src, where)
+            taken = {"reused_from": os.path.relpath(src, out.parent)}
+            trained_s = (load_json(src / "run_info.json", {}) or {}).get("wall_s") or 0
+            with lock:
+                log(f"[{study.name}] {label} seed {seed}: " + (f"taken from {taken['reused_from']}" if whole else
+                    f"training taken from {taken['reused_from']}; resumed there to evaluate"))
+        what = dict(cell=cell.name, seed=seed, point=point, code=reuse_mod.code_fingerprint(), **taken,
+                    **({"validate_only": True} if validate else {}))
+        if found and found[1]:
+            return done(write_json_rec(where, **what, status="ok", wall_s=trained_s, error=None), label, seed, where,
+                        spent=0)
         with lock:
             log(f"[{study.name}] start {label} seed {seed}")
         t0 = time.perf_counter()
@@ -155,14 +174,18 @@ def run_study(study: Study, out: str | Path, *, parallel: int = 1, runner: Runne
         wall = time.perf_counter() - t0 + trained_s
         ok = code == 0 and (where / "summary.json").exists()
         err = None if ok else (code if isinstance(code, str) else f"exit {code}: {_last_error(where / 'train.log')}")
-        rec = write_json_rec(where, cell=cell.name, seed=seed, point=point, status="ok" if ok else "failed",
-                             wall_s=round(wall, 1), error=err, **({"validate_only": True} if validate else {}))
+        return done(write_json_rec(where, **what, status="ok" if ok else "failed", wall_s=round(wall, 1), error=err),
+                    label, seed, where, spent=time.perf_counter() - t0)
+
+    def done(rec: dict, label: str, seed: int, where: Path, spent: float) -> dict:
+        wall, err = rec["wall_s"], rec["error"]
         with lock:
             progress["done"] += 1
-            progress["durations"].append(wall)
+            progress["durations"].append(spent)  # what this study waited for: the ETA's unit
             total = progress["queued"] + progress["later"]  # an upper bound while later phases may skip runs
             eta = sum(progress["durations"]) / len(progress["durations"]) * (total - progress["done"]) / parallel
-            what = f"done in {wall:.0f} s" if ok else f"FAILED after {wall:.0f} s ({err}; log {where / 'train.log'})"
+            what = f"done in {wall:.0f} s" if rec["status"] == "ok" else \
+                f"FAILED after {wall:.0f} s ({err}; log {where / 'train.log'})"
             log(f"[{study.name}] {progress['done']}/{total} {label} seed {seed} {what}; ETA {_fmt_s(eta)}")
         return rec
 
@@ -258,10 +281,11 @@ def study_command(name: str, *, scale: str = "cpu", out: str | None = None, seed
                   parallel: int = 1, dry_run: bool = False, report_only: bool = False, overrides=(),
                   runner: Runner | None = None, ray: str | None = None, gpus_per_run: float = 0,
                   cpus_per_run: int = 1, log: Callable[[str], None] | None = None, until_decided: bool = False,
-                  budget: str | None = None, max_seeds: int | None = None) -> dict | str:
+                  budget: str | None = None, max_seeds: int | None = None, reuse: bool = True) -> dict | str:
     """`loralab study`: load, then print (dry run), rebuild the report, or run and report.
     ray: run each (cell, seed) as a Ray task (auto, local or a cluster address; study.ray_runner).
-    until_decided: then add seeds to the cells behind unclear claims (sequential.py) within `budget`."""
+    until_decided: then add seeds to the cells behind unclear claims (sequential.py) within `budget`.
+    reuse: take runs the studies beside this one already trained (reuse.py)."""
     from . import sequential
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -303,15 +327,15 @@ def study_command(name: str, *, scale: str = "cpu", out: str | None = None, seed
         with on_ray(ray, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run, name=study.name, log=log) as (r, slots):
             # a run given several GPUs trains on all of them: one process per GPU (torchrun, DDP)
             records = run_study(study, out_dir, parallel=max(parallel, slots), runner=r, threads=cpus_per_run,
-                                nproc=max(1, int(gpus_per_run)), log=log)
+                                nproc=max(1, int(gpus_per_run)), log=log, reuse=reuse)
     elif study.sequential:
         records = sequential.until_decided(
             study, out_dir, budget_s=budget_s, max_seeds=study.sequential["max_seeds"], log=log,
-            run_round=lambda st: run_study(st, out_dir, parallel=parallel, runner=runner, log=log),
+            run_round=lambda st: run_study(st, out_dir, parallel=parallel, runner=runner, log=log, reuse=reuse),
             collect_stats=lambda plan: collect(out_dir, plan).stats, parallel=parallel,
             walls=lambda plan: [r["wall_s"] for r in collect(out_dir, plan).runs if r.get("wall_s")])
     else:
-        records = run_study(study, out_dir, parallel=parallel, runner=runner, log=log)
+        records = run_study(study, out_dir, parallel=parallel, runner=runner, log=log, reuse=reuse)
     if study.kind == "train" and ray is None:
         failed = [r for r in records if r["status"] == "failed"]
         if failed:
