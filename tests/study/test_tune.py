@@ -30,13 +30,16 @@ def test_rungs_halve_by_three_up_to_the_final_length():
     assert tune.rungs(9, 12)[0] == (9, tune.MIN_STEPS)  # never shorter than MIN_STEPS
 
 
-def _fake(calls):
+def _fake(calls, warmups=None):
     """A `loralab train` stand-in: validation loss |log10(lr) + 3| + 1/r (best: lr 1e-3, the largest r),
     and the held-out loss the same plus a per-seed offset shared by every cell (pairing removes it)."""
+    warmups = [] if warmups is None else warmups
+
     def run(cmd, run_dir, log_path):
         cfg = yaml.safe_load(Path(cmd[-1]).read_text())
         lr, r, seed = cfg["train"]["lr"], cfg["lora"]["r"], cfg["train"]["seed"]
         calls.append((run_dir.parent.name, cfg["train"]["max_steps"], seed, cfg["eval"]))
+        warmups.append(cfg["train"]["warmup_steps"])
         import math
         loss = abs(math.log10(lr) + 3) + 1 / r
         (run_dir / "summary.json").write_text(json.dumps(
@@ -46,17 +49,19 @@ def _fake(calls):
 
 
 def test_tune_searches_then_compares_paired(tmp_path):
-    calls, lines = [], []
+    calls, lines, warmups = [], [], []
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"model": {"name": "smollm2-135m"}, "data": {"tasks": ["2da"], "n_train": 50},
-                                      "train": {"lr": 1.0e-2, "max_steps": 90}, "lora": {"r": 4}}))
+                                      "train": {"lr": 1.0e-2, "max_steps": 90, "warmup_steps": 18},
+                                      "lora": {"r": 4}}))
     result = tune.tune_command(str(config), space="lr=[1.0e-4, 1.0e-3, 1.0e-2] lora.r=[4, 8, 16]", budget="1h",
                                out=str(tmp_path / "t"), log=lines.append,
-                               run_study=lambda st, out, log, parallel: runner.run_study(st, out, runner=_fake(calls),
-                                                                                         log=log, parallel=parallel))
+                               run_study=lambda st, out, log, parallel: runner.run_study(st, out,
+                               runner=_fake(calls, warmups), log=log, parallel=parallel))
     assert result["overrides"] == ["train.lr=0.001", "lora.r=16"]
     steps = [s for _, s, _, _ in calls]
     assert steps[:9] == [10] * 9 and steps[9:12] == [30] * 3 and steps[12:] == [90] * 6  # 9 short, 3 longer, final
+    assert warmups == [2] * 9 + [6] * 3 + [18] * 6  # each rung's schedule is the final one's, shrunk
     # the rungs read only the validation loss: no final evaluations; the comparison evaluates in full
     assert all(e["tasks"] == [] and not e["loss_items"] and not e["forgetting"] for *_, e in calls[:12])
     assert all(e["tasks"] != [] for *_, e in calls[12:])

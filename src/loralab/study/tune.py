@@ -78,6 +78,15 @@ def rungs(n_points: int, final_steps: int) -> list[tuple[int, int]]:
     return [r for r in out if r[0] > 1] or [(1, final_steps)]
 
 
+def rung_steps(base: dict, overrides: list, steps: int, final: int) -> list[str]:
+    """A rung's length, its warmup shrunk in proportion: the schedule keeps its shape. A rung shorter
+    than the full warmup would never reach the peak rate, which favours the points whose rate is too
+    high (the demo warms up 10 steps; its first rung is 6)."""
+    warmup = from_dict(apply_overrides(copy.deepcopy(base), overrides)).train.warmup_steps
+    return [f"train.max_steps={steps}"] + ([f"train.warmup_steps={round(warmup * steps / final)}"]
+                                           if warmup and steps < final else [])
+
+
 def _study(name: str, base: dict, overrides: list, cells: list, findings=()) -> Study:
     names = [c.name for c in cells]
     findings = [_with_rule(f, {c.name: c.seeds for c in cells}) for f in validate_findings(list(findings), names, name)]
@@ -160,7 +169,8 @@ def _tune(config: str, *, space: str | None = None, budget: str = "30m", out: st
     start, alive, history = clock(), points, []
     for i, (_, steps) in enumerate(plan):
         # a rung reads only the validation loss: its runs skip the final evaluations
-        cells = [Cell(name, ovs + [f"train.max_steps={steps}"] + VALIDATION_ONLY, [1]) for name, ovs in alive]
+        cells = [Cell(name, ovs + rung_steps(base, user + ovs, steps, final) + VALIDATION_ONLY, [1])
+                 for name, ovs in alive]
         study = _study(f"tune-rung{i}", base, user, cells)
         run_study(study, out_dir / f"rung-{i}", log=log, parallel=parallel)
         stats = collect(out_dir / f"rung-{i}", study_plan(study)).stats
