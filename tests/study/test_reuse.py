@@ -6,7 +6,10 @@ from pathlib import Path
 
 import yaml
 
+from loralab.config import dump_yaml, load_config
+from loralab.prepare import resolve_config
 from loralab.study import runner, spec
+from loralab.train.precision import default_device
 
 
 def _study(tmp_path, name: str, axes: list, **extra):
@@ -17,12 +20,13 @@ def _study(tmp_path, name: str, axes: list, **extra):
 
 
 def fake_runner(calls):
-    """Writes what a run writes: config.yaml, a checkpoint, summary.json (its numbers from lr and seed)."""
+    """Writes what a run writes: config.yaml (resolved, as a run records it), a checkpoint, summary.json
+    (its numbers from lr and seed)."""
     def run(cmd, run_dir, log_path):
-        text = Path(cmd[-1]).read_text()
-        cfg = yaml.safe_load(text)
+        cfg = yaml.safe_load(Path(cmd[-1]).read_text())
         calls.append(cfg["output_dir"].split("/cells/")[1])
-        (run_dir / "config.yaml").write_text(text)
+        resolved = resolve_config(load_config(cmd[-1]), default_device())
+        (run_dir / "config.yaml").write_text(dump_yaml(resolved))
         ckpt = run_dir / "checkpoints/step-00000010"
         ckpt.mkdir(parents=True, exist_ok=True)
         (ckpt / "state.json").write_text("{}")
@@ -90,7 +94,7 @@ def test_the_copy_resumes_and_evaluates_like_a_run_made_here(tmp_path, tiny_fold
 
     base = {"model": {"name": str(tiny_folder)}, "lora": {"r": 4},
             "data": {"tasks": ["2da"], "n_train": 16, "template": "raw"},
-            "train": {"max_steps": 3, "batch_size": 4, "progress": False, "precision": "fp32", "threads": 1},
+            "train": {"max_steps": 3, "batch_size": 4, "progress": False, "threads": 1},  # precision: auto
             "eval": {"n": 4, "before": False, "forgetting": False}}
 
     def study(name, evals):
@@ -109,3 +113,19 @@ def test_the_copy_resumes_and_evaluates_like_a_run_made_here(tmp_path, tiny_fold
     assert taken["heldout_loss"] is not None and first.get("heldout_loss") is None
     for key in ("final_val_loss", "final_train_loss", "steps", "train_tokens", "eval", "heldout_loss"):
         assert taken[key] == fresh[key], key
+
+
+def test_a_run_made_in_another_precision_is_not_taken(tmp_path):
+    """precision auto is decided by the machine and recorded so (config.yaml): a run that decided otherwise,
+    e.g. on a CPU with fast bf16, is other training, not this run's."""
+    from loralab.train.precision import resolve_precision
+
+    runner.run_study(_study(tmp_path, "one", AXES), tmp_path / "runs/one", runner=fake_runner([]), log=print)
+    here = resolve_precision("auto", default_device())
+    other = "bf16" if here == "fp32" else "fp32"
+    for path in (tmp_path / "runs/one").rglob("config.yaml"):
+        path.write_text(path.read_text().replace(f"precision: {here}", f"precision: {other}"))
+    calls = []
+    runner.run_study(_study(tmp_path, "two", AXES), tmp_path / "runs/two", runner=fake_runner(calls), log=print,
+                     reuse=True)
+    assert len(calls) == 4

@@ -24,9 +24,11 @@ import os
 import shutil
 from pathlib import Path
 
-from ..config import load_config
+from ..config import RunConfig, load_config
 from ..errors import UserError
+from ..prepare import resolve_config
 from ..train import checkpoint
+from ..train.precision import default_device
 from .results import load_json
 
 KEEP = ("cell.yaml", "run_info.json")  # this run's own: never copied over
@@ -55,9 +57,12 @@ def _evals(cfg: dict) -> dict:
     return {k: v for k, v in cfg["eval"].items() if k not in EVAL_NEUTRAL}
 
 
-def find(out: Path, where: Path, cfg: dict, validate: bool) -> tuple[Path, bool] | None:
+def find(out: Path, where: Path, cfg: RunConfig, validate: bool) -> tuple[Path, bool] | None:
     """(a finished run with the same training as `cfg`, whether it can stand as this run unchanged),
-    the first that can stand, else the first that can resume; None where no sibling study has one."""
+    the first that can stand, else the first that can resume; None where no sibling study has one.
+    Compared as the runs record their configs: with what depends on the machine decided (precision
+    auto), so a run made on other hardware is never taken."""
+    mine = resolve_config(cfg, default_device()).to_dict()
     resumable = None
     for info_path in sorted(Path(out).parent.glob("*/cells/**/run_info.json")):
         run = info_path.parent
@@ -65,9 +70,9 @@ def find(out: Path, where: Path, cfg: dict, validate: bool) -> tuple[Path, bool]
         if run == where or info.get("status") != "ok" or not (run / "summary.json").is_file():
             continue
         other = _resolved(run)
-        if other is None or checkpoint.config_difference(other, cfg) is not None:
+        if other is None or checkpoint.config_difference(other, mine) is not None:
             continue
-        same_evals = not info.get("validate_only") and _evals(other) == _evals(cfg)
+        same_evals = not info.get("validate_only") and _evals(other) == _evals(mine)
         if info.get("code") == code_fingerprint() and (validate or same_evals):
             return run, True
         if resumable is None and checkpoint.latest(run / "checkpoints") is not None:

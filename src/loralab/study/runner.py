@@ -139,7 +139,7 @@ def run_study(study: Study, out: str | Path, *, parallel: int = 1, runner: Runne
                          + (VALIDATION_ONLY if validate else []), point=point)
         atomic_write_text(where / "cell.yaml", dump_yaml(cfg))
         taken = {"reused_from": before["reused_from"]} if before.get("reused_from") else {}
-        found = reuse_mod.find(out, where, cfg.to_dict(), validate) \
+        found = reuse_mod.find(out, where, cfg, validate) \
             if reuse and not cell.combine and reuse_mod.adoptable(where, validate) else None
         if found:  # trained in a study beside this one: copied, whole or to resume and evaluate
             src, whole = found
