@@ -126,6 +126,46 @@ def test_until_decided_stops_at_the_budget(tmp_path):
     assert any("would pass the budget" in line for line in lines) and len(calls) <= 6 + 3
 
 
+def test_a_resumed_study_counts_the_time_already_spent_and_keeps_its_looks(tmp_path):
+    """Stopped during its first round, then run again: the budget holds the first process's time, and
+    the looks are those fitted after the first seeds (claims were judged at that level)."""
+    calls, now, out = [], [0.0], tmp_path / "o"
+
+    def until_decided(stop_at_round: int | None, lines: list):
+        study = runner.load_study(_study_file(tmp_path))
+        study.sequential = sequential.sequential_plan(study, 8)
+        rounds = []
+
+        def run_round(st):
+            rounds.append(1)
+            if len(rounds) == stop_at_round:
+                now[0] += 1000
+                raise KeyboardInterrupt
+            before = len(calls)
+            records = runner.run_study(st, out, runner=_runner({}, calls), log=lambda m: None)
+            now[0] += 1000 if len(calls) > before else 0  # a round that trains takes 1,000 s
+            return records
+
+        try:
+            sequential.until_decided(study, out, budget_s=2500, max_seeds=8, run_round=run_round, log=lines.append,
+                                     collect_stats=lambda plan: runner.collect(out, plan).stats,
+                                     clock=lambda: now[0], walls=lambda plan: [100.0] * 6)
+        except KeyboardInterrupt:
+            pass
+
+    first, second = [], []
+    until_decided(2, first)  # first seeds (1,000 s: 1,500 left, rounds of 300 s: 5 rounds, 6 looks), then stopped
+    state = json.loads((out / sequential.STATE_FILE).read_text())
+    assert state["spent_s"] == 2000 and state["plan"]["looks"] == 6 and len(calls) == 6
+    now[0] = 0.0  # a new process's clock
+    until_decided(None, second)
+    # 2,000 s spent: one round of 300 s fits (3 runs), then the next would pass 2,500 s; fitted afresh with
+    # 500 s left it would have been 2 looks, and counted from zero it would run 3 rounds
+    assert len(calls) == 6 + 3 and any("so 6 look(s)" in line for line in second)
+    assert any("would pass the budget (50.0 of 42 min spent)" in line for line in second)
+    assert json.loads((out / sequential.STATE_FILE).read_text())["spent_s"] == 3000
+
+
 def test_dry_run_says_the_plan_and_bad_flags_are_one_line(tmp_path, capsys):
     from loralab.cli import main
 

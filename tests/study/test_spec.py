@@ -24,3 +24,22 @@ def test_study_list_prints_name_time_and_summary(capsys):
 
 def test_a_preset_with_the_new_keys_still_loads():
     assert load_study("rank", scale="cpu").name == "rank"
+
+
+def test_cells_read_only_for_memory_run_no_final_evaluation():
+    """A cell whose every finding reads memory or parameter counts pays for no evaluation: at the cpu
+    scale the 1,020 held-out items alone cost more than its few steps of training."""
+    from loralab.study.sequential import findings_cells
+
+    for name in list_presets():
+        study = load_study(name)
+        if study.kind != "train":
+            continue
+        read = {}
+        for spec in study.findings:
+            for cell in findings_cells(spec):
+                read.setdefault(cell, set()).add(spec["metric"])
+        for cell in study.cells:
+            if read.get(cell.name) and read[cell.name] <= {"peak_memory_mb", "trainable_params"}:
+                last = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in study.overrides + cell.overrides}
+                assert (last.get("eval.loss_items"), last.get("eval.tasks")) == ("0", "[]"), (name, cell.name)

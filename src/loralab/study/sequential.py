@@ -21,12 +21,14 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..io.fileio import write_json
+from .results import load_json
 from .spec import Study, sources, study_plan
 from .verdicts import judge
 
 ALPHA = 0.05
 DEFAULT_MAX_SEEDS = 8
 DEFAULT_BUDGET = "45m"
+STATE_FILE = "until_decided.json"  # in the study folder: the looks as fitted and the time spent, for a resume
 
 
 def parse_duration(text: str, where: str = "--budget") -> float:
@@ -116,12 +118,35 @@ def until_decided(study: Study, out_dir: Path, *, budget_s: float, max_seeds: in
     """Run the study's seeds, then rounds of one more seed for the cells behind unclear claims.
 
     run_round(study) runs whatever (cell, seed) is not done yet and returns its records (runner.run_study);
-    collect_stats(plan) reads the study folder back into {cell: {metric: Stat}} (results.collect)."""
-    seq = sequential_plan(study, max_seeds)
-    start = clock()
+    collect_stats(plan) reads the study folder back into {cell: {metric: Stat}} (results.collect).
+    Run again on the same folder it resumes: the budget counts the earlier processes' time, and the looks
+    stay as the first process fitted them (STATE_FILE); the rounds replay, their finished runs skipped."""
+    state_path = Path(out_dir) / STATE_FILE
+    state = load_json(state_path, {}) or {}
+    start, spent_before = clock(), float(state.get("spent_s") or 0)
+
+    def spent() -> float:  # a resumed study counts the time its earlier processes spent
+        return spent_before + clock() - start
+
+    try:
+        return _rounds(study, out_dir, state, spent, budget_s=budget_s, max_seeds=max_seeds, run_round=run_round,
+                       collect_stats=collect_stats, log=log, parallel=parallel, walls=walls)
+    finally:  # also when stopped: the next process starts from what this one spent
+        if state_path.parent.is_dir():
+            write_json(state_path, {**load_json(state_path, {}), "spent_s": round(spent(), 1)})
+
+
+def _rounds(study: Study, out_dir: Path, state: dict, spent: Callable[[], float], *, budget_s: float,
+            max_seeds: int, run_round: Callable, collect_stats: Callable, log: Callable[[str], None],
+            parallel: int, walls: Callable[[dict], list] | None) -> list[dict]:
     records = list(run_round(study))
-    first = walls(study_plan(study)) if walls else [r["wall_s"] for r in records if r.get("wall_s")]
-    study.sequential = seq = fit_looks(study, seq, first, budget_s - (clock() - start), parallel)
+    if state.get("plan"):  # fitted by an earlier process, whose looks may have judged claims: kept as they were
+        seq = state["plan"]
+    else:
+        first = walls(study_plan(study)) if walls else [r["wall_s"] for r in records if r.get("wall_s")]
+        seq = fit_looks(study, sequential_plan(study, max_seeds), first, budget_s - spent(), parallel)
+        write_json(Path(out_dir) / STATE_FILE, {"plan": seq, "spent_s": round(spent(), 1)})
+    study.sequential = seq
     write_json(out_dir / "study.json", study_plan(study))  # the report judges at this level
     max_seeds = seq["max_seeds"]
     log(f"[{study.name}] the first seeds took ~{seq['fitted']['per_run_s']:.0f} s a run: the budget pays for "
@@ -141,7 +166,7 @@ def until_decided(study: Study, out_dir: Path, *, budget_s: float, max_seeds: in
             break
         done = [r["wall_s"] for r in records if r.get("status") == "ok" and r.get("wall_s")]
         per_run = sum(done) / len(done) if done else seq["fitted"]["per_run_s"]
-        elapsed = clock() - start
+        elapsed = spent()
         if elapsed + per_run * -(-len(grow) // max(1, parallel)) > budget_s:
             log(f"[{study.name}] {unclear} claim(s) still unclear; the next round ({len(grow)} runs of "
                 f"~{per_run:.0f} s) would pass the budget ({elapsed / 60:.1f} of {budget_s / 60:.0f} min spent)")
