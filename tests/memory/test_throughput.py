@@ -37,3 +37,17 @@ def test_gpu_names_and_evaluation_time():
     two = T.estimate_seconds(LLAMA, method="lora", trainable=QV8, train_tokens=0, context=100, gpu="A100",
                              eval_prompts=128, eval_batch=64, new_tokens=10)["eval_s"]
     assert 0 < one < two <= 2 * one + 1e-9  # decoding is per batch; two batches cost twice
+
+
+def test_decoding_is_bound_by_its_reads_or_its_rows_whichever_is_slower():
+    kw = dict(method="lora", trainable=QV8, train_tokens=0, context=100, new_tokens=10)
+    slow = T.Device("a CPU", 1e9, 1e12)  # every step's rows cost more than reading the weights
+    one = T.estimate_seconds(LLAMA, eval_prompts=1, eval_batch=100, device=slow, **kw)["eval_s"]
+    hundred = T.estimate_seconds(LLAMA, eval_prompts=100, eval_batch=100, device=slow, **kw)["eval_s"]
+    assert hundred == pytest.approx(100 * one)  # compute-bound: rows cost alike in one batch or many
+    fast = T.Device("a GPU", 1e16, 1e9)  # reading the weights dominates every step
+    one = T.estimate_seconds(LLAMA, eval_prompts=1, eval_batch=100, device=fast, **kw)["eval_s"]
+    hundred = T.estimate_seconds(LLAMA, eval_prompts=100, eval_batch=100, device=fast, **kw)["eval_s"]
+    assert hundred == pytest.approx(one, rel=0.01)  # memory-bound: a batch of 100 decodes as fast as one
+    losses = T.estimate_seconds(LLAMA, forward_tokens=1e6, device=slow, **{**kw, "new_tokens": 0})["eval_s"]
+    assert losses == pytest.approx(1e6 * T.forward_flops_per_token(LLAMA, 100) / 1e9 / T.UTILISATION)

@@ -43,3 +43,4 @@ def test_cells_read_only_for_memory_run_no_final_evaluation():
             if read.get(cell.name) and read[cell.name] <= {"peak_memory_mb", "trainable_params"}:
                 last = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in study.overrides + cell.overrides}
                 assert (last.get("eval.loss_items"), last.get("eval.tasks")) == ("0", "[]"), (name, cell.name)
+

@@ -277,6 +277,32 @@ def on_ray(address: str, *, cpus_per_run: int = 1, gpus_per_run: float = 0, name
             disconnect()
 
 
+def _time_plan(study: Study, scale: str, parallel: int, ray: str | None,
+               log: Callable[[str], None]) -> tuple[str | None, dict | None]:
+    """(the plan's text, {first_s, round_s} on this machine or None). A GPU study's plan is the GPU's
+    memory and time (a model it cannot read is the user's error); a CPU study's measures this CPU and
+    is only advice: a model it cannot plan for leaves the run to say what is wrong."""
+    from ..memory.cpu_time import RUN_START_S
+    from . import sequential
+    from .plan import plan_rows, plan_text, total_seconds
+
+    if scale == "gpu":
+        return plan_text(study), None
+    if ray is not None:  # the runs happen on the cluster's CPUs, not this one's
+        return None, None
+    parallel = max(1, parallel)
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    try:
+        rows = plan_rows(study, cpu_threads=threads)
+    except UserError as e:
+        log(f"[{study.name}] no time plan: {e}")
+        return None, None
+    per_run = [r["train_s"] + r["eval_s"] + RUN_START_S for r in rows if r["evaluated"]]
+    round_s = (sum(per_run) / len(per_run) if per_run else 0.0) * -(-len(sequential.growable(study)) // parallel)
+    return (plan_text(study, cpu_threads=threads, parallel=parallel, rows=rows),
+            {"first_s": total_seconds(rows, RUN_START_S) / parallel, "round_s": round_s})
+
+
 def study_command(name: str, *, scale: str = "cpu", out: str | None = None, seeds: int | None = None,
                   parallel: int = 1, dry_run: bool = False, report_only: bool = False, overrides=(),
                   runner: Runner | None = None, ray: str | None = None, gpus_per_run: float = 0,
@@ -296,16 +322,14 @@ def study_command(name: str, *, scale: str = "cpu", out: str | None = None, seed
     if until_decided and ray is not None:
         raise UserError("--until-decided runs its rounds on this machine: leave out --ray")
     study = load_study(name, scale=scale, seeds=seeds, overrides=overrides)
+    plan, here = None, None
+    if study.kind == "train" and not report_only and runner is None:  # before anything runs: time (and on a
+        plan, here = _time_plan(study, scale, parallel, ray, log)        # GPU, memory) of `loralab train` runs
     seq_text = None
     if until_decided and study.kind == "train":
         budget_s = sequential.parse_duration(budget or sequential.DEFAULT_BUDGET)
         study.sequential = sequential.sequential_plan(study, max_seeds or sequential.DEFAULT_MAX_SEEDS)
-        seq_text = sequential.describe_plan(study.sequential, budget_s, study_time(name))
-    plan = None
-    if scale == "gpu" and study.kind == "train" and not report_only:  # before anything runs: memory and time
-        from .gpu_plan import plan_text
-
-        plan = plan_text(study)
+        seq_text = sequential.describe_plan(study.sequential, budget_s, study_time(name), here)
     if dry_run:
         return describe(study) + (f"\n{plan}" if plan else "") + (f"\n{seq_text}" if seq_text else "")
     if plan:

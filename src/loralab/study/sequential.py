@@ -64,15 +64,30 @@ def sequential_plan(study: Study, max_seeds: int) -> dict:
             "look_alpha": look_alpha(n0, max_seeds)}
 
 
-def describe_plan(seq: dict, budget_s: float, preset_time: str) -> str:
-    """What --until-decided will do and how long it may take: said before anything starts."""
-    return (f"--until-decided: the study's own seeds first ({preset_time} on the CPU the preset was timed on), then "
+def describe_plan(seq: dict, budget_s: float, preset_time: str, here: dict | None = None) -> str:
+    """What --until-decided will do and how long it may take: said before anything starts. here: this
+    machine's plan ({first_s, round_s}: the study's own seeds and one round, estimated), if made."""
+    first = f"{preset_time} on the CPU the preset was timed on"
+    warn = ""
+    if here:
+        first = f"about {here['first_s'] / 60:.0f} min here, estimated; {first}"
+        rounds = int(max(0.0, budget_s - here["first_s"]) // here["round_s"]) if here["round_s"] > 0 else 0
+        if rounds == 0:
+            warn = (f" On this machine the budget is unlikely to pay for a round: about "
+                    f"{(here['first_s'] + here['round_s']) / 60:.0f} min would pay for one.")
+    return (f"--until-decided: the study's own seeds first ({first}), then "
             f"one more seed a round for the cells behind unclear claims, up to {seq['max_seeds']} seeds a cell, until "
             f"every claim is decided; at most {budget_s / 60:.0f} min in all. 5% is spent equally over the looks "
             f"the budget pays for (at most {seq['looks']}: n = {seq['first_look']}..{seq['max_seeds']}, every "
             f"interval then at {100 * (1 - seq['look_alpha']):.2f}%), fixed from the first seeds' wall time before "
             f"any claim is judged, so a claim with no effect is decided at most 5% of the time however the rounds "
-            f"stop.")
+            f"stop.{warn}")
+
+
+def growable(study: Study) -> set:
+    """The cells a round may add a seed to: those a claim names, and the cells their adapters come from."""
+    return {n for f in study.findings for name in findings_cells(f)
+            for n in [name] + sources(next(c for c in study.cells if c.name == name))}
 
 
 def fit_looks(study: Study, seq: dict, walls: list[float], left_s: float, parallel: int = 1) -> dict:
@@ -81,9 +96,7 @@ def fit_looks(study: Study, seq: dict, walls: list[float], left_s: float, parall
     looks spend alpha over fewer intervals, so each is narrower. The only data read are wall times
     (a claim about run time depends on them weakly; docs/studies.md says so)."""
     per_run = sum(walls) / len(walls) if walls else 0.0
-    growable = {n for f in study.findings for name in findings_cells(f)
-                for n in [name] + sources(next(c for c in study.cells if c.name == name))}
-    round_s = per_run * -(-len(growable) // max(1, parallel))
+    round_s = per_run * -(-len(growable(study)) // max(1, parallel))
     n0, most = seq["first_look"], seq["max_seeds"]
     rounds = most - n0 if round_s <= 0 else max(0, int(left_s // round_s))
     n_max = min(most, n0 + rounds)
