@@ -152,3 +152,34 @@ def test_the_chosen_point_is_evaluated_as_if_in_one_go(tmp_path, tiny_folder):
     one_go = json.loads((tmp_path / "one-go/summary.json").read_text())
     for key in ("final_val_loss", "final_train_loss", "steps", "train_tokens", "eval", "forgetting", "heldout_loss"):
         assert resumed[key] == one_go[key], key
+
+
+def test_an_evaluation_stopped_half_way_runs_again_when_the_study_resumes(tmp_path):
+    """The chosen point's sweep run is evaluated by resuming it; stopped there (its summary.json is the
+    sweep's), the run is failed, still only validated, and the same command evaluates it again."""
+    calls, logs, stops = [], [], []
+    fine = sweep_runner(calls)
+
+    def stopped_once(cmd, run_dir, log_path):
+        cfg = yaml.safe_load(Path(cmd[-1]).read_text())
+        if cfg["train"]["lr"] == 2e-3 and cfg["train"]["seed"] == 1 and cfg["eval"]["tasks"] != [] and not stops:
+            stops.append(1)
+            return 130
+        return fine(cmd, run_dir, log_path)
+
+    study_file = tmp_path / "one.yaml"
+    study_file.write_text(yaml.safe_dump({
+        "name": "one", "seeds": 2, "sweep_seeds": 1, "axes": [{"name": "a", "sweep": {"train.lr": [1.0e-3, 2.0e-3]}}],
+        "findings": [{"claim": "x", "check": "above", "cell": "a", "metric": "final_val_loss", "value": 0,
+                      "if_unclear": "more seeds"}]}))
+    records = runner.run_study(spec.load_study(str(study_file)), tmp_path / "out", runner=stopped_once,
+                               log=logs.append)
+    info = json.loads((tmp_path / "out/cells/a/lr-0.002/seed-1/run_info.json").read_text())
+    assert stops and info["status"] == "failed" and info["validate_only"]
+    assert [r["status"] for r in records if r["seed"] == 1 and r["point"] == "lr-0.002"][-1] == "failed"
+    calls.clear()
+    runner.run_study(spec.load_study(str(study_file)), tmp_path / "out", runner=stopped_once, log=logs.append)
+    assert calls == [("a", 2e-3, 1)]  # only the stopped evaluation, now made
+    info = json.loads((tmp_path / "out/cells/a/lr-0.002/seed-1/run_info.json").read_text())
+    assert info["status"] == "ok" and "validate_only" not in info
+    assert runner.build_report(tmp_path / "out")["stats"]["a"]["test_loss"].n == 2

@@ -110,12 +110,13 @@ def run_study(study: Study, out: str | Path, *, parallel: int = 1, runner: Runne
     progress = {"done": 0, "queued": 0, "later": 0, "durations": []}  # later: runs of phases not yet listed
     lock = threading.Lock()
 
-    def pending(jobs, later: int):  # the jobs to run: those without a summary.json (or one that only validated)
-        todo = []
+    def pending(jobs, later: int):  # the jobs to run: those without a summary.json, or one that only validated
+        todo = []                      # or whose last attempt failed (an evaluation stopped half way)
         for cell, seed, point, validate in jobs:
             where = run_dir(out, cell.name, seed, point)
-            if (where / "summary.json").exists() and (validate or not load_json(where / "run_info.json", {}).get(
-                    "validate_only")):
+            info = load_json(where / "run_info.json", {}) or {}
+            if (where / "summary.json").exists() and (validate or not info.get("validate_only")
+                                                      and info.get("status") != "failed"):
                 records.append({"cell": cell.name, "seed": seed, "point": point, "status": "skipped"})
             else:
                 todo.append((cell, seed, point, validate))
@@ -127,8 +128,8 @@ def run_study(study: Study, out: str | Path, *, parallel: int = 1, runner: Runne
         cell, seed, point, validate = job
         where = run_dir(out, cell.name, seed, point)
         before = load_json(where / "run_info.json", {}) or {}
-        # a sweep run that this one evaluates: its training time is this run's too
-        trained_s = (before.get("wall_s") or 0) if not validate and before.get("validate_only") else 0
+        evaluates_sweep_run = not validate and before.get("validate_only")  # its training time is this run's too
+        trained_s = (before.get("wall_s") or 0) if evaluates_sweep_run else 0
         label = f"{cell.name}/{point}" if point else cell.name
         where.mkdir(parents=True, exist_ok=True)
         stage = []
@@ -174,6 +175,8 @@ def run_study(study: Study, out: str | Path, *, parallel: int = 1, runner: Runne
         wall = time.perf_counter() - t0 + trained_s
         ok = code == 0 and (where / "summary.json").exists()
         err = None if ok else (code if isinstance(code, str) else f"exit {code}: {_last_error(where / 'train.log')}")
+        if not ok and evaluates_sweep_run and not found:  # its evaluation failed: the sweep run, only validated
+            what, wall = {**what, "validate_only": True}, trained_s
         return done(write_json_rec(where, **what, status="ok" if ok else "failed", wall_s=round(wall, 1), error=err),
                     label, seed, where, spent=time.perf_counter() - t0)
 
