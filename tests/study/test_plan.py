@@ -30,7 +30,7 @@ def test_the_dry_run_prints_the_plan_and_a_missing_model_is_refused(tiny_folder,
 
 def test_a_model_that_is_not_a_folder_is_named(tmp_path):
     study = spec.load_study("qlora", scale="gpu", overrides=[f"model.name={tmp_path / 'nothing'}"])
-    with pytest.raises(UserError, match=r"--scale gpu plan: model.name=.*nothing"):
+    with pytest.raises(UserError, match=r"study plan: model.name=.*nothing"):
         plan_rows(study)
 
 

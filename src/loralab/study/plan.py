@@ -40,7 +40,7 @@ def model_source(name: str) -> tuple[dict, Path | None]:
             folder = resolve(name)
             return resolve_model_config(str(folder)), folder
         except UserError as e:
-            raise UserError(f"--scale gpu plan: model.name={name}: {e}") from None
+            raise UserError(f"study plan: model.name={name}: {e}") from None
     p = Path(name).expanduser()
     folder = p if p.is_dir() else p.parent if p.is_file() else None
     if name in BUNDLED and (bundled_dir(name) / "tokenizer.json").is_file():  # fetched: its tokenizer is cached
@@ -56,7 +56,7 @@ def _approx_length(ex) -> int:
 
 
 def _token_stats(cfg, cache: dict, tokenizer_folder: Path | None) -> dict:
-    """{n_train, mean, longest, eval_prompts} of a run's data (cached per data + eval config)."""
+    """{n_train, mean, longest, eval_prompts, n_val} of a run's data (cached per data + eval config)."""
     key = json.dumps([cfg.to_dict()["data"], cfg.to_dict()["eval"], cfg.model.name], sort_keys=True, default=str)
     if key not in cache:
         from ..data.prompts import encode_all
@@ -108,7 +108,6 @@ def plan_rows(study: Study, gpu: str | None = None, cpu_threads: int | None = No
     first = run_config(study, study.cells[0], study.cells[0].seeds[0], Path("runs/plan"))
     model_config, tokenizer_folder = model_source(first.model.name)
     cache: dict = {}
-    devices: dict = {}
     rows = []
     for cell in study.cells:
         points = [(p, len(cell.sweep_seeds)) for p, _ in cell.points] if cell.points else [(None, len(cell.seeds))]
@@ -118,10 +117,7 @@ def plan_rows(study: Study, gpu: str | None = None, cpu_threads: int | None = No
                 runs, evaluated = runs + len(cell.seeds) - len(cell.sweep_seeds), len(cell.seeds)
             cfg = run_config(study, cell, cell.seeds[0], Path("runs/plan"), point=point)
             data = _token_stats(cfg, cache, tokenizer_folder)
-            device = None
-            if cpu_threads:
-                precision = resolve_precision(cfg.train.precision, "cpu")
-                device = devices.get(precision) or devices.setdefault(precision, cpu_device(precision, cpu_threads))
+            device = cpu_device(resolve_precision(cfg.train.precision, "cpu"), cpu_threads) if cpu_threads else None
             est = estimate_for_run(cfg, model_config, "cpu" if cpu_threads else "cuda", seq=data["longest"])
             secs = _run_seconds(cfg, cell, data, model_config, est["params"]["trainable"], device, gpu)
             rows.append({"cell": cell.name + (f" @ {point}" if point else ""), "runs": runs, "evaluated": evaluated,
