@@ -149,7 +149,7 @@ def test_a_resumed_study_counts_the_time_already_spent_and_keeps_its_looks(tmp_p
         try:
             sequential.until_decided(study, out, budget_s=2500, max_seeds=8, run_round=run_round, log=lines.append,
                                      collect_stats=lambda plan: runner.collect(out, plan).stats,
-                                     clock=lambda: now[0], walls=lambda plan: [100.0] * 6)
+                                     clock=lambda: now[0], walls=lambda plan: {c: [100.0] * 2 for c in "abc"})
         except KeyboardInterrupt:
             pass
 
@@ -184,11 +184,35 @@ def test_the_looks_are_what_the_budget_pays_for(tmp_path):
     seq = sequential.sequential_plan(study, 8)
     assert seq["looks"] == 6
     # 3 cells behind claims, 2 at a time: a round is 2 runs long; 45 min left at 10 min a run: 2 rounds
-    fitted = sequential.fit_looks(study, seq, [600.0] * 9, left_s=2700, parallel=2)
+    walls = {c: [600.0] * 3 for c in "abc"}
+    fitted = sequential.fit_looks(study, seq, walls, left_s=2700, parallel=2)
     assert (fitted["max_seeds"], fitted["looks"]) == (5, 3) and fitted["look_alpha"] == pytest.approx(0.05 / 3)
-    none = sequential.fit_looks(study, seq, [600.0] * 9, left_s=1000, parallel=2)
+    none = sequential.fit_looks(study, seq, walls, left_s=1000, parallel=2)
     assert (none["max_seeds"], none["looks"], none["look_alpha"]) == (3, 1, 0.05)  # plain 95% intervals
-    assert sequential.fit_looks(study, seq, [], left_s=10, parallel=1)["looks"] == 6  # no wall time known: all
+    assert sequential.fit_looks(study, seq, {}, left_s=10, parallel=1)["looks"] == 6  # no wall time known: all
+
+
+def test_a_round_costs_the_cells_it_can_grow_at_their_own_wall_time(tmp_path):
+    """Cells a study runs at one seed beside cells of several (memory runs) are judged on single values:
+    no round grows them, so neither their count nor their short runs enter a round's cost."""
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "m", "seeds": 3, "time": "~1 min",
+        "axes": [{"name": "a", "set": ["lora.r=4"]}, {"name": "b", "set": ["lora.r=8"]},
+                 {"name": "mem-a", "seeds": 1, "set": ["lora.r=4"]},
+                 {"name": "mem-b", "seeds": 1, "set": ["lora.r=8"]}],
+        "findings": [{"claim": "b beats a", "check": "lower", "a": "b", "b": "a", "metric": "heldout_loss",
+                      "if_unclear": "more seeds"},
+                     {"claim": "mem-b is lower", "check": "lower", "a": "mem-b", "b": "mem-a",
+                      "metric": "peak_memory_mb", "if_unclear": "more seeds"}]}))
+    study = runner.load_study(str(path))
+    assert sequential.growable(study) == {"a", "b"}
+    walls = {"a": [600.0] * 3, "b": [600.0] * 3, "mem-a": [30.0], "mem-b": [30.0]}
+    fitted = sequential.fit_looks(study, sequential.sequential_plan(study, 8), walls, left_s=1300, parallel=2)
+    # looks start at a and b's 3 seeds; a round is a and b side by side, 600 s: two rounds fit (counting all
+    # four cells at their mean wall it was one, from n = 2)
+    assert sequential.first_look(study) == 3 and fitted["fitted"]["round_s"] == 600.0
+    assert (fitted["max_seeds"], fitted["looks"]) == (5, 3)
 
 
 def test_a_budget_that_pays_for_no_round_judges_at_95(tmp_path):
@@ -199,6 +223,6 @@ def test_a_budget_that_pays_for_no_round_judges_at_95(tmp_path):
     sequential.until_decided(study, out, budget_s=600, max_seeds=8, log=lines.append,
                              run_round=lambda st: runner.run_study(st, out, runner=_runner({}, calls), log=print),
                              collect_stats=lambda plan: runner.collect(out, plan).stats,
-                             walls=lambda plan: [400.0] * 6)
+                             walls=lambda plan: {c: [400.0] * 2 for c in "abc"})
     assert len(calls) == 6 and any("budget pays for 0 more round(s), so 1 look(s)" in line for line in lines)
     assert json.loads((out / "study.json").read_text())["sequential"]["look_alpha"] == 0.05

@@ -300,8 +300,10 @@ def _time_plan(study: Study, scale: str, parallel: int, ray: str | None,
     except UserError as e:
         log(f"[{study.name}] no time plan: {e}")
         return None, None
-    per_run = [r["train_s"] + r["eval_s"] + RUN_START_S for r in rows if r["evaluated"]]
-    round_s = (sum(per_run) / len(per_run) if per_run else 0.0) * -(-len(sequential.growable(study)) // parallel)
+    grow = sequential.growable(study)
+    per_run = [r["train_s"] + r["eval_s"] + RUN_START_S for r in rows
+               if r["evaluated"] and r["cell"].split(" @ ")[0] in grow]
+    round_s = (sum(per_run) / len(per_run) if per_run else 0.0) * -(-len(grow) // parallel)
     return (plan_text(study, cpu_threads=threads, parallel=parallel, rows=rows),
             {"first_s": total_seconds(rows, RUN_START_S) / parallel, "round_s": round_s})
 
@@ -360,7 +362,7 @@ def study_command(name: str, *, scale: str = "cpu", out: str | None = None, seed
             study, out_dir, budget_s=budget_s, max_seeds=study.sequential["max_seeds"], log=log,
             run_round=lambda st: run_study(st, out_dir, parallel=parallel, runner=runner, log=log, reuse=reuse),
             collect_stats=lambda plan: collect(out_dir, plan).stats, parallel=parallel,
-            walls=lambda plan: [r["wall_s"] for r in collect(out_dir, plan).runs if r.get("wall_s")])
+            walls=lambda plan: sequential.cell_walls(collect(out_dir, plan).runs))
     else:
         records = run_study(study, out_dir, parallel=parallel, runner=runner, log=log, reuse=reuse)
     if study.kind == "train" and ray is None:

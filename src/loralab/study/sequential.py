@@ -44,8 +44,10 @@ def parse_duration(text: str, where: str = "--budget") -> float:
 
 
 def first_look(study: Study) -> int:
-    """n0: the fewest seeds a cell starts with (at least 2: one seed gives no interval to look at)."""
-    return max(2, min((len(c.seeds) for c in study.cells if not c.combine), default=2))
+    """n0: the fewest seeds a cell a round may grow starts with (at least 2: one seed gives no interval)."""
+    grow = growable(study)
+    sizes = [len(c.seeds) for c in study.cells if not c.combine and (c.name in grow or not grow)]
+    return max(2, min(sizes, default=2))
 
 
 def look_alpha(n0: int, max_seeds: int, alpha: float = ALPHA) -> float:
@@ -84,25 +86,46 @@ def describe_plan(seq: dict, budget_s: float, preset_time: str, here: dict | Non
             f"stop.{warn}")
 
 
+def single_runs(study: Study, spec: dict) -> bool:
+    """A claim between cells the study runs at one seed while its other cells run several (memory and
+    parameter counts): judged on single values, it has no interval for a seed to narrow."""
+    by_name = {c.name: c for c in study.cells}
+    return (all(len(by_name[n].seeds) == 1 for n in findings_cells(spec))
+            and any(len(c.seeds) > 1 for c in study.cells))
+
+
 def growable(study: Study) -> set:
-    """The cells a round may add a seed to: those a claim names, and the cells their adapters come from."""
-    return {n for f in study.findings for name in findings_cells(f)
+    """The cells a round may add a seed to: those a claim with an interval names, and the cells their
+    adapters come from."""
+    return {n for f in study.findings if not single_runs(study, f) for name in findings_cells(f)
             for n in [name] + sources(next(c for c in study.cells if c.name == name))}
 
 
-def fit_looks(study: Study, seq: dict, walls: list[float], left_s: float, parallel: int = 1) -> dict:
+def fit_looks(study: Study, seq: dict, walls: dict, left_s: float, parallel: int = 1) -> dict:
     """The looks the budget can pay for, fixed after the study's own seeds and before any claim is judged:
-    a round may grow every cell a claim names (its worst case) at the first runs' mean wall time. Fewer
-    looks spend alpha over fewer intervals, so each is narrower. The only data read are wall times
-    (a claim about run time depends on them weakly; docs/studies.md says so)."""
-    per_run = sum(walls) / len(walls) if walls else 0.0
-    round_s = per_run * -(-len(growable(study)) // max(1, parallel))
+    a round may grow every cell a claim with an interval names (its worst case), each at its own first
+    runs' mean wall time (walls: {cell: [seconds]}). Fewer looks spend alpha over fewer intervals, so each
+    is narrower. The only data read are wall times (a claim about run time depends on them weakly;
+    docs/studies.md says so)."""
+    grow = growable(study)
+    own = [w for cell in grow for w in walls.get(cell, [])] or [w for ws in walls.values() for w in ws]
+    per_run = sum(own) / len(own) if own else 0.0
+    round_s = per_run * -(-len(grow) // max(1, parallel))
     n0, most = seq["first_look"], seq["max_seeds"]
     rounds = most - n0 if round_s <= 0 else max(0, int(left_s // round_s))
     n_max = min(most, n0 + rounds)
     return {**seq, "max_seeds": n_max, "looks": n_max - n0 + 1, "look_alpha": look_alpha(n0, n_max),
             "fitted": {"per_run_s": round(per_run, 1), "round_s": round(round_s, 1), "left_s": round(left_s, 1),
                        "max_seeds_asked": most}}
+
+
+def cell_walls(records: list[dict]) -> dict:
+    """{cell: [wall seconds of its runs]} from run records (those that have one)."""
+    out: dict = {}
+    for r in records:
+        if r.get("wall_s"):
+            out.setdefault(r["cell"], []).append(r["wall_s"])
+    return out
 
 
 def findings_cells(spec: dict) -> list[str]:
@@ -115,7 +138,7 @@ def cells_to_grow(study: Study, findings: list, stats: dict, alpha: float, max_s
     by_name = {c.name: c for c in study.cells}
     names: list[str] = []
     for spec in findings:
-        if judge(spec, stats, alpha)[1] != "unclear":
+        if single_runs(study, spec) or judge(spec, stats, alpha)[1] != "unclear":
             continue
         for name in findings_cells(spec):
             cell = by_name[name]
@@ -127,7 +150,7 @@ def cells_to_grow(study: Study, findings: list, stats: dict, alpha: float, max_s
 
 def until_decided(study: Study, out_dir: Path, *, budget_s: float, max_seeds: int, run_round: Callable,
                   collect_stats: Callable, log: Callable[[str], None], clock=time.monotonic,
-                  parallel: int = 1, walls: Callable[[dict], list] | None = None) -> list[dict]:
+                  parallel: int = 1, walls: Callable[[dict], dict] | None = None) -> list[dict]:
     """Run the study's seeds, then rounds of one more seed for the cells behind unclear claims.
 
     run_round(study) runs whatever (cell, seed) is not done yet and returns its records (runner.run_study);
@@ -151,12 +174,12 @@ def until_decided(study: Study, out_dir: Path, *, budget_s: float, max_seeds: in
 
 def _rounds(study: Study, out_dir: Path, state: dict, spent: Callable[[], float], *, budget_s: float,
             max_seeds: int, run_round: Callable, collect_stats: Callable, log: Callable[[str], None],
-            parallel: int, walls: Callable[[dict], list] | None) -> list[dict]:
+            parallel: int, walls: Callable[[dict], dict] | None) -> list[dict]:
     records = list(run_round(study))
     if state.get("plan"):  # fitted by an earlier process, whose looks may have judged claims: kept as they were
         seq = state["plan"]
     else:
-        first = walls(study_plan(study)) if walls else [r["wall_s"] for r in records if r.get("wall_s")]
+        first = walls(study_plan(study)) if walls else cell_walls(records)
         seq = fit_looks(study, sequential_plan(study, max_seeds), first, budget_s - spent(), parallel)
         write_json(Path(out_dir) / STATE_FILE, {"plan": seq, "spent_s": round(spent(), 1)})
     study.sequential = seq
