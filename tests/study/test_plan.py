@@ -116,3 +116,12 @@ def test_a_cpu_study_without_its_model_still_runs_and_says_why_there_is_no_plan(
     assert main(["study", "qlora", "--dry-run", f"model.name={tmp_path / 'nothing'}"]) == 0
     captured = capsys.readouterr()
     assert "study qlora (scale cpu)" in captured.out and "no time plan:" in captured.err
+
+
+def test_preference_runs_plan_two_rows_an_example_and_dpo_its_reference(tiny_folder, monkeypatch):
+    monkeypatch.setattr("loralab.study.plan.cpu_device", lambda precision, threads: FIXED)
+    study = spec.load_study("preference", overrides=[f"model.name={tiny_folder}", "data.n_train=40"])
+    rows = {r["cell"]: r for r in plan_rows(study, cpu_threads=1)}
+    assert rows["orpo"]["tokens"] == rows["sft-dpo"]["tokens"] == 2 * rows["sft"]["tokens"]  # chosen + rejected
+    assert rows["sft-dpo"]["train_s"] > rows["orpo"]["train_s"] > rows["sft"]["train_s"]  # DPO: + reference forwards
+    assert rows["sft"]["eval_s"] == rows["orpo"]["eval_s"]  # the same held-out questions and pairs

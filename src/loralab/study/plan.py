@@ -78,21 +78,28 @@ def _token_stats(cfg, cache: dict, tokenizer_folder: Path | None) -> dict:
 
 def _run_seconds(cfg, cell, data: dict, model_config: dict, trainable: int, device: Device | None,
                  gpu: str | None) -> dict:
-    """One run's steps and tokens, and its seconds: training with its validations, the final evaluation."""
+    """One run's steps and tokens, and its seconds: training with its validations, the final evaluation.
+    A preference objective's example is two rows (chosen, rejected), and DPO scores both once more with
+    LoRA off (its reference), in training, validation and the held-out pairs' evaluation."""
+    from ..eval.preference import wanted
     from ..train.optim import plan_steps
 
+    rows = 1 if cfg.train.objective == "sft" else 2
+    reference = 1 + (cfg.train.objective == "dpo")  # forwards per row outside training's own
     steps = 0 if cell.combine else plan_steps(data["n_train"], cfg.train)
-    tokens = steps * cfg.train.batch_size * cfg.train.grad_accum * data["mean"]
+    tokens = steps * cfg.train.batch_size * cfg.train.grad_accum * data["mean"] * rows
     validations = 1 + (steps // cfg.train.eval_every if cfg.train.eval_every else 0)
     ev = cfg.eval
     looks = 1 + (ev.before and not cell.combine)  # the final evaluation, and the base's before training
     forwards = (data["eval_prompts"] * looks * bool(ev.test_loss and ev.tasks) + ev.loss_items
-                + 2 * FORGETTING_FORWARDS * bool(ev.forgetting))
+                + 2 * FORGETTING_FORWARDS * bool(ev.forgetting)
+                + 4 * data["eval_prompts"] * looks * bool(wanted(cfg)))  # pairs: 2 rows, policy and reference
     method = "full" if cfg.train.method == "full" else ("qlora" if cfg.model.quant == "nf4" else "lora")
     common = dict(method=method, trainable=trainable, context=data["mean"], gpu=gpu, device=device,
                   eval_batch=ev.batch_size, new_tokens=ev.max_new_tokens)
+    validating = data["n_val"] * validations * rows * reference * data["mean"]
     train = estimate_seconds(model_config, train_tokens=tokens, grad_checkpointing=cfg.train.gradient_checkpointing,
-                             forward_tokens=data["n_val"] * validations * data["mean"], **common)
+                             forward_tokens=validating + tokens * (reference - 1), **common)
     final = estimate_seconds(model_config, train_tokens=0, eval_prompts=data["eval_prompts"] * looks * bool(ev.tasks),
                              forward_tokens=forwards * data["mean"], **common)
     return {"device": train["gpu"], "steps": steps, "tokens": tokens, "train_s": train["train_s"] + train["eval_s"],
