@@ -93,3 +93,27 @@ def test_a_run_resumed_to_evaluate_reports_the_training_segments_memory(tiny_fol
     assert resumed["resumed_from_step"] == 2
     assert resumed["peak_memory_bytes"] == 10**12 and resumed["peak_memory_bytes_per_rank"] == [10**12]
     assert resumed["train_cpu_s"] >= first["train_cpu_s"] > 0
+
+
+def test_a_summary_left_by_another_config_is_not_this_runs(tiny_folder, tmp_path, capsys):
+    """An attempt with another config (evaluations added, as a study's chosen sweep point resumes for)
+    rewrites config.yaml when it begins; stopped there, it leaves the first config's summary.json. The
+    next attempt must evaluate, not call the run finished."""
+    out = tmp_path / "run"
+    first = tmp_path / "a.yaml"
+    first.write_text(json.dumps(base_config(tiny_folder, out)))
+    run_training(load_config(first), quiet=True)
+    evaluated = tmp_path / "b.yaml"
+    evaluated.write_text(json.dumps(base_config(tiny_folder, out, eval={"tasks": ["2da"]})))
+    from loralab.config import dump_yaml
+    from loralab.prepare import resolve_config
+    from loralab.train.precision import default_device
+
+    (out / "config.yaml").write_text(dump_yaml(resolve_config(load_config(evaluated), default_device())))
+    capsys.readouterr()
+    assert main(["train", str(evaluated)]) == 0
+    err = capsys.readouterr().err
+    assert "already finished" not in err and "resuming from" in err
+    assert "2da" in json.loads((out / "summary.json").read_text())["eval"]  # evaluated this time
+    assert main(["train", str(evaluated)]) == 0  # and now it is finished
+    assert "already finished this run" in capsys.readouterr().err

@@ -1,8 +1,14 @@
 """A rerun of a finished run: the same command into the same output_dir (resume auto or true) finds
 its work done and says so, instead of resuming from the final checkpoint only to evaluate again and
-rewrite the same files. pipeline.py asks before the model loads."""
+rewrite the same files. pipeline.py asks before the model loads.
+
+A summary.json is this run's only if it was written for the config config.yaml holds (its
+`config_sha256`): an attempt with another config (say, the evaluations a study's chosen sweep point
+resumes for) rewrites config.yaml when it begins, and, stopped before its end, leaves the earlier
+summary beside it."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -10,6 +16,11 @@ from .config import RunConfig, dump_yaml
 from .errors import UserError
 from .train import checkpoint
 from .train.optim import plan_steps
+
+
+def config_sha256(cfg: RunConfig) -> str:
+    """The fingerprint summary.json records of the config it was written for (config.yaml's text)."""
+    return hashlib.sha256(dump_yaml(cfg).encode()).hexdigest()
 
 
 def finished_summary(cfg: RunConfig, out: Path, data_sha256: str, n_train: int, world: int = 1) -> dict | None:
@@ -23,6 +34,8 @@ def finished_summary(cfg: RunConfig, out: Path, data_sha256: str, n_train: int, 
         if (out / "config.yaml").read_text() != dump_yaml(cfg):
             return None
         summary = json.loads((out / "summary.json").read_text())
+        if not isinstance(summary, dict) or summary.get("config_sha256") != config_sha256(cfg):
+            return None  # another config's, or a summary from before summaries said which
         last = checkpoint.latest(out / "checkpoints")
         # read back whole (checksums verified), as a resume would: a damaged one is the resume's to report
         snap = checkpoint.load(last) if last is not None else None

@@ -60,7 +60,7 @@ from .prepare import (
     resolve_config,
     setup_model,
 )
-from .rerun import finished_summary
+from .rerun import config_sha256, finished_summary
 from .run_evals import held_out_stops, run_evals, test_losses
 from .summary import build_summary, epoch_warnings, stop_warnings
 from .track.fanout import Trackers, open_trackers
@@ -360,6 +360,7 @@ class Run:
         summary.update(self.forget_end)  # forgetting, heldout_loss
         summary["preference"] = preference.summary_part(self.pref_before, self.pref_after)
         summary["phase_s"] = dict(self.phase_s)  # every phase but this one (writing files: seconds)
+        summary["config_sha256"] = config_sha256(cfg)  # the config it describes (rerun.finished_summary)
         if self.main:
             write_json(out / "summary.json", summary)
         self.trackers.finish(summary)
