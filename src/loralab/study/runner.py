@@ -300,10 +300,11 @@ def _time_plan(study: Study, scale: str, parallel: int, ray: str | None,
     except UserError as e:
         log(f"[{study.name}] no time plan: {e}")
         return None, None
-    grow = sequential.growable(study)
-    per_run = [r["train_s"] + r["eval_s"] + RUN_START_S for r in rows
-               if r["evaluated"] and r["cell"].split(" @ ")[0] in grow]
-    round_s = (sum(per_run) / len(per_run) if per_run else 0.0) * -(-len(grow) // parallel)
+    planned: dict = {}  # {cell: [seconds of an evaluated run]}: what a round adds, as fit_looks costs it
+    for r in rows:
+        if r["evaluated"]:
+            planned.setdefault(r["cell"].split(" @ ")[0], []).append(r["train_s"] + r["eval_s"] + RUN_START_S)
+    _, round_s = sequential.round_seconds(study, planned, parallel)
     return (plan_text(study, cpu_threads=threads, parallel=parallel, rows=rows),
             {"first_s": total_seconds(rows, RUN_START_S) / parallel, "round_s": round_s})
 

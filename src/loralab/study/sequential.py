@@ -101,16 +101,22 @@ def growable(study: Study) -> set:
             for n in [name] + sources(next(c for c in study.cells if c.name == name))}
 
 
+def round_seconds(study: Study, walls: dict, parallel: int = 1) -> tuple[float, float]:
+    """(seconds a run, seconds a round) when a round grows every growable cell, each run at the mean of
+    those cells' `walls` ({cell: [seconds]}; any cell's when none of theirs are known)."""
+    grow = growable(study)
+    own = [w for cell in grow for w in walls.get(cell, [])] or [w for ws in walls.values() for w in ws]
+    per_run = sum(own) / len(own) if own else 0.0
+    return per_run, per_run * -(-len(grow) // max(1, parallel))
+
+
 def fit_looks(study: Study, seq: dict, walls: dict, left_s: float, parallel: int = 1) -> dict:
     """The looks the budget can pay for, fixed after the study's own seeds and before any claim is judged:
     a round may grow every cell a claim with an interval names (its worst case), each at its own first
     runs' mean wall time (walls: {cell: [seconds]}). Fewer looks spend alpha over fewer intervals, so each
     is narrower. The only data read are wall times (a claim about run time depends on them weakly;
     docs/studies.md says so)."""
-    grow = growable(study)
-    own = [w for cell in grow for w in walls.get(cell, [])] or [w for ws in walls.values() for w in ws]
-    per_run = sum(own) / len(own) if own else 0.0
-    round_s = per_run * -(-len(grow) // max(1, parallel))
+    per_run, round_s = round_seconds(study, walls, parallel)
     n0, most = seq["first_look"], seq["max_seeds"]
     rounds = most - n0 if round_s <= 0 else max(0, int(left_s // round_s))
     n_max = min(most, n0 + rounds)
